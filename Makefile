@@ -1,0 +1,36 @@
+# Everything runs in .venv; `make test` and `make demo` set it up on a fresh machine.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU build of torch (a plain `torch` could pull a multi-GB CUDA build).
+TORCH_PIN := torch==2.13.0
+PADDLE_PIN := paddlepaddle==3.3.1
+
+.PHONY: venv test demo docs bench lint clean
+
+$(BIN)/.installed: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_PIN) $(PADDLE_PIN)
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+test: venv
+	$(BIN)/python -m pytest -q -n 2 --durations=15
+
+demo: venv
+	$(BIN)/python -m hieraloss demo --out demo_out
+
+docs: venv
+	$(BIN)/mkdocs build --strict --site-dir site
+
+bench: venv
+	$(BIN)/python -m hieraloss bench
+
+lint: venv
+	$(BIN)/ruff check hieraloss tests benchmarks
+
+clean:
+	rm -rf $(VENV) site demo_out .pytest_cache

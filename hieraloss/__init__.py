@@ -1,0 +1,12 @@
+"""hieraloss: hierarchical semantic segmentation losses, decoders and metrics (HSSN, CVPR 2022).
+
+``import hieraloss`` needs numpy only; the backends live in ``hieraloss.numpy``,
+``hieraloss.torch`` and ``hieraloss.paddle``.
+"""
+
+from . import presets
+from .hierarchy import Hierarchy, HierarchyError, LabelError
+
+__version__ = "0.1.0"
+
+__all__ = ["Hierarchy", "HierarchyError", "LabelError", "presets", "__version__"]
