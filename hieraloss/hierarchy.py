@@ -66,8 +66,8 @@ class Hierarchy:
         leaf_channels: ``[K]`` channel of leaf id k.
         ancestor_table: ``[N, L]``; row v holds ``A(v)`` root-first (column d-1 = ancestor at
             depth d), padded with v itself for d > depth(v).
-        descendant_table: ``[N, Dmax]``; row v holds ``D(v)``: v first, then its descendants by
-            increasing depth, then channel; padded with v.
+        descendant_table: ``[N, Dmax]``; row v holds ``D(v)`` in depth-first pre-order (v first,
+            children visited in channel order), padded with v.
         children_table: ``[N, Cmax]`` child channels, padded with v itself (Cmax >= 1).
         leaf_paths: ``[K, L]`` = ``ancestor_table[leaf_channels]``: the channel at every depth of
             leaf k's path; a shallow leaf repeats itself below its depth.
@@ -216,15 +216,6 @@ class Hierarchy:
         is_anc[anc.ravel(), rows] = True
         self.is_ancestor = _readonly(is_anc)
 
-        # Descendants ordered by (depth, channel); v itself is the shallowest, so it comes first.
-        by_depth = np.lexsort((np.arange(n), self.depth))
-        desc_lists = [by_depth[is_anc[v, by_depth]] for v in range(n)]
-        dmax = max(len(d) for d in desc_lists)
-        desc = np.repeat(np.arange(n)[:, None], dmax, axis=1)
-        for v, d in enumerate(desc_lists):
-            desc[v, : len(d)] = d
-        self.descendant_table = _readonly(desc)
-
         children = [np.flatnonzero(parent == v) for v in range(n)]
         self.children = tuple(_readonly(c) for c in children)
         cmax = max(1, max(len(c) for c in children))
@@ -232,6 +223,21 @@ class Hierarchy:
         for v, c in enumerate(children):
             ctab[v, : len(c)] = c
         self.children_table = _readonly(ctab)
+
+        # D(v) in depth-first pre-order (children by channel): v comes first, and "first maximum
+        # in row order" equals the recursive rule zmax_v = max(x_v, zmax of children in order).
+        def preorder(v: int, out: list[int]) -> list[int]:
+            out.append(v)
+            for c in children[v]:
+                preorder(int(c), out)
+            return out
+
+        desc_lists = [preorder(v, []) for v in range(n)]
+        dmax = max(len(d) for d in desc_lists)
+        desc = np.repeat(np.arange(n)[:, None], dmax, axis=1)
+        for v, d in enumerate(desc_lists):
+            desc[v, : len(d)] = d
+        self.descendant_table = _readonly(desc)
 
         self.depth_channels = tuple(
             _readonly(np.unique(self.leaf_paths[:, d])) for d in range(L)
