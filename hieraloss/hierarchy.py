@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -91,8 +92,7 @@ class Hierarchy:
         names = [str(s) for s in names] if not isinstance(names, str) else names
         if isinstance(names, str) or len(names) != n:
             raise HierarchyError(f"expected {n} node names, got {len(names)}")
-        seen: dict[str, int] = {}
-        dups = sorted({s for s in names if s in seen or seen.setdefault(s, 0)})
+        dups = sorted(name for name, count in Counter(names).items() if count > 1)
         if dups:
             raise HierarchyError(f"duplicate node names: {dups[:10]}")
 
@@ -467,7 +467,10 @@ class Hierarchy:
         """A stable hex digest of tree, names and layout (equal objects have equal fingerprints)."""
         fp = self.__dict__.get("_fingerprint")
         if fp is None:
-            fp = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+            # The explicit layout, not the order spec: "default" and the same list are equal trees.
+            key = {"names": list(self._names_by_id), "parents": self._parent_ids.tolist(),
+                   "channels": self.node_ids.tolist()}
+            fp = hashlib.sha256(json.dumps(key).encode()).hexdigest()
             self.__dict__["_fingerprint"] = fp
         return fp
 
@@ -538,7 +541,7 @@ class Hierarchy:
         """
         labels = np.asarray(labels)
         self.check_ignore_index(ignore_index)
-        if not (np.issubdtype(labels.dtype, np.integer) or labels.dtype == bool):
+        if not np.issubdtype(labels.dtype, np.integer):
             raise LabelError(f"labels must be integers, got dtype {labels.dtype}")
         lab = labels.astype(np.int64)
         ignored = lab == ignore_index
