@@ -6,7 +6,9 @@ Two index spaces are used throughout:
   are ``K..N-1``. Label maps hold node ids: a leaf id, or an internal node id for a *partial
   label* ("known only down to this node"), or ``ignore_index``.
 * **channels**: the position of a node's logit in the network output ``[B, N, *spatial]``.
-  In the default layout (leaves in id order, then each coarser depth) channels equal node ids.
+  The default layout is leaves in id order, then internal nodes by decreasing depth (ties by id).
+  The name-based constructors (``from_dict``, ``from_names``, ``from_levels``) number internal
+  nodes in that order, so there channels equal node ids; ``from_parents`` keeps the caller's ids.
 
 Every table below is indexed by channel and holds channels, except where its name says
 ``label``/``leaf`` (those are indexed by node id / leaf id).

@@ -40,33 +40,32 @@ def hierarchies(draw: Any, max_depth: int = 3, max_children: int = 4, balanced: 
             raise ValueError("an unbalanced tree needs max_depth >= 2")
     target = draw(st.integers(min_depth, max_depth))
     is_balanced = draw(st.booleans()) if balanced is None else balanced
-    # nodes: list of parent positions (-1 = root); leaves recorded separately.
+    # nodes: parent positions (-1 = root) and leaf flags, in creation order.
     parent: list[int] = []
     leaf: list[bool] = []
 
-    def grow(p: int, d: int, spine: bool) -> None:
-        n = draw(st.integers(1, max_children))
+    def grow(p: int, d: int, limit: int, spine: bool, min_children: int = 1) -> None:
+        n = draw(st.integers(min_children, max_children))
         for i in range(n):
             parent.append(p)
             me = len(parent) - 1
-            if d == target:
+            # Unbalanced: the root's last child is a short branch ending above the spine's depth.
+            sub_limit = limit
+            if balanced is False and p < 0 and i == n - 1:
+                sub_limit = draw(st.integers(1, target - 1))
+            if d == sub_limit:
                 leaf.append(True)
                 continue
-            must_go_deep = is_balanced or (spine and i == 0)
-            if must_go_deep or draw(st.booleans()):
+            on_spine = spine and i == 0
+            if is_balanced or on_spine or draw(st.booleans()):
                 leaf.append(False)
-                grow(me, d + 1, spine and i == 0)
+                grow(me, d + 1, sub_limit, on_spine)
             else:
                 leaf.append(True)
 
-    grow(-1, 1, True)
-    depth = np.zeros(len(parent), dtype=int)
-    for i, p in enumerate(parent):
-        depth[i] = 1 if p < 0 else depth[p] + 1
-    leaf_depths = {int(depth[i]) for i in range(len(parent)) if leaf[i]}
-    if balanced is False and len(leaf_depths) < 2:
-        parent.append(-1)
-        leaf.append(True)
+    if balanced is False and max_children < 2:
+        raise ValueError("an unbalanced tree needs max_children >= 2")
+    grow(-1, 1, target, True, min_children=2 if balanced is False else 1)
 
     pos_leaves = [i for i, lf in enumerate(leaf) if lf]
     pos_internal = [i for i, lf in enumerate(leaf) if not lf]

@@ -1,0 +1,29 @@
+"""hieraloss in plain numpy (forward only): the reference every other backend is checked against.
+
+Same public names and arguments as ``hieraloss.torch`` and ``hieraloss.paddle``; see
+``DEVELOPING.md`` for index spaces, targets, reductions, the tie rule and decoding.
+"""
+
+from .decode import DECODE_METHODS, decode
+from .losses import REDUCTIONS, expand_targets, focal_tree_min_loss, tree_min_loss
+from .triplet import (
+    hierarchy_triplet_loss,
+    resize_labels_nearest,
+    sample_triplets,
+    triplet_margin,
+    triplet_weight,
+)
+
+__all__ = [
+    "tree_min_loss",
+    "focal_tree_min_loss",
+    "expand_targets",
+    "decode",
+    "triplet_margin",
+    "sample_triplets",
+    "resize_labels_nearest",
+    "hierarchy_triplet_loss",
+    "triplet_weight",
+    "REDUCTIONS",
+    "DECODE_METHODS",
+]

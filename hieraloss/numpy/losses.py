@@ -1,0 +1,238 @@
+"""Tree-min and focal tree-min losses in numpy (forward only): the reference for every backend.
+
+With ``zmin_v = min over A(v) of x`` and ``zmax_v = max over D(v) of x`` (SPEC section 4)::
+
+    l_v = y_v * softplus(-zmin_v) + (1 - y_v) * softplus(zmax_v)
+    focal: positives times sigmoid(-zmin_v)^gamma, negatives times sigmoid(zmax_v)^gamma
+
+``zmin`` is swept top-down and ``zmax`` bottom-up one depth at a time, so the work is O(N) per
+pixel and no ``[B, N, N, ...]`` or ``[B, N, Dmax, ...]`` array is ever built.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from ..hierarchy import Hierarchy, LabelError
+
+__all__ = ["tree_min_loss", "focal_tree_min_loss", "expand_targets"]
+
+REDUCTIONS = ("mean", "sum", "none", "hssn")
+HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum by 5
+
+
+# ---------------------------------------------------------------------------- validation
+def check_hierarchy(hierarchy: Any) -> None:
+    if not isinstance(hierarchy, Hierarchy):
+        raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
+
+
+def compute_dtype(dtype: np.dtype) -> np.dtype:
+    """float64 is computed in float64; float32 and float16 in float32."""
+    return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
+
+
+def check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> np.ndarray:
+    check_hierarchy(hierarchy)
+    x = np.asarray(logits)
+    if x.dtype not in (np.float16, np.float32, np.float64):
+        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}")
+    if x.ndim < 2:
+        raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {x.shape}")
+    if x.shape[1] != hierarchy.num_nodes:
+        raise ValueError(
+            f"{name} have {x.shape[1]} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
+            f"nodes (shape {x.shape})"
+        )
+    return x
+
+
+def check_finite_values(x: np.ndarray, name: str = "logits") -> None:
+    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise ValueError(f"{name} hold {bad} non-finite values (nan or inf)")
+
+
+def check_labels(
+    labels: Any, expected_shape: tuple[int, ...], hierarchy: Hierarchy, ignore_index: int
+) -> np.ndarray:
+    """Label channels (-1 = ignored) after checking dtype, shape and values."""
+    lab = np.asarray(labels)
+    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
+        raise LabelError(f"labels must be integers, got dtype {lab.dtype}")
+    if lab.shape != tuple(expected_shape):
+        raise ValueError(
+            f"labels must have the logits' shape without axis 1, {tuple(expected_shape)}; got {lab.shape}"
+        )
+    return hierarchy.label_channels(lab, ignore_index)
+
+
+def check_reduction(reduction: Any) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+def check_node_weight(node_weight: Any, hierarchy: Hierarchy) -> np.ndarray | None:
+    if node_weight is None:
+        return None
+    w = np.asarray(node_weight)
+    if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
+        raise TypeError(f"node_weight must be numeric, got dtype {w.dtype}")
+    if w.shape != (hierarchy.num_nodes,):
+        raise ValueError(
+            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {w.shape}"
+        )
+    return w
+
+
+# ---------------------------------------------------------------------------- level plans
+class LevelPlan:
+    """Index arrays for depth-by-depth sweeps over one hierarchy (channel space).
+
+    ``levels[d-1]``: the channels at depth d (ascending); ``level_parents[d-1]``: their parents.
+    ``child_ranks[d-1]``: for the nodes at depth d, a list over r of ``(children, parents)`` where
+    ``children`` are the r-th children (channel order) of those nodes. Within one rank the parents
+    are distinct, so ``zmax[:, parents] = max(zmax[:, parents], zmax[:, children])`` is one
+    vectorized update, and doing the ranks in order keeps "the earlier child wins a tie".
+    """
+
+    def __init__(self, h: Hierarchy):
+        self.levels = [np.flatnonzero(h.depth == d) for d in range(1, h.max_depth + 1)]
+        self.level_parents = [h.parent[lv] for lv in self.levels]
+        self.child_ranks: list[list[tuple[np.ndarray, np.ndarray]]] = []
+        for lv in self.levels:
+            kids_of = [h.children[v] for v in lv]
+            most = max((len(k) for k in kids_of), default=0)
+            ranks = []
+            for r in range(most):
+                kids = np.array([k[r] for k in kids_of if len(k) > r], dtype=np.int64)
+                ranks.append((kids, h.parent[kids]))
+            self.child_ranks.append(ranks)
+        self.leaf_channels_sorted = np.sort(h.leaf_channels)
+
+
+@lru_cache(maxsize=64)
+def level_plan(h: Hierarchy) -> LevelPlan:
+    return LevelPlan(h)
+
+
+def zmin_zmax(x: np.ndarray, plan: LevelPlan) -> tuple[np.ndarray, np.ndarray]:
+    """``zmin_v = min(x_v, zmin_parent)`` top-down and ``zmax_v = max(x_v, zmax_children)`` bottom-up."""
+    zmin = x.copy()
+    for lv, par in zip(plan.levels[1:], plan.level_parents[1:], strict=False):
+        zmin[:, lv] = np.minimum(x[:, lv], zmin[:, par])
+    zmax = x.copy()
+    for ranks in reversed(plan.child_ranks):
+        for kids, par in ranks:
+            zmax[:, par] = np.maximum(zmax[:, par], zmax[:, kids])
+    return zmin, zmax
+
+
+def targets_and_mask(ch: np.ndarray, h: Hierarchy) -> tuple[np.ndarray, np.ndarray]:
+    """Positive and loss-mask maps `[B, N, *spatial]` from label channels `[B, *spatial]` (-1 ignored)."""
+    valid = ch >= 0
+    safe = np.where(valid, ch, 0)[:, None]
+    expand = (1, -1) + (1,) * (ch.ndim - 1)
+    v = np.arange(h.num_nodes).reshape(expand)
+    positive = h.ancestor_table[safe, (h.depth - 1).reshape(expand)] == v
+    # A partial label at c leaves c's strict descendants unknown (is_ancestor[c, v]: v in D(c)).
+    unknown = h.is_ancestor[safe, v] & (v != safe)
+    mask = valid[:, None] & ~unknown
+    return positive & mask, mask
+
+
+# ---------------------------------------------------------------------------- the op
+def _tree_min_op(
+    x: np.ndarray, ch: np.ndarray, h: Hierarchy, gamma: float, reduction: str, node_weight: np.ndarray | None
+) -> np.ndarray:
+    cdt = compute_dtype(x.dtype)
+    x = x.astype(cdt)  # a copy: the caller's array is never touched
+    zmin, zmax = zmin_zmax(x, level_plan(h))
+    positive, mask = targets_and_mask(ch, h)
+    z = np.where(positive, -zmin, zmax)
+    del zmin, zmax
+    loss = np.logaddexp(cdt.type(0), z)  # softplus(-zmin) on positives, softplus(zmax) on negatives
+    if gamma != 0:
+        # (1 - sigmoid(zmin))^g = sigmoid(-zmin)^g and sigmoid(zmax)^g, both exp(-g * softplus(-z)).
+        loss *= np.exp(cdt.type(-gamma) * np.logaddexp(cdt.type(0), -z))
+    if node_weight is not None:
+        loss *= node_weight.astype(cdt).reshape((1, -1) + (1,) * (x.ndim - 2))
+    loss = np.where(mask, loss, cdt.type(0))
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return cdt.type(loss.sum(dtype=cdt))
+    if reduction == "mean":
+        count = np.count_nonzero(mask)
+        return cdt.type(loss.sum(dtype=cdt) / count) if count else cdt.type(0)
+    total = cdt.type(0)
+    for lv in level_plan(h).levels:
+        count = np.count_nonzero(mask[:, lv])
+        if count:
+            total += loss[:, lv].sum(dtype=cdt) / cdt.type(count)
+    return cdt.type(HSSN_SCALE * total)
+
+
+def _validated(logits, labels, hierarchy, ignore_index, reduction, node_weight, check_finite):
+    x = check_logits(logits, hierarchy)
+    ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
+    check_reduction(reduction)
+    w = check_node_weight(node_weight, hierarchy)
+    if check_finite:
+        check_finite_values(x)
+    return x, ch, w
+
+
+def tree_min_loss(
+    logits: Any,
+    labels: Any,
+    hierarchy: Hierarchy,
+    *,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    node_weight: Any = None,
+    check_finite: bool = False,
+) -> np.ndarray:
+    """Tree-min loss (SPEC section 4) of ``logits [B, N, *spatial]`` for node-id ``labels [B, *spatial]``.
+
+    ``l_v = y_v softplus(-min_{A(v)} x) + (1 - y_v) softplus(max_{D(v)} x)``, times ``node_weight[v]``.
+    ``reduction``: ``"mean"`` (over unmasked (pixel, node) entries), ``"sum"``, ``"none"`` (the
+    ``[B, N, *spatial]`` map, 0 where masked) or ``"hssn"`` (per-depth means summed, times 5).
+    Computed in float64 for float64 logits, else float32; returned in that dtype.
+    """
+    x, ch, w = _validated(logits, labels, hierarchy, ignore_index, reduction, node_weight, check_finite)
+    return _tree_min_op(x, ch, hierarchy, 0.0, reduction, w)
+
+
+def focal_tree_min_loss(
+    logits: Any,
+    labels: Any,
+    hierarchy: Hierarchy,
+    *,
+    gamma: float = 2.0,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+    node_weight: Any = None,
+    check_finite: bool = False,
+) -> np.ndarray:
+    """Focal tree-min loss (SPEC section 5): the tree-min terms times ``(1 - sigmoid(zmin))^gamma``
+    on positives and ``sigmoid(zmax)^gamma`` on negatives; ``gamma=0`` is :func:`tree_min_loss`."""
+    try:
+        gamma_ok = float(gamma) >= 0
+    except (TypeError, ValueError):
+        raise TypeError(f"gamma must be a number, got {gamma!r}") from None
+    if not gamma_ok:
+        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    x, ch, w = _validated(logits, labels, hierarchy, ignore_index, reduction, node_weight, check_finite)
+    return _tree_min_op(x, ch, hierarchy, float(gamma), reduction, w)
+
+
+def expand_targets(
+    labels: Any, hierarchy: Hierarchy, ignore_index: int = 255
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(targets uint8, mask bool)``, both ``[B, N, *spatial]``: :meth:`Hierarchy.expand_targets`."""
+    check_hierarchy(hierarchy)
+    return hierarchy.expand_targets(labels, ignore_index)

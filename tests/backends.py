@@ -1,0 +1,152 @@
+"""Backend adapters for the conformance suite (tests/test_conformance.py).
+
+An adapter exposes one backend through numpy in / numpy out::
+
+    name: str
+    supports_grad: bool
+    dtypes: tuple of dtype names ("float64", "float32", "float16", "bfloat16")
+    tree_min_loss(logits, labels, hierarchy, **kw) -> np.ndarray   # kw: ignore_index, reduction, node_weight
+    focal_tree_min_loss(logits, labels, hierarchy, **kw) -> np.ndarray   # kw also: gamma
+    value_and_grad(fn_name, logits, labels, hierarchy, upstream=None, **kw) -> (value, dlogits)
+        # gradient of sum(value * upstream); upstream None = ones           (when supports_grad)
+    decode(logits, hierarchy, method) -> (leaf, depth_labels)
+    expand_targets(labels, hierarchy, ignore_index) -> (targets, mask)
+    hierarchy_triplet_loss(embeddings, labels, hierarchy, **kw) -> float
+    triplet_value_and_grad(embeddings, labels, hierarchy, **kw) -> (float, dembeddings)  (when supports_grad)
+    triplet_weight(step, total_steps) -> float
+
+Dtypes: the suite hands over numpy arrays. numpy has no bfloat16, so a bfloat16 input arrives as a
+float32 array (values already rounded to bfloat16) wrapped by :func:`as_dtype`; adapters call
+:func:`dtype_name` on a logits/embeddings array to learn which framework dtype to build
+(``"bfloat16"`` for such arrays, else ``str(array.dtype)``). Adapters return numpy arrays in any
+float dtype (bfloat16 results converted to float32).
+
+The torch and paddle adapters live in ``tests/_adapter_torch.py`` / ``tests/_adapter_paddle.py``
+(each defines ``ADAPTER``). A missing file or framework skips that backend; an adapter that fails to
+import makes that backend's tests fail (with the import error), without hiding the others.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hieraloss.numpy as hnp
+
+_HERE = Path(__file__).resolve().parent
+
+
+class Bfloat16Array(np.ndarray):
+    """A float32 array whose values are bfloat16 numbers, marking "run this in bfloat16"."""
+
+
+def round_to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """Round float values to the nearest bfloat16 (round half to even), kept as float32."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def as_dtype(x: np.ndarray, name: str) -> np.ndarray:
+    """``x`` converted to the dtype called ``name`` (bfloat16: see the module docstring)."""
+    if name == "bfloat16":
+        return round_to_bfloat16(x).view(Bfloat16Array)
+    return np.asarray(x).astype(name)
+
+
+def dtype_name(x: np.ndarray) -> str:
+    """The dtype name an adapter should use for the array ``x``."""
+    return "bfloat16" if isinstance(x, Bfloat16Array) else str(np.asarray(x).dtype)
+
+
+def as_float64(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=np.float64)
+
+
+class NumpyAdapter:
+    """hieraloss.numpy: the reference backend (forward only)."""
+
+    name = "numpy"
+    supports_grad = False
+    dtypes = ("float64", "float32", "float16")
+
+    @staticmethod
+    def _plain(x):
+        return None if x is None else np.asarray(x)
+
+    def tree_min_loss(self, logits, labels, hierarchy, **kw):
+        return np.asarray(hnp.tree_min_loss(self._plain(logits), labels, hierarchy, **kw))
+
+    def focal_tree_min_loss(self, logits, labels, hierarchy, **kw):
+        return np.asarray(hnp.focal_tree_min_loss(self._plain(logits), labels, hierarchy, **kw))
+
+    def value_and_grad(self, fn_name, logits, labels, hierarchy, upstream=None, **kw):
+        raise NotImplementedError("hieraloss.numpy is forward only")
+
+    def decode(self, logits, hierarchy, method):
+        leaf, depth = hnp.decode(self._plain(logits), hierarchy, method=method)
+        return np.asarray(leaf), np.asarray(depth)
+
+    def expand_targets(self, labels, hierarchy, ignore_index=255):
+        return hnp.expand_targets(labels, hierarchy, ignore_index=ignore_index)
+
+    def hierarchy_triplet_loss(self, embeddings, labels, hierarchy, **kw):
+        return float(hnp.hierarchy_triplet_loss(self._plain(embeddings), labels, hierarchy, **kw))
+
+    def triplet_value_and_grad(self, embeddings, labels, hierarchy, **kw):
+        raise NotImplementedError("hieraloss.numpy is forward only")
+
+    def triplet_weight(self, step, total_steps):
+        return float(hnp.triplet_weight(step, total_steps))
+
+
+class _BrokenAdapter:
+    """Stands in for an adapter that failed to import: every use re-raises the import error."""
+
+    supports_grad = True
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+
+    def __init__(self, name: str, error: BaseException):
+        self.name = name
+        self._error = error
+
+    def __getattr__(self, attr):
+        raise RuntimeError(
+            f"tests/_adapter_{self.name}.py failed to import: {self._error!r}"
+        ) from self._error
+
+
+def _framework_adapter(name: str, framework: str):
+    if not (_HERE / f"_adapter_{name}.py").exists():
+        return pytest.param(
+            None, id=name, marks=pytest.mark.skip(reason=f"tests/_adapter_{name}.py not written")
+        )
+    if importlib.util.find_spec(framework) is None:
+        return pytest.param(None, id=name, marks=pytest.mark.skip(reason=f"{framework} is not installed"))
+    if str(_HERE) not in sys.path:
+        sys.path.insert(0, str(_HERE))
+    try:
+        adapter = importlib.import_module(f"_adapter_{name}").ADAPTER
+    except Exception as exc:  # noqa: BLE001 - surfaced by every test of this backend
+        adapter = _BrokenAdapter(name, exc)
+    return pytest.param(adapter, id=name)
+
+
+BACKENDS = [
+    pytest.param(NumpyAdapter(), id="numpy"),
+    _framework_adapter("torch", "torch"),
+    _framework_adapter("paddle", "paddle"),
+]
+
+# Relative/absolute tolerances per input dtype for loss values (float32 accumulation for halves).
+TOLERANCES = {
+    "float64": dict(rtol=1e-9, atol=1e-12),
+    "float32": dict(rtol=2e-5, atol=1e-6),
+    "float16": dict(rtol=2e-3, atol=1e-4),
+    "bfloat16": dict(rtol=2e-3, atol=1e-4),
+}

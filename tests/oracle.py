@@ -1,0 +1,478 @@
+"""Deliberately naive references: Python loops per pixel and per node, in float64.
+
+Written independently of ``hieraloss.numpy``: the tree is only read through ``parent`` pointers
+(plus ``channel_of``/``node_ids``/``depth``/``is_leaf`` to name things), never through the padded
+tables. Everything works in channel space; label values are converted once per pixel.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from hieraloss import Hierarchy
+
+IGNORE = 255
+
+
+# ---------------------------------------------------------------------------- tree walking
+class Tree:
+    """A Hierarchy seen through its parent pointers only."""
+
+    def __init__(self, h: Hierarchy):
+        self.h = h
+        self.n = h.num_nodes
+        self.parent = [int(p) for p in h.parent]
+        self.children = [[u for u in range(self.n) if self.parent[u] == v] for v in range(self.n)]
+        self.roots = [u for u in range(self.n) if self.parent[u] < 0]
+        self.anc = [self._ancestors(v) for v in range(self.n)]  # root-first, v last
+        self.desc = [self._preorder(v) for v in range(self.n)]  # v first, children in channel order
+        self.depth = [len(a) for a in self.anc]
+        self.max_depth = max(self.depth)
+        self.leaves = sorted(u for u in range(self.n) if not self.children[u])  # leaf channels
+
+    def _ancestors(self, v):
+        out = []
+        while v >= 0:
+            out.append(v)
+            v = self.parent[v]
+        return out[::-1]
+
+    def _preorder(self, v):
+        out = [v]
+        for c in self.children[v]:
+            out.extend(self._preorder(c))
+        return out
+
+    def channel(self, label, ignore_index=IGNORE):
+        """Channel of a label value, None if ignored; raises on anything else."""
+        label = int(label)
+        if label == ignore_index:
+            return None
+        if not 0 <= label < self.n:
+            raise ValueError(f"bad label {label}")
+        return int(self.h.channel_of[label])
+
+    def node_id(self, channel):
+        return int(self.h.node_ids[channel])
+
+    def psi(self, u, v):
+        """Tree distance between channels u and v, from the root-first paths."""
+        a, b = self.anc[u], self.anc[v]
+        common = 0
+        while common < min(len(a), len(b)) and a[common] == b[common]:
+            common += 1
+        return len(a) + len(b) - 2 * common
+
+    def leaf_psi(self, leaf_a, leaf_b):
+        return self.psi(int(self.h.channel_of[leaf_a]), int(self.h.channel_of[leaf_b]))
+
+    def path_of(self, channel):
+        """Node channels at depths 1..L of ``channel``'s path, a shallow node repeating itself."""
+        a = self.anc[channel]
+        return a + [channel] * (self.max_depth - len(a))
+
+
+@functools.lru_cache(maxsize=32)
+def tree(h: Hierarchy) -> Tree:
+    return Tree(h)
+
+
+def pixels(shape):
+    """Every (b, *spatial) index of a label shape."""
+    return list(np.ndindex(*shape))
+
+
+def at(arr, pix, channel):
+    """arr[b, channel, *spatial] for pixel pix = (b, *spatial)."""
+    return arr[(pix[0], channel) + tuple(pix[1:])]
+
+
+def index(pix, channel):
+    return (pix[0], channel) + tuple(pix[1:])
+
+
+# ---------------------------------------------------------------------------- scalar math
+def softplus(z):
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+def sigmoid(z):
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+# ---------------------------------------------------------------------------- targets
+def node_targets(t: Tree, c):
+    """For labelled channel c: lists y[v] (0/1) and known[v] (False on strict descendants of an
+    internal c: unknown)."""
+    y = [1 if v in t.anc[c] else 0 for v in range(t.n)]
+    known = [True] * t.n
+    if t.children[c]:
+        for v in t.desc[c][1:]:
+            known[v] = False
+    return y, known
+
+
+def expand_targets(labels, h, ignore_index=IGNORE):
+    t = tree(h)
+    labels = np.asarray(labels)
+    targets = np.zeros((labels.shape[0], t.n) + labels.shape[1:], dtype=np.uint8)
+    mask = np.zeros(targets.shape, dtype=bool)
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        y, known = node_targets(t, c)
+        for v in range(t.n):
+            targets[index(pix, v)] = y[v] if known[v] else 0
+            mask[index(pix, v)] = known[v]
+    return targets, mask
+
+
+def labels_at_depth(labels, h, depth, ignore_index=IGNORE):
+    t = tree(h)
+    labels = np.asarray(labels)
+    out = np.full(labels.shape, ignore_index, dtype=np.int64)
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        if t.children[c] and t.depth[c] < depth:
+            continue  # a partial label is unknown below its own depth
+        out[pix] = t.node_id(t.path_of(c)[depth - 1])
+    return out
+
+
+# ---------------------------------------------------------------------------- tree-min losses
+def _zmin(t, x, pix, v):
+    """(value, argmin channel): shallowest ancestor wins a tie."""
+    best, arg = None, None
+    for u in t.anc[v]:
+        val = float(at(x, pix, u))
+        if best is None or val < best:
+            best, arg = val, u
+    return best, arg
+
+
+def _zmax(t, x, pix, v):
+    """(value, argmax channel): first in depth-first pre-order wins a tie."""
+    best, arg = None, None
+    for u in t.desc[v]:
+        val = float(at(x, pix, u))
+        if best is None or val > best:
+            best, arg = val, u
+    return best, arg
+
+
+def _term(y, z, gamma):
+    """(loss, d loss / d z) of one node; gamma None = tree-min, else focal."""
+    if y:
+        p = sigmoid(z)
+        sp = softplus(-z)
+        if gamma is None:
+            return sp, -(1.0 - p)
+        g = gamma
+        loss = (1.0 - p) ** g * sp
+        d = -((1.0 - p) ** (g + 1)) - (g * p * (1.0 - p) ** g * sp if g else 0.0)
+        return loss, d
+    q = sigmoid(z)
+    sp = softplus(z)
+    if gamma is None:
+        return sp, q
+    g = gamma
+    loss = q**g * sp
+    d = q ** (g + 1) + (g * q**g * (1.0 - q) * sp if g else 0.0)
+    return loss, d
+
+
+def loss_map(logits, labels, h, gamma=None, ignore_index=IGNORE, node_weight=None):
+    """``(l [B, N, *spatial] float64, mask bool)``: per-node loss (0 where masked)."""
+    t = tree(h)
+    x = np.asarray(logits).astype(np.float64)
+    labels = np.asarray(labels)
+    out = np.zeros(x.shape)
+    mask = np.zeros(x.shape, dtype=bool)
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        y, known = node_targets(t, c)
+        for v in range(t.n):
+            if not known[v]:
+                continue
+            z = _zmin(t, x, pix, v)[0] if y[v] else _zmax(t, x, pix, v)[0]
+            w = 1.0 if node_weight is None else float(node_weight[v])
+            out[index(pix, v)] = w * _term(y[v], z, gamma)[0]
+            mask[index(pix, v)] = True
+    return out, mask
+
+
+def reduce(lmap, mask, h, reduction):
+    t = tree(h)
+    if reduction == "none":
+        return lmap
+    if reduction == "sum":
+        return float(lmap.sum())
+    if reduction == "mean":
+        count = int(mask.sum())
+        return float(lmap.sum()) / count if count else 0.0
+    if reduction == "hssn":
+        total = 0.0
+        for d in range(1, t.max_depth + 1):
+            nodes = [v for v in range(t.n) if t.depth[v] == d]
+            count = int(mask[:, nodes].sum())
+            if count:
+                total += float(lmap[:, nodes].sum()) / count
+        return 5.0 * total
+    raise ValueError(reduction)
+
+
+def tree_min_loss(logits, labels, h, *, gamma=None, ignore_index=IGNORE, reduction="mean", node_weight=None):
+    """gamma None: tree-min; a number: focal tree-min."""
+    lmap, mask = loss_map(logits, labels, h, gamma, ignore_index, node_weight)
+    return reduce(lmap, mask, h, reduction)
+
+
+def _entry_weights(mask, h, reduction, upstream):
+    """d reduced / d l[b, v, pix] for every entry (before the mask)."""
+    t = tree(h)
+    if reduction == "none":
+        return np.ones(mask.shape) if upstream is None else np.asarray(upstream, dtype=np.float64)
+    up = 1.0 if upstream is None else float(np.asarray(upstream))
+    if reduction == "sum":
+        return np.full(mask.shape, up)
+    if reduction == "mean":
+        count = int(mask.sum())
+        return np.full(mask.shape, up / count if count else 0.0)
+    w = np.zeros(mask.shape)
+    for d in range(1, t.max_depth + 1):
+        nodes = [v for v in range(t.n) if t.depth[v] == d]
+        count = int(mask[:, nodes].sum())
+        if count:
+            w[:, nodes] = 5.0 * up / count
+    return w
+
+
+def tree_min_grad(
+    logits, labels, h, *, gamma=None, ignore_index=IGNORE, reduction="mean", node_weight=None, upstream=None
+):
+    """Analytic d(sum(reduced * upstream)) / d logits, routed to the arg-min/max by the tie rule."""
+    t = tree(h)
+    x = np.asarray(logits).astype(np.float64)
+    labels = np.asarray(labels)
+    _, mask = loss_map(x, labels, h, gamma, ignore_index, node_weight)
+    ew = _entry_weights(mask, h, reduction, upstream)
+    grad = np.zeros(x.shape)
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        y, known = node_targets(t, c)
+        for v in range(t.n):
+            if not known[v]:
+                continue
+            z, arg = _zmin(t, x, pix, v) if y[v] else _zmax(t, x, pix, v)
+            w = 1.0 if node_weight is None else float(node_weight[v])
+            grad[index(pix, arg)] += ew[index(pix, v)] * w * _term(y[v], z, gamma)[1]
+    return grad
+
+
+# ---------------------------------------------------------------------------- decoding
+def _argmax(candidates, score):
+    """First candidate (in the given order) with the largest score."""
+    best, arg = None, None
+    for c in candidates:
+        s = score(c)
+        if best is None or s > best:
+            best, arg = s, c
+    return arg
+
+
+def leaf_scores(logits, h, pix, method):
+    """{leaf channel: score} for the path / hssn decoders at one pixel."""
+    t = tree(h)
+    x = np.asarray(logits).astype(np.float64)
+    vals = [float(at(x, pix, v)) for v in range(t.n)]
+    if method == "hssn":
+        m = max(vals)
+        e = [math.exp(v - m) for v in vals]
+        s = sum(e)
+        vals = [v / s for v in e]
+    out = {}
+    for leaf in t.leaves:
+        total = 0.0
+        for u in t.anc[leaf]:  # root-first
+            total += vals[u]
+        out[leaf] = total
+    return out
+
+
+def decode(logits, h, method="path"):
+    """Brute force: ``(leaf node ids [B, *spatial], depth node ids [B, L, *spatial])``."""
+    t = tree(h)
+    x = np.asarray(logits).astype(np.float64)
+    shape = (x.shape[0],) + x.shape[2:]
+    leaf_out = np.zeros(shape, dtype=np.int64)
+    depth_out = np.zeros((shape[0], t.max_depth) + shape[1:], dtype=np.int64)
+    for pix in pixels(shape):
+        if method in ("path", "hssn"):
+            scores = leaf_scores(x, h, pix, method)
+            chosen = _argmax(t.leaves, scores.__getitem__)
+            path = t.path_of(chosen)
+        elif method == "top_down":
+            chosen = _argmax(t.roots, lambda u, pix=pix: float(at(x, pix, u)))
+            while t.children[chosen]:
+                chosen = _argmax(t.children[chosen], lambda u, pix=pix: float(at(x, pix, u)))
+            path = t.path_of(chosen)
+        elif method == "independent":
+            path = []
+            for d in range(1, t.max_depth + 1):
+                cands = sorted(
+                    v for v in range(t.n) if t.depth[v] == d or (not t.children[v] and t.depth[v] < d)
+                )
+                path.append(_argmax(cands, lambda u, pix=pix: float(at(x, pix, u))))
+            chosen = path[-1]
+        else:
+            raise ValueError(method)
+        leaf_out[pix] = t.node_id(chosen)
+        for d, v in enumerate(path):
+            depth_out[index(pix, d)] = t.node_id(v)
+    return leaf_out, depth_out
+
+
+# ---------------------------------------------------------------------------- triplet loss
+def nearest_source(n_in, n_out, dst):
+    """torch F.interpolate(mode="nearest") source index, with its float32 arithmetic."""
+    if n_in == n_out:
+        return dst
+    scale = np.float32(np.float32(n_in) / np.float32(n_out))
+    return min(int(math.floor(float(np.float32(np.float32(dst) * scale)))), n_in - 1)
+
+
+def resize_nearest(labels, size):
+    labels = np.asarray(labels)
+    out = np.zeros((labels.shape[0],) + tuple(size), dtype=labels.dtype)
+    for pix in pixels(out.shape):
+        src = (pix[0],) + tuple(
+            nearest_source(labels.shape[i + 1], size[i], pix[i + 1]) for i in range(len(size))
+        )
+        out[pix] = labels[src]
+    return out
+
+
+def margin(h, a, p, n, base_margin=0.1):
+    t = tree(h)
+    return base_margin + (t.leaf_psi(a, n) - t.leaf_psi(a, p)) / (2.0 * t.max_depth)
+
+
+def first_triplets(labels, h, max_per_class=200, ignore_index=IGNORE):
+    """[(class, [(a, p, n) flat pixel indices])] with the first-K rule; labels at embedding size."""
+    t = tree(h)
+    flat = [int(v) for v in np.asarray(labels).reshape(-1)]
+    leaf_of = []  # leaf id per pixel or None
+    for v in flat:
+        c = t.channel(v, ignore_index)
+        leaf_of.append(None if c is None or t.children[c] else v)
+    present = sorted({v for v in leaf_of if v is not None})
+
+    def parent_of_leaf(k):
+        return t.parent[int(h.channel_of[k])]
+
+    out = []
+    for c in present:
+        pc = parent_of_leaf(c)
+        anchors = [i for i, v in enumerate(leaf_of) if v == c]
+        positives = [i for i, v in enumerate(leaf_of) if v is not None and v != c and parent_of_leaf(v) == pc]
+        negatives = [i for i, v in enumerate(leaf_of) if v is not None and parent_of_leaf(v) != pc]
+        k = min(max_per_class, len(anchors), len(positives), len(negatives))
+        if k:
+            out.append((c, list(zip(anchors[:k], positives[:k], negatives[:k], strict=False))))
+    return out
+
+
+def triplet_loss_from(embeddings, labels_small, h, triplets_by_class, base_margin=0.1):
+    """Loss for explicit triplets; embeddings [B, C, *spatial] at the labels' size."""
+    e = np.asarray(embeddings).astype(np.float64)
+    vecs = np.moveaxis(e, 1, -1).reshape(-1, e.shape[1])
+    flat = np.asarray(labels_small).reshape(-1)
+    unit = []
+    for v in vecs:
+        norm = math.sqrt(sum(float(a) * float(a) for a in v))
+        unit.append([float(a) / max(norm, 1e-12) for a in v])
+
+    def dist(i, j):
+        return 1.0 - sum(a * b for a, b in zip(unit[i], unit[j], strict=False))
+
+    class_losses = []
+    for _c, trips in triplets_by_class:
+        per = [
+            max(
+                dist(a, p) - dist(a, n) + margin(h, int(flat[a]), int(flat[p]), int(flat[n]), base_margin),
+                0.0,
+            )
+            for a, p, n in trips
+        ]
+        class_losses.append(sum(per) / len(per))
+    return sum(class_losses) / len(class_losses) if class_losses else 0.0
+
+
+def triplet_loss_first(embeddings, labels, h, max_per_class=200, base_margin=0.1, ignore_index=IGNORE):
+    """The whole triplet loss with sampling="first": resize, sample, score."""
+    size = np.asarray(embeddings).shape[2:]
+    small = resize_nearest(labels, size)
+    trips = first_triplets(small, h, max_per_class, ignore_index)
+    return triplet_loss_from(embeddings, small, h, trips, base_margin)
+
+
+def triplet_weight(step, total):
+    return 0.5 if step >= total else 0.25 * (1 + math.cos(math.pi * (step - total) / total))
+
+
+# ---------------------------------------------------------------------------- published formula
+# Cityscapes (26 channels: 19 train-id leaves, then the 7 categories). Category j owns the leaves in
+# CITYSCAPES_GROUPS[j] (contiguous ranges in the published code).
+CITYSCAPES_GROUPS = [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9], [10], [11, 12], [13, 14, 15, 16, 17, 18]]
+
+
+def published_cityscapes_hssn(logits, labels, eps=1e-8):
+    """Clean-room restatement of the published Cityscapes tree-min loss (SPEC sections 4 and 9):
+    probabilities, per-class loops, log(p + eps), per-level normalisation, times 5. Does not
+    overwrite the caller's labels."""
+    x = np.asarray(logits).astype(np.float64)
+    labels = np.asarray(labels)
+    s = 1.0 / (1.0 + np.exp(-x))
+    b = x.shape[0]
+    spatial = x.shape[2:]
+    n_leaf, n_cat = 19, 7
+    cat_of = {leaf: j for j, group in enumerate(CITYSCAPES_GROUPS) for leaf in group}
+    valid = labels != 255
+    leaf_lab = np.where(valid, labels, 0)
+    cat_lab = np.vectorize(lambda v: cat_of[int(v)])(leaf_lab) if leaf_lab.size else leaf_lab
+    # negative scores: leaves themselves; a category: max over itself and its leaves
+    neg_leaf = s[:, :n_leaf]
+    neg_cat = np.zeros((b, n_cat) + spatial)
+    for j, group in enumerate(CITYSCAPES_GROUPS):
+        neg_cat[:, j] = np.max(np.stack([s[:, n_leaf + j]] + [s[:, k] for k in group]), axis=0)
+    # positive scores: categories themselves; a leaf: min over itself and its category
+    pos_cat = s[:, n_leaf:]
+    pos_leaf = np.zeros((b, n_leaf) + spatial)
+    for j, group in enumerate(CITYSCAPES_GROUPS):
+        for k in group:
+            pos_leaf[:, k] = np.minimum(s[:, k], s[:, n_leaf + j])
+    num = valid.sum()
+    leaf_total = 0.0
+    for k in range(n_leaf):
+        y = (leaf_lab == k).astype(np.float64)
+        term = -y * np.log(pos_leaf[:, k] + eps) - (1 - y) * np.log(1 - neg_leaf[:, k] + eps)
+        leaf_total += float((term * valid).sum())
+    cat_total = 0.0
+    for j in range(n_cat):
+        y = (cat_lab == j).astype(np.float64)
+        term = -y * np.log(pos_cat[:, j] + eps) - (1 - y) * np.log(1 - neg_cat[:, j] + eps)
+        cat_total += float((term * valid).sum())
+    return 5.0 * (leaf_total / num / n_leaf + cat_total / num / n_cat)
