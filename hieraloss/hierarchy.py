@@ -76,9 +76,9 @@ class Hierarchy:
             leaf k's path; a shallow leaf repeats itself below its depth.
         is_ancestor: ``[N, N]`` bool, ``is_ancestor[u, v]`` is True iff u is in ``A(v)`` (u is v
             or an ancestor of v). Row u is therefore ``D(u)`` and column v is ``A(v)``.
-        leaf_distance: ``[K, K]`` tree distance psi between leaves (edges via the LCA; the
-            implicit root counts).
-        leaf_lca_height: ``[K, K]``; entry ``[t, p]`` is the number of edges from the lowest
+        leaf_distance: ``[K, K]``, indexed by leaf id: tree distance psi between leaves (edges via
+            the LCA; the implicit root counts).
+        leaf_lca_height: ``[K, K]``, indexed by leaf id; entry ``[t, p]`` is the number of edges from the lowest
             common ancestor of leaves t and p down to t (0 if equal, 1 for siblings).
         depth_channels: tuple of L arrays; entry d-1 lists the channels that are classes at
             depth d: the nodes at depth d plus the leaves shallower than d (ascending channel).
@@ -255,10 +255,6 @@ class Hierarchy:
         lca_depth = same.sum(axis=2)  # paths share a prefix, so the count is the LCA depth
         self.leaf_distance = _readonly(leaf_depth[:, None] + leaf_depth[None, :] - 2 * lca_depth)
         self.leaf_lca_height = _readonly(leaf_depth[:, None] - lca_depth)
-
-        # Label-space helpers: channel for every node id, and each node id's path per depth.
-        self.label_to_channel = self.channel_of
-        self.channel_to_label = self.node_ids
 
     # ------------------------------------------------------------------ constructors
     @classmethod
