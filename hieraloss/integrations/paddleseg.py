@@ -1,0 +1,273 @@
+"""PaddleSeg integration: the hieraloss losses as PaddleSeg loss components.
+
+:func:`register` adds four classes to PaddleSeg's loss manager (``paddleseg.cvlibs.manager.LOSSES``):
+
+* ``HieraTreeMinLoss``: :func:`hieraloss.paddle.tree_min_loss`,
+* ``HieraFocalTreeMinLoss``: :func:`hieraloss.paddle.focal_tree_min_loss`,
+* ``HieraHSSNLoss``: :func:`hieraloss.paddle.hssn_loss` without the triplet term (tree-min with the
+  published normalisation plus the per-depth cross-entropies),
+* ``HieraTripletLoss``: the hierarchy-margin triplet term times its published schedule ``w(step)``.
+
+PaddleSeg calls every loss as ``loss(logits, label)``, where ``logits`` is the i-th output of the
+model and the i-th entry of ``loss.types``. The classes hold the hierarchy, given in the config as
+a preset name (``hieraloss.presets.names()``), a path to a JSON file written by
+``Hierarchy.to_json``, or a mapping (``to_dict()`` form or a nested tree for ``Hierarchy.from_dict``).
+
+The triplet term needs embeddings and the training step. Let the model return
+``[logits, embeddings]`` while training (and ``[path_scores(logits, hierarchy)]`` in eval, so that
+PaddleSeg's argmax evaluation is the exact ``path`` decoding over leaves), and give the triplet
+loss the second slot; it counts its own calls (one per training iteration, a persistable ``step``
+buffer) to follow the schedule. After resuming, call ``set_step(iteration)``::
+
+    import hieraloss.integrations.paddleseg as hps
+    hps.register()   # before PaddleSeg builds the config, e.g. at the top of your train script
+
+    # config.yml
+    model:
+      type: MyHierarchicalModel     # returns [logits (num_nodes channels), embeddings] in training
+    loss:
+      types:
+        - type: HieraHSSNLoss
+          hierarchy: cityscapes
+        - type: HieraTripletLoss
+          hierarchy: cityscapes
+          total_steps: 80000          # the schedule's horizon T (usually the iters)
+      coef: [1, 1]
+
+With this, ``loss_computation`` sums ``HieraHSSNLoss(logits, label)`` and
+``w(t) * HieraTripletLoss(embeddings, label)``: the published Cityscapes objective (plus the user's
+auxiliary heads, if any).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import paddle
+from paddle import nn
+
+from .. import presets
+from ..hierarchy import Hierarchy
+from ..paddle import functional as F
+
+__all__ = [
+    "HieraTreeMinLoss",
+    "HieraFocalTreeMinLoss",
+    "HieraHSSNLoss",
+    "HieraTripletLoss",
+    "LOSS_CLASSES",
+    "load_hierarchy",
+    "path_scores",
+    "register",
+]
+
+
+def load_hierarchy(spec: Any) -> Hierarchy:
+    """A :class:`~hieraloss.Hierarchy` from a config value: a ``Hierarchy``, a preset name, a path to
+    a hierarchy JSON file, or a mapping (``to_dict()`` form or a nested tree)."""
+    if isinstance(spec, Hierarchy):
+        return spec
+    if isinstance(spec, Mapping):
+        if spec.get("format") == "hieraloss.hierarchy":
+            return Hierarchy.from_json(json.dumps(dict(spec)))
+        return Hierarchy.from_dict(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text.lower().replace("-", "_") in presets.names():
+            return presets.get(text)
+        if os.path.isfile(text):
+            return Hierarchy.from_json(text)
+        raise ValueError(
+            f"hierarchy={text!r} is neither a preset ({', '.join(presets.names())}) nor an existing "
+            f"hierarchy JSON file"
+        )
+    raise TypeError(
+        f"hierarchy must be a preset name, a JSON path, a dict or a Hierarchy, got {type(spec).__name__}"
+    )
+
+
+def _label_map(label: paddle.Tensor, ndim: int) -> paddle.Tensor:
+    """PaddleSeg hands labels as ``[B, H, W]`` or ``[B, 1, H, W]``; the losses want ``[B, H, W]``."""
+    if isinstance(label, paddle.Tensor) and label.ndim == ndim and label.shape[1] == 1:
+        return label.squeeze(1)
+    return label
+
+
+def path_scores(logits: paddle.Tensor, hierarchy: Hierarchy) -> paddle.Tensor:
+    """Leaf scores ``[B, K, *spatial]`` in leaf-id order: the sum of the logits along each leaf's path.
+
+    Their argmax over axis 1 is the ``path`` decoding as a leaf id, so a model can return them in
+    eval mode and PaddleSeg's evaluation (argmax, mIoU over the K leaf classes) just works.
+    """
+    x = F._check_logits(logits, hierarchy)
+    tab = F._tables(hierarchy, x.place)
+    B, N = x.shape[:2]
+    spatial = list(x.shape[2:])
+    flat = x.reshape([B, N, -1])
+    scores = F._path_scores(flat.astype(F.compute_dtype(x.dtype)), tab)  # leaves by channel
+    by_id = tab.get("leaf_id_order", lambda: np.argsort(hierarchy.node_ids[tab.plan.leaf_sorted]))
+    return paddle.index_select(scores, by_id, axis=1).reshape([B, hierarchy.num_leaves, *spatial])
+
+
+class HieraTreeMinLoss(nn.Layer):
+    """Tree-min loss for PaddleSeg: ``loss(logits [B, N, H, W], label [B, (1,) H, W])``."""
+
+    def __init__(
+        self,
+        hierarchy: Any = "cityscapes",
+        ignore_index: int = 255,
+        reduction: str = "mean",
+        node_weight: Sequence[float] | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.hierarchy = load_hierarchy(hierarchy)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.node_weight = node_weight
+        self.backend = backend
+        F._check_choice(reduction, F.REDUCTIONS, "reduction")
+        self.hierarchy.check_ignore_index(ignore_index)
+
+    def _kwargs(self) -> dict[str, Any]:
+        return dict(
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+            node_weight=self.node_weight,
+            backend=self.backend,
+        )
+
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        return F.tree_min_loss(logits, _label_map(label, logits.ndim), self.hierarchy, **self._kwargs())
+
+
+class HieraFocalTreeMinLoss(HieraTreeMinLoss):
+    """Focal tree-min loss for PaddleSeg (``gamma`` as in :func:`hieraloss.paddle.focal_tree_min_loss`)."""
+
+    def __init__(self, hierarchy: Any = "cityscapes", gamma: float = 2.0, **kwargs: Any):
+        super().__init__(hierarchy, **kwargs)
+        self.gamma = F._check_gamma(gamma)
+
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        return F.focal_tree_min_loss(
+            logits, _label_map(label, logits.ndim), self.hierarchy, gamma=self.gamma, **self._kwargs()
+        )
+
+
+class HieraHSSNLoss(nn.Layer):
+    """``tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d`` (:func:`hieraloss.paddle.hssn_loss`
+    without embeddings); put :class:`HieraTripletLoss` on the embeddings output for the triplet term."""
+
+    def __init__(
+        self,
+        hierarchy: Any = "cityscapes",
+        ignore_index: int = 255,
+        tree_min_weight: float = 5.0,
+        focal_gamma: float | None = None,
+        ce_weights: float | Sequence[float] | None = None,
+        node_weight: Sequence[float] | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        self.hierarchy = load_hierarchy(hierarchy)
+        self.hierarchy.check_ignore_index(ignore_index)
+        self.ignore_index = ignore_index
+        self.tree_min_weight = tree_min_weight
+        self.focal_gamma = focal_gamma
+        self.ce_weights = ce_weights
+        self.node_weight = node_weight
+        self.backend = backend
+
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        return F.hssn_loss(
+            logits,
+            _label_map(label, logits.ndim),
+            self.hierarchy,
+            ignore_index=self.ignore_index,
+            tree_min_weight=self.tree_min_weight,
+            focal_gamma=self.focal_gamma,
+            ce_weights=self.ce_weights,
+            node_weight=self.node_weight,
+            backend=self.backend,
+        )
+
+
+class HieraTripletLoss(nn.Layer):
+    """``w(step) * L_TT(embeddings, label)`` for PaddleSeg: ``loss(embeddings [B, C, h, w], label)``.
+
+    ``w`` is the published ramp :func:`hieraloss.paddle.triplet_weight` over ``total_steps``
+    (``None``: a constant 1, leaving the weight to the config's ``coef``). Each call in training
+    mode advances the persistable ``step`` buffer by one; ``set_step`` sets it (after a resume).
+    ``seed`` makes the random triplet sampling reproducible (a numpy Generator kept by the layer).
+    """
+
+    def __init__(
+        self,
+        hierarchy: Any = "cityscapes",
+        total_steps: int | None = None,
+        ignore_index: int = 255,
+        max_per_class: int = 200,
+        base_margin: float = 0.1,
+        sampling: str = "random",
+        seed: int | None = None,
+    ):
+        super().__init__()
+        self.hierarchy = load_hierarchy(hierarchy)
+        self.hierarchy.check_ignore_index(ignore_index)
+        if total_steps is not None and not total_steps > 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        F._check_choice(sampling, F.SAMPLING, "sampling")
+        self.total_steps = total_steps
+        self.ignore_index = ignore_index
+        self.max_per_class = max_per_class
+        self.base_margin = base_margin
+        self.sampling = sampling
+        self.generator = np.random.default_rng(seed)
+        self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
+
+    def set_step(self, step: int) -> None:
+        self.step.set_value(paddle.full([], int(step), dtype="int64"))
+
+    def weight(self) -> float:
+        """The schedule's weight at the current step."""
+        return 1.0 if self.total_steps is None else F.triplet_weight(int(self.step), self.total_steps)
+
+    def forward(self, embeddings: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        w = self.weight()
+        loss = F.hierarchy_triplet_loss(
+            embeddings,
+            _label_map(label, embeddings.ndim),
+            self.hierarchy,
+            max_per_class=self.max_per_class,
+            base_margin=self.base_margin,
+            sampling=self.sampling,
+            generator=self.generator,
+            ignore_index=self.ignore_index,
+        )
+        if self.training:
+            self.step.set_value(self.step + 1)
+        return w * loss
+
+
+LOSS_CLASSES = (HieraTreeMinLoss, HieraFocalTreeMinLoss, HieraHSSNLoss, HieraTripletLoss)
+
+
+def register(manager: Any = None) -> Any:
+    """Add the loss classes to ``manager`` (default ``paddleseg.cvlibs.manager.LOSSES``) and return it.
+
+    Idempotent: classes already registered under their name are left alone.
+    """
+    if manager is None:
+        try:
+            from paddleseg.cvlibs import manager as paddleseg_manager
+        except ImportError as exc:
+            raise ImportError(f"hieraloss.integrations.paddleseg.register() needs paddleseg: {exc}") from exc
+        manager = paddleseg_manager.LOSSES
+    for cls in LOSS_CLASSES:
+        if manager.components_dict.get(cls.__name__) is not cls:
+            manager.add_component(cls)
+    return manager

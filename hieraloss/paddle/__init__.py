@@ -1,0 +1,41 @@
+"""hieraloss for PaddlePaddle: the same public names, arguments and semantics as ``hieraloss.torch``.
+
+Functional API (:mod:`hieraloss.paddle.functional`) and ``paddle.nn.Layer`` classes
+(:mod:`hieraloss.paddle.layers`). On a GPU with torch and Triton installed, ``backend="auto"``
+routes the tree-min losses and the path/top-down decoders through the fused Triton kernels of
+``hieraloss.torch.kernels`` with zero-copy DLPack views (:mod:`hieraloss.paddle._bridge`).
+"""
+
+from .functional import (
+    BACKENDS,
+    DECODE_METHODS,
+    REDUCTIONS,
+    decode,
+    depth_cross_entropy,
+    expand_targets,
+    focal_tree_min_loss,
+    hierarchy_triplet_loss,
+    hssn_loss,
+    tree_min_loss,
+    triplet_weight,
+)
+from .layers import FocalTreeMinLoss, HierarchyDecoder, HierarchyTripletLoss, HSSNLoss, TreeMinLoss
+
+__all__ = [
+    "tree_min_loss",
+    "focal_tree_min_loss",
+    "hierarchy_triplet_loss",
+    "triplet_weight",
+    "hssn_loss",
+    "decode",
+    "expand_targets",
+    "depth_cross_entropy",
+    "TreeMinLoss",
+    "FocalTreeMinLoss",
+    "HierarchyTripletLoss",
+    "HSSNLoss",
+    "HierarchyDecoder",
+    "REDUCTIONS",
+    "DECODE_METHODS",
+    "BACKENDS",
+]

@@ -1,0 +1,141 @@
+"""Zero-copy DLPack bridge from paddle tensors to the fused Triton kernels of ``hieraloss.torch.kernels``.
+
+Logits and label channels are handed to torch as DLPack views (no copy), the torch kernels run
+(on paddle's current CUDA stream, so no device sync is needed), and the results come back to
+paddle as DLPack views. The gradient takes the same route inside a ``paddle.autograd.PyLayer``:
+the torch graph of the forward (which saves only what the kernel op saves) is kept and asked for
+the gradient with respect to the logits view.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from typing import Any
+
+import paddle
+from paddle.autograd import PyLayer
+
+from ..hierarchy import Hierarchy
+
+__all__ = ["to_torch", "to_paddle", "unavailable_reason", "fused_tree_min_loss", "fused_decode"]
+
+
+def _kernels():
+    from ..torch import kernels
+
+    return kernels
+
+
+def unavailable_reason(x: paddle.Tensor) -> str | None:
+    """Why the fused path cannot run for ``x`` (None when it can)."""
+    if importlib.util.find_spec("torch") is None:
+        return "torch is not installed (the fused kernels are torch/Triton kernels)"
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    try:
+        kernels = _kernels()
+    except Exception as exc:  # noqa: BLE001 - a broken kernels import means "not available"
+        return f"the fused Triton kernels failed to import: {exc!r}"
+    if not hasattr(kernels, "fused_tree_min_loss") or not kernels.triton_available():
+        return "the fused Triton kernels are not available here (no CUDA device and no TRITON_INTERPRET=1)"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    if not (x.place.is_gpu_place() or (interpreting and x.place.is_cpu_place())):
+        return f"the fused kernels need GPU tensors (or CPU tensors with TRITON_INTERPRET=1); got {x.place}"
+    return None
+
+
+def to_torch(x: paddle.Tensor):
+    """A torch view of ``x`` sharing its memory (DLPack)."""
+    import torch.utils.dlpack
+
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return torch.utils.dlpack.from_dlpack(paddle.utils.dlpack.to_dlpack(x.detach()))
+
+
+def to_paddle(t) -> paddle.Tensor:
+    """A paddle view of the torch tensor ``t`` sharing its memory (DLPack)."""
+    import torch.utils.dlpack
+
+    return paddle.utils.dlpack.from_dlpack(torch.utils.dlpack.to_dlpack(t.detach().contiguous()))
+
+
+@contextlib.contextmanager
+def _on_paddle_stream(x: paddle.Tensor):
+    """Run torch work on paddle's current CUDA stream so both frameworks see one ordered queue."""
+    import torch
+
+    if not x.place.is_gpu_place():
+        yield
+        return
+    gpu = x.place.gpu_device_id()
+    stream = paddle.device.current_stream(f"gpu:{gpu}")
+    handle = stream.__cuda_stream__()[1]  # the raw cudaStream_t (CUDA stream protocol)
+    with torch.cuda.stream(torch.cuda.ExternalStream(handle, device=torch.device("cuda", gpu))):
+        yield
+
+
+class _FusedTreeMin(PyLayer):
+    """Forward and backward through the torch kernel op; saves the logits and labels (as views)."""
+
+    @staticmethod
+    def forward(ctx, x, lc, hierarchy, gamma, reduction, weight):
+        import torch
+
+        with _on_paddle_stream(x):
+            xt = to_torch(x).requires_grad_(True)
+            wt = None if weight is None else to_torch(weight)
+            with torch.enable_grad():
+                out = _kernels().fused_tree_min_loss(
+                    xt,
+                    to_torch(lc),
+                    hierarchy,
+                    gamma=None if gamma == 0 else gamma,
+                    reduction=reduction,
+                    node_weight=wt,
+                )
+            ctx.torch_graph = (out, xt)
+            return to_paddle(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import torch
+
+        out, xt = ctx.torch_graph
+        with _on_paddle_stream(grad_out):
+            (gx,) = torch.autograd.grad(out, xt, grad_outputs=to_torch(grad_out.astype(_dtype_of(out))))
+            ctx.torch_graph = None
+            return to_paddle(gx), None
+
+
+def _dtype_of(t) -> Any:
+    return str(t.dtype).replace("torch.", "")
+
+
+def fused_tree_min_loss(
+    logits: paddle.Tensor,
+    label_channels: paddle.Tensor,
+    hierarchy: Hierarchy,
+    *,
+    gamma: float,
+    reduction: str,
+    node_weight: paddle.Tensor | None,
+) -> paddle.Tensor:
+    """Tree-min / focal tree-min loss through the fused kernel (``gamma=0``: plain tree-min)."""
+    weight = (
+        None
+        if node_weight is None
+        else node_weight.astype("float64" if logits.dtype == paddle.float64 else "float32")
+    )
+    return _FusedTreeMin.apply(logits, label_channels, hierarchy, float(gamma), reduction, weight)
+
+
+def fused_decode(
+    logits: paddle.Tensor, hierarchy: Hierarchy, method: str
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """``(leaf node ids, depth node ids)`` from the fused decoder (``path`` or ``top_down``)."""
+    with _on_paddle_stream(logits):
+        leaf, depth = _kernels().fused_decode(to_torch(logits), hierarchy, method)
+        return to_paddle(leaf), to_paddle(depth)

@@ -1,0 +1,148 @@
+"""The DLPack bridge from hieraloss.paddle to the fused Triton kernels of hieraloss.torch.kernels.
+
+Zero-copy views are checked without Triton. The fused path runs on the CPU under the Triton
+interpreter (TRITON_INTERPRET=1, set by conftest.py) with tiny shapes, and must equal the
+vectorized paddle op (values, gradients, decoding).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+paddle = pytest.importorskip("paddle")
+pytest.importorskip("torch")
+
+import hieraloss.paddle as hp  # noqa: E402
+from hieraloss import presets  # noqa: E402
+from hieraloss.paddle import _bridge  # noqa: E402
+
+paddle.set_device("cpu")
+
+
+def _kernels_ready() -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    try:
+        from hieraloss.torch import kernels
+    except Exception:  # noqa: BLE001 - not written yet or broken: the fused tests skip
+        return False
+    return (
+        hasattr(kernels, "fused_tree_min_loss")
+        and hasattr(kernels, "fused_decode")
+        and kernels.triton_available()
+    )
+
+
+needs_kernels = pytest.mark.skipif(
+    not _kernels_ready(), reason="hieraloss.torch.kernels (Triton) not available"
+)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "int64"])
+def test_dlpack_views_share_memory(dtype):
+    x = paddle.arange(24).reshape([2, 3, 4]).astype(dtype)
+    t = _bridge.to_torch(x)
+    assert t.data_ptr() == x.data_ptr()
+    assert tuple(t.shape) == (2, 3, 4) and str(t.dtype) == f"torch.{dtype}"
+    back = _bridge.to_paddle(t)
+    assert back.data_ptr() == x.data_ptr() and back.dtype == x.dtype
+    # A view, not a copy: a write through torch shows in paddle (on a tensor of our own).
+    t[0, 0, 0] = 7
+    assert float(x[0, 0, 0].astype("float64")) == 7.0
+
+
+def test_dlpack_of_a_tensor_that_requires_grad_is_a_view():
+    x = paddle.ones([3, 2])
+    x.stop_gradient = False
+    assert _bridge.to_torch(x).data_ptr() == x.data_ptr()
+
+
+def test_auto_stays_on_paddle_for_cpu_tensors():
+    x = paddle.zeros([1, 26, 2])
+    assert not hp.functional._use_triton("auto", x)
+    assert not hp.functional._use_triton("paddle", x)
+
+
+def test_triton_backend_without_kernels_says_why(monkeypatch):
+    monkeypatch.setattr(_bridge, "unavailable_reason", lambda x: "triton is not installed")
+    h = presets.cityscapes()
+    with pytest.raises(RuntimeError, match="backend='triton'.*triton is not installed"):
+        hp.tree_min_loss(paddle.zeros([1, 26, 2]), paddle.zeros([1, 2], dtype="int64"), h, backend="triton")
+
+
+@pytest.mark.triton
+@needs_kernels
+@pytest.mark.parametrize("reduction", ["mean", "none", "hssn"])
+@pytest.mark.parametrize("gamma", [0.0, 2.0])
+def test_fused_equals_paddle_op(reduction, gamma):
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(int(gamma) * 10 + len(reduction))
+    x = rng.normal(0, 3, size=(2, h.num_nodes, 3, 5)).astype(np.float32)
+    labels = rng.integers(0, h.num_nodes, size=(2, 3, 5))
+    labels[0, 0, :2] = 255
+    weight = np.linspace(0.5, 1.5, h.num_nodes)
+    up = rng.normal(size=x.shape).astype(np.float32) if reduction == "none" else np.float32(1.3)
+    results = {}
+    for backend in ("paddle", "triton"):
+        xt = paddle.to_tensor(x, stop_gradient=False)
+        out = hp.focal_tree_min_loss(
+            xt,
+            paddle.to_tensor(labels),
+            h,
+            gamma=gamma,
+            reduction=reduction,
+            node_weight=weight,
+            backend=backend,
+        )
+        (out * paddle.to_tensor(up)).sum().backward()
+        results[backend] = (out.numpy(), xt.grad.numpy(), out.dtype, xt.grad.dtype)
+    (v_p, g_p, vd_p, gd_p), (v_t, g_t, vd_t, gd_t) = results["paddle"], results["triton"]
+    assert vd_p == vd_t and gd_p == gd_t
+    np.testing.assert_allclose(v_t, v_p, rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(g_t, g_p, rtol=0, atol=4e-6 * np.abs(g_p).max())
+
+
+@pytest.mark.triton
+@needs_kernels
+def test_fused_saves_views_and_returns_views(monkeypatch):
+    """The logits reach the kernel as a zero-copy view, and the loss comes back as one."""
+    from hieraloss.torch import kernels
+
+    seen = {}
+    real = kernels.fused_tree_min_loss
+
+    def spy(logits, label_channels, hierarchy, **kw):
+        seen["logits_ptr"] = logits.data_ptr()
+        seen["labels_ptr"] = label_channels.data_ptr()
+        out = real(logits, label_channels, hierarchy, **kw)
+        seen["out_ptr"] = out.data_ptr()
+        return out
+
+    monkeypatch.setattr(kernels, "fused_tree_min_loss", spy)
+    h = presets.pascal_person_part()
+    x = paddle.to_tensor(
+        np.random.default_rng(0).normal(size=(1, h.num_nodes, 2, 3)).astype(np.float32), stop_gradient=False
+    )
+    out = hp.tree_min_loss(x, paddle.zeros([1, 2, 3], dtype="int64"), h, reduction="none", backend="triton")
+    assert seen["logits_ptr"] == x.data_ptr()
+    assert out.data_ptr() == seen["out_ptr"]
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+@pytest.mark.triton
+@needs_kernels
+@pytest.mark.parametrize("method", ["path", "top_down"])
+def test_fused_decode_equals_paddle_op(method):
+    h = presets.mapillary_vistas_v2()
+    x = paddle.to_tensor(
+        np.random.default_rng(1).normal(0, 2, size=(2, h.num_nodes, 2, 3)).astype(np.float32)
+    )
+    leaf_t, depth_t = hp.decode(x, h, method, backend="triton")
+    leaf_p, depth_p = hp.decode(x, h, method, backend="paddle")
+    assert leaf_t.dtype == paddle.int64 and str(leaf_t.place) == str(x.place)
+    np.testing.assert_array_equal(leaf_t.numpy(), leaf_p.numpy())
+    np.testing.assert_array_equal(depth_t.numpy(), depth_p.numpy())
