@@ -52,7 +52,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--quick", action="store_true", help="256 x 512 maps, 3 repeats (smoke run)")
     args = parser.parse_args()
+    if args.quick:
+        args.height, args.width, args.repeat = 256, 512, 3
     shape = (args.batch, args.height, args.width)
     pixels = int(np.prod(shape))
     rng = np.random.default_rng(0)

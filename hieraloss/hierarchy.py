@@ -338,7 +338,7 @@ class Hierarchy:
         new_id = {old: k + pos for pos, old in enumerate(rank)}
         parents = [0] * (k + m)
         names = [""] * (k + m)
-        for (name, _, p), lid in zip(leaves, leaf_ids):
+        for (name, _, p), lid in zip(leaves, leaf_ids, strict=True):
             parents[lid] = new_id[p] if p >= 0 else -1
             names[lid] = name
         for old, (name, p) in enumerate(internal):
@@ -416,7 +416,7 @@ class Hierarchy:
                 f"d{len(levels) - i}_{j}" for i in range(1, len(counts)) for j in range(counts[i])
             ]
         else:
-            if len(names) != len(counts) or any(len(nl) != c for nl, c in zip(names, counts)):
+            if len(names) != len(counts) or any(len(nl) != c for nl, c in zip(names, counts, strict=False)):
                 raise HierarchyError(f"names must have one list per level with sizes {counts}")
             flat_names = [str(s) for nl in names for s in nl]
         return cls(parents, flat_names, order)

@@ -13,7 +13,6 @@ Requires ``hypothesis`` (``pip install hieraloss[testing]``)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -71,7 +70,7 @@ def hierarchies(draw: Any, max_depth: int = 3, max_children: int = 4, balanced: 
     pos_internal = [i for i, lf in enumerate(leaf) if not lf]
     k = len(pos_leaves)
     leaf_ids = draw(st.permutations(range(k)))
-    new_id = {pos: int(lid) for pos, lid in zip(pos_leaves, leaf_ids)}
+    new_id = {pos: int(lid) for pos, lid in zip(pos_leaves, leaf_ids, strict=True)}
     new_id.update({pos: k + j for j, pos in enumerate(pos_internal)})
     parents = [0] * len(parent)
     for pos, p in enumerate(parent):
