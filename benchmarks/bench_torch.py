@@ -1,0 +1,147 @@
+"""Forward+backward time and peak memory of hieraloss.torch against the published-style loss (CPU).
+
+    python benchmarks/bench_torch.py            # Cityscapes B=2 26x512x1024, Mapillary B=1 149x512x1024
+    python benchmarks/bench_torch.py --quick    # small sizes (64x128)
+
+Per configuration, all in the same run:
+* time of ``tree_min_loss(..., reduction="hssn", backend="torch")`` forward+backward (median of
+  ``--repeats``), of the published-style per-class loop (``benchmarks/published_hssn.py``), and of one
+  read+write pass over the logits (``dst.copy_(src)``); printed as ratios;
+* peak extra memory of one forward+backward / logits size. Measured honestly as resident memory:
+  each measurement runs in a fresh subprocess that builds the inputs, warms up on a tiny input,
+  resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs once and reads
+  ``VmHWM - VmRSS(before)`` from ``/proc/self/status``. The gradient (same size as the logits) is
+  included in the peak. Linux only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from published_hssn import published_tree_min_loss  # noqa: E402
+
+import hieraloss  # noqa: E402
+import hieraloss.torch as ht  # noqa: E402
+
+CONFIGS = {
+    "cityscapes": dict(preset="cityscapes", batch=2),
+    "mapillary": dict(preset="mapillary_vistas_v2", batch=1),
+}
+
+
+def make_inputs(name: str, height: int, width: int, seed: int = 0):
+    cfg = CONFIGS[name]
+    h = hieraloss.presets.get(cfg["preset"])
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(cfg["batch"], h.num_nodes, height, width, generator=gen) * 2
+    labels = torch.randint(0, h.num_leaves, (cfg["batch"], height, width), generator=gen)
+    labels[:, : height // 16] = 255  # some ignored rows
+    return h, x, labels
+
+
+def run_once(impl: str, h, x, labels) -> None:
+    x.grad = None
+    if impl == "ours":
+        loss = ht.tree_min_loss(x, labels, h, reduction="hssn", backend="torch")
+    else:
+        loss = published_tree_min_loss(x, labels, h)
+    loss.backward()
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def probe(impl: str, name: str, height: int, width: int) -> None:
+    """Subprocess body: print the peak extra resident bytes of one forward+backward."""
+    h, tiny_x, tiny_labels = make_inputs(name, 8, 8)
+    run_once(impl, h, tiny_x.requires_grad_(), tiny_labels)  # warm-up: caches, thread pools
+    h, x, labels = make_inputs(name, height, width)
+    x.requires_grad_()
+    gc.collect()
+    before = _status_kb("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    run_once(impl, h, x, labels)
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_extra_bytes": (peak - before) * 1024, "logits_bytes": x.numel() * x.element_size()}))
+
+
+def peak_ratio(impl: str, name: str, height: int, width: int) -> float:
+    out = subprocess.run([sys.executable, __file__, "--probe", impl, name, str(height), str(width)],
+                         capture_output=True, text=True, check=True)
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    return res["peak_extra_bytes"] / res["logits_bytes"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (64x128)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--published-repeats", type=int, default=1)
+    ap.add_argument("--configs", nargs="*", default=list(CONFIGS))
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--probe", nargs=4, metavar=("IMPL", "CONFIG", "H", "W"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.probe:
+        impl, name, hh, ww = args.probe
+        probe(impl, name, int(hh), int(ww))
+        return
+    height, width = (64, 128) if args.quick else (512, 1024)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32 logits, "
+          f"labels with 1/16 ignored rows, reduction='hssn'")
+    for name in args.configs:
+        bench_config(name, height, width, args)
+        gc.collect()
+        if not args.no_memory:
+            r_ours = peak_ratio("ours", name, height, width)
+            r_pub = peak_ratio("published", name, height, width)
+            print(f"  peak extra memory / logits: ours {r_ours:.2f}x, published-style {r_pub:.2f}x")
+
+
+def bench_config(name: str, height: int, width: int, args: argparse.Namespace) -> None:
+    h, x, labels = make_inputs(name, height, width)
+    x.requires_grad_()
+    shape = "x".join(map(str, x.shape))
+    run_once("ours", h, x, labels)  # warm-up
+    t_ours = timed(lambda: run_once("ours", h, x, labels), args.repeats)
+    t_pub = timed(lambda: run_once("published", h, x, labels), args.published_repeats)
+    src = x.detach()
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t_copy = timed(lambda: dst.copy_(src), max(5, args.repeats))
+    value_ours = ht.tree_min_loss(x, labels, h, reduction="hssn", backend="torch").item()
+    value_pub = published_tree_min_loss(x, labels, h).item()
+    print(f"\n{name} [{shape}] ({x.numel() * 4 / 2**20:.0f} MiB logits)")
+    print(f"  loss: ours {value_ours:.6f}  published-style {value_pub:.6f}")
+    print(f"  fwd+bwd: ours {t_ours * 1e3:.1f} ms, published-style {t_pub * 1e3:.1f} ms, "
+          f"copy {t_copy * 1e3:.2f} ms")
+    print(f"  published-style / ours = {t_pub / t_ours:.1f}x   ours / copy = {t_ours / t_copy:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

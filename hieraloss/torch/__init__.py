@@ -1,0 +1,39 @@
+"""PyTorch backend of hieraloss: functional losses and decoders plus thin ``nn.Module`` wrappers.
+
+Works on CPU and CUDA with any spatial rank; on CUDA with Triton installed, ``backend="auto"``
+uses the fused kernels of :mod:`hieraloss.torch.kernels` (imported lazily).
+"""
+
+from .functional import (
+    BACKENDS,
+    DECODE_METHODS,
+    REDUCTIONS,
+    decode,
+    depth_cross_entropy,
+    expand_targets,
+    focal_tree_min_loss,
+    hierarchy_triplet_loss,
+    hssn_loss,
+    tree_min_loss,
+    triplet_weight,
+)
+from .modules import FocalTreeMinLoss, HierarchyDecoder, HierarchyTripletLoss, HSSNLoss, TreeMinLoss
+
+__all__ = [
+    "tree_min_loss",
+    "focal_tree_min_loss",
+    "hierarchy_triplet_loss",
+    "triplet_weight",
+    "hssn_loss",
+    "decode",
+    "expand_targets",
+    "depth_cross_entropy",
+    "TreeMinLoss",
+    "FocalTreeMinLoss",
+    "HierarchyTripletLoss",
+    "HSSNLoss",
+    "HierarchyDecoder",
+    "REDUCTIONS",
+    "DECODE_METHODS",
+    "BACKENDS",
+]

@@ -1,0 +1,365 @@
+"""Functional API of the torch backend: validate at the door, then call one op.
+
+Conventions (DEVELOPING.md): logits ``[B, N, *spatial]`` in the hierarchy's channel order, labels
+``[B, *spatial]`` of node ids (leaf ids, internal ids for partial labels, or ``ignore_index``).
+Loss values are float64 for float64 logits and float32 otherwise (float16/bfloat16 are accumulated
+in float32); gradients come back in the logits' dtype. Inputs are never modified.
+
+Label validation reads one value back from the device (a sync; under ``torch.compile`` a graph
+break). ``torch.compile`` of the functions and modules works on CPU (tested with ``aot_eager``;
+inductor compiles as well).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..hierarchy import Hierarchy, LabelError
+from . import _ops
+from ._tables import tables_for
+
+__all__ = [
+    "tree_min_loss",
+    "focal_tree_min_loss",
+    "hierarchy_triplet_loss",
+    "triplet_weight",
+    "hssn_loss",
+    "decode",
+    "expand_targets",
+    "depth_cross_entropy",
+    "REDUCTIONS",
+    "DECODE_METHODS",
+    "BACKENDS",
+]
+
+REDUCTIONS = ("mean", "sum", "none", "hssn")
+DECODE_METHODS = ("path", "hssn", "top_down", "independent")
+BACKENDS = ("auto", "torch", "triton")
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ---------------------------------------------------------------------------- validation
+def _check_hierarchy(hierarchy: Any) -> None:
+    if not isinstance(hierarchy, Hierarchy):
+        raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
+
+
+def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> torch.Tensor:
+    _check_hierarchy(hierarchy)
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in _FLOATS:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
+    if logits.dim() < 2:
+        raise ValueError(
+            f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {tuple(logits.shape)}")
+    if logits.shape[1] != hierarchy.num_nodes:
+        raise ValueError(
+            f"{name} have {logits.shape[1]} channels on dim 1, but the hierarchy has "
+            f"{hierarchy.num_nodes} nodes (shape {tuple(logits.shape)})")
+    return logits
+
+
+def _check_finite(x: torch.Tensor, name: str = "logits") -> None:
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        raise ValueError(f"{name} hold {bad} non-finite values (nan or inf)")
+
+
+def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
+    if isinstance(labels, np.ndarray):
+        labels = torch.from_numpy(labels)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise LabelError(f"labels must be integers (uint8, int32, int64, ...), got {labels.dtype}")
+    if labels.device != device:
+        raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
+    return labels
+
+
+def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, bool]:
+    """Map node-id labels to channels (-1 = ignored), raising :class:`LabelError` for bad values.
+
+    One device sync: whether bad values or partial labels occur is read back together.
+    """
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    hierarchy.check_ignore_index(int(ignore_index))
+    tab = tables_for(hierarchy, labels.device)
+    lab = labels.to(torch.int64)
+    ignored = lab == int(ignore_index)
+    bad = ~ignored & ((lab < 0) | (lab >= hierarchy.num_nodes))
+    partial = ~ignored & (lab >= hierarchy.num_leaves)
+    any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
+    if any_bad:
+        values = torch.unique(lab[bad]).tolist()
+        shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct values)"
+                                                          if len(values) > 10 else "")
+        raise LabelError(
+            f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
+            f"ignore_index={ignore_index}: {shown}")
+    safe = torch.where(ignored, torch.zeros_like(lab), lab)
+    return torch.where(ignored, torch.full_like(lab, -1), tab.channel_of[safe]), bool(any_partial)
+
+
+def _checked_labels(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy,
+                    ignore_index: int) -> tuple[torch.Tensor, bool]:
+    labels = _label_tensor(labels, logits.device)
+    expected = (logits.shape[0], *logits.shape[2:])
+    if tuple(labels.shape) != expected:
+        raise ValueError(
+            f"labels must have the logits' shape without dim 1, {expected}; got {tuple(labels.shape)}")
+    return _label_channels(labels, hierarchy, ignore_index)
+
+
+def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.device) -> torch.Tensor | None:
+    if node_weight is None:
+        return None
+    w = torch.as_tensor(node_weight)
+    if not (w.is_floating_point() or (not w.is_complex() and w.dtype != torch.bool)):
+        raise TypeError(f"node_weight must be numeric, got {w.dtype}")
+    if tuple(w.shape) != (hierarchy.num_nodes,):
+        raise ValueError(
+            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {tuple(w.shape)}")
+    return w.detach().to(device)
+
+
+def _check_choice(value: Any, choices: Sequence[str], name: str) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def _check_gamma(gamma: Any) -> float:
+    try:
+        g = float(gamma)
+    except (TypeError, ValueError):
+        raise TypeError(f"gamma must be a number, got {gamma!r}") from None
+    if not g >= 0 or math.isinf(g):
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+    return g
+
+
+def _kernels():
+    try:
+        from . import kernels
+    except ImportError as exc:  # triton missing or the kernels failed to import
+        raise RuntimeError(f"backend='triton' needs the fused Triton kernels, which failed to import: {exc}") from exc
+    if not kernels.triton_available():
+        raise RuntimeError("backend='triton' was asked for, but Triton is not available here")
+    return kernels
+
+
+def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    _check_choice(backend, BACKENDS, "backend")
+    if backend == "triton":
+        return True
+    if backend == "auto" and x.is_cuda:
+        try:
+            from . import kernels
+        except ImportError:
+            return False
+        return bool(kernels.triton_available())
+    return False
+
+
+# ---------------------------------------------------------------------------- losses
+def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend):
+    x = _check_logits(logits, hierarchy)
+    _check_choice(reduction, REDUCTIONS, "reduction")
+    _check_choice(backend, BACKENDS, "backend")
+    lc, has_partial = _checked_labels(labels, x, hierarchy, ignore_index)
+    w = _check_node_weight(node_weight, hierarchy, x.device)
+    if check_finite:
+        _check_finite(x)
+    return _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend)
+
+
+def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend):
+    if _use_triton(backend, x):
+        return _kernels().fused_tree_min_loss(
+            x, lc, hierarchy, gamma=None if gamma == 0 else gamma, reduction=reduction, node_weight=w)
+    return _ops.tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w,
+                            has_partial=has_partial)
+
+
+def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int = 255,
+                  reduction: str = "mean", node_weight: Any = None, check_finite: bool = False,
+                  backend: str = "auto") -> torch.Tensor:
+    """Tree-min loss (SPEC section 4).
+
+    ``l_v = y_v * softplus(-min_{u in A(v)} x_u) + (1 - y_v) * softplus(max_{u in D(v)} x_u)``,
+    times ``node_weight[v]`` (channel order). ``reduction``: ``"mean"`` over unmasked (pixel, node)
+    entries, ``"sum"``, ``"none"`` (``[B, N, *spatial]``, 0 where masked) or ``"hssn"`` (per-depth
+    means summed, times 5: the published normalisation). Non-finite logits propagate unless
+    ``check_finite=True``, which raises a ``ValueError`` (one device sync).
+    ``backend``: ``"auto"`` (fused Triton kernel for CUDA tensors when Triton is available, else
+    the vectorized torch op), ``"torch"`` or ``"triton"``.
+    """
+    return _tree_min(logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend)
+
+
+def focal_tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float = 2.0,
+                        ignore_index: int = 255, reduction: str = "mean", node_weight: Any = None,
+                        check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+    """Focal tree-min loss (SPEC section 5): positives times ``(1 - sigmoid(zmin))^gamma``, negatives
+    times ``sigmoid(zmax)^gamma``; ``gamma=0`` equals :func:`tree_min_loss`. Arguments as there."""
+    g = _check_gamma(gamma)
+    return _tree_min(logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend)
+
+
+def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int = 255
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(targets uint8, mask bool)``, both ``[B, N, *spatial]`` in channel order (DEVELOPING.md)."""
+    _check_hierarchy(hierarchy)
+    labels = _label_tensor(labels, labels.device if isinstance(labels, torch.Tensor) else torch.device("cpu"))
+    if labels.dim() < 1:
+        raise LabelError("labels need a batch dimension: [B, *spatial]")
+    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    return _ops.expand_targets_op(lc, hierarchy)
+
+
+def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, depth: int, *,
+                        ignore_index: int = 255) -> torch.Tensor:
+    """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
+    labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
+    not count. Mean over the counted pixels (an exact 0 if there are none)."""
+    x = _check_logits(logits, hierarchy)
+    if not 1 <= int(depth) <= hierarchy.max_depth:
+        raise ValueError(f"depth must be in 1..{hierarchy.max_depth}, got {depth}")
+    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+    return _ops.depth_cross_entropy_op(x, lc, hierarchy, int(depth))
+
+
+# ---------------------------------------------------------------------------- triplet loss
+def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
+                           max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
+                           generator: torch.Generator | None = None, ignore_index: int = 255) -> torch.Tensor:
+    """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
+
+    ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, ``floor(i * H / h)``); only leaf labels
+    take part. Embeddings are L2-normalised along C; ``d(a, b) = 1 - <a, b>``; margin
+    ``base_margin + (psi(c_a, c_n) - psi(c_a, c_p)) / (2 * max_depth)``. Per anchor class at most
+    ``max_per_class`` triplets (``sampling="random"`` from ``generator``, or ``"first"`` in flat
+    order for parity with the published code); mean per class, then mean over classes. No triplet
+    gives an exact 0 that is still connected to ``embeddings``.
+    """
+    _check_hierarchy(hierarchy)
+    if not isinstance(embeddings, torch.Tensor):
+        raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
+    if embeddings.dtype not in _FLOATS:
+        raise TypeError(f"embeddings must be float16, bfloat16, float32 or float64, got {embeddings.dtype}")
+    if embeddings.dim() != 4:
+        raise ValueError(f"embeddings must be [B, C, h, w], got shape {tuple(embeddings.shape)}")
+    labels = _label_tensor(labels, embeddings.device)
+    if labels.dim() != 3 or labels.shape[0] != embeddings.shape[0]:
+        raise ValueError(
+            f"labels must be [B, H, W] with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}")
+    _check_choice(sampling, ("random", "first"), "sampling")
+    if isinstance(max_per_class, bool) or not isinstance(max_per_class, (int, np.integer)) or max_per_class < 1:
+        raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    small = _ops.resize_labels_nearest(lc, tuple(embeddings.shape[2:]))
+    tab = tables_for(hierarchy, embeddings.device)
+    leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
+    leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
+    return _ops.triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
+                           base_margin=float(base_margin), sampling=sampling, generator=generator)
+
+
+def triplet_weight(step: float, total_steps: float) -> float:
+    """Published ramp ``w(t) = 0.25 * (1 + cos(pi * (t - T) / T))`` for ``t < T``, else 0.5."""
+    if not total_steps > 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    if not step >= 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if step >= total_steps:
+        return 0.5
+    return 0.25 * (1.0 + math.cos(math.pi * (step - total_steps) / total_steps))
+
+
+# ---------------------------------------------------------------------------- published combination
+def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
+              embeddings: torch.Tensor | None = None, step: float | None = None,
+              total_steps: float | None = None, tree_min_weight: float = 5.0,
+              focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
+              triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
+              max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
+              generator: torch.Generator | None = None, return_parts: bool = False,
+              backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The published HSSN training loss::
+
+        tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d + w * TT
+
+    ``TM`` is the tree-min loss (focal with ``focal_gamma`` if given) with the per-depth
+    normalisation of ``reduction="hssn"`` but without its factor 5, so the default
+    ``tree_min_weight=5.0`` reproduces the published ``5 * L_TM``. ``CE_d``: :func:`depth_cross_entropy`
+    at depth d; ``ce_weights`` is one weight per depth or one number for all (default 1.0 each; a
+    weight 0 skips that depth). ``TT``: :func:`hierarchy_triplet_loss` of ``embeddings``, only if
+    they are given; its weight ``w`` is ``triplet_weight`` or, if None, the published schedule
+    ``triplet_weight(step, total_steps)``. ``return_parts=True`` also returns a dict of the
+    unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``.
+    """
+    x = _check_logits(logits, hierarchy)
+    L = hierarchy.max_depth
+    if ce_weights is None:
+        ce_w = [1.0] * L
+    elif isinstance(ce_weights, (int, float)):
+        ce_w = [float(ce_weights)] * L
+    else:
+        ce_w = [float(c) for c in ce_weights]
+        if len(ce_w) != L:
+            raise ValueError(f"ce_weights needs one weight per depth ({L}), got {len(ce_w)}")
+    tw = None
+    if embeddings is not None:
+        if triplet_weight is not None:
+            tw = float(triplet_weight)
+        elif step is None or total_steps is None:
+            raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
+        else:
+            tw = globals()["triplet_weight"](float(step), float(total_steps))
+    gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
+    _check_choice(backend, BACKENDS, "backend")
+
+    lc, has_partial = _checked_labels(labels, x, hierarchy, ignore_index)
+    w = _check_node_weight(node_weight, hierarchy, x.device)
+    tm = _tree_min_checked(x, lc, has_partial, hierarchy, gamma, "hssn", w, backend) / _ops.HSSN_SCALE
+    parts: dict[str, Any] = {"tree_min": tm}
+    total = float(tree_min_weight) * tm
+    for d, weight in enumerate(ce_w, start=1):
+        if weight != 0:
+            ce = _ops.depth_cross_entropy_op(x, lc, hierarchy, d)
+            parts[f"ce_depth{d}"] = ce
+            total = total + weight * ce
+    if embeddings is not None:
+        tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
+                                    base_margin=base_margin, sampling=sampling, generator=generator,
+                                    ignore_index=ignore_index)
+        parts["triplet"] = tt
+        parts["triplet_weight"] = torch.tensor(tw, dtype=total.dtype, device=total.device)
+        total = total + tw * tt
+    return (total, parts) if return_parts else total
+
+
+# ---------------------------------------------------------------------------- decoding
+def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hierarchy-consistent decoding (SPEC section 7) to node ids.
+
+    Returns ``(leaf_labels [B, *spatial], depth_labels [B, L, *spatial])`` (int64); ``depth_labels[:, d-1]``
+    is the node id at depth d of the chosen leaf's path. ``method``: ``"path"`` (exact MAP: argmax
+    over leaves of the sum of logits along the path), ``"hssn"``, ``"top_down"`` or
+    ``"independent"`` (per-depth argmax, may be inconsistent). Ties go to the lowest channel.
+    """
+    x = _check_logits(logits, hierarchy)
+    _check_choice(method, DECODE_METHODS, "method")
+    if method in ("path", "top_down") and _use_triton(backend, x):
+        return _kernels().fused_decode(x.detach(), hierarchy, method)
+    return _ops.decode_op(x, hierarchy, method)

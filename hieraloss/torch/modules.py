@@ -1,0 +1,153 @@
+"""Thin ``nn.Module`` wrappers that hold the configuration and delegate to :mod:`.functional`.
+
+The hierarchy's index tables are cached per device (``hieraloss.torch._tables``), so a module
+follows its inputs' device; ``node_weight`` and the HSSN step counter are buffers and move with
+``.to()`` and round-trip through ``state_dict``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..hierarchy import Hierarchy
+from . import functional as F
+
+__all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss", "HierarchyDecoder"]
+
+
+def _weight_buffer(module: nn.Module, node_weight: Any, hierarchy: Hierarchy) -> None:
+    w = None
+    if node_weight is not None:
+        w = F._check_node_weight(node_weight, hierarchy, torch.device("cpu")).to(torch.float32)
+    module.register_buffer("node_weight", w)
+
+
+class TreeMinLoss(nn.Module):
+    """:func:`hieraloss.torch.tree_min_loss` as a module: ``loss = TreeMinLoss(h)(logits, labels)``."""
+
+    def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
+                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto"):
+        super().__init__()
+        F._check_hierarchy(hierarchy)
+        F._check_choice(reduction, F.REDUCTIONS, "reduction")
+        F._check_choice(backend, F.BACKENDS, "backend")
+        hierarchy.check_ignore_index(ignore_index)
+        self.hierarchy = hierarchy
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.check_finite = check_finite
+        self.backend = backend
+        _weight_buffer(self, node_weight, hierarchy)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.tree_min_loss(logits, labels, self.hierarchy, ignore_index=self.ignore_index,
+                               reduction=self.reduction, node_weight=self.node_weight,
+                               check_finite=self.check_finite, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class FocalTreeMinLoss(TreeMinLoss):
+    """:func:`hieraloss.torch.focal_tree_min_loss` as a module."""
+
+    def __init__(self, hierarchy: Hierarchy, *, gamma: float = 2.0, **kwargs: Any):
+        super().__init__(hierarchy, **kwargs)
+        self.gamma = F._check_gamma(gamma)
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.focal_tree_min_loss(logits, labels, self.hierarchy, gamma=self.gamma,
+                                     ignore_index=self.ignore_index, reduction=self.reduction,
+                                     node_weight=self.node_weight, check_finite=self.check_finite,
+                                     backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gamma={self.gamma}"
+
+
+class HierarchyTripletLoss(nn.Module):
+    """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``."""
+
+    def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
+                 sampling: str = "random", ignore_index: int = 255):
+        super().__init__()
+        F._check_hierarchy(hierarchy)
+        F._check_choice(sampling, ("random", "first"), "sampling")
+        self.hierarchy = hierarchy
+        self.max_per_class = max_per_class
+        self.base_margin = base_margin
+        self.sampling = sampling
+        self.ignore_index = ignore_index
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
+                                        base_margin=self.base_margin, sampling=self.sampling,
+                                        generator=generator, ignore_index=self.ignore_index)
+
+
+class HSSNLoss(nn.Module):
+    """:func:`hieraloss.torch.hssn_loss` as a module that keeps the training step for the triplet schedule.
+
+    ``step`` is a buffer (saved in ``state_dict``); each call in training mode with embeddings and
+    no explicit ``step`` uses the stored step and then advances it by one.
+    """
+
+    def __init__(self, hierarchy: Hierarchy, *, total_steps: int | None = None, tree_min_weight: float = 5.0,
+                 focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
+                 triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
+                 max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
+                 backend: str = "auto"):
+        super().__init__()
+        F._check_hierarchy(hierarchy)
+        if triplet_weight is None and total_steps is not None and not total_steps > 0:
+            raise ValueError(f"total_steps must be > 0, got {total_steps}")
+        self.hierarchy = hierarchy
+        self.total_steps = total_steps
+        self.tree_min_weight = tree_min_weight
+        self.focal_gamma = focal_gamma
+        self.ce_weights = ce_weights
+        self.triplet_weight = triplet_weight
+        self.ignore_index = ignore_index
+        self.max_per_class = max_per_class
+        self.base_margin = base_margin
+        self.sampling = sampling
+        self.backend = backend
+        _weight_buffer(self, node_weight, hierarchy)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor | None = None, *,
+                step: int | None = None, generator: torch.Generator | None = None,
+                return_parts: bool = False):
+        use_step = step
+        if use_step is None and embeddings is not None and self.triplet_weight is None:
+            use_step = int(self.step)
+        out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
+                          total_steps=self.total_steps, tree_min_weight=self.tree_min_weight,
+                          focal_gamma=self.focal_gamma, ce_weights=self.ce_weights,
+                          triplet_weight=self.triplet_weight, ignore_index=self.ignore_index,
+                          node_weight=self.node_weight, max_per_class=self.max_per_class,
+                          base_margin=self.base_margin, sampling=self.sampling, generator=generator,
+                          return_parts=return_parts, backend=self.backend)
+        if self.training and step is None and embeddings is not None:
+            self.step += 1
+        return out
+
+
+class HierarchyDecoder(nn.Module):
+    """:func:`hieraloss.torch.decode` as a module: ``leaf, depth_labels = HierarchyDecoder(h)(logits)``."""
+
+    def __init__(self, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"):
+        super().__init__()
+        F._check_hierarchy(hierarchy)
+        F._check_choice(method, F.DECODE_METHODS, "method")
+        self.hierarchy = hierarchy
+        self.method = method
+        self.backend = backend
+
+    def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return F.decode(logits, self.hierarchy, self.method, backend=self.backend)

@@ -1,0 +1,332 @@
+"""Fused Triton kernels (hieraloss.torch.kernels) against the loop oracle and the other backends.
+
+Runs on the CPU under TRITON_INTERPRET=1 (set by conftest.py). The interpreter is slow, so shapes are
+small, and BLOCK_P is forced to 16 so that every case spans several programs and a ragged last tile.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+import oracle  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hieraloss import presets  # noqa: E402
+from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
+from hieraloss.torch import kernels  # noqa: E402
+from hieraloss.torch.kernels import _common, fused_decode, fused_tree_min_loss, tree_min  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+if not kernels.triton_available():
+    pytest.skip("triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
+
+REDUCTIONS = ("mean", "sum", "none", "hssn")
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
+                "bfloat16": torch.bfloat16}
+# Loss values are compared with the float64 oracle run on the same (already rounded) logits.
+VALUE_TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=2e-5, atol=2e-6),
+             "float16": dict(rtol=2e-5, atol=2e-6), "bfloat16": dict(rtol=2e-5, atol=2e-6)}
+# Gradients come back in the input dtype, so half precision adds its own rounding.
+GRAD_TOL = {"float64": dict(rtol=1e-10, atol=1e-12), "float32": dict(rtol=2e-5, atol=1e-6),
+            "float16": dict(rtol=2e-3, atol=1e-5), "bfloat16": dict(rtol=1.6e-2, atol=1e-4)}
+DEVICE = "cuda" if torch.cuda.is_available() and not _common.interpreting() else "cpu"
+small_settings = settings(max_examples=8)
+
+
+@pytest.fixture(autouse=True)
+def _small_tiles(monkeypatch):
+    monkeypatch.setattr(_common, "BLOCK_P_OVERRIDE", 16)
+
+
+def _run(x_np, labels, h, dtype="float32", *, gamma=None, reduction="mean", node_weight=None,
+         upstream=None):
+    """Kernel value and gradient (of sum(value * upstream)) as float64 numpy arrays."""
+    x = torch.tensor(np.asarray(x_np, dtype=np.float64), device=DEVICE).to(TORCH_DTYPES[dtype])
+    x.requires_grad_(True)
+    lc = torch.tensor(h.label_channels(labels), device=DEVICE)
+    w = None if node_weight is None else torch.tensor(node_weight, device=DEVICE)
+    loss = fused_tree_min_loss(x, lc, h, gamma=gamma, reduction=reduction, node_weight=w)
+    up = torch.ones_like(loss) if upstream is None else torch.tensor(upstream, device=DEVICE).to(loss.dtype)
+    (loss * up).sum().backward()
+    assert x.grad.dtype == x.dtype
+    expect_dtype = torch.float64 if dtype == "float64" else torch.float32
+    assert loss.dtype == expect_dtype
+    return loss.detach().double().cpu().numpy(), x.grad.double().cpu().numpy(), x
+
+
+def _oracle(x_np, labels, h, *, gamma=None, reduction="mean", node_weight=None, upstream=None):
+    value = oracle.tree_min_loss(x_np, labels, h, gamma=gamma, reduction=reduction, node_weight=node_weight)
+    grad = oracle.tree_min_grad(x_np, labels, h, gamma=gamma, reduction=reduction, node_weight=node_weight,
+                                upstream=upstream)
+    return np.asarray(value, dtype=np.float64), grad
+
+
+def _rounded(x_np, dtype):
+    """The float64 values the kernel actually sees for ``dtype`` input."""
+    return torch.tensor(x_np).to(TORCH_DTYPES[dtype]).double().numpy()
+
+
+@st.composite
+def loss_cases(draw, max_depth=3, dtype=None):
+    h = draw(hierarchies(max_depth=max_depth, max_children=4, order=None))
+    b = draw(st.integers(1, 2))
+    spatial = draw(st.sampled_from([(1,), (7,), (3, 5), (17,), (2, 19), (37,)]))
+    shape = (b, *spatial)
+    labels = draw(label_maps(h, shape, ignore_fraction=None, partial_fraction=None))
+    ties = draw(st.booleans())
+    x = draw(logits(h, shape, ties=ties))
+    gamma = draw(st.sampled_from([None, None, 0.0, 2.0, 0.5]))
+    reduction = draw(st.sampled_from(REDUCTIONS))
+    weight = None
+    if draw(st.booleans()):
+        weight = np.random.default_rng(draw(st.integers(0, 2**16))).uniform(0.1, 2.0, h.num_nodes)
+    upstream = None
+    if reduction == "none":
+        upstream = np.random.default_rng(draw(st.integers(0, 2**16))).normal(size=x.shape)
+    dt = dtype or draw(st.sampled_from(["float64", "float32"]))
+    return h, labels, x, dict(gamma=gamma, reduction=reduction, node_weight=weight, upstream=upstream), dt
+
+
+@settings(max_examples=12)
+@given(case=loss_cases())
+def test_value_and_grad_match_oracle(case):
+    h, labels, x, kw, dtype = case
+    x = _rounded(x, dtype)
+    value, grad, _ = _run(x, labels, h, dtype, **kw)
+    ref_value, ref_grad = _oracle(x, labels, h, **kw)
+    np.testing.assert_allclose(value, ref_value, **VALUE_TOL[dtype])
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_half_precision_inputs(dtype, reduction):
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, h.num_nodes, size=(2, 5, 9))
+    labels[0, 0] = 255
+    x = _rounded(rng.normal(0, 3, size=(2, h.num_nodes, 5, 9)), dtype)
+    for gamma in (None, 2.0):
+        upstream = rng.normal(size=x.shape) if reduction == "none" else None
+        value, grad, _ = _run(x, labels, h, dtype, gamma=gamma, reduction=reduction, upstream=upstream)
+        ref_value, ref_grad = _oracle(x, labels, h, gamma=gamma, reduction=reduction, upstream=upstream)
+        np.testing.assert_allclose(value, ref_value, **VALUE_TOL[dtype])
+        # The oracle gradient rounded to the input dtype is the best the kernel can return.
+        np.testing.assert_allclose(grad, _rounded(ref_grad, dtype), **GRAD_TOL[dtype])
+
+
+def test_mapillary_preset_tiny():
+    h = presets.mapillary_vistas_v2()
+    assert h.num_nodes == 149 and h.descendant_table.shape[1] == 58
+    rng = np.random.default_rng(0)
+    shape = (2, 3, 7)
+    labels = rng.integers(0, h.num_nodes, size=shape)  # leaves and partial labels at every depth
+    labels[1, 2, :3] = 255
+    x = np.round(rng.normal(0, 2, size=(2, h.num_nodes, 3, 7)) * 2) / 2  # frequent ties
+    for reduction, gamma in (("hssn", None), ("mean", 2.0), ("none", None)):
+        upstream = rng.normal(size=x.shape) if reduction == "none" else None
+        value, grad, _ = _run(x, labels, h, "float64", gamma=gamma, reduction=reduction, upstream=upstream)
+        ref_value, ref_grad = _oracle(x, labels, h, gamma=gamma, reduction=reduction, upstream=upstream)
+        np.testing.assert_allclose(value, ref_value, **VALUE_TOL["float64"])
+        np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL["float64"])
+    for method in ("path", "top_down"):
+        leaf, depth = fused_decode(torch.tensor(x, device=DEVICE), h, method)
+        ref_leaf, ref_depth = oracle.decode(x, h, method)
+        np.testing.assert_array_equal(leaf.cpu().numpy(), ref_leaf)
+        np.testing.assert_array_equal(depth.cpu().numpy(), ref_depth)
+
+
+def test_gamma_zero_is_plain_and_inputs_untouched():
+    h = presets.cityscapes()
+    rng = np.random.default_rng(1)
+    x = torch.tensor(rng.normal(0, 3, size=(2, h.num_nodes, 4, 9)), dtype=torch.float32, device=DEVICE)
+    lc = torch.tensor(h.label_channels(rng.integers(0, 19, size=(2, 4, 9))), device=DEVICE)
+    x0, lc0 = x.clone(), lc.clone()
+    for reduction in REDUCTIONS:
+        a = fused_tree_min_loss(x, lc, h, gamma=None, reduction=reduction)
+        b = fused_tree_min_loss(x, lc, h, gamma=0.0, reduction=reduction)
+        assert torch.equal(a, b)
+    assert torch.equal(x, x0) and torch.equal(lc, lc0)
+
+
+def test_strided_logits_equal_contiguous():
+    h = presets.cityscapes()
+    rng = np.random.default_rng(2)
+    base = torch.tensor(rng.normal(size=(2, 6, 5, h.num_nodes)), device=DEVICE)
+    strided = base.permute(0, 3, 1, 2)  # channels-last memory, [B, N, H, W] view
+    lc = torch.tensor(h.label_channels(rng.integers(0, 19, size=(2, 6, 5))), device=DEVICE)
+    for reduction in ("mean", "none"):
+        a = fused_tree_min_loss(strided, lc, h, reduction=reduction)
+        b = fused_tree_min_loss(strided.contiguous(), lc, h, reduction=reduction)
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for method in ("path", "top_down"):
+        for a, b in zip(fused_decode(strided, h, method), fused_decode(strided.contiguous(), h, method),
+                        strict=True):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_no_entries_gives_connected_exact_zero(reduction):
+    h = presets.cityscapes()
+    x = torch.randn(1, h.num_nodes, 3, 5, device=DEVICE, requires_grad=True)
+    lc = torch.full((1, 3, 5), -1, dtype=torch.int64, device=DEVICE)
+    loss = fused_tree_min_loss(x, lc, h, reduction=reduction, gamma=2.0)
+    assert loss.grad_fn is not None
+    assert torch.count_nonzero(loss) == 0
+    loss.sum().backward()
+    assert torch.count_nonzero(x.grad) == 0
+
+
+def test_empty_inputs_and_single_node_tree():
+    from hieraloss import Hierarchy
+
+    h = presets.cityscapes()
+    for shape in ((0, h.num_nodes, 4, 5), (2, h.num_nodes, 0)):
+        x = torch.randn(*shape, device=DEVICE, requires_grad=True)
+        lc = torch.zeros((shape[0], *shape[2:]), dtype=torch.int64, device=DEVICE)
+        loss = fused_tree_min_loss(x, lc, h, reduction="hssn")
+        loss.backward()
+        assert float(loss) == 0.0 and x.grad.shape == x.shape
+        leaf, depth = fused_decode(x, h, "path")
+        assert leaf.shape == lc.shape and depth.shape == (shape[0], h.max_depth, *shape[2:])
+    single = Hierarchy.from_parents([-1])
+    x = np.array([[[1.5, -0.5, 2.0]]])
+    labels = np.array([[0, 255, 0]])
+    value, grad, _ = _run(x, labels, single, "float64", reduction="sum")
+    ref_value, ref_grad = _oracle(x, labels, single, reduction="sum")
+    np.testing.assert_allclose(value, ref_value, **VALUE_TOL["float64"])
+    np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL["float64"])
+
+
+def test_gradcheck_float64():
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.normal(0, 2, size=(1, h.num_nodes, 3, 6)), device=DEVICE, requires_grad=True)
+    labels = rng.integers(0, h.num_nodes, size=(1, 3, 6))
+    labels[0, 0, 0] = 255
+    lc = torch.tensor(h.label_channels(labels), device=DEVICE)
+    w = torch.tensor(rng.uniform(0.5, 1.5, h.num_nodes), device=DEVICE)
+    for reduction, gamma in (("hssn", None), ("mean", 2.0)):
+        assert torch.autograd.gradcheck(
+            lambda t, g=gamma, r=reduction: fused_tree_min_loss(t, lc, h, gamma=g, reduction=r,
+                                                                node_weight=w),
+            (x,), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+@small_settings
+@given(data=st.data())
+def test_decode_matches_oracle(data):
+    h = data.draw(hierarchies(max_depth=3, max_children=4, order=None))
+    shape = data.draw(st.sampled_from([(1, 7), (2, 3, 5), (1, 37)]))
+    x = data.draw(logits(h, shape, ties=data.draw(st.booleans())))
+    dtype = data.draw(st.sampled_from(["float64", "float32", "float16"]))
+    x = _rounded(x, dtype)
+    xt = torch.tensor(x, device=DEVICE).to(TORCH_DTYPES[dtype])
+    for method in ("path", "top_down"):
+        leaf, depth = fused_decode(xt, h, method)
+        ref_leaf, ref_depth = oracle.decode(x, h, method)
+        assert leaf.dtype == torch.int64 and depth.dtype == torch.int64
+        np.testing.assert_array_equal(leaf.cpu().numpy(), ref_leaf)
+        np.testing.assert_array_equal(depth.cpu().numpy(), ref_depth)
+        assert_consistent(depth, h)
+
+
+def _optional(module, name):
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+@small_settings
+@given(case=loss_cases(dtype="float64"))
+def test_matches_other_backends(case):
+    """Same numbers as hieraloss.numpy and the vectorized torch ops, where those exist."""
+    h, labels, x, kw, dtype = case
+    value, grad, xt = _run(x, labels, h, dtype, **kw)
+    np_name = "focal_tree_min_loss" if kw["gamma"] is not None else "tree_min_loss"
+    np_fn = _optional("hieraloss.numpy", np_name)
+    torch_op = _optional("hieraloss.torch._ops", "tree_min_op")
+    if np_fn is None and torch_op is None:
+        pytest.skip("neither hieraloss.numpy nor hieraloss.torch._ops is available")
+    if np_fn is not None:
+        extra = {} if kw["gamma"] is None else {"gamma": kw["gamma"]}
+        ref = np_fn(x, labels, h, reduction=kw["reduction"], node_weight=kw["node_weight"], **extra)
+        np.testing.assert_allclose(value, np.asarray(ref, dtype=np.float64), **VALUE_TOL[dtype])
+    if torch_op is not None:
+        xr = xt.detach().clone().requires_grad_(True)
+        lc = torch.tensor(h.label_channels(labels), device=DEVICE)
+        w = None if kw["node_weight"] is None else torch.tensor(kw["node_weight"], device=DEVICE)
+        ref = torch_op(xr, lc, h, gamma=kw["gamma"] or 0.0, reduction=kw["reduction"], node_weight=w)
+        up = 1.0 if kw["upstream"] is None else torch.tensor(kw["upstream"], device=DEVICE)
+        (ref * up).sum().backward()
+        np.testing.assert_allclose(value, ref.detach().cpu().numpy(), **VALUE_TOL[dtype])
+        np.testing.assert_allclose(grad, xr.grad.cpu().numpy(), **GRAD_TOL[dtype])
+
+
+def test_decode_matches_torch_backend():
+    torch_decode = _optional("hieraloss.torch._ops", "decode_op")
+    if torch_decode is None:
+        pytest.skip("hieraloss.torch._ops is not available")
+    h = presets.mapillary_vistas_v2()
+    x = torch.tensor(np.round(np.random.default_rng(5).normal(size=(1, h.num_nodes, 3, 11))), device=DEVICE)
+    for method in ("path", "top_down"):
+        for a, b in zip(fused_decode(x, h, method), torch_decode(x, h, method), strict=True):
+            assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_ops_are_registered_with_torch_library():
+    for name in ("tree_min_loss", "tree_min_loss_backward", "decode"):
+        assert hasattr(torch.ops.hieraloss, name), name
+    h = presets.pascal_person_part()
+    tabs = _common.kernel_tables(h, torch.device(DEVICE))
+    x = torch.randn(2, h.num_nodes, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    labels = np.random.default_rng(6).integers(0, 12, size=(2, 3, 5))
+    lc = torch.tensor(h.label_channels(labels), device=DEVICE)
+    tables = [tabs[name] for name in tree_min.TABLE_NAMES]
+    args = (x, lc, tables, None, 2.0, "hssn")
+    torch.library.opcheck(torch.ops.hieraloss.tree_min_loss.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    dargs = (x.detach(), tabs["ancestor_table"], tabs["depth"], tabs["parent"], tabs["is_leaf"],
+             tabs["node_ids"], "top_down")
+    torch.library.opcheck(torch.ops.hieraloss.decode.default, dargs,
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    """The ops trace as single graph nodes; a second hierarchy gets its own tables (no stale cache)."""
+    fn = torch.compile(lambda x, lc, h: fused_tree_min_loss(x, lc, h, reduction="hssn", gamma=2.0) * 3,
+                       backend="aot_eager", fullgraph=True)
+    rng = np.random.default_rng(7)
+    for h in (presets.pascal_person_part(), presets.lip(), presets.lip().with_order("coarse_to_fine")):
+        x = torch.tensor(rng.normal(size=(2, h.num_nodes, 3, 5)), device=DEVICE, requires_grad=True)
+        lc = torch.tensor(h.label_channels(rng.integers(0, h.num_nodes, size=(2, 3, 5))), device=DEVICE)
+        (g_compiled,) = torch.autograd.grad(fn(x, lc, h), x)
+        eager = fused_tree_min_loss(x, lc, h, reduction="hssn", gamma=2.0) * 3
+        (g_eager,) = torch.autograd.grad(eager, x)
+        torch.testing.assert_close(fn(x, lc, h), eager, rtol=0, atol=0)
+        torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+
+
+def test_bad_input_raises_clearly(monkeypatch):
+    h = presets.cityscapes()
+    x = torch.randn(1, h.num_nodes, 4, device=DEVICE)
+    lc = torch.zeros(1, 4, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="reduction"):
+        fused_tree_min_loss(x, lc, h, reduction="avg")
+    with pytest.raises(ValueError, match="method"):
+        fused_decode(x, h, "hssn")
+    with pytest.raises(TypeError, match="dtype"):
+        fused_tree_min_loss(x.to(torch.int32), lc, h)
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(RuntimeError, match="CUDA"):
+            fused_tree_min_loss(x, lc, h)
