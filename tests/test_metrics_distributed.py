@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import socket
-
 import numpy as np
 import pytest
+from _dist_utils import WORLD, init_gloo, spawn_workers
 
 pytestmark = pytest.mark.distributed
 
@@ -14,14 +13,7 @@ dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-WORLD = 2
 TIMEOUT_S = 120
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data():
@@ -40,14 +32,11 @@ def _data():
 
 
 def _worker(rank: int, port: int, out_dir: str) -> None:
-    from datetime import timedelta
-
     import torch.distributed as dist
 
     from hieraloss.metrics import HierarchicalSegMetrics
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=timedelta(seconds=TIMEOUT_S))
+    init_gloo(rank, port, timeout_s=TIMEOUT_S)
     try:
         h, target, leaf, per_depth = _data()
         half = slice(rank * 2, rank * 2 + 2)
@@ -71,21 +60,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 
 
 def test_all_reduce_two_gloo_processes_equals_single_process(tmp_path):
-    import torch.multiprocessing as mp
-
     from hieraloss.metrics import HierarchicalSegMetrics
 
-    ctx = mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    try:
-        for _ in range(TIMEOUT_S):
-            if ctx.join(timeout=1):
-                break
-        else:
-            pytest.fail(f"distributed workers did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in ctx.processes:
-            if p.is_alive():
-                p.terminate()
+    spawn_workers(_worker, str(tmp_path), timeout_s=TIMEOUT_S)
     h, target, leaf, per_depth = _data()
     single = HierarchicalSegMetrics(h)
     single.update(leaf, target)

@@ -881,18 +881,25 @@ def hierarchy_triplet_loss(
     sampling: str = "random",
     generator: Any = None,
     ignore_index: int = 255,
+    process_group: Any = None,
+    gather_across_ranks: bool = False,
 ) -> paddle.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
-    ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, ``floor(i * H / h)``); only leaf labels
+    ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, as ``F.interpolate``); only leaf labels
     take part. Embeddings are L2-normalised along C; ``d(a, b) = 1 - <a, b>``; margin
     ``base_margin + (psi(c_a, c_n) - psi(c_a, c_p)) / (2 * max_depth)``. Per anchor class at most
     ``max_per_class`` triplets (``sampling="random"`` drawn from ``generator``, a numpy Generator or
     an int seed, as ``hieraloss.numpy`` draws them; or ``"first"`` in flat order for parity with the
     published code); mean per class, then mean over classes. No triplet gives an exact 0 that is
     still connected to ``embeddings``.
+
+    ``gather_across_ranks=True`` (a collective over ``process_group``) draws the triplets from the
+    global batch of all ranks: see :mod:`hieraloss.paddle.distributed`.
     """
     _check_hierarchy(hierarchy)
+    if not isinstance(gather_across_ranks, bool):
+        raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     if not isinstance(embeddings, paddle.Tensor):
         raise TypeError(f"embeddings must be a paddle.Tensor, got {type(embeddings).__name__}")
     if embeddings.dtype not in _FLOATS:
@@ -918,6 +925,14 @@ def hierarchy_triplet_loss(
     small = _resize_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution
     is_leaf = (small >= 0) & hierarchy.is_leaf[np.maximum(small, 0)]
     leaf = np.where(is_leaf, hierarchy.node_ids[np.maximum(small, 0)], -1)
+    if gather_across_ranks:
+        from . import distributed
+
+        if distributed.is_distributed(process_group):
+            return distributed.gathered_triplet_op(
+                embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
+                sampling=sampling, generator=rng, process_group=process_group,
+            )
     return triplet_op(
         embeddings,
         leaf,
@@ -961,6 +976,8 @@ def hssn_loss(
     generator: Any = None,
     return_parts: bool = False,
     backend: str = "auto",
+    process_group: Any = None,
+    gather_across_ranks: bool = False,
 ) -> paddle.Tensor | tuple[paddle.Tensor, dict[str, paddle.Tensor]]:
     """The published HSSN training loss::
 
@@ -1019,6 +1036,8 @@ def hssn_loss(
             sampling=sampling,
             generator=generator,
             ignore_index=ignore_index,
+            process_group=process_group,
+            gather_across_ranks=gather_across_ranks,
         )
         parts["triplet"] = tt
         parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)

@@ -102,6 +102,7 @@ class HierarchyTripletLoss(nn.Layer):
     """:func:`hieraloss.paddle.hierarchy_triplet_loss` as a layer.
 
     ``forward(embeddings, labels, generator=None)``; ``generator``: a numpy Generator or an int seed.
+    ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group`` (a collective).
     """
 
     def __init__(
@@ -112,6 +113,8 @@ class HierarchyTripletLoss(nn.Layer):
         base_margin: float = 0.1,
         sampling: str = "random",
         ignore_index: int = 255,
+        process_group: Any = None,
+        gather_across_ranks: bool = False,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -121,6 +124,8 @@ class HierarchyTripletLoss(nn.Layer):
         self.base_margin = base_margin
         self.sampling = sampling
         self.ignore_index = ignore_index
+        self.process_group = process_group
+        self.gather_across_ranks = gather_across_ranks
 
     def forward(
         self, embeddings: paddle.Tensor, labels: paddle.Tensor, generator: Any = None
@@ -134,6 +139,8 @@ class HierarchyTripletLoss(nn.Layer):
             sampling=self.sampling,
             generator=generator,
             ignore_index=self.ignore_index,
+            process_group=self.process_group,
+            gather_across_ranks=self.gather_across_ranks,
         )
 
 
@@ -142,6 +149,7 @@ class HSSNLoss(nn.Layer):
 
     ``step`` is a persistable buffer (saved in ``state_dict``); each call in training mode with
     embeddings and no explicit ``step`` uses the stored step and then advances it by one.
+    ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group``.
     """
 
     def __init__(
@@ -159,6 +167,8 @@ class HSSNLoss(nn.Layer):
         base_margin: float = 0.1,
         sampling: str = "random",
         backend: str = "auto",
+        process_group: Any = None,
+        gather_across_ranks: bool = False,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -177,6 +187,8 @@ class HSSNLoss(nn.Layer):
         self.base_margin = base_margin
         self.sampling = sampling
         self.backend = backend
+        self.process_group = process_group
+        self.gather_across_ranks = gather_across_ranks
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
@@ -213,6 +225,8 @@ class HSSNLoss(nn.Layer):
             generator=generator,
             return_parts=return_parts,
             backend=self.backend,
+            process_group=self.process_group,
+            gather_across_ranks=self.gather_across_ranks,
         )
         if self.training and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered

@@ -22,9 +22,7 @@ the arg-min / arg-max routing in backward, following the tie rule of DEVELOPING.
 from __future__ import annotations
 
 import math
-import warnings
 
-import numpy as np
 import torch
 
 from ..hierarchy import Hierarchy
@@ -37,9 +35,8 @@ HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum b
 class Plan:
     """Index tensors for level-by-level sweeps of one hierarchy on one device (channel space).
 
-    ``levels[d-1]``: channels at depth d; ``level_parents[d-1]``: their parents. For the nodes of
-    ``levels[d]`` (d >= 1): ``kid_rank[d]`` is each one's position among its siblings (channel
-    order, which decides zmax ties) and ``kid_parent_local[d]`` its parent's index in ``levels[d-1]``.
+    ``levels[d-1]``: channels at depth d; ``level_parents[d-1]``: their parents. ``bottom_up``:
+    ``(v, children, child_is_leaf, leaf_slice_or_None)`` per internal node, deepest first.
     """
 
     def __init__(self, tab: DeviceTables):
@@ -54,19 +51,34 @@ class Plan:
             lv = [v for v in range(h.num_nodes) if h.depth[v] == d]
             self.levels.append(torch.tensor(lv, **long))
             self.level_parents.append(torch.tensor([int(h.parent[v]) for v in lv], **long))
-        # For the kids at depth d+1 (= levels[d]): rank among siblings and the parent's position in levels[d-1].
-        self.kid_rank = [None]
-        self.kid_parent_local = [None]
-        for d in range(1, h.max_depth):
-            prev = {int(v): i for i, v in enumerate(self.levels[d - 1].tolist())}
-            kids = self.levels[d].tolist()
-            rank = [int(np.flatnonzero(h.children[int(h.parent[k])] == k)[0]) for k in kids]
-            self.kid_rank.append(torch.tensor(rank, dtype=torch.int16, device=dev))
-            self.kid_parent_local.append(torch.tensor([prev[int(h.parent[k])] for k in kids], **long))
+        # Tree-min schedule: internal nodes deepest first, each with its children in channel order
+        # (the zmax tie order) and, when they are leaves with consecutive channels, that slice.
+        internal = sorted((v for v in range(h.num_nodes) if not h.is_leaf[v]), key=lambda v: (-int(h.depth[v]), v))
+        self.bottom_up = []
+        for v in internal:
+            kids = [int(k) for k in h.children[v]]
+            kid_is_leaf = [bool(h.is_leaf[k]) for k in kids]
+            consecutive = all(kid_is_leaf) and kids == list(range(kids[0], kids[-1] + 1))
+            self.bottom_up.append((v, kids, kid_is_leaf, slice(kids[0], kids[-1] + 1) if consecutive else None))
+        self.top_down = self.bottom_up[::-1]
+        self.max_kids = max((len(kids) for _, kids, _, _ in self.bottom_up), default=1)
+        # Runs of consecutive channels that are all leaves or all internal (one run each by default).
+        self.runs = []
+        for c in range(h.num_nodes):
+            leaf = bool(h.is_leaf[c])
+            if self.runs and self.runs[-1][1] == leaf:
+                self.runs[-1] = ((self.runs[-1][0][0], c + 1), leaf)
+            else:
+                self.runs.append(((c, c + 1), leaf))
+        # path_real[c, d]: 1 where ancestor_table[c, d] is a real path entry (d < depth(c)), 0 on the padding.
+        self.path_real = torch.tensor([[float(d < h.depth[c]) for d in range(h.max_depth)]
+                                       for c in range(h.num_nodes)], dtype=torch.float64, device=dev)
         self.ancestor_table = tab.ancestor_table  # [N, L]
+        self.ancestor_columns = tab.ancestor_table.t().contiguous()  # [L, N]
         self.depth = tab.depth  # [N]
         self.node_ids = tab.node_ids
         self.is_leaf = tab.is_leaf
+        self.is_internal = ~tab.is_leaf
         self.children_table = tab.children_table
         self.leaf_sorted = torch.sort(tab.leaf_channels).values
         self.depth_channels = [torch.tensor(dc, **long) for dc in h.depth_channels]
@@ -125,25 +137,7 @@ def _pos_grad(z: torch.Tensor, gamma: float) -> torch.Tensor:
     return _neg_grad(-z, gamma).neg_()
 
 
-# ---------------------------------------------------------------------------- sweeps
-def _index_reduce(out: torch.Tensor, index: torch.Tensor, src: torch.Tensor, how: str) -> None:
-    """``out[:, index[i]] = how(out[:, index[i]], src[:, i])`` along dim 1 (index_reduce_ is faster
-    than scatter_reduce_ here; it is marked beta, so its one-time notice is silenced)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="index_reduce", category=UserWarning)
-        out.index_reduce_(1, index, src, how)
-
-
-def zmax_sweep(x: torch.Tensor, plan: Plan) -> torch.Tensor:
-    """``zmax_v = max(x_v, zmax of v's children)`` bottom-up, for x ``[B, N, P]`` (a new tensor)."""
-    zmax = x.clone(memory_format=torch.contiguous_format)
-    B, _, P = x.shape
-    for d in range(len(plan.levels) - 1, 0, -1):
-        kids, par = plan.levels[d], plan.level_parents[d]
-        _index_reduce(zmax, par, zmax.index_select(1, kids), "amax")
-    return zmax
-
-
+# ---------------------------------------------------------------------------- label helpers
 class _Labels:
     """What the loss needs to know about the label channels ``[B, P]``."""
 
@@ -168,17 +162,6 @@ def _unknown_mask(lc: torch.Tensor, plan: Plan) -> torch.Tensor:
     return unknown
 
 
-def _path_zmin(xp: torch.Tensor, path: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Running min along the path ``[B, L, P]`` and the channel attaining it (the shallowest on ties)."""
-    zmin = xp.clone()
-    arg = path.clone()
-    for d in range(1, xp.shape[1]):
-        deeper = xp[:, d] < zmin[:, d - 1]
-        zmin[:, d] = torch.where(deeper, xp[:, d], zmin[:, d - 1])
-        arg[:, d] = torch.where(deeper, path[:, d], arg[:, d - 1])
-    return zmin, arg
-
-
 def _reduction_scales(lc: torch.Tensor, plan: Plan, reduction: str, dtype) -> torch.Tensor:
     """Per-channel factor turning a sum of entries into the reduction (``[N]``)."""
     N = plan.num_nodes
@@ -195,138 +178,259 @@ def _reduction_scales(lc: torch.Tensor, plan: Plan, reduction: str, dtype) -> to
 
 
 # ---------------------------------------------------------------------------- tree-min op
-# Pixels are processed in tiles of about TILE_ELEMENTS (pixel, node) entries so that the dozen
-# passes of the sweeps stay in cache and the temporaries stay small (peak memory ~ the gradient).
-TILE_ELEMENTS = 1 << 21  # CPU: about 8 MB per float32 tile, the fastest size measured on 2 cores
+# Pixels are processed in tiles (see _tile_pixels) so that the temporaries stay small (peak extra
+# memory ~ the gradient) while each op still has enough work to amortise its dispatch. The loops
+# over nodes use dense float ops only (min/max/eq/mul/addcmul): on CPU, masked_fill/where on bool
+# masks and gather/scatter cost several times more per element.
+TILE_ELEMENTS = 1 << 23  # CPU: a cap on the (pixel, node) entries of a tile (32 MB of float32) ...
+TILE_PIXELS = 1 << 16  # ... and on its pixels: the fastest measured on 2 cores (26 and 149 nodes)
 TILE_ELEMENTS_GPU = 1 << 26  # GPU: no cache to fit, only a cap on temporaries (and few launches)
 
 
-def _tiles(B: int, P: int, N: int, device: torch.device):
-    step = max(1, (TILE_ELEMENTS if device.type == "cpu" else TILE_ELEMENTS_GPU) // N)
+def _tile_pixels(N: int, device: torch.device) -> int:
+    if device.type != "cpu":
+        return max(1, TILE_ELEMENTS_GPU // N)
+    return max(1, min(TILE_ELEMENTS // N, TILE_PIXELS))
+
+
+def _tiles(B: int, P: int, step: int):
     for b in range(B):
         for p0 in range(0, P, step):
-            yield b, slice(b, b + 1), slice(p0, min(P, p0 + step))
+            yield b, slice(p0, min(P, p0 + step))
 
 
-_NO_CHILD = torch.iinfo(torch.int16).max
+class _Scratch:
+    """Tile-sized buffers reused by every tile of one call (rows indexed by channel)."""
+
+    def __init__(self, N: int, kids: int, step: int, ct: torch.dtype, device: torch.device):
+        new = dict(dtype=ct, device=device)
+        self.z = torch.empty(N, step, **new)  # zmax of the internal rows
+        self.work = torch.empty(N, step, **new)  # loss terms / gradient
+        self.hit = torch.empty(kids, step, **new)  # 1.0 where a child attains its parent's zmax
+        self.rows = torch.empty(kids, step, **new)  # children gathered when not a channel slice
+        self.carry = torch.empty(step, **new)
+
+    def cut(self, T: int) -> _Scratch:
+        view = object.__new__(_Scratch)
+        for name, t in vars(self).items():
+            setattr(view, name, t[..., :T])
+        return view
 
 
-def _sweep_with_winners(x: torch.Tensor, plan: Plan) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """:func:`zmax_sweep` plus, per level, which child rank attains each node's zmax (-1: the node
-    itself, which wins ties; among tied children the first in channel order wins)."""
-    zmax = zmax_sweep(x, plan)
-    B, _, P = x.shape
-    winners: list[torch.Tensor | None] = [None] * len(plan.levels)
-    for d in range(1, len(plan.levels)):
-        kids, par, parents = plan.levels[d], plan.level_parents[d], plan.levels[d - 1]
-        rank = plan.kid_rank[d].view(1, -1, 1)
-        attains = zmax.index_select(1, kids) == zmax.index_select(1, par)
-        cand = torch.where(attains, rank, _NO_CHILD)
-        win = torch.full((B, parents.numel(), P), _NO_CHILD, dtype=torch.int16, device=x.device)
-        _index_reduce(win, plan.kid_parent_local[d], cand, "amin")
-        win.masked_fill_(x.index_select(1, parents) == zmax.index_select(1, parents), -1)
-        winners[d - 1] = win
-    return zmax, winners
+def _kid_rows(x: torch.Tensor, kids, kid_is_leaf, block, s: _Scratch) -> torch.Tensor:
+    """``[m, T]`` zmax rows of one node's children: a view of ``x`` for a slice of leaves, else gathered."""
+    if block is not None:
+        return x[block]
+    rows = s.rows[: len(kids)]
+    for i, (k, leaf) in enumerate(zip(kids, kid_is_leaf, strict=True)):
+        rows[i].copy_(x[k] if leaf else s.z[k])
+    return rows
 
 
-def _route_max_gradient(grad: torch.Tensor, winners, plan: Plan) -> torch.Tensor:
-    """Turn d loss / d zmax into d loss / d x in place: top-down, each node passes its gradient
-    to the child that attains its zmax, and keeps it only if it attains it itself."""
-    for d in range(1, len(plan.levels)):
-        win = winners[d - 1]
-        kids, par, parents = plan.levels[d], plan.level_parents[d], plan.levels[d - 1]
-        hit = win.index_select(1, plan.kid_parent_local[d]) == plan.kid_rank[d].view(1, -1, 1)
-        grad.index_add_(1, kids, grad.index_select(1, par).masked_fill_(~hit, 0.0))
-        grad.index_copy_(1, parents, grad.index_select(1, parents).masked_fill_(win != -1, 0.0))
-    return grad
+def _internal_zmax(x: torch.Tensor, plan: Plan, s: _Scratch) -> None:
+    """``s.z[v] = zmax_v = max(x_v, zmax of v's children)`` for the internal rows of a tile ``x``
+    ``[N, T]``, bottom-up (leaves are their own zmax and stay in ``x``)."""
+    for v, kids, kid_is_leaf, block in plan.bottom_up:
+        zv = s.z[v]
+        if block is not None:
+            torch.amax(x[block], dim=0, out=zv)
+        else:
+            zv.copy_(x[kids[0]] if kid_is_leaf[0] else s.z[kids[0]])
+            for k, leaf in zip(kids[1:], kid_is_leaf[1:], strict=True):
+                torch.maximum(zv, x[k] if leaf else s.z[k], out=zv)
+        torch.maximum(zv, x[v], out=zv)
 
 
-def _forward_tile(x, lc, plan, gamma, has_partial, want_map, weight):
-    """Loss map (``want_map``) or per-channel sums of the masked entries of one tile."""
+def _route_zmax_gradient(x: torch.Tensor, g: torch.Tensor, plan: Plan, s: _Scratch) -> None:
+    """Turn d loss / d zmax (``g`` ``[N, T]``) into d loss / d x in place, top-down: a node keeps
+    its gradient where it attains its own zmax (it wins ties), else passes it to the first child in
+    channel order that attains it (the tie rule of DEVELOPING.md)."""
+    on_cpu = x.device.type == "cpu"
+    for v, kids, kid_is_leaf, block in plan.top_down:
+        zv = s.z[v]
+        routed = torch.ne(x[v], zv, out=s.carry)
+        n_routed = float(routed.sum()) if on_cpu and len(kids) > 1 else 0.0
+        routed.mul_(g[v])
+        g[v].sub_(routed)  # exact: g - g = 0 where routed, g - 0 = g where kept
+        rows = _kid_rows(x, kids, kid_is_leaf, block, s)
+        hit = torch.eq(rows, zv, out=s.hit[: len(kids)])
+        # Every routed pixel has at least one child attaining zv, so a hit count equal to the routed
+        # count proves there is no tie that matters; else (rare) only the first tied child in
+        # channel order may take the gradient.
+        if len(kids) > 1 and (not on_cpu or float(hit.sum()) > n_routed):
+            hit.mul_(torch.cumsum(hit, dim=0).eq_(1))
+        if block is not None:
+            g[block].addcmul_(hit, routed)
+        else:
+            for i, k in enumerate(kids):
+                g[k].addcmul_(hit[i], routed)
+
+
+def _zmax_rows(x: torch.Tensor, plan: Plan, s: _Scratch):
+    """(zmax rows, target rows) pairs covering every channel: leaf runs from ``x``, internal runs
+    from ``s.z`` (runs of consecutive channels, one pair per run)."""
+    for (a, b), leaf in plan.runs:
+        yield (x[a:b] if leaf else s.z[a:b]), s.work[a:b]
+
+
+def _softplus_into(z: torch.Tensor, out: torch.Tensor) -> None:
+    torch._C._nn.softplus(z, 1.0, 40.0 if z.dtype == torch.float64 else 20.0, out=out)
+
+
+class _TilePath:
+    """The positive entries of a tile with label channels ``lc`` ``[T]`` (-1 = ignored): ``path``
+    ``[L, T]`` (``A(c)`` root first, padded with c) and ``real`` (1.0 on real path entries, 0.0 on
+    the padding; ignored pixels are dropped with :func:`_zero_columns`)."""
+
+    def __init__(self, lc: torch.Tensor, plan: Plan, ct: torch.dtype):
+        self.lc = lc
+        self.valid = lc >= 0
+        self.drop = torch.nonzero(~self.valid).squeeze(1) if lc.device.type == "cpu" else None
+        safe = lc.clamp(min=0)
+        L = plan.max_depth
+        self.path = torch.empty(L, lc.shape[0], dtype=torch.int64, device=lc.device)
+        for d in range(L):  # row by row: a 1-d index_select is much faster than a [T, L] one + transpose
+            torch.index_select(plan.ancestor_columns[d], 0, safe, out=self.path[d])
+        self.real = plan.path_real.index_select(0, safe).t().to(ct)  # [L, T]
+
+    def zmin(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The path logits ``[L, T]`` and their running min from the root."""
+        xp = torch.gather(x, 0, self.path)
+        zmin = xp.clone()
+        for d in range(1, zmin.shape[0]):
+            torch.minimum(zmin[d], zmin[d - 1], out=zmin[d])
+        return xp, zmin
+
+    def zero_dropped(self, t: torch.Tensor) -> None:
+        """``t[:, ignored pixels] = 0``. On CPU only the (usually few) ignored columns are touched."""
+        if self.drop is None:
+            t.masked_fill_(~self.valid.unsqueeze(0), 0.0)
+        elif self.drop.numel():
+            t.index_fill_(1, self.drop, 0.0)
+
+
+def _zero_unknown(t: torch.Tensor, tp: _TilePath, plan: Plan) -> None:
+    """Zero the strict descendants of partial labels in ``t`` ``[N, T]``. On CPU a correction on the
+    columns with a partial label only (they are rare); elsewhere one mask over the tile (no sync)."""
+    if t.device.type != "cpu":
+        t.masked_fill_(_unknown_mask(tp.lc.unsqueeze(0), plan)[0], 0.0)
+        return
+    cols = torch.nonzero(tp.valid & plan.is_internal.index_select(0, tp.lc.clamp(min=0))).squeeze(1)
+    if cols.numel():
+        unknown = _unknown_mask(tp.lc.index_select(0, cols).unsqueeze(0), plan)[0]
+        t.index_copy_(1, cols, t.index_select(1, cols).masked_fill_(unknown, 0.0))
+
+
+def _forward_tile(x, lc, plan, gamma, has_partial, s, out_map, weight):
+    """Negative term at zmax for every entry, then the path entries swapped for the positive term at
+    zmin. Writes the loss map into ``out_map`` (``[N, T]``, reduction none) or returns per-channel sums."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
-    lab = _Labels(lc, plan)
-    zmin, _ = _path_zmin(torch.gather(xf, 1, lab.path), lab.path)
-    pos = _pos_term(zmin, gamma).mul_(lab.on_path)
-    del zmin
-    neg = _neg_term(zmax_sweep(xf, plan), gamma)
+    _internal_zmax(xf, plan, s)
+    if out_map is not None:
+        s.work = out_map
+    for z, dst in _zmax_rows(xf, plan, s):
+        if gamma == 0:
+            _softplus_into(z, dst)
+        else:
+            dst.copy_(_neg_term(z, gamma))
+    neg = s.work
+    tp = _TilePath(lc, plan, ct)
     if has_partial:
-        neg.masked_fill_(_unknown_mask(lc, plan), 0.0)
-    if want_map:
-        neg.scatter_(1, lab.path, 0.0)
-        neg.masked_fill_(~lab.valid.unsqueeze(1), 0.0)
-        neg.scatter_add_(1, lab.path, pos)
+        _zero_unknown(neg, tp, plan)
+    tp.zero_dropped(neg)
+    pos = _pos_term(tp.zmin(xf)[1], gamma)
+    if out_map is not None:
+        neg.scatter_(0, tp.path, 0.0)
+        pos.mul_(tp.real)
+        tp.zero_dropped(pos)
+        neg.scatter_add_(0, tp.path, pos)
         if weight is not None:
-            neg.mul_(weight.to(ct).view(1, -1, 1))
-        return neg
-    # Sums over valid pixels as a matrix-vector product; the path entries (positives) are then
-    # taken out and the positive terms put in.
-    per_channel = torch.bmm(neg, lab.valid.to(ct).unsqueeze(2)).view(-1)
-    on_path_neg = torch.gather(neg, 1, lab.path).mul_(lab.on_path)
-    return per_channel.index_add_(0, lab.path.reshape(-1), (pos - on_path_neg).reshape(-1))
+            neg.mul_(weight.to(ct).unsqueeze(1))
+        return None
+    swap = pos.sub_(torch.gather(neg, 0, tp.path)).mul_(tp.real)
+    tp.zero_dropped(swap)
+    return neg.sum(dim=1).index_add_(0, tp.path.reshape(-1), swap.reshape(-1))
 
 
 def _forward(x, lc, plan, gamma, reduction, weight, has_partial):
     B, N, P = x.shape
     ct = compute_dtype(x.dtype)
+    step = _tile_pixels(N, x.device)
+    scratch = _Scratch(N, plan.max_kids, min(step, P), ct, x.device)
     if reduction == "none":
         out = torch.empty(B, N, P, dtype=ct, device=x.device)
-        for _, b, p in _tiles(B, P, N, x.device):
-            out[b, :, p] = _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial, True, weight)
+        for b, p in _tiles(B, P, step):
+            _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial, scratch.cut(p.stop - p.start),
+                          out[b, :, p], weight)
         return out
     per_channel = torch.zeros(N, dtype=ct, device=x.device)
-    for _, b, p in _tiles(B, P, N, x.device):
-        per_channel += _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial, False, None)
+    for b, p in _tiles(B, P, step):
+        per_channel += _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial,
+                                     scratch.cut(p.stop - p.start), None, None)
     scale = _reduction_scales(lc, plan, reduction, ct)
     if weight is not None:
         scale = scale * weight.to(ct)
     return (per_channel * scale).sum()
 
 
-def _backward_tile(x, lc, plan, gamma, has_partial, up_map, per_channel, out):
-    """d loss / d x of one tile, written into ``out`` if given (same dtype), else returned;
-    ``up_map`` (reduction none, weighted) or ``per_channel`` factors."""
+def _backward_tile(x, lc, plan, gamma, has_partial, up_map, per_channel, s, out):
+    """d loss / d x of one tile into ``out`` ``[N, T]``; ``up_map`` (reduction none, weighted) or
+    ``per_channel`` factors. Every node's negative gradient at its zmax is routed top-down to the
+    node attaining it; the positive gradient at zmin goes to the path node attaining it."""
     ct = compute_dtype(x.dtype)
     xf = x.to(ct)
-    lab = _Labels(lc, plan)
-    zmax, winners = _sweep_with_winners(xf, plan)
-    grad = _neg_grad(zmax, gamma, out=out if out is not None and out.dtype == ct else None)
-    del zmax
+    if out.dtype == ct:
+        s.work = out
+    g = s.work
+    _internal_zmax(xf, plan, s)
+    for z, dst in _zmax_rows(xf, plan, s):
+        _neg_grad(z, gamma, out=dst)
+    tp = _TilePath(lc, plan, ct)
     if up_map is not None:
-        up_pos = torch.gather(up_map, 1, lab.path)
-        grad.mul_(up_map).masked_fill_(~lab.valid.unsqueeze(1), 0.0)
+        g.mul_(up_map)
+        up_pos = torch.gather(up_map, 0, tp.path)
     else:
-        up_pos = per_channel[lab.path]
-        grad.mul_(per_channel.view(1, -1, 1)).masked_fill_(~lab.valid.unsqueeze(1), 0.0)
-    grad.scatter_(1, lab.path, 0.0)
+        g.mul_(per_channel.unsqueeze(1))
+        up_pos = per_channel[tp.path]
+    g.scatter_(0, tp.path, 0.0)  # path entries are positives: no negative term
     if has_partial:
-        grad.masked_fill_(_unknown_mask(lc, plan), 0.0)
-    _route_max_gradient(grad, winners, plan)
-    # Positives: d loss / d zmin along the path, added at the channel attaining each running min.
-    zmin, arg = _path_zmin(torch.gather(xf, 1, lab.path), lab.path)
-    gpos = _pos_grad(zmin, gamma).mul_(up_pos).mul_(lab.on_path)
-    return grad.scatter_add_(1, arg, gpos)
+        _zero_unknown(g, tp, plan)
+    _route_zmax_gradient(xf, g, plan, s)
+    # Positives: d loss / d zmin_d, passed from the deepest path entry up while the running min
+    # comes from above (the shallowest entry wins ties), then added at the path channels.
+    xp, zmin = tp.zmin(xf)
+    gz = _pos_grad(zmin, gamma).mul_(up_pos).mul_(tp.real)
+    for d in range(zmin.shape[0] - 1, 0, -1):
+        from_above = torch.ge(xp[d], zmin[d - 1], out=s.carry).mul_(gz[d])
+        gz[d].sub_(from_above)
+        gz[d - 1].add_(from_above)
+    tp.zero_dropped(gz)
+    g.scatter_add_(0, tp.path, gz)
+    tp.zero_dropped(g)
+    if g.data_ptr() != out.data_ptr():
+        out.copy_(g)
 
 
 def _backward(x, lc, plan, gamma, reduction, weight, has_partial, grad_out):
     B, N, P = x.shape
     ct = compute_dtype(x.dtype)
     grad = torch.empty(B, N, P, dtype=x.dtype, device=x.device)
+    step = _tile_pixels(N, x.device)
+    scratch = _Scratch(N, plan.max_kids, min(step, P), ct, x.device)
     per_channel = None
     if reduction != "none":
         per_channel = _reduction_scales(lc, plan, reduction, ct) * grad_out.to(ct)
         if weight is not None:
             per_channel = per_channel * weight.to(ct)
-    for _, b, p in _tiles(B, P, N, x.device):
+    for b, p in _tiles(B, P, step):
         up = None
         if reduction == "none":
             up = grad_out[b, :, p].to(ct)
             if weight is not None:
-                up = up * weight.to(ct).view(1, N, 1)
-        out = grad[b, :, p]
-        tile = _backward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial, up, per_channel, out)
-        if tile.data_ptr() != out.data_ptr():
-            out.copy_(tile)
+                up = up * weight.to(ct).view(N, 1)
+        _backward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial, up, per_channel,
+                       scratch.cut(p.stop - p.start), grad[b, :, p])
     return grad
 
 
@@ -485,25 +589,42 @@ def _ith_outside(members_pos: torch.Tensor, seg_start: torch.Tensor, seg_of_quer
 def triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarchy, *,
                max_per_class: int, base_margin: float, sampling: str,
                generator: torch.Generator | None) -> torch.Tensor:
-    """Hierarchy-margin triplet loss; ``leaf`` ``[B, h, w]`` holds leaf ids, -1 where not taking part.
-
-    All classes are handled at once: pixels are put in one key order (flat order for
-    ``sampling="first"``, a random permutation otherwise) and the i-th anchor / positive / negative
-    of every class is located by sorting and searching, with no loop over classes.
-    """
-    tab = tables_for(hierarchy, embeddings.device)
-    dev = embeddings.device
-    B, C = embeddings.shape[:2]
-    K = hierarchy.num_leaves
+    """Hierarchy-margin triplet loss; ``leaf`` ``[B, h, w]`` holds leaf ids, -1 where not taking part."""
+    C = embeddings.shape[1]
     ct = compute_dtype(embeddings.dtype)
     emb = torch.nn.functional.normalize(embeddings.to(ct), dim=1, eps=1e-12)
     emb = emb.permute(0, 2, 3, 1).reshape(-1, C)
     flat = leaf.reshape(-1)
     pixels = torch.nonzero(flat >= 0).squeeze(1)
     if sampling == "random":
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        perm = torch.randperm(pixels.numel(), generator=generator, device=gen_device).to(dev)
-        pixels = pixels[perm]
+        pixels = pixels[random_order(pixels.numel(), generator, embeddings.device)]
+    chosen = triplet_select(flat, pixels, hierarchy, max_per_class=max_per_class)
+    if chosen is None:
+        return embeddings.reshape(-1)[:0].sum().to(ct)  # an exact 0 still connected to the embeddings
+    slot_cls, anchor, positive, negative, T = chosen
+    return triplet_score(emb[anchor], emb[positive], emb[negative], slot_cls, flat[positive],
+                         flat[negative], T, hierarchy, base_margin)
+
+
+def random_order(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """``randperm(n)`` drawn on the generator's device (CPU without one), moved to ``device``."""
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    return torch.randperm(n, generator=generator, device=gen_device).to(device)
+
+
+def triplet_select(flat: torch.Tensor, pixels: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int):
+    """Choose the triplets: ``flat`` holds a leaf id per pixel (-1 = not taking part), ``pixels`` the
+    positions of the taking-part pixels in key order (flat order for ``sampling="first"``, a random
+    permutation otherwise).
+
+    Returns ``(slot_cls, anchor, positive, negative, T)``: per triplet its anchor class and the flat
+    positions of its three pixels, and ``T [K]`` triplets per class; ``None`` without any triplet.
+    All classes are handled at once: the i-th anchor / positive / negative of every class is located
+    by sorting and searching, with no loop over classes.
+    """
+    tab = tables_for(hierarchy, flat.device)
+    dev = flat.device
+    K = hierarchy.num_leaves
     seq_cls = flat[pixels]  # key order
     n_pix = pixels.numel()
 
@@ -520,7 +641,7 @@ def triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarch
     T = torch.minimum(torch.minimum(n_cls, n_pos), torch.minimum(n_neg, torch.full_like(n_cls, max_per_class)))
     total = int(T.sum())  # the one sync: sizes of the triplet tensors
     if total == 0:
-        return embeddings.reshape(-1)[:0].sum().to(ct)  # an exact 0 still connected to the embeddings
+        return None
 
     cls_start = torch.cumsum(n_cls, 0) - n_cls
     grp_start = torch.cumsum(n_grp, 0) - n_grp
@@ -541,14 +662,20 @@ def triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarch
     local[by_grp] = torch.arange(n_pix, device=dev) - grp_start[seq_grp[by_grp]]  # position inside its group
     pos_local = _ith_outside(local[by_cls], cls_start, slot_cls, slot_i, n_pix + 1)
     positive = pixels[by_grp[grp_start[slot_grp] + pos_local]]
+    return slot_cls, anchor, positive, negative, T
 
+
+def triplet_score(e_a: torch.Tensor, e_p: torch.Tensor, e_n: torch.Tensor, slot_cls: torch.Tensor,
+                  cls_p: torch.Tensor, cls_n: torch.Tensor, T: torch.Tensor, hierarchy: Hierarchy,
+                  base_margin: float) -> torch.Tensor:
+    """Mean over classes of the mean ``relu(d(a,p) - d(a,n) + m)`` of unit embedding rows."""
+    tab = tables_for(hierarchy, e_a.device)
+    ct = e_a.dtype
     psi = tab.leaf_distance
-    margin = base_margin + (psi[slot_cls, flat[negative]] - psi[slot_cls, flat[positive]]).to(ct) / (
-        2.0 * hierarchy.max_depth)
-    e_a, e_p, e_n = emb[anchor], emb[positive], emb[negative]
+    margin = base_margin + (psi[slot_cls, cls_n] - psi[slot_cls, cls_p]).to(ct) / (2.0 * hierarchy.max_depth)
     d_ap = 1.0 - (e_a * e_p).sum(dim=1)
     d_an = 1.0 - (e_a * e_n).sum(dim=1)
     per_triplet = torch.relu(d_ap - d_an + margin)
-    per_class = torch.zeros(K, dtype=ct, device=dev).index_add_(0, slot_cls, per_triplet)
+    per_class = torch.zeros(T.numel(), dtype=ct, device=e_a.device).index_add_(0, slot_cls, per_triplet)
     has = T > 0
     return (per_class[has] / T[has].to(ct)).sum() / has.sum().to(ct)

@@ -239,15 +239,24 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
 # ---------------------------------------------------------------------------- triplet loss
 def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                            max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-                           generator: torch.Generator | None = None, ignore_index: int = 255) -> torch.Tensor:
+                           generator: torch.Generator | None = None, ignore_index: int = 255,
+                           process_group: Any = None, gather_across_ranks: bool = False) -> torch.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
-    ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, ``floor(i * H / h)``); only leaf labels
+    ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, as ``F.interpolate``); only leaf labels
     take part. Embeddings are L2-normalised along C; ``d(a, b) = 1 - <a, b>``; margin
     ``base_margin + (psi(c_a, c_n) - psi(c_a, c_p)) / (2 * max_depth)``. Per anchor class at most
     ``max_per_class`` triplets (``sampling="random"`` from ``generator``, or ``"first"`` in flat
     order for parity with the published code); mean per class, then mean over classes. No triplet
     gives an exact 0 that is still connected to ``embeddings``.
+
+    ``gather_across_ranks=True`` (a collective over ``process_group`` of ``torch.distributed``;
+    every rank must call it) chooses the triplets on the global batch of all ranks in rank order,
+    so every rank gets the same value: the single-process loss of the batches concatenated along
+    dim 0 (``"random"`` draws from rank 0's generator). Gradients reach only this rank's
+    embeddings, so DDP's averaging divides this term's gradient by the world size. See
+    :mod:`hieraloss.torch.distributed`. Without an initialised process group (or with one rank)
+    it is the local loss.
     """
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, torch.Tensor):
@@ -265,11 +274,20 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
         raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not isinstance(gather_across_ranks, bool):
+        raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
     small = _ops.resize_labels_nearest(lc, tuple(embeddings.shape[2:]))
     tab = tables_for(hierarchy, embeddings.device)
     leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
+    if gather_across_ranks:
+        from . import distributed
+
+        if distributed.is_distributed(process_group):
+            return distributed.gathered_triplet_op(
+                embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
+                sampling=sampling, generator=generator, process_group=process_group)
     return _ops.triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
                            base_margin=float(base_margin), sampling=sampling, generator=generator)
 
@@ -293,7 +311,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
               triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
               max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
               generator: torch.Generator | None = None, return_parts: bool = False,
-              backend: str = "auto") -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              backend: str = "auto", process_group: Any = None,
+              gather_across_ranks: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The published HSSN training loss::
 
         tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d + w * TT
@@ -306,6 +325,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     they are given; its weight ``w`` is ``triplet_weight`` or, if None, the published schedule
     ``triplet_weight(step, total_steps)``. ``return_parts=True`` also returns a dict of the
     unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``.
+    ``process_group`` and ``gather_across_ranks`` go to :func:`hierarchy_triplet_loss` (cross-rank
+    triplets; a collective, so every rank must pass embeddings).
     """
     x = _check_logits(logits, hierarchy)
     L = hierarchy.max_depth
@@ -341,7 +362,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     if embeddings is not None:
         tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
                                     base_margin=base_margin, sampling=sampling, generator=generator,
-                                    ignore_index=ignore_index)
+                                    ignore_index=ignore_index, process_group=process_group,
+                                    gather_across_ranks=gather_across_ranks)
         parts["triplet"] = tt
         parts["triplet_weight"] = torch.tensor(tw, dtype=total.dtype, device=total.device)
         total = total + tw * tt

@@ -70,10 +70,14 @@ class FocalTreeMinLoss(TreeMinLoss):
 
 
 class HierarchyTripletLoss(nn.Module):
-    """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``."""
+    """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``.
+
+    ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group`` (a collective).
+    """
 
     def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
-                 sampling: str = "random", ignore_index: int = 255):
+                 sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
+                 gather_across_ranks: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         F._check_choice(sampling, ("random", "first"), "sampling")
@@ -82,12 +86,16 @@ class HierarchyTripletLoss(nn.Module):
         self.base_margin = base_margin
         self.sampling = sampling
         self.ignore_index = ignore_index
+        self.process_group = process_group
+        self.gather_across_ranks = gather_across_ranks
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
         return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
                                         base_margin=self.base_margin, sampling=self.sampling,
-                                        generator=generator, ignore_index=self.ignore_index)
+                                        generator=generator, ignore_index=self.ignore_index,
+                                        process_group=self.process_group,
+                                        gather_across_ranks=self.gather_across_ranks)
 
 
 class HSSNLoss(nn.Module):
@@ -95,13 +103,17 @@ class HSSNLoss(nn.Module):
 
     ``step`` is a buffer (saved in ``state_dict``); each call in training mode with embeddings and
     no explicit ``step`` uses the stored step and then advances it by one.
+
+    Under DistributedDataParallel the triplet term is an exact zero still connected to the
+    embeddings on a rank without triplets, so ``find_unused_parameters=False`` works;
+    ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group``.
     """
 
     def __init__(self, hierarchy: Hierarchy, *, total_steps: int | None = None, tree_min_weight: float = 5.0,
                  focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
                  triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
                  max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-                 backend: str = "auto"):
+                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         if triplet_weight is None and total_steps is not None and not total_steps > 0:
@@ -117,6 +129,8 @@ class HSSNLoss(nn.Module):
         self.base_margin = base_margin
         self.sampling = sampling
         self.backend = backend
+        self.process_group = process_group
+        self.gather_across_ranks = gather_across_ranks
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -132,7 +146,8 @@ class HSSNLoss(nn.Module):
                           triplet_weight=self.triplet_weight, ignore_index=self.ignore_index,
                           node_weight=self.node_weight, max_per_class=self.max_per_class,
                           base_margin=self.base_margin, sampling=self.sampling, generator=generator,
-                          return_parts=return_parts, backend=self.backend)
+                          return_parts=return_parts, backend=self.backend,
+                          process_group=self.process_group, gather_across_ranks=self.gather_across_ranks)
         if self.training and step is None and embeddings is not None:
             self.step += 1
         return out
