@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 # CPU build of torch (a plain `torch` could pull a multi-GB CUDA build).
 TORCH_PIN := torch==2.13.0
 PADDLE_PIN := paddlepaddle==3.3.1
+# mmseg's registry only (mmcv-lite has no compiled ops; full mmcv needs a build for your torch/CUDA).
+MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 
 .PHONY: venv test demo docs bench lint clean
 
@@ -12,6 +14,7 @@ $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN) $(PADDLE_PIN)
+	$(BIN)/pip install -q $(MMSEG_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 
@@ -24,7 +27,7 @@ demo: venv
 	$(BIN)/python -m hieraloss demo --out demo_out
 
 docs: venv
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 bench: venv
 	$(BIN)/python -m hieraloss bench

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -25,19 +24,15 @@ class CLIError(Exception):
 
 
 def load_hierarchy(source: str) -> Hierarchy:
-    """A preset name (``cityscapes``, ...) or the path of a hierarchy JSON file."""
-    if os.path.isfile(source):
-        try:
-            return Hierarchy.from_json(source)
-        except (HierarchyError, KeyError, TypeError) as exc:
-            raise CLIError(f"{source}: not a valid hierarchy JSON file: {exc}") from None
+    """A preset name (``cityscapes``, ...) or the path of a hierarchy JSON file (:func:`hieraloss.presets.load`)."""
     try:
-        return presets.get(source)
-    except KeyError:
-        raise CLIError(
-            f"unknown preset {source!r} and no such file; presets are: {', '.join(presets.names())} "
-            "(or give the path of a JSON file written by Hierarchy.to_json)"
-        ) from None
+        return presets.load(source)
+    except HierarchyError as exc:
+        raise CLIError(f"{source}: not a valid hierarchy JSON file: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise CLIError(f"{source}: not a valid hierarchy JSON file: {exc!r}") from None
+    except ValueError as exc:
+        raise CLIError(f"unknown preset {source!r} and no such file; {exc}") from None
 
 
 def hierarchy_facts(h: Hierarchy) -> dict[str, Any]:

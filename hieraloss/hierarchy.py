@@ -58,8 +58,10 @@ class Hierarchy:
     :meth:`from_levels` or :meth:`from_json`; the same tree gives an equal object whichever
     constructor made it.
 
-    Attributes (all read-only numpy arrays, indexed by channel unless named otherwise):
-        num_nodes (N), num_leaves (K), max_depth (L).
+    All table attributes are read-only numpy arrays, indexed by channel unless named otherwise.
+
+    Attributes:
+        num_nodes: N; ``num_leaves``: K; ``max_depth``: L.
         node_names: tuple of N names.
         node_ids: ``[N]`` node id (label value) of each channel; ``channel_of`` is its inverse.
         parent: ``[N]`` parent channel, -1 under the root.

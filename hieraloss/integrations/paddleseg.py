@@ -41,9 +41,7 @@ auxiliary heads, if any).
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -66,28 +64,7 @@ __all__ = [
 ]
 
 
-def load_hierarchy(spec: Any) -> Hierarchy:
-    """A :class:`~hieraloss.Hierarchy` from a config value: a ``Hierarchy``, a preset name, a path to
-    a hierarchy JSON file, or a mapping (``to_dict()`` form or a nested tree)."""
-    if isinstance(spec, Hierarchy):
-        return spec
-    if isinstance(spec, Mapping):
-        if spec.get("format") == "hieraloss.hierarchy":
-            return Hierarchy.from_json(json.dumps(dict(spec)))
-        return Hierarchy.from_dict(spec)
-    if isinstance(spec, (str, os.PathLike)):
-        text = os.fspath(spec)
-        if text.lower().replace("-", "_") in presets.names():
-            return presets.get(text)
-        if os.path.isfile(text):
-            return Hierarchy.from_json(text)
-        raise ValueError(
-            f"hierarchy={text!r} is neither a preset ({', '.join(presets.names())}) nor an existing "
-            f"hierarchy JSON file"
-        )
-    raise TypeError(
-        f"hierarchy must be a preset name, a JSON path, a dict or a Hierarchy, got {type(spec).__name__}"
-    )
+load_hierarchy = presets.load  # kept under this name: configs and docs refer to it
 
 
 def _label_map(label: paddle.Tensor, ndim: int) -> paddle.Tensor:

@@ -5,11 +5,14 @@ Each preset returns a fresh :class:`~hieraloss.Hierarchy`; the data files ship i
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from importlib import resources
+from typing import Any
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["cityscapes", "mapillary_vistas_v2", "pascal_person_part", "lip", "get", "names"]
+__all__ = ["cityscapes", "mapillary_vistas_v2", "pascal_person_part", "lip", "get", "names", "load"]
 
 
 def _read(name: str) -> str:
@@ -87,3 +90,29 @@ def get(name: str) -> Hierarchy:
     if key not in _PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {names()}")
     return _PRESETS[key]()
+
+
+def load(spec: Any) -> Hierarchy:
+    """A :class:`~hieraloss.Hierarchy` from a config value, as trainer configs and the CLI give it.
+
+    ``spec`` is a ``Hierarchy`` (returned as is), a preset name (:func:`names`), a path to a JSON
+    file written by ``Hierarchy.to_json``, or a mapping: the ``to_dict()`` form or a nested tree for
+    ``Hierarchy.from_dict``. Raises ``ValueError`` for a string that is neither a preset nor a file.
+    """
+    if isinstance(spec, Hierarchy):
+        return spec
+    if isinstance(spec, Mapping):
+        if spec.get("format") == "hieraloss.hierarchy":
+            return Hierarchy(spec["parents"], spec["names"], spec.get("order", "default"))
+        return Hierarchy.from_dict(spec)
+    if isinstance(spec, (str, os.PathLike)):
+        text = os.fspath(spec)
+        if text.lower().replace("-", "_") in _PRESETS:
+            return get(text)
+        if os.path.isfile(text):
+            return Hierarchy.from_json(text)
+        raise ValueError(
+            f"hierarchy={text!r} is neither a preset ({', '.join(names())}) nor an existing hierarchy JSON "
+            "file (written by Hierarchy.to_json)"
+        )
+    raise TypeError(f"hierarchy must be a preset name, a JSON path, a dict or a Hierarchy, got {type(spec).__name__}")

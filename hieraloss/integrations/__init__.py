@@ -1,0 +1,1 @@
+"""Optional integrations with training frameworks (mmsegmentation, PaddleSeg); each imports its framework lazily."""
