@@ -1,22 +1,24 @@
 """Vectorized torch ops (no validation: the functional API checks inputs first).
 
 Everything works in channel space on logits viewed as ``[B, N, P]`` (P = all spatial positions)
-and label channels ``[B, P]`` (-1 = ignored). Sweeps go one depth at a time, so
+and label channels ``[B, P]`` (-1 = ignored). Sweeps go one node or depth at a time, so
 the work is O(N * depth) per pixel and no ``[B, N, N, P]`` or ``[B, N, Dmax, P]`` tensor is built.
 
 Tree-min loss, split into the two kinds of entries of a valid pixel with label channel c:
 
+* negatives: every entry first gets the negative term at ``zmax`` (leaves are their own zmax;
+  only the internal rows are swept bottom-up, one node at a time over its children);
 * positives: the <= L nodes of ``A(c)``; ``zmin`` along that path is a running minimum, so the
-  positive part lives in ``[B, L, P]`` tensors gathered along the path;
-* negatives: every other node that is not an unknown descendant of a partial label;
-  ``zmax`` is swept bottom-up over the whole ``[B, N, P]`` map.
+  positive part lives in ``[L, P]`` tensors gathered along the path, and replaces the negative
+  term at those entries. Unknown descendants of partial labels and ignored pixels are zeroed
+  (on CPU as a correction on the few pixels concerned).
 
-Pixels are walked in tiles of ``TILE_ELEMENTS`` (pixel, node) entries (not one by one): the
-passes of the sweeps then run in cache and temporaries stay tile-sized, so the peak extra memory
-of forward+backward is about the gradient itself.
+Pixels are walked in tiles (``_tile_pixels``): temporaries stay tile-sized, so the peak extra
+memory of forward+backward is about the gradient itself.
 
-The autograd function saves only the logits and the label channels and recomputes ``zmax`` and
-the arg-min / arg-max routing in backward, following the tie rule of DEVELOPING.md.
+The autograd function saves only the logits and the label channels and recomputes ``zmax`` in
+backward; each node's gradient at its zmax is routed top-down to the node attaining it, the
+positive gradient to the path node attaining ``zmin``, following the tie rule of DEVELOPING.md.
 """
 
 from __future__ import annotations
@@ -199,6 +201,13 @@ def _tiles(B: int, P: int, step: int):
             yield b, slice(p0, min(P, p0 + step))
 
 
+def _sparse_fixups(t: torch.Tensor) -> bool:
+    """Whether rare cases (ignored pixels, partial labels, ties) may be handled as corrections on the
+    few pixels concerned, found with a host sync: on CPU yes (a sync is free); elsewhere one dense
+    pass over the tile is cheaper than stalling the device."""
+    return t.device.type == "cpu"
+
+
 class _Scratch:
     """Tile-sized buffers reused by every tile of one call (rows indexed by channel)."""
 
@@ -245,19 +254,21 @@ def _route_zmax_gradient(x: torch.Tensor, g: torch.Tensor, plan: Plan, s: _Scrat
     """Turn d loss / d zmax (``g`` ``[N, T]``) into d loss / d x in place, top-down: a node keeps
     its gradient where it attains its own zmax (it wins ties), else passes it to the first child in
     channel order that attains it (the tie rule of DEVELOPING.md)."""
-    on_cpu = x.device.type == "cpu"
+    sparse = _sparse_fixups(x)
     for v, kids, kid_is_leaf, block in plan.top_down:
         zv = s.z[v]
+        # Counting ties needs exact float sums of 0/1 entries: below 2^24 of them even in float32.
+        count_ties = sparse and len(kids) > 1 and len(kids) * x.shape[1] < (1 << 24)
         routed = torch.ne(x[v], zv, out=s.carry)
-        n_routed = float(routed.sum()) if on_cpu and len(kids) > 1 else 0.0
+        n_routed = float(routed.sum()) if count_ties else 0.0
         routed.mul_(g[v])
         g[v].sub_(routed)  # exact: g - g = 0 where routed, g - 0 = g where kept
         rows = _kid_rows(x, kids, kid_is_leaf, block, s)
         hit = torch.eq(rows, zv, out=s.hit[: len(kids)])
         # Every routed pixel has at least one child attaining zv, so a hit count equal to the routed
-        # count proves there is no tie that matters; else (rare) only the first tied child in
-        # channel order may take the gradient.
-        if len(kids) > 1 and (not on_cpu or float(hit.sum()) > n_routed):
+        # count proves there is no tie that matters; else only the first tied child in channel
+        # order may take the gradient (a cumsum pass, rare on CPU).
+        if len(kids) > 1 and (not count_ties or float(hit.sum()) > n_routed):
             hit.mul_(torch.cumsum(hit, dim=0).eq_(1))
         if block is not None:
             g[block].addcmul_(hit, routed)
@@ -274,18 +285,18 @@ def _zmax_rows(x: torch.Tensor, plan: Plan, s: _Scratch):
 
 
 def _softplus_into(z: torch.Tensor, out: torch.Tensor) -> None:
-    torch._C._nn.softplus(z, 1.0, 40.0 if z.dtype == torch.float64 else 20.0, out=out)
+    torch.ops.aten.softplus.out(z, 1.0, 40.0 if z.dtype == torch.float64 else 20.0, out=out)
 
 
 class _TilePath:
     """The positive entries of a tile with label channels ``lc`` ``[T]`` (-1 = ignored): ``path``
     ``[L, T]`` (``A(c)`` root first, padded with c) and ``real`` (1.0 on real path entries, 0.0 on
-    the padding; ignored pixels are dropped with :func:`_zero_columns`)."""
+    the padding; ignored pixels are dropped with :meth:`zero_dropped`)."""
 
     def __init__(self, lc: torch.Tensor, plan: Plan, ct: torch.dtype):
         self.lc = lc
         self.valid = lc >= 0
-        self.drop = torch.nonzero(~self.valid).squeeze(1) if lc.device.type == "cpu" else None
+        self.drop = torch.nonzero(~self.valid).squeeze(1) if _sparse_fixups(lc) else None
         safe = lc.clamp(min=0)
         L = plan.max_depth
         self.path = torch.empty(L, lc.shape[0], dtype=torch.int64, device=lc.device)
@@ -312,7 +323,7 @@ class _TilePath:
 def _zero_unknown(t: torch.Tensor, tp: _TilePath, plan: Plan) -> None:
     """Zero the strict descendants of partial labels in ``t`` ``[N, T]``. On CPU a correction on the
     columns with a partial label only (they are rare); elsewhere one mask over the tile (no sync)."""
-    if t.device.type != "cpu":
+    if not _sparse_fixups(t):
         t.masked_fill_(_unknown_mask(tp.lc.unsqueeze(0), plan)[0], 0.0)
         return
     cols = torch.nonzero(tp.valid & plan.is_internal.index_select(0, tp.lc.clamp(min=0))).squeeze(1)
