@@ -31,6 +31,7 @@ from paddle.autograd import PyLayer
 
 from .. import numpy as _hnp
 from ..hierarchy import Hierarchy, LabelError
+from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 
 __all__ = [
     "tree_min_loss",
@@ -944,15 +945,8 @@ def hierarchy_triplet_loss(
     )
 
 
-def triplet_weight(step: float, total_steps: float) -> float:
-    """Published ramp ``w(t) = 0.25 * (1 + cos(pi * (t - T) / T))`` for ``t < T``, else 0.5."""
-    if not total_steps > 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if not step >= 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step >= total_steps:
-        return 0.5
-    return 0.25 * (1.0 + math.cos(math.pi * (step - total_steps) / total_steps))
+# The published half-cosine ramp is framework-free: one implementation, in the numpy backend.
+triplet_weight = _numpy_triplet_weight
 
 
 # ---------------------------------------------------------------------------- published combination
@@ -1011,7 +1005,7 @@ def hssn_loss(
                 "with embeddings, give triplet_weight or both step and total_steps (for the schedule)"
             )
         else:
-            tw = globals()["triplet_weight"](float(step), float(total_steps))
+            tw = _numpy_triplet_weight(float(step), float(total_steps))  # the parameter shadows the function
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
 

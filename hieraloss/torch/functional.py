@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..hierarchy import Hierarchy, LabelError
+from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _ops
 from ._tables import tables_for
 
@@ -292,15 +293,8 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
                            base_margin=float(base_margin), sampling=sampling, generator=generator)
 
 
-def triplet_weight(step: float, total_steps: float) -> float:
-    """Published ramp ``w(t) = 0.25 * (1 + cos(pi * (t - T) / T))`` for ``t < T``, else 0.5."""
-    if not total_steps > 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps}")
-    if not step >= 0:
-        raise ValueError(f"step must be >= 0, got {step}")
-    if step >= total_steps:
-        return 0.5
-    return 0.25 * (1.0 + math.cos(math.pi * (step - total_steps) / total_steps))
+# The published half-cosine ramp is framework-free: one implementation, in the numpy backend.
+triplet_weight = _numpy_triplet_weight
 
 
 # ---------------------------------------------------------------------------- published combination
@@ -345,7 +339,7 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
         elif step is None or total_steps is None:
             raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
         else:
-            tw = globals()["triplet_weight"](float(step), float(total_steps))
+            tw = _numpy_triplet_weight(float(step), float(total_steps))  # the parameter shadows the function
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
 
