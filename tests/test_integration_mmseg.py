@@ -336,3 +336,24 @@ def test_build_with_a_json_hierarchy(models, tmp_path):
     x, y = _sample(h, seed=4)
     np.testing.assert_allclose(loss(torch.tensor(x), torch.tensor(y)).item(),
                                hnp.focal_tree_min_loss(x, y, h), rtol=1e-12)
+
+
+def test_hssn_loss_passes_gather_across_ranks_through(monkeypatch):
+    """The config key reaches hssn_loss (single process: the gathered call is the local loss)."""
+    seen = {}
+    real = hmm.F.hssn_loss
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hmm.F, "hssn_loss", spy)
+    loss = hmm.HieraHSSNLoss("cityscapes", gather_across_ranks=True, triplet_weight=0.5)
+    logits = torch.randn(1, 26, 8, 8)
+    labels = torch.randint(0, 19, (1, 8, 8))
+    emb = torch.randn(1, 4, 4, 4, requires_grad=True)
+    value = loss(logits, labels, embeddings=emb, generator=torch.Generator().manual_seed(0))
+    assert seen["gather_across_ranks"] is True
+    local = hmm.HieraHSSNLoss("cityscapes", triplet_weight=0.5)(
+        logits, labels, embeddings=emb, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(value, local)

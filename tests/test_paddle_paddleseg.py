@@ -217,3 +217,22 @@ def test_triplet_term_plugs_into_paddleseg_training(manager):
     model.eval()
     (scores,) = model(images)
     assert scores.shape == [2, h.num_leaves, 8, 8]
+
+
+def test_triplet_loss_passes_gather_across_ranks_through(monkeypatch):
+    """The config key reaches hierarchy_triplet_loss (single process: equal to the local loss)."""
+    seen = {}
+    real = hps.F.hierarchy_triplet_loss
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hps.F, "hierarchy_triplet_loss", spy)
+    rng = np.random.default_rng(0)
+    emb = paddle.to_tensor(rng.normal(size=(1, 4, 4, 4)))
+    labels = paddle.to_tensor(rng.integers(0, 19, size=(1, 8, 8)))
+    gathered = hps.HieraTripletLoss("cityscapes", seed=3, gather_across_ranks=True)(emb, labels)
+    assert seen["gather_across_ranks"] is True
+    local = hps.HieraTripletLoss("cityscapes", seed=3)(emb, labels)
+    assert float(gathered) == float(local)

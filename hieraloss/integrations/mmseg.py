@@ -209,7 +209,8 @@ class HieraHSSNLoss(_HieraLoss):
     Config keys: ``hierarchy``, ``tree_min_weight`` (5.0), ``focal_gamma`` (None = plain tree-min),
     ``ce_weights`` (one per depth or one number; default 1.0 each), ``total_steps``,
     ``triplet_weight``, ``max_per_class``, ``base_margin``, ``sampling``, ``node_weight``,
-    ``loss_weight``, ``loss_name`` (default ``"loss_hssn"``), ``backend``.
+    ``loss_weight``, ``loss_name`` (default ``"loss_hssn"``), ``backend``, ``gather_across_ranks``
+    (False; True draws triplets across the ranks of the default process group, a collective).
     """
 
     _default_name = "loss_hssn"
@@ -218,7 +219,7 @@ class HieraHSSNLoss(_HieraLoss):
                  focal_gamma: float | None = None, ce_weights: Any = None, total_steps: int | None = None,
                  triplet_weight: float | None = None, max_per_class: int = 200, base_margin: float = 0.1,
                  sampling: str = "random", loss_weight: float = 1.0, loss_name: str | None = None,
-                 node_weight: Any = None, backend: str = "auto"):
+                 node_weight: Any = None, backend: str = "auto", gather_across_ranks: bool = False):
         super().__init__(hierarchy, loss_weight=loss_weight, loss_name=loss_name, node_weight=node_weight,
                          backend=backend)
         if total_steps is not None and not total_steps > 0:
@@ -226,7 +227,7 @@ class HieraHSSNLoss(_HieraLoss):
         self.options = dict(tree_min_weight=float(tree_min_weight), focal_gamma=focal_gamma,
                             ce_weights=ce_weights, triplet_weight=triplet_weight,
                             max_per_class=int(max_per_class), base_margin=float(base_margin),
-                            sampling=sampling)
+                            sampling=sampling, gather_across_ranks=bool(gather_across_ranks))
         self.total_steps = total_steps
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 

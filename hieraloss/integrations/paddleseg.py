@@ -180,6 +180,8 @@ class HieraTripletLoss(nn.Layer):
     (``None``: a constant 1, leaving the weight to the config's ``coef``). Each call in training
     mode advances the persistable ``step`` buffer by one; ``set_step`` sets it (after a resume).
     ``seed`` makes the random triplet sampling reproducible (a numpy Generator kept by the layer).
+    ``gather_across_ranks=True`` draws triplets across the ranks of the default process group (a
+    collective: see :mod:`hieraloss.paddle.distributed`).
     """
 
     def __init__(
@@ -191,6 +193,7 @@ class HieraTripletLoss(nn.Layer):
         base_margin: float = 0.1,
         sampling: str = "random",
         seed: int | None = None,
+        gather_across_ranks: bool = False,
     ):
         super().__init__()
         self.hierarchy = load_hierarchy(hierarchy)
@@ -204,6 +207,7 @@ class HieraTripletLoss(nn.Layer):
         self.base_margin = base_margin
         self.sampling = sampling
         self.generator = np.random.default_rng(seed)
+        self.gather_across_ranks = bool(gather_across_ranks)
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
     def set_step(self, step: int) -> None:
@@ -224,6 +228,7 @@ class HieraTripletLoss(nn.Layer):
             sampling=self.sampling,
             generator=self.generator,
             ignore_index=self.ignore_index,
+            gather_across_ranks=self.gather_across_ranks,
         )
         if self.training:
             self.step.set_value(self.step + 1)
