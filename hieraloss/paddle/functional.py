@@ -14,6 +14,9 @@ that saves only the logits and the label channels; its backward recomputes the s
 each entry's gradient to the node attaining its min/max with the tie rule, without scatters:
 ``zmin`` gradients flow up the tree (a node that took its parent's value passes it on), ``zmax``
 gradients flow down (a node not tied with its own ``zmax`` passes it to its first child attaining it).
+The routing masks are 0/1 floats applied by multiplication (paddle's ``where`` and broadcasting
+kernels are slow on CPU); ties between siblings are rare, so a count check per chunk walks the child
+ranks only when one occurs.
 """
 
 from __future__ import annotations
@@ -98,6 +101,16 @@ class _Plan:
                 index = np.array([pos[k[r]] if len(k) > r else 0 for k in kids], dtype=np.int64)
                 ranks.append((index, None if valid.all() else valid))
             self.child_ranks.append(ranks)
+        # child_slices[d]: per block-d node, the (start, stop) positions of its children in block d+1
+        # when each node's children are consecutive there (any channel-contiguous layout), else None.
+        self.child_slices: list[list[tuple[int, int]] | None] = []
+        for d, lv in enumerate(self.levels):
+            spans = []
+            for v in lv:
+                at = pos[h.children[v]] if len(h.children[v]) else np.empty(0, dtype=np.int64)
+                start = int(at[0]) if at.size else 0
+                spans.append((start, start + at.size) if np.array_equal(at, start + np.arange(at.size)) else None)
+            self.child_slices.append(None if d == L - 1 or None in spans else spans)
         # anc_col[d][c]: channel of label channel c's ancestor at depth d+1 (c itself if shallower).
         self.anc_col = [np.ascontiguousarray(h.ancestor_table[:, d]) for d in range(L)]
         # anc_at[d][e]: ancestor at depth e+1 (e < d) of each block-d node (partial-label masks).
@@ -217,6 +230,27 @@ def _rank_valid(tab, d, r):
     return tab.get(("rank_valid", d, r), lambda: tab.plan.child_ranks[d][r][1].reshape(1, -1, 1))
 
 
+def _rank_index_padded(tab, d, r):
+    """As :func:`_rank_index`, but ``n_{d+1}`` (a padding row appended to block d+1) where there is
+    no r-th child, so that a gather reads the padding value instead of needing a mask."""
+
+    def make():
+        index, valid = tab.plan.child_ranks[d][r]
+        return index if valid is None else np.where(valid, index, tab.plan.levels[d + 1].size)
+
+    return tab.get(("rank_padded", d, r), make)
+
+
+def _padded(block, value):
+    """``block [B, n, p]`` with one more row of ``value`` (the target of :func:`_rank_index_padded`)."""
+    B, _, p = block.shape
+    return paddle.concat([block, paddle.full([B, 1, p], value, dtype=block.dtype)], axis=1)
+
+
+def _any_missing_rank(tab, d):
+    return any(valid is not None for _, valid in tab.plan.child_ranks[d])
+
+
 class _Labels:
     """Per-block targets and loss masks from label channels ``[B, P]`` (-1 = ignored)."""
 
@@ -275,18 +309,51 @@ def _unblock(blocks: list[paddle.Tensor], tab: _PlaceTables) -> paddle.Tensor:
 
 
 def _children_max(m, zmax_below, tab, d):
-    """``max(m, zmax of each node's children)`` over the child ranks of block d (a new tensor)."""
-    for r, (_, valid) in enumerate(tab.plan.child_ranks[d]):
-        c = paddle.index_select(zmax_below, _rank_index(tab, d, r), axis=1)
-        if valid is not None:
-            c = paddle.where(_rank_valid(tab, d, r), c, paddle.full([1], -math.inf, dtype=c.dtype))
-        m = paddle.maximum(m, c)
+    """``max(m, zmax of each node's children)`` (a new tensor): one max over each node's slice of
+    children where they are consecutive in block d+1, else one pass per child rank."""
+    slices = tab.plan.child_slices[d]
+    if slices is not None:
+        parts = [
+            m[:, i : i + 1]
+            if a == b
+            else zmax_below[:, a:b]
+            if b - a == 1
+            else paddle.amax(zmax_below[:, a:b], axis=1, keepdim=True)
+            for i, (a, b) in enumerate(slices)
+        ]
+        return paddle.maximum(m, paddle.concat(parts, axis=1) if len(parts) > 1 else parts[0])
+    if _any_missing_rank(tab, d):
+        zmax_below = _padded(zmax_below, -math.inf)
+    for r in range(len(tab.plan.child_ranks[d])):
+        m = paddle.maximum(m, paddle.index_select(zmax_below, _rank_index_padded(tab, d, r), axis=1))
     return m
 
 
+def _first_attaining(below, zmax_d, itself_d, tab, d, ct):
+    """``[B, n_{d+1}, p]`` 0/1: the node is its parent's first child (channel order) attaining the
+    parent's zmax. Only parents not tied with their own zmax use it. Fast path: if, summed over the
+    chunk, attaining children are exactly as many as such parents, no two siblings tie and
+    "attaining" is the answer; otherwise ranks are walked last to first so that the first hit wins."""
+    attains = paddle.index_select(zmax_d, _vec(tab, "parent_pos", d + 1), axis=1) == below
+    surplus = attains.astype("int64").sum() - (itself_d == 0).astype("int64").sum()
+    if int(surplus) == 0:  # one host sync per depth and chunk
+        return attains.astype(ct)
+    plan = tab.plan
+    first = paddle.full(zmax_d.shape, -1, dtype="int32")
+    for r in range(len(plan.child_ranks[d]) - 1, -1, -1):
+        hit = paddle.index_select(below, _rank_index(tab, d, r), axis=1) == zmax_d
+        if plan.child_ranks[d][r][1] is not None:
+            hit = hit & _rank_valid(tab, d, r)
+        first = paddle.where(hit, paddle.full([1], r, dtype="int32"), first)
+    parent_first = paddle.index_select(first, _vec(tab, "parent_pos", d + 1), axis=1)
+    return (parent_first == _col(tab, "slot", d + 1)).astype(ct)
+
+
 def _block_z(labels, d, zmin_d, zmax_d):
+    """``(positive mask, z)``: ``z = -zmin`` on positives, ``zmax`` elsewhere; negates ``zmin_d`` in
+    place (the sweeps' own copy, dropped by the callers right after)."""
     pos = labels.positive(d)
-    return pos, paddle.where(pos, -zmin_d, zmax_d)
+    return pos, paddle.where(pos, zmin_d.neg_(), zmax_d)
 
 
 def _forward_chunk(x, lc, tab, gamma, reduction, weight, has_partial):
@@ -308,7 +375,6 @@ def _forward_chunk(x, lc, tab, gamma, reduction, weight, has_partial):
         del zp
     labels = _Labels(lc, tab, has_partial)
     ws = _weight_blocks(weight, tab, L)
-    zero = paddle.zeros([1], dtype=ct)
     losses = [None] * L
     sums, counts = [None] * L, [None] * L
     below = None
@@ -319,9 +385,11 @@ def _forward_chunk(x, lc, tab, gamma, reduction, weight, has_partial):
         loss = _loss_of_z(z, gamma)
         del z
         if ws[d] is not None:
-            loss.multiply_(ws[d])
+            loss.multiply_(ws[d].expand(loss.shape))
         m = labels.mask(d)
-        loss = paddle.where(m, loss, zero)
+        keep = m.astype(ct)  # 0/1: selects exactly (the loss is finite)
+        loss.multiply_(keep.expand(loss.shape) if keep.shape != loss.shape else keep)
+        del keep
         if reduction == "none":
             losses[d] = loss
         else:
@@ -414,12 +482,11 @@ def _backward_chunk(x, lc, tab, gamma, weight, has_partial, coefs, grad_out):
     for d in range(1, L):
         zp = paddle.index_select(zmin[d - 1], _vec(tab, "parent_pos", d), axis=1)
         xd = block(d)
-        took[d] = zp <= xd  # the parent wins ties
-        zmin.append(paddle.where(took[d], zp, xd))
+        took[d] = (zp <= xd).astype(ct)  # 1.0 where the parent wins (ties included)
+        zmin.append(paddle.minimum(zp, xd))
         del zp, xd
     labels = _Labels(lc, tab, has_partial)
     ws = _weight_blocks(weight, tab, L)
-    zero = paddle.zeros([1], dtype=ct)
     up = grad_out.astype(ct) if coefs is None else None
     coefs = [None] * L if coefs is None else coefs
 
@@ -431,63 +498,59 @@ def _backward_chunk(x, lc, tab, gamma, weight, has_partial, coefs, grad_out):
     for d in range(L - 1, -1, -1):
         xd = block(d)
         zmax_d = xd if below is None else _children_max(xd, below, tab, d)
-        itself[d] = xd == zmax_d
+        itself[d] = (xd == zmax_d).astype(ct)
         del xd
         if below is not None:
-            first = paddle.full(zmax_d.shape, -1, dtype="int32")
-            for r in range(len(plan.child_ranks[d]) - 1, -1, -1):  # last to first: the first hit wins
-                hit = paddle.index_select(below, _rank_index(tab, d, r), axis=1) == zmax_d
-                if plan.child_ranks[d][r][1] is not None:
-                    hit = hit & _rank_valid(tab, d, r)
-                first = paddle.where(hit, paddle.full([1], r, dtype="int32"), first)
-            parent_first = paddle.index_select(first, _vec(tab, "parent_pos", d + 1), axis=1)
-            chosen[d + 1] = parent_first == _col(tab, "slot", d + 1)
-            del first, parent_first
-        pos[d], z = _block_z(labels, d, zmin[d], zmax_d)
+            chosen[d + 1] = _first_attaining(below, zmax_d, itself[d], tab, d, ct)
+        pos_d, z = _block_z(labels, d, zmin[d], zmax_d)
+        pos[d] = pos_d.astype(ct)
         zmin[d] = None
+        del pos_d
         gz = _grad_of_z(z, gamma)
         del z
-        gz.multiply_(
-            paddle.index_select(up, _vec(tab, "levels", d), axis=1) if coefs[d] is None else coefs[d]
-        )
+        keep = labels.mask(d).astype(ct)
+        if coefs[d] is None:
+            gz.multiply_(paddle.index_select(up, _vec(tab, "levels", d), axis=1))
+        else:
+            keep = keep * coefs[d]  # 0 or the coefficient, exactly
         if ws[d] is not None:
-            gz.multiply_(ws[d])
-        g[d] = paddle.where(labels.mask(d), gz, zero)
+            gz.multiply_(ws[d].expand(gz.shape))
+        g[d] = gz.multiply_(keep.expand(gz.shape) if keep.shape != gz.shape else keep)
+        del keep
         del gz
         below = zmax_d
     del below, zmin
 
+    # The masks are 0/1 floats: multiplying by them selects exactly (the values are finite), and
+    # ``c - c * m`` is exactly ``c`` where m = 0 and 0 where m = 1.
     dx = [None] * L
     # zmax, top-down: a node not tied with its own zmax hands what it holds to its first child
     # (channel order) attaining it; dz/dzmax = +1 on negatives.
     down = None
     for d in range(L):
-        c = paddle.where(pos[d], zero, g[d])
+        c = g[d] - g[d] * pos[d]
         if down is not None:
-            from_parent = paddle.index_select(down, _vec(tab, "parent_pos", d), axis=1)
-            c = c + paddle.where(chosen[d], from_parent, zero)
+            c.add_(paddle.index_select(down, _vec(tab, "parent_pos", d), axis=1).multiply_(chosen[d]))
             chosen[d] = None
-            del from_parent
-        dx[d] = paddle.where(itself[d], c, zero)
-        down = paddle.where(itself[d], zero, c) if d < L - 1 else None
+        dx[d] = c * itself[d]
+        down = c.subtract_(dx[d]) if d < L - 1 else None
         itself[d] = None
         del c
     # zmin, bottom-up: a node that took its parent's value hands what it holds (its own entry's
     # gradient plus what its children handed it) up; dz/dzmin = -1 on positives.
     carry = None
     for d in range(L - 1, -1, -1):
-        c = paddle.where(pos[d], g[d], zero).neg_()
+        c = (g[d] * pos[d]).neg_()
         g[d] = pos[d] = None
         if carry is not None:
-            handed = paddle.where(took[d + 1], carry, zero)
+            handed = carry.multiply_(took[d + 1])
             took[d + 1] = None
-            for r, (_, valid) in enumerate(plan.child_ranks[d]):
-                u = paddle.index_select(handed, _rank_index(tab, d, r), axis=1)
-                if valid is not None:
-                    u = paddle.where(_rank_valid(tab, d, r), u, zero)
-                c.add_(u)
+            if _any_missing_rank(tab, d):
+                handed = _padded(handed, 0.0)
+            for r in range(len(plan.child_ranks[d])):
+                c.add_(paddle.index_select(handed, _rank_index_padded(tab, d, r), axis=1))
             del handed
-        dx[d].add_(c if d == 0 else paddle.where(took[d], zero, c))
+        dx[d].add_(c if d == 0 else c - c * took[d])
         carry = c
     del carry
     out = _unblock(dx, tab)
