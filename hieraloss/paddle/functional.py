@@ -34,6 +34,9 @@ from paddle.autograd import PyLayer
 
 from .. import numpy as _hnp
 from ..hierarchy import Hierarchy, LabelError
+from ..numpy.decode import DECODE_METHODS
+from ..numpy.losses import HSSN_SCALE, REDUCTIONS
+from ..numpy.triplet import SAMPLING
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 
 __all__ = [
@@ -50,11 +53,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-REDUCTIONS = ("mean", "sum", "none", "hssn")
-DECODE_METHODS = ("path", "hssn", "top_down", "independent")
 BACKENDS = ("auto", "paddle", "triton")
-SAMPLING = ("random", "first")
-HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum by 5
 NORM_EPS = 1e-12
 _FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
 _INTS = (paddle.uint8, paddle.int8, paddle.int16, paddle.int32, paddle.int64)

@@ -28,9 +28,8 @@ import math
 import torch
 
 from ..hierarchy import Hierarchy
+from ..numpy.losses import HSSN_SCALE
 from ._tables import DeviceTables, tables_for
-
-HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum by 5
 
 
 # ---------------------------------------------------------------------------- per-device plan

@@ -20,6 +20,9 @@ import numpy as np
 import torch
 
 from ..hierarchy import Hierarchy, LabelError
+from ..numpy.decode import DECODE_METHODS
+from ..numpy.losses import REDUCTIONS
+from ..numpy.triplet import SAMPLING
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _ops
 from ._tables import tables_for
@@ -38,8 +41,6 @@ __all__ = [
     "BACKENDS",
 ]
 
-REDUCTIONS = ("mean", "sum", "none", "hssn")
-DECODE_METHODS = ("path", "hssn", "top_down", "independent")
 BACKENDS = ("auto", "torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -270,7 +271,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     if labels.dim() != 3 or labels.shape[0] != embeddings.shape[0]:
         raise ValueError(
             f"labels must be [B, H, W] with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}")
-    _check_choice(sampling, ("random", "first"), "sampling")
+    _check_choice(sampling, SAMPLING, "sampling")
     if isinstance(max_per_class, bool) or not isinstance(max_per_class, (int, np.integer)) or max_per_class < 1:
         raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

@@ -80,7 +80,7 @@ class HierarchyTripletLoss(nn.Module):
                  gather_across_ranks: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
-        F._check_choice(sampling, ("random", "first"), "sampling")
+        F._check_choice(sampling, F.SAMPLING, "sampling")
         self.hierarchy = hierarchy
         self.max_per_class = max_per_class
         self.base_margin = base_margin

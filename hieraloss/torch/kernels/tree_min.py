@@ -44,11 +44,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ...numpy.losses import REDUCTIONS
 from ._common import block_sizes, sigmoid, softplus
 
 __all__ = ["tree_min_loss_op", "tree_min_loss_backward_op", "REDUCTIONS", "TABLE_NAMES"]
 
-REDUCTIONS = ("mean", "sum", "none", "hssn")
 _HSSN_FACTOR = 5.0
 
 
