@@ -36,7 +36,7 @@ from .. import numpy as _hnp
 from ..hierarchy import Hierarchy, LabelError
 from ..numpy.decode import DECODE_METHODS
 from ..numpy.losses import HSSN_SCALE, REDUCTIONS
-from ..numpy.triplet import SAMPLING
+from ..numpy.triplet import SAMPLING, hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 
 __all__ = [
@@ -1049,25 +1049,8 @@ def hssn_loss(
     unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``.
     """
     x = _check_logits(logits, hierarchy)
-    L = hierarchy.max_depth
-    if ce_weights is None:
-        ce_w = [1.0] * L
-    elif isinstance(ce_weights, (int, float)):
-        ce_w = [float(ce_weights)] * L
-    else:
-        ce_w = [float(c) for c in ce_weights]
-        if len(ce_w) != L:
-            raise ValueError(f"ce_weights needs one weight per depth ({L}), got {len(ce_w)}")
-    tw = None
-    if embeddings is not None:
-        if triplet_weight is not None:
-            tw = float(triplet_weight)
-        elif step is None or total_steps is None:
-            raise ValueError(
-                "with embeddings, give triplet_weight or both step and total_steps (for the schedule)"
-            )
-        else:
-            tw = _numpy_triplet_weight(float(step), float(total_steps))  # the parameter shadows the function
+    ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
+                            total_steps)
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
 
