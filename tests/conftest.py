@@ -8,6 +8,6 @@ if os.environ.get("HIERALOSS_GPU_TESTS") != "1":
 from hypothesis import HealthCheck, settings  # noqa: E402
 
 _common = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.register_profile("ci", max_examples=25, derandomize=True, print_blob=True, **_common)
+settings.register_profile("ci", max_examples=50, derandomize=True, print_blob=True, **_common)
 settings.register_profile("dev", max_examples=200, **_common)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
