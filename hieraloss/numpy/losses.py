@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_hierarchy
 from ..hierarchy import Hierarchy, LabelError
 
 __all__ = ["tree_min_loss", "focal_tree_min_loss", "expand_targets"]
@@ -25,11 +26,6 @@ HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum b
 
 
 # ---------------------------------------------------------------------------- validation
-def check_hierarchy(hierarchy: Any) -> None:
-    if not isinstance(hierarchy, Hierarchy):
-        raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
-
-
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float64 is computed in float64; float32 and float16 in float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)

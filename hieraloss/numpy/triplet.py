@@ -17,8 +17,9 @@ from typing import Any
 
 import numpy as np
 
+from .._checks import check_choice, check_hierarchy, check_max_per_class
 from ..hierarchy import Hierarchy, LabelError
-from .losses import check_hierarchy, compute_dtype
+from .losses import compute_dtype
 
 __all__ = [
     "triplet_margin",
@@ -71,14 +72,8 @@ def _generator(generator: Any) -> np.random.Generator:
 
 
 def _check_sampling(max_per_class: Any, sampling: Any) -> None:
-    if (
-        isinstance(max_per_class, bool)
-        or not isinstance(max_per_class, numbers.Integral)
-        or max_per_class < 1
-    ):
-        raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
-    if sampling not in SAMPLING:
-        raise ValueError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+    check_max_per_class(max_per_class)
+    check_choice(sampling, SAMPLING, "sampling")
 
 
 def sample_triplets(

@@ -33,6 +33,10 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from .. import numpy as _hnp
+from .._checks import check_choice as _check_choice
+from .._checks import check_gamma as _check_gamma
+from .._checks import check_hierarchy as _check_hierarchy
+from .._checks import check_max_per_class
 from ..hierarchy import Hierarchy, LabelError
 from ..numpy.decode import DECODE_METHODS
 from ..numpy.losses import HSSN_SCALE, REDUCTIONS
@@ -587,11 +591,6 @@ def tree_min_op(logits, label_channels, hierarchy, *, gamma, reduction, node_wei
 
 
 # ---------------------------------------------------------------------------- validation
-def _check_hierarchy(hierarchy: Any) -> None:
-    if not isinstance(hierarchy, Hierarchy):
-        raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
-
-
 def _dtype_name(dtype: Any) -> str:
     return str(dtype).replace("paddle.", "")
 
@@ -705,21 +704,6 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> pa
             f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {arr.shape}"
         )
     return paddle.to_tensor(arr.astype(np.float64), place=place)
-
-
-def _check_choice(value: Any, choices: Sequence[str], name: str) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _check_gamma(gamma: Any) -> float:
-    try:
-        g = float(gamma)
-    except (TypeError, ValueError):
-        raise TypeError(f"gamma must be a number, got {gamma!r}") from None
-    if not g >= 0 or math.isinf(g):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
-    return g
 
 
 def _is_gpu(x: paddle.Tensor) -> bool:
@@ -977,12 +961,7 @@ def hierarchy_triplet_loss(
             f"labels must be [B, H, W] with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}"
         )
     _check_choice(sampling, SAMPLING, "sampling")
-    if (
-        isinstance(max_per_class, bool)
-        or not isinstance(max_per_class, numbers.Integral)
-        or max_per_class < 1
-    ):
-        raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
+    check_max_per_class(max_per_class)
     rng = _numpy_generator(generator)
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
     small = _resize_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution

@@ -12,13 +12,16 @@ inductor compiles as well).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from .._checks import check_choice as _check_choice
+from .._checks import check_gamma as _check_gamma
+from .._checks import check_hierarchy as _check_hierarchy
+from .._checks import check_max_per_class
 from ..hierarchy import Hierarchy, LabelError
 from ..numpy.decode import DECODE_METHODS
 from ..numpy.losses import REDUCTIONS
@@ -46,11 +49,6 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ---------------------------------------------------------------------------- validation
-def _check_hierarchy(hierarchy: Any) -> None:
-    if not isinstance(hierarchy, Hierarchy):
-        raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
-
-
 def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> torch.Tensor:
     _check_hierarchy(hierarchy)
     if not isinstance(logits, torch.Tensor):
@@ -130,21 +128,6 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.dev
         raise ValueError(
             f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {tuple(w.shape)}")
     return w.detach().to(device)
-
-
-def _check_choice(value: Any, choices: Sequence[str], name: str) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-
-
-def _check_gamma(gamma: Any) -> float:
-    try:
-        g = float(gamma)
-    except (TypeError, ValueError):
-        raise TypeError(f"gamma must be a number, got {gamma!r}") from None
-    if not g >= 0 or math.isinf(g):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
-    return g
 
 
 def _kernels():
@@ -272,8 +255,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
         raise ValueError(
             f"labels must be [B, H, W] with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}")
     _check_choice(sampling, SAMPLING, "sampling")
-    if isinstance(max_per_class, bool) or not isinstance(max_per_class, (int, np.integer)) or max_per_class < 1:
-        raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
+    check_max_per_class(max_per_class)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
     if not isinstance(gather_across_ranks, bool):
