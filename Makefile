@@ -16,6 +16,9 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/pip install -q $(TORCH_PIN) $(PADDLE_PIN)
 	$(BIN)/pip install -q $(MMSEG_PINS)
 	$(BIN)/pip install -q -e '.[dev]'
+	# yapf (via mmengine) pickles its grammar cache on first import; two pytest workers doing that
+	# at once on a fresh venv can read a half-written file. Write it once here.
+	$(BIN)/python -c "import yapf"
 	touch $@
 
 venv: $(BIN)/.installed
