@@ -10,7 +10,8 @@ MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 
 .PHONY: venv test demo docs bench lint clean
 
-$(BIN)/.installed: pyproject.toml
+# setup.py compiles the CPU kernel (hieraloss/_native) into the source tree on install: re-install when it changes.
+$(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN) $(PADDLE_PIN)
@@ -23,8 +24,9 @@ $(BIN)/.installed: pyproject.toml
 
 venv: $(BIN)/.installed
 
+# HIERALOSS_REQUIRE_NATIVE=1: a failed build of the compiled CPU kernel fails the tests instead of skipping them.
 test: venv
-	$(BIN)/python -m pytest -q -n 2 --durations=15
+	HIERALOSS_REQUIRE_NATIVE=1 $(BIN)/python -m pytest -q -n 2 --durations=15
 
 demo: venv
 	$(BIN)/python -m hieraloss demo --out demo_out
@@ -39,4 +41,4 @@ lint: venv
 	$(BIN)/ruff check hieraloss tests benchmarks
 
 clean:
-	rm -rf $(VENV) site demo_out .pytest_cache
+	rm -rf $(VENV) site demo_out .pytest_cache build hieraloss/_native/*.so

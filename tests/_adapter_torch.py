@@ -41,21 +41,28 @@ def _kw(kw: dict) -> dict:
 
 
 class TorchAdapter:
+    """backend="auto": on the CPU that is the compiled kernel when it is built (tests/test_native.py
+    covers it directly); ``_adapter_torch_eager.py`` runs the same suite on the vectorized torch ops."""
+
     name = "torch"
+    loss_backend = "auto"
     supports_grad = True
     dtypes = ("float64", "float32", "float16", "bfloat16")
 
+    def _loss_kw(self, kw: dict) -> dict:
+        return dict(_kw(kw), backend=self.loss_backend)
+
     def tree_min_loss(self, logits, labels, hierarchy, **kw):
-        return _numpy(ht.tree_min_loss(_float_tensor(logits), _labels(labels), hierarchy, **_kw(kw)))
+        return _numpy(ht.tree_min_loss(_float_tensor(logits), _labels(labels), hierarchy, **self._loss_kw(kw)))
 
     def focal_tree_min_loss(self, logits, labels, hierarchy, **kw):
-        return _numpy(ht.focal_tree_min_loss(_float_tensor(logits), _labels(labels), hierarchy, **_kw(kw)))
+        return _numpy(ht.focal_tree_min_loss(_float_tensor(logits), _labels(labels), hierarchy, **self._loss_kw(kw)))
 
     def value_and_grad(self, fn_name, logits, labels, hierarchy, upstream=None, **kw):
         if fn_name not in ("tree_min_loss", "focal_tree_min_loss"):
             raise ValueError(f"unknown loss {fn_name!r}")
         x = _float_tensor(logits, requires_grad=True)
-        value = getattr(ht, fn_name)(x, _labels(labels), hierarchy, **_kw(kw))
+        value = getattr(ht, fn_name)(x, _labels(labels), hierarchy, **self._loss_kw(kw))
         up = torch.ones_like(value) if upstream is None else torch.as_tensor(np.asarray(upstream)).to(value)
         (grad,) = torch.autograd.grad((value * up).sum(), x)
         return _numpy(value), _numpy(grad)

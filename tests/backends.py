@@ -140,6 +140,7 @@ def _framework_adapter(name: str, framework: str):
 BACKENDS = [
     pytest.param(NumpyAdapter(), id="numpy"),
     _framework_adapter("torch", "torch"),
+    _framework_adapter("torch_eager", "torch"),
     _framework_adapter("paddle", "paddle"),
 ]
 

@@ -16,11 +16,16 @@ from hypothesis import strategies as st
 import hieraloss
 import hieraloss.numpy as hnp
 import hieraloss.torch as ht
-from hieraloss import LabelError
+from hieraloss import LabelError, _native
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits
 from hieraloss.torch import functional as HF
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
+# The CPU loss runs on the compiled kernel (auto/native) or the vectorized torch ops (torch): test both.
+LOSS_BACKENDS = pytest.mark.parametrize("backend", [
+    "torch",
+    pytest.param("native", marks=pytest.mark.skipif(not _native.available(), reason="native kernel not built")),
+])
 SHAPES = st.sampled_from([(2, 3), (1, 2, 3), (2, 2, 1, 2)])  # [B, N], [B, N, H, W], [B, N, D, H, W] labels
 
 
@@ -42,8 +47,9 @@ def _loss(fn, h, x, labels, **kw):
 
 
 # ---------------------------------------------------------------------------- values and gradients
+@LOSS_BACKENDS
 @given(data=st.data())
-def test_values_and_grads_match_loop_reference_with_ties(data):
+def test_values_and_grads_match_loop_reference_with_ties(backend, data):
     h, x, labels = data.draw(cases(ties=True, partial=None))
     reduction = data.draw(st.sampled_from(REDUCTIONS))
     gamma = data.draw(st.sampled_from([None, 0.0, 2.0, 0.5]))
@@ -56,7 +62,7 @@ def test_values_and_grads_match_loop_reference_with_ties(data):
     kw = {} if gamma is None else {"gamma": gamma}
     xt = _t(x).requires_grad_(True)
     value = getattr(ht, fn)(xt, _t(labels), h, reduction=reduction,
-                            node_weight=None if w is None else torch.from_numpy(w), **kw)
+                            node_weight=None if w is None else torch.from_numpy(w), backend=backend, **kw)
     up = torch.ones_like(value) if upstream is None else _t(upstream)
     (grad,) = torch.autograd.grad((value * up).sum(), xt)
     want = oracle.tree_min_loss(x, labels, h, gamma=gamma, reduction=reduction, node_weight=w)
@@ -69,9 +75,10 @@ def test_values_and_grads_match_loop_reference_with_ties(data):
     np.testing.assert_allclose(value.detach().numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
+@LOSS_BACKENDS
 @settings(max_examples=10)
 @given(data=st.data())
-def test_gradcheck_float64(data):
+def test_gradcheck_float64(backend, data):
     h, x, labels = data.draw(cases(ties=False, partial=None, max_depth=3))
     reduction = data.draw(st.sampled_from(REDUCTIONS))
     gamma = data.draw(st.sampled_from([0.0, 2.0]))
@@ -79,19 +86,20 @@ def test_gradcheck_float64(data):
     up = torch.from_numpy(np.random.default_rng(2).normal(size=(x.shape[0], h.num_nodes, *x.shape[2:])))
 
     def f(t):
-        v = ht.focal_tree_min_loss(t, lab, h, gamma=gamma, reduction=reduction)
+        v = ht.focal_tree_min_loss(t, lab, h, gamma=gamma, reduction=reduction, backend=backend)
         return (v * up).sum() if reduction == "none" else v
 
     assert torch.autograd.gradcheck(f, (_t(x).requires_grad_(True),))
 
 
+@LOSS_BACKENDS
 @settings(max_examples=15)
 @given(data=st.data(), dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]))
-def test_low_precision_within_tolerance(data, dtype):
+def test_low_precision_within_tolerance(backend, data, dtype):
     h, x, labels = data.draw(cases(partial=None))
     reduction = data.draw(st.sampled_from(("mean", "hssn", "sum")))
     xt = _t(x).to(dtype).requires_grad_(True)
-    value = ht.tree_min_loss(xt, _t(labels), h, reduction=reduction)
+    value = ht.tree_min_loss(xt, _t(labels), h, reduction=reduction, backend=backend)
     value.backward()
     assert value.dtype == torch.float32  # accumulated and returned in float32
     assert xt.grad.dtype == dtype
@@ -406,9 +414,11 @@ def test_modules_equal_functional_and_state_dict_round_trips():
     assert torch.allclose(moved(x.double(), labels), ht.tree_min_loss(x.double(), labels, h, node_weight=w))
 
 
-def test_torch_compile_module_on_cpu():
+@LOSS_BACKENDS
+def test_torch_compile_module_on_cpu(backend):
+    """The torch ops trace; the compiled kernel runs outside the graph (torch.compiler.disable)."""
     h = hieraloss.presets.cityscapes()
-    module = ht.TreeMinLoss(h, reduction="hssn")
+    module = ht.TreeMinLoss(h, reduction="hssn", backend=backend)
     compiled = torch.compile(module, backend="aot_eager")
     gen = torch.Generator().manual_seed(8)
     x = torch.randn(2, 26, 4, 4, generator=gen, requires_grad=True)
@@ -433,8 +443,10 @@ def test_backend_dispatch(monkeypatch):
     h = hieraloss.presets.cityscapes()
     x = torch.randn(1, 26, 2, 2)
     labels = torch.tensor([[[0, 255], [20, 3]]])
-    ht.tree_min_loss(x, labels, h)  # auto on CPU: the torch op
+    ht.tree_min_loss(x, labels, h)  # auto on CPU: the compiled kernel or the torch op, never Triton
     assert calls == []
+    assert HF._use_native("auto", x) == _native.available()
+    assert not HF._use_native("torch", x)
     assert HF._use_triton("auto", types.SimpleNamespace(is_cuda=True))
     assert not HF._use_triton("torch", types.SimpleNamespace(is_cuda=True))
     ht.focal_tree_min_loss(x, labels, h, backend="triton", gamma=2.0, reduction="sum")
@@ -465,7 +477,7 @@ def test_tiled_pixels_match_untiled(data):
         _ops.TILE_ELEMENTS = tile
         try:
             xt = _t(x).requires_grad_(True)
-            v = ht.focal_tree_min_loss(xt, _t(labels), h, gamma=gamma, reduction=reduction)
+            v = ht.focal_tree_min_loss(xt, _t(labels), h, gamma=gamma, reduction=reduction, backend="torch")
             (g,) = torch.autograd.grad((v * up).sum() if reduction == "none" else v, xt)
             return v.detach(), g
         finally:

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import _native
 from .._checks import check_choice as _check_choice
 from .._checks import check_gamma as _check_gamma
 from .._checks import check_hierarchy as _check_hierarchy
@@ -27,7 +28,7 @@ from ..numpy.decode import DECODE_METHODS
 from ..numpy.losses import REDUCTIONS
 from ..numpy.triplet import SAMPLING, hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
-from . import _ops
+from . import _native_op, _ops
 from ._tables import tables_for
 
 __all__ = [
@@ -44,7 +45,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "native", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -165,10 +166,22 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
     return _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend)
 
 
+def _use_native(backend: str, x: torch.Tensor) -> bool:
+    if backend == "native":
+        if not _native_op.supports(x):
+            reason = (f"logits on {x.device}, the kernel runs on the CPU" if x.device.type != "cpu"
+                      else _native.load_error())
+            raise RuntimeError(f"backend='native' was asked for, but the compiled CPU kernel cannot run: {reason}")
+        return True
+    return backend == "auto" and _native_op.supports(x)
+
+
 def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend):
     if _use_triton(backend, x):
         return _kernels().fused_tree_min_loss(
             x, lc, hierarchy, gamma=None if gamma == 0 else gamma, reduction=reduction, node_weight=w)
+    if _use_native(backend, x):
+        return _native_op.tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
     return _ops.tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w,
                             has_partial=has_partial)
 
@@ -183,8 +196,10 @@ def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     entries, ``"sum"``, ``"none"`` (``[B, N, *spatial]``, 0 where masked) or ``"hssn"`` (per-depth
     means summed, times 5: the published normalisation). Non-finite logits propagate unless
     ``check_finite=True``, which raises a ``ValueError`` (one device sync).
-    ``backend``: ``"auto"`` (fused Triton kernel for CUDA tensors when Triton is available, else
-    the vectorized torch op), ``"torch"`` or ``"triton"``.
+    ``backend``: ``"auto"`` (CUDA: the fused Triton kernel when Triton is available; CPU: the
+    compiled kernel when it was built; else the vectorized torch op), ``"torch"`` (always the
+    vectorized torch op), ``"native"`` (the compiled CPU kernel) or ``"triton"``. All give the same
+    values and gradients within rounding.
     """
     return _tree_min(logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend)
 
@@ -341,6 +356,8 @@ def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", bac
     is the node id at depth d of the chosen leaf's path. ``method``: ``"path"`` (exact MAP: argmax
     over leaves of the sum of logits along the path), ``"hssn"``, ``"top_down"`` or
     ``"independent"`` (per-depth argmax, may be inconsistent). Ties go to the lowest channel.
+    ``backend``: as for :func:`tree_min_loss`; decoding has no compiled CPU kernel, so ``"native"``
+    runs the vectorized torch op.
     """
     x = _check_logits(logits, hierarchy)
     _check_choice(method, DECODE_METHODS, "method")

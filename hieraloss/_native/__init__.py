@@ -1,0 +1,181 @@
+"""The optional compiled CPU kernel of the tree-min loss, framework-free (raw pointers via ctypes).
+
+``setup.py`` builds ``_tree_min`` from ``tree_min.cpp`` when a C++ compiler is present; without it
+:func:`available` is False and the backends use their vectorized ops. The math is in
+``tree_min_kernel.h``: one pass over the logits per call, computing the loss and, when asked, the
+gradient (no intermediate the size of the logits). On x86-64 Linux with GCC the kernel is compiled
+for three instruction sets (baseline, AVX2 + FMA, AVX-512) and picks the widest this CPU runs.
+
+Environment: ``HIERALOSS_NATIVE=0`` disables the kernel; ``HIERALOSS_NATIVE_ISA=generic|avx2|avx512``
+caps its instruction set; ``HIERALOSS_HUGEPAGES=0`` stops it from asking Linux for transparent huge
+pages on the fresh gradient buffers it fills (:func:`advise_hugepages`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+import threading
+
+import numpy as np
+
+from ..hierarchy import Hierarchy
+
+__all__ = ["available", "load_error", "isa", "set_isa", "ISAS", "advise_hugepages", "TreeArrays", "tree_arrays",
+           "tile_width", "tree_min", "FLOAT32", "FLOAT64"]
+
+FLOAT32 = 0
+FLOAT64 = 1
+ISAS = ("generic", "avx2", "avx512")
+TILE_ENTRIES = 1 << 16  # (node, pixel) entries per tile: the tile's scratch stays in L2
+HUGEPAGE_MIN_BYTES = 1 << 22
+
+_LOCK = threading.Lock()
+_STATE: dict[str, object] = {}
+_ERRORS = {1: "bad sizes", 2: "unsupported dtype", 3: "unsupported combination of outputs"}
+_p = ctypes.c_void_p
+_i64 = ctypes.c_int64
+
+
+def _load() -> ctypes.CDLL | None:
+    with _LOCK:
+        if "lib" in _STATE:
+            return _STATE["lib"]  # type: ignore[return-value]
+        lib, error = None, None
+        if os.environ.get("HIERALOSS_NATIVE", "1") == "0":
+            error = "disabled by HIERALOSS_NATIVE=0"
+        else:
+            spec = importlib.util.find_spec(f"{__name__}._tree_min")
+            if spec is None or spec.origin is None:
+                error = "hieraloss._native._tree_min is not built (no C++ compiler when hieraloss was installed?)"
+            else:
+                try:
+                    lib = ctypes.CDLL(spec.origin)
+                    lib.hieraloss_tree_min.restype = ctypes.c_int
+                    lib.hieraloss_tree_min.argtypes = [
+                        ctypes.c_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, ctypes.c_double,
+                        _p, _p, _p, _p, _p, _p, _i64, _i64]
+                    lib.hieraloss_isa.restype = ctypes.c_char_p
+                    lib.hieraloss_set_isa.restype = ctypes.c_int
+                    lib.hieraloss_set_isa.argtypes = [ctypes.c_int]
+                    lib.hieraloss_advise_hugepages.restype = ctypes.c_int
+                    lib.hieraloss_advise_hugepages.argtypes = [_p, _i64]
+                except (OSError, AttributeError) as exc:
+                    lib, error = None, f"could not load {spec.origin}: {exc}"
+                else:
+                    cap = os.environ.get("HIERALOSS_NATIVE_ISA")
+                    if cap:
+                        if cap not in ISAS:
+                            raise ValueError(f"HIERALOSS_NATIVE_ISA must be one of {ISAS}, got {cap!r}")
+                        lib.hieraloss_set_isa(ISAS.index(cap))
+        _STATE["lib"], _STATE["error"] = lib, error
+        return lib
+
+
+def available() -> bool:
+    """Whether the compiled kernel is built, loadable and not disabled."""
+    return _load() is not None
+
+
+def load_error() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    _load()
+    return _STATE["error"]  # type: ignore[return-value]
+
+
+def isa() -> str | None:
+    """The instruction set the kernel runs with here (``"avx2"`` or ``"generic"``), None if unavailable."""
+    lib = _load()
+    return None if lib is None else lib.hieraloss_isa().decode()
+
+
+def set_isa(name: str) -> str:
+    """Cap the kernel's instruction set at ``name`` (one of :data:`ISAS`); returns the one now in use
+    (lower than ``name`` where this CPU or build lacks it). For tests and benchmarks."""
+    if name not in ISAS:
+        raise ValueError(f"isa must be one of {ISAS}, got {name!r}")
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the compiled CPU kernel is not available: {load_error()}")
+    return ISAS[lib.hieraloss_set_isa(ISAS.index(name))]
+
+
+def advise_hugepages(address: int, nbytes: int) -> bool:
+    """Ask for transparent huge pages on a fresh, untouched buffer (Linux; whole 2 MiB pages inside
+    it only). Its first touch then costs far fewer page faults. No-op for small buffers, elsewhere, or
+    with ``HIERALOSS_HUGEPAGES=0``; returns whether the advice was given."""
+    lib = _load()
+    if lib is None or nbytes < HUGEPAGE_MIN_BYTES or os.environ.get("HIERALOSS_HUGEPAGES", "1") == "0":
+        return False
+    return bool(lib.hieraloss_advise_hugepages(address, nbytes))
+
+
+class TreeArrays:
+    """The kernel's view of a hierarchy (channel space, int32, C-contiguous):
+
+    * ``edges`` ``[N - roots, 2]``: (child, parent) pairs, deepest children first and the children of
+      a parent in channel order (the order that decides zmax ties);
+    * ``pre``: position in a depth-first pre-order walk (children by channel), ``size``: subtree size,
+      so ``u`` is ``v`` or below it iff ``pre[v] <= pre[u] < pre[v] + size[v]``.
+    """
+
+    def __init__(self, hierarchy: Hierarchy):
+        parent = np.asarray(hierarchy.parent)
+        depth = np.asarray(hierarchy.depth)
+        n = hierarchy.num_nodes
+        kids = [k for k in range(n) if parent[k] >= 0]
+        kids.sort(key=lambda k: (-int(depth[k]), k))
+        self.edges = np.ascontiguousarray([[k, int(parent[k])] for k in kids], dtype=np.int32).reshape(-1, 2)
+        pre = np.zeros(n, dtype=np.int32)
+        size = np.ones(n, dtype=np.int32)
+        order: list[int] = []
+        stack = [v for v in range(n) if parent[v] < 0][::-1]
+        while stack:
+            v = stack.pop()
+            pre[v] = len(order)
+            order.append(v)
+            stack.extend(int(c) for c in hierarchy.children[v][::-1])
+        for v in reversed(order):  # children come after their parent in pre-order
+            if parent[v] >= 0:
+                size[parent[v]] += size[v]
+        self.pre = pre
+        self.size = size
+        self.num_nodes = n
+
+
+def tree_arrays(hierarchy: Hierarchy) -> TreeArrays:
+    """The cached :class:`TreeArrays` of ``hierarchy``."""
+    key = "tree:" + hierarchy.fingerprint
+    with _LOCK:
+        arrays = _STATE.get(key)
+        if arrays is None:
+            arrays = _STATE[key] = TreeArrays(hierarchy)
+    return arrays  # type: ignore[return-value]
+
+
+def tile_width(num_nodes: int) -> int:
+    """Pixels per tile: a multiple of 16 with at most about :data:`TILE_ENTRIES` entries, within [64, 256]
+    (measured on a 2-core Sapphire Rapids: 256 was best or near it for 26 and 149 nodes)."""
+    return int(min(256, max(64, (TILE_ENTRIES // max(1, num_nodes)) // 16 * 16)))
+
+
+def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, tree: TreeArrays, gamma: float, *,
+             channel_sums: int = 0, loss_map: int = 0, map_scale: int = 0, grad: int = 0, grad_scale: int = 0,
+             grad_up: int = 0, num_threads: int = 1) -> None:
+    """Run the kernel on raw addresses (0 = absent). The caller guarantees C-contiguous buffers:
+    ``x``, ``loss_map``, ``grad``, ``grad_up`` ``[B, N, P]`` of ``dtype``; ``label_channels`` int64
+    ``[B, P]`` (-1 = ignored, else a channel < N); ``channel_sums``, ``map_scale``, ``grad_scale``
+    float64 ``[N]``. Output sets: sums, sums + grad, map, grad, grad + grad_up."""
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the compiled CPU kernel is not available: {load_error()}")
+    B, N, P = shape
+    if N != tree.num_nodes:
+        raise ValueError(f"logits have {N} channels, the hierarchy {tree.num_nodes}")
+    status = lib.hieraloss_tree_min(
+        dtype, x, B, N, P, label_channels, tree.edges.ctypes.data, tree.edges.shape[0], tree.pre.ctypes.data,
+        tree.size.ctypes.data, float(gamma), channel_sums, loss_map, map_scale, grad, grad_scale, grad_up,
+        tile_width(N), max(1, int(num_threads)))
+    if status != 0:
+        raise RuntimeError(f"hieraloss native tree_min failed: {_ERRORS.get(status, status)}")

@@ -1,0 +1,170 @@
+// Compiled CPU kernel of the tree-min loss (see tree_min_kernel.h for the math), called through
+// ctypes with raw pointers, so any framework (torch, paddle, numpy) can use it. Built as an optional
+// extension module by setup.py; hieraloss falls back to its vectorized framework ops without it.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#define HIERALOSS_ISA generic
+#include "tree_min_kernel.h"
+#undef HIERALOSS_ISA
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define HIERALOSS_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define HIERALOSS_ISA avx2
+#include "tree_min_kernel.h"
+#undef HIERALOSS_ISA
+#pragma GCC pop_options
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
+#define HIERALOSS_ISA avx512
+#include "tree_min_kernel.h"
+#undef HIERALOSS_ISA
+#pragma GCC pop_options
+#endif
+
+#if defined(_WIN32)
+#define HIERALOSS_EXPORT __declspec(dllexport)
+#else
+#define HIERALOSS_EXPORT __attribute__((visibility("default")))
+#endif
+
+namespace {
+
+// The widest instruction set compiled in and supported by this CPU: 2 = AVX-512, 1 = AVX2 + FMA, 0 = baseline.
+int best_isa_level() {
+#ifdef HIERALOSS_HAVE_AVX2
+  static const int level = (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                            __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+                               ? 2
+                           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? 1
+                                                                                                : 0;
+  return level;
+#else
+  return 0;
+#endif
+}
+
+std::atomic<int> isa_cap{2};  // lowered by hieraloss_set_isa (tests run every compiled variant)
+
+int isa_level() { return std::min(best_isa_level(), isa_cap.load()); }
+
+template <typename T>
+int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const int32_t* edges, int64_t num_edges,
+           const int32_t* pre, const int32_t* size, double gamma, double* channel_sums, T* loss_map,
+           const double* map_scale, T* grad, const double* grad_scale, const T* grad_up, int64_t tile,
+           int64_t num_threads) {
+  if (B < 0 || N < 1 || P < 0 || tile < 1 || num_edges < 0 || num_edges >= N) return 1;
+  const int which = (channel_sums ? 8 : 0) | (loss_map ? 4 : 0) | (grad ? 2 : 0) | (grad_up ? 1 : 0);
+  if (!generic::supported_outputs(which)) return 3;
+  if (channel_sums) std::fill(channel_sums, channel_sums + N, 0.0);
+  const int64_t tiles_per_image = (P + tile - 1) / tile;
+  const int64_t items = B * tiles_per_image;
+  if (items == 0) return 0;
+  const int64_t threads = std::max<int64_t>(1, std::min(num_threads, items));
+  std::vector<double> sums(channel_sums ? threads * N : 0, 0.0);
+  auto work = [&](int64_t id) {
+    const int64_t first = items * id / threads, last = items * (id + 1) / threads;
+    generic::Tree tr{N, edges, num_edges, pre, size};
+    double* mine = channel_sums ? sums.data() + id * N : nullptr;
+#ifdef HIERALOSS_HAVE_AVX2
+    if (isa_level() == 2) {
+      avx512::Tree t{N, edges, num_edges, pre, size};
+      avx512::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+      avx512::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
+      return;
+    }
+    if (isa_level() == 1) {
+      avx2::Tree t{N, edges, num_edges, pre, size};
+      avx2::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+      avx2::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
+      return;
+    }
+#endif
+    generic::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+    generic::run<T>(x, lc, P, tile, tiles_per_image, first, last, tr, gamma, out);
+  };
+  std::vector<std::thread> pool;
+  for (int64_t id = 1; id < threads; ++id) pool.emplace_back(work, id);
+  work(0);
+  for (auto& th : pool) th.join();
+  if (channel_sums) {
+    for (int64_t id = 0; id < threads; ++id)  // fixed order: the result does not depend on scheduling
+      for (int64_t v = 0; v < N; ++v) channel_sums[v] += sums[id * N + v];
+  }
+  return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+// dtype: 0 = float32, 1 = float64 (x, loss_map, grad and grad_up all in that dtype).
+// Outputs are optional (null to skip): channel_sums [N] (double, per-channel sums of the unscaled
+// loss), loss_map [B, N, P] (times map_scale[v]), grad [B, N, P] (d sum_v scale_v * l_v / d x, with
+// grad_scale[v] and the optional per-entry grad_up). Supported output sets: sums, sums + grad, map,
+// grad, grad + grad_up. Returns 0, or 1 on bad sizes, 2 on a bad dtype, 3 on an unsupported set.
+HIERALOSS_EXPORT int hieraloss_tree_min(int dtype, const void* x, int64_t B, int64_t N, int64_t P, const int64_t* lc,
+                       const int32_t* edges, int64_t num_edges, const int32_t* pre, const int32_t* size,
+                       double gamma, double* channel_sums, void* loss_map, const double* map_scale, void* grad,
+                       const double* grad_scale, const void* grad_up, int64_t tile, int64_t num_threads) {
+  if (dtype == 0)
+    return launch<float>(static_cast<const float*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma, channel_sums,
+                         static_cast<float*>(loss_map), map_scale, static_cast<float*>(grad), grad_scale,
+                         static_cast<const float*>(grad_up), tile, num_threads);
+  if (dtype == 1)
+    return launch<double>(static_cast<const double*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma,
+                          channel_sums, static_cast<double*>(loss_map), map_scale, static_cast<double*>(grad),
+                          grad_scale, static_cast<const double*>(grad_up), tile, num_threads);
+  return 2;
+}
+
+// Cap the instruction set (0 baseline, 1 AVX2, 2 AVX-512); returns the level now in use.
+HIERALOSS_EXPORT int hieraloss_set_isa(int level) {
+  isa_cap.store(std::max(0, std::min(2, level)));
+  return isa_level();
+}
+
+// Ask the kernel for transparent huge pages on a fresh, untouched output buffer: its first touch
+// then faults 2 MiB at a time instead of 4 KiB (a large share of one pass over a new gradient).
+// Only whole huge pages inside [ptr, ptr + bytes) are advised. Returns 1 if advised, else 0.
+HIERALOSS_EXPORT int hieraloss_advise_hugepages(void* ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(1) << 21;
+  const uintptr_t start = (reinterpret_cast<uintptr_t>(ptr) + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(ptr) + static_cast<uintptr_t>(bytes)) & ~(huge - 1);
+  if (bytes <= 0 || end <= start) return 0;
+  return madvise(reinterpret_cast<void*>(start), end - start, MADV_HUGEPAGE) == 0 ? 1 : 0;
+#else
+  (void)ptr;
+  (void)bytes;
+  return 0;
+#endif
+}
+
+// Which instruction set the kernel runs with on this machine: "avx512", "avx2" or "generic".
+HIERALOSS_EXPORT const char* hieraloss_isa() {
+  static const char* names[] = {"generic", "avx2", "avx512"};
+  return names[isa_level()];
+}
+
+}  // extern "C"
+
+static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_tree_min",
+                                        "Compiled CPU tree-min kernel; called through ctypes (hieraloss._native).",
+                                        -1, nullptr};
+
+PyMODINIT_FUNC PyInit__tree_min(void) { return PyModule_Create(&module_def); }

@@ -1,0 +1,295 @@
+// Tree-min / focal tree-min loss and gradient on the CPU, one pass over the logits.
+// Included twice by tree_min.cpp: once for the baseline ISA, once under an AVX2+FMA target.
+// Layout: logits [B, N, P] (P = spatial positions), label channels [B, P] (-1 = ignored).
+//
+// Pixels are processed in tiles of `tile` consecutive positions; every loop below runs over the
+// pixels of a tile, so it is a straight vector loop (selects, no branches, no libm calls for float).
+//
+// Per entry (node v, pixel t) with label channel c:
+//   positive (v is c or an ancestor of c): l = term(-zmin_v), d l / d zmin_v = -dterm(-zmin_v)
+//   unknown  (v strictly below c, or the pixel is ignored): l = 0, no gradient
+//   negative (otherwise): l = term(zmax_v), d l / d zmax_v = dterm(zmax_v)
+// with term(z) = sigmoid(z)^gamma * softplus(z). Ancestry is tested with DFS pre-order positions:
+// v is c or above it iff pre[v] <= pre[c] < pre[v] + size[v].
+// The gradient at zmax_v goes to the first node of D(v) in DFS pre-order attaining it (via[v]
+// chains), the gradient at zmin_v to the shallowest node of A(v) attaining it (keep flags).
+
+namespace HIERALOSS_ISA {
+
+template <typename T>
+struct Math;
+
+template <>
+struct Math<float> {
+  static inline float bits(uint32_t u) {
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  // exp(x) for x <= 0 (NaN stays NaN): Cody-Waite reduction to |r| <= ln2/2 and a degree-6 minimax
+  // polynomial (under 1.4 ulp); the power of two is applied in two steps so subnormal results come out right.
+  static inline float exp_nonpos(float x) {
+    x = x < -103.0f ? -103.0f : x;
+    float k = x * 1.44269504088896341f;
+    k = (k + 12582912.0f) - 12582912.0f;  // round to nearest integer (|k| < 2^22)
+    float r = x - k * 0.693145751953125f;
+    r = r - k * 1.428606765330187045e-06f;
+    float p = 0.0013836845845019903f;
+    p = p * r + 0.00837481580396822f;
+    p = p * r + 0.04166822557223526f;
+    p = p * r + 0.166664201698566f;
+    p = p * r + 0.4999999207980415f;
+    p = p * r + 1.0000000363231951f;
+    p = p * r + 1.0000000005541674f;
+    int32_t ki = static_cast<int32_t>(k == k ? k : 0.0f);
+    int32_t k1 = ki / 2;
+    int32_t k2 = ki - k1;
+    return p * bits(static_cast<uint32_t>(k1 + 127) << 23) * bits(static_cast<uint32_t>(k2 + 127) << 23);
+  }
+  // log(1 + e) for e in [0, 1], given f = e / (2 + e) <= 1/3: 2 atanh(f) = 2 f q(f^2) with a degree-4
+  // minimax q (no cancellation for small e; under 3 ulp in all).
+  static inline float log1p_unit(float /*e*/, float f) {
+    float w = f * f;
+    float q = 0.14095773154012106f;
+    q = q * w + 0.13978832999385885f;
+    q = q * w + 0.20012557154769534f;
+    q = q * w + 0.3333315507259387f;
+    q = q * w + 1.0000000040393686f;
+    return 2.0f * f * q;
+  }
+};
+
+template <>
+struct Math<double> {
+  static inline double exp_nonpos(double x) { return std::exp(x); }
+  static inline double log1p_unit(double e, double /*f*/) { return std::log1p(e); }
+};
+
+// FOCAL: 0 = plain tree-min (gamma 0), 2 = gamma exactly 2 (s * s), 1 = any other gamma.
+template <typename T, int FOCAL>
+static inline void negative_term(T z, T gamma, T& term, T& dterm) {
+  T az = z < T(0) ? -z : z;
+  T e = Math<T>::exp_nonpos(-az);
+  T r = T(1) / ((T(1) + e) * (T(2) + e));  // one division for both quotients below
+  T l = Math<T>::log1p_unit(e, e * (T(1) + e) * r);  // log1p(e); f = e / (2 + e)
+  T inv = (T(2) + e) * r;  // 1 / (1 + e)
+  T a = e * inv;
+  bool nonneg = z >= T(0);
+  T s = nonneg ? inv : a;  // sigmoid(z)
+  T sp = (z > T(0) ? z : T(0)) + l;  // softplus(z)
+  if (FOCAL == 0) {
+    term = sp;
+    dterm = s;
+    return;
+  }
+  T sn = nonneg ? a : inv;  // sigmoid(-z), not 1 - s (cancellation)
+  T sg;
+  if (FOCAL == 2) {
+    sg = s * s;
+  } else {
+    T spn = (z < T(0) ? -z : T(0)) + l;  // softplus(-z) = -log sigmoid(z)
+    sg = Math<T>::exp_nonpos(-gamma * spn);
+  }
+  term = sg * sp;
+  dterm = sg * (gamma * sn * sp + s);
+}
+
+struct Tree {
+  int64_t num_nodes;
+  const int32_t* edges;  // [num_edges, 2] (child, parent), deepest children first, siblings in tie order
+  int64_t num_edges;
+  const int32_t* pre;  // DFS pre-order position per channel
+  const int32_t* size;  // subtree size per channel (itself included)
+};
+
+template <typename T>
+struct Outputs {
+  double* channel_sums;  // [N] per-thread slice, or null
+  T* loss_map;  // [B, N, P] or null
+  const double* map_scale;  // [N] or null
+  T* grad;  // [B, N, P] or null
+  const double* grad_scale;  // [N] or null
+  const T* grad_up;  // [B, N, P] or null
+};
+
+template <typename T>
+struct Scratch {
+  std::vector<T> zmax, zmin;
+  std::vector<double> sums;  // [N, tile]: per-lane running sums (a plain loop sum would not vectorize)
+  std::vector<int32_t> via, keep, pc, lo, hi;
+  explicit Scratch(int64_t n, int64_t tile, bool with_sums)
+      : zmax(n * tile), zmin(n * tile), sums(with_sums ? n * tile : 0), via(n * tile), keep(n * tile), pc(tile),
+        lo(tile), hi(tile) {}
+};
+
+// Which output combinations the kernel is instantiated for (flags: sums 8, map 4, grad 2, grad_up 1).
+static inline bool supported_outputs(int which) {
+  return which == 8 || which == (8 | 2) || which == 4 || which == 2 || which == (2 | 1);
+}
+
+// The loss terms of node v over the m pixels of a tile (compile-time outputs: a branch-free vector loop).
+template <typename T, int FOCAL, bool SUMS, bool MAP, bool GRAD, bool UP>
+static inline void entry_terms(int64_t v, int64_t m, int64_t base, int64_t P, const Tree& tr, T gamma,
+                               const Outputs<T>& out, Scratch<T>& s, int64_t tile) {
+  const int32_t pre_v = tr.pre[v], end_v = tr.pre[v] + tr.size[v];
+  const int32_t* __restrict pc = s.pc.data();
+  const int32_t* __restrict lo = s.lo.data();
+  const int32_t* __restrict hi = s.hi.data();
+  T* __restrict a = s.zmax.data() + v * tile;
+  T* __restrict i = s.zmin.data() + v * tile;
+  T* __restrict map = MAP ? out.loss_map + base + v * P : nullptr;
+  const T map_w = MAP && out.map_scale ? static_cast<T>(out.map_scale[v]) : T(1);
+  const T grad_w = GRAD && out.grad_scale ? static_cast<T>(out.grad_scale[v]) : T(1);
+  const T* __restrict up = UP ? out.grad_up + base + v * P : nullptr;
+  double* __restrict acc = SUMS ? s.sums.data() + v * tile : nullptr;
+  for (int64_t t = 0; t < m; ++t) {
+    bool pos = (pre_v <= pc[t]) & (pc[t] < end_v);
+    bool unknown = (pre_v >= lo[t]) & (pre_v < hi[t]);
+    T z = pos ? -i[t] : a[t];
+    T term, dterm;
+    negative_term<T, FOCAL>(z, gamma, term, dterm);
+    T loss = unknown ? T(0) : term;
+    if (SUMS) acc[t] += static_cast<double>(loss);
+    if (MAP) map[t] = loss * map_w;
+    if (GRAD) {
+      T g = dterm * grad_w;
+      if (UP) g = g * up[t];
+      g = unknown ? T(0) : g;
+      a[t] = pos ? T(0) : g;
+      i[t] = pos ? -g : T(0);
+    }
+  }
+}
+
+// One tile: pixels [p0, p0 + m) of image b.
+template <typename T, int FOCAL>
+static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64_t b, int64_t p0, int64_t m,
+                      int64_t P, const Tree& tr, T gamma, const Outputs<T>& out, Scratch<T>& s, int64_t tile) {
+  const int64_t N = tr.num_nodes;
+  const int64_t base = b * N * P + p0;
+  int32_t* __restrict pc = s.pc.data();
+  int32_t* __restrict lo = s.lo.data();
+  int32_t* __restrict hi = s.hi.data();
+  for (int64_t t = 0; t < m; ++t) {
+    const int64_t c = lc[b * P + p0 + t];
+    const bool ok = c >= 0;
+    const int64_t safe = ok ? c : 0;
+    const int32_t pre_c = tr.pre[safe], size_c = tr.size[safe];
+    pc[t] = ok ? pre_c : -1;
+    lo[t] = ok ? pre_c + 1 : 0;  // unknown entries: pre-order positions in [lo, hi)
+    hi[t] = ok ? pre_c + size_c : static_cast<int32_t>(N);
+  }
+  T* __restrict zmax = s.zmax.data();
+  T* __restrict zmin = s.zmin.data();
+  int32_t* __restrict via = s.via.data();
+  int32_t* __restrict keep = s.keep.data();
+  for (int64_t v = 0; v < N; ++v) {
+    const T* xv = x + base + v * P;
+    T* a = zmax + v * tile;
+    T* i = zmin + v * tile;
+    int32_t* w = via + v * tile;
+    int32_t* k = keep + v * tile;
+    for (int64_t t = 0; t < m; ++t) {
+      a[t] = xv[t];
+      i[t] = xv[t];
+      w[t] = static_cast<int32_t>(v);
+      k[t] = 1;
+    }
+  }
+  // zmax bottom-up: a child replaces its parent's max only when strictly larger (or NaN), so the
+  // parent itself, then earlier siblings, win ties.
+  for (int64_t e = 0; e < tr.num_edges; ++e) {
+    const int32_t kid = tr.edges[2 * e], par = tr.edges[2 * e + 1];
+    const T* zk = zmax + kid * tile;
+    T* zp = zmax + par * tile;
+    int32_t* wp = via + par * tile;
+    for (int64_t t = 0; t < m; ++t) {
+      bool take = (zk[t] > zp[t]) | (zk[t] != zk[t]);
+      zp[t] = take ? zk[t] : zp[t];
+      wp[t] = take ? kid : wp[t];
+    }
+  }
+  // zmin top-down: a node keeps its own logit only when strictly smaller (or NaN): the shallowest wins ties.
+  for (int64_t e = tr.num_edges - 1; e >= 0; --e) {
+    const int32_t kid = tr.edges[2 * e], par = tr.edges[2 * e + 1];
+    const T* xk = x + base + kid * P;
+    const T* zp = zmin + par * tile;
+    T* zk = zmin + kid * tile;
+    int32_t* kk = keep + kid * tile;
+    for (int64_t t = 0; t < m; ++t) {
+      bool own = (xk[t] < zp[t]) | (xk[t] != xk[t]);
+      zk[t] = own ? xk[t] : zp[t];
+      kk[t] = own ? 1 : 0;
+    }
+  }
+  // Entry terms. From here zmax holds d loss / d zmax (negatives) and zmin d loss / d zmin (positives).
+  const int which = (out.channel_sums ? 8 : 0) | (out.loss_map ? 4 : 0) | (out.grad ? 2 : 0) | (out.grad_up ? 1 : 0);
+  for (int64_t v = 0; v < N; ++v) {
+    switch (which) {
+      case 8: entry_terms<T, FOCAL, true, false, false, false>(v, m, base, P, tr, gamma, out, s, tile); break;
+      case 8 | 2: entry_terms<T, FOCAL, true, false, true, false>(v, m, base, P, tr, gamma, out, s, tile); break;
+      case 4: entry_terms<T, FOCAL, false, true, false, false>(v, m, base, P, tr, gamma, out, s, tile); break;
+      case 2: entry_terms<T, FOCAL, false, false, true, false>(v, m, base, P, tr, gamma, out, s, tile); break;
+      case 2 | 1: entry_terms<T, FOCAL, false, false, true, true>(v, m, base, P, tr, gamma, out, s, tile); break;
+      default: break;  // rejected by supported_outputs() before any work
+    }
+  }
+  const bool want_grad = out.grad != nullptr;
+  if (!want_grad) return;
+  // Route: negative gradients down the via chains (parents before children), positive gradients
+  // up to the shallowest node attaining zmin (children before parents).
+  for (int64_t e = tr.num_edges - 1; e >= 0; --e) {
+    const int32_t kid = tr.edges[2 * e], par = tr.edges[2 * e + 1];
+    const T* gp = zmax + par * tile;
+    const int32_t* wp = via + par * tile;
+    T* gk = zmax + kid * tile;
+    for (int64_t t = 0; t < m; ++t) gk[t] += wp[t] == kid ? gp[t] : T(0);
+  }
+  for (int64_t e = 0; e < tr.num_edges; ++e) {
+    const int32_t kid = tr.edges[2 * e], par = tr.edges[2 * e + 1];
+    const T* gk = zmin + kid * tile;
+    const int32_t* kk = keep + kid * tile;
+    T* gp = zmin + par * tile;
+    for (int64_t t = 0; t < m; ++t) gp[t] += kk[t] ? T(0) : gk[t];
+  }
+  for (int64_t v = 0; v < N; ++v) {
+    const T* a = zmax + v * tile;
+    const T* i = zmin + v * tile;
+    const int32_t* w = via + v * tile;
+    const int32_t* k = keep + v * tile;
+    T* g = out.grad + base + v * P;
+    for (int64_t t = 0; t < m; ++t) g[t] = (w[t] == v ? a[t] : T(0)) + (k[t] ? i[t] : T(0));
+  }
+}
+
+template <typename T, int FOCAL>
+static void run_items(const T* x, const int64_t* lc, int64_t P, int64_t tile, int64_t tiles_per_image,
+                      int64_t first, int64_t last, const Tree& tr, T gamma, const Outputs<T>& out) {
+  Scratch<T> s(tr.num_nodes, tile, out.channel_sums != nullptr);
+  for (int64_t item = first; item < last; ++item) {
+    const int64_t b = item / tiles_per_image;
+    const int64_t p0 = (item % tiles_per_image) * tile;
+    tile_pass<T, FOCAL>(x, lc, b, p0, std::min(tile, P - p0), P, tr, gamma, out, s, tile);
+  }
+  if (out.channel_sums) {
+    for (int64_t v = 0; v < tr.num_nodes; ++v) {
+      double total = 0.0;
+      for (int64_t t = 0; t < tile; ++t) total += s.sums[v * tile + t];
+      out.channel_sums[v] += total;
+    }
+  }
+}
+
+template <typename T>
+static void run(const T* x, const int64_t* lc, int64_t P, int64_t tile, int64_t tiles_per_image, int64_t first,
+                int64_t last, const Tree& tr, double gamma, const Outputs<T>& out) {
+  if (gamma == 0.0) {
+    run_items<T, 0>(x, lc, P, tile, tiles_per_image, first, last, tr, T(0), out);
+  } else if (gamma == 2.0) {
+    run_items<T, 2>(x, lc, P, tile, tiles_per_image, first, last, tr, T(2), out);
+  } else {
+    run_items<T, 1>(x, lc, P, tile, tiles_per_image, first, last, tr, static_cast<T>(gamma), out);
+  }
+}
+
+}  // namespace HIERALOSS_ISA

@@ -1,0 +1,116 @@
+"""Tree-min loss on CPU tensors through the compiled kernel (``hieraloss._native``).
+
+One pass over the logits per call. With a scalar reduction and logits that need a gradient, the
+forward pass writes the gradient too (the kernel has every term in registers already) and backward
+only scales it by the upstream gradient: one pass over memory per training step instead of two.
+The cost is a logits-sized buffer held from the loss's forward to its backward; the eager op
+(:mod:`._ops`) holds nothing but recomputes. ``reduction="none"`` recomputes in backward (the
+upstream map is only known there), as does a second backward through a retained graph.
+
+The op runs outside ``torch.compile`` graphs (a graph break at the loss): the kernel is called
+through ctypes, which dynamo cannot trace.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _native
+from ..hierarchy import Hierarchy
+from ._ops import _reduction_scales, plan_for
+
+NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def native_available() -> bool:
+    return _native.available()
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether :func:`tree_min_native` can take these logits (CPU, a float dtype, kernel built)."""
+    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and _native.available()
+
+
+def _dtype_code(t: torch.Tensor) -> int:
+    return _native.FLOAT64 if t.dtype == torch.float64 else _native.FLOAT32
+
+
+def _run(x, lc, hierarchy, gamma, *, channel_sums=None, loss_map=None, map_scale=None, grad=None,
+         grad_scale=None, grad_up=None) -> None:
+    def ptr(t):
+        return 0 if t is None else t.data_ptr()
+
+    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy),
+                     gamma, channel_sums=ptr(channel_sums), loss_map=ptr(loss_map), map_scale=ptr(map_scale),
+                     grad=ptr(grad), grad_scale=ptr(grad_scale), grad_up=ptr(grad_up),
+                     num_threads=torch.get_num_threads())
+
+
+def _fresh_like(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised output buffer like ``x``, with huge pages asked for (see _native.advise_hugepages)."""
+    out = torch.empty_like(x)
+    _native.advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
+def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
+    """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries)."""
+    scale = _reduction_scales(lc, plan_for(hierarchy, lc.device), reduction, torch.float64)
+    if weight is not None:
+        scale = scale * weight.to(torch.float64)
+    return scale.contiguous()
+
+
+class _NativeTreeMin(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, lc, weight, hierarchy, gamma, reduction):
+        ctx.config = (hierarchy, gamma, reduction)
+        ctx.fused_grad = None
+        ctx.save_for_backward(x, lc, weight)
+        if reduction == "none":
+            out = _fresh_like(x)
+            w = None if weight is None else weight.to(torch.float64).contiguous()
+            _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=w)
+            return out
+        scale = _scales(lc, hierarchy, reduction, weight)
+        sums = torch.empty(x.shape[1], dtype=torch.float64)
+        grad = _fresh_like(x) if ctx.needs_input_grad[0] else None
+        _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
+        ctx.fused_grad = grad
+        ctx.scale = scale
+        return (sums * scale).sum().to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lc, weight = ctx.saved_tensors
+        hierarchy, gamma, reduction = ctx.config
+        if reduction == "none":
+            grad = _fresh_like(x)
+            w = None if weight is None else weight.to(torch.float64).contiguous()
+            up = grad_out.to(x.dtype).contiguous()
+            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=w, grad_up=up)
+            return grad, None, None, None, None, None
+        factor = float(grad_out)
+        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
+        if grad is None:
+            grad = _fresh_like(x)
+            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=ctx.scale * factor)
+        elif factor != 1.0:
+            grad.mul_(factor)
+        return grad, None, None, None, None, None
+
+
+@torch.compiler.disable
+def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float,
+                    reduction: str, node_weight: torch.Tensor | None) -> torch.Tensor:
+    """Same contract as :func:`._ops.tree_min_op` (validated inputs, label channels with -1 = ignored)
+    for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
+    B, N = logits.shape[:2]
+    spatial = logits.shape[2:]
+    x = logits.reshape(B, N, -1)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    lc = label_channels.reshape(B, -1).to(torch.int64).contiguous()
+    out = _NativeTreeMin.apply(x, lc, node_weight, hierarchy, float(gamma), reduction)
+    return out.reshape(B, N, *spatial) if reduction == "none" else out
