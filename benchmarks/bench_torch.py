@@ -2,11 +2,14 @@
 
     python benchmarks/bench_torch.py            # Cityscapes B=2 26x512x1024, Mapillary B=1 149x512x1024
     python benchmarks/bench_torch.py --quick    # small sizes (64x128)
+    HIERALOSS_NATIVE_ISA=avx2 python benchmarks/bench_torch.py   # cap the compiled kernel's ISA
 
 Per configuration, all in the same run:
-* time of ``tree_min_loss(..., reduction="hssn", backend="torch")`` forward+backward (best and median
-  of ``--repeats``), of the published-style per-class loop (``benchmarks/published_hssn.py``), and of
-  one read+write pass over the logits (``dst.copy_(src)``); printed as ratios, per statistic;
+* time of ``tree_min_loss(..., reduction="hssn")`` forward+backward (best and median of
+  ``--repeats``) with ``backend="native"`` (the compiled CPU kernel, what ``"auto"`` picks on the
+  CPU when it is built) and ``backend="torch"`` (the vectorized torch ops), of the published-style
+  per-class loop (``benchmarks/published_hssn.py``), and of one read+write pass over the logits
+  (``dst.copy_(src)``); printed as ratios, per statistic;
 * peak extra memory of one forward+backward / logits size. Measured honestly as resident memory:
   each measurement runs in a fresh subprocess that builds the inputs, warms up on a tiny input,
   resets the kernel's peak-RSS counter (``echo 5 > /proc/self/clear_refs``), runs once and reads
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +39,7 @@ from published_hssn import published_tree_min_loss  # noqa: E402
 
 import hieraloss  # noqa: E402
 import hieraloss.torch as ht  # noqa: E402
+from hieraloss import _native  # noqa: E402
 
 CONFIGS = {
     "cityscapes": dict(preset="cityscapes", batch=2),
@@ -52,10 +57,13 @@ def make_inputs(name: str, height: int, width: int, seed: int = 0):
     return h, x, labels
 
 
+IMPLS = ("native", "torch")  # ours: backend= values of hieraloss.torch
+
+
 def run_once(impl: str, h, x, labels) -> None:
     x.grad = None
-    if impl == "ours":
-        loss = ht.tree_min_loss(x, labels, h, reduction="hssn", backend="torch")
+    if impl in IMPLS:
+        loss = ht.tree_min_loss(x, labels, h, reduction="hssn", backend=impl)
     else:
         loss = published_tree_min_loss(x, labels, h)
     loss.backward()
@@ -114,36 +122,42 @@ def main() -> None:
         probe(impl, name, int(hh), int(ww))
         return
     height, width = (64, 128) if args.quick else (512, 1024)
+    impls = IMPLS if _native.available() else ("torch",)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32 logits, "
           f"labels with 1/16 ignored rows, reduction='hssn'")
+    print(f"compiled kernel: {_native.isa() or 'not available: ' + str(_native.load_error())}, "
+          f"huge-page advice {'off' if os.environ.get('HIERALOSS_HUGEPAGES') == '0' else 'on'}")
     for name in args.configs:
-        bench_config(name, height, width, args)
+        bench_config(name, height, width, args, impls)
         gc.collect()
         if not args.no_memory:
-            r_ours = peak_ratio("ours", name, height, width)
-            r_pub = peak_ratio("published", name, height, width)
-            print(f"  peak extra memory / logits: ours {r_ours:.2f}x, published-style {r_pub:.2f}x")
+            ratios = {impl: peak_ratio(impl, name, height, width) for impl in (*impls, "published")}
+            print("  peak extra memory / logits: " + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()))
 
 
-def bench_config(name: str, height: int, width: int, args: argparse.Namespace) -> None:
+def bench_config(name: str, height: int, width: int, args: argparse.Namespace, impls) -> None:
     h, x, labels = make_inputs(name, height, width)
     x.requires_grad_()
     shape = "x".join(map(str, x.shape))
-    run_once("ours", h, x, labels)  # warm-up
-    t_ours = timed(lambda: run_once("ours", h, x, labels), args.repeats)
+    times = {}
+    for impl in impls:
+        run_once(impl, h, x, labels)  # warm-up
+        times[impl] = timed(lambda impl=impl: run_once(impl, h, x, labels), args.repeats)
     t_pub = timed(lambda: run_once("published", h, x, labels), args.published_repeats)
     src = x.detach()
     dst = torch.empty_like(src)
     dst.copy_(src)
     t_copy = timed(lambda: dst.copy_(src), max(5, args.repeats))
-    value_ours = ht.tree_min_loss(x, labels, h, reduction="hssn", backend="torch").item()
+    values = {impl: ht.tree_min_loss(x, labels, h, reduction="hssn", backend=impl).item() for impl in impls}
     value_pub = published_tree_min_loss(x, labels, h).item()
     print(f"\n{name} [{shape}] ({x.numel() * 4 / 2**20:.0f} MiB logits)")
-    print(f"  loss: ours {value_ours:.6f}  published-style {value_pub:.6f}")
+    print("  loss: " + "  ".join(f"{k} {v:.6f}" for k, v in values.items()) + f"  published-style {value_pub:.6f}")
     for label, i in (("best", 0), ("median", 1)):
-        print(f"  fwd+bwd ({label}): ours {t_ours[i] * 1e3:.1f} ms, published-style {t_pub[i] * 1e3:.1f} ms, "
-              f"copy {t_copy[i] * 1e3:.2f} ms; published-style / ours = {t_pub[i] / t_ours[i]:.1f}x, "
-              f"ours / copy = {t_ours[i] / t_copy[i]:.1f}x")
+        print(f"  fwd+bwd ({label}): published-style {t_pub[i] * 1e3:.1f} ms, copy {t_copy[i] * 1e3:.2f} ms")
+        for impl in impls:
+            t = times[impl][i]
+            print(f"    {impl:>6}: {t * 1e3:7.1f} ms; published-style / {impl} = {t_pub[i] / t:6.1f}x, "
+                  f"{impl} / copy = {t / t_copy[i]:5.1f}x")
 
 
 if __name__ == "__main__":

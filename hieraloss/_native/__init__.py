@@ -33,7 +33,8 @@ HUGEPAGE_MIN_BYTES = 1 << 22
 
 _LOCK = threading.Lock()
 _STATE: dict[str, object] = {}
-_ERRORS = {1: "bad sizes", 2: "unsupported dtype", 3: "unsupported combination of outputs"}
+_ERRORS = {1: "bad sizes", 2: "unsupported dtype", 3: "unsupported combination of outputs",
+           4: "out of memory or threads"}
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 

@@ -76,31 +76,47 @@ int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const
   if (items == 0) return 0;
   const int64_t threads = std::max<int64_t>(1, std::min(num_threads, items));
   std::vector<double> sums(channel_sums ? threads * N : 0, 0.0);
+  std::vector<uint8_t> is_child(N, 0);
+  for (int64_t e = 0; e < num_edges; ++e) {
+    const int32_t kid = edges[2 * e], par = edges[2 * e + 1];
+    if (kid < 0 || kid >= N || par < 0 || par >= N) return 1;
+    is_child[kid] = 1;
+  }
+  std::atomic<bool> failed{false};
   auto work = [&](int64_t id) {
-    const int64_t first = items * id / threads, last = items * (id + 1) / threads;
-    generic::Tree tr{N, edges, num_edges, pre, size};
-    double* mine = channel_sums ? sums.data() + id * N : nullptr;
+    try {
+      const int64_t first = items * id / threads, last = items * (id + 1) / threads;
+      double* mine = channel_sums ? sums.data() + id * N : nullptr;
 #ifdef HIERALOSS_HAVE_AVX2
-    if (isa_level() == 2) {
-      avx512::Tree t{N, edges, num_edges, pre, size};
-      avx512::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
-      avx512::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
-      return;
-    }
-    if (isa_level() == 1) {
-      avx2::Tree t{N, edges, num_edges, pre, size};
-      avx2::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
-      avx2::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
-      return;
-    }
+      if (isa_level() == 2) {
+        avx512::Tree t{N, edges, num_edges, pre, size, is_child.data()};
+        avx512::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+        avx512::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
+        return;
+      }
+      if (isa_level() == 1) {
+        avx2::Tree t{N, edges, num_edges, pre, size, is_child.data()};
+        avx2::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+        avx2::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
+        return;
+      }
 #endif
-    generic::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
-    generic::run<T>(x, lc, P, tile, tiles_per_image, first, last, tr, gamma, out);
+      generic::Tree t{N, edges, num_edges, pre, size, is_child.data()};
+      generic::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+      generic::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
+    } catch (...) {  // an exception must not leave a thread (std::terminate)
+      failed = true;
+    }
   };
   std::vector<std::thread> pool;
-  for (int64_t id = 1; id < threads; ++id) pool.emplace_back(work, id);
-  work(0);
+  try {
+    for (int64_t id = 1; id < threads; ++id) pool.emplace_back(work, id);
+  } catch (...) {
+    failed = true;  // could not start a thread: finish the started ones, then report
+  }
+  if (!failed) work(0);
   for (auto& th : pool) th.join();
+  if (failed) return 4;
   if (channel_sums) {
     for (int64_t id = 0; id < threads; ++id)  // fixed order: the result does not depend on scheduling
       for (int64_t v = 0; v < N; ++v) channel_sums[v] += sums[id * N + v];
@@ -121,15 +137,19 @@ HIERALOSS_EXPORT int hieraloss_tree_min(int dtype, const void* x, int64_t B, int
                        const int32_t* edges, int64_t num_edges, const int32_t* pre, const int32_t* size,
                        double gamma, double* channel_sums, void* loss_map, const double* map_scale, void* grad,
                        const double* grad_scale, const void* grad_up, int64_t tile, int64_t num_threads) {
-  if (dtype == 0)
-    return launch<float>(static_cast<const float*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma, channel_sums,
+  try {
+    if (dtype == 0)
+      return launch<float>(static_cast<const float*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma, channel_sums,
                          static_cast<float*>(loss_map), map_scale, static_cast<float*>(grad), grad_scale,
                          static_cast<const float*>(grad_up), tile, num_threads);
-  if (dtype == 1)
-    return launch<double>(static_cast<const double*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma,
+    if (dtype == 1)
+      return launch<double>(static_cast<const double*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma,
                           channel_sums, static_cast<double*>(loss_map), map_scale, static_cast<double*>(grad),
                           grad_scale, static_cast<const double*>(grad_up), tile, num_threads);
-  return 2;
+    return 2;
+  } catch (...) {  // std::bad_alloc, std::system_error (threads): never unwind into C callers
+    return 4;
+  }
 }
 
 // Cap the instruction set (0 baseline, 1 AVX2, 2 AVX-512); returns the level now in use.

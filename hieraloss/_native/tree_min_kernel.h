@@ -100,6 +100,7 @@ struct Tree {
   int64_t num_edges;
   const int32_t* pre;  // DFS pre-order position per channel
   const int32_t* size;  // subtree size per channel (itself included)
+  const uint8_t* is_child;  // 1 for nodes with a parent channel (not depth 1)
 };
 
 template <typename T>
@@ -112,14 +113,27 @@ struct Outputs {
   const T* grad_up;  // [B, N, P] or null
 };
 
+// Loss sums are kept per lane ([N, tile]; a plain running sum would not vectorize): `partial` in T over
+// at most kFlushTiles tiles, then added into `sums` in double (few float additions per lane, so
+// the rounding stays near 1e-7 relative however many pixels there are).
+constexpr int kFlushTiles = 8;
+
 template <typename T>
 struct Scratch {
-  std::vector<T> zmax, zmin;
-  std::vector<double> sums;  // [N, tile]: per-lane running sums (a plain loop sum would not vectorize)
+  std::vector<T> zmax, zmin, partial;
+  std::vector<double> sums;
   std::vector<int32_t> via, keep, pc, lo, hi;
+  int pending = 0;  // tiles summed into `partial` since the last flush
   explicit Scratch(int64_t n, int64_t tile, bool with_sums)
-      : zmax(n * tile), zmin(n * tile), sums(with_sums ? n * tile : 0), via(n * tile), keep(n * tile), pc(tile),
-        lo(tile), hi(tile) {}
+      : zmax(n * tile), zmin(n * tile), partial(with_sums ? n * tile : 0), sums(with_sums ? n * tile : 0),
+        via(n * tile), keep(n * tile), pc(tile), lo(tile), hi(tile) {}
+  void flush() {
+    for (size_t j = 0; j < partial.size(); ++j) {
+      sums[j] += static_cast<double>(partial[j]);
+      partial[j] = T(0);
+    }
+    pending = 0;
+  }
 };
 
 // Which output combinations the kernel is instantiated for (flags: sums 8, map 4, grad 2, grad_up 1).
@@ -141,7 +155,7 @@ static inline void entry_terms(int64_t v, int64_t m, int64_t base, int64_t P, co
   const T map_w = MAP && out.map_scale ? static_cast<T>(out.map_scale[v]) : T(1);
   const T grad_w = GRAD && out.grad_scale ? static_cast<T>(out.grad_scale[v]) : T(1);
   const T* __restrict up = UP ? out.grad_up + base + v * P : nullptr;
-  double* __restrict acc = SUMS ? s.sums.data() + v * tile : nullptr;
+  T* __restrict acc = SUMS ? s.partial.data() + v * tile : nullptr;
   for (int64_t t = 0; t < m; ++t) {
     bool pos = (pre_v <= pc[t]) & (pc[t] < end_v);
     bool unknown = (pre_v >= lo[t]) & (pre_v < hi[t]);
@@ -149,7 +163,7 @@ static inline void entry_terms(int64_t v, int64_t m, int64_t base, int64_t P, co
     T term, dterm;
     negative_term<T, FOCAL>(z, gamma, term, dterm);
     T loss = unknown ? T(0) : term;
-    if (SUMS) acc[t] += static_cast<double>(loss);
+    if (SUMS) acc[t] += loss;
     if (MAP) map[t] = loss * map_w;
     if (GRAD) {
       T g = dterm * grad_w;
@@ -172,7 +186,7 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
   int32_t* __restrict hi = s.hi.data();
   for (int64_t t = 0; t < m; ++t) {
     const int64_t c = lc[b * P + p0 + t];
-    const bool ok = c >= 0;
+    const bool ok = c >= 0 && c < N;  // callers pass validated channels; anything else counts as ignored
     const int64_t safe = ok ? c : 0;
     const int32_t pre_c = tr.pre[safe], size_c = tr.size[safe];
     pc[t] = ok ? pre_c : -1;
@@ -183,16 +197,22 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
   T* __restrict zmin = s.zmin.data();
   int32_t* __restrict via = s.via.data();
   int32_t* __restrict keep = s.keep.data();
+  // zmax starts as x with every node its own argmax; zmin and keep are written for every child by the
+  // top-down sweep below, so only the depth-1 nodes (roots of their subtrees) need them here.
   for (int64_t v = 0; v < N; ++v) {
     const T* xv = x + base + v * P;
     T* a = zmax + v * tile;
-    T* i = zmin + v * tile;
     int32_t* w = via + v * tile;
-    int32_t* k = keep + v * tile;
+    const int32_t self = static_cast<int32_t>(v);
     for (int64_t t = 0; t < m; ++t) {
       a[t] = xv[t];
+      w[t] = self;
+    }
+    if (tr.is_child[v]) continue;
+    T* i = zmin + v * tile;
+    int32_t* k = keep + v * tile;
+    for (int64_t t = 0; t < m; ++t) {
       i[t] = xv[t];
-      w[t] = static_cast<int32_t>(v);
       k[t] = 1;
     }
   }
@@ -243,14 +263,20 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
     const T* gp = zmax + par * tile;
     const int32_t* wp = via + par * tile;
     T* gk = zmax + kid * tile;
-    for (int64_t t = 0; t < m; ++t) gk[t] += wp[t] == kid ? gp[t] : T(0);
+    for (int64_t t = 0; t < m; ++t) {
+      const T passed = gp[t];  // loaded unconditionally, so the select is a blend, not a masked load
+      gk[t] += wp[t] == kid ? passed : T(0);
+    }
   }
   for (int64_t e = 0; e < tr.num_edges; ++e) {
     const int32_t kid = tr.edges[2 * e], par = tr.edges[2 * e + 1];
     const T* gk = zmin + kid * tile;
     const int32_t* kk = keep + kid * tile;
     T* gp = zmin + par * tile;
-    for (int64_t t = 0; t < m; ++t) gp[t] += kk[t] ? T(0) : gk[t];
+    for (int64_t t = 0; t < m; ++t) {
+      const T passed = gk[t];
+      gp[t] += kk[t] ? T(0) : passed;
+    }
   }
   for (int64_t v = 0; v < N; ++v) {
     const T* a = zmax + v * tile;
@@ -258,7 +284,11 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
     const int32_t* w = via + v * tile;
     const int32_t* k = keep + v * tile;
     T* g = out.grad + base + v * P;
-    for (int64_t t = 0; t < m; ++t) g[t] = (w[t] == v ? a[t] : T(0)) + (k[t] ? i[t] : T(0));
+    const int32_t self = static_cast<int32_t>(v);  // int32 compare: no widening in the vector loop
+    for (int64_t t = 0; t < m; ++t) {
+      const T down = a[t], up_ = i[t];
+      g[t] = (w[t] == self ? down : T(0)) + (k[t] ? up_ : T(0));
+    }
   }
 }
 
@@ -270,8 +300,10 @@ static void run_items(const T* x, const int64_t* lc, int64_t P, int64_t tile, in
     const int64_t b = item / tiles_per_image;
     const int64_t p0 = (item % tiles_per_image) * tile;
     tile_pass<T, FOCAL>(x, lc, b, p0, std::min(tile, P - p0), P, tr, gamma, out, s, tile);
+    if (out.channel_sums && ++s.pending == kFlushTiles) s.flush();
   }
   if (out.channel_sums) {
+    s.flush();
     for (int64_t v = 0; v < tr.num_nodes; ++v) {
       double total = 0.0;
       for (int64_t t = 0; t < tile; ++t) total += s.sums[v * tile + t];

@@ -63,7 +63,7 @@ def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
 
 class _NativeTreeMin(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, lc, weight, hierarchy, gamma, reduction):
+    def forward(ctx, x, lc, weight, hierarchy, gamma, reduction, want_grad):
         ctx.config = (hierarchy, gamma, reduction)
         ctx.fused_grad = None
         ctx.save_for_backward(x, lc, weight)
@@ -74,7 +74,7 @@ class _NativeTreeMin(torch.autograd.Function):
             return out
         scale = _scales(lc, hierarchy, reduction, weight)
         sums = torch.empty(x.shape[1], dtype=torch.float64)
-        grad = _fresh_like(x) if ctx.needs_input_grad[0] else None
+        grad = _fresh_like(x) if want_grad else None
         _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
         ctx.fused_grad = grad
         ctx.scale = scale
@@ -89,7 +89,7 @@ class _NativeTreeMin(torch.autograd.Function):
             w = None if weight is None else weight.to(torch.float64).contiguous()
             up = grad_out.to(x.dtype).contiguous()
             _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=w, grad_up=up)
-            return grad, None, None, None, None, None
+            return grad, None, None, None, None, None, None
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
@@ -97,7 +97,7 @@ class _NativeTreeMin(torch.autograd.Function):
             _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=ctx.scale * factor)
         elif factor != 1.0:
             grad.mul_(factor)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 @torch.compiler.disable
@@ -112,5 +112,6 @@ def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarch
         x = x.float()
     x = x.contiguous()
     lc = label_channels.reshape(B, -1).to(torch.int64).contiguous()
-    out = _NativeTreeMin.apply(x, lc, node_weight, hierarchy, float(gamma), reduction)
+    want_grad = torch.is_grad_enabled() and x.requires_grad  # Function.forward itself runs without grad mode
+    out = _NativeTreeMin.apply(x, lc, node_weight, hierarchy, float(gamma), reduction, want_grad)
     return out.reshape(B, N, *spatial) if reduction == "none" else out
