@@ -7,7 +7,7 @@ framework ops on the CPU (same results, slower); ``hieraloss._native.available()
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
-UNIX_FLAGS = ["-O3", "-std=c++17", "-fno-trapping-math", "-fvisibility=hidden"]
+UNIX_FLAGS = ["-O3", "-g0", "-std=c++17", "-fno-trapping-math", "-fvisibility=hidden"]
 MSVC_FLAGS = ["/O2", "/std:c++17"]
 
 

@@ -2,7 +2,11 @@
 
 Compared, in one run, on the same logits (Cityscapes scale by default: B=2, 26 channels, 512x1024):
 
-* ``hieraloss``: ``hieraloss.paddle.tree_min_loss(..., reduction="hssn", backend="paddle")``;
+* ``hieraloss_auto``: ``hieraloss.paddle.tree_min_loss(..., reduction="hssn")`` with the default
+  ``backend="auto"``, which on the CPU is the compiled kernel (``hieraloss._native``; the forward
+  pass writes the gradient, backward scales it) when it was built;
+* ``hieraloss_paddle``: the same with ``backend="paddle"``, the vectorized paddle op (forward sweeps,
+  backward recomputes them);
 * ``per_class_loop``: a published-style formulation written here: sigmoid probabilities, a Python
   loop over the classes that stacks each class's ancestors (descendants) and takes their min (max),
   ``log(p + 1e-8)``, per-depth normalisation times 5, differentiated by paddle's autograd;
@@ -26,7 +30,8 @@ import time
 
 import numpy as np
 
-CONTENDERS = ("hieraloss", "per_class_loop", "read_write")
+CONTENDERS = ("hieraloss_auto", "hieraloss_paddle", "per_class_loop", "read_write")
+BACKEND = {"hieraloss_auto": "auto", "hieraloss_paddle": "paddle"}
 
 
 def _status_kib(field: str) -> int:
@@ -72,7 +77,7 @@ def worker(name: str, batch: int, height: int, width: int, repeats: int) -> dict
     import paddle
 
     import hieraloss.paddle as hp
-    from hieraloss import presets
+    from hieraloss import _native, presets
 
     paddle.set_device("cpu")
     h = presets.cityscapes()
@@ -86,8 +91,8 @@ def worker(name: str, batch: int, height: int, width: int, repeats: int) -> dict
     x.stop_gradient = False
 
     def step():
-        if name == "hieraloss":
-            loss = hp.tree_min_loss(x, labels, h, reduction="hssn", backend="paddle")
+        if name in BACKEND:
+            loss = hp.tree_min_loss(x, labels, h, reduction="hssn", backend=BACKEND[name])
         elif name == "per_class_loop":
             loss = per_class_loop_loss(x, labels, h)
         else:
@@ -113,6 +118,7 @@ def worker(name: str, batch: int, height: int, width: int, repeats: int) -> dict
         value=value,
         peak_extra_mib=(peak - base) / 1024,
         logits_mib=batch * h.num_nodes * height * width * 4 / 2**20,
+        auto_is=f"native ({_native.isa()})" if _native.available() else f"paddle ({_native.load_error()})",
     )
 
 
@@ -149,28 +155,26 @@ def main() -> None:
         results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
     b, hgt, w = size
     print(
-        f"CPU, B={b}, 26 channels, {hgt}x{w}; logits {results['hieraloss']['logits_mib']:.0f} MiB float32; "
-        f"{repeats} timed runs each (after one warm-up run)"
+        f"CPU, B={b}, 26 channels, {hgt}x{w}; logits {results['hieraloss_auto']['logits_mib']:.0f} MiB float32; "
+        f"{repeats} timed runs each (after one warm-up run); auto = {results['hieraloss_auto']['auto_is']}"
     )
-    print(f"{'contender':<16}{'best s':>10}{'median s':>10}{'peak extra MiB':>16}{'loss':>14}")
+    print(f"{'contender':<18}{'best s':>10}{'median s':>10}{'peak extra MiB':>16}{'loss':>14}")
     for name, r in results.items():
         value = "" if name == "read_write" else f"{r['value']:.6f}"
         print(
-            f"{name:<16}{r['seconds']:>10.3f}{r['median_seconds']:>10.3f}{r['peak_extra_mib']:>16.0f}{value:>14}"
+            f"{name:<18}{r['seconds']:>10.3f}{r['median_seconds']:>10.3f}{r['peak_extra_mib']:>16.0f}{value:>14}"
         )
-    ours, loop, floor = (results[n] for n in CONTENDERS)
-    print(
-        f"time (best)   hieraloss / per_class_loop = {ours['seconds'] / loop['seconds']:.3f}   "
-        f"hieraloss / read_write = {ours['seconds'] / floor['seconds']:.1f}"
-    )
-    print(
-        f"time (median) hieraloss / per_class_loop = {ours['median_seconds'] / loop['median_seconds']:.3f}   "
-        f"hieraloss / read_write = {ours['median_seconds'] / floor['median_seconds']:.1f}"
-    )
-    print(
-        f"memory hieraloss / per_class_loop = {ours['peak_extra_mib'] / loop['peak_extra_mib']:.3f}   "
-        f"hieraloss / read_write = {ours['peak_extra_mib'] / max(floor['peak_extra_mib'], 1e-9):.1f}"
-    )
+    loop, floor = results["per_class_loop"], results["read_write"]
+    for name in BACKEND:
+        ours = results[name]
+        print(
+            f"{name}: time (best) / per_class_loop = {ours['seconds'] / loop['seconds']:.3f}, "
+            f"/ read_write = {ours['seconds'] / floor['seconds']:.1f}; "
+            f"time (median) / per_class_loop = {ours['median_seconds'] / loop['median_seconds']:.3f}, "
+            f"/ read_write = {ours['median_seconds'] / floor['median_seconds']:.1f}; "
+            f"memory / per_class_loop = {ours['peak_extra_mib'] / loop['peak_extra_mib']:.3f}, "
+            f"/ read_write = {ours['peak_extra_mib'] / max(floor['peak_extra_mib'], 1e-9):.1f}"
+        )
 
 
 if __name__ == "__main__":

@@ -40,25 +40,29 @@ def _weight(kw):
 
 
 class PaddleAdapter:
+    """backend="auto": on the CPU that is the compiled kernel when it is built (tests/test_paddle_native.py
+    covers it directly); ``_adapter_paddle_eager.py`` runs the same suite on the vectorized paddle ops."""
+
     name = "paddle"
+    loss_backend = "auto"
     supports_grad = True
     dtypes = ("float64", "float32", "float16", "bfloat16")
 
     def tree_min_loss(self, logits, labels, hierarchy, **kw):
         return _numpy(
-            hp.tree_min_loss(_tensor(logits), _labels(labels), hierarchy, backend="paddle", **_weight(kw))
+            hp.tree_min_loss(_tensor(logits), _labels(labels), hierarchy, backend=self.loss_backend, **_weight(kw))
         )
 
     def focal_tree_min_loss(self, logits, labels, hierarchy, **kw):
         return _numpy(
             hp.focal_tree_min_loss(
-                _tensor(logits), _labels(labels), hierarchy, backend="paddle", **_weight(kw)
+                _tensor(logits), _labels(labels), hierarchy, backend=self.loss_backend, **_weight(kw)
             )
         )
 
     def value_and_grad(self, fn_name, logits, labels, hierarchy, upstream=None, **kw):
         x = _tensor(logits, grad=True)
-        value = getattr(hp, fn_name)(x, _labels(labels), hierarchy, backend="paddle", **_weight(kw))
+        value = getattr(hp, fn_name)(x, _labels(labels), hierarchy, backend=self.loss_backend, **_weight(kw))
         up = (
             paddle.ones_like(value)
             if upstream is None

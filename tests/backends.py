@@ -142,6 +142,7 @@ BACKENDS = [
     _framework_adapter("torch", "torch"),
     _framework_adapter("torch_eager", "torch"),
     _framework_adapter("paddle", "paddle"),
+    _framework_adapter("paddle_eager", "paddle"),
 ]
 
 # Relative/absolute tolerances per input dtype for loss values (float32 accumulation for halves).

@@ -3,6 +3,9 @@ gradients, tie rule, decoding and triplet loss against tests/oracle.py).
 
 Here: paddle against torch on identical inputs, layers against functional, state_dict round trips,
 what the PyLayer saves for backward, input immutability, dtypes, errors and the table cache.
+Tests about the vectorized paddle op itself (chunking, what it saves) pass ``backend="paddle"``;
+tests of the loss contract run on both CPU backends (``"paddle"`` and the compiled ``"native"``
+kernel, which tests/test_paddle_native.py covers in depth).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ paddle = pytest.importorskip("paddle")
 
 import hieraloss.numpy as hnp  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
-from hieraloss import Hierarchy, LabelError, presets  # noqa: E402
+from hieraloss import Hierarchy, LabelError, _native, presets  # noqa: E402
 from hieraloss.paddle import functional as pf  # noqa: E402
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
 
@@ -30,6 +33,10 @@ import oracle  # noqa: E402
 paddle.set_device("cpu")
 HAS_TORCH = importlib.util.find_spec("torch") is not None
 REDUCTIONS = ("mean", "sum", "none", "hssn")
+CPU_BACKENDS = pytest.mark.parametrize(
+    "backend",
+    ["paddle", pytest.param("native", marks=pytest.mark.skipif(not _native.available(), reason="no native kernel"))],
+)
 
 
 def _case(h: Hierarchy, shape=(2, 3, 4), seed=0, ignore=0.2, partial=0.2, scale=3.0):
@@ -72,8 +79,9 @@ def _torch_value_and_grad(fn_name, x, labels, h, upstream=None, **kw):
 
 
 @needs_torch
+@CPU_BACKENDS
 @given(data=st.data())
-def test_torch_and_paddle_agree(data):
+def test_torch_and_paddle_agree(backend, data):
     """Values and gradients within 1e-6 relative (to the largest entry) in float32."""
     h = data.draw(hierarchies(max_depth=3, order=None))
     shape = data.draw(st.sampled_from([(1, 5), (2, 3, 4), (1, 2, 2, 3)]))
@@ -88,7 +96,7 @@ def test_torch_and_paddle_agree(data):
         kw["gamma"] = data.draw(st.sampled_from([0.0, 1.0, 2.0]))
     upstream = np.random.default_rng(2).normal(size=x.shape) if reduction == "none" else None
     want_v, want_g = _torch_value_and_grad(fn_name, x, labels, h, upstream, **kw)
-    got_v, got_g = _value_and_grad(getattr(hp, fn_name), x, labels, h, upstream, backend="paddle", **kw)
+    got_v, got_g = _value_and_grad(getattr(hp, fn_name), x, labels, h, upstream, backend=backend, **kw)
     got_v, got_g = got_v.numpy(), got_g.numpy()
     assert got_v.dtype == want_v.dtype == np.float32
     assert got_g.dtype == want_g.dtype == np.float32
@@ -346,8 +354,9 @@ def test_pylayer_saves_only_logits_and_label_channels(monkeypatch):
 
 
 # ---------------------------------------------------------------------------- immutability and dtypes
+@CPU_BACKENDS
 @pytest.mark.parametrize("dtype", ["float64", "float32", "float16", "bfloat16"])
-def test_inputs_not_mutated_and_dtypes(dtype):
+def test_inputs_not_mutated_and_dtypes(dtype, backend):
     h = presets.pascal_person_part()
     x, labels = _case(h, seed=13)
     xt = paddle.to_tensor(x).astype(dtype)
@@ -355,7 +364,7 @@ def test_inputs_not_mutated_and_dtypes(dtype):
     lt = paddle.to_tensor(labels.astype(np.int32))
     wt = paddle.to_tensor(np.linspace(0.5, 1.5, h.num_nodes))
     before = [xt.astype("float64").numpy().copy(), lt.numpy().copy(), wt.numpy().copy()]
-    out = hp.focal_tree_min_loss(xt, lt, h, node_weight=wt, reduction="mean")
+    out = hp.focal_tree_min_loss(xt, lt, h, node_weight=wt, reduction="mean", backend=backend)
     out.backward()
     assert out.dtype == (paddle.float64 if dtype == "float64" else paddle.float32)
     assert xt.grad.dtype == xt.dtype
@@ -445,12 +454,15 @@ def test_tables_are_cached_per_hierarchy_and_place():
     assert str(levels.place) == str(paddle.CPUPlace())
 
 
+@CPU_BACKENDS
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_flat_hierarchy_is_binary_cross_entropy(reduction):
+def test_flat_hierarchy_is_binary_cross_entropy(reduction, backend):
     """A one-level tree: every node is its own path, so the loss is per-channel BCE with logits."""
     h = Hierarchy.from_parents([-1, -1, -1])
     x, labels = _case(h, shape=(2, 5), seed=15, partial=0.0)
-    out, grad = _value_and_grad(hp.tree_min_loss, x, labels, h, dtype="float64", reduction=reduction)
+    out, grad = _value_and_grad(
+        hp.tree_min_loss, x, labels, h, dtype="float64", reduction=reduction, backend=backend
+    )
     y = (labels[:, None, :] == np.arange(3)[None, :, None]).astype(float)
     valid = (labels != 255)[:, None, :]
     bce = np.where(valid, np.logaddexp(0, x) - y * x, 0)
@@ -481,7 +493,7 @@ def test_pixel_chunks_change_nothing(monkeypatch, dtype):
         for reduction in REDUCTIONS:
             up = upstream if reduction == "none" else None
             out, grad = _value_and_grad(
-                hp.focal_tree_min_loss, x, labels, h, up, dtype=dtype, reduction=reduction
+                hp.focal_tree_min_loss, x, labels, h, up, dtype=dtype, reduction=reduction, backend="paddle"
             )
             results.setdefault(reduction, []).append(
                 (out.astype("float64").numpy(), grad.astype("float64").numpy())
@@ -492,15 +504,18 @@ def test_pixel_chunks_change_nothing(monkeypatch, dtype):
         np.testing.assert_allclose(g2, g1, rtol=0, atol=1e-7 * max(np.abs(g1).max(), 1))
 
 
-def test_non_contiguous_logits():
+@CPU_BACKENDS
+def test_non_contiguous_logits(backend):
     """A channels-last model output viewed as [B, N, H, W] (a transpose, not contiguous)."""
     h = presets.cityscapes()
     x, labels = _case(h, seed=18)
     nhwc = paddle.to_tensor(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), stop_gradient=False)
     view = nhwc.transpose([0, 3, 1, 2])
     assert not view.is_contiguous()
-    out = hp.focal_tree_min_loss(view, paddle.to_tensor(labels), h, reduction="hssn")
+    out = hp.focal_tree_min_loss(view, paddle.to_tensor(labels), h, reduction="hssn", backend=backend)
     out.backward()
-    want, grad = _value_and_grad(hp.focal_tree_min_loss, x, labels, h, dtype="float64", reduction="hssn")
+    want, grad = _value_and_grad(
+        hp.focal_tree_min_loss, x, labels, h, dtype="float64", reduction="hssn", backend=backend
+    )
     np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-12)
     np.testing.assert_allclose(nhwc.grad.numpy().transpose(0, 3, 1, 2), grad.numpy(), rtol=1e-12, atol=1e-15)

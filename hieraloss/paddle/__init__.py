@@ -3,7 +3,9 @@
 Functional API (:mod:`hieraloss.paddle.functional`) and ``paddle.nn.Layer`` classes
 (:mod:`hieraloss.paddle.layers`). On a GPU with torch and Triton installed, ``backend="auto"``
 routes the tree-min losses and the path/top-down decoders through the fused Triton kernels of
-``hieraloss.torch.kernels`` with zero-copy DLPack views (:mod:`hieraloss.paddle._bridge`).
+``hieraloss.torch.kernels`` with zero-copy DLPack views (:mod:`hieraloss.paddle._bridge`). On the
+CPU, ``backend="auto"`` runs the tree-min losses on the compiled kernel of ``hieraloss._native``
+when it was built (:mod:`hieraloss.paddle._native_layer`).
 """
 
 from .functional import (

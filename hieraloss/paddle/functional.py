@@ -5,6 +5,11 @@ Same names, arguments and semantics as ``hieraloss.torch`` (DEVELOPING.md): logi
 Loss values are float64 for float64 logits and float32 otherwise (float16/bfloat16 accumulate in
 float32); gradients come back in the logits' dtype. Inputs are never modified.
 
+Backends of the tree-min losses: ``"auto"`` picks the fused Triton kernels for GPU tensors (through
+DLPack, :mod:`._bridge`) and the compiled CPU kernel for CPU tensors (:mod:`._native_layer`) when
+they are available, else the vectorized paddle ops below (``"paddle"``); ``"native"`` and
+``"triton"`` force one and raise a ``RuntimeError`` saying why when it cannot run.
+
 The ops work on logits viewed as ``[B, N, P]`` split into one block per depth (the channels at
 depth d, ascending). ``zmin`` is swept top-down and ``zmax`` bottom-up one depth at a time (and
 one child rank at a time inside a depth), so the work is O(N) per pixel and nothing of shape
@@ -32,6 +37,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
+from .. import _native
 from .. import numpy as _hnp
 from .._checks import check_choice as _check_choice
 from .._checks import check_gamma as _check_gamma
@@ -57,7 +63,7 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "paddle", "triton")
+BACKENDS = ("auto", "paddle", "native", "triton")
 NORM_EPS = 1e-12
 _FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
 _INTS = (paddle.uint8, paddle.int8, paddle.int16, paddle.int32, paddle.int64)
@@ -130,6 +136,12 @@ class _Plan:
         self.depth_channels = list(h.depth_channels)
         self.children_table = h.children_table.astype(np.int64)
         self.num_children = np.array([len(c) for c in h.children], dtype=np.int64)
+        # known[c, d]: unmasked entries at depth d+1 of a pixel labelled with channel c (the nodes at
+        # that depth minus those strictly below a partial label c), float64 for an exact matmul.
+        strictly_below = h.is_ancestor & ~np.eye(h.num_nodes, dtype=bool)
+        self.known = np.stack(
+            [lv.size - strictly_below[:, lv].sum(axis=1) for lv in self.levels], axis=1
+        ).astype(np.float64)
 
 
 class _PlaceTables:
@@ -443,23 +455,30 @@ def _tree_min_forward(x, lc, tab, gamma, reduction, weight, has_partial):
     )
 
 
+def _depth_coefs(lc, tab, reduction, g_up, ct):
+    """Per-depth factors (length ``max_depth``) turning the sum of a depth's entries into the scalar
+    ``reduction``, times ``g_up``: ``g_up`` (sum), ``g_up / count`` (mean, all unmasked entries) or
+    ``g_up * 5 / count_d`` (hssn, the depth's unmasked entries). Counts are over all pixels, from a
+    histogram of the label channels ``[B, P]`` (-1 = ignored): ``count_d = sum_c hist[c] * known[c, d]``."""
+    L = tab.plan.max_depth
+    if reduction == "sum":
+        return [g_up] * L
+    # valid pixels per label channel (index 0 of the shifted bincount counts the ignored ones)
+    hist = paddle.bincount(lc.reshape([-1]) + 1, minlength=tab.plan.num_nodes + 1)[1:]
+    per_depth = paddle.matmul(hist.astype("float64").unsqueeze(0), _vec(tab, "known")).reshape([L])
+    counts = [per_depth[d] for d in range(L)]
+    if reduction == "mean":
+        return [g_up / paddle.clip(paddle.add_n(counts), min=1).astype(ct)] * L
+    return [g_up * HSSN_SCALE / paddle.clip(c, min=1).astype(ct) for c in counts]
+
+
 def _tree_min_backward(x, lc, tab, gamma, reduction, weight, has_partial, grad_out):
     """Per pixel chunk: recompute the sweeps, then route each entry's gradient to the node attaining
     its min/max. The reduction's per-depth factors come from label counts over all pixels."""
     ct = compute_dtype(x.dtype)
-    L = tab.plan.max_depth
     coefs = None
     if reduction != "none":
-        g_up = grad_out.astype(ct).reshape([])
-        labels = _Labels(lc, tab, has_partial)
-        counts = [labels.count(d, labels.mask(d)) for d in range(L)]
-        del labels
-        if reduction == "sum":
-            coefs = [g_up] * L
-        elif reduction == "mean":
-            coefs = [g_up / paddle.clip(paddle.add_n(counts), min=1).astype(ct)] * L
-        else:
-            coefs = [g_up * HSSN_SCALE / paddle.clip(c, min=1).astype(ct) for c in counts]
+        coefs = _depth_coefs(lc, tab, reduction, grad_out.astype(ct).reshape([]), ct)
     spans = _spans(x)
     if len(spans) == 1:
         return _backward_chunk(x, lc, tab, gamma, weight, has_partial, coefs, grad_out)
@@ -706,6 +725,22 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> pa
     return paddle.to_tensor(arr.astype(np.float64), place=place)
 
 
+def _native_layer():
+    from . import _native_layer as layer
+
+    return layer
+
+
+def _use_native(backend: str, x: paddle.Tensor) -> bool:
+    if backend == "native":
+        if not _native_layer().supports(x):
+            reason = (f"logits on {x.place}, the kernel runs on the CPU" if not x.place.is_cpu_place()
+                      else _native.load_error())
+            raise RuntimeError(f"backend='native' was asked for, but the compiled CPU kernel cannot run: {reason}")
+        return True
+    return backend == "auto" and _native_layer().supports(x)
+
+
 def _is_gpu(x: paddle.Tensor) -> bool:
     return bool(x.place.is_gpu_place())
 
@@ -740,6 +775,8 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
         return _bridge().fused_tree_min_loss(
             x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w
         )
+    if _use_native(backend, x):
+        return _native_layer().tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
     return tree_min_op(
         x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w, has_partial=has_partial
     )
@@ -763,8 +800,10 @@ def tree_min_loss(
     entries, ``"sum"``, ``"none"`` (``[B, N, *spatial]``, 0 where masked) or ``"hssn"`` (per-depth
     means summed, times 5: the published normalisation). Non-finite logits propagate unless
     ``check_finite=True``, which raises a ``ValueError`` (one device sync).
-    ``backend``: ``"auto"`` (the fused Triton kernels through DLPack for GPU tensors when torch and
-    Triton are available, else the vectorized paddle op), ``"paddle"`` or ``"triton"``.
+    ``backend``: ``"auto"`` (GPU: the fused Triton kernels through DLPack when torch and Triton are
+    available; CPU: the compiled kernel of ``hieraloss._native`` when it was built; else the
+    vectorized paddle op), ``"paddle"`` (always the vectorized paddle op), ``"native"`` (the compiled
+    CPU kernel) or ``"triton"``. All give the same values and gradients within rounding.
     """
     return _tree_min(
         logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend

@@ -1,0 +1,136 @@
+"""Tree-min loss on CPU paddle tensors through the compiled kernel (``hieraloss._native``).
+
+The paddle twin of :mod:`hieraloss.torch._native_op`. One pass over the logits per call. With a
+scalar reduction and logits that need a gradient, the forward pass writes the gradient too and
+backward only scales it by the upstream gradient: one pass over memory per training step instead
+of two, at the cost of a logits-sized buffer held from forward to backward. ``reduction="none"``
+recomputes in backward (the upstream map is only known there), as does a second backward through a
+retained graph (``paddle.grad(..., retain_graph=True)``; paddle 3.3 crashes on a second
+``Tensor.backward()`` through any ``PyLayer``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import paddle
+from paddle.autograd import PyLayer
+
+from .. import _native
+from ..hierarchy import Hierarchy
+from .functional import _depth_coefs, _tables
+
+_HALVES = (paddle.float16, paddle.bfloat16)
+
+
+def supports(x: paddle.Tensor) -> bool:
+    """Whether :func:`tree_min_native` can take these logits (CPU place, kernel built)."""
+    return bool(x.place.is_cpu_place()) and _native.available()
+
+
+def num_threads() -> int:
+    """Threads for the kernel: ``OMP_NUM_THREADS`` if set, else the CPUs this process may use
+    (paddle has no getter for its own CPU thread count)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _ptr(buf) -> int:
+    if buf is None:
+        return 0
+    return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
+
+
+def _run(x, lc, hierarchy, gamma, *, channel_sums=None, loss_map=None, map_scale=None, grad=None,
+         grad_scale=None, grad_up=None) -> None:
+    dtype = _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32
+    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy), gamma,
+                     channel_sums=_ptr(channel_sums), loss_map=_ptr(loss_map), map_scale=_ptr(map_scale),
+                     grad=_ptr(grad), grad_scale=_ptr(grad_scale), grad_up=_ptr(grad_up),
+                     num_threads=num_threads())
+
+
+def _fresh_like(x: paddle.Tensor) -> paddle.Tensor:
+    """An uninitialised output buffer like ``x``, with huge pages asked for (see _native.advise_hugepages)."""
+    out = paddle.empty_like(x)  # on x's place (paddle.empty would use the default device)
+    _native.advise_hugepages(out.data_ptr(), int(out.numel()) * out.element_size())
+    return out
+
+
+def _scales(lc, hierarchy, reduction, weight) -> np.ndarray:
+    """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries), from the paddle op's
+    per-depth reduction factors (:func:`.functional._depth_coefs`)."""
+    tab = _tables(hierarchy, lc.place)
+    coefs = _depth_coefs(lc, tab, reduction, 1.0, paddle.float64)
+    by_depth = np.array([float(c) for c in coefs], dtype=np.float64)
+    scale = by_depth[tab.plan.depth - 1]
+    return np.ascontiguousarray(scale if weight is None else scale * weight)
+
+
+class _NativeTreeMin(PyLayer):
+    @staticmethod
+    def forward(ctx, x, lc, hierarchy, gamma, reduction, scale, weight, needs_grad):
+        # scale: float64 [N] (scalar reductions); weight: float64 [N] or None (reduction "none")
+        ctx.config = (hierarchy, gamma, reduction, scale, weight)
+        ctx.fused_grad = None
+        ctx.save_for_backward(x, lc)
+        if reduction == "none":
+            out = _fresh_like(x)
+            _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=weight)
+            return out
+        sums = np.empty(x.shape[1], dtype=np.float64)
+        grad = _fresh_like(x) if needs_grad else None
+        _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
+        ctx.fused_grad = grad
+        value = np.asarray(np.dot(sums, scale), dtype=np.float64 if x.dtype == paddle.float64 else np.float32)
+        return paddle.to_tensor(value, place=x.place)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lc = ctx.saved_tensor()
+        hierarchy, gamma, reduction, scale, weight = ctx.config
+        if reduction == "none":
+            grad = _fresh_like(x)
+            up = grad_out.astype(x.dtype).contiguous()
+            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=weight, grad_up=up)
+            return grad, None
+        factor = float(grad_out)
+        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
+        if grad is None:
+            grad = _fresh_like(x)
+            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=np.ascontiguousarray(scale * factor))
+        elif factor != 1.0:
+            grad.scale_(factor)
+        return grad, None
+
+
+def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *, gamma: float,
+                    reduction: str, node_weight: paddle.Tensor | None) -> paddle.Tensor:
+    """Same contract as :func:`.functional.tree_min_op` (validated inputs, label channels with -1 =
+    ignored) for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
+    B, N = logits.shape[:2]
+    spatial = list(logits.shape[2:])
+    x = logits
+    if x.dtype in _HALVES:
+        x = x.astype(paddle.float32)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    x = x.reshape([B, N, -1])
+    lc = label_channels.reshape([B, -1])
+    if lc.dtype != paddle.int64:
+        lc = lc.astype(paddle.int64)
+    if not lc.is_contiguous():
+        lc = lc.contiguous()
+    weight = None if node_weight is None else np.ascontiguousarray(node_weight.astype(paddle.float64).numpy())
+    scale = None
+    if reduction != "none":
+        scale = _scales(lc, hierarchy, reduction, weight)
+    needs_grad = not x.stop_gradient and paddle.is_grad_enabled()
+    out = _NativeTreeMin.apply(x, lc, hierarchy, float(gamma), reduction, scale, weight, needs_grad)
+    return out.reshape([B, N, *spatial]) if reduction == "none" else out

@@ -1,0 +1,303 @@
+"""The compiled CPU tree-min kernel behind hieraloss.paddle (hieraloss.paddle._native_layer).
+
+Values and gradients against the loop oracle (float64 exact to rounding, float32 within a few ulp)
+over random hierarchies, tile-spanning shapes, ignore masks, partial labels, ties, reductions, node
+weights and gammas; against the vectorized paddle op on presets; a float64 finite-difference check;
+the fused-gradient bookkeeping (upstream scaling, retained graph); dispatch, dtypes, immutability and
+the disabled-kernel error path. The kernel itself (instruction sets, threads) is tests/test_native.py.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+paddle = pytest.importorskip("paddle")
+
+import hieraloss  # noqa: E402
+import hieraloss.paddle as hp  # noqa: E402
+from hieraloss import _native  # noqa: E402
+from hieraloss.paddle import _native_layer  # noqa: E402
+from hieraloss.paddle import functional as pf  # noqa: E402
+from hieraloss.testing import hierarchies, label_maps, logits  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import oracle  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel unavailable: {_native.load_error()}")
+paddle.set_device("cpu")
+REDUCTIONS = ("mean", "sum", "none", "hssn")
+
+
+def _loss(x, labels, h, *, gamma, backend="native", **kw):
+    if gamma is None:
+        return hp.tree_min_loss(x, labels, h, backend=backend, **kw)
+    return hp.focal_tree_min_loss(x, labels, h, gamma=gamma, backend=backend, **kw)
+
+
+def _value_and_grad(x, labels, h, *, gamma, reduction, weight=None, upstream=None, backend="native", dtype=None):
+    """Value and d sum(value * upstream) / d logits, as numpy (bfloat16 results as float32)."""
+    xt = paddle.to_tensor(np.asarray(x))
+    if dtype is not None:
+        xt = xt.astype(dtype)
+    xt.stop_gradient = False
+    value = _loss(xt, paddle.to_tensor(np.asarray(labels)), h, gamma=gamma, reduction=reduction,
+                  node_weight=weight, backend=backend)
+    up = paddle.ones_like(value) if upstream is None else paddle.to_tensor(upstream).astype(value.dtype)
+    (grad,) = paddle.grad((value * up).sum(), xt)
+    return value, grad
+
+
+def _np(t):
+    return (t.astype("float32") if t.dtype == paddle.bfloat16 else t).numpy()
+
+
+# ---------------------------------------------------------------------------- against the loop oracle
+@st.composite
+def cases(draw, ties=True):
+    h = draw(hierarchies(max_depth=3, max_children=3, order=None))
+    # one partial tile, exactly one tile (64 pixels), several tiles, 2-D and 3-D spatial ranks
+    shape = draw(st.sampled_from([(1, 5), (2, 64), (1, 3, 47), (2, 150), (1, 2, 2, 33)]))
+    labels = draw(label_maps(h, shape, ignore_fraction=None, partial_fraction=None))
+    x = draw(logits(h, shape, ties=ties))
+    return h, x, labels
+
+
+def _upstream(x, reduction):
+    return np.random.default_rng(1).normal(size=x.shape) if reduction == "none" else None
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+def test_matches_loop_oracle_float64(data):
+    h, x, labels = data.draw(cases(ties=True))
+    reduction = data.draw(st.sampled_from(REDUCTIONS))
+    gamma = data.draw(st.sampled_from([None, 2.0, 0.5]))
+    w = np.random.default_rng(0).uniform(0.5, 2.0, h.num_nodes) if data.draw(st.booleans()) else None
+    upstream = _upstream(x, reduction)
+    value, grad = _value_and_grad(x, labels, h, gamma=gamma, reduction=reduction, weight=w, upstream=upstream)
+    assert value.dtype == grad.dtype == paddle.float64
+    want = oracle.tree_min_loss(x, labels, h, gamma=gamma, reduction=reduction, node_weight=w)
+    want_grad = oracle.tree_min_grad(x, labels, h, gamma=gamma, reduction=reduction, node_weight=w,
+                                     upstream=upstream)
+    np.testing.assert_allclose(value.numpy(), want, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=25)
+@given(data=st.data())
+def test_matches_loop_oracle_float32(data):
+    """float32 runs the kernel's own exp/log1p polynomials: within a few ulp of the float64 truth."""
+    h, x, labels = data.draw(cases(ties=True))
+    reduction = data.draw(st.sampled_from(REDUCTIONS))
+    gamma = data.draw(st.sampled_from([None, 2.0, 0.5]))
+    x32 = x.astype(np.float32)
+    upstream = _upstream(x, reduction)
+    value, grad = _value_and_grad(x32, labels, h, gamma=gamma, reduction=reduction, upstream=upstream)
+    assert value.dtype == grad.dtype == paddle.float32
+    exact = x32.astype(np.float64)  # the same inputs, in float64
+    want = oracle.tree_min_loss(exact, labels, h, gamma=gamma, reduction=reduction)
+    want_grad = oracle.tree_min_grad(exact, labels, h, gamma=gamma, reduction=reduction, upstream=upstream)
+    np.testing.assert_allclose(value.numpy(), want, rtol=2e-6, atol=1e-7)
+    np.testing.assert_allclose(grad.numpy(), want_grad, rtol=2e-6, atol=1e-7 * max(1.0, np.abs(want_grad).max()))
+
+
+# ---------------------------------------------------------------------------- against the paddle op, larger
+@pytest.mark.parametrize("preset,batch", [("cityscapes", 2), ("mapillary_vistas_v2", 1)])
+@pytest.mark.parametrize("gamma", [None, 2.0])
+def test_matches_vectorized_paddle_op_on_presets(preset, batch, gamma):
+    h = hieraloss.presets.get(preset)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(batch, h.num_nodes, 19, 71)) * 3).astype(np.float32)
+    labels = rng.integers(0, h.num_nodes, (batch, 19, 71))  # leaves and partial labels
+    labels[:, :2] = 255
+    w = rng.uniform(0.5, 2.0, h.num_nodes)
+    for reduction in REDUCTIONS:
+        up = rng.normal(size=x.shape) if reduction == "none" else None
+        value, grad = _value_and_grad(x, labels, h, gamma=gamma, reduction=reduction, weight=w, upstream=up)
+        want, want_grad = _value_and_grad(x.astype(np.float64), labels, h, gamma=gamma, reduction=reduction,
+                                          weight=w, upstream=up, backend="paddle")
+        want_grad = want_grad.numpy()
+        np.testing.assert_allclose(value.numpy(), want.numpy(), rtol=3e-6, atol=1e-7)
+        np.testing.assert_allclose(grad.numpy(), want_grad, rtol=3e-6, atol=1e-7 * np.abs(want_grad).max())
+
+
+@settings(max_examples=8)
+@given(data=st.data())
+def test_gradient_matches_finite_differences_float64(data):
+    """Central differences along random directions and coordinates (no ties: away from the kinks)."""
+    h, x, labels = data.draw(cases(ties=False))
+    reduction = data.draw(st.sampled_from(REDUCTIONS))
+    gamma = data.draw(st.sampled_from([0.0, 2.0, 1.5]))
+    rng = np.random.default_rng(2)
+    up = rng.normal(size=x.shape)
+    lab = paddle.to_tensor(labels)
+
+    def f(arr):
+        v = hp.focal_tree_min_loss(paddle.to_tensor(arr), lab, h, gamma=gamma, reduction=reduction, backend="native")
+        return float((v * paddle.to_tensor(up)).sum()) if reduction == "none" else float(v)
+
+    _, grad = _value_and_grad(x, labels, h, gamma=gamma, reduction=reduction, upstream=up if reduction == "none"
+                              else None)
+    grad = grad.numpy()
+    directions = [rng.normal(size=x.shape) for _ in range(3)]
+    for flat in rng.choice(x.size, size=min(6, x.size), replace=False):
+        e = np.zeros(x.size)
+        e[flat] = 1.0
+        directions.append(e.reshape(x.shape))
+    eps = 1e-6
+    for v in directions:
+        numeric = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
+        analytic = float((grad * v).sum())
+        assert abs(numeric - analytic) <= 1e-6 * max(1.0, abs(analytic)), (numeric, analytic)
+
+
+# ---------------------------------------------------------------------------- fused-gradient bookkeeping
+def _setup(seed=0, shape=(2, 9, 13), dtype=np.float64):
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(shape[0], h.num_nodes, *shape[1:])).astype(dtype)
+    labels = rng.integers(0, h.num_nodes, shape)
+    return h, x, labels
+
+
+def test_upstream_scaling_and_retained_graph_second_backward():
+    """The forward pass writes the gradient; backward scales it (3x), a second backward through the
+    retained graph recomputes it (0.5x). ``paddle.grad``: in paddle 3.3 a second ``Tensor.backward()``
+    through any PyLayer (the vectorized op's too) crashes the process."""
+    h, x, labels = _setup()
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    loss = hp.tree_min_loss(xt, paddle.to_tensor(labels), h, backend="native")
+    (first,) = paddle.grad(3.0 * loss, xt, retain_graph=True)
+    (second,) = paddle.grad(0.5 * loss, xt)
+    _, want = _value_and_grad(x, labels, h, gamma=None, reduction="mean", backend="paddle")
+    np.testing.assert_allclose(first.numpy(), 3.0 * want.numpy(), rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(second.numpy(), 0.5 * want.numpy(), rtol=1e-10, atol=1e-15)
+    # and through Tensor.backward, accumulating into .grad
+    xt2 = paddle.to_tensor(x, stop_gradient=False)
+    (2.5 * hp.tree_min_loss(xt2, paddle.to_tensor(labels), h, reduction="hssn", backend="native")).backward()
+    _, want = _value_and_grad(x, labels, h, gamma=None, reduction="hssn", backend="paddle")
+    np.testing.assert_allclose(xt2.grad.numpy(), 2.5 * want.numpy(), rtol=1e-10, atol=1e-15)
+
+
+def test_inputs_are_not_modified_and_no_grad_mode_works():
+    h, x, labels = _setup(1)
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    lt = paddle.to_tensor(labels.astype(np.int32))
+    wt = paddle.to_tensor(np.linspace(0.5, 1.5, h.num_nodes))
+    for reduction in REDUCTIONS:
+        out = hp.focal_tree_min_loss(xt, lt, h, reduction=reduction, node_weight=wt, backend="native")
+        out.sum().backward()
+    np.testing.assert_array_equal(xt.numpy(), x)
+    np.testing.assert_array_equal(lt.numpy(), labels)
+    np.testing.assert_array_equal(wt.numpy(), np.linspace(0.5, 1.5, h.num_nodes))
+    with paddle.no_grad():
+        value = hp.tree_min_loss(xt, lt, h, backend="native")
+    assert value.stop_gradient
+    want = hp.tree_min_loss(paddle.to_tensor(x), lt, h, backend="paddle")
+    np.testing.assert_allclose(value.numpy(), want.numpy(), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype,tol", [("float16", 1e-3), ("bfloat16", 8e-3)])
+def test_half_logits_compute_in_float32_and_keep_the_gradient_dtype(dtype, tol):
+    h, x, labels = _setup(2, shape=(2, 6, 10))
+    for reduction in ("mean", "none"):
+        up = _upstream(x, reduction)
+        value, grad = _value_and_grad(x, labels, h, gamma=2.0, reduction=reduction, upstream=up, dtype=dtype)
+        assert value.dtype == paddle.float32 and grad.dtype == getattr(paddle, dtype)
+        rounded = paddle.to_tensor(x).astype(dtype).astype("float64").numpy()  # the inputs the kernel saw
+        want = oracle.tree_min_loss(rounded, labels, h, gamma=2.0, reduction=reduction)
+        want_grad = oracle.tree_min_grad(rounded, labels, h, gamma=2.0, reduction=reduction, upstream=up)
+        np.testing.assert_allclose(value.numpy(), want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(_np(grad), want_grad, rtol=tol, atol=tol * np.abs(want_grad).max())
+
+
+def test_non_contiguous_logits_and_spatial_ranks():
+    h, x, labels = _setup(3, shape=(2, 4, 5))
+    nhwc = paddle.to_tensor(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), stop_gradient=False)
+    view = nhwc.transpose([0, 3, 1, 2])
+    assert not view.is_contiguous()
+    out = hp.focal_tree_min_loss(view, paddle.to_tensor(labels), h, reduction="sum", backend="native")
+    out.backward()
+    want, want_grad = _value_and_grad(x, labels, h, gamma=2.0, reduction="sum", backend="paddle")
+    np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-12)
+    np.testing.assert_allclose(nhwc.grad.numpy().transpose(0, 3, 1, 2), want_grad.numpy(), rtol=1e-10, atol=1e-15)
+    for spatial in [(), (7,), (2, 3, 4)]:
+        xs = np.random.default_rng(4).normal(size=(2, h.num_nodes, *spatial))
+        ls = np.random.default_rng(5).integers(0, h.num_nodes, (2, *spatial))
+        for reduction in REDUCTIONS:
+            got = hp.tree_min_loss(paddle.to_tensor(xs), paddle.to_tensor(ls), h, reduction=reduction,
+                                   backend="native")
+            np.testing.assert_allclose(got.numpy(), oracle.tree_min_loss(xs, ls, h, reduction=reduction),
+                                       rtol=1e-10, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- dispatch and errors
+def test_auto_dispatches_to_the_kernel_on_cpu_and_paddle_does_not(monkeypatch):
+    calls = []
+    real = _native_layer.tree_min_native
+
+    def spy(*args, **kw):
+        calls.append(kw["reduction"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(_native_layer, "tree_min_native", spy)
+    h, x, labels = _setup(6, shape=(1, 3, 3))
+    xt, lt = paddle.to_tensor(x), paddle.to_tensor(labels)
+    hp.tree_min_loss(xt, lt, h, backend="paddle")
+    assert calls == []
+    hp.tree_min_loss(xt, lt, h)  # auto
+    hp.focal_tree_min_loss(xt, lt, h, reduction="sum", backend="native")
+    hp.TreeMinLoss(h, reduction="none", backend="native")(xt, lt)
+    hp.hssn_loss(xt, lt, h)  # its tree-min part
+    assert calls == ["mean", "sum", "none", "hssn"]
+    assert "native" in hp.BACKENDS
+
+
+def test_disabled_kernel_falls_back_and_native_backend_errors():
+    code = (
+        "import numpy as np, paddle, hieraloss, hieraloss.paddle as hp\n"
+        "from hieraloss import _native\n"
+        "assert not _native.available() and 'HIERALOSS_NATIVE=0' in _native.load_error()\n"
+        "h = hieraloss.presets.cityscapes()\n"
+        "x = paddle.to_tensor(np.random.default_rng(0).normal(size=(1, 26, 3, 3)).astype('float32'))\n"
+        "y = paddle.zeros([1, 3, 3], dtype='int64')\n"
+        "assert float(hp.tree_min_loss(x, y, h)) == float(hp.tree_min_loss(x, y, h, backend='paddle'))\n"
+        "try:\n"
+        "    hp.tree_min_loss(x, y, h, backend='native')\n"
+        "except RuntimeError as exc:\n"
+        "    assert 'compiled CPU kernel' in str(exc) and 'HIERALOSS_NATIVE=0' in str(exc), exc\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    env = dict(os.environ, HIERALOSS_NATIVE="0")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=120)
+
+
+def test_native_backend_error_names_the_reason(monkeypatch):
+    h, x, labels = _setup(7, shape=(1, 2, 2))
+    xt = paddle.to_tensor(x)
+    monkeypatch.setattr(_native_layer, "supports", lambda t: False)
+    monkeypatch.setattr(pf._native, "load_error", lambda: "not built (test)")
+    with pytest.raises(RuntimeError, match=r"backend='native'.*not built \(test\)"):
+        hp.tree_min_loss(xt, paddle.to_tensor(labels), h, backend="native")
+
+
+def test_thread_count_follows_omp_num_threads_and_changes_no_gradient(monkeypatch):
+    h, x, labels = _setup(8, shape=(3, 17, 41), dtype=np.float32)
+    results = []
+    for threads in ("1", "3"):
+        monkeypatch.setenv("OMP_NUM_THREADS", threads)
+        assert _native_layer.num_threads() == int(threads)
+        results.append(_value_and_grad(x, labels, h, gamma=None, reduction="hssn"))
+    np.testing.assert_array_equal(results[0][1].numpy(), results[1][1].numpy())  # per entry: no cross-pixel sums
+    np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=1e-6)
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert _native_layer.num_threads() >= 1
