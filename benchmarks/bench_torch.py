@@ -126,7 +126,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32 logits, "
           f"labels with 1/16 ignored rows, reduction='hssn'")
     print(f"compiled kernel: {_native.isa() or 'not available: ' + str(_native.load_error())}, "
-          f"huge-page advice {'off' if os.environ.get('HIERALOSS_HUGEPAGES') == '0' else 'on'}")
+          f"huge-page advice {'on' if os.environ.get('HIERALOSS_HUGEPAGES') == '1' else 'off'}")
     for name in args.configs:
         bench_config(name, height, width, args, impls)
         gc.collect()

@@ -306,14 +306,25 @@ def test_set_isa_rejects_unknown_names_and_reports_the_isa():
     assert _native.isa() in _native.ISAS
 
 
-def test_huge_page_advice_keeps_the_buffer_usable():
+def test_huge_page_advice_is_opt_in_and_keeps_the_buffer_usable(monkeypatch):
+    big = torch.empty(1 << 22)  # 16 MiB
+    monkeypatch.delenv("HIERALOSS_HUGEPAGES", raising=False)
+    assert _native.advise_hugepages(big.data_ptr(), big.numel() * 4) is False  # off by default
+    monkeypatch.setenv("HIERALOSS_HUGEPAGES", "1")
     small = torch.empty(1000)
     assert _native.advise_hugepages(small.data_ptr(), small.numel() * 4) is False
-    big = torch.empty(1 << 22)  # 16 MiB
     advised = _native.advise_hugepages(big.data_ptr(), big.numel() * 4)
-    assert isinstance(advised, bool)
+    assert advised is (sys.platform == "linux" and "[never]" not in _thp_mode())
     big.fill_(1.5)
     assert big.sum().item() == 1.5 * (1 << 22)
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            return f.read()
+    except OSError:
+        return "[never]"
 
 
 def test_disabled_kernel_falls_back_and_native_backend_errors():

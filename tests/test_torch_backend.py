@@ -489,3 +489,32 @@ def test_tiled_pixels_match_untiled(data):
     torch.testing.assert_close(g_small, g_big, rtol=1e-12, atol=1e-12)
     want = hnp.focal_tree_min_loss(x, labels, h, gamma=gamma, reduction=reduction)
     np.testing.assert_allclose(v_small.numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+@settings(max_examples=30)
+@given(data=st.data(), ignore_index=st.sampled_from([255, -1, 100_000, 40]))
+def test_label_channels_match_numpy_for_every_ignore_index(data, ignore_index):
+    """The lookup-table mapping (and the compare fallback for a huge ignore_index) against
+    Hierarchy.label_channels: same channels, same partial flag, the same LabelError on bad values."""
+    h = data.draw(hierarchies(max_depth=3, max_children=3, order=None))
+    if 0 <= ignore_index < h.num_nodes:
+        ignore_index = h.num_nodes + 1
+    values = st.sampled_from(list(range(h.num_nodes)) + [ignore_index])
+    bad = st.sampled_from([-5, -1, h.num_nodes, h.num_nodes + 7, 70_000, 200_000])
+    raw = data.draw(st.lists(st.one_of(values, values, values, bad), min_size=1, max_size=30))
+    labels = np.array(raw, dtype=np.int64).reshape(1, -1)
+    dtype = data.draw(st.sampled_from([torch.int64, torch.int32]))
+    t = torch.from_numpy(labels).to(dtype)
+    try:
+        want = h.label_channels(labels, ignore_index=ignore_index)
+    except LabelError:
+        with pytest.raises(LabelError, match="neither node ids"):
+            HF._label_channels(t, h, ignore_index)
+        return
+    got, partial = HF._label_channels(t, h, ignore_index)
+    assert got.tolist() == want.tolist()
+    assert partial == bool(((labels >= h.num_leaves) & (labels < h.num_nodes)).any())
+    assert torch.equal(t, torch.from_numpy(labels).to(dtype))  # not modified
+    for v in range(h.num_nodes):  # every single node id: its channel, partial iff internal
+        got, partial = HF._label_channels(torch.tensor([[v, ignore_index]], dtype=dtype), h, ignore_index)
+        assert got.tolist() == [[int(h.channel_of[v]), -1]] and partial == (v >= h.num_leaves)

@@ -7,8 +7,8 @@ gradient (no intermediate the size of the logits). On x86-64 Linux with GCC the 
 for three instruction sets (baseline, AVX2 + FMA, AVX-512) and picks the widest this CPU runs.
 
 Environment: ``HIERALOSS_NATIVE=0`` disables the kernel; ``HIERALOSS_NATIVE_ISA=generic|avx2|avx512``
-caps its instruction set; ``HIERALOSS_HUGEPAGES=0`` stops it from asking Linux for transparent huge
-pages on the fresh gradient buffers it fills (:func:`advise_hugepages`).
+caps its instruction set; ``HIERALOSS_HUGEPAGES=1`` makes it ask Linux for transparent huge pages on
+the fresh output buffers it fills (:func:`advise_hugepages`; off by default, see there).
 """
 
 from __future__ import annotations
@@ -103,11 +103,14 @@ def set_isa(name: str) -> str:
 
 
 def advise_hugepages(address: int, nbytes: int) -> bool:
-    """Ask for transparent huge pages on a fresh, untouched buffer (Linux; whole 2 MiB pages inside
-    it only). Its first touch then costs far fewer page faults. No-op for small buffers, elsewhere, or
-    with ``HIERALOSS_HUGEPAGES=0``; returns whether the advice was given."""
+    """With ``HIERALOSS_HUGEPAGES=1``: ask for transparent huge pages on a fresh, untouched buffer
+    (Linux; whole 2 MiB pages inside it only), so that its first touch costs far fewer page faults.
+    Off by default: where the kernel compacts memory to find huge pages on a fault (THP defrag
+    "madvise", a common default), some calls stall; measured on the development machine, the best
+    Cityscapes step got faster (58 -> 47 ms) but a quarter of the steps took 3x longer, and the mean
+    got worse (61 -> 83 ms). No-op for small buffers and off Linux; returns whether advice was given."""
     lib = _load()
-    if lib is None or nbytes < HUGEPAGE_MIN_BYTES or os.environ.get("HIERALOSS_HUGEPAGES", "1") == "0":
+    if lib is None or nbytes < HUGEPAGE_MIN_BYTES or os.environ.get("HIERALOSS_HUGEPAGES", "0") != "1":
         return False
     return bool(lib.hieraloss_advise_hugepages(address, nbytes))
 

@@ -84,27 +84,66 @@ def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
     return labels
 
 
+LABEL_TABLE_MAX = 1 << 16  # label tables up to this many values; a larger ignore_index takes the compare path
+
+
+def _label_table(tab, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """``(table, shift, bad, partial)`` for label values v in ``[lo, hi]`` = ``[min(0, ignore),
+    max(N - 1, ignore)]``: slot ``v + shift`` (``shift = 1 - lo``) holds v's channel, -1 for
+    ``ignore_index`` and -2 for a value that is neither; slot 0 and the last slot stand for every
+    value below / above the range. ``bad`` / ``partial`` flag the slots of bad values / internal nodes."""
+
+    def build(t):
+        lo, hi = min(0, ignore_index), max(hierarchy.num_nodes - 1, ignore_index)
+        shift = 1 - lo
+        table = np.full(hi - lo + 3, -2, dtype=np.int64)
+        table[shift: shift + hierarchy.num_nodes] = hierarchy.channel_of
+        table[ignore_index + shift] = -1
+        partial = np.zeros(table.size, dtype=bool)
+        partial[shift + hierarchy.num_leaves: shift + hierarchy.num_nodes] = True
+        dev = t.device
+        return (torch.tensor(table, device=dev), shift, torch.tensor(table == -2, device=dev),
+                torch.tensor(partial, device=dev))
+
+    return tab.get(("label_table", ignore_index), build)
+
+
+def _bad_label_error(lab: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> LabelError:
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))
+    values = torch.unique(lab[bad]).tolist()
+    shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct values)"
+                                                      if len(values) > 10 else "")
+    return LabelError(
+        f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
+        f"ignore_index={ignore_index}: {shown}")
+
+
 def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, bool]:
     """Map node-id labels to channels (-1 = ignored), raising :class:`LabelError` for bad values.
 
-    One device sync: whether bad values or partial labels occur is read back together.
+    One device sync: whether bad values or partial labels occur is read back together. A lookup
+    table indexed by the (clamped) label value does it in a few passes over the labels.
     """
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    hierarchy.check_ignore_index(int(ignore_index))
+    ignore_index = int(ignore_index)
+    hierarchy.check_ignore_index(ignore_index)
     tab = tables_for(hierarchy, labels.device)
     lab = labels.to(torch.int64)
-    ignored = lab == int(ignore_index)
+    if max(hierarchy.num_nodes, abs(ignore_index) + 1) <= LABEL_TABLE_MAX:
+        table, shift, bad_slot, partial_slot = _label_table(tab, hierarchy, ignore_index)
+        slot = (lab + shift).clamp_(0, table.numel() - 1)
+        counts = torch.bincount(slot.reshape(-1), minlength=table.numel()) > 0
+        any_bad, any_partial = torch.stack([(counts & bad_slot).any(), (counts & partial_slot).any()]).tolist()
+        if any_bad:
+            raise _bad_label_error(lab, hierarchy, ignore_index)
+        return table[slot], bool(any_partial)
+    ignored = lab == ignore_index
     bad = ~ignored & ((lab < 0) | (lab >= hierarchy.num_nodes))
     partial = ~ignored & (lab >= hierarchy.num_leaves)
     any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
     if any_bad:
-        values = torch.unique(lab[bad]).tolist()
-        shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct values)"
-                                                          if len(values) > 10 else "")
-        raise LabelError(
-            f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
-            f"ignore_index={ignore_index}: {shown}")
+        raise _bad_label_error(lab, hierarchy, ignore_index)
     safe = torch.where(ignored, torch.zeros_like(lab), lab)
     return torch.where(ignored, torch.full_like(lab, -1), tab.channel_of[safe]), bool(any_partial)
 
