@@ -5,8 +5,9 @@
 """
 
 from . import presets
+from ._native import release_cpu_buffers
 from .hierarchy import Hierarchy, HierarchyError, LabelError
 
 __version__ = "0.1.0"
 
-__all__ = ["Hierarchy", "HierarchyError", "LabelError", "presets", "__version__"]
+__all__ = ["Hierarchy", "HierarchyError", "LabelError", "presets", "release_cpu_buffers", "__version__"]

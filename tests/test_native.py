@@ -354,3 +354,68 @@ def test_isa_environment_cap_is_validated():
     out = subprocess.run([sys.executable, "-c", "from hieraloss import _native; print(_native.isa())"], env=env,
                          capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "generic"
+
+
+# ---------------------------------------------------------------------------- gradient buffer pool
+def _big_setup():
+    h = hieraloss.presets.cityscapes()
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(1, h.num_nodes, 64, 640, generator=gen)  # 4.3 MB of float32: pooled
+    labels = torch.randint(0, h.num_leaves, (1, 64, 640), generator=gen)
+    return h, x, labels
+
+
+def _grad_of(h, x, labels, gamma=None):
+    xt = x.clone().requires_grad_(True)
+    fn = ht.tree_min_loss if gamma is None else ht.focal_tree_min_loss
+    fn(xt, labels, h, backend="native", **({} if gamma is None else {"gamma": gamma})).backward()
+    return xt.grad
+
+
+def test_pool_reuses_only_buffers_no_tensor_uses():
+    hieraloss.release_cpu_buffers()
+    h, x, labels = _big_setup()
+    first = _grad_of(h, x, labels)
+    base = first.data_ptr()
+    kept = first.clone()
+    view = first[0, 3]  # a view keeps the buffer in use too
+    del first
+    second = _grad_of(h, x, labels, gamma=2.0)  # different values, same shape
+    assert not np.shares_memory(second.numpy(), view.numpy())
+    assert torch.equal(view, kept[0, 3])  # untouched while in use
+    del view, kept
+    reused = _grad_of(h, x, labels)  # the first buffer is free again: handed out and overwritten
+    assert reused.data_ptr() == base
+    np.testing.assert_allclose(reused.numpy(), _grad_of(h, x.double(), labels).numpy(), rtol=1e-5, atol=1e-9)
+
+
+def test_pool_hands_the_same_memory_back_once_free_and_respects_capacity(monkeypatch):
+    hieraloss.release_cpu_buffers()
+    h, x, labels = _big_setup()
+    ptr = _grad_of(h, x, labels).data_ptr()  # freed at once
+    assert _grad_of(h, x, labels).data_ptr() == ptr  # reused: no fresh pages to fault in
+    held = [_grad_of(h, x, labels) for _ in range(_native.BufferPool.capacity + 2)]
+    assert len({g.data_ptr() for g in held}) == len(held)  # all distinct while alive
+    assert len(_native.BUFFERS) == _native.BufferPool.capacity
+    ref = _grad_of(h, x.double(), labels)
+    for g in held:
+        np.testing.assert_allclose(g.numpy(), ref.numpy(), rtol=1e-5, atol=1e-9)
+    hieraloss.release_cpu_buffers()
+    assert len(_native.BUFFERS) == 0
+    monkeypatch.setenv("HIERALOSS_REUSE_BUFFERS", "0")
+    _grad_of(h, x, labels)
+    assert len(_native.BUFFERS) == 0
+
+
+def test_pool_keeps_shapes_and_dtypes_apart():
+    hieraloss.release_cpu_buffers()
+    pool = _native.BufferPool()
+    a = pool.take((2, 1 << 20), np.float32)
+    assert a is not None and a.shape == (2, 1 << 20) and a.dtype == np.float32
+    del a
+    b = pool.take((1 << 20, 2), np.float32)  # same bytes, other shape: not the free one
+    assert b.shape == (1 << 20, 2)
+    del b
+    c = pool.take((2, 1 << 20), np.float64)
+    assert c.dtype == np.float64 and len(pool) == 2  # capacity 2: the least recently used free one went
+    assert pool.take((10,), np.float32) is None  # small: plain allocation by the caller

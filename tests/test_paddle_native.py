@@ -301,3 +301,34 @@ def test_thread_count_follows_omp_num_threads_and_changes_no_gradient(monkeypatc
     np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=1e-6)
     monkeypatch.delenv("OMP_NUM_THREADS")
     assert _native_layer.num_threads() >= 1
+
+
+def test_gradient_buffers_are_pooled_and_never_shared_while_in_use():
+    """Large gradients come from hieraloss._native.BUFFERS through DLPack: a buffer is handed out
+    again only after every tensor using it is gone, and the values stay right."""
+    hieraloss.release_cpu_buffers()
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(6)
+    x = rng.normal(0, 2, (1, h.num_nodes, 64, 640)).astype(np.float32)  # 4.3 MB: pooled
+    labels = rng.integers(0, h.num_leaves, (1, 64, 640))
+
+    def grad_of():
+        xt = paddle.to_tensor(x, stop_gradient=False)
+        hp.tree_min_loss(xt, paddle.to_tensor(labels), h, backend="native").backward()
+        return xt.grad
+
+    first = grad_of()
+    pooled = {a.ctypes.data for a in _native.BUFFERS._arrays}
+    assert first.data_ptr() in pooled  # paddle keeps the kernel's buffer as x.grad
+    kept = first.numpy().copy()
+    second = grad_of()  # first is still alive: a different buffer
+    assert first.data_ptr() != second.data_ptr()
+    np.testing.assert_array_equal(first.numpy(), kept)
+    ptr = second.data_ptr()
+    del second
+    third = grad_of()
+    assert third.data_ptr() == ptr  # the free one, not the one first still uses
+    want = oracle.tree_min_grad(x.astype(np.float64), labels, h)
+    np.testing.assert_allclose(third.numpy(), want, rtol=2e-6, atol=1e-9)
+    np.testing.assert_array_equal(first.numpy(), kept)
+    hieraloss.release_cpu_buffers()

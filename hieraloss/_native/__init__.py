@@ -16,14 +16,15 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
+import sys
 import threading
 
 import numpy as np
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["available", "load_error", "isa", "set_isa", "ISAS", "advise_hugepages", "TreeArrays", "tree_arrays",
-           "tile_width", "tree_min", "FLOAT32", "FLOAT64"]
+__all__ = ["available", "load_error", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
+           "release_cpu_buffers", "TreeArrays", "tree_arrays", "tile_width", "tree_min", "FLOAT32", "FLOAT64"]
 
 FLOAT32 = 0
 FLOAT64 = 1
@@ -113,6 +114,69 @@ def advise_hugepages(address: int, nbytes: int) -> bool:
     if lib is None or nbytes < HUGEPAGE_MIN_BYTES or os.environ.get("HIERALOSS_HUGEPAGES", "0") != "1":
         return False
     return bool(lib.hieraloss_advise_hugepages(address, nbytes))
+
+
+class BufferPool:
+    """Reusable C-contiguous numpy arrays for the large outputs the kernel fills (gradients).
+
+    A fresh 100 MB buffer costs about as much in page faults as the kernel's whole pass (the
+    operating system maps and zeroes every 4 KiB page on first touch, and allocators hand such
+    blocks back to it on free), so the backends take their gradient buffers from here. The caller
+    wraps the array without copying (``torch.from_numpy``), and the wrapping tensor keeps a
+    reference to it for as long as any tensor or view uses its memory. An array whose reference
+    count is back to the pool's own is therefore unused and is handed out again, pages already
+    mapped. At most ``capacity`` arrays are kept (the least recently used free one is dropped
+    first); :meth:`take` returns None (allocate normally) for small buffers, when every kept array
+    is in use, or with ``HIERALOSS_REUSE_BUFFERS=0``.
+    """
+
+    capacity = 2
+    min_bytes = 1 << 22
+
+    def __init__(self):
+        self._arrays: list[np.ndarray] = []
+        self._lock = threading.Lock()
+        self._unused_refs = self._refcounts([np.empty(1)])[0]  # the pool's own references, measured
+
+    @staticmethod
+    def _refcounts(arrays: list[np.ndarray]) -> list[int]:
+        return [sys.getrefcount(a) for a in arrays]
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+        dtype = np.dtype(dtype)
+        if int(np.prod(shape)) * dtype.itemsize < self.min_bytes or os.environ.get("HIERALOSS_REUSE_BUFFERS") == "0":
+            return None
+        with self._lock:
+            refs = self._refcounts(self._arrays)
+            for i, n in enumerate(refs):
+                arr = self._arrays[i]
+                if n <= self._unused_refs and arr.shape == tuple(shape) and arr.dtype == dtype:
+                    self._arrays.append(self._arrays.pop(i))  # most recently used last
+                    return arr
+            if len(self._arrays) >= self.capacity:
+                free = [i for i, n in enumerate(refs) if n <= self._unused_refs]
+                if not free:
+                    return None
+                del self._arrays[free[0]]
+            arr = np.empty(shape, dtype=dtype)
+            self._arrays.append(arr)
+            return arr
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def release(self) -> None:
+        """Drop every kept array (each is freed once no tensor uses it)."""
+        with self._lock:
+            self._arrays.clear()
+
+
+BUFFERS = BufferPool()
+
+
+def release_cpu_buffers() -> None:
+    """Drop the gradient buffers the compiled CPU kernel keeps for reuse (``BUFFERS.release()``)."""
+    BUFFERS.release()
 
 
 class TreeArrays:

@@ -16,6 +16,12 @@
 #include <sys/mman.h>
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define HIERALOSS_PREFETCH(address, for_write) __builtin_prefetch((address), (for_write), 3)
+#else
+#define HIERALOSS_PREFETCH(address, for_write) ((void)0)
+#endif
+
 #define HIERALOSS_ISA generic
 #include "tree_min_kernel.h"
 #undef HIERALOSS_ISA

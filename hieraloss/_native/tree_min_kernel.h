@@ -216,6 +216,18 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
       k[t] = 1;
     }
   }
+  // Ask for the next tile's logits (and gradient lines) now: they arrive while this tile computes.
+  if (p0 + m < P) {
+    const int64_t next = std::min(m, P - p0 - m);
+    for (int64_t v = 0; v < N; ++v) {
+      const T* xv = x + base + v * P + m;
+      for (int64_t t = 0; t < next; t += 64 / static_cast<int64_t>(sizeof(T))) HIERALOSS_PREFETCH(xv + t, 0);
+      if (out.grad) {
+        T* gv = out.grad + base + v * P + m;
+        for (int64_t t = 0; t < next; t += 64 / static_cast<int64_t>(sizeof(T))) HIERALOSS_PREFETCH(gv + t, 1);
+      }
+    }
+  }
   // zmax bottom-up: a child replaces its parent's max only when strictly larger (or NaN), so the
   // parent itself, then earlier siblings, win ties.
   for (int64_t e = 0; e < tr.num_edges; ++e) {

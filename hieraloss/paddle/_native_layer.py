@@ -63,6 +63,16 @@ def _fresh_like(x: paddle.Tensor) -> paddle.Tensor:
     return out
 
 
+def _gradient_buffer(x: paddle.Tensor) -> paddle.Tensor:
+    """An uninitialised gradient buffer like ``x``: a pooled numpy array wrapped without a copy
+    (DLPack; the wrapping tensor keeps the array referenced while it lives, which is what
+    :class:`hieraloss._native.BufferPool` relies on) when it is large, else a fresh tensor."""
+    arr = _native.BUFFERS.take(tuple(x.shape), np.float64 if x.dtype == paddle.float64 else np.float32)
+    if arr is None:
+        return _fresh_like(x)
+    return paddle.utils.dlpack.from_dlpack(arr.__dlpack__())
+
+
 def _scales(lc, hierarchy, reduction, weight) -> np.ndarray:
     """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries), from the paddle op's
     per-depth reduction factors (:func:`.functional._depth_coefs`)."""
@@ -85,7 +95,7 @@ class _NativeTreeMin(PyLayer):
             _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=weight)
             return out
         sums = np.empty(x.shape[1], dtype=np.float64)
-        grad = _fresh_like(x) if needs_grad else None
+        grad = _gradient_buffer(x) if needs_grad else None
         _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
         ctx.fused_grad = grad
         value = np.asarray(np.dot(sums, scale), dtype=np.float64 if x.dtype == paddle.float64 else np.float32)
@@ -96,14 +106,14 @@ class _NativeTreeMin(PyLayer):
         x, lc = ctx.saved_tensor()
         hierarchy, gamma, reduction, scale, weight = ctx.config
         if reduction == "none":
-            grad = _fresh_like(x)
+            grad = _gradient_buffer(x)
             up = grad_out.astype(x.dtype).contiguous()
             _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=weight, grad_up=up)
             return grad, None
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
-            grad = _fresh_like(x)
+            grad = _gradient_buffer(x)
             _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=np.ascontiguousarray(scale * factor))
         elif factor != 1.0:
             grad.scale_(factor)

@@ -9,10 +9,16 @@ upstream map is only known there), as does a second backward through a retained 
 
 The op runs outside ``torch.compile`` graphs (a graph break at the loss): the kernel is called
 through ctypes, which dynamo cannot trace.
+
+Gradient buffers come from a small pool (:class:`hieraloss._native.BufferPool`): a fresh 100 MB
+tensor costs about as much in page faults as the kernel's whole pass, because the CPU allocator
+returns such blocks to the operating system on free. A pooled buffer is handed out again only once
+no tensor uses it.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .. import _native
@@ -53,6 +59,13 @@ def _fresh_like(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gradient_buffer(x: torch.Tensor) -> torch.Tensor:
+    """An uninitialised gradient buffer like ``x`` (C-contiguous): a pooled one when it is large
+    (:class:`hieraloss._native.BufferPool`), else a fresh tensor."""
+    arr = _native.BUFFERS.take(tuple(x.shape), np.dtype(str(x.dtype).removeprefix("torch.")))
+    return _fresh_like(x) if arr is None else torch.from_numpy(arr)
+
+
 def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
     """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries)."""
     scale = _reduction_scales(lc, plan_for(hierarchy, lc.device), reduction, torch.float64)
@@ -74,7 +87,7 @@ class _NativeTreeMin(torch.autograd.Function):
             return out
         scale = _scales(lc, hierarchy, reduction, weight)
         sums = torch.empty(x.shape[1], dtype=torch.float64)
-        grad = _fresh_like(x) if want_grad else None
+        grad = _gradient_buffer(x) if want_grad else None
         _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
         ctx.fused_grad = grad
         ctx.scale = scale
@@ -85,7 +98,7 @@ class _NativeTreeMin(torch.autograd.Function):
         x, lc, weight = ctx.saved_tensors
         hierarchy, gamma, reduction = ctx.config
         if reduction == "none":
-            grad = _fresh_like(x)
+            grad = _gradient_buffer(x)
             w = None if weight is None else weight.to(torch.float64).contiguous()
             up = grad_out.to(x.dtype).contiguous()
             _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=w, grad_up=up)
@@ -93,7 +106,7 @@ class _NativeTreeMin(torch.autograd.Function):
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
-            grad = _fresh_like(x)
+            grad = _gradient_buffer(x)
             _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=ctx.scale * factor)
         elif factor != 1.0:
             grad.mul_(factor)
