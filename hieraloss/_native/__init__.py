@@ -87,7 +87,7 @@ def load_error() -> str | None:
 
 
 def isa() -> str | None:
-    """The instruction set the kernel runs with here (``"avx2"`` or ``"generic"``), None if unavailable."""
+    """The instruction set the kernel runs with here (one of :data:`ISAS`), None if it is unavailable."""
     lib = _load()
     return None if lib is None else lib.hieraloss_isa().decode()
 
