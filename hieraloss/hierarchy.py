@@ -553,6 +553,27 @@ class Hierarchy:
             )
         return np.where(ignored, -1, self.channel_of[np.where(ignored, 0, lab)])
 
+    def label_table(self, ignore_index: int = 255) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """A lookup table for mapping labels to channels in a few vectorized passes.
+
+        Returns ``(table, shift, bad, partial)``. For a label value v in ``[lo, hi]`` =
+        ``[min(0, ignore_index), max(N - 1, ignore_index)]``, slot ``v + shift`` (``shift = 1 - lo``)
+        holds v's channel, -1 for ``ignore_index``, -2 for a value that is neither. Slot 0 and the
+        last slot stand for every value below / above the range, so ``table[clip(labels + shift, 0,
+        len(table) - 1)]`` maps any label array. ``bad`` / ``partial`` (bool, same length) flag the
+        slots of invalid values / of internal nodes (partial labels).
+        """
+        ignore_index = int(ignore_index)
+        self.check_ignore_index(ignore_index)
+        lo, hi = min(0, ignore_index), max(self.num_nodes - 1, ignore_index)
+        shift = 1 - lo
+        table = np.full(hi - lo + 3, -2, dtype=np.int64)
+        table[shift: shift + self.num_nodes] = self.channel_of
+        table[ignore_index + shift] = -1
+        partial = np.zeros(table.size, dtype=bool)
+        partial[shift + self.num_leaves: shift + self.num_nodes] = True
+        return table, shift, table == -2, partial
+
     def labels_at_depth(self, labels: Any, depth: int, ignore_index: int = 255) -> np.ndarray:
         """Map node-id labels to the node id of their class at ``depth`` (1..L).
 

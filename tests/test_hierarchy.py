@@ -330,3 +330,16 @@ def test_small_trees_by_hand():
     assert h.channel("sky") == 4
     with pytest.raises(KeyError, match="nope"):
         h.channel("nope")
+
+
+@given(h=hierarchies(max_depth=3, max_children=3, order=None), ignore_index=st.sampled_from([255, -1, 1000]))
+def test_label_table_maps_like_label_channels(h, ignore_index):
+    table, shift, bad, partial = h.label_table(ignore_index)
+    values = np.arange(-10, max(h.num_nodes, ignore_index) + 10)
+    slots = np.clip(values + shift, 0, table.size - 1)
+    for v, slot in zip(values.tolist(), slots.tolist(), strict=True):
+        valid = v == ignore_index or 0 <= v < h.num_nodes
+        assert bad[slot] == (not valid)
+        assert partial[slot] == (h.num_leaves <= v < h.num_nodes)
+        if valid:
+            assert table[slot] == h.label_channels(np.array([v]), ignore_index=ignore_index)[0]

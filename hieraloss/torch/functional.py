@@ -88,22 +88,12 @@ LABEL_TABLE_MAX = 1 << 16  # label tables up to this many values; a larger ignor
 
 
 def _label_table(tab, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """``(table, shift, bad, partial)`` for label values v in ``[lo, hi]`` = ``[min(0, ignore),
-    max(N - 1, ignore)]``: slot ``v + shift`` (``shift = 1 - lo``) holds v's channel, -1 for
-    ``ignore_index`` and -2 for a value that is neither; slot 0 and the last slot stand for every
-    value below / above the range. ``bad`` / ``partial`` flag the slots of bad values / internal nodes."""
+    """:meth:`Hierarchy.label_table` as tensors on the tables' device (cached)."""
 
     def build(t):
-        lo, hi = min(0, ignore_index), max(hierarchy.num_nodes - 1, ignore_index)
-        shift = 1 - lo
-        table = np.full(hi - lo + 3, -2, dtype=np.int64)
-        table[shift: shift + hierarchy.num_nodes] = hierarchy.channel_of
-        table[ignore_index + shift] = -1
-        partial = np.zeros(table.size, dtype=bool)
-        partial[shift + hierarchy.num_leaves: shift + hierarchy.num_nodes] = True
-        dev = t.device
-        return (torch.tensor(table, device=dev), shift, torch.tensor(table == -2, device=dev),
-                torch.tensor(partial, device=dev))
+        table, shift, bad, partial = hierarchy.label_table(ignore_index)
+        return torch.tensor(table, device=t.device), shift, torch.tensor(bad, device=t.device), \
+            torch.tensor(partial, device=t.device)
 
     return tab.get(("label_table", ignore_index), build)
 
