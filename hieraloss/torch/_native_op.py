@@ -28,10 +28,6 @@ from ._ops import _reduction_scales, plan_for
 NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def native_available() -> bool:
-    return _native.available()
-
-
 def supports(x: torch.Tensor) -> bool:
     """Whether :func:`tree_min_native` can take these logits (CPU, a float dtype, kernel built)."""
     return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and _native.available()
