@@ -419,3 +419,12 @@ def test_pool_keeps_shapes_and_dtypes_apart():
     c = pool.take((2, 1 << 20), np.float64)
     assert c.dtype == np.float64 and len(pool) == 2  # capacity 2: the least recently used free one went
     assert pool.take((10,), np.float32) is None  # small: plain allocation by the caller
+
+
+def test_use_for_decides_and_names_why_native_cannot_run():
+    assert _native.use_for("auto", on_cpu=True, device="cpu")
+    assert not _native.use_for("auto", on_cpu=False, device="cuda:0")
+    assert not _native.use_for("torch", on_cpu=True, device="cpu")
+    assert _native.use_for("native", on_cpu=True, device="cpu")
+    with pytest.raises(RuntimeError, match=r"backend='native'.*logits on cuda:0, the kernel runs on the CPU"):
+        _native.use_for("native", on_cpu=False, device="cuda:0")

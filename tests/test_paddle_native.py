@@ -284,7 +284,7 @@ def test_disabled_kernel_falls_back_and_native_backend_errors():
 def test_native_backend_error_names_the_reason(monkeypatch):
     h, x, labels = _setup(7, shape=(1, 2, 2))
     xt = paddle.to_tensor(x)
-    monkeypatch.setattr(_native_layer, "supports", lambda t: False)
+    monkeypatch.setattr(pf._native, "available", lambda: False)
     monkeypatch.setattr(pf._native, "load_error", lambda: "not built (test)")
     with pytest.raises(RuntimeError, match=r"backend='native'.*not built \(test\)"):
         hp.tree_min_loss(xt, paddle.to_tensor(labels), h, backend="native")

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["available", "load_error", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
+__all__ = ["available", "load_error", "use_for", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
            "release_cpu_buffers", "TreeArrays", "tree_arrays", "tile_width", "tree_min", "FLOAT32", "FLOAT64"]
 
 FLOAT32 = 0
@@ -84,6 +84,21 @@ def load_error() -> str | None:
     """Why :func:`available` is False (None when it is True)."""
     _load()
     return _STATE["error"]  # type: ignore[return-value]
+
+
+def use_for(backend: str, *, on_cpu: bool, device: str) -> bool:
+    """Whether a tree-min loss asked for with ``backend`` runs on this kernel, for logits on
+    ``device`` (``on_cpu`` says whether that is the CPU): ``"native"`` requires it and raises a
+    ``RuntimeError`` naming why it cannot run; ``"auto"`` takes it when it can; any other never."""
+    if backend == "native":
+        if not on_cpu:
+            reason = f"logits on {device}, the kernel runs on the CPU"
+        elif not available():
+            reason = load_error()
+        else:
+            return True
+        raise RuntimeError(f"backend='native' was asked for, but the compiled CPU kernel cannot run: {reason}")
+    return backend == "auto" and on_cpu and available()
 
 
 def isa() -> str | None:

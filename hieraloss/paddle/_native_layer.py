@@ -24,11 +24,6 @@ from .functional import _depth_coefs, _tables
 _HALVES = (paddle.float16, paddle.bfloat16)
 
 
-def supports(x: paddle.Tensor) -> bool:
-    """Whether :func:`tree_min_native` can take these logits (CPU place, kernel built)."""
-    return bool(x.place.is_cpu_place()) and _native.available()
-
-
 def num_threads() -> int:
     """Threads for the kernel: ``OMP_NUM_THREADS`` if set, else the CPUs this process may use
     (paddle has no getter for its own CPU thread count)."""

@@ -751,13 +751,7 @@ def _native_layer():
 
 
 def _use_native(backend: str, x: paddle.Tensor) -> bool:
-    if backend == "native":
-        if not _native_layer().supports(x):
-            reason = (f"logits on {x.place}, the kernel runs on the CPU" if not x.place.is_cpu_place()
-                      else _native.load_error())
-            raise RuntimeError(f"backend='native' was asked for, but the compiled CPU kernel cannot run: {reason}")
-        return True
-    return backend == "auto" and _native_layer().supports(x)
+    return _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(x.place))
 
 
 def _is_gpu(x: paddle.Tensor) -> bool:

@@ -25,13 +25,6 @@ from .. import _native
 from ..hierarchy import Hierarchy
 from ._ops import _reduction_scales, plan_for
 
-NATIVE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def supports(x: torch.Tensor) -> bool:
-    """Whether :func:`tree_min_native` can take these logits (CPU, a float dtype, kernel built)."""
-    return x.device.type == "cpu" and x.dtype in NATIVE_DTYPES and _native.available()
-
 
 def _dtype_code(t: torch.Tensor) -> int:
     return _native.FLOAT64 if t.dtype == torch.float64 else _native.FLOAT32

@@ -196,13 +196,7 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
 
 
 def _use_native(backend: str, x: torch.Tensor) -> bool:
-    if backend == "native":
-        if not _native_op.supports(x):
-            reason = (f"logits on {x.device}, the kernel runs on the CPU" if x.device.type != "cpu"
-                      else _native.load_error())
-            raise RuntimeError(f"backend='native' was asked for, but the compiled CPU kernel cannot run: {reason}")
-        return True
-    return backend == "auto" and _native_op.supports(x)
+    return _native.use_for(backend, on_cpu=x.device.type == "cpu", device=str(x.device))
 
 
 def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend):
