@@ -544,14 +544,23 @@ class Hierarchy:
         if not np.issubdtype(labels.dtype, np.integer):
             raise LabelError(f"labels must be integers, got dtype {labels.dtype}")
         lab = labels.astype(np.int64)
+        error = self.invalid_label_error(lab, ignore_index)
+        if error is not None:
+            raise error
         ignored = lab == ignore_index
-        bad = ~ignored & ((lab < 0) | (lab >= self.num_nodes))
-        if bad.any():
-            raise LabelError(
-                f"labels hold values that are neither node ids 0..{self.num_nodes - 1} nor "
-                f"ignore_index={ignore_index}: {_format_values(np.unique(lab[bad]))}"
-            )
         return np.where(ignored, -1, self.channel_of[np.where(ignored, 0, lab)])
+
+    def invalid_label_error(self, labels: Any, ignore_index: int = 255) -> LabelError | None:
+        """The :class:`LabelError` listing the values of an integer label array that are neither a
+        node id nor ``ignore_index``, or None if there are none (backends build theirs with it)."""
+        lab = np.asarray(labels).astype(np.int64)
+        bad = (lab != ignore_index) & ((lab < 0) | (lab >= self.num_nodes))
+        if not bad.any():
+            return None
+        return LabelError(
+            f"labels hold values that are neither node ids 0..{self.num_nodes - 1} nor "
+            f"ignore_index={ignore_index}: {_format_values(np.unique(lab[bad]))}"
+        )
 
     def label_table(self, ignore_index: int = 255) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """A lookup table for mapping labels to channels in a few vectorized passes.

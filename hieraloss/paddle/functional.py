@@ -681,7 +681,7 @@ def _label_channels(
         partial_t = tab.get(("label_partial", ignore_index), lambda: partial)
         any_bad, any_partial = paddle.stack([(seen & bad_t).any(), (seen & partial_t).any()]).numpy().tolist()
         if any_bad:
-            raise _bad_label_error(lab, hierarchy, ignore_index)
+            raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
         table_t = tab.get(("label_table", ignore_index), lambda: table)
         return paddle.gather(table_t, slot).reshape(lab.shape), bool(any_partial)  # gather: 6x index_select here
     ignored = lab == ignore_index
@@ -689,22 +689,10 @@ def _label_channels(
     partial = paddle.logical_not(ignored) & (lab >= hierarchy.num_leaves)
     any_bad, any_partial = paddle.stack([bad.any(), partial.any()]).numpy().tolist()
     if any_bad:
-        raise _bad_label_error(lab, hierarchy, ignore_index)
+        raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
     safe = paddle.where(ignored, paddle.zeros_like(lab), lab)
     channels = paddle.index_select(_vec(tab, "channel_of"), safe.reshape([-1])).reshape(lab.shape)
     return paddle.where(ignored, paddle.full_like(lab, -1), channels), bool(any_partial)
-
-
-def _bad_label_error(lab: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int) -> LabelError:
-    bad = (lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))
-    values = np.unique(paddle.masked_select(lab, bad).numpy()).tolist()
-    shown = ", ".join(str(v) for v in values[:10]) + (
-        f", ... ({len(values)} distinct values)" if len(values) > 10 else ""
-    )
-    return LabelError(
-        f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
-        f"ignore_index={ignore_index}: {shown}"
-    )
 
 
 def _checked_labels(

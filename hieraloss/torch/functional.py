@@ -98,16 +98,6 @@ def _label_table(tab, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Te
     return tab.get(("label_table", ignore_index), build)
 
 
-def _bad_label_error(lab: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> LabelError:
-    bad = (lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))
-    values = torch.unique(lab[bad]).tolist()
-    shown = ", ".join(str(v) for v in values[:10]) + (f", ... ({len(values)} distinct values)"
-                                                      if len(values) > 10 else "")
-    return LabelError(
-        f"labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
-        f"ignore_index={ignore_index}: {shown}")
-
-
 def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, bool]:
     """Map node-id labels to channels (-1 = ignored), raising :class:`LabelError` for bad values.
 
@@ -126,14 +116,14 @@ def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: in
         counts = torch.bincount(slot.reshape(-1), minlength=table.numel()) > 0
         any_bad, any_partial = torch.stack([(counts & bad_slot).any(), (counts & partial_slot).any()]).tolist()
         if any_bad:
-            raise _bad_label_error(lab, hierarchy, ignore_index)
+            raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
         return table[slot], bool(any_partial)
     ignored = lab == ignore_index
     bad = ~ignored & ((lab < 0) | (lab >= hierarchy.num_nodes))
     partial = ~ignored & (lab >= hierarchy.num_leaves)
     any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
     if any_bad:
-        raise _bad_label_error(lab, hierarchy, ignore_index)
+        raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
     safe = torch.where(ignored, torch.zeros_like(lab), lab)
     return torch.where(ignored, torch.full_like(lab, -1), tab.channel_of[safe]), bool(any_partial)
 
