@@ -26,6 +26,17 @@ HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum b
 
 
 # ---------------------------------------------------------------------------- validation
+def counted_entries_per_depth(h: Hierarchy) -> np.ndarray:
+    """``[N, L]`` float64: for a valid pixel labelled with channel c, how many of its (pixel, node)
+    entries at depth d+1 the reductions count: the nodes at that depth that are not strictly below
+    c (a partial label's unknown descendants are masked). A histogram of label channels times this
+    table gives the per-depth counts of ``mean`` and ``hssn`` without a mask per pixel (the torch
+    and paddle ops use it; this backend counts its masks directly, as the reference)."""
+    strictly_below = h.is_ancestor & ~np.eye(h.num_nodes, dtype=bool)  # [c, v]: v in D(c), v != c
+    at_depth = [h.depth == d for d in range(1, h.max_depth + 1)]
+    return np.stack([lv.sum() - strictly_below[:, lv].sum(axis=1) for lv in at_depth], axis=1).astype(np.float64)
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float64 is computed in float64; float32 and float16 in float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)

@@ -45,7 +45,7 @@ from .._checks import check_hierarchy as _check_hierarchy
 from .._checks import check_max_per_class
 from ..hierarchy import Hierarchy, LabelError
 from ..numpy.decode import DECODE_METHODS
-from ..numpy.losses import HSSN_SCALE, REDUCTIONS
+from ..numpy.losses import HSSN_SCALE, REDUCTIONS, counted_entries_per_depth
 from ..numpy.triplet import SAMPLING, hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 
@@ -137,12 +137,7 @@ class _Plan:
         self.depth_channels = list(h.depth_channels)
         self.children_table = h.children_table.astype(np.int64)
         self.num_children = np.array([len(c) for c in h.children], dtype=np.int64)
-        # known[c, d]: unmasked entries at depth d+1 of a pixel labelled with channel c (the nodes at
-        # that depth minus those strictly below a partial label c), float64 for an exact matmul.
-        strictly_below = h.is_ancestor & ~np.eye(h.num_nodes, dtype=bool)
-        self.known = np.stack(
-            [lv.size - strictly_below[:, lv].sum(axis=1) for lv in self.levels], axis=1
-        ).astype(np.float64)
+        self.counted_per_depth = counted_entries_per_depth(h)  # [N, L] float64, exact in a matmul
 
 
 class _PlaceTables:
@@ -460,13 +455,13 @@ def _depth_coefs(lc, tab, reduction, g_up, ct):
     """Per-depth factors (length ``max_depth``) turning the sum of a depth's entries into the scalar
     ``reduction``, times ``g_up``: ``g_up`` (sum), ``g_up / count`` (mean, all unmasked entries) or
     ``g_up * 5 / count_d`` (hssn, the depth's unmasked entries). Counts are over all pixels, from a
-    histogram of the label channels ``[B, P]`` (-1 = ignored): ``count_d = sum_c hist[c] * known[c, d]``."""
+    histogram of the label channels ``[B, P]`` (-1 = ignored): ``count_d = sum_c hist[c] * counted_per_depth[c, d]``."""
     L = tab.plan.max_depth
     if reduction == "sum":
         return [g_up] * L
     # valid pixels per label channel (index 0 of the shifted bincount counts the ignored ones)
     hist = paddle.bincount(lc.reshape([-1]) + 1, minlength=tab.plan.num_nodes + 1)[1:]
-    per_depth = paddle.matmul(hist.astype("float64").unsqueeze(0), _vec(tab, "known")).reshape([L])
+    per_depth = paddle.matmul(hist.astype("float64").unsqueeze(0), _vec(tab, "counted_per_depth")).reshape([L])
     counts = [per_depth[d] for d in range(L)]
     if reduction == "mean":
         return [g_up / paddle.clip(paddle.add_n(counts), min=1).astype(ct)] * L

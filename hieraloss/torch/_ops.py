@@ -28,7 +28,7 @@ import math
 import torch
 
 from ..hierarchy import Hierarchy
-from ..numpy.losses import HSSN_SCALE
+from ..numpy.losses import HSSN_SCALE, counted_entries_per_depth
 from ._tables import DeviceTables, tables_for
 
 
@@ -83,15 +83,7 @@ class Plan:
         self.children_table = tab.children_table
         self.leaf_sorted = torch.sort(tab.leaf_channels).values
         self.depth_channels = [torch.tensor(dc, **long) for dc in h.depth_channels]
-        # unknown_count[c, d-1]: strict descendants of c at depth d (those are masked for a partial label c).
-        unknown = torch.zeros(h.num_nodes, h.max_depth, dtype=torch.float64)
-        desc = h.descendant_table
-        for c in range(h.num_nodes):
-            for v in set(desc[c].tolist()) - {c}:
-                unknown[c, int(h.depth[v]) - 1] += 1
-        self.unknown_count = unknown.to(dev)
-        per_depth = torch.bincount(torch.tensor(h.depth.tolist()) - 1, minlength=h.max_depth)
-        self.nodes_at_depth = per_depth.to(dtype=torch.float64, device=dev)  # [L]
+        self.counted_per_depth = torch.tensor(counted_entries_per_depth(h), device=dev)  # [N, L] float64
 
 
 def plan_for(hierarchy: Hierarchy, device: torch.device) -> Plan:
@@ -170,7 +162,7 @@ def _reduction_scales(lc: torch.Tensor, plan: Plan, reduction: str, dtype) -> to
         return torch.ones(N, dtype=dtype, device=lc.device)
     # Valid pixels per label channel; index 0 of the shifted bincount counts the ignored ones.
     hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64)
-    counts = hist @ (plan.nodes_at_depth.unsqueeze(0) - plan.unknown_count)  # [L] unmasked entries per depth
+    counts = hist @ plan.counted_per_depth  # [L] unmasked entries per depth
     if reduction == "mean":
         scale = 1.0 / counts.sum().clamp(min=1)
         return scale.to(dtype).expand(N)
