@@ -75,7 +75,7 @@ int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const
            int64_t num_threads) {
   if (B < 0 || N < 1 || P < 0 || tile < 1 || num_edges < 0 || num_edges >= N) return 1;
   const int which = (channel_sums ? 8 : 0) | (loss_map ? 4 : 0) | (grad ? 2 : 0) | (grad_up ? 1 : 0);
-  if (!generic::supported_outputs(which)) return 3;
+  if (!supported_outputs(which)) return 3;
   if (channel_sums) std::fill(channel_sums, channel_sums + N, 0.0);
   const int64_t tiles_per_image = (P + tile - 1) / tile;
   const int64_t items = B * tiles_per_image;
@@ -93,22 +93,12 @@ int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const
     try {
       const int64_t first = items * id / threads, last = items * (id + 1) / threads;
       double* mine = channel_sums ? sums.data() + id * N : nullptr;
+      const Tree t{N, edges, num_edges, pre, size, is_child.data()};
+      const Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
 #ifdef HIERALOSS_HAVE_AVX2
-      if (isa_level() == 2) {
-        avx512::Tree t{N, edges, num_edges, pre, size, is_child.data()};
-        avx512::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
-        avx512::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
-        return;
-      }
-      if (isa_level() == 1) {
-        avx2::Tree t{N, edges, num_edges, pre, size, is_child.data()};
-        avx2::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
-        avx2::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
-        return;
-      }
+      if (isa_level() == 2) return avx512::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
+      if (isa_level() == 1) return avx2::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
 #endif
-      generic::Tree t{N, edges, num_edges, pre, size, is_child.data()};
-      generic::Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
       generic::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
     } catch (...) {  // an exception must not leave a thread (std::terminate)
       failed = true;

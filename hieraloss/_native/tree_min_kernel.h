@@ -14,6 +14,41 @@
 // The gradient at zmax_v goes to the first node of D(v) in DFS pre-order attaining it (via[v]
 // chains), the gradient at zmin_v to the shallowest node of A(v) attaining it (keep flags).
 
+// Shared by every instruction-set variant: defined on the first inclusion only.
+#ifndef HIERALOSS_TREE_MIN_SHARED
+#define HIERALOSS_TREE_MIN_SHARED
+
+struct Tree {
+  int64_t num_nodes;
+  const int32_t* edges;  // [num_edges, 2] (child, parent), deepest children first, siblings in tie order
+  int64_t num_edges;
+  const int32_t* pre;  // DFS pre-order position per channel
+  const int32_t* size;  // subtree size per channel (itself included)
+  const uint8_t* is_child;  // 1 for nodes with a parent channel (not depth 1)
+};
+
+template <typename T>
+struct Outputs {
+  double* channel_sums;  // [N] per-thread slice, or null
+  T* loss_map;  // [B, N, P] or null
+  const double* map_scale;  // [N] or null
+  T* grad;  // [B, N, P] or null
+  const double* grad_scale;  // [N] or null
+  const T* grad_up;  // [B, N, P] or null
+};
+
+// Loss sums are kept per lane ([N, tile]; a plain running sum would not vectorize): `partial` in T over
+// at most kFlushTiles tiles, then added into `sums` in double (few float additions per lane, so
+// the rounding stays near 1e-7 relative however many pixels there are).
+constexpr int kFlushTiles = 8;
+
+// Which output combinations the kernel is instantiated for (flags: sums 8, map 4, grad 2, grad_up 1).
+static inline bool supported_outputs(int which) {
+  return which == 8 || which == (8 | 2) || which == 4 || which == 2 || which == (2 | 1);
+}
+
+#endif  // HIERALOSS_TREE_MIN_SHARED
+
 namespace HIERALOSS_ISA {
 
 template <typename T>
@@ -94,30 +129,6 @@ static inline void negative_term(T z, T gamma, T& term, T& dterm) {
   dterm = sg * (gamma * sn * sp + s);
 }
 
-struct Tree {
-  int64_t num_nodes;
-  const int32_t* edges;  // [num_edges, 2] (child, parent), deepest children first, siblings in tie order
-  int64_t num_edges;
-  const int32_t* pre;  // DFS pre-order position per channel
-  const int32_t* size;  // subtree size per channel (itself included)
-  const uint8_t* is_child;  // 1 for nodes with a parent channel (not depth 1)
-};
-
-template <typename T>
-struct Outputs {
-  double* channel_sums;  // [N] per-thread slice, or null
-  T* loss_map;  // [B, N, P] or null
-  const double* map_scale;  // [N] or null
-  T* grad;  // [B, N, P] or null
-  const double* grad_scale;  // [N] or null
-  const T* grad_up;  // [B, N, P] or null
-};
-
-// Loss sums are kept per lane ([N, tile]; a plain running sum would not vectorize): `partial` in T over
-// at most kFlushTiles tiles, then added into `sums` in double (few float additions per lane, so
-// the rounding stays near 1e-7 relative however many pixels there are).
-constexpr int kFlushTiles = 8;
-
 template <typename T>
 struct Scratch {
   std::vector<T> zmax, zmin, partial;
@@ -135,11 +146,6 @@ struct Scratch {
     pending = 0;
   }
 };
-
-// Which output combinations the kernel is instantiated for (flags: sums 8, map 4, grad 2, grad_up 1).
-static inline bool supported_outputs(int which) {
-  return which == 8 || which == (8 | 2) || which == 4 || which == 2 || which == (2 | 1);
-}
 
 // The loss terms of node v over the m pixels of a tile (compile-time outputs: a branch-free vector loop).
 template <typename T, int FOCAL, bool SUMS, bool MAP, bool GRAD, bool UP>
