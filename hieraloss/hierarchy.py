@@ -19,8 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -28,6 +30,8 @@ import numpy as np
 __all__ = ["Hierarchy", "HierarchyError", "LabelError"]
 
 _FORMAT = "hieraloss.hierarchy"
+# Every hierarchy alive, by fingerprint (equal hierarchies share one; see Hierarchy.by_fingerprint).
+_LIVE: weakref.WeakValueDictionary[str, Hierarchy] = weakref.WeakValueDictionary()
 _FORMAT_VERSION = 1
 
 
@@ -84,6 +88,12 @@ class Hierarchy:
             common ancestor of leaves t and p down to t (0 if equal, 1 for siblings).
         depth_channels: tuple of L arrays; entry d-1 lists the channels that are classes at
             depth d: the nodes at depth d plus the leaves shallower than d (ascending channel).
+
+    Derived tables computed on first use (cached, read-only):
+        height: ``[N]`` edges from node v down to the deepest leaf below it (0 for a leaf).
+        node_leaf_distance: ``[N, K]``, rows by channel, columns by leaf id: tree distance psi
+            between node v and leaf k (edges via their LCA); ``node_leaf_distance[leaf_channels]``
+            is ``leaf_distance``.
     """
 
     # ------------------------------------------------------------------ construction
@@ -116,6 +126,16 @@ class Hierarchy:
         self._names_by_id = tuple(names)
         self._set_order(order, depth_by_id, k)
         self._build_tables(depth_by_id, k)
+        _LIVE.setdefault(self.fingerprint, self)
+
+    @staticmethod
+    def by_fingerprint(fingerprint: str) -> Hierarchy:
+        """A live hierarchy with this :attr:`fingerprint` (compiled ops receive the fingerprint, a
+        plain string, instead of the object). Raises ``KeyError`` if none is alive."""
+        try:
+            return _LIVE[fingerprint]
+        except KeyError:
+            raise KeyError(f"no live Hierarchy has fingerprint {fingerprint!r}") from None
 
     @staticmethod
     def _check_parents(parents: Sequence[int]) -> np.ndarray:
@@ -505,6 +525,30 @@ class Hierarchy:
         for top in np.flatnonzero(self.parent < 0):
             show(int(top), 1)
         return "\n".join(lines)
+
+    # ------------------------------------------------------------------ derived tables (lazy)
+    @cached_property
+    def height(self) -> np.ndarray:
+        """``[N]`` int64: edges from node v down to the deepest leaf below it (0 for a leaf)."""
+        h = np.zeros(self.num_nodes, dtype=np.int64)
+        for d in range(self.max_depth, 1, -1):  # children before parents
+            at = np.flatnonzero(self.depth == d)
+            np.maximum.at(h, self.parent[at], h[at] + 1)
+        return _readonly(h)
+
+    @cached_property
+    def node_leaf_distance(self) -> np.ndarray:
+        """``[N, K]`` int64: tree distance psi between node v (row, channel) and leaf k (column,
+        leaf id): edges on the path through their lowest common ancestor (the root counts)."""
+        L = self.max_depth
+        col = np.arange(L)
+        anc, lp = self.ancestor_table, self.leaf_paths
+        node_real = col[None, :] < self.depth[:, None]
+        leaf_depth = self.depth[self.leaf_channels]
+        leaf_real = col[None, :] < leaf_depth[:, None]
+        same = (anc[:, None, :] == lp[None, :, :]) & node_real[:, None, :] & leaf_real[None, :, :]
+        lca_depth = same.sum(axis=2)  # root-first paths share a prefix: its length is the LCA depth
+        return _readonly(self.depth[:, None] + leaf_depth[None, :] - 2 * lca_depth)
 
     # ------------------------------------------------------------------ queries
     @property

@@ -476,3 +476,110 @@ def published_cityscapes_hssn(logits, labels, eps=1e-8):
         term = -y * np.log(pos_cat[:, j] + eps) - (1 - y) * np.log(1 - neg_cat[:, j] + eps)
         cat_total += float((term * valid).sum())
     return 5.0 * (leaf_total / num / n_leaf + cat_total / num / n_cat)
+
+
+# ---------------------------------------------------------------------------- leaf-logit objectives
+# Leaf logits [B, K, *spatial] in leaf-id order: leaf channel v is logit column t.node_id(v).
+def node_height(t: Tree, v):
+    """Edges from channel v down to its deepest leaf, by recursion over children."""
+    return 0 if not t.children[v] else 1 + max(node_height(t, c) for c in t.children[v])
+
+
+def _leaf_log_probs(t: Tree, leaf_logits, pix):
+    """{leaf channel: log softmax over the K leaves} at one pixel."""
+    vals = {v: float(at(leaf_logits, pix, t.node_id(v))) for v in t.leaves}
+    m = max(vals.values())
+    log_z = m + math.log(sum(math.exp(s - m) for s in vals.values()))
+    return {v: s - log_z for v, s in vals.items()}
+
+
+def _log_p_node(t: Tree, logp, v):
+    """log of the summed leaf probabilities under channel v (log-sum-exp over its leaves)."""
+    under = [logp[u] for u in t.desc[v] if not t.children[u]]
+    m = max(under)
+    return m + math.log(sum(math.exp(s - m) for s in under))
+
+
+def _leaf_reduce(out, valid, reduction):
+    if reduction == "none":
+        return out
+    if reduction == "sum":
+        return float(out.sum())
+    count = int(valid.sum())
+    return float(out.sum()) / count if count else 0.0
+
+
+def hierarchical_cross_entropy(leaf_logits, labels, h, *, alpha=0.1, ignore_index=IGNORE, reduction="mean"):
+    """Per pixel: -sum over the edges (parent, C) of the label's root path of
+    exp(-alpha * height(C)) * (log p(C) - log p(parent)), log p(root) = 0."""
+    t = tree(h)
+    x = np.asarray(leaf_logits).astype(np.float64)
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=np.float64)
+    valid = np.zeros(labels.shape, dtype=bool)
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        logp = _leaf_log_probs(t, x, pix)
+        total, parent_logp = 0.0, 0.0
+        for node in t.anc[c]:  # root-first
+            node_logp = _log_p_node(t, logp, node)
+            total -= math.exp(-alpha * node_height(t, node)) * (node_logp - parent_logp)
+            parent_logp = node_logp
+        out[pix] = total
+        valid[pix] = True
+    return _leaf_reduce(out, valid, reduction)
+
+
+def soft_label_cross_entropy(leaf_logits, labels, h, *, beta=1.0, ignore_index=IGNORE, reduction="mean"):
+    """Per pixel: -sum_l q(l) log p(l), q(l) proportional to exp(-beta * psi(label node, leaf l))."""
+    t = tree(h)
+    x = np.asarray(leaf_logits).astype(np.float64)
+    labels = np.asarray(labels)
+    out = np.zeros(labels.shape, dtype=np.float64)
+    valid = np.zeros(labels.shape, dtype=bool)
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        logp = _leaf_log_probs(t, x, pix)
+        dist = {v: t.psi(c, v) for v in t.leaves}
+        dmin = min(dist.values())
+        weights = {v: math.exp(-beta * (d - dmin)) for v, d in dist.items()}
+        z = sum(weights.values())
+        out[pix] = -sum(weights[v] / z * logp[v] for v in t.leaves)
+        valid[pix] = True
+    return _leaf_reduce(out, valid, reduction)
+
+
+def decode_leaf_logits(leaf_logits, h, method="argmax"):
+    """``argmax``: the leaf with the largest logit (first in leaf-id order); ``top_down``: at each
+    depth the child (channel order, first wins) with the largest sum of leaf softmax probabilities."""
+    t = tree(h)
+    x = np.asarray(leaf_logits).astype(np.float64)
+    shape = (x.shape[0],) + x.shape[2:]
+    leaf_out = np.zeros(shape, dtype=np.int64)
+    depth_out = np.zeros((shape[0], t.max_depth) + shape[1:], dtype=np.int64)
+    for pix in pixels(shape):
+        if method == "argmax":
+            k = _argmax(range(h.num_leaves), lambda k, pix=pix: float(at(x, pix, k)))
+            chosen = int(h.channel_of[k])
+        elif method == "top_down":
+            vals = [float(at(x, pix, k)) for k in range(h.num_leaves)]
+            m = max(vals)
+            e = [math.exp(s - m) for s in vals]
+            prob = {int(h.channel_of[k]): e[k] / sum(e) for k in range(h.num_leaves)}
+
+            def mass(v, prob=prob):
+                return sum(prob[u] for u in t.desc[v] if not t.children[u])
+
+            chosen = _argmax(t.roots, mass)
+            while t.children[chosen]:
+                chosen = _argmax(t.children[chosen], mass)
+        else:
+            raise ValueError(method)
+        leaf_out[pix] = t.node_id(chosen)
+        for d, v in enumerate(t.path_of(chosen)):
+            depth_out[index(pix, d)] = t.node_id(v)
+    return leaf_out, depth_out

@@ -103,6 +103,23 @@ def test_psi_is_a_metric_and_matches_walks(h):
 
 
 @given(any_tree)
+def test_height_and_node_leaf_distance_match_walks(h):
+    t = oracle.tree(h)
+    assert h.height.dtype == np.int64 and h.height.shape == (h.num_nodes,)
+    assert h.node_leaf_distance.shape == (h.num_nodes, h.num_leaves)
+    for v in range(h.num_nodes):
+        assert h.height[v] == oracle.node_height(t, v)
+        below = [u for u in preorder(h, v) if h.is_leaf[u]]
+        assert h.height[v] == max(len(walk(h, u)) for u in below) - len(walk(h, v))
+        for k in range(h.num_leaves):
+            assert h.node_leaf_distance[v, k] == t.psi(v, int(h.leaf_channels[k])) == h.psi(v, int(h.leaf_channels[k]))
+    np.testing.assert_array_equal(h.node_leaf_distance[h.leaf_channels], h.leaf_distance)
+    # Cached, read-only, and rebuilt after a pickle round trip.
+    assert h.height is h.height and not h.height.flags.writeable and not h.node_leaf_distance.flags.writeable
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(h)).height, h.height)
+
+
+@given(any_tree)
 def test_psi_between_any_nodes(h):
     t = oracle.tree(h)
     for u in range(h.num_nodes):

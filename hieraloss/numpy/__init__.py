@@ -5,6 +5,13 @@ Same public names and arguments as ``hieraloss.torch`` and ``hieraloss.paddle``;
 """
 
 from .decode import DECODE_METHODS, decode
+from .leaf_losses import (
+    LEAF_DECODE_METHODS,
+    LEAF_REDUCTIONS,
+    decode_leaf_logits,
+    hierarchical_cross_entropy,
+    soft_label_cross_entropy,
+)
 from .losses import REDUCTIONS, expand_targets, focal_tree_min_loss, tree_min_loss
 from .triplet import (
     hierarchy_triplet_loss,
@@ -24,6 +31,11 @@ __all__ = [
     "resize_labels_nearest",
     "hierarchy_triplet_loss",
     "triplet_weight",
+    "hierarchical_cross_entropy",
+    "soft_label_cross_entropy",
+    "decode_leaf_logits",
     "REDUCTIONS",
     "DECODE_METHODS",
+    "LEAF_REDUCTIONS",
+    "LEAF_DECODE_METHODS",
 ]

@@ -14,9 +14,12 @@ import paddle
 from paddle import nn
 
 from ..hierarchy import Hierarchy
+from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
 from . import functional as F
+from . import leaf_losses as _leaf
 
-__all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss", "HierarchyDecoder"]
+__all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss", "HierarchyDecoder",
+           "HierarchicalCrossEntropyLoss", "SoftLabelCrossEntropyLoss"]
 
 
 def _weight_buffer(layer: nn.Layer, node_weight: Any, hierarchy: Hierarchy) -> None:
@@ -247,3 +250,69 @@ class HierarchyDecoder(nn.Layer):
 
     def forward(self, logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         return F.decode(logits, self.hierarchy, self.method, backend=self.backend)
+
+
+class _LeafLoss(nn.Layer):
+    """Shared configuration of the leaf-logit losses (checked here, once)."""
+
+    _param = ""
+
+    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean"):
+        super().__init__()
+        F._check_hierarchy(hierarchy)
+        setattr(self, self._param, check_nonnegative(value, self._param))
+        check_leaf_reduction(reduction)
+        hierarchy.check_ignore_index(ignore_index)
+        self.hierarchy = hierarchy
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
+            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        )
+
+
+class HierarchicalCrossEntropyLoss(_LeafLoss):
+    """:func:`hieraloss.paddle.hierarchical_cross_entropy` as a layer:
+    ``loss = HierarchicalCrossEntropyLoss(h, alpha=0.1)(leaf_logits, labels)``."""
+
+    _param = "alpha"
+
+    def __init__(
+        self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean"
+    ):
+        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction)
+
+    def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        return _leaf.hierarchical_cross_entropy(
+            leaf_logits,
+            labels,
+            self.hierarchy,
+            alpha=self.alpha,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )
+
+
+class SoftLabelCrossEntropyLoss(_LeafLoss):
+    """:func:`hieraloss.paddle.soft_label_cross_entropy` as a layer:
+    ``loss = SoftLabelCrossEntropyLoss(h, beta=1.0)(leaf_logits, labels)``."""
+
+    _param = "beta"
+
+    def __init__(
+        self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean"
+    ):
+        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction)
+
+    def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
+        return _leaf.soft_label_cross_entropy(
+            leaf_logits,
+            labels,
+            self.hierarchy,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            reduction=self.reduction,
+        )

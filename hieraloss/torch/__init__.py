@@ -17,7 +17,22 @@ from .functional import (
     tree_min_loss,
     triplet_weight,
 )
-from .modules import FocalTreeMinLoss, HierarchyDecoder, HierarchyTripletLoss, HSSNLoss, TreeMinLoss
+from .leaf_losses import (
+    LEAF_DECODE_METHODS,
+    LEAF_REDUCTIONS,
+    decode_leaf_logits,
+    hierarchical_cross_entropy,
+    soft_label_cross_entropy,
+)
+from .modules import (
+    FocalTreeMinLoss,
+    HierarchicalCrossEntropyLoss,
+    HierarchyDecoder,
+    HierarchyTripletLoss,
+    HSSNLoss,
+    SoftLabelCrossEntropyLoss,
+    TreeMinLoss,
+)
 
 __all__ = [
     "tree_min_loss",
@@ -28,12 +43,19 @@ __all__ = [
     "decode",
     "expand_targets",
     "depth_cross_entropy",
+    "hierarchical_cross_entropy",
+    "soft_label_cross_entropy",
+    "decode_leaf_logits",
     "TreeMinLoss",
     "FocalTreeMinLoss",
     "HierarchyTripletLoss",
     "HSSNLoss",
     "HierarchyDecoder",
+    "HierarchicalCrossEntropyLoss",
+    "SoftLabelCrossEntropyLoss",
     "REDUCTIONS",
     "DECODE_METHODS",
     "BACKENDS",
+    "LEAF_REDUCTIONS",
+    "LEAF_DECODE_METHODS",
 ]

@@ -1,0 +1,304 @@
+"""Hierarchical objectives on a flat model's leaf logits (Bertinetto et al., "Making Better
+Mistakes", CVPR 2020), in numpy (forward only): the reference for the torch and paddle backends.
+
+Leaf logits are ``[B, K, *spatial]`` in leaf-id order (K = ``hierarchy.num_leaves``); labels are
+node ids as everywhere else (leaf ids, internal ids = partial labels, ``ignore_index``). The
+softmax over leaves defines a probability for every node, ``p(v) = sum of the leaf
+probabilities under v`` (``p(root) = 1``); in log space ``log p(v) = LSE(v) - LSE(root)`` with
+``LSE(v)`` the log-sum-exp of the leaf logits under v, computed bottom-up one depth at a time
+(``np.logaddexp`` of the children, one child rank at a time), so nothing underflows.
+
+* :func:`hierarchical_cross_entropy` (HXE):
+  ``-sum over the edges (parent(C), C) of the label's path of w(C) log p(C | parent(C))`` with
+  ``w(C) = exp(-alpha * height(C))`` (``Hierarchy.height``: 0 for a leaf). ``alpha = 0`` is the
+  flat cross-entropy ``LSE(root) - x_label``. A partial label c takes the edges from the root
+  down to c: ``alpha = 0`` then gives ``-log p(c)``.
+* :func:`soft_label_cross_entropy`: cross-entropy against the target distribution over leaves
+  ``q(l) = softmax_l(-beta * psi(c, l))`` (``Hierarchy.node_leaf_distance``; for a leaf label c
+  this is ``Hierarchy.leaf_distance``), i.e. ``LSE(root) - sum_l q(l) x_l``. Large beta tends to
+  the flat cross-entropy. A partial label c uses the same formula with distances measured from
+  the node c, so the target favours the leaves under c, nearest first (uniform over them in a
+  balanced subtree as beta grows).
+* :func:`decode_leaf_logits`: ``"argmax"`` (leaf argmax, ties to the lowest leaf id, and its path)
+  or ``"top_down"`` (at each depth the child of the chosen node with the largest summed leaf
+  probability, compared through ``LSE``; a chosen leaf stops).
+
+The framework-free rules (the argument checks and their messages, the bottom-up plan, the HXE
+coefficients and the soft targets) live here and are shared by the torch and paddle backends.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from .._checks import check_choice, check_hierarchy
+from ..hierarchy import Hierarchy
+from .decode import decode as _decode_nodes
+from .losses import check_labels, compute_dtype
+
+__all__ = [
+    "hierarchical_cross_entropy",
+    "soft_label_cross_entropy",
+    "decode_leaf_logits",
+    "LEAF_REDUCTIONS",
+    "LEAF_DECODE_METHODS",
+]
+
+LEAF_REDUCTIONS = ("mean", "sum", "none")
+LEAF_DECODE_METHODS = ("argmax", "top_down")
+LEAF_LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+# ---------------------------------------------------------------------------- shared checks
+def check_leaf_logits(shape: tuple[int, ...], dtype_name: str, hierarchy: Hierarchy,
+                      name: str = "leaf_logits") -> None:
+    """Dtype and layout of leaf logits ``[B, K, *spatial]`` (one message for every backend).
+
+    ``dtype_name`` is the framework-free name of the dtype (``"float32"``, ``"int64"``, ...)."""
+    if dtype_name not in LEAF_LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {dtype_name}")
+    shape = tuple(int(s) for s in shape)
+    k = hierarchy.num_leaves
+    if len(shape) < 2:
+        raise ValueError(f"{name} must be [B, K, *spatial] with K={k} leaves, got shape {shape}")
+    if shape[1] != k:
+        raise ValueError(
+            f"{name} have {shape[1]} channels on axis 1, but the hierarchy has {k} leaves "
+            f"(shape {shape}); leaf logits hold one channel per leaf, in leaf-id order")
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite number >= 0 as a float (``alpha``, ``beta``)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not v >= 0 or math.isinf(v):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return v
+
+
+def check_leaf_decode_method(method: Any) -> None:
+    check_choice(method, LEAF_DECODE_METHODS, "method")
+
+
+def check_leaf_reduction(reduction: Any) -> None:
+    check_choice(reduction, LEAF_REDUCTIONS, "reduction")
+
+
+# ---------------------------------------------------------------------------- framework-free rules
+class LeafPlan:
+    """How to build ``LSE(v)`` for every node from the leaf logits, one depth at a time.
+
+    The values live in a growing array ``vals [B, M, P]``: positions ``0..K-1`` are the leaf
+    logits (leaf-id order); each step appends the internal nodes of one depth, deepest first.
+    ``steps``: one ``(nodes, ranks)`` per depth with internal nodes, ``nodes`` their channels
+    sorted by decreasing number of children (ties by channel) and ``ranks`` a list over r of
+    ``(count, positions)``: the first ``count`` nodes have an r-th child (channel order), found at
+    ``positions`` of ``vals``. So ``acc = vals[positions_0]`` and ``acc[:count] =
+    logaddexp(acc[:count], vals[positions_r])`` for r >= 1 give the step's values.
+    ``position[c]``: where channel c ends up in ``vals``. ``leaf_path_ids``: ``[K, L]`` node id at
+    every depth of leaf k's path (a shallow leaf repeats).
+    """
+
+    def __init__(self, h: Hierarchy):
+        k = h.num_leaves
+        position = np.full(h.num_nodes, -1, dtype=np.int64)
+        position[h.leaf_channels] = np.arange(k)
+        filled = k
+        self.steps: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []
+        for d in range(h.max_depth - 1, 0, -1):
+            at = np.flatnonzero((h.depth == d) & ~h.is_leaf)
+            if at.size == 0:
+                continue
+            nkids = np.array([len(h.children[v]) for v in at])
+            nodes = at[np.lexsort((at, -nkids))]
+            ranks = []
+            for r in range(int(nkids.max())):
+                have = [v for v in nodes if len(h.children[v]) > r]
+                ranks.append((len(have), position[[int(h.children[v][r]) for v in have]]))
+            self.steps.append((nodes, ranks))
+            position[nodes] = filled + np.arange(nodes.size)
+            filled += nodes.size
+        assert filled == h.num_nodes and (position >= 0).all()
+        self.position = position
+        self.leaf_path_ids = h.node_ids[h.leaf_paths].astype(np.int64)
+
+
+@lru_cache(maxsize=64)
+def leaf_plan(h: Hierarchy) -> LeafPlan:
+    return LeafPlan(h)
+
+
+@lru_cache(maxsize=64)
+def hxe_coefficients(h: Hierarchy, alpha: float) -> np.ndarray:
+    """``[N, L+1]`` float64: the hierarchical cross-entropy of a pixel labelled with channel c is
+    ``coef[c, 0] * LSE(root) + sum_{d=1..L} coef[c, d] * LSE(ancestor_table[c, d-1])``.
+
+    With ``C_1..C_D`` the path of c (D = depth(c)) and ``w_d = exp(-alpha * height(C_d))``, the
+    loss ``sum_d w_d (LSE(C_{d-1}) - LSE(C_d))`` (``C_0`` = root) regrouped per node:
+    ``coef[c, 0] = w_1``, ``coef[c, d] = w_{d+1} - w_d`` for d < D, ``coef[c, D] = -w_D`` and 0
+    beyond. With ``alpha = 0`` the middle coefficients are exact zeros, so the value is exactly
+    ``LSE(root) - LSE(c)``."""
+    n, L = h.num_nodes, h.max_depth
+    w = np.exp(-alpha * h.height.astype(np.float64))[h.ancestor_table]  # [N, L]: w of the path nodes
+    coef = np.zeros((n, L + 1), dtype=np.float64)
+    coef[:, 0] = w[:, 0]
+    depth = h.depth
+    for d in range(1, L + 1):
+        if d < L:
+            inner = depth > d
+            coef[inner, d] = w[inner, d] - w[inner, d - 1]
+        last = depth == d
+        coef[last, d] = -w[last, d - 1]
+    coef.setflags(write=False)
+    return coef
+
+
+@lru_cache(maxsize=64)
+def soft_targets(h: Hierarchy, beta: float) -> np.ndarray:
+    """``[N, K]`` float64: row c is the target distribution over leaves (leaf-id order) of a pixel
+    labelled with channel c, ``softmax_l(-beta * node_leaf_distance[c, l])``."""
+    z = -beta * h.node_leaf_distance.astype(np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    q = np.exp(z)
+    q /= q.sum(axis=1, keepdims=True)
+    q.setflags(write=False)
+    return q
+
+
+# ---------------------------------------------------------------------------- numpy ops
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    m = x.max(axis=axis, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0)
+    return np.squeeze(m, axis) + np.log(np.exp(x - m).sum(axis=axis))
+
+
+def node_log_sum_exp(x: np.ndarray, h: Hierarchy) -> np.ndarray:
+    """``[B, N, P]`` (channel order): ``LSE(v)`` of the leaf logits ``x [B, K, P]`` under each node."""
+    vals = x
+    for _, ranks in leaf_plan(h).steps:
+        acc = vals[:, ranks[0][1]]
+        for count, pos in ranks[1:]:
+            acc[:, :count] = np.logaddexp(acc[:, :count], vals[:, pos])
+        vals = np.concatenate([vals, acc], axis=1)
+    return vals[:, leaf_plan(h).position]
+
+
+def _reduce(loss: np.ndarray, valid: np.ndarray, reduction: str, cdt: np.dtype) -> np.ndarray:
+    loss = np.where(valid, loss, cdt.type(0))
+    if reduction == "none":
+        return loss
+    total = loss.sum(dtype=cdt)
+    if reduction == "sum":
+        return cdt.type(total)
+    count = np.count_nonzero(valid)
+    return cdt.type(total / cdt.type(count)) if count else cdt.type(0)
+
+
+def _checked_logits(leaf_logits: Any, hierarchy: Hierarchy) -> np.ndarray:
+    check_hierarchy(hierarchy)
+    x = np.asarray(leaf_logits)
+    check_leaf_logits(x.shape, x.dtype.name, hierarchy)
+    return x
+
+
+def _flat(x: np.ndarray, ch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.dtype]:
+    cdt = compute_dtype(x.dtype)
+    B, K = x.shape[:2]
+    return x.astype(cdt).reshape(B, K, -1), ch.reshape(B, -1), cdt
+
+
+def hierarchical_cross_entropy(
+    leaf_logits: Any,
+    labels: Any,
+    hierarchy: Hierarchy,
+    *,
+    alpha: float = 0.1,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
+
+    ``-sum over the edges of the label's path of exp(-alpha * height(C)) * log p(C | parent(C))``,
+    p from the softmax over leaves (``p(C)`` = sum of the leaf probabilities under C). A partial
+    label (internal node c) takes the edges from the root down to c. ``alpha = 0`` is the flat
+    cross-entropy. ``reduction``: ``"mean"`` over counted (not ignored) pixels, ``"sum"`` or
+    ``"none"`` (``[B, *spatial]``, 0 where ignored). float64 logits give float64, others float32.
+    """
+    x = _checked_logits(leaf_logits, hierarchy)
+    a = check_nonnegative(alpha, "alpha")
+    check_leaf_reduction(reduction)
+    ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
+    xf, lc, cdt = _flat(x, ch)
+    h = hierarchy
+    valid = lc >= 0
+    safe = np.where(valid, lc, 0)
+    lse = node_log_sum_exp(xf, h)  # [B, N, P]
+    root = _logsumexp(xf, axis=1)  # [B, P]
+    coef = hxe_coefficients(h, a).astype(cdt)[safe]  # [B, P, L+1]
+    on_path = np.take_along_axis(lse, np.moveaxis(h.ancestor_table[safe], -1, 1), axis=1)  # [B, L, P]
+    loss = coef[..., 0] * root + (np.moveaxis(coef[..., 1:], -1, 1) * on_path).sum(axis=1)
+    out = _reduce(loss, valid, reduction, cdt)
+    return out.reshape(ch.shape) if reduction == "none" else out
+
+
+def soft_label_cross_entropy(
+    leaf_logits: Any,
+    labels: Any,
+    hierarchy: Hierarchy,
+    *,
+    beta: float = 1.0,
+    ignore_index: int = 255,
+    reduction: str = "mean",
+) -> np.ndarray:
+    """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
+
+    Target over leaves ``q(l) = softmax_l(-beta * psi(c, l))`` for a pixel labelled c (psi =
+    ``Hierarchy.node_leaf_distance``, edges through the lowest common ancestor; the paper divides
+    its distance by the tree height, a constant factor absorbed in beta). Loss ``-sum_l q(l) log
+    p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
+    flat cross-entropy. Reductions and dtypes as :func:`hierarchical_cross_entropy`.
+    """
+    x = _checked_logits(leaf_logits, hierarchy)
+    b = check_nonnegative(beta, "beta")
+    check_leaf_reduction(reduction)
+    ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
+    xf, lc, cdt = _flat(x, ch)
+    valid = lc >= 0
+    safe = np.where(valid, lc, 0)
+    q = np.moveaxis(soft_targets(hierarchy, b).astype(cdt)[safe], -1, 1)  # [B, K, P]
+    loss = _logsumexp(xf, axis=1) - (q * xf).sum(axis=1)
+    out = _reduce(loss, valid, reduction, cdt)
+    return out.reshape(ch.shape) if reduction == "none" else out
+
+
+def decode_leaf_logits(leaf_logits: Any, hierarchy: Hierarchy, method: str = "argmax"
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Decode ``leaf_logits [B, K, *spatial]`` to ``(leaf_ids [B, *spatial], depth_labels [B, L,
+    *spatial])`` (int64 node ids; ``depth_labels[:, d-1]`` is the node at depth d of the chosen
+    leaf's path, a shallow leaf repeating).
+
+    ``"argmax"``: the leaf argmax (ties: lowest leaf id). ``"top_down"``: among the depth-1 nodes,
+    then among the children of the chosen node, ..., the node with the largest summed leaf
+    probability (compared as ``LSE``, the log of that sum up to a constant; ties: lowest channel);
+    a chosen leaf stops the descent.
+    """
+    x = _checked_logits(leaf_logits, hierarchy)
+    check_leaf_decode_method(method)
+    h = hierarchy
+    B, K = x.shape[:2]
+    spatial = x.shape[2:]
+    xf = x.astype(compute_dtype(x.dtype)).reshape(B, K, -1)
+    if method == "top_down":
+        lse = node_log_sum_exp(xf, h).reshape(B, h.num_nodes, *spatial)
+        return _decode_nodes(lse, h, "top_down")
+    leaf = np.argmax(xf, axis=1)  # first maximum: lowest leaf id
+    depth = np.moveaxis(leaf_plan(h).leaf_path_ids[leaf], -1, 1)
+    return leaf.reshape(B, *spatial).astype(np.int64), depth.reshape(B, h.max_depth, *spatial)
