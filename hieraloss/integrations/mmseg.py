@@ -1,12 +1,15 @@
 """mmsegmentation (1.x) integration: the hieraloss losses as mmseg loss modules.
 
-Importing this module registers, when mmsegmentation is importable, three losses in
+Importing this module registers, when mmsegmentation is importable, five losses in
 ``mmseg.registry.MODELS`` (see :func:`register`):
 
 * ``HieraTreeMinLoss``: :func:`hieraloss.torch.tree_min_loss`,
 * ``HieraFocalTreeMinLoss``: :func:`hieraloss.torch.focal_tree_min_loss`,
 * ``HieraHSSNLoss``: :func:`hieraloss.torch.hssn_loss` (tree-min + per-depth cross-entropy, plus the
-  scheduled triplet term when the head passes ``embeddings``).
+  scheduled triplet term when the head passes ``embeddings``),
+* ``HieraHierarchicalCELoss``: :func:`hieraloss.torch.hierarchical_cross_entropy` and
+  ``HieraSoftLabelCELoss``: :func:`hieraloss.torch.soft_label_cross_entropy`, the objectives of
+  Bertinetto et al. (CVPR 2020) on a flat head's leaf logits (``num_classes`` = number of leaves).
 
 They follow mmseg's loss convention: ``forward(cls_score, label, weight=None, ignore_index=255,
 **kwargs)``, a ``loss_weight`` factor and a ``loss_name`` starting with ``loss_``. The hierarchy is
@@ -31,13 +34,17 @@ from torch import nn
 
 from .. import presets
 from ..hierarchy import Hierarchy
+from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
 from ..torch import functional as F
+from ..torch import leaf_losses as _leaf
 from ..torch._tables import tables_for
 
 __all__ = [
     "HieraTreeMinLoss",
     "HieraFocalTreeMinLoss",
     "HieraHSSNLoss",
+    "HieraHierarchicalCELoss",
+    "HieraSoftLabelCELoss",
     "load_hierarchy",
     "path_scores",
     "register",
@@ -252,10 +259,94 @@ class HieraHSSNLoss(_HieraLoss):
         return self.loss_weight * loss
 
 
+class _LeafCELoss(_HieraLoss):
+    """Shared plumbing of the leaf-logit losses: ``cls_score [B, K, H, W]`` (a flat head, K leaves in
+    leaf-id order), node-id labels, optional pixel weights, ``reduction`` / ``reduction_override``."""
+
+    _param = ""
+
+    def __init__(self, hierarchy: Any, value: float, *, reduction: str = "mean", loss_weight: float = 1.0,
+                 loss_name: str | None = None):
+        super().__init__(hierarchy, loss_weight=loss_weight, loss_name=loss_name)
+        setattr(self, self._param, check_nonnegative(value, self._param))
+        check_leaf_reduction(reduction)
+        self.reduction = reduction
+
+    def _loss(self, cls_score: torch.Tensor, label: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, cls_score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None,
+                ignore_index: int = 255, reduction_override: str | None = None, **kwargs: Any) -> torch.Tensor:
+        """``loss_weight`` times the loss of ``cls_score [B, K, H, W]`` against ``label [B, H, W]``.
+
+        ``weight`` (optional, ``[B, H, W]``) multiplies each pixel's loss; ``"mean"`` still divides
+        by the number of counted (not ignored) pixels.
+        """
+        self._check_extra(kwargs)
+        reduction = self.reduction if reduction_override is None else reduction_override
+        check_leaf_reduction(reduction)
+        if weight is None:
+            return self.loss_weight * self._loss(cls_score, label, ignore_index, reduction)
+        expected = (cls_score.shape[0], *cls_score.shape[2:])
+        if tuple(weight.shape) != expected:
+            raise ValueError(f"weight must be [B, *spatial] = {expected}, got {tuple(weight.shape)}")
+        per_pixel = self._loss(cls_score, label, ignore_index, "none")
+        weighted = per_pixel * weight.to(per_pixel.dtype)
+        if reduction == "none":
+            return self.loss_weight * weighted
+        if reduction == "sum":
+            return self.loss_weight * weighted.sum()
+        counted = (label != ignore_index).sum().clamp(min=1).to(weighted.dtype)
+        return self.loss_weight * weighted.sum() / counted
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", {self._param}={getattr(self, self._param)}, reduction={self.reduction!r}"
+
+
+class HieraHierarchicalCELoss(_LeafCELoss):
+    """Hierarchical cross-entropy (:func:`hieraloss.torch.hierarchical_cross_entropy`) as an mmseg loss.
+
+    For a flat decode head (``num_classes`` = number of leaves). Config keys: ``hierarchy``,
+    ``alpha`` (0.1; 0 is the flat cross-entropy), ``reduction`` (``"mean"``, ``"sum"``, ``"none"``),
+    ``loss_weight``, ``loss_name`` (default ``"loss_hxe"``).
+    """
+
+    _default_name = "loss_hxe"
+    _param = "alpha"
+
+    def __init__(self, hierarchy: Any = "cityscapes", *, alpha: float = 0.1, **kwargs: Any):
+        super().__init__(hierarchy, alpha, **kwargs)
+
+    def _loss(self, cls_score, label, ignore_index, reduction):
+        return _leaf.hierarchical_cross_entropy(cls_score, label, self.hierarchy, alpha=self.alpha,
+                                                ignore_index=ignore_index, reduction=reduction)
+
+
+class HieraSoftLabelCELoss(_LeafCELoss):
+    """Soft-label cross-entropy (:func:`hieraloss.torch.soft_label_cross_entropy`) as an mmseg loss.
+
+    For a flat decode head (``num_classes`` = number of leaves). Config keys: ``hierarchy``,
+    ``beta`` (1.0; large values tend to the flat cross-entropy), ``reduction``, ``loss_weight``,
+    ``loss_name`` (default ``"loss_soft_label_ce"``).
+    """
+
+    _default_name = "loss_soft_label_ce"
+    _param = "beta"
+
+    def __init__(self, hierarchy: Any = "cityscapes", *, beta: float = 1.0, **kwargs: Any):
+        super().__init__(hierarchy, beta, **kwargs)
+
+    def _loss(self, cls_score, label, ignore_index, reduction):
+        return _leaf.soft_label_cross_entropy(cls_score, label, self.hierarchy, beta=self.beta,
+                                              ignore_index=ignore_index, reduction=reduction)
+
+
 _LOSSES: dict[str, type[nn.Module]] = {
     "HieraTreeMinLoss": HieraTreeMinLoss,
     "HieraFocalTreeMinLoss": HieraFocalTreeMinLoss,
     "HieraHSSNLoss": HieraHSSNLoss,
+    "HieraHierarchicalCELoss": HieraHierarchicalCELoss,
+    "HieraSoftLabelCELoss": HieraSoftLabelCELoss,
 }
 LOSS_NAMES = tuple(_LOSSES)
 

@@ -1,12 +1,15 @@
 """PaddleSeg integration: the hieraloss losses as PaddleSeg loss components.
 
-:func:`register` adds four classes to PaddleSeg's loss manager (``paddleseg.cvlibs.manager.LOSSES``):
+:func:`register` adds six classes to PaddleSeg's loss manager (``paddleseg.cvlibs.manager.LOSSES``):
 
 * ``HieraTreeMinLoss``: :func:`hieraloss.paddle.tree_min_loss`,
 * ``HieraFocalTreeMinLoss``: :func:`hieraloss.paddle.focal_tree_min_loss`,
 * ``HieraHSSNLoss``: :func:`hieraloss.paddle.hssn_loss` without the triplet term (tree-min with the
   published normalisation plus the per-depth cross-entropies),
-* ``HieraTripletLoss``: the hierarchy-margin triplet term times its published schedule ``w(step)``.
+* ``HieraTripletLoss``: the hierarchy-margin triplet term times its published schedule ``w(step)``,
+* ``HieraHierarchicalCELoss`` / ``HieraSoftLabelCELoss``: :func:`hieraloss.paddle.hierarchical_cross_entropy`
+  and :func:`hieraloss.paddle.soft_label_cross_entropy` (Bertinetto et al., CVPR 2020) on a flat
+  model's leaf logits ``[B, K, H, W]``.
 
 PaddleSeg calls every loss as ``loss(logits, label)``, where ``logits`` is the i-th output of the
 model and the i-th entry of ``loss.types``. The classes hold the hierarchy, given in the config as
@@ -50,13 +53,17 @@ from paddle import nn
 
 from .. import presets
 from ..hierarchy import Hierarchy
+from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
 from ..paddle import functional as F
+from ..paddle import leaf_losses as _leaf
 
 __all__ = [
     "HieraTreeMinLoss",
     "HieraFocalTreeMinLoss",
     "HieraHSSNLoss",
     "HieraTripletLoss",
+    "HieraHierarchicalCELoss",
+    "HieraSoftLabelCELoss",
     "LOSS_CLASSES",
     "load_hierarchy",
     "path_scores",
@@ -235,7 +242,57 @@ class HieraTripletLoss(nn.Layer):
         return w * loss
 
 
-LOSS_CLASSES = (HieraTreeMinLoss, HieraFocalTreeMinLoss, HieraHSSNLoss, HieraTripletLoss)
+class _LeafCELoss(nn.Layer):
+    """Shared configuration of the leaf-logit losses: ``loss(logits [B, K, H, W], label [B, (1,) H, W])``."""
+
+    _param = ""
+
+    def __init__(self, hierarchy: Any, value: float, ignore_index: int = 255, reduction: str = "mean"):
+        super().__init__()
+        self.hierarchy = load_hierarchy(hierarchy)
+        self.hierarchy.check_ignore_index(ignore_index)
+        setattr(self, self._param, check_nonnegative(value, self._param))
+        check_leaf_reduction(reduction)
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+
+
+class HieraHierarchicalCELoss(_LeafCELoss):
+    """Hierarchical cross-entropy for PaddleSeg (``alpha`` as in
+    :func:`hieraloss.paddle.hierarchical_cross_entropy`; the model outputs K leaf logits)."""
+
+    _param = "alpha"
+
+    def __init__(self, hierarchy: Any = "cityscapes", alpha: float = 0.1, ignore_index: int = 255,
+                 reduction: str = "mean"):
+        super().__init__(hierarchy, alpha, ignore_index, reduction)
+
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        return _leaf.hierarchical_cross_entropy(
+            logits, _label_map(label, logits.ndim), self.hierarchy, alpha=self.alpha,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+        )
+
+
+class HieraSoftLabelCELoss(_LeafCELoss):
+    """Soft-label cross-entropy for PaddleSeg (``beta`` as in
+    :func:`hieraloss.paddle.soft_label_cross_entropy`; the model outputs K leaf logits)."""
+
+    _param = "beta"
+
+    def __init__(self, hierarchy: Any = "cityscapes", beta: float = 1.0, ignore_index: int = 255,
+                 reduction: str = "mean"):
+        super().__init__(hierarchy, beta, ignore_index, reduction)
+
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        return _leaf.soft_label_cross_entropy(
+            logits, _label_map(label, logits.ndim), self.hierarchy, beta=self.beta,
+            ignore_index=self.ignore_index, reduction=self.reduction,
+        )
+
+
+LOSS_CLASSES = (HieraTreeMinLoss, HieraFocalTreeMinLoss, HieraHSSNLoss, HieraTripletLoss,
+                HieraHierarchicalCELoss, HieraSoftLabelCELoss)
 
 
 def register(manager: Any = None) -> Any:

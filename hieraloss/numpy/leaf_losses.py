@@ -212,7 +212,8 @@ def _checked_logits(leaf_logits: Any, hierarchy: Hierarchy) -> np.ndarray:
 def _flat(x: np.ndarray, ch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.dtype]:
     cdt = compute_dtype(x.dtype)
     B, K = x.shape[:2]
-    return x.astype(cdt).reshape(B, K, -1), ch.reshape(B, -1), cdt
+    P = math.prod(x.shape[2:])
+    return x.astype(cdt).reshape(B, K, P), ch.reshape(B, P), cdt
 
 
 def hierarchical_cross_entropy(
@@ -295,8 +296,8 @@ def decode_leaf_logits(leaf_logits: Any, hierarchy: Hierarchy, method: str = "ar
     h = hierarchy
     B, K = x.shape[:2]
     spatial = x.shape[2:]
-    xf = x.astype(compute_dtype(x.dtype)).reshape(B, K, -1)
-    if method == "top_down":
+    xf = x.astype(compute_dtype(x.dtype)).reshape(B, K, math.prod(spatial))
+    if method == "top_down" and xf.size:
         lse = node_log_sum_exp(xf, h).reshape(B, h.num_nodes, *spatial)
         return _decode_nodes(lse, h, "top_down")
     leaf = np.argmax(xf, axis=1)  # first maximum: lowest leaf id
