@@ -2,8 +2,9 @@
 
 :class:`HierarchicalSegMetrics` accumulates integer counts over a whole data set and computes,
 per depth, IoU per class, mIoU and pixel accuracy, plus the consistency rate, the mistake
-severity and hierarchical precision / recall / F1. The state is a flat ``int64`` vector of
-counts, so two metric objects (or several processes) combine by plain summation.
+severity and hierarchical precision / recall / F1, and, when confidences are given, the expected
+calibration error per depth. The state is a flat ``int64`` vector of counts, so two metric
+objects (or several processes) combine by plain summation.
 
 Predictions and targets may be numpy arrays, torch tensors or paddle tensors; this module never
 imports torch or paddle itself (tensors are recognised by their type's module name).
@@ -30,6 +31,11 @@ _MAX_DIRECT_ROWS = 4096
 
 _SCALARS = ("num_pixels", "num_consistent", "num_mistakes", "severity_sum",
             "hier_intersection", "hier_predicted", "hier_true")
+# Confidence sums are kept as integers in units of 2^-20 (each confidence rounded to the nearest
+# unit, an error below 5e-7), so that the state stays exact int64 counts that merge in any order.
+# A bin then holds up to 2^43 pixels (~8.8e12) before the int64 sum could overflow.
+CONFIDENCE_SCALE = 1 << 20
+_ECE_FIELDS = 3  # per (depth, bin): pixels, sum of confidence (fixed point), correct pixels
 
 
 def _to_numpy(x: Any, what: str) -> np.ndarray:
@@ -121,6 +127,7 @@ class _Tables:
         self.node_fold: list[tuple[np.ndarray, np.ndarray]] = []
         self.is_class: list[np.ndarray] = []  # [N] bool
         self.path_node: list[np.ndarray] = []  # [K] node id at depth d of leaf k's path
+        self.target_node: list[np.ndarray] = []  # [N] node id of target v's class at depth d, -1 unknown
         self.has_leaf = [bool(h.is_leaf[c].any()) for c in h.depth_channels]  # leaf among classes
         for d in range(L):
             chans = h.depth_channels[d]
@@ -133,6 +140,7 @@ class _Tables:
             self.is_class.append(index >= 0)
             anc = h.node_ids[h.ancestor_table[ch, d]]  # [N] node id at depth d+1 of each node id
             tcls = np.where(is_leaf | (depth >= d + 1), index[anc], -1)
+            self.target_node.append(np.where(is_leaf | (depth >= d + 1), anc, -1))
             path = h.node_ids[h.leaf_paths[:, d]]
             self.path_node.append(path)
             self.leaf_fold.append(self._fold(tcls, index[path], c))
@@ -212,9 +220,20 @@ class HierarchicalSegMetrics:
       the truth is known only down to ``depth(c)``: ``A(true) = A(c)`` and predicted nodes deeper
       than ``depth(c)`` are not counted.
 
+    * Calibration (optional): ``update(pred, target, confidence)`` with ``confidence`` of the
+      per-depth shape ``[B, L, *spatial]`` (floats in [0, 1]: the model's confidence in its class
+      at each depth; for a leaf prediction the per-depth classes are its path). Per depth, over the
+      pixels whose target is known there (as for the confusion matrix), a histogram of ``ece_bins``
+      equal-width bins on [0, 1] (bin ``min(floor(conf * ece_bins), ece_bins - 1)``) accumulates the
+      pixel count, the sum of confidences and the number of correct predictions.
+      ``ece = sum_b n_b / n * |accuracy_b - mean confidence_b|``. Without any confidence (the
+      label-only updates) ``ece`` is NaN (``None`` in :meth:`to_dict`), like every other undefined
+      ratio; :meth:`calibration` gives the histogram (reliability diagram).
+
     Undefined ratios (zero denominators) are NaN in :meth:`compute` and ``None`` in :meth:`to_dict`.
 
     Combine states with :meth:`merge` (same process) or :meth:`all_reduce` (torch.distributed).
+    Confidence sums are stored in fixed point (units of ``2**-20``), so merged states are exact.
 
     Cost: one ``np.bincount`` of (target value, predicted leaf) pairs per update, from which every
     count is folded with precomputed tables; per-depth pixels that are paths of the tree are
@@ -222,20 +241,27 @@ class HierarchicalSegMetrics:
     ``ignore_index`` must not be a node id.
     """
 
-    def __init__(self, hierarchy: Hierarchy, ignore_index: int = 255):
+    def __init__(self, hierarchy: Hierarchy, ignore_index: int = 255, ece_bins: int = 15):
         if not isinstance(hierarchy, Hierarchy):
             raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
         if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
             raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+        if isinstance(ece_bins, bool) or not isinstance(ece_bins, (int, np.integer)) or ece_bins < 1:
+            raise ValueError(f"ece_bins must be a positive int, got {ece_bins!r}")
         hierarchy.check_ignore_index(int(ignore_index))
         self._h = hierarchy
         self._ignore = int(ignore_index)
+        self._bins = int(ece_bins)
         self._t = _Tables(hierarchy)
         self._sizes = sizes = [ids.size for ids in self._t.class_ids]
         offsets = np.concatenate([[0], np.cumsum([c * c for c in sizes])]).astype(int)
-        self._state = np.zeros(int(offsets[-1]) + len(_SCALARS), dtype=np.int64)
+        start = int(offsets[-1])
+        ece_size = hierarchy.max_depth * self._bins * _ECE_FIELDS
+        self._state = np.zeros(start + len(_SCALARS) + ece_size, dtype=np.int64)
         self._conf = [self._state[offsets[d]: offsets[d + 1]].reshape(c, c) for d, c in enumerate(sizes)]
-        self._scalars = self._state[offsets[-1]:]
+        self._scalars = self._state[start: start + len(_SCALARS)]
+        # [L, bins, 3]: pixels, confidence sum (units of 1 / CONFIDENCE_SCALE), correct pixels
+        self._ece = self._state[start + len(_SCALARS):].reshape(hierarchy.max_depth, self._bins, _ECE_FIELDS)
         # Rows of the raw joint counts: target value - lo for values in [lo, hi).
         n = hierarchy.num_nodes
         self._lo = min(0, self._ignore)
@@ -249,6 +275,10 @@ class HierarchicalSegMetrics:
     @property
     def ignore_index(self) -> int:
         return self._ignore
+
+    @property
+    def ece_bins(self) -> int:
+        return self._bins
 
     def class_names(self, depth: int) -> tuple[str, ...]:
         """Names of the classes at ``depth`` (1..L), in confusion-matrix order."""
@@ -294,6 +324,8 @@ class HierarchicalSegMetrics:
             raise TypeError(f"can only merge HierarchicalSegMetrics, got {type(other).__name__}")
         if other._h != self._h:
             raise ValueError(f"cannot merge metrics of different hierarchies: {self._h!r} vs {other._h!r}")
+        if other._bins != self._bins:
+            raise ValueError(f"cannot merge metrics with different ece_bins: {self._bins} vs {other._bins}")
         self._state += other._state
         return self
 
@@ -325,11 +357,18 @@ class HierarchicalSegMetrics:
         return self
 
     # ------------------------------------------------------------------ update
-    def update(self, pred: Any, target: Any) -> None:
+    def update(self, pred: Any, target: Any, confidence: Any = None) -> None:
         """Accumulate one batch: ``pred`` ``[B, *spatial]`` leaf ids or ``[B, L, *spatial]``
-        per-depth node ids; ``target`` ``[B, *spatial]`` node ids or ``ignore_index``."""
+        per-depth node ids; ``target`` ``[B, *spatial]`` node ids or ``ignore_index``.
+
+        ``confidence`` (optional): ``[B, L, *spatial]`` floats in [0, 1], the confidence of the
+        predicted class at every depth; it feeds the per-depth calibration histograms (``ece``).
+        """
+        t = _to_numpy(target, "target")
+        if t.dtype == bool:
+            raise LabelError("target must hold integer node ids, got dtype bool")
         p = _as_int_labels(_to_numpy(pred, "pred"), "pred")
-        t = _as_int_labels(_to_numpy(target, "target"), "target")
+        t = _as_int_labels(t, "target")
         L = self._h.max_depth
         if t.ndim < 1:
             raise ValueError("target needs a batch dimension: [B, *spatial]")
@@ -348,10 +387,51 @@ class HierarchicalSegMetrics:
                 f"[B, L={L}, *spatial] = {(t.shape[0], L, *t.shape[1:])} (per-depth labels)"
             )
         rows = self._target_rows(t.reshape(-1))
+        ece = None if confidence is None else self._calibration_counts(p, per_depth, rows, confidence)
         if per_depth:
             self._update_per_depth(p, rows)
         else:
             self._update_leaf(p.reshape(-1), rows)
+        if ece is not None:  # only once every check has passed
+            self._ece += ece
+
+    def _calibration_counts(self, p: np.ndarray, per_depth: bool, rows: _Rows, confidence: Any) -> np.ndarray:
+        """``[L, bins, 3]`` counts of one batch (pixels, fixed-point confidence sum, correct)."""
+        h, tab, bins = self._h, self._t, self._bins
+        L = h.max_depth
+        c = _to_numpy(confidence, "confidence")
+        if not np.issubdtype(c.dtype, np.floating):
+            raise TypeError(f"confidence must hold floats in [0, 1], got dtype {c.dtype}")
+        B = p.shape[0]
+        spatial = p.shape[2:] if per_depth else p.shape[1:]
+        if c.shape != (B, L, *spatial):
+            raise ValueError(f"confidence must have the per-depth shape [B, L, *spatial] = {(B, L, *spatial)}, "
+                             f"got {c.shape}")
+        outside = ~((c >= 0) & (c <= 1))  # NaN included
+        if outside.any():
+            raise ValueError(f"confidence must hold values in [0, 1]; got {int(outside.sum())} outside "
+                             f"(e.g. {float(c[outside].flat[0])})")
+        out = np.zeros((L, bins, _ECE_FIELDS), dtype=np.int64)
+        n = h.num_nodes
+        for d in range(L):
+            # Target class at depth d+1 per joint-count row (-1: ignored, unknown or not a node id).
+            row_node = np.full(rows.num_rows, -1, dtype=np.int64)
+            row_node[rows.node_offset: rows.node_offset + n] = tab.target_node[d]
+            row_node[rows.ignore_row] = -1
+            pred_d = p[:, d].reshape(-1) if per_depth else np.take(tab.path_node[d], p.reshape(-1), mode="clip")
+            conf_d = c[:, d].reshape(-1)
+            for start in range(0, pred_d.size, _CHUNK):
+                stop = start + _CHUNK
+                truth = row_node[rows.rows[start:stop]]
+                counted = truth >= 0
+                cf = conf_d[start:stop][counted].astype(np.float64)
+                b = np.minimum((cf * bins).astype(np.int64), bins - 1)
+                correct = pred_d[start:stop][counted].astype(np.int64) == truth[counted]
+                out[d, :, 0] += np.bincount(b, minlength=bins)
+                # Fixed-point sums below 2^53 per chunk: exact in float64.
+                out[d, :, 1] += np.bincount(b, weights=np.rint(cf * CONFIDENCE_SCALE), minlength=bins).astype(np.int64)
+                out[d, :, 2] += np.bincount(b[correct], minlength=bins)
+        return out
 
     def _target_rows(self, t: np.ndarray) -> _Rows:
         """Joint-count row of every target pixel, after a range check (a uint8 target needs none:
@@ -542,7 +622,8 @@ class HierarchicalSegMetrics:
         """The metrics (definitions in the class docstring) as a dict of Python floats/ints:
 
         ``per_depth``: list over depths 1..L of ``{"depth", "classes", "iou" (name -> IoU),
-        "miou", "pixel_accuracy", "num_pixels"}``; then ``consistency_rate``, ``mistake_severity``,
+        "miou", "pixel_accuracy", "num_pixels", "ece"}`` (``ece`` NaN when no confidence was
+        given for pixels counted at that depth); then ``consistency_rate``, ``mistake_severity``,
         ``num_mistakes``, ``hierarchical_precision``, ``hierarchical_recall``, ``hierarchical_f1``
         and ``num_pixels`` (valid pixels). Undefined values are NaN.
         """
@@ -555,6 +636,7 @@ class HierarchicalSegMetrics:
             iou[present] = tp[present] / union[present]
             names = self._t.class_names[d]
             total = int(conf.sum())
+            hist = self._ece[d]
             per_depth.append({
                 "depth": d + 1,
                 "classes": list(names),
@@ -562,6 +644,7 @@ class HierarchicalSegMetrics:
                 "miou": float(iou[present].mean()) if present.any() else float("nan"),
                 "pixel_accuracy": _ratio(tp.sum(), total),
                 "num_pixels": total,
+                "ece": _ratio(np.abs(hist[:, 2] - hist[:, 1] / CONFIDENCE_SCALE).sum(), hist[:, 0].sum()),
             })
         inter = self._scalar("hier_intersection")
         hp = _ratio(inter, self._scalar("hier_predicted"))
@@ -578,6 +661,18 @@ class HierarchicalSegMetrics:
             "num_pixels": self._scalar("num_pixels"),
         }
 
+    def calibration(self, depth: int) -> dict[str, np.ndarray]:
+        """The calibration histogram at ``depth`` (1..L), for a reliability diagram: ``bin_edges``
+        ``[bins + 1]``, and per bin ``count`` (int64), ``confidence`` (mean confidence) and
+        ``accuracy`` (fraction correct); the means are NaN in empty bins."""
+        hist = self._ece[self._check_depth(depth) - 1]
+        count = hist[:, 0].copy()
+        with np.errstate(invalid="ignore", divide="ignore"):
+            confidence = np.where(count > 0, hist[:, 1] / CONFIDENCE_SCALE / count, np.nan)
+            accuracy = np.where(count > 0, hist[:, 2] / count, np.nan)
+        return {"bin_edges": np.linspace(0.0, 1.0, self._bins + 1), "count": count,
+                "confidence": confidence, "accuracy": accuracy}
+
     def to_dict(self) -> dict[str, Any]:
         """:meth:`compute` as JSON-ready plain types (NaN becomes ``None``)."""
         out = _nan_to_none(self.compute())
@@ -591,11 +686,14 @@ class HierarchicalSegMetrics:
         def pct(v: float) -> str:
             return "-" if math.isnan(v) else f"{100 * v:.2f}"
 
+        calibrated = bool(self._ece[:, :, 0].any())  # the ECE column only once confidences were given
         lines = [f"HierarchicalSegMetrics: {res['num_pixels']} valid pixels",
-                 f"{'depth':>5}  {'classes':>7}  {'mIoU %':>8}  {'acc %':>8}  {'pixels':>12}"]
+                 f"{'depth':>5}  {'classes':>7}  {'mIoU %':>8}  {'acc %':>8}  {'pixels':>12}"
+                 + (f"  {'ECE %':>8}" if calibrated else "")]
         for r in res["per_depth"]:
             lines.append(f"{r['depth']:>5}  {len(r['classes']):>7}  {pct(r['miou']):>8}  "
-                         f"{pct(r['pixel_accuracy']):>8}  {r['num_pixels']:>12}")
+                         f"{pct(r['pixel_accuracy']):>8}  {r['num_pixels']:>12}"
+                         + (f"  {pct(r['ece']):>8}" if calibrated else ""))
         sev = res["mistake_severity"]
         lines += [
             f"consistency rate %        {pct(res['consistency_rate'])}",

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import hieraloss.metrics as metrics_module
@@ -518,3 +518,166 @@ def test_bad_inputs_raise_clear_errors():
         HierarchicalSegMetrics("cityscapes")
     with pytest.raises(ValueError, match="depth must be"):
         m.confusion_matrix(3)
+
+
+# ---------------------------------------------------------------------------- calibration (ECE)
+
+
+def ece_oracle(h, batches, bins, ignore_index=255):
+    """Per depth: ``(count, confidence sum, correct)`` per bin and the ECE, by a loop over pixels."""
+    L = h.max_depth
+    hist = np.zeros((L, bins, 3))
+    for pred, target, conf in batches:
+        pred, target, conf = np.asarray(pred), np.asarray(target), np.asarray(conf, dtype=np.float64)
+        per_depth = pred.ndim == target.ndim + 1
+        for idx in np.ndindex(*target.shape):
+            t = int(target[idx])
+            if t == ignore_index:
+                continue
+            if per_depth:
+                pl = [int(pred[(idx[0], d, *idx[1:])]) for d in range(L)]
+            else:
+                pl = [label_at_depth(h, int(pred[idx]), d + 1) for d in range(L)]
+            for d in range(L):
+                truth = label_at_depth(h, t, d + 1)
+                if truth is None:
+                    continue
+                c = float(conf[(idx[0], d, *idx[1:])])
+                b = min(int(c * bins), bins - 1)
+                hist[d, b] += (1, c, pl[d] == truth)
+    ece = [float(np.abs(hist[d, :, 2] - hist[d, :, 1]).sum() / hist[d, :, 0].sum()) if hist[d, :, 0].sum()
+           else math.nan for d in range(L)]
+    return hist, ece
+
+
+@st.composite
+def confidences(draw, h, shape):
+    """[B, L, *spatial] floats in [0, 1], with exact 0, 1 and bin edges mixed in."""
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    out = rng.random((shape[0], h.max_depth, *shape[1:]))
+    special = rng.random(out.shape) < 0.2
+    out[special] = rng.choice([0.0, 1.0, 0.2, 0.4, 2 / 3], size=int(special.sum()))
+    return out.astype(draw(st.sampled_from([np.float64, np.float32, np.float16])))
+
+
+@settings(max_examples=30)
+@given(data=st.data())
+def test_ece_matches_oracle_and_leaves_the_label_counts_alone(data):
+    h = data.draw(hierarchies(max_depth=3, order=None))
+    shape = data.draw(shapes)
+    bins = data.draw(st.sampled_from([1, 5, 15]))
+    batches = []
+    for _ in range(data.draw(st.integers(1, 2))):
+        target = data.draw(label_maps(h, shape, ignore_fraction=None, partial_fraction=None,
+                                      dtype=data.draw(label_dtypes)))
+        pred = data.draw(per_depth_preds(h, shape) if data.draw(st.booleans()) else leaf_preds(h, shape))
+        batches.append((pred, target, data.draw(confidences(h, shape))))
+    m, plain = HierarchicalSegMetrics(h, ece_bins=bins), HierarchicalSegMetrics(h, ece_bins=bins)
+    with small_chunks(data.draw(st.sampled_from([3, 1 << 19]))):
+        for pred, target, conf in batches:
+            m.update(pred, target, confidence=conf)
+            plain.update(pred, target)
+    hist, ece = ece_oracle(h, batches, bins)
+    for d in range(h.max_depth):
+        cal = m.calibration(d + 1)
+        np.testing.assert_array_equal(cal["count"], hist[d, :, 0])
+        np.testing.assert_allclose(cal["count"] * np.nan_to_num(cal["accuracy"]), hist[d, :, 2], atol=1e-9)
+        np.testing.assert_allclose(cal["count"] * np.nan_to_num(cal["confidence"]), hist[d, :, 1],
+                                   atol=1e-6 * max(1, hist[d, :, 0].sum()))
+        got = m.compute()["per_depth"][d]["ece"]
+        assert (math.isnan(got) and math.isnan(ece[d])) or math.isclose(got, ece[d], abs_tol=1e-6)
+        assert math.isnan(plain.compute()["per_depth"][d]["ece"])
+    # The label counts are those of the label-only updates; the calibration part is extra.
+    size = h.max_depth * bins * 3
+    np.testing.assert_array_equal(m.state()[:-size], plain.state()[:-size])
+    assert not plain.state()[-size:].any()
+
+
+@settings(max_examples=20)
+@given(data=st.data())
+def test_ece_merging_halves_equals_one_pass(data):
+    h = data.draw(hierarchies(max_depth=3, order=None))
+    b = data.draw(st.integers(2, 4))
+    shape = (b, 3, 4)
+    target = data.draw(label_maps(h, shape, ignore_fraction=None, partial_fraction=None))
+    pred = data.draw(per_depth_preds(h, shape) if data.draw(st.booleans()) else leaf_preds(h, shape))
+    conf = data.draw(confidences(h, shape))
+    cut = data.draw(st.integers(1, b - 1))
+    whole, first, second = (HierarchicalSegMetrics(h, ece_bins=7) for _ in range(3))
+    whole.update(pred, target, confidence=conf)
+    first.update(pred[:cut], target[:cut], confidence=conf[:cut])
+    second.update(pred[cut:], target[cut:], confidence=conf[cut:])
+    first.merge(second)
+    np.testing.assert_array_equal(first.state(), whole.state())
+    assert first.to_dict() == whole.to_dict()
+    restored = HierarchicalSegMetrics(h, ece_bins=7)
+    restored.load_state(whole.state())
+    assert restored.to_dict() == whole.to_dict()
+
+
+def test_ece_by_hand_and_reporting():
+    h = presets.cityscapes()  # depth 1: categories, depth 2: leaves
+    m = HierarchicalSegMetrics(h, ece_bins=2)
+    target = np.array([[0, 0, 13, 255]])
+    pred = np.array([[0, 1, 14, 5]])  # depth 1 right, right, right; depth 2 right, wrong, wrong
+    conf = np.array([[[0.9, 0.8, 0.2, 0.5], [0.7, 0.6, 0.4, 0.5]]])
+    assert "ECE" not in m.format_table()
+    m.update(pred, target)
+    res = m.to_dict()
+    assert res["per_depth"][0]["ece"] is None and math.isnan(m.compute()["per_depth"][1]["ece"])
+    m.update(pred, target, confidence=conf)
+    # depth 1: bin 1 holds 0.9, 0.8 (both right), bin 0 holds 0.2 (right):
+    # (2 * |1 - 0.85| + 1 * |1 - 0.2|) / 3
+    r = m.compute()["per_depth"]
+    assert math.isclose(r[0]["ece"], (2 * 0.15 + 0.8) / 3, abs_tol=1e-6)
+    # depth 2: bin 1 holds 0.7 (right), 0.6 (wrong); bin 0 holds 0.4 (wrong)
+    assert math.isclose(r[1]["ece"], (2 * abs(0.5 - 0.65) + abs(0 - 0.4)) / 3, abs_tol=1e-6)
+    cal = m.calibration(2)
+    np.testing.assert_array_equal(cal["bin_edges"], [0.0, 0.5, 1.0])
+    assert cal["count"].tolist() == [1, 2]
+    np.testing.assert_allclose(cal["accuracy"], [0.0, 0.5])
+    np.testing.assert_allclose(cal["confidence"], [0.4, 0.65], atol=1e-6)
+    assert "ECE %" in m.format_table()
+    json.dumps(m.to_dict(), allow_nan=False)
+    empty = HierarchicalSegMetrics(h)
+    assert np.isnan(empty.calibration(1)["accuracy"]).all() and empty.ece_bins == 15
+
+
+def test_confidence_from_torch_and_bad_confidence_leaves_state_alone():
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(6)
+    target = rng.integers(0, h.num_nodes, (2, 3, 4))
+    pred = rng.integers(0, h.num_leaves, (2, 3, 4))
+    conf = rng.random((2, h.max_depth, 3, 4)).astype(np.float32)
+    m = HierarchicalSegMetrics(h)
+    m.update(pred, target, confidence=conf)
+    before = m.state()
+    for bad, kind, needle in [
+        (conf[:, :2], ValueError, "per-depth shape"),
+        (conf.astype(np.int64), TypeError, "floats"),
+        (np.where(conf > 0.5, np.nan, conf), ValueError, r"\[0, 1\]"),
+        (conf + 1.0, ValueError, r"\[0, 1\]"),
+        (conf - 1.0, ValueError, r"\[0, 1\]"),
+    ]:
+        with pytest.raises(kind, match=needle):
+            m.update(pred, target, confidence=bad)
+    with pytest.raises(LabelError, match="not leaf ids"):  # a bad pred: the confidences are dropped too
+        m.update(pred + h.num_leaves, target, confidence=conf)
+    np.testing.assert_array_equal(m.state(), before)
+    torch = pytest.importorskip("torch")
+    t = HierarchicalSegMetrics(h)
+    t.update(torch.from_numpy(pred), torch.from_numpy(target), confidence=torch.from_numpy(conf))
+    np.testing.assert_array_equal(t.state(), before)
+
+
+def test_bool_target_and_ece_bins_are_checked():
+    h = presets.cityscapes()
+    m = HierarchicalSegMetrics(h)
+    with pytest.raises(LabelError, match="target must hold integer node ids, got dtype bool"):
+        m.update(np.zeros((1, 3), np.int64), np.zeros((1, 3), bool))
+    assert not m.state().any()
+    for bins in (0, -1, 2.5, True, "15"):
+        with pytest.raises(ValueError, match="ece_bins"):
+            HierarchicalSegMetrics(h, ece_bins=bins)
+    with pytest.raises(ValueError, match="different ece_bins"):
+        m.merge(HierarchicalSegMetrics(h, ece_bins=10))
