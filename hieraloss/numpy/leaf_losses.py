@@ -96,22 +96,21 @@ def check_leaf_reduction(reduction: Any) -> None:
 class LeafPlan:
     """How to build ``LSE(v)`` for every node from the leaf logits, one depth at a time.
 
-    The values live in a growing array ``vals [B, M, P]``: positions ``0..K-1`` are the leaf
-    logits (leaf-id order); each step appends the internal nodes of one depth, deepest first.
-    ``steps``: one ``(nodes, ranks)`` per depth with internal nodes, ``nodes`` their channels
-    sorted by decreasing number of children (ties by channel) and ``ranks`` a list over r of
-    ``(count, positions)``: the first ``count`` nodes have an r-th child (channel order), found at
-    ``positions`` of ``vals``. So ``acc = vals[positions_0]`` and ``acc[:count] =
-    logaddexp(acc[:count], vals[positions_r])`` for r >= 1 give the step's values.
-    ``position[c]``: where channel c ends up in ``vals``. ``leaf_path_ids``: ``[K, L]`` node id at
-    every depth of leaf k's path (a shallow leaf repeats).
+    Values live in a channel-indexed array ``lse [B, N, P]``: the leaf channels (``leaf_channels``,
+    in leaf-id order) take the leaf logits, then each step fills the internal nodes of one depth,
+    deepest first. ``steps``: one ``(nodes, ranks)`` per depth with internal nodes, ``nodes`` their
+    channels sorted by decreasing number of children (ties by channel) and ``ranks`` a list over
+    r of ``(count, children)``: the first ``count`` nodes have an r-th child (channel order), the
+    channels ``children``. So ``acc = lse[children_0]`` and ``acc[:count] = logaddexp(acc[:count],
+    lse[children_r])`` for r >= 1, then ``lse[nodes] = acc``. ``leaf_path_ids``: ``[K, L]`` node id
+    at every depth of leaf k's path (a shallow leaf repeats). ``common_depth``: ``[N, K]`` (rows by
+    channel, columns by leaf id) the number of nodes the paths of node c and leaf k share, i.e.
+    the depth of their lowest common ancestor (0 = only the root): leaf k is under the first
+    ``common_depth[c, k]`` nodes of c's path (the torch and paddle losses bucket leaves by it).
     """
 
     def __init__(self, h: Hierarchy):
-        k = h.num_leaves
-        position = np.full(h.num_nodes, -1, dtype=np.int64)
-        position[h.leaf_channels] = np.arange(k)
-        filled = k
+        self.leaf_channels = h.leaf_channels.astype(np.int64)
         self.steps: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []
         for d in range(h.max_depth - 1, 0, -1):
             at = np.flatnonzero((h.depth == d) & ~h.is_leaf)
@@ -121,14 +120,12 @@ class LeafPlan:
             nodes = at[np.lexsort((at, -nkids))]
             ranks = []
             for r in range(int(nkids.max())):
-                have = [v for v in nodes if len(h.children[v]) > r]
-                ranks.append((len(have), position[[int(h.children[v][r]) for v in have]]))
-            self.steps.append((nodes, ranks))
-            position[nodes] = filled + np.arange(nodes.size)
-            filled += nodes.size
-        assert filled == h.num_nodes and (position >= 0).all()
-        self.position = position
+                kids = [int(h.children[v][r]) for v in nodes if len(h.children[v]) > r]
+                ranks.append((len(kids), np.array(kids, dtype=np.int64)))
+            self.steps.append((nodes.astype(np.int64), ranks))
         self.leaf_path_ids = h.node_ids[h.leaf_paths].astype(np.int64)
+        leaf_depth = h.depth[h.leaf_channels]
+        self.common_depth = (h.depth[:, None] + leaf_depth[None, :] - h.node_leaf_distance) // 2
 
 
 @lru_cache(maxsize=64)
@@ -182,13 +179,15 @@ def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
 
 def node_log_sum_exp(x: np.ndarray, h: Hierarchy) -> np.ndarray:
     """``[B, N, P]`` (channel order): ``LSE(v)`` of the leaf logits ``x [B, K, P]`` under each node."""
-    vals = x
-    for _, ranks in leaf_plan(h).steps:
-        acc = vals[:, ranks[0][1]]
-        for count, pos in ranks[1:]:
-            acc[:, :count] = np.logaddexp(acc[:, :count], vals[:, pos])
-        vals = np.concatenate([vals, acc], axis=1)
-    return vals[:, leaf_plan(h).position]
+    plan = leaf_plan(h)
+    lse = np.empty((x.shape[0], h.num_nodes, x.shape[2]), dtype=x.dtype)
+    lse[:, plan.leaf_channels] = x
+    for nodes, ranks in plan.steps:
+        acc = lse[:, ranks[0][1]]
+        for count, kids in ranks[1:]:
+            acc[:, :count] = np.logaddexp(acc[:, :count], lse[:, kids])
+        lse[:, nodes] = acc
+    return lse
 
 
 def _reduce(loss: np.ndarray, valid: np.ndarray, reduction: str, cdt: np.dtype) -> np.ndarray:

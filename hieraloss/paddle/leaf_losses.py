@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import paddle
+from paddle.autograd import PyLayer
 
 from .._checks import check_hierarchy
 from ..hierarchy import Hierarchy
@@ -57,19 +58,120 @@ def _flat(x: paddle.Tensor) -> tuple[paddle.Tensor, int, list[int]]:
 
 
 def node_log_sum_exp(x: paddle.Tensor, hierarchy: Hierarchy) -> paddle.Tensor:
-    """``[B, N, P]`` (channel order): the log-sum-exp of the leaf logits ``x [B, K, P]`` under each
-    node, built bottom-up with ``logaddexp`` one child rank at a time (differentiable)."""
+    """``[B, N, P]`` (channel order, no autograd): the log-sum-exp of the leaf logits ``x [B, K, P]``
+    under each node, built bottom-up with ``logaddexp`` one child rank at a time (``LeafPlan``).
+    Works on ``[N, B, P]`` rows so that every fill is a row scatter."""
     tab = F._tables(hierarchy, x.place)
     plan = leaf_plan(hierarchy)
-    vals = x
-    for i, (_, ranks) in enumerate(plan.steps):
-        index = [tab.get(("leaf_plan_rank", i, r), lambda pos=pos: pos) for r, (_, pos) in enumerate(ranks)]
-        acc = paddle.index_select(vals, index[0], axis=1)
-        for (count, _), pos in zip(ranks[1:], index[1:], strict=True):
-            head = paddle.logaddexp(acc[:, :count], paddle.index_select(vals, pos, axis=1))
-            acc = head if count == acc.shape[1] else paddle.concat([head, acc[:, count:]], axis=1)
-        vals = paddle.concat([vals, acc], axis=1)
-    return paddle.index_select(vals, tab.get("leaf_plan_position", lambda: plan.position), axis=1)
+    B, K, P = x.shape
+    with paddle.no_grad():
+        rows = paddle.zeros([hierarchy.num_nodes, B, P], dtype=x.dtype)
+        rows = paddle.scatter(rows, tab.get("leaf_channels", lambda: plan.leaf_channels), x.transpose([1, 0, 2]))
+        for i, (nodes, ranks) in enumerate(plan.steps):
+            kids = [tab.get(("leaf_plan_kids", i, r), lambda k=k: k) for r, (_, k) in enumerate(ranks)]
+            acc = paddle.index_select(rows, kids[0], axis=0)
+            for (count, _), k in zip(ranks[1:], kids[1:], strict=True):
+                head = paddle.logaddexp(acc[:count], paddle.index_select(rows, k, axis=0))
+                acc = head if count == acc.shape[0] else paddle.concat([head, acc[count:]], axis=0)
+            rows = paddle.scatter(rows, tab.get(("leaf_plan_nodes", i), lambda n=nodes: n), acc)
+        return rows.transpose([1, 0, 2])
+
+
+_TINY = {"float32": 1e-30, "float64": 1e-290}
+_EXP_CAP = {"float32": 80.0, "float64": 700.0}
+
+
+def _rows_from_t(table_t: paddle.Tensor, safe: paddle.Tensor) -> paddle.Tensor:
+    """``table[safe]`` laid out as ``[B, K, P]``, for a transposed table ``table_t [K, N]`` and label
+    channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits')."""
+    B, P = safe.shape
+    rows = paddle.index_select(table_t, safe.reshape([-1]), axis=1)  # [K, B * P]
+    return rows.reshape([table_t.shape[0], B, P]).transpose([1, 0, 2])
+
+
+def _common_depth(hierarchy: Hierarchy, safe: paddle.Tensor) -> paddle.Tensor:
+    """``[B, K, P]``: how many nodes of each pixel's label path each leaf is under (``LeafPlan``)."""
+    tab = F._tables(hierarchy, safe.place)
+    table_t = tab.get("leaf_common_depth_t", lambda: np.ascontiguousarray(leaf_plan(hierarchy).common_depth.T))
+    return _rows_from_t(table_t, safe)
+
+
+class _HierarchicalCE(PyLayer):
+    """Per-pixel hierarchical cross-entropy; the same algorithm as the torch backend's
+    ``_HierarchicalCE`` (see there): leaves bucketed by ``common_depth`` with one scatter-add of
+    ``exp(x - max)``, rare recomputation of an underflowing subtree with its own maximum, and a
+    backward of a few passes over the logits."""
+
+    @staticmethod
+    def forward(ctx, xf, safe, coef_np, hierarchy):
+        L = hierarchy.max_depth
+        B, _, P = xf.shape
+        name = F._dtype_name(xf.dtype)
+        tab = F._tables(hierarchy, xf.place)
+        m = _common_depth(hierarchy, safe)  # [B, K, P]
+        top = xf.max(axis=1, keepdim=True)  # [B, 1, P]
+        buckets = paddle.put_along_axis(paddle.zeros([B, L + 1, P], dtype=xf.dtype), m, paddle.exp(xf - top),
+                                        axis=1, reduce="add")
+        sums = paddle.flip(paddle.cumsum(paddle.flip(buckets, [1]), axis=1), [1])
+        depth = paddle.index_select(F._vec(tab, "depth"), safe.reshape([-1])).reshape([B, 1, P])
+        d_index = paddle.minimum(paddle.arange(L + 1, dtype="int64").reshape([1, -1, 1]), depth)
+        sums = paddle.take_along_axis(sums, d_index, axis=1)
+        path = top + paddle.log(sums)
+        small = (sums < _TINY[name]).astype("int32").sum(axis=[0, 2]).numpy()  # one read-back
+        redo = [int(d) for d in np.flatnonzero(small)]
+        if redo:  # rare: LSE of the subtree with the subtree's own maximum
+            label_depth = m.max(axis=1, keepdim=True)
+            neg_inf = paddle.full([1], -math.inf, dtype=xf.dtype)
+            columns = []
+            for d in range(L + 1):
+                if d in redo:
+                    masked = paddle.where(m >= paddle.clip(label_depth, max=d), xf, neg_inf)
+                    best = masked.max(axis=1, keepdim=True)
+                    columns.append(best + paddle.log(paddle.exp(masked - best).sum(axis=1, keepdim=True)))
+                else:
+                    columns.append(path[:, d: d + 1])
+            path = paddle.concat(columns, axis=1)
+        coef_t = paddle.to_tensor(coef_np, place=xf.place).astype(xf.dtype)
+        coef = paddle.index_select(coef_t, safe.reshape([-1])).reshape([B, P, L + 1]).transpose([0, 2, 1])
+        ctx.save_for_backward(xf, safe, path, top, coef)
+        ctx.config = (hierarchy, redo)
+        return (coef * path).sum(axis=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xf, safe, path, top, coef = ctx.saved_tensor()
+        hierarchy, redo = ctx.config
+        name = F._dtype_name(xf.dtype)
+        m = _common_depth(hierarchy, safe)
+        coef = coef * grad.unsqueeze(1)  # [B, L+1, P]
+        k = coef * paddle.exp(paddle.clip(top - path, max=_EXP_CAP[name]))  # 0 wherever coef is 0
+        if redo:
+            keep = np.ones(path.shape[1], dtype=np.float32)
+            keep[redo] = 0  # those depths take the direct route below
+            k = k * paddle.to_tensor(keep, place=xf.place).astype(k.dtype).reshape([1, -1, 1])
+        dx = paddle.exp(xf - top) * paddle.take_along_axis(paddle.cumsum(k, axis=1), m, axis=1)
+        for d in redo:
+            part = paddle.exp(xf - path[:, d: d + 1]) * (m >= d).astype(xf.dtype)
+            dx = dx + paddle.nan_to_num(part, nan=0.0, posinf=0.0, neginf=0.0) * coef[:, d: d + 1]
+        return dx, None
+
+
+class _SoftLabelCE(PyLayer):
+    """Per-pixel ``LSE(x) - sum_l q[c, l] x_l``; backward ``softmax(x) - q[c]`` (q gathered again)."""
+
+    @staticmethod
+    def forward(ctx, xf, safe, targets_np, hierarchy):
+        root = paddle.logsumexp(xf, axis=1)  # [B, P]
+        targets_t = paddle.to_tensor(np.ascontiguousarray(targets_np.T), place=xf.place).astype(xf.dtype)
+        q = _rows_from_t(targets_t, safe)
+        ctx.save_for_backward(xf, safe, root, targets_t)
+        return root - (q * xf).sum(axis=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        xf, safe, root, targets_t = ctx.saved_tensor()
+        dx = (paddle.exp(xf - root.unsqueeze(1)) - _rows_from_t(targets_t, safe)) * grad.unsqueeze(1)
+        return dx, None
 
 
 def _empty_result(x: paddle.Tensor, B: int, spatial: list[int], reduction: str) -> paddle.Tensor:
@@ -90,17 +192,19 @@ def _reduce(loss: paddle.Tensor, valid: paddle.Tensor, reduction: str, B: int, s
     return total / paddle.clip(valid.astype("int64").sum(), min=1).astype(loss.dtype)
 
 
-def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, name):
+def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reduction, value, name):
+    """Check the arguments, then ``op`` (a PyLayer) on ``[B, K, P]`` logits and label channels."""
     x = _checked_leaf_logits(leaf_logits, hierarchy)
     v = check_nonnegative(value, name)
     check_leaf_reduction(reduction)
     lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index)
-    return x, lc, v
-
-
-def _rows(table: np.ndarray, index: paddle.Tensor, dtype: Any) -> paddle.Tensor:
-    """``table[index]`` (a small per-call table: it depends on alpha / beta) in ``dtype``."""
-    return paddle.index_select(paddle.to_tensor(table, place=index.place).astype(dtype), index)
+    B, spatial = x.shape[0], list(x.shape[2:])
+    if x.size == 0:
+        return _empty_result(x, B, spatial, reduction)
+    xf, B, spatial = _flat(x)
+    lc = lc.reshape([B, xf.shape[2]])
+    loss = op.apply(xf, paddle.clip(lc, min=0), table(hierarchy, v), hierarchy)
+    return _reduce(loss, lc >= 0, reduction, B, spatial)
 
 
 def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
@@ -115,23 +219,8 @@ def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor
     counted (not ignored) pixels, ``"sum"`` or ``"none"`` (``[B, *spatial]``, 0 where ignored); no
     counted pixel gives an exact 0 connected to the graph.
     """
-    x, lc, a = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, alpha, "alpha")
-    B, spatial = x.shape[0], list(x.shape[2:])
-    if x.size == 0:
-        return _empty_result(x, B, spatial, reduction)
-    xf, B, spatial = _flat(x)
-    P, L = xf.shape[2], hierarchy.max_depth
-    tab = F._tables(hierarchy, xf.place)
-    lc = lc.reshape([B, P])
-    valid = lc >= 0
-    safe = paddle.clip(lc, min=0).reshape([-1])
-    lse = node_log_sum_exp(xf, hierarchy)  # [B, N, P]
-    root = paddle.logsumexp(xf, axis=1)  # [B, P]
-    coef = _rows(hxe_coefficients(hierarchy, a), safe, xf.dtype).reshape([B, P, L + 1])
-    anc = paddle.index_select(F._vec(tab, "ancestor_table"), safe).reshape([B, P, L]).transpose([0, 2, 1])
-    on_path = paddle.take_along_axis(lse, anc, axis=1)  # [B, L, P]
-    loss = coef[:, :, 0] * root + (coef[:, :, 1:].transpose([0, 2, 1]) * on_path).sum(axis=1)
-    return _reduce(loss, valid, reduction, B, spatial)
+    return _leaf_loss(_HierarchicalCE, hxe_coefficients, leaf_logits, labels, hierarchy, ignore_index, reduction,
+                      alpha, "alpha")
 
 
 def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
@@ -145,19 +234,8 @@ def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, 
     p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
     flat cross-entropy. Reductions as :func:`hierarchical_cross_entropy`.
     """
-    x, lc, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta")
-    B, spatial = x.shape[0], list(x.shape[2:])
-    if x.size == 0:
-        return _empty_result(x, B, spatial, reduction)
-    xf, B, spatial = _flat(x)
-    P, K = xf.shape[2], hierarchy.num_leaves
-    lc = lc.reshape([B, P])
-    valid = lc >= 0
-    safe = paddle.clip(lc, min=0).reshape([-1])
-    q = _rows(soft_targets(hierarchy, b), safe, xf.dtype)
-    q = q.reshape([B, P, K]).transpose([0, 2, 1])  # [B, K, P]
-    loss = paddle.logsumexp(xf, axis=1) - (q * xf).sum(axis=1)
-    return _reduce(loss, valid, reduction, B, spatial)
+    return _leaf_loss(_SoftLabelCE, soft_targets, leaf_logits, labels, hierarchy, ignore_index, reduction,
+                      beta, "beta")
 
 
 def decode_leaf_logits(leaf_logits: paddle.Tensor, hierarchy: Hierarchy, method: str = "argmax"

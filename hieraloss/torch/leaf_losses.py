@@ -15,6 +15,7 @@ import math
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .._checks import check_hierarchy
 from ..hierarchy import Hierarchy
@@ -43,15 +44,29 @@ __all__ = [
 
 
 class _DevicePlan:
-    """:class:`hieraloss.numpy.leaf_losses.LeafPlan` as index tensors on one device."""
+    """:class:`hieraloss.numpy.leaf_losses.LeafPlan` as index tensors on one device
+    (``common_depth`` transposed: ``[K, N]``)."""
 
     def __init__(self, tab):
         plan = leaf_plan(tab.hierarchy)
         dev = tab.device
-        self.steps = [[(count, torch.tensor(pos, dtype=torch.int64, device=dev)) for count, pos in ranks]
-                      for _, ranks in plan.steps]
-        self.position = torch.tensor(plan.position, dtype=torch.int64, device=dev)
-        self.leaf_path_ids = torch.tensor(plan.leaf_path_ids, dtype=torch.int64, device=dev)
+
+        def t(a):
+            return torch.tensor(a, dtype=torch.int64, device=dev)
+
+        self.leaf_channels = t(plan.leaf_channels)
+        self.steps = [(t(nodes), [(count, t(kids)) for count, kids in ranks]) for nodes, ranks in plan.steps]
+        self.leaf_path_ids = t(plan.leaf_path_ids)
+        self.common_depth_t = t(plan.common_depth.T)  # [K, N]
+
+
+def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+    """``table[safe]`` laid out as ``[B, K, P]`` for a transposed table ``table_t [K, N]`` and label
+    channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits')."""
+    B, P = safe.shape
+    K = table_t.shape[0]
+    rows = torch.gather(table_t, 1, safe.reshape(1, -1).expand(K, -1))  # faster than index_select on dim 1
+    return rows.view(K, B, P).permute(1, 0, 2)
 
 
 def _device_plan(hierarchy: Hierarchy, device: torch.device) -> _DevicePlan:
@@ -77,18 +92,103 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, int, tuple[int, ...]]:
     return x.reshape(B, K, math.prod(spatial)).to(_compute_dtype(x.dtype)), B, spatial
 
 
+@torch.no_grad()
 def node_log_sum_exp(x: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
     """``[B, N, P]`` (channel order): the log-sum-exp of the leaf logits ``x [B, K, P]`` under each
-    node, built bottom-up with ``logaddexp`` one child rank at a time (differentiable)."""
+    node, built bottom-up with ``logaddexp`` one child rank at a time (no autograd: the losses
+    have their own backward)."""
     plan = _device_plan(hierarchy, x.device)
-    vals = x
-    for ranks in plan.steps:
-        acc = vals.index_select(1, ranks[0][1])
-        for count, pos in ranks[1:]:
-            head = torch.logaddexp(acc[:, :count], vals.index_select(1, pos))
-            acc = head if count == acc.shape[1] else torch.cat([head, acc[:, count:]], dim=1)
-        vals = torch.cat([vals, acc], dim=1)
-    return vals.index_select(1, plan.position)
+    lse = x.new_empty(x.shape[0], hierarchy.num_nodes, x.shape[2])
+    lse.index_copy_(1, plan.leaf_channels, x)
+    for nodes, ranks in plan.steps:
+        acc = lse.index_select(1, ranks[0][1])
+        for count, kids in ranks[1:]:
+            acc[:, :count] = torch.logaddexp(acc[:, :count], lse.index_select(1, kids))
+        lse.index_copy_(1, nodes, acc)
+    return lse
+
+
+# Below this sum of exp(x - max) a subtree's log-sum-exp is recomputed with its own maximum.
+_TINY = {torch.float32: 1e-30, torch.float64: 1e-290}
+_EXP_CAP = {torch.float32: 80.0, torch.float64: 700.0}
+
+
+class _HierarchicalCE(torch.autograd.Function):
+    """Per-pixel hierarchical cross-entropy ``sum_{d=0..L} coef[c, d] * LSE(C_d)`` (``C_0`` = root,
+    ``C_d`` the node at depth d of the label's path, the label itself below its depth;
+    :func:`hieraloss.numpy.leaf_losses.hxe_coefficients`).
+
+    Leaf l is under ``C_0 .. C_m`` with ``m = common_depth[c, l]`` (``LeafPlan.common_depth``).
+    Forward: with ``e = exp(x - max_l x)``, the leaves are bucketed by m (one scatter-add), and
+    ``LSE(C_d) = max + log(sum of the buckets >= d)``. A depth where some pixel's sum falls below
+    ``_TINY`` (its subtree ~70 nats or more below the pixel's best leaf) is recomputed with the
+    subtree's own maximum, so nothing underflows.
+
+    Backward: ``d LSE(v) / d x_l = exp(x_l - LSE(v)) = e_l exp(max - LSE(v))`` for the leaves under
+    v, so the gradient is ``e_l * sum_{d <= m(l)} k_d`` with per-pixel ``k_d = grad * coef_d *
+    exp(max - LSE(C_d))`` (a cumulative sum over depths, gathered by m): a few passes over the
+    logits and no ``[B, N, P]`` tensor. Recomputed depths add ``exp(x - LSE(C_d))`` on their
+    subtree instead.
+    """
+
+    @staticmethod
+    def forward(ctx, xf, safe, coef_table, hierarchy):
+        L = hierarchy.max_depth
+        B, _, P = xf.shape
+        m = _rows_by_label(_device_plan(hierarchy, xf.device).common_depth_t, safe)  # [B, K, P]
+        top = xf.amax(dim=1, keepdim=True)  # [B, 1, P]
+        buckets = xf.new_zeros((B, L + 1, P)).scatter_add_(1, m, torch.exp(xf - top))
+        sums = buckets.flip(1).cumsum(dim=1).flip(1)  # [B, L+1, P]: sum of e over the leaves under C_d
+        # Depths below the label's own take the label's value (their coefficient is 0).
+        d_index = torch.minimum(torch.arange(L + 1, device=xf.device).view(1, -1, 1),
+                                tables_for(hierarchy, xf.device).depth[safe].unsqueeze(1))
+        sums = torch.gather(sums, 1, d_index)
+        path = top + torch.log(sums)
+        redo = [int(d) for d in torch.nonzero((sums < _TINY[xf.dtype]).any(dim=2).any(dim=0)).flatten().tolist()]
+        if redo:  # rare: LSE of the subtree with the subtree's own maximum
+            neg_inf = torch.full((), -math.inf, dtype=xf.dtype, device=xf.device)
+            label_depth = m.amax(dim=1, keepdim=True)  # [B, 1, P]: the leaves under c have m = depth(c)
+            for d in redo:
+                masked = torch.where(m >= label_depth.clamp(max=d), xf, neg_inf)
+                best = masked.amax(dim=1, keepdim=True)
+                path[:, d] = (best + torch.log(torch.exp(masked - best).sum(dim=1, keepdim=True))).squeeze(1)
+        coef = coef_table[safe].permute(0, 2, 1)  # [B, L+1, P]
+        ctx.save_for_backward(xf, safe, path, coef_table, top)
+        ctx.hierarchy, ctx.redo = hierarchy, redo
+        return (coef * path).sum(dim=1)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        xf, safe, path, coef_table, top = ctx.saved_tensors
+        m = _rows_by_label(_device_plan(ctx.hierarchy, xf.device).common_depth_t, safe)
+        coef = coef_table[safe].permute(0, 2, 1) * grad.unsqueeze(1)  # [B, L+1, P]
+        k = coef * torch.exp((top - path).clamp(max=_EXP_CAP[xf.dtype]))  # 0 wherever coef is 0
+        for d in ctx.redo:
+            k[:, d] = 0
+        dx = torch.exp(xf - top).mul_(torch.gather(k.cumsum(dim=1), 1, m))
+        for d in ctx.redo:
+            part = torch.exp(xf - path[:, d].unsqueeze(1)).mul_((m >= d).to(xf.dtype))
+            dx.add_(part.nan_to_num_(0.0, 0.0, 0.0) * coef[:, d].unsqueeze(1))
+        return dx, None, None, None
+
+
+class _SoftLabelCE(torch.autograd.Function):
+    """Per-pixel ``LSE(x) - sum_l q[c, l] x_l``; backward ``softmax(x) - q[c]`` (q gathered again)."""
+
+    @staticmethod
+    def forward(ctx, xf, safe, targets_t):
+        root = torch.logsumexp(xf, dim=1)  # [B, P]
+        loss = root - (_rows_by_label(targets_t, safe) * xf).sum(dim=1)
+        ctx.save_for_backward(xf, safe, targets_t, root)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        xf, safe, targets_t, root = ctx.saved_tensors
+        dx = torch.exp(xf - root.unsqueeze(1)).sub_(_rows_by_label(targets_t, safe))
+        return dx.mul_(grad.unsqueeze(1)), None, None
 
 
 def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: str, B: int, spatial: tuple[int, ...]):
@@ -124,14 +224,10 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
     counted pixel gives an exact 0 connected to the graph.
     """
     xf, lc, B, spatial, a = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, alpha, "alpha")
-    tab = tables_for(hierarchy, xf.device)
     valid = lc >= 0
     safe = lc.clamp(min=0)
-    lse = node_log_sum_exp(xf, hierarchy)  # [B, N, P]
-    root = torch.logsumexp(xf, dim=1)  # [B, P]
-    coef = torch.tensor(hxe_coefficients(hierarchy, a), dtype=xf.dtype, device=xf.device)[safe]  # [B, P, L+1]
-    on_path = torch.gather(lse, 1, tab.ancestor_table[safe].permute(0, 2, 1))  # [B, L, P]
-    loss = coef[..., 0] * root + (coef[..., 1:].permute(0, 2, 1) * on_path).sum(dim=1)
+    coef = torch.tensor(hxe_coefficients(hierarchy, a), dtype=xf.dtype, device=xf.device)
+    loss = _HierarchicalCE.apply(xf, safe, coef, hierarchy)
     return _reduce(loss, valid, reduction, B, spatial)
 
 
@@ -148,9 +244,8 @@ def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hi
     """
     xf, lc, B, spatial, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta")
     valid = lc >= 0
-    safe = lc.clamp(min=0)
-    q = torch.tensor(soft_targets(hierarchy, b), dtype=xf.dtype, device=xf.device)[safe]  # [B, P, K]
-    loss = torch.logsumexp(xf, dim=1) - (q.permute(0, 2, 1) * xf).sum(dim=1)
+    targets_t = torch.tensor(soft_targets(hierarchy, b).T, dtype=xf.dtype, device=xf.device)
+    loss = _SoftLabelCE.apply(xf, lc.clamp(min=0), targets_t)
     return _reduce(loss, valid, reduction, B, spatial)
 
 
