@@ -248,16 +248,25 @@ def test_auto_dispatches_to_the_kernel_on_cpu_and_paddle_does_not(monkeypatch):
         calls.append(kw["reduction"])
         return real(*args, **kw)
 
+    real_objective = _native_layer.hssn_objective_native
+
+    def spy_objective(*args, **kw):
+        calls.append("objective")
+        return real_objective(*args, **kw)
+
     monkeypatch.setattr(_native_layer, "tree_min_native", spy)
+    monkeypatch.setattr(_native_layer, "hssn_objective_native", spy_objective)
     h, x, labels = _setup(6, shape=(1, 3, 3))
     xt, lt = paddle.to_tensor(x), paddle.to_tensor(labels)
     hp.tree_min_loss(xt, lt, h, backend="paddle")
+    hp.hssn_loss(xt, lt, h, backend="paddle")
     assert calls == []
     hp.tree_min_loss(xt, lt, h)  # auto
     hp.focal_tree_min_loss(xt, lt, h, reduction="sum", backend="native")
     hp.TreeMinLoss(h, reduction="none", backend="native")(xt, lt)
-    hp.hssn_loss(xt, lt, h)  # its tree-min part
-    assert calls == ["mean", "sum", "none", "hssn"]
+    hp.hssn_loss(xt, lt, h)  # tree-min and every depth's cross-entropy in one kernel pass
+    hp.hssn_loss(xt, lt, h, backend="native")
+    assert calls == ["mean", "sum", "none", "objective", "objective"]
     assert "native" in hp.BACKENDS
 
 
@@ -332,3 +341,95 @@ def test_gradient_buffers_are_pooled_and_never_shared_while_in_use():
     np.testing.assert_allclose(third.numpy(), want, rtol=2e-6, atol=1e-9)
     np.testing.assert_array_equal(first.numpy(), kept)
     hieraloss.release_cpu_buffers()
+
+
+# ---------------------------------------------------------------------------- the HSSN objective
+# (tree-min and every depth's cross-entropy in one kernel pass: _native_layer.hssn_objective_native,
+# behind hssn_loss; the kernel itself is covered by tests/test_native_objective.py)
+from test_native_objective import cases as objective_cases  # noqa: E402
+from test_native_objective import objective_reference  # noqa: E402
+
+
+def _objective(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0, ce_weights=None):
+    """(total, tm, ce, d total / d x) through the paddle twin, as numpy."""
+    xt = paddle.to_tensor(np.asarray(x), stop_gradient=False)
+    lc = paddle.to_tensor(h.label_channels(np.asarray(labels), 255).astype(np.int64))
+    w = None if node_weight is None else paddle.to_tensor(np.asarray(node_weight, dtype=np.float64))
+    ce_weights = [1.0] * h.max_depth if ce_weights is None else ce_weights
+    total, tm, ce = _native_layer.hssn_objective_native(xt, lc, h, gamma=gamma, node_weight=w,
+                                                        tree_min_weight=tree_min_weight, ce_weights=ce_weights)
+    assert tm.stop_gradient and ce.stop_gradient and not total.stop_gradient
+    (grad,) = paddle.grad(total, xt)
+    return total.numpy(), tm.numpy(), ce.numpy(), grad.numpy(), total.dtype
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@settings(max_examples=10)
+@given(data=st.data())
+def test_objective_matches_loop_reference(dtype, data):
+    h, x, labels, kw = data.draw(objective_cases(ties=True))
+    x = x.astype(dtype)
+    total, tm, ce, grad, out_dtype = _objective(x, labels, h, **kw)
+    assert out_dtype == (paddle.float64 if dtype == np.float64 else paddle.float32) and ce.shape == (h.max_depth,)
+    want_total, want_tm, want_ce, want_grad = objective_reference(x.astype(np.float64), labels, h, **kw)
+    rtol, atol = (1e-10, 1e-12) if dtype == np.float64 else (3e-6, 1e-6)
+    np.testing.assert_allclose(total, want_total, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(tm, want_tm, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(ce, want_ce, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(grad, want_grad, rtol=rtol, atol=atol * max(1.0, np.abs(want_grad).max()))
+
+
+@pytest.mark.parametrize("preset,batch", [("cityscapes", 2), ("mapillary_vistas_v2", 1)])
+def test_hssn_loss_native_matches_the_paddle_ops(preset, batch):
+    """hssn_loss through the kernel (auto on the CPU) vs backend="paddle" (vectorized tree-min +
+    per-depth cross-entropy ops): total, parts (detached here), gradient; inputs untouched."""
+    h = hieraloss.presets.get(preset)
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(batch, h.num_nodes, 9, 23)) * 3).astype(np.float32)
+    labels = rng.integers(0, h.num_nodes, (batch, 9, 23))  # leaves and partial labels
+    labels[:, :2] = 255
+    w = rng.uniform(0.5, 2.0, h.num_nodes)
+    ce_weights = [1.0, 0.0, 0.5, 2.0][: h.max_depth]
+    kw = dict(focal_gamma=2.0, node_weight=w, ce_weights=ce_weights, return_parts=True)
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    lt = paddle.to_tensor(labels)
+    total, parts = hp.hssn_loss(xt, lt, h, **kw)
+    total.backward()
+    xr = paddle.to_tensor(x.astype(np.float64), stop_gradient=False)
+    want, want_parts = hp.hssn_loss(xr, lt, h, backend="paddle", **kw)
+    want.backward()
+    assert total.dtype == paddle.float32 and set(parts) == set(want_parts)
+    np.testing.assert_allclose(total.numpy(), want.numpy(), rtol=2e-6)
+    for name in parts:
+        assert parts[name].stop_gradient
+        np.testing.assert_allclose(parts[name].numpy(), want_parts[name].numpy(), rtol=2e-6, atol=1e-7)
+    g, gw = xt.grad.numpy(), xr.grad.numpy()
+    np.testing.assert_allclose(g, gw, rtol=3e-6, atol=1e-6 * np.abs(gw).max())
+    np.testing.assert_array_equal(xt.numpy(), x)
+    np.testing.assert_array_equal(lt.numpy(), labels)
+
+
+def test_objective_upstream_scaling_retained_graph_and_no_grad():
+    h, x, labels = _setup(9)
+    lc = paddle.to_tensor(h.label_channels(labels, 255).astype(np.int64))
+    kw = dict(gamma=2.0, node_weight=None, tree_min_weight=5.0, ce_weights=[1.0, 0.5])
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    total, tm, ce = _native_layer.hssn_objective_native(xt, lc, h, **kw)
+    (first,) = paddle.grad(3.0 * total, xt, retain_graph=True)  # the gradient the forward pass wrote
+    (second,) = paddle.grad(0.5 * total, xt)  # recomputed (gradient-only kernel pass)
+    want = objective_reference(x, labels, h, **kw)
+    np.testing.assert_allclose(first.numpy(), 3.0 * want[3], rtol=1e-10, atol=1e-15)
+    np.testing.assert_allclose(second.numpy(), 0.5 * want[3], rtol=1e-10, atol=1e-15)
+    with paddle.no_grad():
+        again, tm2, ce2 = _native_layer.hssn_objective_native(xt, lc, h, **kw)
+    assert again.stop_gradient
+    assert float(again) == float(total) and float(tm2) == float(tm)
+    np.testing.assert_array_equal(ce2.numpy(), ce.numpy())
+    for dtype in ("float16", "bfloat16"):
+        xh = paddle.to_tensor(x).astype(dtype)
+        xh.stop_gradient = False
+        total_h, _, _ = _native_layer.hssn_objective_native(xh, lc, h, **kw)
+        (gh,) = paddle.grad(total_h, xh)
+        assert total_h.dtype == paddle.float32 and gh.dtype == getattr(paddle, dtype)
+        rounded = xh.astype("float64").numpy()
+        np.testing.assert_allclose(total_h.numpy(), objective_reference(rounded, labels, h, **kw)[0], rtol=1e-5)

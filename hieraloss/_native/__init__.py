@@ -1,10 +1,13 @@
-"""The optional compiled CPU kernel of the tree-min loss, framework-free (raw pointers via ctypes).
+"""The optional compiled CPU kernel of the tree-min loss (and of the whole per-pixel HSSN objective:
+tree-min plus the cross-entropy at every depth), framework-free (raw pointers via ctypes).
 
 ``setup.py`` builds ``_tree_min`` from ``tree_min.cpp`` when a C++ compiler is present; without it
 :func:`available` is False and the backends use their vectorized ops. The math is in
 ``tree_min_kernel.h``: one pass over the logits per call, computing the loss and, when asked, the
-gradient (no intermediate the size of the logits). On x86-64 Linux with GCC the kernel is compiled
-for three instruction sets (baseline, AVX2 + FMA, AVX-512) and picks the widest this CPU runs.
+gradient (no intermediate the size of the logits); :func:`tree_min` with ``ce_sums`` /
+``ce_grad_scale`` adds the cross-entropy of every depth to the same pass. On x86-64 Linux with GCC
+the kernel is compiled for three instruction sets (baseline, AVX2 + FMA, AVX-512) and picks the
+widest this CPU runs.
 
 Environment: ``HIERALOSS_NATIVE=0`` disables the kernel; ``HIERALOSS_NATIVE_ISA=generic|avx2|avx512``
 caps its instruction set; ``HIERALOSS_HUGEPAGES=1`` makes it ask Linux for transparent huge pages on
@@ -24,7 +27,8 @@ import numpy as np
 from ..hierarchy import Hierarchy
 
 __all__ = ["available", "load_error", "use_for", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
-           "release_cpu_buffers", "TreeArrays", "tree_arrays", "tile_width", "tree_min", "FLOAT32", "FLOAT64"]
+           "release_cpu_buffers", "TreeArrays", "tree_arrays", "hssn_scales", "tile_width", "tree_min", "FLOAT32",
+           "FLOAT64"]
 
 FLOAT32 = 0
 FLOAT64 = 1
@@ -58,6 +62,10 @@ def _load() -> ctypes.CDLL | None:
                     lib.hieraloss_tree_min.argtypes = [
                         ctypes.c_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, ctypes.c_double,
                         _p, _p, _p, _p, _p, _p, _i64, _i64]
+                    lib.hieraloss_tree_min_ce.restype = ctypes.c_int
+                    lib.hieraloss_tree_min_ce.argtypes = [
+                        ctypes.c_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, ctypes.c_double,
+                        _p, _p, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64]
                     lib.hieraloss_isa.restype = ctypes.c_char_p
                     lib.hieraloss_set_isa.restype = ctypes.c_int
                     lib.hieraloss_set_isa.argtypes = [ctypes.c_int]
@@ -200,7 +208,16 @@ class TreeArrays:
     * ``edges`` ``[N - roots, 2]``: (child, parent) pairs, deepest children first and the children of
       a parent in channel order (the order that decides zmax ties);
     * ``pre``: position in a depth-first pre-order walk (children by channel), ``size``: subtree size,
-      so ``u`` is ``v`` or below it iff ``pre[v] <= pre[u] < pre[v] + size[v]``.
+      so ``u`` is ``v`` or below it iff ``pre[v] <= pre[u] < pre[v] + size[v]``;
+    * the cross-entropy classes per depth (HSSN objective): ``class_offsets`` ``[L + 1]`` and
+      ``class_channels``, depth d's classes being ``class_channels[class_offsets[d-1]:class_offsets[d]]``
+      = ``hierarchy.depth_channels[d-1]`` (the nodes at depth d and the leaves shallower than d), and
+      ``ce_target`` ``[N, L]``: the target class at depth d of a pixel labelled c,
+      ``ancestor_table[c, d-1]`` (c itself for a leaf shallower than d), or -1 where such a pixel does
+      not count (a partial label coarser than d);
+    * for the glue's per-depth counts (float64 ``[N, L]``, rows by label channel):
+      ``tree_min_counted`` (``numpy.losses.counted_entries_per_depth``) and ``ce_counted``
+      (``numpy.losses.ce_counted_per_depth``), with ``depth`` ``[N]``.
     """
 
     def __init__(self, hierarchy: Hierarchy):
@@ -225,6 +242,18 @@ class TreeArrays:
         self.pre = pre
         self.size = size
         self.num_nodes = n
+        from ..numpy.losses import ce_counted_per_depth, counted_entries_per_depth
+
+        L = hierarchy.max_depth
+        classes = [np.asarray(dc, dtype=np.int32) for dc in hierarchy.depth_channels]
+        self.num_depths = L
+        self.class_offsets = np.ascontiguousarray(np.cumsum([0] + [c.size for c in classes]), dtype=np.int32)
+        self.class_channels = np.ascontiguousarray(np.concatenate(classes), dtype=np.int32)
+        self.depth = depth.astype(np.int64)
+        self.tree_min_counted = counted_entries_per_depth(hierarchy)
+        self.ce_counted = ce_counted_per_depth(hierarchy)
+        self.ce_target = np.ascontiguousarray(np.where(self.ce_counted > 0, hierarchy.ancestor_table, -1),
+                                              dtype=np.int32)
 
 
 def tree_arrays(hierarchy: Hierarchy) -> TreeArrays:
@@ -237,6 +266,21 @@ def tree_arrays(hierarchy: Hierarchy) -> TreeArrays:
     return arrays  # type: ignore[return-value]
 
 
+def hssn_scales(tree: TreeArrays, hist: np.ndarray, node_weight: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """The HSSN objective's normalisation from ``hist`` (float64 ``[N]``: valid pixels per label
+    channel): ``(tm_scale [N], ce_scale [L])``, float64, such that the tree-min part (``reduction="hssn"``
+    without its factor 5, node weights included) is ``sum_v tm_scale[v] * channel_sums[v]`` and the
+    cross-entropy at depth d is ``ce_scale[d-1] * ce_sums[d-1]`` (1 / counted pixels; with none counted
+    the sum is 0 and so is the part)."""
+    tm_counts = hist @ tree.tree_min_counted  # [L] unmasked (pixel, node) entries per depth
+    tm_scale = (1.0 / np.maximum(tm_counts, 1.0))[tree.depth - 1]
+    if node_weight is not None:
+        tm_scale = tm_scale * node_weight
+    ce_scale = 1.0 / np.maximum(hist @ tree.ce_counted, 1.0)
+    return np.ascontiguousarray(tm_scale, dtype=np.float64), np.ascontiguousarray(ce_scale, dtype=np.float64)
+
+
 def tile_width(num_nodes: int) -> int:
     """Pixels per tile: a multiple of 16 with at most about :data:`TILE_ENTRIES` entries, within [64, 256]
     (measured on a 2-core Sapphire Rapids: 256 was best or near it for 26 and 149 nodes)."""
@@ -245,20 +289,31 @@ def tile_width(num_nodes: int) -> int:
 
 def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, tree: TreeArrays, gamma: float, *,
              channel_sums: int = 0, loss_map: int = 0, map_scale: int = 0, grad: int = 0, grad_scale: int = 0,
-             grad_up: int = 0, num_threads: int = 1) -> None:
+             grad_up: int = 0, ce_sums: int = 0, ce_grad_scale: int = 0, num_threads: int = 1) -> None:
     """Run the kernel on raw addresses (0 = absent). The caller guarantees C-contiguous buffers:
     ``x``, ``loss_map``, ``grad``, ``grad_up`` ``[B, N, P]`` of ``dtype``; ``label_channels`` int64
     ``[B, P]`` (-1 = ignored, else a channel < N); ``channel_sums``, ``map_scale``, ``grad_scale``
-    float64 ``[N]``. Output sets: sums, sums + grad, map, grad, grad + grad_up."""
+    float64 ``[N]``. Output sets: sums, sums + grad, map, grad, grad + grad_up.
+
+    The HSSN objective adds the cross-entropy of every depth (``tree``'s class tables) to the same
+    pass: ``ce_sums`` float64 ``[L]`` receives the per-depth sums of ``-log softmax(target)`` over the
+    counted pixels, and ``ce_grad_scale`` float64 ``[L]`` adds ``sum_d ce_grad_scale[d] * d ce_sums[d] / d x``
+    to ``grad``. Output sets with them: sums + ce_sums, sums + grad + ce_sums + ce_grad_scale,
+    grad + ce_grad_scale."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the compiled CPU kernel is not available: {load_error()}")
     B, N, P = shape
     if N != tree.num_nodes:
         raise ValueError(f"logits have {N} channels, the hierarchy {tree.num_nodes}")
-    status = lib.hieraloss_tree_min(
-        dtype, x, B, N, P, label_channels, tree.edges.ctypes.data, tree.edges.shape[0], tree.pre.ctypes.data,
-        tree.size.ctypes.data, float(gamma), channel_sums, loss_map, map_scale, grad, grad_scale, grad_up,
-        tile_width(N), max(1, int(num_threads)))
+    common = (dtype, x, B, N, P, label_channels, tree.edges.ctypes.data, tree.edges.shape[0], tree.pre.ctypes.data,
+              tree.size.ctypes.data, float(gamma), channel_sums, loss_map, map_scale, grad, grad_scale, grad_up)
+    threads = max(1, int(num_threads))
+    if ce_sums or ce_grad_scale:
+        status = lib.hieraloss_tree_min_ce(
+            *common, tree.num_depths, tree.class_offsets.ctypes.data, tree.class_channels.ctypes.data,
+            tree.ce_target.ctypes.data, ce_sums, ce_grad_scale, tile_width(N), threads)
+    else:
+        status = lib.hieraloss_tree_min(*common, tile_width(N), threads)
     if status != 0:
         raise RuntimeError(f"hieraloss native tree_min failed: {_ERRORS.get(status, status)}")

@@ -68,20 +68,47 @@ std::atomic<int> isa_cap{2};  // lowered by hieraloss_set_isa (tests run every c
 
 int isa_level() { return std::min(best_isa_level(), isa_cap.load()); }
 
+// The cross-entropy classes per depth (null tables when no CE output is asked for).
+struct Classes {
+  int64_t num_depths;
+  const int32_t* offsets;
+  const int32_t* channels;
+  const int32_t* ce_target;
+};
+
 template <typename T>
 int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const int32_t* edges, int64_t num_edges,
            const int32_t* pre, const int32_t* size, double gamma, double* channel_sums, T* loss_map,
-           const double* map_scale, T* grad, const double* grad_scale, const T* grad_up, int64_t tile,
-           int64_t num_threads) {
+           const double* map_scale, T* grad, const double* grad_scale, const T* grad_up, const Classes& cls,
+           double* ce_sums, const double* ce_grad_scale, int64_t tile, int64_t num_threads) {
   if (B < 0 || N < 1 || P < 0 || tile < 1 || num_edges < 0 || num_edges >= N) return 1;
-  const int which = (channel_sums ? 8 : 0) | (loss_map ? 4 : 0) | (grad ? 2 : 0) | (grad_up ? 1 : 0);
+  const int which = (channel_sums ? 8 : 0) | (loss_map ? 4 : 0) | (grad ? 2 : 0) | (grad_up ? 1 : 0) |
+                    (ce_sums ? 16 : 0) | (ce_grad_scale ? 32 : 0);
   if (!supported_outputs(which)) return 3;
+  const bool with_ce = ce_sums || ce_grad_scale;
+  int64_t max_classes = 0;
+  if (with_ce) {  // the class tables: offsets from 0, non-empty depths, channels and targets in range
+    const int64_t L = cls.num_depths;
+    if (L < 1 || !cls.offsets || !cls.channels || !cls.ce_target || cls.offsets[0] != 0) return 1;
+    for (int64_t d = 0; d < L; ++d) {
+      const int64_t k = static_cast<int64_t>(cls.offsets[d + 1]) - cls.offsets[d];
+      if (k < 1) return 1;
+      max_classes = std::max(max_classes, k);
+    }
+    for (int64_t j = 0; j < cls.offsets[L]; ++j)
+      if (cls.channels[j] < 0 || cls.channels[j] >= N) return 1;
+    for (int64_t j = 0; j < N * L; ++j)
+      if (cls.ce_target[j] < -1 || cls.ce_target[j] >= N) return 1;
+  }
+  const int64_t L = with_ce ? cls.num_depths : 0;
   if (channel_sums) std::fill(channel_sums, channel_sums + N, 0.0);
+  if (ce_sums) std::fill(ce_sums, ce_sums + L, 0.0);
   const int64_t tiles_per_image = (P + tile - 1) / tile;
   const int64_t items = B * tiles_per_image;
   if (items == 0) return 0;
   const int64_t threads = std::max<int64_t>(1, std::min(num_threads, items));
   std::vector<double> sums(channel_sums ? threads * N : 0, 0.0);
+  std::vector<double> ce_thread_sums(ce_sums ? threads * L : 0, 0.0);
   std::vector<uint8_t> is_child(N, 0);
   for (int64_t e = 0; e < num_edges; ++e) {
     const int32_t kid = edges[2 * e], par = edges[2 * e + 1];
@@ -93,8 +120,10 @@ int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const
     try {
       const int64_t first = items * id / threads, last = items * (id + 1) / threads;
       double* mine = channel_sums ? sums.data() + id * N : nullptr;
-      const Tree t{N, edges, num_edges, pre, size, is_child.data()};
-      const Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up};
+      double* ce_mine = ce_sums ? ce_thread_sums.data() + id * L : nullptr;
+      const Tree t{N, edges, num_edges, pre, size, is_child.data(), L, cls.offsets, cls.channels, cls.ce_target,
+                   max_classes};
+      const Outputs<T> out{mine, loss_map, map_scale, grad, grad_scale, grad_up, ce_mine, ce_grad_scale};
 #ifdef HIERALOSS_HAVE_AVX2
       if (isa_level() == 2) return avx512::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
       if (isa_level() == 1) return avx2::run<T>(x, lc, P, tile, tiles_per_image, first, last, t, gamma, out);
@@ -113,11 +142,30 @@ int launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const
   if (!failed) work(0);
   for (auto& th : pool) th.join();
   if (failed) return 4;
-  if (channel_sums) {
-    for (int64_t id = 0; id < threads; ++id)  // fixed order: the result does not depend on scheduling
+  for (int64_t id = 0; id < threads; ++id) {  // fixed order: the result does not depend on scheduling
+    if (channel_sums)
       for (int64_t v = 0; v < N; ++v) channel_sums[v] += sums[id * N + v];
+    if (ce_sums)
+      for (int64_t d = 0; d < L; ++d) ce_sums[d] += ce_thread_sums[id * L + d];
   }
   return 0;
+}
+
+int dispatch_dtype(int dtype, const void* x, void* loss_map, void* grad, const void* grad_up, int64_t B, int64_t N,
+                   int64_t P, const int64_t* lc, const int32_t* edges, int64_t num_edges, const int32_t* pre,
+                   const int32_t* size, double gamma, double* channel_sums, const double* map_scale,
+                   const double* grad_scale, const Classes& cls, double* ce_sums, const double* ce_grad_scale,
+                   int64_t tile, int64_t num_threads) {
+  if (dtype == 0)
+    return launch<float>(static_cast<const float*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma, channel_sums,
+                         static_cast<float*>(loss_map), map_scale, static_cast<float*>(grad), grad_scale,
+                         static_cast<const float*>(grad_up), cls, ce_sums, ce_grad_scale, tile, num_threads);
+  if (dtype == 1)
+    return launch<double>(static_cast<const double*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma,
+                          channel_sums, static_cast<double*>(loss_map), map_scale, static_cast<double*>(grad),
+                          grad_scale, static_cast<const double*>(grad_up), cls, ce_sums, ce_grad_scale, tile,
+                          num_threads);
+  return 2;
 }
 
 }  // namespace
@@ -134,16 +182,35 @@ HIERALOSS_EXPORT int hieraloss_tree_min(int dtype, const void* x, int64_t B, int
                        double gamma, double* channel_sums, void* loss_map, const double* map_scale, void* grad,
                        const double* grad_scale, const void* grad_up, int64_t tile, int64_t num_threads) {
   try {
-    if (dtype == 0)
-      return launch<float>(static_cast<const float*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma, channel_sums,
-                         static_cast<float*>(loss_map), map_scale, static_cast<float*>(grad), grad_scale,
-                         static_cast<const float*>(grad_up), tile, num_threads);
-    if (dtype == 1)
-      return launch<double>(static_cast<const double*>(x), B, N, P, lc, edges, num_edges, pre, size, gamma,
-                          channel_sums, static_cast<double*>(loss_map), map_scale, static_cast<double*>(grad),
-                          grad_scale, static_cast<const double*>(grad_up), tile, num_threads);
-    return 2;
+    const Classes none{0, nullptr, nullptr, nullptr};
+    return dispatch_dtype(dtype, x, loss_map, grad, grad_up, B, N, P, lc, edges, num_edges, pre, size, gamma,
+                          channel_sums, map_scale, grad_scale, none, nullptr, nullptr, tile, num_threads);
   } catch (...) {  // std::bad_alloc, std::system_error (threads): never unwind into C callers
+    return 4;
+  }
+}
+
+// hieraloss_tree_min plus, in the same pass over the logits, the cross-entropy of every depth (the
+// HSSN objective). Classes: num_depths L, class_offsets [L + 1] and class_channels (depth d's classes
+// are class_channels[class_offsets[d-1] .. class_offsets[d]): the nodes at depth d and the leaves
+// shallower than d), ce_target [N, L] (the target class of a pixel labelled c at depth d, i.e.
+// ancestor_table[c, d-1], or -1 where it does not count: a partial label coarser than d).
+// Outputs: ce_sums [L] (double, per-depth sums of -log softmax(target) over the counted pixels) and
+// ce_grad_scale [L] (grad gets sum_d ce_grad_scale[d] * d ce_sum_d / d x added); null = off (then
+// this is hieraloss_tree_min). Supported sets with the cross-entropy: sums + ce_sums, sums + grad +
+// ce_sums + ce_grad_scale, grad + ce_grad_scale. Same return codes.
+HIERALOSS_EXPORT int hieraloss_tree_min_ce(int dtype, const void* x, int64_t B, int64_t N, int64_t P,
+                          const int64_t* lc, const int32_t* edges, int64_t num_edges, const int32_t* pre,
+                          const int32_t* size, double gamma, double* channel_sums, void* loss_map,
+                          const double* map_scale, void* grad, const double* grad_scale, const void* grad_up,
+                          int64_t num_depths, const int32_t* class_offsets, const int32_t* class_channels,
+                          const int32_t* ce_target, double* ce_sums, const double* ce_grad_scale, int64_t tile,
+                          int64_t num_threads) {
+  try {
+    const Classes cls{num_depths, class_offsets, class_channels, ce_target};
+    return dispatch_dtype(dtype, x, loss_map, grad, grad_up, B, N, P, lc, edges, num_edges, pre, size, gamma,
+                          channel_sums, map_scale, grad_scale, cls, ce_sums, ce_grad_scale, tile, num_threads);
+  } catch (...) {
     return 4;
   }
 }

@@ -13,6 +13,15 @@
 // v is c or above it iff pre[v] <= pre[c] < pre[v] + size[v].
 // The gradient at zmax_v goes to the first node of D(v) in DFS pre-order attaining it (via[v]
 // chains), the gradient at zmin_v to the shallowest node of A(v) attaining it (keep flags).
+//
+// Optionally (the HSSN objective), the same pass adds for every depth d the cross-entropy over the
+// classes at depth d (Tree::class_channels: the nodes at depth d plus the leaves shallower than d):
+//   ce_d = log sum_{v in classes(d)} exp(x_v - max) + max - x_target, target = Tree::ce_target[c, d]
+//   (the class of A(c) at depth d: c itself for a leaf shallower than d; -1 where the pixel does not
+//   count: a partial label coarser than d; ignored pixels never count); its gradient
+//   ce_grad_scale[d] * (softmax_v - [v == target]) is added to the tree-min gradient before the single
+//   write of the tile. Per depth: a max pass and an exp-sum pass over the class rows, a gather of the
+//   target logits, then (gradient) a pass adding softmax * scale and a scatter of -scale at the targets.
 
 // Shared by every instruction-set variant: defined on the first inclusion only.
 #ifndef HIERALOSS_TREE_MIN_SHARED
@@ -25,6 +34,12 @@ struct Tree {
   const int32_t* pre;  // DFS pre-order position per channel
   const int32_t* size;  // subtree size per channel (itself included)
   const uint8_t* is_child;  // 1 for nodes with a parent channel (not depth 1)
+  // Cross-entropy classes per depth (read only when a CE output is asked for):
+  int64_t num_depths;  // L
+  const int32_t* class_offsets;  // [L + 1]: depth d's classes are class_channels[offsets[d-1] .. offsets[d])
+  const int32_t* class_channels;  // ascending channels within a depth
+  const int32_t* ce_target;  // [N, L]: the class at depth d+1 of a pixel labelled c, -1 where it does not count
+  int64_t max_classes;  // largest class count of a depth
 };
 
 template <typename T>
@@ -35,6 +50,8 @@ struct Outputs {
   T* grad;  // [B, N, P] or null
   const double* grad_scale;  // [N] or null
   const T* grad_up;  // [B, N, P] or null
+  double* ce_sums;  // [L] per-thread slice of the per-depth cross-entropy sums, or null
+  const double* ce_grad_scale;  // [L]: the cross-entropy's share of the gradient, or null (tree-min only)
 };
 
 // Loss sums are kept per lane ([N, tile]; a plain running sum would not vectorize): `partial` in T over
@@ -42,9 +59,11 @@ struct Outputs {
 // the rounding stays near 1e-7 relative however many pixels there are).
 constexpr int kFlushTiles = 8;
 
-// Which output combinations the kernel is instantiated for (flags: sums 8, map 4, grad 2, grad_up 1).
+// Which output combinations the kernel is instantiated for (flags: sums 8, map 4, grad 2, grad_up 1,
+// ce_sums 16, ce_grad_scale 32). The cross-entropy rides along with the scalar sets only.
 static inline bool supported_outputs(int which) {
-  return which == 8 || which == (8 | 2) || which == 4 || which == 2 || which == (2 | 1);
+  return which == 8 || which == (8 | 2) || which == 4 || which == 2 || which == (2 | 1) || which == (8 | 16) ||
+         which == (8 | 16 | 2 | 32) || which == (2 | 32);
 }
 
 #endif  // HIERALOSS_TREE_MIN_SHARED
@@ -92,12 +111,27 @@ struct Math<float> {
     q = q * w + 1.0000000040393686f;
     return 2.0f * f * q;
   }
+  // log(s) for finite s >= 1 (a sum of exponentials, each <= 1, one of them 1): s = 2^k * g with g in
+  // [sqrt(1/2), sqrt(2)) from the bits (integer ops only: vectorizes), log(g) = log1p(g - 1) by the
+  // polynomial above (|f| <= 0.172), plus k ln2 in two parts. A NaN s gives garbage: callers select.
+  static inline float log_atleast1(float s) {
+    uint32_t u;
+    std::memcpy(&u, &s, sizeof u);
+    u += 0x3f800000u - 0x3f3504f3u;  // bias so that the exponent field is k for g in [sqrt(1/2), sqrt(2))
+    const int32_t k = static_cast<int32_t>(u >> 23) - 127;
+    const float g = bits((u & 0x007fffffu) + 0x3f3504f3u);
+    const float e = g - 1.0f;
+    const float kf = static_cast<float>(k);
+    const float l = log1p_unit(e, e / (2.0f + e));
+    return kf * 0.693145751953125f + (l + kf * 1.428606765330187045e-06f);
+  }
 };
 
 template <>
 struct Math<double> {
   static inline double exp_nonpos(double x) { return std::exp(x); }
   static inline double log1p_unit(double e, double /*f*/) { return std::log1p(e); }
+  static inline double log_atleast1(double s) { return std::log(s); }
 };
 
 // FOCAL: 0 = plain tree-min (gamma 0), 2 = gamma exactly 2 (s * s), 1 = any other gamma.
@@ -134,14 +168,29 @@ struct Scratch {
   std::vector<T> zmax, zmin, partial;
   std::vector<double> sums;
   std::vector<int32_t> via, keep, pc, lo, hi;
+  // Cross-entropy: per-depth lane sums (like partial/sums), the CE gradient of every channel of the
+  // tile (zero between tiles), exp(x - max) of one depth's classes, and per-pixel rows (max, sum of
+  // exponentials, target logit, gradient factor).
+  std::vector<T> ce_partial, ce_grad, ce_exp, ce_max, ce_sum, ce_xt, ce_w;
+  std::vector<double> ce_totals;
+  std::vector<int32_t> ce_tgt;  // [L, tile]: the target class per depth and pixel, -1 = not counted
   int pending = 0;  // tiles summed into `partial` since the last flush
-  explicit Scratch(int64_t n, int64_t tile, bool with_sums)
-      : zmax(n * tile), zmin(n * tile), partial(with_sums ? n * tile : 0), sums(with_sums ? n * tile : 0),
-        via(n * tile), keep(n * tile), pc(tile), lo(tile), hi(tile) {}
+  Scratch(const Tree& tr, int64_t tile, bool with_sums, bool ce_sums, bool ce_grad)
+      : zmax(tr.num_nodes * tile), zmin(tr.num_nodes * tile), partial(with_sums ? tr.num_nodes * tile : 0),
+        sums(with_sums ? tr.num_nodes * tile : 0), via(tr.num_nodes * tile), keep(tr.num_nodes * tile), pc(tile),
+        lo(tile), hi(tile), ce_partial(ce_sums ? tr.num_depths * tile : 0),
+        ce_grad(ce_grad ? tr.num_nodes * tile : 0), ce_exp(ce_grad ? tr.max_classes * tile : 0),
+        ce_max(ce_sums || ce_grad ? tile : 0), ce_sum(ce_max.size()), ce_xt(ce_max.size()),
+        ce_w(ce_grad ? tile : 0), ce_totals(ce_partial.size()),
+        ce_tgt(ce_max.size() * tr.num_depths) {}
   void flush() {
     for (size_t j = 0; j < partial.size(); ++j) {
       sums[j] += static_cast<double>(partial[j]);
       partial[j] = T(0);
+    }
+    for (size_t j = 0; j < ce_partial.size(); ++j) {
+      ce_totals[j] += static_cast<double>(ce_partial[j]);
+      ce_partial[j] = T(0);
     }
     pending = 0;
   }
@@ -177,6 +226,80 @@ static inline void entry_terms(int64_t v, int64_t m, int64_t base, int64_t P, co
       g = unknown ? T(0) : g;
       a[t] = pos ? T(0) : g;
       i[t] = pos ? -g : T(0);
+    }
+  }
+}
+
+// The cross-entropy of every depth over the m pixels of a tile (x: the tile's first logit; rows of
+// stride P; s.ce_tgt: the target class per depth and pixel). Per depth: max, sum of exp(x - max),
+// target logit, loss, then (GRAD) the gradient added into ce_grad. Each step is a loop over the
+// pixels of the tile, like the tree-min terms.
+template <typename T, bool SUMS, bool GRAD>
+static inline void cross_entropy_terms(const T* __restrict x, int64_t m, int64_t P, const Tree& tr,
+                                       const Outputs<T>& out, Scratch<T>& s, int64_t tile) {
+  T* __restrict mx = s.ce_max.data();
+  T* __restrict sum = s.ce_sum.data();
+  T* __restrict xt = s.ce_xt.data();
+  for (int64_t d = 0; d < tr.num_depths; ++d) {
+    const int32_t* cls = tr.class_channels + tr.class_offsets[d];
+    const int64_t K = tr.class_offsets[d + 1] - tr.class_offsets[d];
+    const int32_t* __restrict tgt = s.ce_tgt.data() + d * tile;
+    // Max over the classes (a class replaces it only when strictly larger, or NaN: NaN propagates).
+    {
+      const T* __restrict xv = x + cls[0] * P;
+      for (int64_t t = 0; t < m; ++t) mx[t] = xv[t];
+    }
+    for (int64_t k = 1; k < K; ++k) {
+      const T* __restrict xv = x + cls[k] * P;
+      for (int64_t t = 0; t < m; ++t) {
+        const T xvt = xv[t];
+        const bool take = (xvt > mx[t]) | (xvt != xvt);
+        mx[t] = take ? xvt : mx[t];
+      }
+    }
+    for (int64_t t = 0; t < m; ++t) sum[t] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T* __restrict xv = x + cls[k] * P;
+      T* __restrict e = GRAD ? s.ce_exp.data() + k * tile : nullptr;
+      for (int64_t t = 0; t < m; ++t) {
+        const T ev = Math<T>::exp_nonpos(xv[t] - mx[t]);  // the argument is <= 0 (or NaN: stays NaN)
+        sum[t] += ev;
+        if (GRAD) e[t] = ev;
+      }
+    }
+    T* __restrict acc = SUMS ? s.ce_partial.data() + d * tile : nullptr;
+    T* __restrict w = GRAD ? s.ce_w.data() : nullptr;
+    const T gs = GRAD ? static_cast<T>(out.ce_grad_scale[d]) : T(0);
+    if (SUMS) {
+      for (int64_t t = 0; t < m; ++t) {  // the target's logit (a gather)
+        const int32_t c = tgt[t];
+        xt[t] = x[(c < 0 ? 0 : c) * P + t];
+      }
+    }
+    for (int64_t t = 0; t < m; ++t) {
+      const T sv = sum[t];  // in [1, K], or NaN
+      const bool counted = tgt[t] >= 0;
+      if (SUMS) {
+        const T lg = Math<T>::log_atleast1(sv);
+        const T loss = (mx[t] - xt[t]) + (sv == sv ? lg : sv);  // the difference first: exact when close
+        acc[t] += counted ? loss : T(0);
+      }
+      if (GRAD) w[t] = counted ? gs / sv : T(0);
+    }
+    if (!GRAD || gs == T(0)) continue;  // a depth without weight adds nothing to the gradient
+    // d ce / d x_v = gs * (softmax_v - [v is the target]) at counted pixels, 0 elsewhere.
+    for (int64_t k = 0; k < K; ++k) {
+      const T* __restrict e = s.ce_exp.data() + k * tile;
+      T* __restrict cg = s.ce_grad.data() + cls[k] * tile;
+      for (int64_t t = 0; t < m; ++t) {
+        const T g = w[t] * e[t];
+        cg[t] += w[t] != T(0) ? g : T(0);  // w is 0 where the pixel does not count (e may be NaN there)
+      }
+    }
+    T* __restrict cg = s.ce_grad.data();
+    for (int64_t t = 0; t < m; ++t) {  // minus gs at the target (a scatter)
+      const int32_t c = tgt[t];
+      if (c >= 0) cg[c * tile + t] -= gs;
     }
   }
 }
@@ -260,6 +383,24 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
       kk[t] = own ? 1 : 0;
     }
   }
+  // Cross-entropy per depth (HSSN objective): its gradient waits in ce_grad for the single write below.
+  if (out.ce_sums || out.ce_grad_scale) {
+    int32_t* __restrict tgt = s.ce_tgt.data();
+    const int64_t L = tr.num_depths;
+    for (int64_t t = 0; t < m; ++t) {
+      const int64_t c = lc[b * P + p0 + t];
+      const bool ok = c >= 0 && c < N;
+      const int32_t* row = tr.ce_target + (ok ? c : 0) * L;
+      for (int64_t d = 0; d < L; ++d) tgt[d * tile + t] = ok ? row[d] : -1;
+    }
+    if (out.ce_sums && out.ce_grad_scale) {
+      cross_entropy_terms<T, true, true>(x + base, m, P, tr, out, s, tile);
+    } else if (out.ce_sums) {
+      cross_entropy_terms<T, true, false>(x + base, m, P, tr, out, s, tile);
+    } else {
+      cross_entropy_terms<T, false, true>(x + base, m, P, tr, out, s, tile);
+    }
+  }
   // Entry terms. From here zmax holds d loss / d zmax (negatives) and zmin d loss / d zmin (positives).
   const int which = (out.channel_sums ? 8 : 0) | (out.loss_map ? 4 : 0) | (out.grad ? 2 : 0) | (out.grad_up ? 1 : 0);
   for (int64_t v = 0; v < N; ++v) {
@@ -296,6 +437,7 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
       gp[t] += kk[t] ? T(0) : passed;
     }
   }
+  const bool with_ce = out.ce_grad_scale != nullptr;
   for (int64_t v = 0; v < N; ++v) {
     const T* a = zmax + v * tile;
     const T* i = zmin + v * tile;
@@ -303,9 +445,18 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
     const int32_t* k = keep + v * tile;
     T* g = out.grad + base + v * P;
     const int32_t self = static_cast<int32_t>(v);  // int32 compare: no widening in the vector loop
-    for (int64_t t = 0; t < m; ++t) {
-      const T down = a[t], up_ = i[t];
-      g[t] = (w[t] == self ? down : T(0)) + (k[t] ? up_ : T(0));
+    if (with_ce) {
+      T* __restrict cg = s.ce_grad.data() + v * tile;
+      for (int64_t t = 0; t < m; ++t) {
+        const T down = a[t], up_ = i[t];
+        g[t] = (w[t] == self ? down : T(0)) + (k[t] ? up_ : T(0)) + cg[t];
+        cg[t] = T(0);  // ready for the next tile
+      }
+    } else {
+      for (int64_t t = 0; t < m; ++t) {
+        const T down = a[t], up_ = i[t];
+        g[t] = (w[t] == self ? down : T(0)) + (k[t] ? up_ : T(0));
+      }
     }
   }
 }
@@ -313,19 +464,27 @@ static void tile_pass(const T* __restrict x, const int64_t* __restrict lc, int64
 template <typename T, int FOCAL>
 static void run_items(const T* x, const int64_t* lc, int64_t P, int64_t tile, int64_t tiles_per_image,
                       int64_t first, int64_t last, const Tree& tr, T gamma, const Outputs<T>& out) {
-  Scratch<T> s(tr.num_nodes, tile, out.channel_sums != nullptr);
+  Scratch<T> s(tr, tile, out.channel_sums != nullptr, out.ce_sums != nullptr, out.ce_grad_scale != nullptr);
+  const bool sums = out.channel_sums || out.ce_sums;
   for (int64_t item = first; item < last; ++item) {
     const int64_t b = item / tiles_per_image;
     const int64_t p0 = (item % tiles_per_image) * tile;
     tile_pass<T, FOCAL>(x, lc, b, p0, std::min(tile, P - p0), P, tr, gamma, out, s, tile);
-    if (out.channel_sums && ++s.pending == kFlushTiles) s.flush();
+    if (sums && ++s.pending == kFlushTiles) s.flush();
   }
+  if (sums) s.flush();
   if (out.channel_sums) {
-    s.flush();
     for (int64_t v = 0; v < tr.num_nodes; ++v) {
       double total = 0.0;
       for (int64_t t = 0; t < tile; ++t) total += s.sums[v * tile + t];
       out.channel_sums[v] += total;
+    }
+  }
+  if (out.ce_sums) {
+    for (int64_t d = 0; d < tr.num_depths; ++d) {
+      double total = 0.0;
+      for (int64_t t = 0; t < tile; ++t) total += s.ce_totals[d * tile + t];
+      out.ce_sums[d] += total;
     }
   }
 }

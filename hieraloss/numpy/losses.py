@@ -37,6 +37,17 @@ def counted_entries_per_depth(h: Hierarchy) -> np.ndarray:
     return np.stack([lv.sum() - strictly_below[:, lv].sum(axis=1) for lv in at_depth], axis=1).astype(np.float64)
 
 
+def ce_counted_per_depth(h: Hierarchy) -> np.ndarray:
+    """``[N, L]`` float64 0/1: for a valid pixel labelled with channel c, whether it counts for the
+    cross-entropy at depth d+1 (the classes ``h.depth_channels[d]``, target ``ancestor_table[c, d]``):
+    a leaf counts at every depth (a leaf shallower than d is its own class there), a partial label
+    down to its own depth only. A histogram of label channels times this table gives the per-depth
+    counts of :func:`depth_cross_entropy`'s mean without a mask per pixel (the compiled kernel's
+    HSSN objective uses it, like :func:`counted_entries_per_depth` for the tree-min counts)."""
+    depths = np.arange(1, h.max_depth + 1)
+    return (h.is_leaf[:, None] | (h.depth[:, None] >= depths[None, :])).astype(np.float64)
+
+
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float64 is computed in float64; float32 and float16 in float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)

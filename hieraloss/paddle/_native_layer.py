@@ -139,3 +139,87 @@ def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierar
     needs_grad = not x.stop_gradient and paddle.is_grad_enabled()
     out = _NativeTreeMin.apply(x, lc, hierarchy, float(gamma), reduction, scale, weight, needs_grad)
     return out.reshape([B, N, *spatial]) if reduction == "none" else out
+
+
+# ---------------------------------------------------------------------------- the HSSN objective
+class _NativeObjective(PyLayer):
+    """tree_min_weight * TM + sum_d ce_w[d] * CE_d in one kernel pass. Returns the total; the detached
+    parts (TM, CE [L]) are left in ``parts``. With a gradient needed, forward writes it (backward
+    only scales it, or recomputes it for a second backward through a retained graph)."""
+
+    @staticmethod
+    def forward(ctx, x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight, ce_w, needs_grad, parts):
+        grad_scale = tm_scale * tree_min_weight  # float64 [N]
+        ce_grad_scale = np.ascontiguousarray(ce_scale * ce_w)  # float64 [L]
+        ctx.config = (hierarchy, gamma, grad_scale, ce_grad_scale)
+        ctx.save_for_backward(x, lc)
+        sums = np.empty(x.shape[1], dtype=np.float64)
+        ce_sums = np.empty(ce_scale.size, dtype=np.float64)
+        grad = _gradient_buffer(x) if needs_grad else None
+        _run_objective(x, lc, hierarchy, gamma, channel_sums=sums, ce_sums=ce_sums, grad=grad,
+                       grad_scale=grad_scale if grad is not None else None,
+                       ce_grad_scale=ce_grad_scale if grad is not None else None)
+        ctx.fused_grad = grad
+        parts["tree_min"] = float(np.dot(sums, tm_scale))
+        parts["ce"] = ce_sums * ce_scale
+        total = tree_min_weight * parts["tree_min"] + float(np.dot(ce_w, parts["ce"]))
+        value = np.asarray(total, dtype=np.float64 if x.dtype == paddle.float64 else np.float32)
+        return paddle.to_tensor(value, place=x.place)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lc = ctx.saved_tensor()
+        hierarchy, gamma, grad_scale, ce_grad_scale = ctx.config
+        factor = float(grad_out)
+        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
+        if grad is None:
+            grad = _gradient_buffer(x)
+            _run_objective(x, lc, hierarchy, gamma, grad=grad, grad_scale=np.ascontiguousarray(grad_scale * factor),
+                           ce_grad_scale=np.ascontiguousarray(ce_grad_scale * factor))
+        elif factor != 1.0:
+            grad.scale_(factor)
+        return grad, None
+
+
+def _run_objective(x, lc, hierarchy, gamma, *, channel_sums=None, ce_sums=None, grad=None, grad_scale=None,
+                   ce_grad_scale=None) -> None:
+    dtype = _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32
+    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy), gamma,
+                     channel_sums=_ptr(channel_sums), ce_sums=_ptr(ce_sums), grad=_ptr(grad),
+                     grad_scale=_ptr(grad_scale), ce_grad_scale=_ptr(ce_grad_scale), num_threads=num_threads())
+
+
+def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *,
+                          gamma: float, node_weight: paddle.Tensor | None, tree_min_weight: float,
+                          ce_weights) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
+    """The paddle twin of :func:`hieraloss.torch._native_op.hssn_objective_native`: the per-pixel HSSN
+    objective ``tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d`` on CPU logits in one pass of the
+    compiled kernel. Returns ``(total, tree_min, ce)``: ``total`` differentiable (float64 for float64
+    logits, else float32), ``tree_min`` (hssn normalisation without the 5) and ``ce`` ``[L]`` detached.
+    Validated inputs (label channels, -1 = ignored); float16/bfloat16 logits compute in float32."""
+    B, N = logits.shape[:2]
+    ce_w = np.ascontiguousarray([float(w) for w in ce_weights], dtype=np.float64)
+    if ce_w.size != hierarchy.max_depth:
+        raise ValueError(f"ce_weights needs one weight per depth ({hierarchy.max_depth}), got {ce_w.size}")
+    x = logits
+    if x.dtype in _HALVES:
+        x = x.astype(paddle.float32)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    x = x.reshape([B, N, -1])
+    lc = label_channels.reshape([B, -1])
+    if lc.dtype != paddle.int64:
+        lc = lc.astype(paddle.int64)
+    if not lc.is_contiguous():
+        lc = lc.contiguous()
+    hist = paddle.bincount(lc.reshape([-1]) + 1, minlength=N + 1)[1:].numpy().astype(np.float64)
+    weight = None if node_weight is None else node_weight.astype(paddle.float64).numpy()
+    tm_scale, ce_scale = _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)
+    needs_grad = not x.stop_gradient and paddle.is_grad_enabled()
+    parts: dict = {}
+    total = _NativeObjective.apply(x, lc, hierarchy, float(gamma), tm_scale, ce_scale, float(tree_min_weight), ce_w,
+                                   needs_grad, parts)
+    dtype = paddle.float64 if x.dtype == paddle.float64 else paddle.float32
+    tree_min = paddle.to_tensor(np.asarray(parts["tree_min"]), dtype=dtype, place=x.place)
+    ce = paddle.to_tensor(parts["ce"], dtype=dtype, place=x.place)
+    return total, tree_min, ce

@@ -1061,6 +1061,9 @@ def hssn_loss(
     they are given; its weight ``w`` is ``triplet_weight`` or, if None, the published schedule
     ``triplet_weight(step, total_steps)``. ``return_parts=True`` also returns a dict of the
     unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``.
+    ``backend``: as for :func:`tree_min_loss`; with the compiled CPU kernel (``"auto"`` on the CPU,
+    or ``"native"``) tree-min and every depth's cross-entropy take one pass over the logits, and the
+    ``tree_min`` / ``ce_depth{d}`` parts are detached values (the total carries the gradient).
     """
     x = _check_logits(logits, hierarchy)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
@@ -1068,17 +1071,31 @@ def hssn_loss(
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
 
-    tm = (
-        _tree_min(x, labels, hierarchy, gamma, ignore_index, "hssn", node_weight, False, backend) / HSSN_SCALE
-    )
-    parts: dict[str, Any] = {"tree_min": tm}
-    total = float(tree_min_weight) * tm
-    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
-    for d, weight in enumerate(ce_w, start=1):
-        if weight != 0:
-            ce = depth_cross_entropy_op(x, lc, hierarchy, d)
-            parts[f"ce_depth{d}"] = ce
-            total = total + weight * ce
+    if _use_native(backend, x):
+        # The compiled kernel: tree-min and the cross-entropy of every depth in one pass over the
+        # logits (the gradient written in the same pass); the parts are detached values.
+        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+        w = _check_node_weight(node_weight, hierarchy, x.place)
+        total, tm, ce_all = _native_layer().hssn_objective_native(
+            x, lc, hierarchy, gamma=gamma, node_weight=w, tree_min_weight=float(tree_min_weight), ce_weights=ce_w
+        )
+        parts: dict[str, Any] = {"tree_min": tm}
+        for d, weight in enumerate(ce_w, start=1):
+            if weight != 0:
+                parts[f"ce_depth{d}"] = ce_all[d - 1]
+    else:
+        tm = (
+            _tree_min(x, labels, hierarchy, gamma, ignore_index, "hssn", node_weight, False, backend)
+            / HSSN_SCALE
+        )
+        parts = {"tree_min": tm}
+        total = float(tree_min_weight) * tm
+        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+        for d, weight in enumerate(ce_w, start=1):
+            if weight != 0:
+                ce = depth_cross_entropy_op(x, lc, hierarchy, d)
+                parts[f"ce_depth{d}"] = ce
+                total = total + weight * ce
     if embeddings is not None:
         tt = hierarchy_triplet_loss(
             embeddings,

@@ -117,3 +117,84 @@ def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarch
     want_grad = torch.is_grad_enabled() and x.requires_grad  # Function.forward itself runs without grad mode
     out = _NativeTreeMin.apply(x, lc, node_weight, hierarchy, float(gamma), reduction, want_grad)
     return out.reshape(B, N, *spatial) if reduction == "none" else out
+
+
+# ---------------------------------------------------------------------------- the HSSN objective
+class _NativeObjective(torch.autograd.Function):
+    """tree_min_weight * TM + sum_d ce_w[d] * CE_d in one kernel pass; outputs (total, TM, CE [L]), the
+    last two not differentiable. With a gradient needed, forward writes it (backward only scales)."""
+
+    @staticmethod
+    def forward(ctx, x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight, ce_w, want_grad):
+        ctx.config = (hierarchy, gamma)
+        ctx.save_for_backward(x, lc)
+        grad_scale = tm_scale * tree_min_weight  # float64 numpy [N]
+        ce_grad_scale = np.ascontiguousarray(ce_scale * ce_w)  # [L]
+        ctx.scales = (grad_scale, ce_grad_scale)
+        sums = np.empty(x.shape[1], dtype=np.float64)
+        ce_sums = np.empty(ce_scale.size, dtype=np.float64)
+        grad = _gradient_buffer(x) if want_grad else None
+        _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy),
+                         gamma, channel_sums=sums.ctypes.data, ce_sums=ce_sums.ctypes.data,
+                         grad=0 if grad is None else grad.data_ptr(),
+                         grad_scale=0 if grad is None else grad_scale.ctypes.data,
+                         ce_grad_scale=0 if grad is None else ce_grad_scale.ctypes.data,
+                         num_threads=torch.get_num_threads())
+        ctx.fused_grad = grad
+        tm = float(np.dot(sums, tm_scale))
+        ce = ce_sums * ce_scale
+        total = tree_min_weight * tm + float(np.dot(ce_w, ce))
+        tm_t = torch.tensor(tm, dtype=x.dtype)
+        ce_t = torch.from_numpy(ce).to(x.dtype)
+        ctx.mark_non_differentiable(tm_t, ce_t)
+        return torch.tensor(total, dtype=x.dtype), tm_t, ce_t
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_tm, _grad_ce):
+        x, lc = ctx.saved_tensors
+        hierarchy, gamma = ctx.config
+        factor = float(grad_out)
+        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
+        if grad is None:
+            grad_scale, ce_grad_scale = (np.ascontiguousarray(s * factor) for s in ctx.scales)
+            grad = _gradient_buffer(x)
+            _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(),
+                             _native.tree_arrays(hierarchy), gamma, grad=grad.data_ptr(),
+                             grad_scale=grad_scale.ctypes.data, ce_grad_scale=ce_grad_scale.ctypes.data,
+                             num_threads=torch.get_num_threads())
+        elif factor != 1.0:
+            grad.mul_(factor)
+        return grad, None, None, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy, *,
+                          gamma: float, node_weight: torch.Tensor | None, tree_min_weight: float,
+                          ce_weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The per-pixel HSSN objective on CPU logits in one pass of the compiled kernel:
+    ``tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d``.
+
+    ``TM``: the (focal, with ``gamma``) tree-min loss with the per-depth normalisation of
+    ``reduction="hssn"`` without its factor 5, times ``node_weight``; ``CE_d``: the mean cross-entropy
+    over ``hierarchy.depth_channels[d-1]`` (as :func:`._ops.depth_cross_entropy_op`). Validated
+    inputs as for :func:`tree_min_native` (label channels, -1 = ignored); ``ce_weights``: L floats
+    (already resolved, e.g. by ``hieraloss.numpy.triplet.hssn_weights``; a weight 0 only drops that
+    depth from the total and the gradient). Returns ``(total, tree_min, ce)``: ``total`` the
+    differentiable scalar (float64 for float64 logits, else float32), ``tree_min`` the detached
+    scalar ``TM`` and ``ce`` the detached ``[L]`` tensor of every ``CE_d``. float16/bfloat16 logits
+    compute in float32 (the gradient is cast back)."""
+    B, N = logits.shape[:2]
+    ce_w = np.ascontiguousarray([float(w) for w in ce_weights], dtype=np.float64)
+    if ce_w.size != hierarchy.max_depth:
+        raise ValueError(f"ce_weights needs one weight per depth ({hierarchy.max_depth}), got {ce_w.size}")
+    x = logits.reshape(B, N, -1)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    x = x.contiguous()
+    lc = label_channels.reshape(B, -1).to(torch.int64).contiguous()
+    hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64).numpy()
+    weight = None if node_weight is None else node_weight.detach().to(torch.float64).cpu().numpy()
+    tm_scale, ce_scale = _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)
+    want_grad = torch.is_grad_enabled() and x.requires_grad
+    return _NativeObjective.apply(x, lc, hierarchy, float(gamma), tm_scale, ce_scale, float(tree_min_weight), ce_w,
+                                  want_grad)
