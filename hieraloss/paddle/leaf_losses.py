@@ -229,9 +229,10 @@ def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, 
     """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     Target over leaves ``q(l) = softmax_l(-beta * psi(c, l))`` for a pixel labelled c (psi =
-    ``Hierarchy.node_leaf_distance``, edges through the lowest common ancestor; the paper divides
-    its distance by the tree height, a constant factor absorbed in beta); loss ``-sum_l q(l) log
-    p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
+    ``Hierarchy.node_leaf_distance``, edges through the lowest common ancestor). The paper uses the
+    height of the lowest common ancestor over the tree height instead of psi: on a balanced tree of
+    depth L, psi is twice that height, so its ``beta_paper`` is ``beta = beta_paper / (2 * L)`` here.
+    Loss ``-sum_l q(l) log p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
     flat cross-entropy. Reductions as :func:`hierarchical_cross_entropy`.
     """
     return _leaf_loss(_SoftLabelCE, soft_targets, leaf_logits, labels, hierarchy, ignore_index, reduction,
