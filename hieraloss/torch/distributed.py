@@ -78,8 +78,6 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     comm = _comm_device(dist, group)
     C = embeddings.shape[1]
     ct = _ops.compute_dtype(embeddings.dtype)
-    emb = torch.nn.functional.normalize(embeddings.to(ct), dim=1, eps=1e-12)
-    emb = emb.permute(0, 2, 3, 1).reshape(-1, C)
     flat = leaf.reshape(-1)
     n_local = flat.numel()
 
@@ -105,17 +103,19 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     # The global leaf map, in rank order.
     pieces = _all_gather_padded(dist, group, flat.to(torch.int64).unsqueeze(1), sizes, comm)
     global_flat = torch.cat(pieces).squeeze(1).to(dev)
-    pixels = torch.nonzero(global_flat >= 0).squeeze(1)
-    if sampling == "random" and pixels.numel():
-        order = _ops.random_order(pixels.numel(), generator, dev) if rank == 0 else \
-            torch.empty(pixels.numel(), dtype=torch.int64, device=dev)
+    pixels, n = _ops.taking_part_first(global_flat)
+    n = int(n)
+    if sampling == "random" and n:
+        order = _ops.random_order(n, generator, dev) if rank == 0 else torch.empty(n, dtype=torch.int64, device=dev)
         order_comm = order.to(comm)
         dist.broadcast(order_comm, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        pixels = pixels[order_comm.to(dev)]
+        pixels = _ops.shuffle_taking_part(pixels, order_comm.to(dev))
     chosen = _ops.triplet_select(global_flat, pixels, hierarchy, max_per_class=int(max_per_class))
-    if chosen is None:
+    total = int(chosen.T.sum())
+    if total == 0:
         return zero
-    slot_cls, anchor, positive, negative, T = chosen
+    chosen = chosen.take(total)  # the triplets fill the first slots
+    anchor, positive, negative = chosen.anchor, chosen.positive, chosen.negative
 
     # Only the rows the triplets use travel: sorted global positions, split by owning rank.
     needed = torch.unique(torch.cat([anchor, positive, negative]))  # sorted
@@ -123,15 +123,15 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     owner_counts = (torch.searchsorted(needed, bounds[1:]) - torch.searchsorted(needed, bounds[:-1])).tolist()
     start = sum(owner_counts[:rank])
     mine = needed[start:start + owner_counts[rank]] - offsets[rank]
-    rows = _all_gather_padded(dist, group, emb[mine], owner_counts, comm)
-    rows = [emb[mine] if r == rank else rows[r].to(dev) for r in range(world)]
+    own = _ops.unit_rows(embeddings, (mine,), ct)[0]  # normalised along C, only the rows needed
+    rows = _all_gather_padded(dist, group, own, owner_counts, comm)
+    rows = [own if r == rank else rows[r].to(dev) for r in range(world)]
     table = torch.cat(rows)  # row k = unit embedding of global pixel needed[k]
 
     def at(positions: torch.Tensor) -> torch.Tensor:
         return table[torch.searchsorted(needed, positions)]
 
-    loss = _ops.triplet_score(at(anchor), at(positive), at(negative), slot_cls, global_flat[positive],
-                              global_flat[negative], T, hierarchy, base_margin)
+    loss = _ops.triplet_score(at(anchor), at(positive), at(negative), chosen, hierarchy, base_margin)
     # Plus an exact 0 connected to the local embeddings: DDP then sees every parameter of the
     # embedding head used even where none of this rank's pixels is in a triplet.
     return loss + zero
