@@ -123,6 +123,11 @@ def test_demo_argument_errors(capsys, tmp_path):
     assert "--threads" in capsys.readouterr().err
     assert main(["demo", "--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown preset 'nope'" in capsys.readouterr().err
+    assert main(["demo", "--models", "flat", "hxe2", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "--models: unknown model 'hxe2'" in err and "hssn_tm1" in err
+    assert main(["demo", "--models", ",", "--out", str(tmp_path)]) == 2
+    assert "--models: no model given" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:
         main(["demo", "--backend", "jax"])
     assert exc.value.code == 2

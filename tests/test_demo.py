@@ -1,4 +1,4 @@
-"""The demo: procedural data set, helpers, figure, and ``demo --quick`` end to end."""
+"""The demo: procedural data set, helpers, confidences, objectives, figures, and ``demo --quick`` end to end."""
 
 from __future__ import annotations
 
@@ -13,15 +13,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hieraloss import numpy as hnp
 from hieraloss import presets
+from hieraloss.demo.backends import MODELS, OBJECTIVES, missing_functions
 from hieraloss.demo.data import SHAPE_FAMILIES, TEXTURES, appearance, make_scenes, make_splits
-from hieraloss.demo.figure import colourize, node_colours, save_figure
+from hieraloss.demo.figure import colourize, node_colours, save_figure, save_miou_figure
 from hieraloss.demo.train import (
     DemoConfig,
     batch_order,
+    flat_confidence,
     flat_depth_labels,
     flat_marginal_labels,
+    format_comparison,
     learning_rate,
+    node_confidence,
+    parse_models,
+    run_demo,
 )
 from hieraloss.testing import hierarchies
 
@@ -185,6 +192,116 @@ def test_batch_order_and_learning_rate():
     assert DemoConfig.preset_defaults(epochs=3, seed=None).epochs == 3
 
 
+def test_models_and_their_parsing():
+    assert MODELS == ("flat", "hssn", "hssn_tm1", "hxe", "soft")
+    assert DemoConfig().models == MODELS and DemoConfig().threads == 1
+    assert {OBJECTIVES[m].head for m in ("flat", "hxe", "soft")} == {"leaf"}
+    assert {OBJECTIVES[m].head for m in ("hssn", "hssn_tm1")} == {"node"}
+    assert parse_models(["hxe,flat", "hxe", " soft "]) == ("hxe", "flat", "soft")  # order kept, no duplicates
+    assert parse_models("all") == MODELS
+    assert DemoConfig(models=["soft", "flat"]).models == ("soft", "flat")
+    with pytest.raises(ValueError, match="unknown model 'hxe2'"):
+        parse_models(["hxe2"])
+    with pytest.raises(ValueError, match="no model given"):
+        parse_models([","])
+    with pytest.raises(ValueError, match="unknown model"):
+        DemoConfig(models=("flat", "nope"))
+
+
+def _loop_node_probability(probs, h, b, p, node_ch):
+    """Sum of the leaf probabilities under channel ``node_ch``, one leaf at a time."""
+    return sum(probs[b, k, p] for k in range(h.num_leaves) if h.is_ancestor[node_ch, h.leaf_channels[k]])
+
+
+@settings(max_examples=15)
+@given(data=st.data())
+def test_flat_confidence_is_the_summed_leaf_probability_of_the_predicted_class(data):
+    h = data.draw(hierarchies(max_depth=3, order=None))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    logits = rng.normal(0, 3, size=(2, h.num_leaves, 5))
+    method = data.draw(st.sampled_from(["argmax", "top_down"]))
+    _, decoded = hnp.decode_leaf_logits(logits, h, method=method)
+    conf = flat_confidence(logits, decoded, h)
+    assert conf.shape == (2, h.max_depth, 5)
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = e / e.sum(axis=1, keepdims=True)
+    for b in range(2):
+        for p in range(5):
+            for d in range(h.max_depth):
+                ch = int(h.channel_of[decoded[b, d, p]])
+                assert conf[b, d, p] == pytest.approx(_loop_node_probability(probs, h, b, p, ch), abs=1e-12)
+    # Going down a path the confidence cannot grow.
+    assert (np.diff(conf, axis=1) <= 1e-12).all()
+    if h.max_depth >= 2:  # a deepest leaf is no class at depth 1
+        bad = decoded.copy()
+        bad[:, 0] = h.node_ids[h.leaf_channels[np.argmax(h.depth[h.leaf_channels])]]
+        with pytest.raises(ValueError, match="not classes at depth 1"):
+            flat_confidence(logits, bad, h)
+
+
+@settings(max_examples=15)
+@given(data=st.data())
+def test_node_confidence_matches_a_loop(data):
+    h = data.draw(hierarchies(max_depth=3, order=None))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**31 - 1)))
+    logits = rng.normal(0, 3, size=(2, h.num_nodes, 4))
+    _, decoded = hnp.decode(logits, h, method="path")
+    soft = node_confidence(logits, decoded, h, "softmax")
+    path_min = node_confidence(logits, decoded, h, "path_min")
+    for b in range(2):
+        for p in range(4):
+            for d in range(h.max_depth):
+                ch = int(h.channel_of[decoded[b, d, p]])
+                classes = sorted(h.depth_channels[d].tolist())
+                z = np.array([logits[b, c, p] for c in classes])
+                expected = np.exp(logits[b, ch, p] - z.max()) / np.exp(z - z.max()).sum()
+                assert soft[b, d, p] == pytest.approx(expected, abs=1e-12)
+                chain, c = [], ch  # ch and its ancestors, walking the parent table
+                while c >= 0:
+                    chain.append(logits[b, c, p])
+                    c = int(h.parent[c])
+                assert path_min[b, d, p] == pytest.approx(1 / (1 + np.exp(-min(chain))), abs=1e-12)
+    with pytest.raises(ValueError, match="kind"):
+        node_confidence(logits, decoded, h, "max")
+
+
+def _runner_pair(mode_a, mode_b, **config):
+    pytest.importorskip("torch")
+    from hieraloss.demo.backends import TorchRunner
+
+    h = presets.cityscapes()
+    cfg = DemoConfig(num_train=4, num_test=1, size=16, batch_size=4, epochs=1, width=8, embed_dim=4, **config)
+    images, labels = make_scenes(h, 4, size=16, seed=0)
+    parts = [TorchRunner(cfg, h, mode).train_step(images, labels, 0, 10) for mode in (mode_a, mode_b)]
+    return parts
+
+
+def test_objectives_share_the_initialisation_and_differ_only_in_the_loss():
+    # Same seed and head: the first step's parts agree; the loss differs by 4 x tree-min.
+    a, b = _runner_pair("hssn", "hssn_tm1")
+    for key in ("tree_min", "ce_depth1", "ce_depth2"):
+        assert a[key] == pytest.approx(b[key], rel=1e-6)
+    assert a["loss"] - b["loss"] == pytest.approx(4 * a["tree_min"], rel=1e-4)
+    # Hierarchical cross-entropy with alpha = 0 is the flat cross-entropy.
+    flat, hxe = _runner_pair("flat", "hxe", hxe_alpha=0.0)
+    assert set(flat) == set(hxe) == {"loss"}
+    assert hxe["loss"] == pytest.approx(flat["loss"], rel=1e-5)
+    # Soft labels with a large beta put all the target on the label: the flat cross-entropy again.
+    flat, soft = _runner_pair("flat", "soft", soft_beta=50.0)
+    assert soft["loss"] == pytest.approx(flat["loss"], rel=1e-5)
+    _, soft = _runner_pair("flat", "soft", soft_beta=1.0)
+    assert abs(soft["loss"] - flat["loss"]) > 1e-3
+
+
+def test_missing_backend_function_is_reported_not_raised():
+    import types
+
+    partial = types.SimpleNamespace(decode_leaf_logits=None, hssn_loss=None)
+    assert missing_functions(partial, "flat") == []
+    assert missing_functions(partial, "hxe") == ["hierarchical_cross_entropy"]
+    assert missing_functions(partial, "hssn") == ["decode"]
+
+
 # ---------------------------------------------------------------- figure
 def test_colours_and_colourize():
     h = presets.cityscapes()
@@ -206,6 +323,15 @@ def test_save_figure_writes_png(tmp_path):
     assert path.read_bytes()[:8] == PNG_MAGIC
 
 
+def test_save_miou_figure_writes_png(tmp_path):
+    h = presets.cityscapes()
+    path = tmp_path / "m.png"
+    save_miou_figure(path, h, ["a", "b", "c"], np.array([[0.9, 0.8], [np.nan, 0.7], [0.95, np.nan]]))
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(ValueError, match="shape"):
+        save_miou_figure(path, h, ["a"], np.zeros((2, 2)))
+
+
 # ---------------------------------------------------------------- end to end
 def _run_demo(tmp_path, *extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}  # 1 thread: xdist runs 2 workers
@@ -217,31 +343,78 @@ def _run_demo(tmp_path, *extra):
     return out, proc.stdout
 
 
-def _check_outputs(out, stdout, backend):
+def _check_outputs(out, stdout, backend, models=MODELS):
     results = json.loads((out / "results.json").read_text())
     assert {"config", "models", "table", "hierarchy", "environment", "total_seconds"} <= set(results)
     assert results["config"]["backend"] == backend and results["config"]["quick"] is True
     assert results["config"]["threads"] == 1
     assert results["hierarchy"]["num_nodes"] == 26
-    for name in ("flat", "hssn"):
+    assert list(results["models"]) == list(models) == results["config"]["models"]
+    for name in models:
         m = results["models"][name]
         assert {"per_depth", "consistency_rate", "mistake_severity", "hierarchical_f1", "independent",
-                "train_seconds", "loss_per_epoch"} <= set(m)
+                "train_seconds", "loss_per_epoch", "alternative_decoder", "decoder"} <= set(m)
         assert [r["depth"] for r in m["per_depth"]] == [1, 2]
         assert m["consistency_rate"] == 1.0  # decoded predictions are paths by construction
+        assert m["alternative_decoder"]["consistency_rate"] == 1.0
         assert 0 <= m["independent"]["consistency_rate"] <= 1
+        for r in m["per_depth"]:  # every pixel got a confidence: ECE is defined
+            assert r["ece"] is not None and 0 <= r["ece"] <= 1
         assert len(m["loss_per_epoch"]) == results["config"]["epochs"]
         assert all(np.isfinite(e["loss"]) for e in m["loss_per_epoch"])
-    hssn_parts = set(results["models"]["hssn"]["loss_per_epoch"][0])
-    assert {"tree_min", "ce_depth1", "ce_depth2", "triplet"} <= hssn_parts
+        if OBJECTIVES[name].head == "leaf":
+            assert m["decoder"] == "top_down" and set(m["loss_per_epoch"][0]) == {"loss"}
+        else:
+            assert m["decoder"] == "path" and len(m["ece_path_min_per_depth"]) == 2
+            assert {"tree_min", "ce_depth1", "ce_depth2", "triplet"} <= set(m["loss_per_epoch"][0])
     assert (out / "demo.png").read_bytes()[:8] == PNG_MAGIC
-    assert "mIoU % depth 1 (7 classes)" in stdout and "consistency" in stdout
+    assert (out / "miou.png").read_bytes()[:8] == PNG_MAGIC
+    assert "mIoU % depth 1 (7 classes)" in stdout and "consistency" in stdout and "ECE % depth 2" in stdout
+    header = next(line for line in stdout.splitlines() if "flat CE" in line or "HXE" in line)
+    assert [OBJECTIVES[n].label for n in models] == [c.strip() for c in header.split("  ") if c.strip()]
+    return results
 
 
 def test_demo_quick_end_to_end(tmp_path):
     out, stdout = _run_demo(tmp_path, "--seed", "1")
-    _check_outputs(out, stdout, "torch")
-    assert json.loads((out / "results.json").read_text())["environment"]["threads"] == 1
+    results = _check_outputs(out, stdout, "torch")
+    assert results["environment"]["threads"] == 1
+
+
+def test_demo_quick_model_subset(tmp_path):
+    out, stdout = _run_demo(tmp_path, "--models", "hxe,flat", "--epochs", "1")
+    results = _check_outputs(out, stdout, "torch", models=("hxe", "flat"))
+    assert results["config"]["epochs"] == 1
+    assert "HSSN" not in stdout
+
+
+def test_untrainable_model_is_shown_as_not_available(tmp_path, monkeypatch):
+    pytest.importorskip("torch")
+    import types
+
+    import hieraloss.demo.train as train
+    import hieraloss.torch as hl
+
+    without_hxe = types.SimpleNamespace(**{k: getattr(hl, k) for k in dir(hl)
+                                           if k != "hierarchical_cross_entropy" and not k.startswith("__")})
+    monkeypatch.setattr(train, "_backend_module", lambda backend: without_hxe)
+    cfg = DemoConfig(num_train=8, num_test=4, size=16, batch_size=4, epochs=1, width=8, figure_images=1,
+                     quick=True, threads=None, models=("hxe", "flat"))
+    lines = []
+    results = run_demo(cfg, out_dir=tmp_path, progress=False, log=lines.append)
+    assert results["models"]["hxe"] == {"skipped": "hieraloss.torch has no hierarchical_cross_entropy"}
+    assert results["models"]["flat"]["per_depth"][0]["miou"] is not None
+    table = results["table"].splitlines()
+    assert all(row.split()[-2] == "n/a" for row in table[1:4])  # hxe's column, left of flat's
+    assert "n/a HXE: hieraloss.torch has no hierarchical_cross_entropy" in results["table"]
+    assert (tmp_path / "miou.png").exists() and "\n".join(lines).count("n/a HXE") == 1
+
+
+def test_format_comparison_without_any_trained_model():
+    h = presets.cityscapes()
+    results = {"config": {"hxe_alpha": 0.1, "soft_beta": 1.0}, "models": {"soft": {"skipped": "no soft"}}}
+    table = format_comparison(results, h)
+    assert "n/a soft labels: no soft" in table and "mIoU % depth 2 (19 leaves)" in table
 
 
 def test_demo_quick_paddle(tmp_path):

@@ -1,16 +1,17 @@
-"""The demo figure: input, ground truth and each model's prediction at every depth (matplotlib, Agg)."""
+"""The demo figures (matplotlib, Agg): input, ground truth and each model's prediction at every depth
+(``save_figure``), and the held-out mIoU per depth of each objective (``save_miou_figure``)."""
 
 from __future__ import annotations
 
 import colorsys
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["node_colours", "colourize", "save_figure"]
+__all__ = ["node_colours", "colourize", "save_figure", "save_miou_figure"]
 
 
 def node_colours(hierarchy: Hierarchy) -> np.ndarray:
@@ -94,5 +95,44 @@ def save_figure(path: str | os.PathLike, hierarchy: Hierarchy, images: np.ndarra
     legend_height = 0.15 * rows + 0.3
     fig.set_figheight(1.5 * n + 0.4 + legend_height)
     fig.tight_layout(rect=(0, legend_height / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+
+
+def save_miou_figure(path: str | os.PathLike, hierarchy: Hierarchy, names: Sequence[str], miou: np.ndarray,
+                     title: str = "held-out mIoU per depth", dpi: int = 110) -> None:
+    """Write a PNG bar chart: one group per depth, one bar per model (``miou [M, L]`` in [0, 1],
+    NaN bars are left out), each bar labelled with its value in percent."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    miou = np.asarray(miou, dtype=np.float64)
+    L = hierarchy.max_depth
+    if miou.shape != (len(names), L):
+        raise ValueError(f"miou must have shape [models, depths] = {(len(names), L)}, got {miou.shape}")
+    groups = [f"depth {d + 1}\n({len(hierarchy.depth_channels[d])} "
+              f"{'leaves' if d == L - 1 else 'classes'})" for d in range(L)]
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(1.2 + 0.55 * len(names) * L, 3.6))
+    cmap = plt.get_cmap("tab10")
+    x = np.arange(L)
+    for i, name in enumerate(names):
+        pos = x - 0.4 + width * (i + 0.5)
+        vals = 100 * miou[i]
+        shown = np.isfinite(vals)
+        bars = ax.bar(pos[shown], vals[shown], width * 0.95, label=name, color=cmap(i % 10))
+        ax.bar_label(bars, fmt="%.1f", fontsize=6, padding=1)
+    finite = miou[np.isfinite(miou)]
+    low = 100 * float(finite.min()) if finite.size else 0.0
+    ax.set_ylim(max(0.0, np.floor(low / 10) * 10 - 10), 100)
+    ax.set_xticks(x)
+    ax.set_xticklabels(groups, fontsize=8)
+    ax.set_ylabel("mIoU %")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(names), 5), loc="upper center", bbox_to_anchor=(0.5, -0.2),
+              frameon=False)
+    fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
