@@ -8,7 +8,7 @@ PADDLE_PIN := paddlepaddle==3.3.1
 # mmseg's registry only (mmcv-lite has no compiled ops; full mmcv needs a build for your torch/CUDA).
 MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 
-.PHONY: venv test demo docs bench lint clean
+.PHONY: venv test test-aot-oldest demo docs bench lint clean gpu-check
 
 # setup.py compiles the CPU kernel (hieraloss/_native) into the source tree on install: re-install when it changes.
 $(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h
@@ -31,6 +31,24 @@ REQUIRE_NATIVE := $(shell command -v c++ >/dev/null 2>&1 && echo 1 || echo 0)
 test: venv
 	HIERALOSS_REQUIRE_NATIVE=$(REQUIRE_NATIVE) $(BIN)/python -m pytest -q -n 2 --durations=15
 
+# The ahead-of-time kernel compiles again under the oldest triton the package admits for current torch
+# releases (torch 2.11 ships triton 3.6.0): a kernel that only the newest triton compiles fails here.
+OLDEST_TRITON := triton==3.6.0
+VENV_OLD := .venv-triton-oldest
+$(VENV_OLD)/bin/.installed: pyproject.toml
+	$(PY) -m venv $(VENV_OLD)
+	$(VENV_OLD)/bin/pip install -q --upgrade pip
+	$(VENV_OLD)/bin/pip install -q $(TORCH_PIN) $(OLDEST_TRITON) numpy 'hypothesis>=6.80' 'pytest>=7'
+	touch $@
+
+test-aot-oldest: $(VENV_OLD)/bin/.installed
+	$(VENV_OLD)/bin/python -m pytest -q tests/test_kernels_aot.py
+
+# On a machine with an NVIDIA GPU: the GPU tests and the training-step table, from the checkout
+# (no venv, no network, nothing installed).
+gpu-check:
+	PYTHONPATH=. $(PY) benchmarks/gpu_check.py
+
 demo: venv
 	$(BIN)/python -m hieraloss demo --out demo_out
 
@@ -44,4 +62,4 @@ lint: venv
 	$(BIN)/ruff check hieraloss tests benchmarks
 
 clean:
-	rm -rf $(VENV) site demo_out .pytest_cache build hieraloss/_native/*.so
+	rm -rf $(VENV) $(VENV_OLD) site demo_out .pytest_cache build hieraloss/_native/*.so

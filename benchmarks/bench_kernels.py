@@ -1,5 +1,7 @@
 """Fused Triton tree-min loss vs the vectorized torch op vs the published-style loop code (GPU).
 
+(``benchmarks/gpu_check.py`` prints the whole training-step table; this script is the tree-min detail.)
+
     python benchmarks/bench_kernels.py                  # Cityscapes (B=8) and Mapillary (B=4), 512x1024
     python benchmarks/bench_kernels.py --quick          # small sizes
     python benchmarks/bench_kernels.py --interpret-check  # no GPU: tiny correctness check on the CPU
@@ -185,67 +187,32 @@ def interpret_check() -> None:
 
 
 def compile_check(arch: int) -> None:
-    """Compile the Cityscapes and Mapillary specializations for ``sm_<arch>`` ahead of time (ptxas
-    from the triton wheel; no GPU needed) and print registers and spill stack per thread."""
+    """Compile the presets' specialisations for ``sm_<arch>`` ahead of time (ptxas from the triton
+    wheel; no GPU needed) and print registers and spill stack per thread."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import re
-    import subprocess
-    import tempfile
+    import time
 
-    import torch
     import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
     from hieraloss import presets
-    from hieraloss.torch.kernels import decode, tree_min
-    from hieraloss.torch.kernels._common import block_sizes, kernel_tables, launch_sizes
+    from hieraloss.torch.kernels import _aot
 
-    target = GPUTarget("cuda", arch, 32)
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-
-    def usage(kernel) -> str:
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(kernel.asm["cubin"])
-            f.flush()
-            out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", out)
-        return f"registers {m.group(1)}, spill stack {m.group(2)} B" if m else "usage unavailable"
-
+    print(f"triton {triton.__version__}, sm_{arch}")
     for preset in ("cityscapes", "mapillary_vistas_v2"):
-        h = presets.get(preset) if hasattr(presets, "get") else getattr(presets, preset)()
-        tabs = kernel_tables(h, torch.device("cpu"))
-        ni, nl = tabs["internal_rows"].numel(), tabs["leaf_rows"].numel()
-        for dtype, mode, weighted, focal in (("fp32", 0, False, False), ("fp16", 2, False, False),
-                                             ("bf16", 2, True, True), ("fp32", 3, True, True)):
-            acc = "fp32"
-            block_p, warps = block_sizes(ni + nl, 1 << 20, grad=mode >= 2)
-            sig = {name: "i32" for name in tree_min._tree_min_kernel.arg_names}
-            sig.update(x_ptr="*" + dtype, sxb="i64", lab_ptr="*i64", sgb="i64", gamma="fp32",
-                       w_ptr="*" + acc, go_ptr="*" + (acc if mode == 3 else dtype), scale_ptr="*" + acc,
-                       out_ptr="*" + (dtype if mode >= 2 else acc), psum_ptr="*" + acc, pcnt_ptr="*i32",
-                       **{k: "*i32" for k in ("anc_ptr", "depth_ptr", "irow_ptr", "lrow_ptr", "idesc_ptr",
-                                              "islot_ptr", "lslot_ptr")})
-            const = dict(L=h.max_depth, LP=triton.next_power_of_2(h.max_depth),
-                         DMAX=tabs["internal_desc"].shape[1], NI=ni, NL=nl, BLOCK_P=block_p,
-                         HAS_W=weighted, FOCAL=focal, F64=False, MODE=mode)
-            sig.update({k: "constexpr" for k in const})
-            kernel = triton.compile(ASTSource(tree_min._tree_min_kernel, sig, const), target=target,
-                                    options=dict(num_warps=warps))
-            what = ["value", "loss map", "grad (reduced)", "grad (map)"][mode]
-            print(f"{preset:<20} tree-min {what:<15} {dtype} weighted={weighted!s:<5} focal={focal!s:<5} "
-                  f"rows {ni}+{nl} x {block_p} px, {warps} warps: {usage(kernel)}")
-        np_, block_p, warps = launch_sizes(h.num_nodes, 1 << 20)
+        h = getattr(presets, preset)()
+        for dtype, mode, weighted, focal in (("float32", "value", False, False),
+                                             ("float32", "value+grad", False, False),
+                                             ("float32", "objective", False, False),
+                                             ("bfloat16", "objective", True, True),
+                                             ("float32", "map grad", True, True)):
+            t = time.time()
+            kernel = _aot.compile_objective(h, arch, dtype=dtype, mode=mode, focal=focal, weighted=weighted)
+            print(f"{preset:<20} objective {mode:<16} {dtype:<9} weighted={weighted!s:<5} focal={focal!s:<5} "
+                  f"{_aot.usage(kernel)} (compiled in {time.time() - t:.0f} s)", flush=True)
         for top_down in (False, True):
-            sig = {name: "i32" for name in decode._decode_kernel.arg_names}
-            sig.update(x_ptr="*fp16", sxb="i64", leaf_out_ptr="*i64", depth_out_ptr="*i64", ids_ptr="*i64",
-                       **{k: "*i32" for k in ("anc_ptr", "depth_ptr", "parent_ptr", "leaf_ptr")})
-            const = dict(L=h.max_depth, NP=np_, BLOCK_P=block_p, TOP_DOWN=top_down, F64=False)
-            sig.update({k: "constexpr" for k in const})
-            kernel = triton.compile(ASTSource(decode._decode_kernel, sig, const), target=target,
-                                    options=dict(num_warps=warps))
-            print(f"{preset:<20} decode {'top_down' if top_down else 'path':<9} fp16 "
-                  f"rows {np_} x {block_p} px, {warps} warps: {usage(kernel)}")
+            kernel = _aot.compile_decode(h, arch, dtype="float16", top_down=top_down)
+            print(f"{preset:<20} decode {'top_down' if top_down else 'path':<9} float16: {_aot.usage(kernel)}",
+                  flush=True)
 
 
 def main(argv=None) -> int:

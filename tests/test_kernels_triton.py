@@ -20,8 +20,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from hieraloss import presets  # noqa: E402
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
-from hieraloss.torch import kernels  # noqa: E402
-from hieraloss.torch.kernels import _common, fused_decode, fused_tree_min_loss, tree_min  # noqa: E402
+from hieraloss.torch import _ops, kernels  # noqa: E402
+from hieraloss.torch.kernels import _common, fused_decode, fused_objective, fused_tree_min_loss  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -284,36 +284,42 @@ def test_decode_matches_torch_backend():
 
 
 def test_ops_are_registered_with_torch_library():
-    for name in ("tree_min_loss", "tree_min_loss_backward", "decode"):
+    for name in ("objective", "objective_map_backward", "decode"):
         assert hasattr(torch.ops.hieraloss, name), name
     h = presets.pascal_person_part()
-    tabs = _common.kernel_tables(h, torch.device(DEVICE))
     x = torch.randn(2, h.num_nodes, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    labels = np.random.default_rng(6).integers(0, 12, size=(2, 3, 5))
-    lc = torch.tensor(h.label_channels(labels), device=DEVICE)
-    tables = [tabs[name] for name in tree_min.TABLE_NAMES]
-    args = (x, lc, tables, None, 2.0, "hssn")
-    torch.library.opcheck(torch.ops.hieraloss.tree_min_loss.default, args,
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    dargs = (x.detach(), tabs["ancestor_table"], tabs["depth"], tabs["parent"], tabs["is_leaf"],
-             tabs["node_ids"], "top_down")
-    torch.library.opcheck(torch.ops.hieraloss.decode.default, dargs,
+    labels = torch.tensor(np.random.default_rng(6).integers(0, 12, size=(2, 3, 5)), device=DEVICE)
+    for reduction, want_grad in (("hssn", True), ("mean", False), ("none", False)):
+        args = (x, labels, h.fingerprint, 255, None, 2.0, reduction, True, 1.0, [1.0, 0.5, 0.0], want_grad)
+        torch.library.opcheck(torch.ops.hieraloss.objective.default, args,
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    torch.library.opcheck(torch.ops.hieraloss.decode.default, (x.detach(), h.fingerprint, "top_down"),
                           test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
-    """The ops trace as single graph nodes; a second hierarchy gets its own tables (no stale cache)."""
-    fn = torch.compile(lambda x, lc, h: fused_tree_min_loss(x, lc, h, reduction="hssn", gamma=2.0) * 3,
-                       backend="aot_eager", fullgraph=True)
+    """The public functions trace as one graph with check_labels=False (the CUDA path: the hierarchy
+    reaches the ops as its fingerprint); a second hierarchy gets its own kernel (no stale cache)."""
+    from hieraloss.torch import hssn_loss, tree_min_loss
+
+    def step(x, y, h):
+        a = tree_min_loss(x, y, h, reduction="hssn", backend="triton", check_labels=False)
+        b = hssn_loss(x, y, h, focal_gamma=2.0, backend="triton", check_labels=False)
+        return 3 * a + b
+
+    fn = torch.compile(step, backend="aot_eager", fullgraph=True)
     rng = np.random.default_rng(7)
     for h in (presets.pascal_person_part(), presets.lip(), presets.lip().with_order("coarse_to_fine")):
         x = torch.tensor(rng.normal(size=(2, h.num_nodes, 3, 5)), device=DEVICE, requires_grad=True)
-        lc = torch.tensor(h.label_channels(rng.integers(0, h.num_nodes, size=(2, 3, 5))), device=DEVICE)
-        (g_compiled,) = torch.autograd.grad(fn(x, lc, h), x)
-        eager = fused_tree_min_loss(x, lc, h, reduction="hssn", gamma=2.0) * 3
+        y = torch.tensor(h.node_ids[rng.integers(0, h.num_nodes, size=(2, 3, 5))], device=DEVICE)
+        (g_compiled,) = torch.autograd.grad(fn(x, y, h), x)
+        eager = step(x, y, h)
         (g_eager,) = torch.autograd.grad(eager, x)
-        torch.testing.assert_close(fn(x, lc, h), eager, rtol=0, atol=0)
+        torch.testing.assert_close(fn(x, y, h), eager, rtol=0, atol=0)
         torch.testing.assert_close(g_compiled, g_eager, rtol=0, atol=0)
+        leaf_c, depth_c = torch.compile(fused_decode, backend="aot_eager", fullgraph=True)(x, h, "top_down")
+        leaf_e, depth_e = fused_decode(x, h, "top_down")
+        assert torch.equal(leaf_c, leaf_e) and torch.equal(depth_c, depth_e)
 
 
 def test_bad_input_raises_clearly(monkeypatch):
@@ -330,3 +336,94 @@ def test_bad_input_raises_clearly(monkeypatch):
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="CUDA"):
             fused_tree_min_loss(x, lc, h)
+
+
+def _depth_ce_loop(x, labels, h, depth, ignore_index=255):
+    """Plain loop: mean over counted pixels of -log softmax over depth_channels[depth-1] at the target."""
+    at_depth = oracle.labels_at_depth(labels, h, depth, ignore_index)
+    classes = [int(c) for c in h.depth_channels[depth - 1]]
+    total, count = 0.0, 0
+    for pix in oracle.pixels(labels.shape):
+        target = int(at_depth[pix])
+        if target == ignore_index:
+            continue
+        z = [float(oracle.at(x, pix, c)) for c in classes]
+        m = max(z)
+        lse = m + np.log(sum(np.exp(v - m) for v in z))
+        total += lse - float(oracle.at(x, pix, int(h.channel_of[target])))
+        count += 1
+    return total / max(count, 1)
+
+
+@settings(max_examples=10)
+@given(case=loss_cases(), data=st.data())
+def test_fused_objective_matches_parts(case, data):
+    """hssn-style total = tm_weight * TM + sum_d w_d CE_d from raw node-id labels, one launch:
+    value and parts against the loop oracle, gradient against the vectorized torch ops."""
+    h, labels, x, kw, dtype = case
+    x = _rounded(x, dtype)
+    gamma = kw["gamma"] or 0.0
+    ce_w = [data.draw(st.sampled_from([0.0, 1.0, 0.5])) for _ in range(h.max_depth)]
+    tm_w = data.draw(st.sampled_from([0.0, 1.0, 0.2]))
+    ignore_index = data.draw(st.sampled_from([255, -1]))
+    raw = np.where(labels == 255, ignore_index, labels)
+    node_ids = h.node_ids[np.where(raw == ignore_index, 0, h.channel_of[np.where(raw == ignore_index, 0, raw)])]
+    raw = np.where(raw == ignore_index, ignore_index, node_ids)
+    xt = torch.tensor(x, device=DEVICE).to(TORCH_DTYPES[dtype]).requires_grad_(True)
+    yt = torch.tensor(raw, device=DEVICE)
+    w = None if kw["node_weight"] is None else torch.tensor(kw["node_weight"], device=DEVICE)
+    total, parts = fused_objective(xt, yt, h, ignore_index=ignore_index, gamma=gamma, reduction="hssn",
+                                   tm_weight=tm_w, ce_weights=ce_w, node_weight=w)
+    (grad,) = torch.autograd.grad(total * 1.5, xt)
+    tm_ref = oracle.tree_min_loss(x, labels, h, gamma=kw["gamma"], reduction="hssn", node_weight=kw["node_weight"])
+    # every depth's CE is computed once any depth has a weight (a weight 0 only drops it from the total)
+    ce_ref = [_depth_ce_loop(x, labels, h, d) if any(ce_w) else 0.0 for d in range(1, h.max_depth + 1)]
+    tol = VALUE_TOL[dtype] if dtype == "float64" else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(parts.double().cpu().numpy(), [tm_ref, *ce_ref], **tol)
+    np.testing.assert_allclose(float(total), tm_w * tm_ref + float(np.dot(ce_w, ce_ref)), **tol)
+    # gradient: the eager torch ops on the same rounded logits
+    xr = xt.detach().double().requires_grad_(True)
+    lc = torch.tensor(h.label_channels(labels), device=DEVICE)
+    ref = tm_w * _ops.tree_min_op(xr, lc, h, gamma=gamma, reduction="hssn", node_weight=w, has_partial=True)
+    for d, wd in enumerate(ce_w, start=1):
+        if wd:
+            ref = ref + wd * _ops.depth_cross_entropy_op(xr, lc, h, d)
+    (gref,) = torch.autograd.grad(ref * 1.5, xr)
+    np.testing.assert_allclose(grad.double().cpu().numpy(), _rounded(gref.cpu().numpy(), dtype), **GRAD_TOL[dtype])
+
+
+def test_functional_triton_path_labels_and_syncs():
+    """Public functions on backend='triton': bad labels raise LabelError by default and count as
+    ignored with check_labels=False; hssn_loss equals its parts; depth_cross_entropy alone."""
+    from hieraloss import LabelError
+    from hieraloss.torch import depth_cross_entropy, hssn_loss, tree_min_loss
+
+    h = presets.cityscapes()
+    rng = np.random.default_rng(11)
+    x = torch.tensor(rng.normal(size=(2, h.num_nodes, 3, 5)), device=DEVICE, requires_grad=True)
+    y = torch.tensor(rng.integers(0, h.num_nodes, size=(2, 3, 5)), device=DEVICE)
+    y[0, 0, 0] = 255
+    bad = y.clone()
+    bad[1, 2, 4] = 77
+    with pytest.raises(LabelError, match="77"):
+        tree_min_loss(x, bad, h, backend="triton")
+    with pytest.raises(LabelError, match="77"):
+        hssn_loss(x, bad, h, backend="triton")
+    as_ignored = bad.clone()
+    as_ignored[1, 2, 4] = 255
+    for fn in (tree_min_loss, hssn_loss):
+        a = fn(x, bad, h, backend="triton", check_labels=False)
+        b = fn(x, as_ignored, h, backend="triton")
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    total, parts = hssn_loss(x, y, h, backend="triton", return_parts=True, ce_weights=[1.0, 0.5])
+    ref_total, ref_parts = hssn_loss(x, y, h, backend="torch", return_parts=True, ce_weights=[1.0, 0.5])
+    torch.testing.assert_close(total, ref_total)
+    assert set(parts) == set(ref_parts) and all(not p.requires_grad for p in parts.values())
+    for k in parts:
+        torch.testing.assert_close(parts[k], ref_parts[k])
+    for d in (1, 2):
+        a = depth_cross_entropy(x, y, h, d, backend="triton")
+        b = depth_cross_entropy(x, y, h, d, backend="torch")
+        torch.testing.assert_close(a, b)
+        ga, gb = (torch.autograd.grad(v, x)[0] for v in (a, b))
+        torch.testing.assert_close(ga, gb)

@@ -432,9 +432,14 @@ def test_torch_compile_module_on_cpu(backend):
 # ---------------------------------------------------------------------------- dispatch
 def test_backend_dispatch(monkeypatch):
     calls = []
+
+    def fused_objective(x, labels, h, **kw):
+        calls.append(("objective", labels.clone(), kw))
+        return x.sum() * 0, torch.zeros(1 + h.max_depth)
+
     fake = types.SimpleNamespace(
         triton_available=lambda: True,
-        fused_tree_min_loss=lambda x, lc, h, **kw: calls.append(("loss", lc.clone(), kw)) or x.sum() * 0,
+        fused_objective=fused_objective,
         fused_decode=lambda x, h, method: calls.append(("decode", method)) or ("leaf", "depth"),
     )
     monkeypatch.setattr(HF, "_kernels", lambda: fake)
@@ -444,17 +449,22 @@ def test_backend_dispatch(monkeypatch):
     x = torch.randn(1, 26, 2, 2)
     labels = torch.tensor([[[0, 255], [20, 3]]])
     ht.tree_min_loss(x, labels, h)  # auto on CPU: the compiled kernel or the torch op, never Triton
+    ht.hssn_loss(x, labels, h)
     assert calls == []
     assert HF._use_native("auto", x) == _native.available()
     assert not HF._use_native("torch", x)
     assert HF._use_triton("auto", types.SimpleNamespace(is_cuda=True))
     assert not HF._use_triton("torch", types.SimpleNamespace(is_cuda=True))
     ht.focal_tree_min_loss(x, labels, h, backend="triton", gamma=2.0, reduction="sum")
-    kind, lc, kw = calls.pop()
-    assert kind == "loss" and lc.tolist() == [[[0, -1], [20, 3]]]
-    assert kw == {"gamma": 2.0, "reduction": "sum", "node_weight": None}
+    kind, lab, kw = calls.pop()
+    # raw labels and ignore_index go to the kernel, which maps them itself
+    assert kind == "objective" and torch.equal(lab, labels)
+    assert kw == {"ignore_index": 255, "gamma": 2.0, "reduction": "sum", "node_weight": None}
     ht.tree_min_loss(x, labels, h, backend="triton")
-    assert calls.pop()[2]["gamma"] is None
+    assert calls.pop()[2]["gamma"] == 0.0
+    ht.hssn_loss(x, labels, h, backend="triton", ce_weights=[1.0, 0.0], tree_min_weight=2.5)
+    kw = calls.pop()[2]
+    assert kw["reduction"] == "hssn" and kw["tm_weight"] == 0.5 and list(kw["ce_weights"]) == [1.0, 0.0]
     assert ht.decode(x, h, "top_down", backend="triton") == ("leaf", "depth")
     assert ht.decode(x, h, "hssn", backend="triton")[0].shape == (1, 2, 2)  # no kernel for hssn: torch op
 

@@ -98,44 +98,87 @@ def _label_table(tab, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Te
     return tab.get(("label_table", ignore_index), build)
 
 
-def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, bool]:
-    """Map node-id labels to channels (-1 = ignored), raising :class:`LabelError` for bad values.
-
-    One device sync: whether bad values or partial labels occur is read back together. A lookup
-    table indexed by the (clamped) label value does it in a few passes over the labels.
-    """
+def _check_ignore_index(hierarchy: Hierarchy, ignore_index: Any) -> int:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    ignore_index = int(ignore_index)
-    hierarchy.check_ignore_index(ignore_index)
-    tab = tables_for(hierarchy, labels.device)
+    hierarchy.check_ignore_index(int(ignore_index))
+    return int(ignore_index)
+
+
+def _label_slots(lab: torch.Tensor, hierarchy: Hierarchy, ignore_index: int):
+    """``(slot, table, bad, partial)``: each label's slot in :meth:`Hierarchy.label_table` and the
+    table as tensors, or None where ``ignore_index`` is too far out for a table."""
+    if max(hierarchy.num_nodes, abs(ignore_index) + 1) > LABEL_TABLE_MAX:
+        return None
+    table, shift, bad_slot, partial_slot = _label_table(tables_for(hierarchy, lab.device), hierarchy, ignore_index)
+    return (lab + shift).clamp_(0, table.numel() - 1), table, bad_slot, partial_slot
+
+
+def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int,
+                    check: bool = True) -> tuple[torch.Tensor, bool]:
+    """Map node-id labels to channels (-1 = ignored) and say whether partial labels occur.
+
+    ``check=True`` raises :class:`LabelError` for bad values, reading one value back from the
+    device (whether bad values or partial labels occur, together). ``check=False`` reads nothing
+    back (no sync: CUDA-graph capturable); bad values then count as ignored and partial labels are
+    assumed present. A lookup table indexed by the (clamped) label value does it in a few passes.
+    """
+    ignore_index = _check_ignore_index(hierarchy, ignore_index)
     lab = labels.to(torch.int64)
-    if max(hierarchy.num_nodes, abs(ignore_index) + 1) <= LABEL_TABLE_MAX:
-        table, shift, bad_slot, partial_slot = _label_table(tab, hierarchy, ignore_index)
-        slot = (lab + shift).clamp_(0, table.numel() - 1)
+    slots = _label_slots(lab, hierarchy, ignore_index)
+    if slots is not None:
+        slot, table, bad_slot, partial_slot = slots
+        channels = table[slot].clamp_(min=-1)
+        if not check:
+            return channels, True
         counts = torch.bincount(slot.reshape(-1), minlength=table.numel()) > 0
         any_bad, any_partial = torch.stack([(counts & bad_slot).any(), (counts & partial_slot).any()]).tolist()
         if any_bad:
             raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
-        return table[slot], bool(any_partial)
+        return channels, bool(any_partial)
     ignored = lab == ignore_index
     bad = ~ignored & ((lab < 0) | (lab >= hierarchy.num_nodes))
     partial = ~ignored & (lab >= hierarchy.num_leaves)
-    any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
-    if any_bad:
-        raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
+    if not check:
+        ignored = ignored | bad
+        any_partial = True
+    else:
+        any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
+        if any_bad:
+            raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
     safe = torch.where(ignored, torch.zeros_like(lab), lab)
+    tab = tables_for(hierarchy, labels.device)
     return torch.where(ignored, torch.full_like(lab, -1), tab.channel_of[safe]), bool(any_partial)
 
 
-def _checked_labels(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy,
-                    ignore_index: int) -> tuple[torch.Tensor, bool]:
+def _check_label_values(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> None:
+    """Raise :class:`LabelError` if a label is neither a node id nor ``ignore_index`` (one sync)."""
+    lab = labels.to(torch.int64)
+    slots = _label_slots(lab, hierarchy, ignore_index)
+    if slots is not None:
+        slot, _, bad_slot, _ = slots
+        any_bad = bool(bad_slot[slot].any())
+    else:
+        any_bad = bool(((lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))).any())
+    if any_bad:
+        raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
+
+
+def _labels_at_door(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy, ignore_index: Any
+                    ) -> tuple[torch.Tensor, int]:
+    """The label tensor (type, device and shape checked) and ``ignore_index`` checked; values not yet."""
     labels = _label_tensor(labels, logits.device)
     expected = (logits.shape[0], *logits.shape[2:])
     if tuple(labels.shape) != expected:
         raise ValueError(
             f"labels must have the logits' shape without dim 1, {expected}; got {tuple(labels.shape)}")
-    return _label_channels(labels, hierarchy, ignore_index)
+    return labels, _check_ignore_index(hierarchy, ignore_index)
+
+
+def _checked_labels(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy,
+                    ignore_index: int, check: bool = True) -> tuple[torch.Tensor, bool]:
+    labels, ignore_index = _labels_at_door(labels, logits, hierarchy, ignore_index)
+    return _label_channels(labels, hierarchy, ignore_index, check)
 
 
 def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.device) -> torch.Tensor | None:
@@ -174,14 +217,22 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------- losses
-def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend):
+def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend,
+              check_labels):
     x = _check_logits(logits, hierarchy)
     _check_choice(reduction, REDUCTIONS, "reduction")
     _check_choice(backend, BACKENDS, "backend")
-    lc, has_partial = _checked_labels(labels, x, hierarchy, ignore_index)
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.device)
     if check_finite:
         _check_finite(x)
+    if _use_triton(backend, x):
+        if check_labels:
+            _check_label_values(labels, hierarchy, ignore_index)
+        total, _ = _kernels().fused_objective(x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma,
+                                              reduction=reduction, node_weight=w)
+        return total
+    lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
     return _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend)
 
 
@@ -190,9 +241,7 @@ def _use_native(backend: str, x: torch.Tensor) -> bool:
 
 
 def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend):
-    if _use_triton(backend, x):
-        return _kernels().fused_tree_min_loss(
-            x, lc, hierarchy, gamma=None if gamma == 0 else gamma, reduction=reduction, node_weight=w)
+    """Tree-min of label channels on the CPU paths (compiled kernel or vectorized ops)."""
     if _use_native(backend, x):
         return _native_op.tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
     return _ops.tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w,
@@ -201,7 +250,7 @@ def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backen
 
 def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int = 255,
                   reduction: str = "mean", node_weight: Any = None, check_finite: bool = False,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
     """Tree-min loss (SPEC section 4).
 
     ``l_v = y_v * softplus(-min_{u in A(v)} x_u) + (1 - y_v) * softplus(max_{u in D(v)} x_u)``,
@@ -213,17 +262,24 @@ def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     compiled kernel when it was built; else the vectorized torch op), ``"torch"`` (always the
     vectorized torch op), ``"native"`` (the compiled CPU kernel) or ``"triton"``. All give the same
     values and gradients within rounding.
+
+    ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label that is neither a node
+    id nor ``ignore_index``; it reads one value back from the device (a sync, and a graph break
+    under ``torch.compile``). ``check_labels=False`` skips that (no host sync on the Triton path,
+    so the step can be captured in a CUDA graph); such labels then count as ignored.
     """
-    return _tree_min(logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend)
+    return _tree_min(logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend,
+                     check_labels)
 
 
 def focal_tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float = 2.0,
                         ignore_index: int = 255, reduction: str = "mean", node_weight: Any = None,
-                        check_finite: bool = False, backend: str = "auto") -> torch.Tensor:
+                        check_finite: bool = False, backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
     """Focal tree-min loss (SPEC section 5): positives times ``(1 - sigmoid(zmin))^gamma``, negatives
     times ``sigmoid(zmax)^gamma``; ``gamma=0`` equals :func:`tree_min_loss`. Arguments as there."""
     g = _check_gamma(gamma)
-    return _tree_min(logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend)
+    return _tree_min(logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend,
+                     check_labels)
 
 
 def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int = 255
@@ -238,14 +294,25 @@ def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int
 
 
 def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, depth: int, *,
-                        ignore_index: int = 255) -> torch.Tensor:
+                        ignore_index: int = 255, backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
-    not count. Mean over the counted pixels (an exact 0 if there are none)."""
+    not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
+    ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the torch ops)."""
     x = _check_logits(logits, hierarchy)
     if not 1 <= int(depth) <= hierarchy.max_depth:
         raise ValueError(f"depth must be in 1..{hierarchy.max_depth}, got {depth}")
-    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+    _check_choice(backend, BACKENDS, "backend")
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
+    if _use_triton(backend, x):
+        if check_labels:
+            _check_label_values(labels, hierarchy, ignore_index)
+        weights = [0.0] * hierarchy.max_depth
+        weights[int(depth) - 1] = 1.0
+        total, _ = _kernels().fused_objective(x, labels, hierarchy, ignore_index=ignore_index, tree_min=False,
+                                              ce_weights=weights)
+        return total
+    lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
     return _ops.depth_cross_entropy_op(x, lc, hierarchy, int(depth))
 
 
@@ -317,7 +384,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
               max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
               generator: torch.Generator | None = None, return_parts: bool = False,
               backend: str = "auto", process_group: Any = None,
-              gather_across_ranks: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              gather_across_ranks: bool = False,
+              check_labels: bool = True) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The published HSSN training loss::
 
         tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d + w * TT
@@ -329,32 +397,55 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     weight 0 skips that depth). ``TT``: :func:`hierarchy_triplet_loss` of ``embeddings``, only if
     they are given; its weight ``w`` is ``triplet_weight`` or, if None, the published schedule
     ``triplet_weight(step, total_steps)``. ``return_parts=True`` also returns a dict of the
-    unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``.
+    unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``, as
+    detached values for logging: differentiate the total.
     ``process_group`` and ``gather_across_ranks`` go to :func:`hierarchy_triplet_loss` (cross-rank
-    triplets; a collective, so every rank must pass embeddings).
+    triplets; a collective, so every rank must pass embeddings). ``check_labels`` as for
+    :func:`tree_min_loss`.
+
+    TM and every CE_d are one pass over the logits that also writes the gradient of their weighted
+    sum: the Triton kernel on CUDA, the compiled kernel on the CPU (``backend="auto"``); ``"torch"``
+    runs the vectorized ops.
     """
     x = _check_logits(logits, hierarchy)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
                             total_steps)
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
-
-    lc, has_partial = _checked_labels(labels, x, hierarchy, ignore_index)
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.device)
-    tm = _tree_min_checked(x, lc, has_partial, hierarchy, gamma, "hssn", w, backend) / _ops.HSSN_SCALE
-    parts: dict[str, Any] = {"tree_min": tm}
-    total = float(tree_min_weight) * tm
-    for d, weight in enumerate(ce_w, start=1):
-        if weight != 0:
-            ce = _ops.depth_cross_entropy_op(x, lc, hierarchy, d)
-            parts[f"ce_depth{d}"] = ce
-            total = total + weight * ce
+    parts: dict[str, Any] = {}
+    if _use_triton(backend, x):
+        if check_labels:
+            _check_label_values(labels, hierarchy, ignore_index)
+        total, values = _kernels().fused_objective(
+            x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma, reduction="hssn",
+            tm_weight=float(tree_min_weight) / _ops.HSSN_SCALE, ce_weights=ce_w, node_weight=w)
+        parts["tree_min"] = values[0] / _ops.HSSN_SCALE
+        parts.update({f"ce_depth{d}": values[d] for d, weight in enumerate(ce_w, start=1) if weight != 0})
+    elif _use_native(backend, x):
+        lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
+        total, tm, ce = _native_op.hssn_objective_native(x, lc, hierarchy, gamma=gamma, node_weight=w,
+                                                         tree_min_weight=float(tree_min_weight), ce_weights=ce_w)
+        parts["tree_min"] = tm
+        parts.update({f"ce_depth{d}": ce[d - 1] for d, weight in enumerate(ce_w, start=1) if weight != 0})
+    else:
+        lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
+        tm = _ops.tree_min_op(x, lc, hierarchy, gamma=gamma, reduction="hssn", node_weight=w,
+                              has_partial=has_partial) / _ops.HSSN_SCALE
+        parts["tree_min"] = tm.detach()
+        total = float(tree_min_weight) * tm
+        for d, weight in enumerate(ce_w, start=1):
+            if weight != 0:
+                ce = _ops.depth_cross_entropy_op(x, lc, hierarchy, d)
+                parts[f"ce_depth{d}"] = ce.detach()
+                total = total + weight * ce
     if embeddings is not None:
         tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
                                     base_margin=base_margin, sampling=sampling, generator=generator,
                                     ignore_index=ignore_index, process_group=process_group,
                                     gather_across_ranks=gather_across_ranks)
-        parts["triplet"] = tt
+        parts["triplet"] = tt.detach()
         parts["triplet_weight"] = torch.tensor(tw, dtype=total.dtype, device=total.device)
         total = total + tw * tt
     return (total, parts) if return_parts else total

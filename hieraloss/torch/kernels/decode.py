@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import launch_sizes
+from ...hierarchy import Hierarchy
+from ._common import kernel_tables, launch_sizes
 
 __all__ = ["decode_op", "METHODS"]
 
@@ -90,24 +91,25 @@ def _decode_kernel(
 
 
 @torch.library.custom_op("hieraloss::decode", mutates_args=())
-def decode_op(logits: torch.Tensor, ancestor_table: torch.Tensor, depth: torch.Tensor,
-              parent: torch.Tensor, is_leaf: torch.Tensor, node_ids: torch.Tensor, method: str
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (leaf node ids ``[B, *spatial]``, per-depth node ids ``[B, L, *spatial]``)."""
+def decode_op(logits: torch.Tensor, key: str, method: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (leaf node ids ``[B, *spatial]``, per-depth node ids ``[B, L, *spatial]``) for the
+    hierarchy whose fingerprint is ``key``."""
     if method not in METHODS:
         raise ValueError(f"fused decode supports methods {METHODS}, got {method!r}")
+    tabs = kernel_tables(Hierarchy.by_fingerprint(key), logits.device)
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
     x = logits.reshape(B, N, math.prod(spatial))
     P = x.shape[2]
-    L = ancestor_table.shape[1]
+    L = tabs["ancestor_table"].shape[1]
     leaf = torch.empty((B, P), dtype=torch.int64, device=logits.device)
     depth_labels = torch.empty((B, L, P), dtype=torch.int64, device=logits.device)
     np_, block_p, warps = launch_sizes(N, P)
     if B * P > 0:
         _decode_kernel[(triton.cdiv(P, block_p), B)](
             x, x.stride(0), x.stride(1), x.stride(2),
-            ancestor_table, depth, parent, is_leaf, node_ids, leaf, depth_labels, P, N,
+            tabs["ancestor_table"], tabs["depth"], tabs["parent"], tabs["is_leaf"], tabs["node_ids"],
+            leaf, depth_labels, P, N,
             L=L, NP=np_, BLOCK_P=block_p, TOP_DOWN=method == "top_down",
             F64=logits.dtype == torch.float64, num_warps=warps,
         )
@@ -115,8 +117,8 @@ def decode_op(logits: torch.Tensor, ancestor_table: torch.Tensor, depth: torch.T
 
 
 @decode_op.register_fake
-def _(logits, ancestor_table, depth, parent, is_leaf, node_ids, method):
-    B, L = logits.shape[0], ancestor_table.shape[1]
+def _(logits, key, method):
+    B, L = logits.shape[0], Hierarchy.by_fingerprint(key).max_depth
     spatial = logits.shape[2:]
     return (logits.new_empty((B, *spatial), dtype=torch.int64),
             logits.new_empty((B, L, *spatial), dtype=torch.int64))

@@ -1,0 +1,97 @@
+"""Ahead-of-time compilation of the kernels for an NVIDIA target, without a GPU.
+
+Triton lowers a kernel to PTX and ``ptxas`` (shipped in the triton wheel) assembles it for
+``sm_<arch>``; a specialisation that fails to compile on a GPU fails here the same way. Used by
+``tests/test_kernels_aot.py`` (every specialisation the library can launch) and by
+``benchmarks/bench_kernels.py --compile-check`` (registers and spills). The interpreter must be off
+(``TRITON_INTERPRET`` unset) when triton is imported.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from ...hierarchy import Hierarchy
+from ._common import OBJECTIVE_STAGES, launch_sizes, objective_launch
+
+_TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
+
+# The specialisations the library launches: (mode, tree-min, cross-entropy) per public function.
+OBJECTIVE_MODES = {
+    "value": (0, True, False),          # tree-min value without gradient (eval)
+    "value+grad": (1, True, False),     # tree_min_loss training step
+    "objective": (1, True, True),       # hssn_loss training step (tree-min + CE per depth)
+    "ce": (1, False, True),             # depth_cross_entropy
+    "objective value": (0, True, True),
+    "loss map": (2, True, False),       # reduction="none" forward
+    "map grad": (3, True, False),       # reduction="none" backward
+}
+
+
+@dataclass
+class Usage:
+    registers: int
+    spill_bytes: int
+
+    def __str__(self) -> str:
+        return f"registers {self.registers}, spill stack {self.spill_bytes} B"
+
+
+def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: str = "objective",
+                      focal: bool = False, weighted: bool = False, block_p: int | None = None,
+                      label_dtype: str = "int64"):
+    """Compile the generated objective kernel of ``h`` for ``sm_<arch>``; returns the compiled kernel."""
+    from .objective import kernel_for
+
+    kernel = kernel_for(h)
+    mode_id, tm, ce = OBJECTIVE_MODES[mode]
+    bp, warps = objective_launch(h.num_nodes, 1 << 20)
+    acc = "fp64" if dtype == "float64" else "fp32"
+    x = _TRITON[dtype]
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update(x_ptr="*" + x, sxb="i64", lab_ptr="*" + _label_type(label_dtype), slb="i64", code_ptr="*i32",
+               shift="i64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", tsc_ptr="*" + acc, csc_ptr="*" + acc,
+               out_ptr="*" + (x if mode_id in (1, 3) else acc), part_ptr="*" + acc, gamma="fp32")
+    const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", FOCAL=focal, HAS_W=weighted, TM=tm, CE=ce,
+                 MODE=mode_id)
+    sig.update({k: "constexpr" for k in const})
+    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=OBJECTIVE_STAGES))
+
+
+def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down: bool = False,
+                   block_p: int | None = None):
+    """Compile the decode kernel's specialisation for ``h`` for ``sm_<arch>``."""
+    from .decode import _decode_kernel
+
+    np_, bp, warps = launch_sizes(h.num_nodes, 1 << 20)
+    sig = {name: "i32" for name in _decode_kernel.arg_names}
+    sig.update(x_ptr="*" + _TRITON[dtype], sxb="i64", leaf_out_ptr="*i64", depth_out_ptr="*i64", ids_ptr="*i64",
+               **{k: "*i32" for k in ("anc_ptr", "depth_ptr", "parent_ptr", "leaf_ptr")})
+    const = dict(L=h.max_depth, NP=np_, BLOCK_P=block_p or bp, TOP_DOWN=top_down, F64=dtype == "float64")
+    sig.update({k: "constexpr" for k in const})
+    return triton.compile(ASTSource(_decode_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps))
+
+
+def usage(compiled) -> Usage | None:
+    """Registers and spill stack per thread of a compiled kernel (cuobjdump from the triton wheel)."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        out = subprocess.run([str(tool), "-res-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+)", out)
+    return Usage(int(m.group(1)), int(m.group(2))) if m else None
+
+
+def _label_type(dtype: str) -> str:
+    return {"int64": "i64", "int32": "i32", "uint8": "u8", "int16": "i16"}[dtype]

@@ -1,0 +1,118 @@
+"""Per-entry math of the fused objective kernel (Triton device functions).
+
+A tree-min entry is ``f(t) = softplus(t) * sigmoid(t)^gamma`` (``gamma = 0`` without focal), with
+``t = zmax`` for a negative entry and ``t = -zmin`` for a positive one; ``sigmoid(t)^gamma =
+exp(-gamma * softplus(-t))``. All three functions share ``e = exp(-|t|)``, so neither branch
+overflows and no epsilon is needed.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# On NVIDIA GPUs a float32 log is one MUFU instruction (lg2.approx, ~2 ulp); tl.log would call
+# libdevice's logf, ~25 instructions and a branch per entry, which also breaks the straight-line
+# code into basic blocks. The interpreter (and ROCm) cannot run PTX, so they take tl.log.
+_PTX_LOG = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
+
+if _PTX_LOG:
+
+    @triton.jit
+    def log(x):
+        y = tl.log(x)
+        if x.dtype == tl.float32:
+            y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
+                                          pack=1) * 0.6931471805599453
+        return y
+
+    @triton.jit
+    def opaque(x):
+        """``x``, through an instruction the compiler cannot see through: values derived from it are
+        not merged with values derived from ``x`` (keeps common-subexpression elimination from
+        keeping a per-node value alive from one tree walk to the next)."""
+        if x.dtype == tl.int64:
+            y = tl.inline_asm_elementwise("mov.b64 $0, $1;", "=l,l", [x], dtype=tl.int64, is_pure=False, pack=1)
+        else:
+            y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
+        return y
+
+else:
+
+    @triton.jit
+    def log(x):
+        return tl.log(x)
+
+    @triton.jit
+    def opaque(x):
+        return x
+
+
+@triton.jit
+def term_loss(t, gamma, FOCAL: tl.constexpr):
+    """f(t)."""
+    log1pe = log(1.0 + tl.exp(-tl.abs(t)))
+    loss = tl.maximum(t, 0.0) + log1pe
+    if FOCAL:
+        loss = loss * tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
+    return loss
+
+
+@triton.jit
+def term_grad(t, gamma, FOCAL: tl.constexpr):
+    """f'(t) = sigmoid(t)^gamma * (sigmoid(t) + gamma * (1 - sigmoid(t)) * softplus(t))."""
+    e = tl.exp(-tl.abs(t))
+    s = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    if FOCAL:
+        log1pe = log(1.0 + e)
+        sp = tl.maximum(t, 0.0) + log1pe
+        return tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe)) * (s + gamma * (1.0 - s) * sp)
+    return s
+
+
+@triton.jit
+def term_loss_grad(t, gamma, FOCAL: tl.constexpr):
+    """(f(t), f'(t)) from one exp."""
+    e = tl.exp(-tl.abs(t))
+    log1pe = log(1.0 + e)
+    sp = tl.maximum(t, 0.0) + log1pe
+    s = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    if FOCAL:
+        fw = tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
+        return sp * fw, fw * (s + gamma * (1.0 - s) * sp)
+    return sp, s
+
+
+@triton.jit
+def lse_update(m, s, x):
+    """Online log-sum-exp: fold ``x`` into (running max ``m``, sum of exp(. - m) ``s``), one exp."""
+    e = tl.exp(-tl.abs(x - m))
+    s = tl.where(x > m, s * e + 1.0, s + e)
+    return tl.maximum(m, x), s
+
+
+@triton.jit
+def load_rows(ptr, mask, one):
+    """``tl.load(ptr, mask, other=0)`` with ``ptr`` carried through a one-trip loop (``one`` is a run-time
+    1), so it reaches the load as a block argument. Triton's coalescing pass searches the whole
+    connected slice of every load or store whose pointer has a defining op: quadratic in the length of
+    straight-line code (26 s for a 72-node tree, 370 s for Mapillary's objective); a block-argument
+    pointer skips that search. The loop costs a compare and a branch."""
+    val = tl.zeros(ptr.shape, ptr.dtype.element_ty)
+    p = ptr
+    for _ in range(0, one):
+        val = tl.load(p, mask=mask, other=0.0)
+        p += one - 1
+    return val
+
+
+@triton.jit
+def store_rows(ptr, value, mask, one):
+    """``tl.store(ptr, value, mask)`` with the pointer carried like :func:`load_rows`'s."""
+    p = ptr
+    for _ in range(0, one):
+        tl.store(p, value, mask=mask)
+        p += one - 1

@@ -1,0 +1,287 @@
+"""The per-pixel HSSN objective in one Triton launch: tree-min (focal or not) and the
+cross-entropy at every depth, value and gradient together.
+
+``torch.ops.hieraloss.objective(logits, labels, key, ...)`` returns ``(total, parts, grad)``:
+
+* ``parts`` (float64 for float64 logits, else float32) = ``[TM, CE_1, ..., CE_L]``: the tree-min
+  loss under ``reduction`` (``"hssn"`` includes the published factor 5) and the mean cross-entropy
+  over ``hierarchy.depth_channels[d-1]`` per depth (0 where not asked for);
+* ``total = tm_weight * TM + sum_d ce_weights[d-1] * CE_d`` (the differentiable output); TM is
+  computed only with ``tree_min`` and CE_d only where its weight is not 0;
+* ``grad``: with ``want_grad``, the gradient of ``total`` written by the same pass (the backward
+  only scales it by the upstream gradient), else an empty tensor. Reading the logits and labels
+  once and writing the gradient once is the whole training step of the loss.
+
+The reduction counts and the gradient's per-depth scales come from a histogram of the label
+values (a label-sized pass, no host sync); labels are mapped inside the kernel through a small
+code table, so neither the label check nor the mapping has to materialise anything logits-sized.
+``reduction="none"`` (tree-min only) returns the loss map as ``total``; its backward launches the
+kernel again with the upstream map.
+
+The hierarchy reaches the op as its fingerprint (``key``): the op looks the object up in
+:func:`hieraloss.hierarchy.Hierarchy.by_fingerprint`, so ``torch.compile`` sees one opaque
+operator with plain arguments and traces nothing of the hierarchy.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import linecache
+import math
+import sys
+import threading
+
+import numpy as np
+import torch
+import triton
+
+from ...hierarchy import Hierarchy
+from ...numpy.losses import HSSN_SCALE, REDUCTIONS, ce_counted_per_depth, counted_entries_per_depth
+from .._tables import tables_for
+from . import _codegen
+from ._common import OBJECTIVE_STAGES, objective_launch
+
+__all__ = ["objective", "kernel_for", "label_codes", "CHANNEL_LABELS"]
+
+# ``ignore_index`` value telling the op that the labels are already channels (-1 = ignored).
+CHANNEL_LABELS = -(1 << 62)
+
+_LOCK = threading.Lock()
+_MODULES: dict[str, object] = {}
+
+
+def kernel_for(hierarchy: Hierarchy):
+    """The ``objective_kernel`` generated for ``hierarchy`` (compiled by Triton on first launch).
+
+    The source is registered with :mod:`linecache` under a pseudo file name, so Triton (and the
+    interpreter) can read it like any module's source; nothing is written to disk.
+    """
+    key = hierarchy.fingerprint
+    with _LOCK:
+        module = _MODULES.get(key)
+        if module is None:
+            name = f"hieraloss_objective_{key[:16]}_v{_codegen.CODEGEN_VERSION}"
+            filename = f"<hieraloss-generated {name}>"
+            source = _codegen.objective_source(hierarchy)
+            linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+            spec = importlib.util.spec_from_loader(name, loader=None, origin=filename)
+            module = importlib.util.module_from_spec(spec)
+            module.__file__ = filename
+            sys.modules[name] = module
+            exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - our own generated code
+            _MODULES[key] = module
+    return module.objective_kernel
+
+
+def _code_table(hierarchy: Hierarchy, channel_of_slot: np.ndarray) -> np.ndarray:
+    """int32 codes ``pre | end << 16`` of each slot's channel (-1 where the slot is not a node)."""
+    from ..._native import tree_arrays
+
+    arrays = tree_arrays(hierarchy)
+    if hierarchy.num_nodes >= 1 << 15:
+        raise ValueError(f"the fused kernel supports hierarchies below 32768 nodes, got {hierarchy.num_nodes}")
+    ch = np.asarray(channel_of_slot)
+    safe = np.where(ch >= 0, ch, 0)
+    code = arrays.pre[safe].astype(np.int64) | ((arrays.pre[safe] + arrays.size[safe]).astype(np.int64) << 16)
+    return np.where(ch >= 0, code, -1).astype(np.int32)
+
+
+def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
+    """``(codes int32 [S], shift, tm_counts float64 [S, L], ce_counts float64 [S, L])`` on ``device``.
+
+    Slot ``clamp(label + shift, 0, S - 1)`` of a label value holds its code for the kernel and how
+    many entries per depth it adds to the tree-min and cross-entropy counts. For
+    ``ignore_index=CHANNEL_LABELS`` the labels are channels (-1 = ignored, anything else out of
+    range counts as ignored too).
+    """
+    tab = tables_for(hierarchy, device)
+
+    def build(t):
+        h = hierarchy
+        if ignore_index == CHANNEL_LABELS:
+            channel = np.concatenate([[-1], np.arange(h.num_nodes), [-1]])
+            shift = 1
+        else:
+            table, shift, _, _ = h.label_table(ignore_index)
+            channel = np.where(table >= 0, table, -1)
+        safe = np.where(channel >= 0, channel, 0)
+        tm = np.where((channel >= 0)[:, None], counted_entries_per_depth(h)[safe], 0.0)
+        ce = np.where((channel >= 0)[:, None], ce_counted_per_depth(h)[safe], 0.0)
+        return (torch.tensor(_code_table(h, channel), device=t.device), int(shift),
+                torch.tensor(tm, dtype=torch.float64, device=t.device),
+                torch.tensor(ce, dtype=torch.float64, device=t.device))
+
+    return tab.get(("objective_codes", ignore_index), build)
+
+
+def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _as_bnp(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
+
+
+def _counts(labels: torch.Tensor, codes) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-depth entry counts of the tree-min and cross-entropy reductions, from a histogram of
+    the label slots (index_add: no data-dependent size, so no host sync)."""
+    code, shift, tm_table, ce_table = codes
+    slot = (labels.reshape(-1).to(torch.int64) + shift).clamp_(0, code.numel() - 1)
+    hist = torch.zeros(code.numel(), dtype=torch.float64, device=labels.device)
+    hist.index_add_(0, slot, torch.ones((), dtype=torch.float64, device=labels.device).expand(slot.numel()))
+    return hist @ tm_table, hist @ ce_table
+
+
+def _tm_value(sums: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "sum":
+        return sums.sum()
+    if reduction == "mean":
+        return sums.sum() / counts.sum().clamp_min(1)
+    return (sums / counts.clamp_min(1)).sum() * HSSN_SCALE  # hssn
+
+
+def _tm_scales(counts: torch.Tensor, reduction: str, weight: float) -> torch.Tensor:
+    if reduction == "sum":
+        return torch.full_like(counts, weight)
+    if reduction == "mean":
+        return (weight / counts.sum().clamp_min(1)).expand(counts.shape)
+    return weight * HSSN_SCALE / counts.clamp_min(1)
+
+
+def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, tsc=None, csc=None,
+            out_dtype=None, upstream=None):
+    B, N, P = x.shape
+    L = hierarchy.max_depth
+    block_p, warps = objective_launch(N, P)
+    tiles = triton.cdiv(P, block_p)
+    acc = _acc_dtype(x)
+    dev = x.device
+    part = torch.zeros((B * tiles, 2 * L), dtype=acc, device=dev)
+    out = part if mode == 0 else torch.empty((B, N, P), dtype=out_dtype, device=dev)
+    if B * P == 0:
+        return part, (out.zero_() if mode else out)
+    code, shift = codes[0], codes[1]
+    lab = labels.reshape(B, P)
+    go = upstream if upstream is not None else x
+    dummy = part
+    kernel_for(hierarchy)[(tiles, B)](
+        x, x.stride(0), x.stride(1), x.stride(2),
+        lab, lab.stride(0), lab.stride(1),
+        code, shift, code.numel(),
+        node_weight if node_weight is not None else dummy,
+        go, go.stride(0), go.stride(1), go.stride(2),
+        tsc if tsc is not None else dummy, csc if csc is not None else dummy,
+        out, part, P, float(gamma),
+        BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=float(gamma) != 0.0,
+        HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode, num_warps=warps, num_stages=OBJECTIVE_STAGES,
+    )
+    return part, out
+
+
+def _check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+
+
+@torch.library.custom_op("hieraloss::objective", mutates_args=())
+def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_index: int,
+                 node_weight: torch.Tensor | None, gamma: float, reduction: str, tree_min: bool, tm_weight: float,
+                 ce_weights: list[float], want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    _check_reduction(reduction)
+    hierarchy = Hierarchy.by_fingerprint(key)
+    x = _as_bnp(logits)
+    L = hierarchy.max_depth
+    acc = _acc_dtype(logits)
+    codes = label_codes(hierarchy, ignore_index, logits.device)
+    tm = tree_min or reduction == "none"
+    ce = any(w != 0.0 for w in ce_weights)
+    weight = None if node_weight is None else node_weight.to(device=logits.device, dtype=acc).contiguous()
+    if reduction == "none":
+        _, out = _launch(2, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
+        return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
+    tm_counts, ce_counts = _counts(labels, codes)
+    ce_w = torch.tensor(list(ce_weights) + [0.0] * (L - len(ce_weights)), dtype=torch.float64,
+                        device=logits.device)
+    if want_grad:
+        tsc = _tm_scales(tm_counts, reduction, tm_weight).to(acc).contiguous()
+        csc = (ce_w / ce_counts.clamp_min(1)).to(acc)
+        part, grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, tsc=tsc, csc=csc,
+                             out_dtype=logits.dtype)
+        grad = grad.view(logits.shape)
+    else:
+        part, _ = _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce)
+        grad = logits.new_empty((0,))
+    sums = part.to(torch.float64).sum(0)
+    tm_value = _tm_value(sums[:L], tm_counts, reduction) if tm else sums.new_zeros(())
+    ce_values = sums[L:] / ce_counts.clamp_min(1) if ce else sums.new_zeros(L)
+    parts = torch.cat([tm_value.reshape(1), ce_values])
+    total = tm_weight * parts[0] + (ce_w * ce_values).sum()
+    return total.to(acc), parts.to(acc), grad
+
+
+@objective_op.register_fake
+def _(logits, labels, key, ignore_index, node_weight, gamma, reduction, tree_min, tm_weight, ce_weights, want_grad):
+    acc = _acc_dtype(logits)
+    L = Hierarchy.by_fingerprint(key).max_depth
+    total = logits.new_empty(logits.shape if reduction == "none" else (), dtype=acc)
+    grad = logits.new_empty(logits.shape if want_grad and reduction != "none" else (0,))
+    return total, logits.new_empty((1 + L,), dtype=acc), grad
+
+
+@torch.library.custom_op("hieraloss::objective_map_backward", mutates_args=())
+def objective_map_backward_op(grad_map: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, key: str,
+                              ignore_index: int, node_weight: torch.Tensor | None, gamma: float) -> torch.Tensor:
+    """Gradient of ``sum(tree-min map * grad_map)`` with respect to the logits (``reduction="none"``)."""
+    hierarchy = Hierarchy.by_fingerprint(key)
+    x = _as_bnp(logits)
+    acc = _acc_dtype(logits)
+    codes = label_codes(hierarchy, ignore_index, logits.device)
+    weight = None if node_weight is None else node_weight.to(device=logits.device, dtype=acc).contiguous()
+    _, grad = _launch(3, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=logits.dtype,
+                      upstream=_as_bnp(grad_map.to(acc)))
+    return grad.view(logits.shape)
+
+
+@objective_map_backward_op.register_fake
+def _(grad_map, logits, labels, key, ignore_index, node_weight, gamma):
+    return torch.empty_like(logits)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, labels, key, ignore_index, node_weight, gamma, reduction, *_ = inputs
+    ctx.set_materialize_grads(False)
+    ctx.reduction = reduction
+    if reduction == "none":
+        ctx.save_for_backward(logits, labels, node_weight)
+        ctx.args = (key, ignore_index, gamma)
+    else:
+        ctx.save_for_backward(output[2])
+
+
+def _backward(ctx, grad_total, grad_parts, grad_grad):
+    none = (None,) * 10
+    if grad_total is None:
+        return (None, *none)
+    if ctx.reduction == "none":
+        logits, labels, node_weight = ctx.saved_tensors
+        return (objective_map_backward_op(grad_total, logits, labels, *ctx.args[:2], node_weight, ctx.args[2]),
+                *none)
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad.dim() == 1:
+        raise RuntimeError("hieraloss: the fused objective ran without a gradient (logits did not require grad)")
+    return (grad * grad_total.to(grad.dtype), *none)
+
+
+objective_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def objective(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int,
+              node_weight: torch.Tensor | None = None, gamma: float = 0.0, reduction: str = "hssn",
+              tree_min: bool = True, tm_weight: float = 1.0, ce_weights=()) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(total, parts)`` of the fused objective; ``parts`` are detached (see the module docstring)."""
+    want_grad = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
+    total, parts, _ = torch.ops.hieraloss.objective(
+        logits, labels, hierarchy.fingerprint, int(ignore_index), node_weight, float(gamma), reduction,
+        bool(tree_min), float(tm_weight), [float(w) for w in ce_weights], want_grad)
+    return total, parts.detach()
+

@@ -1,0 +1,100 @@
+"""Ahead-of-time compilation of every kernel specialisation the library launches, for sm_80 and
+sm_90, without a GPU (Triton lowers to PTX and the wheel's ptxas assembles it). A specialisation
+that fails here fails the same way on a GPU: this is how CI, which has no GPU, catches compile
+failures such as triton 3.6's MLIR pass crash on the old gather-based kernel at small tiles.
+
+CI runs this file under the newest triton and again under the oldest one the package admits for
+current torch releases (3.6.0; see .ci/run). The compiles run in one subprocess (tests/aot_compile.py),
+because this session runs Triton under the interpreter. Registers and spills are reported by
+``benchmarks/bench_kernels.py --compile-check``, not asserted here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hieraloss.testing import hierarchies  # noqa: E402
+
+pytestmark = pytest.mark.triton
+SCRIPT = Path(__file__).with_name("aot_compile.py")
+ARCHS = (80, 90)
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+MODES = ("value", "value+grad", "objective", "ce", "objective value", "loss map", "map grad")
+
+
+def _compile(specs: list[dict]) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), json.dumps(specs)], capture_output=True, text=True,
+                          env=env, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == len(specs), proc.stderr[-4000:]
+    return results
+
+
+def _assert_all_compile(specs: list[dict]) -> None:
+    failed = [r for r in _compile(specs) if not r["ok"]]
+    assert not failed, "\n\n".join(f"{r['spec']}\n{r['trace']}" for r in failed[:5])
+
+
+def _small_tree_specs(tree) -> list[dict]:
+    """Every mode x dtype, focal and weighted variants, test and production tiles, both archs."""
+    specs = []
+    for arch in ARCHS:
+        for i, mode in enumerate(MODES):
+            for j, dtype in enumerate(DTYPES):
+                specs.append(dict(tree=tree, kernel="objective", arch=arch, dtype=dtype, mode=mode,
+                                  focal=(i + j) % 2 == 1, weighted=(i + j) % 3 == 0,
+                                  block_p=16 if (i + j) % 2 else None,
+                                  label_dtype=("int64", "int32", "uint8")[(i + j) % 3]))
+        for top_down in (False, True):
+            for dtype in ("float32", "float64"):
+                for block_p in (16, None):
+                    specs.append(dict(tree=tree, kernel="decode", arch=arch, dtype=dtype, top_down=top_down,
+                                      block_p=block_p))
+    return specs
+
+
+@pytest.mark.parametrize("preset", ["pascal_person_part", "cityscapes", "lip"])
+def test_presets_compile(preset):
+    _assert_all_compile(_small_tree_specs(preset))
+
+
+def test_flat_and_single_node_trees_compile():
+    """The case that crashed triton 3.6 before: a flat tree of 3 leaves, float64, BLOCK_P 16."""
+    _assert_all_compile(_small_tree_specs({"parents": [-1, -1, -1]}) + _small_tree_specs({"parents": [-1]}))
+
+
+def test_mapillary_training_steps_compile():
+    """The largest preset (149 nodes, leaves at depths 2-4): the production training specialisations
+    on sm_90 (each takes tens of seconds to compile, so not every mode)."""
+    specs = [dict(tree="mapillary_vistas_v2", kernel="objective", arch=90, dtype=dtype, mode=mode, focal=focal,
+                  weighted=False)
+             for dtype, mode, focal in (("float32", "objective", False), ("bfloat16", "value+grad", True))]
+    specs.append(dict(tree="mapillary_vistas_v2", kernel="decode", arch=90, dtype="float16", top_down=True))
+    _assert_all_compile(specs)
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(h=hierarchies(max_depth=4, max_children=4, order=None), seed=st.integers(0, 2**16))
+def test_random_trees_compile(h, seed):
+    rng = np.random.default_rng(seed)
+    tree = h.to_dict()
+    specs = [dict(tree=tree, kernel="objective", arch=int(rng.choice(ARCHS)), dtype=str(rng.choice(DTYPES)),
+                  mode=str(rng.choice(MODES)), focal=bool(rng.integers(2)), weighted=bool(rng.integers(2)),
+                  block_p=int(rng.choice([16, 32, 128])))
+             for _ in range(3)]
+    _assert_all_compile(specs)
