@@ -1,4 +1,21 @@
-"""Framework-free argument checks shared by every backend (clear errors at the door)."""
+"""Framework-free argument checks shared by every backend (clear errors at the door).
+
+One answer per input: for the same bad argument every backend (numpy, torch, paddle, and each of
+their compute paths) raises the same exception type with the same message, and the message is
+written here, once. What only a framework can test (is this a ``torch.Tensor``, is its dtype an
+integer dtype, which device is it on) stays in the backend; the backend then calls the matching
+function here with framework-free facts (shapes as tuples, dtype names such as ``"float32"``) or
+raises the error built here. Dtype names are the framework's name without its module prefix
+(:func:`dtype_name`), so numpy, torch and paddle name a dtype the same way.
+
+Decisions (DEVELOPING.md, "One answer per input"):
+
+* ``gamma``: a finite number >= 0; anything else (inf, nan, a negative, a bool, a non-number) is a
+  ``ValueError`` naming it (a non-number's is also a ``TypeError``, see :class:`NumberExpectedError`).
+* Labels must have an integer dtype; bool and float labels raise :class:`~hieraloss.LabelError`.
+* Empty inputs (B = 0 or a zero-size spatial dimension) are valid: the backends return an exact 0
+  connected to the graph for scalar reductions and an empty map for ``"none"`` and ``decode``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +24,25 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from .hierarchy import Hierarchy
+from .hierarchy import Hierarchy, LabelError
+
+REDUCTIONS = ("mean", "sum", "none", "hssn")
+LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+class NumberExpectedError(ValueError, TypeError):
+    """A numeric argument that is not a number (a str, None, a bool). A ``ValueError`` like every
+    other bad value of that argument (one exception type per argument), and a ``TypeError`` too,
+    which such arguments raised before."""
+
+
+def dtype_name(dtype: Any) -> str:
+    """A dtype's name without the framework prefix: ``float32``, ``int64``, ``bool``, ``bfloat16``
+    for numpy dtypes as for ``torch.float32`` / ``paddle.float32`` (``str`` of those)."""
+    name = str(dtype)
+    for prefix in ("torch.", "paddle."):
+        name = name.removeprefix(prefix)
+    return name
 
 
 def check_hierarchy(hierarchy: Any) -> None:
@@ -20,17 +55,102 @@ def check_choice(value: Any, choices: Sequence[str], name: str) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_reduction(reduction: Any) -> None:
+    check_choice(reduction, REDUCTIONS, "reduction")
+
+
 def check_gamma(gamma: Any) -> float:
-    """The focal exponent as a float: a finite number >= 0."""
+    """The focal exponent as a float: a finite number >= 0, else a ``ValueError`` naming it."""
+    message = f"gamma must be a finite number >= 0, got {gamma!r}"
+    if isinstance(gamma, bool):
+        raise NumberExpectedError(message)
     try:
         g = float(gamma)
     except (TypeError, ValueError):
-        raise TypeError(f"gamma must be a number, got {gamma!r}") from None
+        raise NumberExpectedError(message) from None
     if not g >= 0 or math.isinf(g):
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
+        raise ValueError(message)
     return g
 
 
 def check_max_per_class(max_per_class: Any) -> None:
     if isinstance(max_per_class, bool) or not isinstance(max_per_class, numbers.Integral) or max_per_class < 1:
         raise ValueError(f"max_per_class must be a positive int, got {max_per_class!r}")
+
+
+def check_depth(depth: Any, hierarchy: Hierarchy) -> int:
+    """A depth 1..L (``hierarchy.max_depth``) as an int; anything else is a ``ValueError``."""
+    if isinstance(depth, bool) or not isinstance(depth, numbers.Integral) or not 1 <= depth <= hierarchy.max_depth:
+        raise ValueError(f"depth must be in 1..{hierarchy.max_depth}, got {depth!r}")
+    return int(depth)
+
+
+def check_ignore_index(hierarchy: Hierarchy, ignore_index: Any) -> int:
+    """``ignore_index`` as an int: an integer (not a bool, not a float) that is not a node id."""
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    hierarchy.check_ignore_index(int(ignore_index))
+    return int(ignore_index)
+
+
+# ---------------------------------------------------------------------------- logits
+def logits_dtype_error(dtype: str, name: str = "logits") -> TypeError:
+    return TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {dtype}")
+
+
+def check_logits(shape: Sequence[int], dtype: str, hierarchy: Hierarchy, name: str = "logits",
+                 dtypes: Sequence[str] = LOGIT_DTYPES) -> None:
+    """Hierarchy, dtype (by name; ``dtypes`` the ones the backend computes in) and layout
+    ``[B, N, *spatial]`` of node logits. Any B and spatial size, 0 included (empty inputs are valid)."""
+    check_hierarchy(hierarchy)
+    if dtype not in dtypes:
+        raise logits_dtype_error(dtype, name)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2:
+        raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {shape}")
+    if shape[1] != hierarchy.num_nodes:
+        raise ValueError(
+            f"{name} have {shape[1]} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
+            f"nodes (shape {shape})")
+
+
+# ---------------------------------------------------------------------------- labels
+def label_dtype_error(dtype: str, name: str = "labels") -> LabelError:
+    """The error for labels whose dtype is not an integer dtype (floats, bool, complex)."""
+    return LabelError(f"{name} must be integers (uint8, int32, int64, ...), got {dtype}")
+
+
+def check_label_shape(shape: Sequence[int], expected: Sequence[int]) -> None:
+    """Labels ``[B, *spatial]`` of logits ``[B, N, *spatial]``: ``expected`` is that shape."""
+    shape, expected = tuple(int(s) for s in shape), tuple(int(s) for s in expected)
+    if shape != expected:
+        raise ValueError(f"labels must have the logits' shape without axis 1, {expected}; got {shape}")
+
+
+def check_label_batch(ndim: int) -> None:
+    """Labels passed alone (``expand_targets``) need a batch axis."""
+    if ndim < 1:
+        raise LabelError("labels need a batch dimension: [B, *spatial]")
+
+
+# ---------------------------------------------------------------------------- node weights
+def node_weight_dtype_error(dtype: str) -> TypeError:
+    return TypeError(f"node_weight must be numeric, got {dtype}")
+
+
+def check_node_weight_shape(shape: Sequence[int], hierarchy: Hierarchy) -> None:
+    shape = tuple(int(s) for s in shape)
+    if shape != (hierarchy.num_nodes,):
+        raise ValueError(
+            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {shape}")
+
+
+def check_finite_count(bad: int, name: str = "logits") -> None:
+    """``check_finite=True``: ``bad`` values of ``name`` are nan or inf."""
+    if bad:
+        raise ValueError(f"{name} hold {bad} non-finite values (nan or inf)")
+
+
+def is_empty(shape: Sequence[int]) -> bool:
+    """Whether a tensor of this shape holds no element (B = 0 or a zero-size spatial axis)."""
+    return any(int(s) == 0 for s in shape)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 
@@ -135,6 +136,83 @@ def _framework_adapter(name: str, framework: str):
     except Exception as exc:  # noqa: BLE001 - surfaced by every test of this backend
         adapter = _BrokenAdapter(name, exc)
     return pytest.param(adapter, id=name)
+
+
+class Direct:
+    """An adapter's library called directly, for the input-conformance tests
+    (tests/test_conformance_inputs.py): numpy arrays become the framework's tensors of the *same*
+    dtype (int, bool or complex logits and labels included: nothing is cast, so the backends' own
+    checks see the bad input), other arguments pass unchanged, and the adapter's ``loss_backend``
+    (torch: ``"auto"`` = the compiled kernel where built, ``"torch"``; paddle likewise) goes to every
+    function that takes ``backend``.
+
+    ``call(fn, *args, **kw)``: the raw result (tensors, not converted back). ``value_and_grad(fn, x,
+    *args, **kw)``: numpy ``(value, d sum(value) / d x)``, raising if the value is not connected to
+    ``x``. ``numpy(t)``: a result as a numpy array. ``has(fn)``: whether the library has ``fn``.
+    """
+
+    def __init__(self, adapter):
+        self.name = adapter.name
+        self.framework = self.name.split("_")[0]  # numpy, torch or paddle
+        self.lib = importlib.import_module(f"hieraloss.{self.framework}")
+        self.backend = getattr(adapter, "loss_backend", None)
+        self.supports_grad = adapter.supports_grad
+
+    def has(self, fn: str) -> bool:
+        return hasattr(self.lib, fn)
+
+    def tensor(self, a, grad: bool = False):
+        if not isinstance(a, np.ndarray) or self.framework == "numpy":
+            return a
+        bf16 = dtype_name(a) == "bfloat16"
+        a = np.array(a, dtype=np.float32) if bf16 else np.array(a)
+        if self.framework == "torch":
+            import torch
+
+            t = torch.from_numpy(a)
+            t = t.to(torch.bfloat16) if bf16 else t
+            return t.requires_grad_(grad) if grad else t
+        import paddle
+
+        t = paddle.to_tensor(a)
+        t = t.astype("bfloat16") if bf16 else t
+        t.stop_gradient = not grad
+        return t
+
+    def numpy(self, t) -> np.ndarray:
+        if self.framework == "torch":
+            import torch
+
+            t = t.detach()
+            return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
+        if self.framework == "paddle":
+            import paddle
+
+            return (t.astype("float32") if t.dtype == paddle.bfloat16 else t).numpy()
+        return np.asarray(t)
+
+    def call(self, fn: str, *args, **kw):
+        f = getattr(self.lib, fn)
+        if self.backend is not None and "backend" in inspect.signature(f).parameters:
+            kw.setdefault("backend", self.backend)
+        return f(*(self.tensor(a) for a in args), **kw)
+
+    def value_and_grad(self, fn: str, x, *args, **kw) -> tuple[np.ndarray, np.ndarray]:
+        xt = self.tensor(x, grad=True)
+        f = getattr(self.lib, fn)
+        if self.backend is not None and "backend" in inspect.signature(f).parameters:
+            kw.setdefault("backend", self.backend)
+        value = f(xt, *(self.tensor(a) for a in args), **kw)
+        if self.framework == "torch":
+            import torch
+
+            (grad,) = torch.autograd.grad(value.sum(), xt)  # raises if not connected to x
+        else:
+            value.sum().backward()
+            grad = xt.grad
+            if grad is None:
+                raise AssertionError(f"{self.name}: {fn}'s value is not connected to the logits")
+        return self.numpy(value), self.numpy(grad)
 
 
 BACKENDS = [

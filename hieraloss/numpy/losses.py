@@ -16,12 +16,14 @@ from typing import Any
 
 import numpy as np
 
+from .. import _checks
 from .._checks import check_hierarchy
-from ..hierarchy import Hierarchy, LabelError
+from ..hierarchy import Hierarchy
 
 __all__ = ["tree_min_loss", "focal_tree_min_loss", "expand_targets"]
 
-REDUCTIONS = ("mean", "sum", "none", "hssn")
+REDUCTIONS = _checks.REDUCTIONS  # decided once, in hieraloss._checks
+NUMPY_DTYPES = ("float16", "float32", "float64")  # numpy has no bfloat16
 HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum by 5
 
 
@@ -54,43 +56,35 @@ def compute_dtype(dtype: np.dtype) -> np.dtype:
 
 
 def check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> np.ndarray:
-    check_hierarchy(hierarchy)
     x = np.asarray(logits)
-    if x.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(f"{name} must be float16, float32 or float64, got dtype {x.dtype}")
-    if x.ndim < 2:
-        raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {x.shape}")
-    if x.shape[1] != hierarchy.num_nodes:
-        raise ValueError(
-            f"{name} have {x.shape[1]} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
-            f"nodes (shape {x.shape})"
-        )
+    _checks.check_logits(x.shape, _checks.dtype_name(x.dtype), hierarchy, name, dtypes=NUMPY_DTYPES)
     return x
 
 
 def check_finite_values(x: np.ndarray, name: str = "logits") -> None:
-    bad = int(x.size - np.count_nonzero(np.isfinite(x)))
-    if bad:
-        raise ValueError(f"{name} hold {bad} non-finite values (nan or inf)")
+    _checks.check_finite_count(int(x.size - np.count_nonzero(np.isfinite(x))), name)
+
+
+def check_label_dtype(labels: Any) -> np.ndarray:
+    """The labels as an array of an integer dtype (not bool), else the shared :class:`LabelError`."""
+    lab = np.asarray(labels)
+    if not np.issubdtype(lab.dtype, np.integer):  # bool is not an integer dtype in numpy
+        raise _checks.label_dtype_error(_checks.dtype_name(lab.dtype))
+    return lab
 
 
 def check_labels(
     labels: Any, expected_shape: tuple[int, ...], hierarchy: Hierarchy, ignore_index: int
 ) -> np.ndarray:
-    """Label channels (-1 = ignored) after checking dtype, shape and values."""
-    lab = np.asarray(labels)
-    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        raise LabelError(f"labels must be integers, got dtype {lab.dtype}")
-    if lab.shape != tuple(expected_shape):
-        raise ValueError(
-            f"labels must have the logits' shape without axis 1, {tuple(expected_shape)}; got {lab.shape}"
-        )
+    """Label channels (-1 = ignored) after checking dtype, shape, ``ignore_index`` and values."""
+    lab = check_label_dtype(labels)
+    _checks.check_label_shape(lab.shape, expected_shape)
+    ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
     return hierarchy.label_channels(lab, ignore_index)
 
 
 def check_reduction(reduction: Any) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _checks.check_reduction(reduction)
 
 
 def check_node_weight(node_weight: Any, hierarchy: Hierarchy) -> np.ndarray | None:
@@ -98,11 +92,8 @@ def check_node_weight(node_weight: Any, hierarchy: Hierarchy) -> np.ndarray | No
         return None
     w = np.asarray(node_weight)
     if not (np.issubdtype(w.dtype, np.floating) or np.issubdtype(w.dtype, np.integer)):
-        raise TypeError(f"node_weight must be numeric, got dtype {w.dtype}")
-    if w.shape != (hierarchy.num_nodes,):
-        raise ValueError(
-            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {w.shape}"
-        )
+        raise _checks.node_weight_dtype_error(_checks.dtype_name(w.dtype))
+    _checks.check_node_weight_shape(w.shape, hierarchy)
     return w
 
 
@@ -195,13 +186,17 @@ def _tree_min_op(
 
 
 def _validated(logits, labels, hierarchy, ignore_index, reduction, node_weight, check_finite):
+    """The checks in the order every backend makes them: logits, reduction, labels (dtype, shape),
+    ``ignore_index``, ``node_weight``, finiteness, then the label values."""
     x = check_logits(logits, hierarchy)
-    ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
     check_reduction(reduction)
+    lab = check_label_dtype(labels)
+    _checks.check_label_shape(lab.shape, (x.shape[0], *x.shape[2:]))
+    ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
     w = check_node_weight(node_weight, hierarchy)
     if check_finite:
         check_finite_values(x)
-    return x, ch, w
+    return x, hierarchy.label_channels(lab, ignore_index), w
 
 
 def tree_min_loss(
@@ -238,14 +233,9 @@ def focal_tree_min_loss(
 ) -> np.ndarray:
     """Focal tree-min loss (SPEC section 5): the tree-min terms times ``(1 - sigmoid(zmin))^gamma``
     on positives and ``sigmoid(zmax)^gamma`` on negatives; ``gamma=0`` is :func:`tree_min_loss`."""
-    try:
-        gamma_ok = float(gamma) >= 0
-    except (TypeError, ValueError):
-        raise TypeError(f"gamma must be a number, got {gamma!r}") from None
-    if not gamma_ok:
-        raise ValueError(f"gamma must be >= 0, got {gamma}")
+    gamma = _checks.check_gamma(gamma)
     x, ch, w = _validated(logits, labels, hierarchy, ignore_index, reduction, node_weight, check_finite)
-    return _tree_min_op(x, ch, hierarchy, float(gamma), reduction, w)
+    return _tree_min_op(x, ch, hierarchy, gamma, reduction, w)
 
 
 def expand_targets(
@@ -253,4 +243,6 @@ def expand_targets(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(targets uint8, mask bool)``, both ``[B, N, *spatial]``: :meth:`Hierarchy.expand_targets`."""
     check_hierarchy(hierarchy)
-    return hierarchy.expand_targets(labels, ignore_index)
+    lab = check_label_dtype(labels)
+    _checks.check_label_batch(lab.ndim)
+    return hierarchy.expand_targets(lab, _checks.check_ignore_index(hierarchy, ignore_index))

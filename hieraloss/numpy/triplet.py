@@ -17,9 +17,16 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_hierarchy, check_max_per_class
+from .._checks import (
+    check_choice,
+    check_hierarchy,
+    check_ignore_index,
+    check_max_per_class,
+    dtype_name,
+    logits_dtype_error,
+)
 from ..hierarchy import Hierarchy, LabelError
-from .losses import compute_dtype
+from .losses import check_label_dtype, compute_dtype
 
 __all__ = [
     "triplet_margin",
@@ -159,16 +166,15 @@ def hierarchy_triplet_loss(
     check_hierarchy(hierarchy)
     e = np.asarray(embeddings)
     if e.dtype not in (np.float16, np.float32, np.float64):
-        raise TypeError(f"embeddings must be float16, float32 or float64, got dtype {e.dtype}")
-    lab = np.asarray(labels)
-    if not (np.issubdtype(lab.dtype, np.integer) or lab.dtype == bool):
-        raise LabelError(f"labels must be integers, got dtype {lab.dtype}")
+        raise logits_dtype_error(dtype_name(e.dtype), "embeddings")
+    lab = check_label_dtype(labels)
     if e.ndim < 3 or lab.ndim != e.ndim - 1 or lab.shape[0] != e.shape[0]:
         raise ValueError(
             f"embeddings must be [B, C, *spatial] and labels [B, *spatial'] with the same B and rank; "
             f"got {e.shape} and {lab.shape}"
         )
     _check_sampling(max_per_class, sampling)
+    ignore_index = check_ignore_index(hierarchy, ignore_index)
     hierarchy.label_channels(lab, ignore_index)  # value check at full resolution
     cdt = compute_dtype(e.dtype)
     small = resize_labels_nearest(lab, e.shape[2:])

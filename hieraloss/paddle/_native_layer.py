@@ -11,6 +11,7 @@ retained graph (``paddle.grad(..., retain_graph=True)``; paddle 3.3 crashes on a
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -19,7 +20,7 @@ from paddle.autograd import PyLayer
 
 from .. import _native
 from ..hierarchy import Hierarchy
-from .functional import _depth_coefs, _tables
+from .functional import _depth_coefs, _no_pixel, _tables, compute_dtype, empty_loss
 
 _HALVES = (paddle.float16, paddle.bfloat16)
 
@@ -119,15 +120,18 @@ def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierar
                     reduction: str, node_weight: paddle.Tensor | None) -> paddle.Tensor:
     """Same contract as :func:`.functional.tree_min_op` (validated inputs, label channels with -1 =
     ignored) for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
+    if _no_pixel(logits.shape):  # no pixel: an exact 0 (or the empty map) connected to the logits
+        return empty_loss(logits, reduction)
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
+    P = math.prod(spatial)
     x = logits
     if x.dtype in _HALVES:
         x = x.astype(paddle.float32)
     if not x.is_contiguous():
         x = x.contiguous()
-    x = x.reshape([B, N, -1])
-    lc = label_channels.reshape([B, -1])
+    x = x.reshape([B, N, P])
+    lc = label_channels.reshape([B, P])
     if lc.dtype != paddle.int64:
         lc = lc.astype(paddle.int64)
     if not lc.is_contiguous():
@@ -201,13 +205,18 @@ def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, 
     ce_w = np.ascontiguousarray([float(w) for w in ce_weights], dtype=np.float64)
     if ce_w.size != hierarchy.max_depth:
         raise ValueError(f"ce_weights needs one weight per depth ({hierarchy.max_depth}), got {ce_w.size}")
+    if _no_pixel(logits.shape):  # no pixel: every part an exact 0, the total connected to the logits
+        total = empty_loss(logits, "mean")
+        ct = compute_dtype(logits.dtype)
+        return total, paddle.zeros([], dtype=ct), paddle.zeros([hierarchy.max_depth], dtype=ct)
+    P = math.prod(logits.shape[2:])
     x = logits
     if x.dtype in _HALVES:
         x = x.astype(paddle.float32)
     if not x.is_contiguous():
         x = x.contiguous()
-    x = x.reshape([B, N, -1])
-    lc = label_channels.reshape([B, -1])
+    x = x.reshape([B, N, P])
+    lc = label_channels.reshape([B, P])
     if lc.dtype != paddle.int64:
         lc = lc.astype(paddle.int64)
     if not lc.is_contiguous():

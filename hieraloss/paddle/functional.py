@@ -37,15 +37,15 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from .. import _native
+from .. import _checks, _native
 from .. import numpy as _hnp
+from .._checks import REDUCTIONS, check_max_per_class
 from .._checks import check_choice as _check_choice
 from .._checks import check_gamma as _check_gamma
 from .._checks import check_hierarchy as _check_hierarchy
-from .._checks import check_max_per_class
-from ..hierarchy import Hierarchy, LabelError
+from ..hierarchy import Hierarchy
 from ..numpy.decode import DECODE_METHODS
-from ..numpy.losses import HSSN_SCALE, REDUCTIONS, counted_entries_per_depth
+from ..numpy.losses import HSSN_SCALE, counted_entries_per_depth
 from ..numpy.triplet import SAMPLING, hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 
@@ -591,12 +591,29 @@ class _TreeMinFunction(PyLayer):
         return _tree_min_backward(x, lc, tab, gamma, reduction, weight, has_partial, grad_out), None
 
 
+def empty_loss(logits: paddle.Tensor, reduction: str) -> paddle.Tensor:
+    """The loss of logits with no pixel (B = 0 or a zero-size spatial axis): an exact 0 for a scalar
+    reduction, the empty ``[B, N, *spatial]`` map for ``"none"``, in the compute dtype and connected
+    to the logits (their gradient is the empty zero tensor of their shape)."""
+    xc = logits.astype(compute_dtype(logits.dtype))
+    return xc * 0 if reduction == "none" else xc.sum()
+
+
+def _no_pixel(shape) -> bool:
+    """B = 0 or a zero-size spatial axis. The ops answer such inputs before reshaping: paddle's
+    reshape reads a 0 in the target shape as "keep this axis"."""
+    return _checks.is_empty([shape[0], *shape[2:]])
+
+
 def tree_min_op(logits, label_channels, hierarchy, *, gamma, reduction, node_weight, has_partial=True):
     """Tree-min (``gamma == 0``) or focal tree-min loss; ``label_channels`` int64 ``[B, *spatial]``."""
+    if _no_pixel(logits.shape):
+        return empty_loss(logits, reduction)
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
-    x = logits.reshape([B, N, -1])
-    lc = label_channels.reshape([B, -1])
+    P = math.prod(spatial)
+    x = logits.reshape([B, N, P])
+    lc = label_channels.reshape([B, P])
     tab = _tables(hierarchy, logits.place)
     weight = None
     if node_weight is not None:
@@ -606,49 +623,34 @@ def tree_min_op(logits, label_channels, hierarchy, *, gamma, reduction, node_wei
 
 
 # ---------------------------------------------------------------------------- validation
-def _dtype_name(dtype: Any) -> str:
-    return str(dtype).replace("paddle.", "")
+_dtype_name = _checks.dtype_name  # "float32" for paddle.float32, as numpy and torch name it
 
 
 def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> paddle.Tensor:
+    """Type, dtype and layout ``[B, N, *spatial]``; any B and spatial size (0 included: an empty
+    input gives an exact 0, or an empty map)."""
     _check_hierarchy(hierarchy)
     if not isinstance(logits, paddle.Tensor):
         raise TypeError(f"{name} must be a paddle.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOATS:
-        raise TypeError(
-            f"{name} must be float16, bfloat16, float32 or float64, got {_dtype_name(logits.dtype)}"
-        )
-    if logits.ndim < 2:
-        raise ValueError(
-            f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {tuple(logits.shape)}"
-        )
-    if logits.shape[1] != hierarchy.num_nodes:
-        raise ValueError(
-            f"{name} have {logits.shape[1]} channels on axis 1, but the hierarchy has "
-            f"{hierarchy.num_nodes} nodes (shape {tuple(logits.shape)})"
-        )
-    if 0 in logits.shape:
-        raise ValueError(f"{name} are empty (shape {tuple(logits.shape)})")
+        raise _checks.logits_dtype_error(_dtype_name(logits.dtype), name)
+    _checks.check_logits(tuple(logits.shape), _dtype_name(logits.dtype), hierarchy, name)
     return logits
 
 
 def _check_finite(x: paddle.Tensor, name: str = "logits") -> None:
-    bad = int(paddle.logical_not(paddle.isfinite(x)).astype("int64").sum())
-    if bad:
-        raise ValueError(f"{name} hold {bad} non-finite values (nan or inf)")
+    _checks.check_finite_count(int(paddle.logical_not(paddle.isfinite(x)).astype("int64").sum()), name)
 
 
 def _label_tensor(labels: Any, place: Any) -> paddle.Tensor:
     if isinstance(labels, np.ndarray):
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise LabelError(f"labels must be integers (uint8, int32, int64, ...), got {labels.dtype}")
+        if not np.issubdtype(labels.dtype, np.integer):  # bool is not an integer dtype in numpy
+            raise _checks.label_dtype_error(_dtype_name(labels.dtype))
         labels = paddle.to_tensor(labels, place=place)
     if not isinstance(labels, paddle.Tensor):
         raise TypeError(f"labels must be a paddle.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INTS:
-        raise LabelError(
-            f"labels must be integers (uint8, int32, int64, ...), got {_dtype_name(labels.dtype)}"
-        )
+        raise _checks.label_dtype_error(_dtype_name(labels.dtype))
     if str(labels.place) != str(place):
         raise ValueError(f"labels are on {labels.place} but the logits are on {place}")
     return labels
@@ -661,12 +663,9 @@ def _label_channels(
 
     One device sync: whether bad values or partial labels occur is read back together.
     """
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    hierarchy.check_ignore_index(int(ignore_index))
+    ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
     tab = _tables(hierarchy, labels.place)
     lab = labels.astype("int64")
-    ignore_index = int(ignore_index)
     if max(hierarchy.num_nodes, abs(ignore_index) + 1) <= LABEL_TABLE_MAX:
         # a lookup table indexed by the clamped label value: a few passes over the labels
         table, shift, bad, partial = hierarchy.label_table(ignore_index)
@@ -690,15 +689,19 @@ def _label_channels(
     return paddle.where(ignored, paddle.full_like(lab, -1), channels), bool(any_partial)
 
 
+def _labels_at_door(
+    labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: Any
+) -> tuple[paddle.Tensor, int]:
+    """The label tensor (type, dtype, place and shape checked) and ``ignore_index`` checked; values not yet."""
+    labels = _label_tensor(labels, logits.place)
+    _checks.check_label_shape(tuple(labels.shape), (logits.shape[0], *logits.shape[2:]))
+    return labels, _checks.check_ignore_index(hierarchy, ignore_index)
+
+
 def _checked_labels(
     labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int
 ) -> tuple[paddle.Tensor, bool]:
-    labels = _label_tensor(labels, logits.place)
-    expected = (logits.shape[0], *logits.shape[2:])
-    if tuple(labels.shape) != tuple(expected):
-        raise ValueError(
-            f"labels must have the logits' shape without axis 1, {tuple(expected)}; got {tuple(labels.shape)}"
-        )
+    labels, ignore_index = _labels_at_door(labels, logits, hierarchy, ignore_index)
     return _label_channels(labels, hierarchy, ignore_index)
 
 
@@ -708,22 +711,15 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> pa
     if isinstance(node_weight, paddle.Tensor):
         w = node_weight.detach()
         if w.dtype == paddle.bool or w.dtype not in _FLOATS + _INTS:
-            raise TypeError(f"node_weight must be numeric, got {_dtype_name(w.dtype)}")
-        if tuple(w.shape) != (hierarchy.num_nodes,):
-            raise ValueError(
-                f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; "
-                f"got {tuple(w.shape)}"
-            )
+            raise _checks.node_weight_dtype_error(_dtype_name(w.dtype))
+        _checks.check_node_weight_shape(tuple(w.shape), hierarchy)
         return w if str(w.place) == str(place) else w.to(place)
     arr = np.asarray(node_weight)
     if arr.dtype == bool or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
     ):
-        raise TypeError(f"node_weight must be numeric, got dtype {arr.dtype}")
-    if arr.shape != (hierarchy.num_nodes,):
-        raise ValueError(
-            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {arr.shape}"
-        )
+        raise _checks.node_weight_dtype_error(_dtype_name(arr.dtype))
+    _checks.check_node_weight_shape(arr.shape, hierarchy)
     return paddle.to_tensor(arr.astype(np.float64), place=place)
 
 
@@ -763,10 +759,11 @@ def _use_triton(backend: str, x: paddle.Tensor) -> bool:
 def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend):
     x = _check_logits(logits, hierarchy)
     _check_choice(reduction, REDUCTIONS, "reduction")
-    lc, has_partial = _checked_labels(labels, x, hierarchy, ignore_index)
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.place)
     if check_finite:
         _check_finite(x)
+    lc, has_partial = _label_channels(labels, hierarchy, ignore_index)
     if _use_triton(backend, x):
         return _bridge().fused_tree_min_loss(
             x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w
@@ -831,7 +828,10 @@ def expand_targets_op(
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
     B = label_channels.shape[0]
     spatial = list(label_channels.shape[1:])
-    lc = label_channels.reshape([B, -1])
+    N = hierarchy.num_nodes
+    if _checks.is_empty(label_channels.shape):
+        return paddle.zeros([B, N, *spatial], dtype="uint8"), paddle.zeros([B, N, *spatial], dtype="bool")
+    lc = label_channels.reshape([B, math.prod(spatial)])
     tab = _tables(hierarchy, lc.place)
     labels = _Labels(lc, tab, True)
     pos, masks = [], []
@@ -840,7 +840,6 @@ def expand_targets_op(
         p = labels.positive(d) & m
         pos.append(p)
         masks.append(paddle.expand(m, p.shape))
-    N = hierarchy.num_nodes
     targets = _unblock(pos, tab).astype("uint8").reshape([B, N, *spatial])
     mask = _unblock(masks, tab).reshape([B, N, *spatial])
     return targets, mask
@@ -853,8 +852,7 @@ def expand_targets(
     _check_hierarchy(hierarchy)
     place = labels.place if isinstance(labels, paddle.Tensor) else paddle.CPUPlace()
     labels = _label_tensor(labels, place)
-    if labels.ndim < 1:
-        raise LabelError("labels need a batch dimension: [B, *spatial]")
+    _checks.check_label_batch(labels.ndim)
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
     with paddle.no_grad():
         return expand_targets_op(lc, hierarchy)
@@ -862,13 +860,16 @@ def expand_targets(
 
 def depth_cross_entropy_op(logits, label_channels, hierarchy, depth):
     """Mean cross-entropy over the classes at ``depth``; see :func:`depth_cross_entropy`."""
+    if _no_pixel(logits.shape):
+        return empty_loss(logits, "mean")
     tab = _tables(hierarchy, logits.place)
     plan = tab.plan
     B, N = logits.shape[:2]
+    P = math.prod(logits.shape[2:])
     ct = compute_dtype(logits.dtype)
     classes = tab.get(("depth_channels", depth), lambda: plan.depth_channels[depth - 1])
-    x = paddle.index_select(logits.reshape([B, N, -1]), classes, axis=1).astype(ct)  # [B, C, P]
-    lc = label_channels.reshape([B, -1])
+    x = paddle.index_select(logits.reshape([B, N, P]), classes, axis=1).astype(ct)  # [B, C, P]
+    lc = label_channels.reshape([B, P])
     safe = paddle.clip(lc, min=0).reshape([-1])
     target_ch = paddle.index_select(_vec(tab, "anc_col", depth - 1), safe)
     label_depth = paddle.index_select(_vec(tab, "depth"), safe)
@@ -890,14 +891,9 @@ def depth_cross_entropy(
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
     not count. Mean over the counted pixels (an exact 0 if there are none)."""
     x = _check_logits(logits, hierarchy)
-    if (
-        isinstance(depth, bool)
-        or not isinstance(depth, numbers.Integral)
-        or not 1 <= depth <= hierarchy.max_depth
-    ):
-        raise ValueError(f"depth must be in 1..{hierarchy.max_depth}, got {depth}")
+    depth = _checks.check_depth(depth, hierarchy)
     lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
-    return depth_cross_entropy_op(x, lc, hierarchy, int(depth))
+    return depth_cross_entropy_op(x, lc, hierarchy, depth)
 
 
 # ---------------------------------------------------------------------------- triplet loss
@@ -985,9 +981,7 @@ def hierarchy_triplet_loss(
     if not isinstance(embeddings, paddle.Tensor):
         raise TypeError(f"embeddings must be a paddle.Tensor, got {type(embeddings).__name__}")
     if embeddings.dtype not in _FLOATS:
-        raise TypeError(
-            f"embeddings must be float16, bfloat16, float32 or float64, got {_dtype_name(embeddings.dtype)}"
-        )
+        raise _checks.logits_dtype_error(_dtype_name(embeddings.dtype), "embeddings")
     if embeddings.ndim != 4:
         raise ValueError(f"embeddings must be [B, C, h, w], got shape {tuple(embeddings.shape)}")
     labels = _label_tensor(labels, embeddings.place)
@@ -1162,9 +1156,11 @@ def decode_op(logits, hierarchy, method):
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
     L = plan.max_depth
+    if _no_pixel(logits.shape):  # no pixel: empty maps of the right shapes
+        return paddle.zeros([B, *spatial], dtype="int64"), paddle.zeros([B, L, *spatial], dtype="int64")
     node_ids = _vec(tab, "node_ids")
     with paddle.no_grad():
-        x = logits.detach().reshape([B, N, -1]).astype(compute_dtype(logits.dtype))
+        x = logits.detach().reshape([B, N, math.prod(spatial)]).astype(compute_dtype(logits.dtype))
         P = x.shape[2]
         if method == "independent":
             per_depth = []

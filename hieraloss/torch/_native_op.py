@@ -18,12 +18,14 @@ no tensor uses it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from .. import _native
 from ..hierarchy import Hierarchy
-from ._ops import _reduction_scales, plan_for
+from ._ops import _reduction_scales, plan_for, tree_min_op
 
 
 def _dtype_code(t: torch.Tensor) -> int:
@@ -109,11 +111,15 @@ def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarch
     for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
-    x = logits.reshape(B, N, -1)
+    P = math.prod(spatial)  # explicit: reshape cannot infer -1 when B = 0
+    if B * P == 0:  # no pixel: the eager op's exact 0 (or empty map), connected to the logits
+        return tree_min_op(logits, label_channels, hierarchy, gamma=gamma, reduction=reduction,
+                           node_weight=node_weight, has_partial=False)
+    x = logits.reshape(B, N, P)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     x = x.contiguous()
-    lc = label_channels.reshape(B, -1).to(torch.int64).contiguous()
+    lc = label_channels.reshape(B, P).to(torch.int64).contiguous()
     want_grad = torch.is_grad_enabled() and x.requires_grad  # Function.forward itself runs without grad mode
     out = _NativeTreeMin.apply(x, lc, node_weight, hierarchy, float(gamma), reduction, want_grad)
     return out.reshape(B, N, *spatial) if reduction == "none" else out
@@ -167,6 +173,15 @@ class _NativeObjective(torch.autograd.Function):
         return grad, None, None, None, None, None, None, None, None
 
 
+def _empty_objective(logits: torch.Tensor, hierarchy: Hierarchy
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """No pixel at all (B = 0 or a zero-size spatial axis): every part is an exact 0, the total still
+    connected to the logits (its gradient is the empty zero tensor of the logits' shape)."""
+    ct = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    total = logits.to(ct).sum()  # a sum over no element: exactly 0
+    return total, total.detach().clone(), torch.zeros(hierarchy.max_depth, dtype=ct, device=logits.device)
+
+
 @torch.compiler.disable
 def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy, *,
                           gamma: float, node_weight: torch.Tensor | None, tree_min_weight: float,
@@ -187,11 +202,14 @@ def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hi
     ce_w = np.ascontiguousarray([float(w) for w in ce_weights], dtype=np.float64)
     if ce_w.size != hierarchy.max_depth:
         raise ValueError(f"ce_weights needs one weight per depth ({hierarchy.max_depth}), got {ce_w.size}")
-    x = logits.reshape(B, N, -1)
+    P = math.prod(logits.shape[2:])  # explicit: reshape cannot infer -1 when B = 0
+    if B * P == 0:
+        return _empty_objective(logits, hierarchy)
+    x = logits.reshape(B, N, P)
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     x = x.contiguous()
-    lc = label_channels.reshape(B, -1).to(torch.int64).contiguous()
+    lc = label_channels.reshape(B, P).to(torch.int64).contiguous()
     hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64).numpy()
     weight = None if node_weight is None else node_weight.detach().to(torch.float64).cpu().numpy()
     tm_scale, ce_scale = _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)

@@ -138,7 +138,8 @@ class _Labels:
         B, P = lc.shape
         self.valid = lc >= 0
         safe = lc.clamp(min=0).reshape(-1)
-        self.path = plan.ancestor_table.index_select(0, safe).view(B, P, -1).permute(0, 2, 1).contiguous()  # [B, L, P]
+        L = plan.max_depth  # explicit sizes: view cannot infer -1 when B * P = 0
+        self.path = plan.ancestor_table.index_select(0, safe).view(B, P, L).permute(0, 2, 1).contiguous()  # [B, L, P]
         depth_c = plan.depth.index_select(0, safe).view(B, P)
         steps = torch.arange(plan.max_depth, device=lc.device).view(1, -1, 1)
         self.on_path = (steps < depth_c.unsqueeze(1)) & self.valid.unsqueeze(1)  # [B, L, P]
@@ -463,8 +464,9 @@ def tree_min_op(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: H
     """
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
-    x = logits.reshape(B, N, -1)
-    lc = label_channels.reshape(B, -1)
+    P = math.prod(spatial)  # explicit: reshape cannot infer -1 when B = 0
+    x = logits.reshape(B, N, P)
+    lc = label_channels.reshape(B, P)
     plan = plan_for(hierarchy, logits.device)
     out = _TreeMinFunction.apply(x, lc, node_weight, plan, float(gamma), reduction, bool(has_partial))
     return out.reshape(B, N, *spatial) if reduction == "none" else out
@@ -476,7 +478,7 @@ def expand_targets_op(label_channels: torch.Tensor, hierarchy: Hierarchy) -> tup
     plan = plan_for(hierarchy, label_channels.device)
     B = label_channels.shape[0]
     spatial = label_channels.shape[1:]
-    lc = label_channels.reshape(B, -1)
+    lc = label_channels.reshape(B, math.prod(spatial))
     lab = _Labels(lc, plan)
     N = plan.num_nodes
     positive = torch.zeros(B, N, lc.shape[1], dtype=torch.bool, device=lc.device)
@@ -516,7 +518,7 @@ def decode_op(logits: torch.Tensor, hierarchy: Hierarchy, method: str) -> tuple[
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
     with torch.no_grad():
-        x = logits.detach().reshape(B, N, -1).to(compute_dtype(logits.dtype))
+        x = logits.detach().reshape(B, N, math.prod(spatial)).to(compute_dtype(logits.dtype))
         if method == "independent":
             per_depth = [dc[x.index_select(1, dc).argmax(dim=1)] for dc in plan.depth_channels]
             depth_ch = torch.stack(per_depth, dim=1)
@@ -546,8 +548,9 @@ def depth_cross_entropy_op(logits: torch.Tensor, label_channels: torch.Tensor, h
     B, N = logits.shape[:2]
     ct = compute_dtype(logits.dtype)
     classes = plan.depth_channels[depth - 1]
-    x = logits.reshape(B, N, -1).index_select(1, classes).to(ct)
-    lc = label_channels.reshape(B, -1)
+    P = math.prod(logits.shape[2:])  # explicit: reshape cannot infer -1 when B = 0
+    x = logits.reshape(B, N, P).index_select(1, classes).to(ct)
+    lc = label_channels.reshape(B, P)
     safe = lc.clamp(min=0)
     target_ch = plan.ancestor_table[safe, depth - 1]
     known = (lc >= 0) & (plan.is_leaf[safe] | (plan.depth[safe] >= depth))

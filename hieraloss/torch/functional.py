@@ -18,14 +18,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _native
+from .. import _checks, _native
+from .._checks import REDUCTIONS, check_max_per_class
 from .._checks import check_choice as _check_choice
 from .._checks import check_gamma as _check_gamma
 from .._checks import check_hierarchy as _check_hierarchy
-from .._checks import check_max_per_class
-from ..hierarchy import Hierarchy, LabelError
+from ..hierarchy import Hierarchy
 from ..numpy.decode import DECODE_METHODS
-from ..numpy.losses import REDUCTIONS
 from ..numpy.triplet import SAMPLING, hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _native_op, _ops
@@ -55,21 +54,13 @@ def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> to
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {logits.dtype}")
-    if logits.dim() < 2:
-        raise ValueError(
-            f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {tuple(logits.shape)}")
-    if logits.shape[1] != hierarchy.num_nodes:
-        raise ValueError(
-            f"{name} have {logits.shape[1]} channels on dim 1, but the hierarchy has "
-            f"{hierarchy.num_nodes} nodes (shape {tuple(logits.shape)})")
+        raise _checks.logits_dtype_error(_checks.dtype_name(logits.dtype), name)
+    _checks.check_logits(tuple(logits.shape), _checks.dtype_name(logits.dtype), hierarchy, name)
     return logits
 
 
 def _check_finite(x: torch.Tensor, name: str = "logits") -> None:
-    bad = int((~torch.isfinite(x)).sum())
-    if bad:
-        raise ValueError(f"{name} hold {bad} non-finite values (nan or inf)")
+    _checks.check_finite_count(int((~torch.isfinite(x)).sum()), name)
 
 
 def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
@@ -78,7 +69,7 @@ def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise LabelError(f"labels must be integers (uint8, int32, int64, ...), got {labels.dtype}")
+        raise _checks.label_dtype_error(_checks.dtype_name(labels.dtype))
     if labels.device != device:
         raise ValueError(f"labels are on {labels.device} but the logits are on {device}")
     return labels
@@ -99,10 +90,7 @@ def _label_table(tab, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Te
 
 
 def _check_ignore_index(hierarchy: Hierarchy, ignore_index: Any) -> int:
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    hierarchy.check_ignore_index(int(ignore_index))
-    return int(ignore_index)
+    return _checks.check_ignore_index(hierarchy, ignore_index)
 
 
 def _label_slots(lab: torch.Tensor, hierarchy: Hierarchy, ignore_index: int):
@@ -168,10 +156,7 @@ def _labels_at_door(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy, ign
                     ) -> tuple[torch.Tensor, int]:
     """The label tensor (type, device and shape checked) and ``ignore_index`` checked; values not yet."""
     labels = _label_tensor(labels, logits.device)
-    expected = (logits.shape[0], *logits.shape[2:])
-    if tuple(labels.shape) != expected:
-        raise ValueError(
-            f"labels must have the logits' shape without dim 1, {expected}; got {tuple(labels.shape)}")
+    _checks.check_label_shape(tuple(labels.shape), (logits.shape[0], *logits.shape[2:]))
     return labels, _check_ignore_index(hierarchy, ignore_index)
 
 
@@ -186,10 +171,8 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.dev
         return None
     w = torch.as_tensor(node_weight)
     if not (w.is_floating_point() or (not w.is_complex() and w.dtype != torch.bool)):
-        raise TypeError(f"node_weight must be numeric, got {w.dtype}")
-    if tuple(w.shape) != (hierarchy.num_nodes,):
-        raise ValueError(
-            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {tuple(w.shape)}")
+        raise _checks.node_weight_dtype_error(_checks.dtype_name(w.dtype))
+    _checks.check_node_weight_shape(tuple(w.shape), hierarchy)
     return w.detach().to(device)
 
 
@@ -287,8 +270,7 @@ def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int
     """``(targets uint8, mask bool)``, both ``[B, N, *spatial]`` in channel order (DEVELOPING.md)."""
     _check_hierarchy(hierarchy)
     labels = _label_tensor(labels, labels.device if isinstance(labels, torch.Tensor) else torch.device("cpu"))
-    if labels.dim() < 1:
-        raise LabelError("labels need a batch dimension: [B, *spatial]")
+    _checks.check_label_batch(labels.dim())
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
     return _ops.expand_targets_op(lc, hierarchy)
 
@@ -300,8 +282,7 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
     not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
     ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the torch ops)."""
     x = _check_logits(logits, hierarchy)
-    if not 1 <= int(depth) <= hierarchy.max_depth:
-        raise ValueError(f"depth must be in 1..{hierarchy.max_depth}, got {depth}")
+    depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     if _use_triton(backend, x):
@@ -342,7 +323,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dtype not in _FLOATS:
-        raise TypeError(f"embeddings must be float16, bfloat16, float32 or float64, got {embeddings.dtype}")
+        raise _checks.logits_dtype_error(_checks.dtype_name(embeddings.dtype), "embeddings")
     if embeddings.dim() != 4:
         raise ValueError(f"embeddings must be [B, C, h, w], got shape {tuple(embeddings.shape)}")
     labels = _label_tensor(labels, embeddings.device)

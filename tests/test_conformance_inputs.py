@@ -1,0 +1,235 @@
+"""One answer per input, for every backend (issue 13).
+
+The same bad input raises the same exception type with the same message in numpy, torch (the
+compiled CPU kernel where built, and the vectorized ops) and paddle (likewise): the messages are
+written once, in ``hieraloss/_checks.py``. Empty inputs (B = 0 or a zero-size spatial axis) give an
+exact 0 connected to the graph, empty maps and empty gradients; bool labels raise ``LabelError``.
+
+Written once over the adapters of tests/backends.py (``Direct`` calls each library with numpy
+inputs turned into that framework's tensors of the same dtype).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from backends import BACKENDS, Direct, as_dtype
+
+from hieraloss import LabelError, presets
+from hieraloss._checks import NumberExpectedError
+from hieraloss.metrics import HierarchicalSegMetrics
+
+H = presets.cityscapes()
+N, L = H.num_nodes, H.max_depth
+LOSSES = ("tree_min_loss", "focal_tree_min_loss")
+ALL_LOSSES = (*LOSSES, "hssn_loss", "depth_cross_entropy")  # the last two: torch and paddle only
+REDUCTIONS = ("mean", "sum", "none", "hssn")
+METHODS = ("path", "hssn", "top_down", "independent")
+
+
+def _directs():
+    out = []
+    for param in BACKENDS:
+        adapter = param.values[0]
+        if adapter is None:  # framework not installed: skipped by the other suites too
+            continue
+        out.append(Direct(adapter))
+    return out
+
+
+DIRECTS = _directs()
+
+
+def _x(shape=(2, N, 3), dtype=np.float64):
+    return np.zeros(shape, dtype=dtype)
+
+
+def _labels(shape=(2, 3), dtype=np.int64):
+    return np.zeros(shape, dtype=dtype)
+
+
+def _loss_args(fn, x=None, labels=None):
+    """Positional arguments of ``fn`` (``depth_cross_entropy`` takes a depth)."""
+    x = _x() if x is None else x
+    labels = _labels() if labels is None else labels
+    return (x, labels, H, 2) if fn == "depth_cross_entropy" else (x, labels, H)
+
+
+def _bad_cases():
+    """(id, fn, args, kwargs, expected exception type, a word the message must hold)."""
+    cases = []
+    bad_values = np.array([[0, 26, 300], [0, -3, 0]])
+    for fn in ALL_LOSSES:
+        cases += [
+            (f"{fn}-labels-float", fn, _loss_args(fn, labels=_labels(dtype=np.float32)), {}, LabelError, "float32"),
+            (f"{fn}-labels-bool", fn, _loss_args(fn, labels=_labels(dtype=bool)), {}, LabelError, "bool"),
+            (f"{fn}-labels-complex", fn, _loss_args(fn, labels=_labels(dtype=np.complex64)), {}, LabelError,
+             "complex64"),
+            (f"{fn}-labels-shape", fn, _loss_args(fn, labels=_labels((2, 4))), {}, ValueError, "(2, 4)"),
+            (f"{fn}-labels-rank", fn, _loss_args(fn, labels=_labels((2, 3, 1))), {}, ValueError, "axis 1"),
+            (f"{fn}-labels-values", fn, _loss_args(fn, labels=bad_values), {}, LabelError, "-3, 26, 300"),
+            (f"{fn}-logits-int", fn, _loss_args(fn, x=_x(dtype=np.int64)), {}, TypeError, "int64"),
+            (f"{fn}-logits-bool", fn, _loss_args(fn, x=_x(dtype=bool)), {}, TypeError, "bool"),
+            (f"{fn}-logits-1d", fn, _loss_args(fn, x=_x((N,))), {}, ValueError, "[B, N, *spatial]"),
+            (f"{fn}-logits-channels", fn, _loss_args(fn, x=_x((2, N - 1, 3))), {}, ValueError, "25 channels"),
+            (f"{fn}-ignore-collides", fn, _loss_args(fn), {"ignore_index": 3}, LabelError, "collides"),
+            (f"{fn}-ignore-str", fn, _loss_args(fn), {"ignore_index": "255"}, TypeError, "ignore_index"),
+            (f"{fn}-ignore-float", fn, _loss_args(fn), {"ignore_index": 255.0}, TypeError, "ignore_index"),
+            (f"{fn}-ignore-bool", fn, _loss_args(fn), {"ignore_index": True}, TypeError, "ignore_index"),
+        ]
+        if fn != "depth_cross_entropy":
+            cases += [
+                (f"{fn}-node-weight-shape", fn, _loss_args(fn), {"node_weight": np.ones(5)}, ValueError, "(5,)"),
+                (f"{fn}-node-weight-2d", fn, _loss_args(fn), {"node_weight": np.ones((1, N))}, ValueError,
+                 "(1, 26)"),
+                (f"{fn}-node-weight-bool", fn, _loss_args(fn), {"node_weight": np.ones(N, dtype=bool)},
+                 TypeError, "bool"),
+            ]
+        if fn in LOSSES:
+            cases += [
+                (f"{fn}-reduction", fn, _loss_args(fn), {"reduction": "average"}, ValueError, "'average'"),
+                (f"{fn}-reduction-none", fn, _loss_args(fn), {"reduction": None}, ValueError, "reduction"),
+                (f"{fn}-not-finite", fn, _loss_args(fn, x=np.array([[[math.nan] * 3] * N, [[math.inf] * 3] * N])),
+                 {"check_finite": True}, ValueError, f"{6 * N} non-finite"),
+            ]
+    for gamma in (math.inf, -math.inf, math.nan, -1.0, True, False, "two", None):
+        cases.append((f"focal-gamma-{gamma!r}", "focal_tree_min_loss", _loss_args("focal_tree_min_loss"),
+                      {"gamma": gamma}, ValueError, f"gamma must be a finite number >= 0, got {gamma!r}"))
+    for gamma in (math.inf, -1.0, True, "two"):
+        cases.append((f"hssn-focal-gamma-{gamma!r}", "hssn_loss", _loss_args("hssn_loss"), {"focal_gamma": gamma},
+                      ValueError, "gamma must be a finite number >= 0"))
+    for depth in (0, L + 1, -1, 1.0, 1.5, True, "1"):
+        cases.append((f"depth-{depth!r}", "depth_cross_entropy", (_x(), _labels(), H, depth), {}, ValueError,
+                      f"depth must be in 1..{L}, got {depth!r}"))
+    cases += [
+        ("decode-channels", "decode", (_x((1, N - 1, 2)), H), {}, ValueError, "25 channels"),
+        ("decode-int", "decode", (_x(dtype=np.int32), H), {}, TypeError, "int32"),
+        ("decode-method", "decode", (_x(), H, "greedy"), {}, ValueError, "'greedy'"),
+        ("decode-hierarchy", "decode", (_x(), "cityscapes"), {}, TypeError, "Hierarchy"),
+        ("expand-bool", "expand_targets", (_labels(dtype=bool), H), {}, LabelError, "bool"),
+        ("expand-float", "expand_targets", (_labels(dtype=np.float64), H), {}, LabelError, "float64"),
+        ("expand-no-batch", "expand_targets", (np.full((), 3, dtype=np.int64), H), {}, LabelError,
+         "batch"),
+        ("expand-ignore", "expand_targets", (_labels(), H), {"ignore_index": 3}, LabelError, "collides"),
+        ("expand-ignore-float", "expand_targets", (_labels(), H), {"ignore_index": 255.0}, TypeError,
+         "ignore_index"),
+        ("expand-values", "expand_targets", (bad_values, H), {}, LabelError, "-3, 26, 300"),
+        ("triplet-bool", "hierarchy_triplet_loss", (np.zeros((1, 4, 2, 2)), np.zeros((1, 2, 2), dtype=bool), H),
+         {}, LabelError, "bool"),
+        ("triplet-float", "hierarchy_triplet_loss", (np.zeros((1, 4, 2, 2)), np.zeros((1, 2, 2)), H), {},
+         LabelError, "float64"),
+        ("triplet-embeddings-int", "hierarchy_triplet_loss",
+         (np.zeros((1, 4, 2, 2), dtype=np.int64), np.zeros((1, 2, 2), dtype=np.int64), H), {}, TypeError, "int64"),
+        ("triplet-ignore-float", "hierarchy_triplet_loss",
+         (np.zeros((1, 4, 2, 2)), np.zeros((1, 2, 2), dtype=np.int64), H), {"ignore_index": 255.0}, TypeError,
+         "ignore_index"),
+    ]
+    return cases
+
+
+BAD_CASES = _bad_cases()
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+def test_bad_input_same_error_in_every_backend(case):
+    """Every backend that has the function raises the same exception type and the same message."""
+    _, fn, args, kw, kind, needle = case
+    seen = {}
+    for direct in DIRECTS:
+        if not direct.has(fn):  # hssn_loss / depth_cross_entropy: torch and paddle only
+            continue
+        with pytest.raises(Exception) as info:  # noqa: B017 - the type is compared across backends below
+            direct.call(fn, *args, **kw)
+        seen[direct.name] = (type(info.value), str(info.value))
+    assert len(seen) >= 1
+    for name, (exc_type, message) in seen.items():
+        assert issubclass(exc_type, kind), (name, exc_type, message)
+        assert needle in message, (name, message)
+    assert len(set(seen.values())) == 1, seen
+
+
+def test_gamma_non_numbers_are_value_and_type_errors():
+    """A gamma that is not a number: a ValueError like every bad gamma, and still a TypeError."""
+    assert issubclass(NumberExpectedError, ValueError) and issubclass(NumberExpectedError, TypeError)
+    for direct in DIRECTS:
+        for gamma in ("two", None, True):
+            with pytest.raises(NumberExpectedError):
+                direct.call("focal_tree_min_loss", _x(), _labels(), H, gamma=gamma)
+        with pytest.raises(ValueError) as info:
+            direct.call("focal_tree_min_loss", _x(), _labels(), H, gamma=math.inf)
+        assert type(info.value) is ValueError  # a number out of range: a plain ValueError
+
+
+# ---------------------------------------------------------------------------- empty inputs
+EMPTY_SHAPES = [(0, 3, 4), (2, 0, 4), (2, 4, 0), (0,), (2, 0)]  # label shapes [B, *spatial]
+
+
+def _empty(label_shape, dtype="float64"):
+    x = as_dtype(np.zeros((label_shape[0], N, *label_shape[1:])), dtype)
+    return x, np.zeros(label_shape, dtype=np.int64)
+
+
+@pytest.mark.parametrize("label_shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("adapter", BACKENDS)
+def test_empty_inputs(adapter, label_shape):
+    """B = 0 or a zero-size spatial axis: losses are an exact 0 (scalar reductions) or an empty map
+    ("none"), in the loss dtype, connected to the logits (a gradient of their shape, all zero);
+    decode gives empty maps of the right shapes; expand_targets empty targets and masks."""
+    direct = Direct(adapter)
+    for dtype in adapter.dtypes:
+        x, labels = _empty(label_shape, dtype)
+        want_dtype = np.float64 if dtype == "float64" else np.float32
+        for fn in ALL_LOSSES:
+            if not direct.has(fn):
+                continue
+            reductions = REDUCTIONS if fn in LOSSES else (None,)
+            for reduction in reductions:
+                kw = {} if reduction is None else {"reduction": reduction}
+                args = _loss_args(fn, x=x, labels=labels)[1:]
+                value = direct.numpy(direct.call(fn, x, *args, **kw))
+                assert value.dtype == want_dtype, (fn, reduction, dtype, value.dtype)
+                if reduction == "none":
+                    assert value.shape == x.shape, (fn, value.shape)
+                else:
+                    assert value.shape == () and float(value) == 0.0, (fn, reduction, value)
+                if direct.supports_grad:
+                    value, grad = direct.value_and_grad(fn, x, *args, **kw)
+                    assert grad.shape == x.shape and not np.any(grad), (fn, reduction, grad.shape)
+                    assert grad.dtype == (np.float32 if dtype == "bfloat16" else np.dtype(dtype))
+        for method in METHODS:
+            leaf, depth = (direct.numpy(t) for t in direct.call("decode", x, H, method))
+            assert leaf.shape == label_shape and depth.shape == (label_shape[0], L, *label_shape[1:]), method
+            assert leaf.dtype == np.int64 and depth.dtype == np.int64
+    targets, mask = (direct.numpy(t) for t in direct.call("expand_targets", labels, H))
+    assert targets.shape == mask.shape == (label_shape[0], N, *label_shape[1:])
+    assert targets.dtype == np.uint8 and mask.dtype == bool
+
+
+@pytest.mark.parametrize("adapter", BACKENDS)
+def test_empty_hssn_parts_are_zero(adapter):
+    direct = Direct(adapter)
+    if not direct.has("hssn_loss"):
+        pytest.skip(f"{direct.name} has no hssn_loss")
+    x, labels = _empty((0, 3, 4))
+    total, parts = direct.call("hssn_loss", x, labels, H, return_parts=True, focal_gamma=2.0)
+    assert float(direct.numpy(total)) == 0.0
+    assert set(parts) == {"tree_min", *(f"ce_depth{d}" for d in range(1, L + 1))}
+    assert all(float(direct.numpy(v)) == 0.0 for v in parts.values())
+
+
+# ---------------------------------------------------------------------------- bool labels
+@pytest.mark.parametrize("adapter", BACKENDS)
+def test_bool_labels_are_rejected_everywhere(adapter):
+    direct = Direct(adapter)
+    labels = np.zeros((2, 3), dtype=bool)
+    calls = [(fn, _loss_args(fn, labels=labels)) for fn in ALL_LOSSES if direct.has(fn)]
+    calls += [("expand_targets", (labels, H)),
+              ("hierarchy_triplet_loss", (np.zeros((2, 4, 3, 1)), labels.reshape(2, 3, 1), H))]
+    for fn, args in calls:
+        with pytest.raises(LabelError, match=r"labels must be integers \(uint8, int32, int64, \.\.\.\), got bool"):
+            direct.call(fn, *args)
+    metrics = HierarchicalSegMetrics(H)
+    with pytest.raises(LabelError, match="bool"):
+        metrics.update(direct.tensor(np.zeros((2, 3), dtype=np.int64)), direct.tensor(labels))
