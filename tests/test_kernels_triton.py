@@ -415,6 +415,13 @@ def test_functional_triton_path_labels_and_syncs():
         a = fn(x, bad, h, backend="triton", check_labels=False)
         b = fn(x, as_ignored, h, backend="triton")
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    from hieraloss.torch import HSSNLoss, TreeMinLoss
+
+    for module in (TreeMinLoss(h, backend="triton", check_labels=False),
+                   HSSNLoss(h, backend="triton", check_labels=False)):
+        torch.testing.assert_close(module(x, bad), module(x, as_ignored), rtol=0, atol=0)
+        with pytest.raises(LabelError, match="77"):
+            type(module)(h, backend="triton")(x, bad)
     total, parts = hssn_loss(x, y, h, backend="triton", return_parts=True, ce_weights=[1.0, 0.5])
     ref_total, ref_parts = hssn_loss(x, y, h, backend="torch", return_parts=True, ce_weights=[1.0, 0.5])
     torch.testing.assert_close(total, ref_total)

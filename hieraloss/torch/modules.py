@@ -33,7 +33,8 @@ class TreeMinLoss(nn.Module):
     """:func:`hieraloss.torch.tree_min_loss` as a module: ``loss = TreeMinLoss(h)(logits, labels)``."""
 
     def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
-                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto"):
+                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
+                 check_labels: bool = True):
         super().__init__()
         F._check_hierarchy(hierarchy)
         F._check_choice(reduction, F.REDUCTIONS, "reduction")
@@ -44,12 +45,14 @@ class TreeMinLoss(nn.Module):
         self.reduction = reduction
         self.check_finite = check_finite
         self.backend = backend
+        self.check_labels = bool(check_labels)
         _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.tree_min_loss(logits, labels, self.hierarchy, ignore_index=self.ignore_index,
                                reduction=self.reduction, node_weight=self.node_weight,
-                               check_finite=self.check_finite, backend=self.backend)
+                               check_finite=self.check_finite, backend=self.backend,
+                               check_labels=self.check_labels)
 
     def extra_repr(self) -> str:
         return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
@@ -66,7 +69,7 @@ class FocalTreeMinLoss(TreeMinLoss):
         return F.focal_tree_min_loss(logits, labels, self.hierarchy, gamma=self.gamma,
                                      ignore_index=self.ignore_index, reduction=self.reduction,
                                      node_weight=self.node_weight, check_finite=self.check_finite,
-                                     backend=self.backend)
+                                     backend=self.backend, check_labels=self.check_labels)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma}"
@@ -116,7 +119,8 @@ class HSSNLoss(nn.Module):
                  focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
                  triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
                  max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False):
+                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
+                 check_labels: bool = True):
         super().__init__()
         F._check_hierarchy(hierarchy)
         if triplet_weight is None and total_steps is not None and not total_steps > 0:
@@ -134,6 +138,7 @@ class HSSNLoss(nn.Module):
         self.backend = backend
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
+        self.check_labels = bool(check_labels)
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -150,7 +155,8 @@ class HSSNLoss(nn.Module):
                           node_weight=self.node_weight, max_per_class=self.max_per_class,
                           base_margin=self.base_margin, sampling=self.sampling, generator=generator,
                           return_parts=return_parts, backend=self.backend,
-                          process_group=self.process_group, gather_across_ranks=self.gather_across_ranks)
+                          process_group=self.process_group, gather_across_ranks=self.gather_across_ranks,
+                          check_labels=self.check_labels)
         if self.training and step is None and embeddings is not None:
             self.step += 1
         return out

@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ...hierarchy import Hierarchy
-from ._common import OBJECTIVE_STAGES, launch_sizes, objective_launch
+from ._common import NUM_STAGES, launch_sizes
 
 _TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
@@ -53,7 +53,7 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
 
     kernel = kernel_for(h)
     mode_id, tm, ce = OBJECTIVE_MODES[mode]
-    bp, warps = objective_launch(h.num_nodes, 1 << 20)
+    bp, warps = launch_sizes(h.num_nodes, 1 << 20)
     acc = "fp64" if dtype == "float64" else "fp32"
     x = _TRITON[dtype]
     sig = {name: "i32" for name in kernel.arg_names}
@@ -64,22 +64,23 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
                  MODE=mode_id)
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=OBJECTIVE_STAGES))
+                          options=dict(num_warps=warps, num_stages=NUM_STAGES))
 
 
 def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down: bool = False,
                    block_p: int | None = None):
-    """Compile the decode kernel's specialisation for ``h`` for ``sm_<arch>``."""
-    from .decode import _decode_kernel
+    """Compile the generated decode kernel of ``h`` for ``sm_<arch>``."""
+    from .objective import decode_kernel_for
 
-    np_, bp, warps = launch_sizes(h.num_nodes, 1 << 20)
-    sig = {name: "i32" for name in _decode_kernel.arg_names}
-    sig.update(x_ptr="*" + _TRITON[dtype], sxb="i64", leaf_out_ptr="*i64", depth_out_ptr="*i64", ids_ptr="*i64",
-               **{k: "*i32" for k in ("anc_ptr", "depth_ptr", "parent_ptr", "leaf_ptr")})
-    const = dict(L=h.max_depth, NP=np_, BLOCK_P=block_p or bp, TOP_DOWN=top_down, F64=dtype == "float64")
+    kernel = decode_kernel_for(h)
+    bp, warps = launch_sizes(h.num_nodes, 1 << 20)
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update(x_ptr="*" + _TRITON[dtype], sxb="i64", anc_ptr="*i32", ids_ptr="*i64", leaf_out_ptr="*i64",
+               depth_out_ptr="*i64")
+    const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", TOP_DOWN=top_down)
     sig.update({k: "constexpr" for k in const})
-    return triton.compile(ASTSource(_decode_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps))
+    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=warps, num_stages=NUM_STAGES))
 
 
 def usage(compiled) -> Usage | None:

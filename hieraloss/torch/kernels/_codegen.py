@@ -301,3 +301,87 @@ def objective_source(h: Hierarchy) -> str:
         emit(f"{I2}store_rows(ob + {v} * P64, gr.to(out_ptr.dtype.element_ty), pmask, one)")
     emit("")
     return "\n".join(lines)
+
+
+_DECODE_HEADER = '''
+
+@triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "P"])
+def decode_kernel(
+    x_ptr, sxb, sxn, sxp,             # logits [B, N, P], any strides
+    anc_ptr, ids_ptr,                 # int32 ancestor table [N, L], int64 node ids [N]
+    leaf_out_ptr, depth_out_ptr,      # int64 [B, P], [B, L, P]
+    P,
+    BLOCK_P: tl.constexpr, F64: tl.constexpr, TOP_DOWN: tl.constexpr,
+):
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs < P
+    o64 = offs.to(tl.int64)
+    sn = sxn.to(tl.int64)
+    xb = x_ptr + b * sxb + o64 * sxp
+    one = (P > 0).to(tl.int32)  # a run-time 1: the trip count of load_rows / store_rows
+'''
+
+
+def decode_source(h: Hierarchy) -> str:
+    """Source of ``decode_kernel`` for ``h``: ``path`` (argmax over leaves of the sum of logits along
+    the path, ties to the lowest leaf channel) or ``top_down`` (the best child of the node chosen so
+    far, ties to the lowest channel), as straight-line code over ``[BLOCK_P]`` vectors."""
+    t = _Tree(h)
+    lines = [_DECODE_HEADER]
+    emit = lines.append
+    I1, I2 = " " * 4, " " * 8
+
+    def load(v: int) -> str:
+        return f"load_rows(xb + {v} * sn, pmask, one).to(CT)"
+
+    emit(f"{I1}if TOP_DOWN:")
+    # The best child of every parent (the implicit root included), children in channel order.
+    parents = [-1] + [v for v in range(t.n) if not t.is_leaf[v]]
+    for u in parents:
+        kids = t.roots if u < 0 else t.children[u]
+        name = "root" if u < 0 else str(u)
+        emit(f"{I2}bx = {load(kids[0])}")
+        emit(f"{I2}ch_{name} = tl.zeros([BLOCK_P], tl.int32) + {kids[0]}")
+        for c in kids[1:]:
+            emit(f"{I2}xc = {load(c)}")
+            emit(f"{I2}bt = xc > bx")
+            emit(f"{I2}bx = tl.where(bt, xc, bx)")
+            emit(f"{I2}ch_{name} = tl.where(bt, {c}, ch_{name})")
+    emit(f"{I2}cur = ch_root")
+    for _ in range(t.L - 1):
+        emit(f"{I2}nxt = cur")
+        for u in parents[1:]:
+            emit(f"{I2}nxt = tl.where(cur == {u}, ch_{u}, nxt)")
+        emit(f"{I2}cur = nxt")
+    emit(f"{I2}leaf = cur")
+    emit(f"{I1}else:")
+    first = True
+
+    def walk(v: int, parent_sum: str | None) -> None:
+        nonlocal first
+        s = f"s{v}"
+        emit(f"{I2}{s} = {load(v)}" + (f" + {parent_sum}" if parent_sum else ""))
+        if t.is_leaf[v]:
+            if first:
+                emit(f"{I2}best = {s}")
+                emit(f"{I2}leaf = tl.zeros([BLOCK_P], tl.int32) + {v}")
+                first = False
+            else:
+                emit(f"{I2}bt = ({s} > best) | (({s} == best) & (leaf > {v}))")
+                emit(f"{I2}best = tl.where(bt, {s}, best)")
+                emit(f"{I2}leaf = tl.where(bt, {v}, leaf)")
+        for c in t.children[v]:
+            walk(c, s)
+
+    for r in t.roots:
+        walk(r, None)
+    emit(f"{I1}leaf = tl.where(pmask, leaf, 0)")
+    emit(f"{I1}store_rows(leaf_out_ptr + b * P + o64, tl.load(ids_ptr + leaf), pmask, one)")
+    for d in range(t.L):
+        emit(f"{I1}node = tl.load(anc_ptr + leaf * {t.L} + {d})")
+        emit(f"{I1}store_rows(depth_out_ptr + (b * {t.L} + {d}) * P + o64, tl.load(ids_ptr + node), pmask, one)")
+    emit("")
+    return "\n".join(lines)

@@ -39,9 +39,9 @@ from ...hierarchy import Hierarchy
 from ...numpy.losses import HSSN_SCALE, REDUCTIONS, ce_counted_per_depth, counted_entries_per_depth
 from .._tables import tables_for
 from . import _codegen
-from ._common import OBJECTIVE_STAGES, objective_launch
+from ._common import NUM_STAGES, launch_sizes
 
-__all__ = ["objective", "kernel_for", "label_codes", "CHANNEL_LABELS"]
+__all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
 
 # ``ignore_index`` value telling the op that the labels are already channels (-1 = ignored).
 CHANNEL_LABELS = -(1 << 62)
@@ -50,8 +50,8 @@ _LOCK = threading.Lock()
 _MODULES: dict[str, object] = {}
 
 
-def kernel_for(hierarchy: Hierarchy):
-    """The ``objective_kernel`` generated for ``hierarchy`` (compiled by Triton on first launch).
+def _module_for(hierarchy: Hierarchy):
+    """The module generated for ``hierarchy`` (its kernels are compiled by Triton on first launch).
 
     The source is registered with :mod:`linecache` under a pseudo file name, so Triton (and the
     interpreter) can read it like any module's source; nothing is written to disk.
@@ -60,9 +60,9 @@ def kernel_for(hierarchy: Hierarchy):
     with _LOCK:
         module = _MODULES.get(key)
         if module is None:
-            name = f"hieraloss_objective_{key[:16]}_v{_codegen.CODEGEN_VERSION}"
+            name = f"hieraloss_generated_{key[:16]}_v{_codegen.CODEGEN_VERSION}"
             filename = f"<hieraloss-generated {name}>"
-            source = _codegen.objective_source(hierarchy)
+            source = _codegen.objective_source(hierarchy) + _codegen.decode_source(hierarchy)
             linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
             spec = importlib.util.spec_from_loader(name, loader=None, origin=filename)
             module = importlib.util.module_from_spec(spec)
@@ -70,7 +70,17 @@ def kernel_for(hierarchy: Hierarchy):
             sys.modules[name] = module
             exec(compile(source, filename, "exec"), module.__dict__)  # noqa: S102 - our own generated code
             _MODULES[key] = module
-    return module.objective_kernel
+    return module
+
+
+def kernel_for(hierarchy: Hierarchy):
+    """The ``objective_kernel`` generated for ``hierarchy``."""
+    return _module_for(hierarchy).objective_kernel
+
+
+def decode_kernel_for(hierarchy: Hierarchy):
+    """The ``decode_kernel`` generated for ``hierarchy``."""
+    return _module_for(hierarchy).decode_kernel
 
 
 def _code_table(hierarchy: Hierarchy, channel_of_slot: np.ndarray) -> np.ndarray:
@@ -152,7 +162,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, ts
             out_dtype=None, upstream=None):
     B, N, P = x.shape
     L = hierarchy.max_depth
-    block_p, warps = objective_launch(N, P)
+    block_p, warps = launch_sizes(N, P)
     tiles = triton.cdiv(P, block_p)
     acc = _acc_dtype(x)
     dev = x.device
@@ -173,7 +183,8 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, ts
         tsc if tsc is not None else dummy, csc if csc is not None else dummy,
         out, part, P, float(gamma),
         BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=float(gamma) != 0.0,
-        HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode, num_warps=warps, num_stages=OBJECTIVE_STAGES,
+        HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
+        num_warps=warps, num_stages=NUM_STAGES,
     )
     return part, out
 
