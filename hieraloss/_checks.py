@@ -45,6 +45,12 @@ def dtype_name(dtype: Any) -> str:
     return name
 
 
+def _shape(shape: Sequence[Any]) -> tuple[int, ...]:
+    """A shape as a tuple of ints, for messages only: the checks compare the sizes as given, so that
+    a traced size (``torch.compile`` with dynamic shapes) is guarded on, not specialised."""
+    return tuple(int(s) for s in shape)
+
+
 def check_hierarchy(hierarchy: Any) -> None:
     if not isinstance(hierarchy, Hierarchy):
         raise TypeError(f"hierarchy must be a hieraloss.Hierarchy, got {type(hierarchy).__name__}")
@@ -105,13 +111,12 @@ def check_logits(shape: Sequence[int], dtype: str, hierarchy: Hierarchy, name: s
     check_hierarchy(hierarchy)
     if dtype not in dtypes:
         raise logits_dtype_error(dtype, name)
-    shape = tuple(int(s) for s in shape)
     if len(shape) < 2:
-        raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {shape}")
+        raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {_shape(shape)}")
     if shape[1] != hierarchy.num_nodes:
         raise ValueError(
-            f"{name} have {shape[1]} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
-            f"nodes (shape {shape})")
+            f"{name} have {int(shape[1])} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
+            f"nodes (shape {_shape(shape)})")
 
 
 # ---------------------------------------------------------------------------- labels
@@ -122,9 +127,9 @@ def label_dtype_error(dtype: str, name: str = "labels") -> LabelError:
 
 def check_label_shape(shape: Sequence[int], expected: Sequence[int]) -> None:
     """Labels ``[B, *spatial]`` of logits ``[B, N, *spatial]``: ``expected`` is that shape."""
-    shape, expected = tuple(int(s) for s in shape), tuple(int(s) for s in expected)
-    if shape != expected:
-        raise ValueError(f"labels must have the logits' shape without axis 1, {expected}; got {shape}")
+    if tuple(shape) != tuple(expected):
+        raise ValueError(
+            f"labels must have the logits' shape without axis 1, {_shape(expected)}; got {_shape(shape)}")
 
 
 def check_label_batch(ndim: int) -> None:
@@ -139,10 +144,9 @@ def node_weight_dtype_error(dtype: str) -> TypeError:
 
 
 def check_node_weight_shape(shape: Sequence[int], hierarchy: Hierarchy) -> None:
-    shape = tuple(int(s) for s in shape)
-    if shape != (hierarchy.num_nodes,):
+    if tuple(shape) != (hierarchy.num_nodes,):
         raise ValueError(
-            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {shape}")
+            f"node_weight must have shape ({hierarchy.num_nodes},), one weight per channel; got {_shape(shape)}")
 
 
 def check_finite_count(bad: int, name: str = "logits") -> None:
@@ -153,4 +157,4 @@ def check_finite_count(bad: int, name: str = "logits") -> None:
 
 def is_empty(shape: Sequence[int]) -> bool:
     """Whether a tensor of this shape holds no element (B = 0 or a zero-size spatial axis)."""
-    return any(int(s) == 0 for s in shape)
+    return any(s == 0 for s in shape)

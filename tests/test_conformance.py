@@ -365,6 +365,8 @@ def test_inputs_not_mutated(adapter):
 
 
 def _raises(call, *needles, types=(ValueError, TypeError)):
+    """Raises one of ``types`` naming every needle (tests/test_conformance_inputs.py checks that
+    every backend raises the same type and message)."""
     with pytest.raises(types) as info:
         call()
     message = str(info.value).lower()
@@ -388,11 +390,13 @@ def test_bad_input_raises(adapter, fn):
     neg[0, 1, 1] = -3
     _raises(lambda: loss(x, neg, h), "-3")
     _raises(lambda: loss(x, labels.astype(np.float32), h), "int")
+    _raises(lambda: loss(x, labels.astype(bool), h), "int", "bool")
     _raises(lambda: loss(x, labels, h, reduction="average"), "average")
     _raises(lambda: loss(x, labels, h, node_weight=np.ones(5)), "node_weight")
     _raises(lambda: loss(x, labels, h, ignore_index=3), "ignore_index")
     if fn == "focal_tree_min_loss":
         _raises(lambda: loss(x, labels, h, gamma=-1.0), "gamma")
+        _raises(lambda: loss(x, labels, h, gamma=math.inf), "gamma", "finite")
 
 
 def test_bad_decode_input_raises(adapter):
