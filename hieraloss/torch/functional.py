@@ -6,8 +6,9 @@ Loss values are float64 for float64 logits and float32 otherwise (float16/bfloat
 in float32); gradients come back in the logits' dtype. Inputs are never modified.
 
 Label validation reads one value back from the device (a sync; under ``torch.compile`` a graph
-break). ``torch.compile`` of the functions and modules works on CPU (tested with ``aot_eager``;
-inductor compiles as well).
+break); ``check_labels=False`` skips it, and on the Triton path a training step then reads nothing
+back (CUDA-graph capturable) and compiles as one graph. ``torch.compile`` of the functions and
+modules works on CPU too (tested with ``aot_eager``; inductor compiles as well).
 """
 
 from __future__ import annotations
