@@ -35,14 +35,14 @@ test: venv
 # releases (torch 2.11 ships triton 3.6.0): a kernel that only the newest triton compiles fails here.
 OLDEST_TRITON := triton==3.6.0
 VENV_OLD := .venv-triton-oldest
-$(VENV_OLD)/bin/.installed: pyproject.toml
+$(VENV_OLD)/bin/.installed: pyproject.toml Makefile
 	$(PY) -m venv $(VENV_OLD)
 	$(VENV_OLD)/bin/pip install -q --upgrade pip
-	$(VENV_OLD)/bin/pip install -q $(TORCH_PIN) $(OLDEST_TRITON) numpy 'hypothesis>=6.80' 'pytest>=7'
+	$(VENV_OLD)/bin/pip install -q $(TORCH_PIN) $(OLDEST_TRITON) numpy 'hypothesis>=6.80' 'pytest>=7' 'pytest-xdist>=3'
 	touch $@
 
 test-aot-oldest: $(VENV_OLD)/bin/.installed
-	$(VENV_OLD)/bin/python -m pytest -q tests/test_kernels_aot.py
+	$(VENV_OLD)/bin/python -m pytest -q -n 2 tests/test_kernels_aot.py
 
 # On a machine with an NVIDIA GPU: the GPU tests and the training-step table, from the checkout
 # (no venv, no network, nothing installed).
