@@ -130,9 +130,10 @@ def logits(draw: Any, hierarchy: Hierarchy, shape: Any, scale: float = 4.0, dtyp
 def assert_consistent(per_depth_labels: Any, hierarchy: Hierarchy, ignore_index: int = 255) -> None:
     """Assert that every pixel of ``[B, L, *spatial]`` per-depth node-id maps is a path of the tree
     (pixels that are ``ignore_index`` at every depth are skipped)."""
-    lab = np.asarray(per_depth_labels)
-    if hasattr(per_depth_labels, "detach"):
+    if hasattr(per_depth_labels, "detach"):  # a torch tensor, possibly on a GPU: never np.asarray it there
         lab = per_depth_labels.detach().cpu().numpy()
+    else:
+        lab = np.asarray(per_depth_labels)
     ok = hierarchy.consistent_mask(lab, ignore_index)
     all_ignored = (lab.astype(np.int64) == ignore_index).all(axis=1)
     bad = ~ok & ~all_ignored

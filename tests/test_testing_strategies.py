@@ -133,3 +133,24 @@ def test_assert_consistent_unbalanced():
     assert_consistent(np.array([[[3, 2], [0, 2]]]), h)  # [B, L, W]: a/x, and the shallow leaf z repeated
     with pytest.raises(AssertionError):
         assert_consistent(np.array([[[3, 2], [2, 2]]]), h)
+
+
+def test_assert_consistent_never_converts_a_device_tensor_with_numpy():
+    """A CUDA tensor cannot be turned into numpy directly (the H100 run failed there): tensors go
+    through .detach().cpu() first."""
+    torch = pytest.importorskip("torch")
+    h = presets.cityscapes()
+    paths = torch.tensor(h.ancestor_table[h.channel_of[[0, 5, 18]]].T.reshape(1, 2, 3))
+
+    class DeviceTensor:  # behaves like a CUDA tensor: __array__ raises, .detach().cpu() works
+        def __array__(self, *args, **kwargs):
+            raise TypeError("can't convert cuda:0 device type tensor to numpy")
+
+        def detach(self):
+            return paths
+
+    assert_consistent(DeviceTensor(), h)
+    bad = paths.clone()
+    bad[0, 0, 0] = 21  # road's depth-1 class is flat (19), not object (21)
+    with pytest.raises(AssertionError, match="not a path"):
+        assert_consistent(bad, h)
