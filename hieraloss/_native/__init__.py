@@ -24,6 +24,7 @@ import threading
 
 import numpy as np
 
+from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
 
 __all__ = ["available", "load_error", "use_for", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
@@ -203,57 +204,42 @@ def release_cpu_buffers() -> None:
 
 
 class TreeArrays:
-    """The kernel's view of a hierarchy (channel space, int32, C-contiguous):
+    """The kernel's view of a hierarchy: the tables of its :class:`hieraloss.core.plan.Plan` that the
+    C ABI reads, as read-only C-contiguous int32 copies (channel space):
 
     * ``edges`` ``[N - roots, 2]``: (child, parent) pairs, deepest children first and the children of
-      a parent in channel order (the order that decides zmax ties);
+      a parent in channel order (the order that decides zmax ties) = ``plan.edges``;
     * ``pre``: position in a depth-first pre-order walk (children by channel), ``size``: subtree size,
-      so ``u`` is ``v`` or below it iff ``pre[v] <= pre[u] < pre[v] + size[v]``;
+      so ``u`` is ``v`` or below it iff ``pre[v] <= pre[u] < pre[v] + size[v]`` = ``plan.pre`` / ``plan.size``;
     * the cross-entropy classes per depth (HSSN objective): ``class_offsets`` ``[L + 1]`` and
       ``class_channels``, depth d's classes being ``class_channels[class_offsets[d-1]:class_offsets[d]]``
       = ``hierarchy.depth_channels[d-1]`` (the nodes at depth d and the leaves shallower than d), and
       ``ce_target`` ``[N, L]``: the target class at depth d of a pixel labelled c,
       ``ancestor_table[c, d-1]`` (c itself for a leaf shallower than d), or -1 where such a pixel does
-      not count (a partial label coarser than d);
-    * for the glue's per-depth counts (float64 ``[N, L]``, rows by label channel):
-      ``tree_min_counted`` (``numpy.losses.counted_entries_per_depth``) and ``ce_counted``
-      (``numpy.losses.ce_counted_per_depth``), with ``depth`` ``[N]``.
+      not count (a partial label coarser than d) = ``plan.ce_target``;
+    * for the glue's per-depth counts (float64 ``[N, L]``, rows by label channel, the plan's own
+      read-only arrays): ``tree_min_counted`` and ``ce_counted``, with ``depth`` ``[N]`` int64.
     """
 
     def __init__(self, hierarchy: Hierarchy):
-        parent = np.asarray(hierarchy.parent)
-        depth = np.asarray(hierarchy.depth)
-        n = hierarchy.num_nodes
-        kids = [k for k in range(n) if parent[k] >= 0]
-        kids.sort(key=lambda k: (-int(depth[k]), k))
-        self.edges = np.ascontiguousarray([[k, int(parent[k])] for k in kids], dtype=np.int32).reshape(-1, 2)
-        pre = np.zeros(n, dtype=np.int32)
-        size = np.ones(n, dtype=np.int32)
-        order: list[int] = []
-        stack = [v for v in range(n) if parent[v] < 0][::-1]
-        while stack:
-            v = stack.pop()
-            pre[v] = len(order)
-            order.append(v)
-            stack.extend(int(c) for c in hierarchy.children[v][::-1])
-        for v in reversed(order):  # children come after their parent in pre-order
-            if parent[v] >= 0:
-                size[parent[v]] += size[v]
-        self.pre = pre
-        self.size = size
-        self.num_nodes = n
-        from ..numpy.losses import ce_counted_per_depth, counted_entries_per_depth
+        plan = plan_for(hierarchy)
 
-        L = hierarchy.max_depth
-        classes = [np.asarray(dc, dtype=np.int32) for dc in hierarchy.depth_channels]
-        self.num_depths = L
-        self.class_offsets = np.ascontiguousarray(np.cumsum([0] + [c.size for c in classes]), dtype=np.int32)
-        self.class_channels = np.ascontiguousarray(np.concatenate(classes), dtype=np.int32)
-        self.depth = depth.astype(np.int64)
-        self.tree_min_counted = counted_entries_per_depth(hierarchy)
-        self.ce_counted = ce_counted_per_depth(hierarchy)
-        self.ce_target = np.ascontiguousarray(np.where(self.ce_counted > 0, hierarchy.ancestor_table, -1),
-                                              dtype=np.int32)
+        def i32(a: np.ndarray) -> np.ndarray:
+            out = np.ascontiguousarray(a, dtype=np.int32)
+            out.setflags(write=False)  # the kernel only reads them
+            return out
+
+        self.edges = i32(plan.edges).reshape(-1, 2)
+        self.pre = i32(plan.pre)
+        self.size = i32(plan.size)
+        self.num_nodes = plan.num_nodes
+        self.num_depths = plan.max_depth
+        self.class_offsets = i32(plan.class_offsets)
+        self.class_channels = i32(plan.class_channels)
+        self.depth = plan.depth
+        self.tree_min_counted = plan.tree_min_counted
+        self.ce_counted = plan.ce_counted
+        self.ce_target = i32(plan.ce_target)
 
 
 def tree_arrays(hierarchy: Hierarchy) -> TreeArrays:

@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 
+from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
-from .losses import check_logits, compute_dtype, level_plan
+from .losses import check_logits, compute_dtype
 
 __all__ = ["decode", "DECODE_METHODS"]
 
@@ -24,7 +25,7 @@ DECODE_METHODS = ("path", "hssn", "top_down", "independent")
 
 def _path_sums(scores: np.ndarray, h: Hierarchy) -> np.ndarray:
     """``out[:, v] = sum of scores over A(v)``, accumulated root-first, one depth at a time."""
-    plan = level_plan(h)
+    plan = plan_for(h)
     out = scores.copy()
     for lv, par in zip(plan.levels[1:], plan.level_parents[1:], strict=False):
         out[:, lv] = out[:, par] + scores[:, lv]
@@ -32,12 +33,12 @@ def _path_sums(scores: np.ndarray, h: Hierarchy) -> np.ndarray:
 
 
 def _best_leaf(path_scores: np.ndarray, h: Hierarchy) -> np.ndarray:
-    leaves = level_plan(h).leaf_channels_sorted
+    leaves = plan_for(h).leaf_channels_sorted
     return leaves[np.argmax(path_scores[:, leaves], axis=1)]
 
 
 def _top_down(x: np.ndarray, h: Hierarchy) -> np.ndarray:
-    top = np.sort(level_plan(h).levels[0])
+    top = plan_for(h).levels[0]  # ascending
     chosen = top[np.argmax(x[:, top], axis=1)]
     ctab = h.children_table
     for _ in range(h.max_depth - 1):

@@ -11,13 +11,17 @@ pixel and no ``[B, N, N, ...]`` or ``[B, N, Dmax, ...]`` array is ever built.
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
 from .. import _checks
 from .._checks import check_hierarchy
+from ..core.plan import Plan, plan_for
+
+# Re-exported: the count tables moved to the plan (hieraloss.core.plan); older code imports them from here.
+from ..core.plan import ce_counted_per_depth as ce_counted_per_depth
+from ..core.plan import counted_entries_per_depth as counted_entries_per_depth
 from ..hierarchy import Hierarchy
 
 __all__ = ["tree_min_loss", "focal_tree_min_loss", "expand_targets"]
@@ -28,28 +32,6 @@ HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum b
 
 
 # ---------------------------------------------------------------------------- validation
-def counted_entries_per_depth(h: Hierarchy) -> np.ndarray:
-    """``[N, L]`` float64: for a valid pixel labelled with channel c, how many of its (pixel, node)
-    entries at depth d+1 the reductions count: the nodes at that depth that are not strictly below
-    c (a partial label's unknown descendants are masked). A histogram of label channels times this
-    table gives the per-depth counts of ``mean`` and ``hssn`` without a mask per pixel (the torch
-    and paddle ops use it; this backend counts its masks directly, as the reference)."""
-    strictly_below = h.is_ancestor & ~np.eye(h.num_nodes, dtype=bool)  # [c, v]: v in D(c), v != c
-    at_depth = [h.depth == d for d in range(1, h.max_depth + 1)]
-    return np.stack([lv.sum() - strictly_below[:, lv].sum(axis=1) for lv in at_depth], axis=1).astype(np.float64)
-
-
-def ce_counted_per_depth(h: Hierarchy) -> np.ndarray:
-    """``[N, L]`` float64 0/1: for a valid pixel labelled with channel c, whether it counts for the
-    cross-entropy at depth d+1 (the classes ``h.depth_channels[d]``, target ``ancestor_table[c, d]``):
-    a leaf counts at every depth (a leaf shallower than d is its own class there), a partial label
-    down to its own depth only. A histogram of label channels times this table gives the per-depth
-    counts of :func:`depth_cross_entropy`'s mean without a mask per pixel (the compiled kernel's
-    HSSN objective uses it, like :func:`counted_entries_per_depth` for the tree-min counts)."""
-    depths = np.arange(1, h.max_depth + 1)
-    return (h.is_leaf[:, None] | (h.depth[:, None] >= depths[None, :])).astype(np.float64)
-
-
 def compute_dtype(dtype: np.dtype) -> np.dtype:
     """float64 is computed in float64; float32 and float16 in float32."""
     return np.dtype(np.float64) if dtype == np.float64 else np.dtype(np.float32)
@@ -98,43 +80,21 @@ def check_node_weight(node_weight: Any, hierarchy: Hierarchy) -> np.ndarray | No
 
 
 # ---------------------------------------------------------------------------- level plans
-class LevelPlan:
-    """Index arrays for depth-by-depth sweeps over one hierarchy (channel space).
-
-    ``levels[d-1]``: the channels at depth d (ascending); ``level_parents[d-1]``: their parents.
-    ``child_ranks[d-1]``: for the nodes at depth d, a list over r of ``(children, parents)`` where
-    ``children`` are the r-th children (channel order) of those nodes. Within one rank the parents
-    are distinct, so ``zmax[:, parents] = max(zmax[:, parents], zmax[:, children])`` is one
-    vectorized update, and doing the ranks in order keeps "the earlier child wins a tie".
-    """
-
-    def __init__(self, h: Hierarchy):
-        self.levels = [np.flatnonzero(h.depth == d) for d in range(1, h.max_depth + 1)]
-        self.level_parents = [h.parent[lv] for lv in self.levels]
-        self.child_ranks: list[list[tuple[np.ndarray, np.ndarray]]] = []
-        for lv in self.levels:
-            kids_of = [h.children[v] for v in lv]
-            most = max((len(k) for k in kids_of), default=0)
-            ranks = []
-            for r in range(most):
-                kids = np.array([k[r] for k in kids_of if len(k) > r], dtype=np.int64)
-                ranks.append((kids, h.parent[kids]))
-            self.child_ranks.append(ranks)
-        self.leaf_channels_sorted = np.sort(h.leaf_channels)
+# The depth-by-depth schedules live in the one plan per hierarchy (hieraloss.core.plan); these names
+# stay for callers that imported them from here.
+LevelPlan = Plan
+level_plan = plan_for
 
 
-@lru_cache(maxsize=64)
-def level_plan(h: Hierarchy) -> LevelPlan:
-    return LevelPlan(h)
-
-
-def zmin_zmax(x: np.ndarray, plan: LevelPlan) -> tuple[np.ndarray, np.ndarray]:
-    """``zmin_v = min(x_v, zmin_parent)`` top-down and ``zmax_v = max(x_v, zmax_children)`` bottom-up."""
+def zmin_zmax(x: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:
+    """``zmin_v = min(x_v, zmin_parent)`` top-down and ``zmax_v = max(x_v, zmax_children)`` bottom-up
+    (``plan.level_child_ranks``: within a rank the parents are distinct, and the ranks in order keep
+    "the earlier child wins a tie")."""
     zmin = x.copy()
     for lv, par in zip(plan.levels[1:], plan.level_parents[1:], strict=False):
         zmin[:, lv] = np.minimum(x[:, lv], zmin[:, par])
     zmax = x.copy()
-    for ranks in reversed(plan.child_ranks):
+    for ranks in reversed(plan.level_child_ranks):
         for kids, par in ranks:
             zmax[:, par] = np.maximum(zmax[:, par], zmax[:, kids])
     return zmin, zmax
@@ -159,7 +119,7 @@ def _tree_min_op(
 ) -> np.ndarray:
     cdt = compute_dtype(x.dtype)
     x = x.astype(cdt)  # a copy: the caller's array is never touched
-    zmin, zmax = zmin_zmax(x, level_plan(h))
+    zmin, zmax = zmin_zmax(x, plan_for(h))
     positive, mask = targets_and_mask(ch, h)
     z = np.where(positive, -zmin, zmax)
     del zmin, zmax
@@ -178,7 +138,7 @@ def _tree_min_op(
         count = np.count_nonzero(mask)
         return cdt.type(loss.sum(dtype=cdt) / count) if count else cdt.type(0)
     total = cdt.type(0)
-    for lv in level_plan(h).levels:
+    for lv in plan_for(h).levels:
         count = np.count_nonzero(mask[:, lv])
         if count:
             total += loss[:, lv].sum(dtype=cdt) / cdt.type(count)

@@ -27,14 +27,15 @@ import math
 
 import torch
 
+from ..core.plan import plan_for as core_plan_for
 from ..hierarchy import Hierarchy
-from ..numpy.losses import HSSN_SCALE, counted_entries_per_depth
+from ..numpy.losses import HSSN_SCALE
 from ._tables import DeviceTables, tables_for
 
 
 # ---------------------------------------------------------------------------- per-device plan
 class Plan:
-    """Index tensors for level-by-level sweeps of one hierarchy on one device (channel space).
+    """The hierarchy's :class:`hieraloss.core.plan.Plan` as index tensors on one device (channel space).
 
     ``levels[d-1]``: channels at depth d; ``level_parents[d-1]``: their parents. ``bottom_up``:
     ``(v, children, child_is_leaf, leaf_slice_or_None)`` per internal node, deepest first.
@@ -42,38 +43,27 @@ class Plan:
 
     def __init__(self, tab: DeviceTables):
         h: Hierarchy = tab.hierarchy
+        core = core_plan_for(h)
         dev = tab.device
         long = dict(dtype=torch.int64, device=dev)
-        self.num_nodes = h.num_nodes
-        self.max_depth = h.max_depth
-        self.levels = []
-        self.level_parents = []
-        for d in range(1, h.max_depth + 1):
-            lv = [v for v in range(h.num_nodes) if h.depth[v] == d]
-            self.levels.append(torch.tensor(lv, **long))
-            self.level_parents.append(torch.tensor([int(h.parent[v]) for v in lv], **long))
+        self.num_nodes = core.num_nodes
+        self.max_depth = core.max_depth
+        self.levels = [torch.tensor(lv, **long) for lv in core.levels]
+        self.level_parents = [torch.tensor(par, **long) for par in core.level_parents]
         # Tree-min schedule: internal nodes deepest first, each with its children in channel order
         # (the zmax tie order) and, when they are leaves with consecutive channels, that slice.
-        internal = sorted((v for v in range(h.num_nodes) if not h.is_leaf[v]), key=lambda v: (-int(h.depth[v]), v))
         self.bottom_up = []
-        for v in internal:
-            kids = [int(k) for k in h.children[v]]
-            kid_is_leaf = [bool(h.is_leaf[k]) for k in kids]
+        for v in core.bottom_up.tolist():
+            kids = core.children[v].tolist()
+            kid_is_leaf = core.is_leaf[kids].tolist()
             consecutive = all(kid_is_leaf) and kids == list(range(kids[0], kids[-1] + 1))
             self.bottom_up.append((v, kids, kid_is_leaf, slice(kids[0], kids[-1] + 1) if consecutive else None))
         self.top_down = self.bottom_up[::-1]
-        self.max_kids = max((len(kids) for _, kids, _, _ in self.bottom_up), default=1)
+        self.max_kids = core.max_children
         # Runs of consecutive channels that are all leaves or all internal (one run each by default).
-        self.runs = []
-        for c in range(h.num_nodes):
-            leaf = bool(h.is_leaf[c])
-            if self.runs and self.runs[-1][1] == leaf:
-                self.runs[-1] = ((self.runs[-1][0][0], c + 1), leaf)
-            else:
-                self.runs.append(((c, c + 1), leaf))
+        self.runs = [((a, b), leaf) for a, b, leaf in core.channel_runs]
         # path_real[c, d]: 1 where ancestor_table[c, d] is a real path entry (d < depth(c)), 0 on the padding.
-        self.path_real = torch.tensor([[float(d < h.depth[c]) for d in range(h.max_depth)]
-                                       for c in range(h.num_nodes)], dtype=torch.float64, device=dev)
+        self.path_real = torch.tensor(core.path_real, dtype=torch.float64, device=dev)
         self.ancestor_table = tab.ancestor_table  # [N, L]
         self.ancestor_columns = tab.ancestor_table.t().contiguous()  # [L, N]
         self.depth = tab.depth  # [N]
@@ -81,9 +71,9 @@ class Plan:
         self.is_leaf = tab.is_leaf
         self.is_internal = ~tab.is_leaf
         self.children_table = tab.children_table
-        self.leaf_sorted = torch.sort(tab.leaf_channels).values
-        self.depth_channels = [torch.tensor(dc, **long) for dc in h.depth_channels]
-        self.counted_per_depth = torch.tensor(counted_entries_per_depth(h), device=dev)  # [N, L] float64
+        self.leaf_sorted = torch.tensor(core.leaf_channels_sorted, **long)
+        self.depth_channels = [torch.tensor(dc, **long) for dc in core.depth_channels]
+        self.counted_per_depth = torch.tensor(core.tree_min_counted, device=dev)  # [N, L] float64
 
 
 def plan_for(hierarchy: Hierarchy, device: torch.device) -> Plan:
@@ -534,18 +524,6 @@ def decode_op(logits: torch.Tensor, hierarchy: Hierarchy, method: str) -> tuple[
         L = plan.max_depth
         return (plan.node_ids[leaf].reshape(B, *spatial),
                 plan.node_ids[depth_ch].reshape(B, L, *spatial))
-
-
-def path_scores_op(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
-    """Leaf scores ``[B, K, *spatial]`` in leaf-id order: the sum of ``logits`` along each leaf's path
-    (root first, in the compute dtype; differentiable). Their argmax over dim 1 is the leaf that
-    ``decode_op(logits, hierarchy, "path")`` picks (as a position in leaf-id order)."""
-    plan = plan_for(hierarchy, logits.device)
-    B, N = logits.shape[:2]
-    spatial = logits.shape[2:]
-    x = logits.reshape(B, N, math.prod(spatial)).to(compute_dtype(logits.dtype))
-    leaves = tables_for(hierarchy, logits.device).leaf_channels  # [K]: channel of leaf id k
-    return _path_sums(x, plan).index_select(1, leaves).reshape(B, leaves.numel(), *spatial)
 
 
 # ---------------------------------------------------------------------------- cross-entropy per depth

@@ -26,8 +26,7 @@ total (per-depth scales given); 2 tree-min loss map; 3 gradient of ``sum(map * u
 
 from __future__ import annotations
 
-import numpy as np
-
+from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
@@ -93,47 +92,31 @@ def objective_kernel(
 
 
 class _Tree:
-    """The hierarchy as the generator walks it (channel space)."""
+    """The hierarchy as the generator walks it (channel space): plain-int views of the tables of its
+    :class:`hieraloss.core.plan.Plan` (the generator emits their values into the source)."""
 
     def __init__(self, h: Hierarchy):
-        from ..._native import tree_arrays  # framework-free pre-order / subtree sizes
-
-        arrays = tree_arrays(h)
-        self.n = h.num_nodes
-        self.L = h.max_depth
-        self.parent = np.asarray(h.parent)
-        self.depth = np.asarray(h.depth)
-        self.is_leaf = np.asarray(h.is_leaf)
-        self.children = [sorted(int(c) for c in h.children[v]) for v in range(self.n)]
-        self.roots = [v for v in range(self.n) if self.parent[v] < 0]
-        self.pre = arrays.pre.astype(int)
-        self.end = (arrays.pre + arrays.size).astype(int)
+        plan = plan_for(h)
+        self.n = plan.num_nodes
+        self.L = plan.max_depth
+        self.parent = plan.parent
+        self.depth = plan.depth
+        self.is_leaf = plan.is_leaf
+        self.children = [c.tolist() for c in plan.children]  # channel order
+        self.child_rank = plan.child_rank.tolist()  # position among the parent's children
+        self.roots = plan.roots.tolist()
+        self.pre = plan.pre.tolist()
+        self.end = plan.end.tolist()
+        self._post = plan.postorder.tolist()
+        self._pre_order = plan.preorder.tolist()
         # Depth sets of the cross-entropy: depth_channels[d] holds depth-(d+1) nodes and shallower leaves.
-        self.ce_sets = [set(int(c) for c in chans) for chans in h.depth_channels]
+        self.ce_sets = [set(chans.tolist()) for chans in plan.depth_channels]
 
     def post_order(self) -> list[int]:
-        out: list[int] = []
-
-        def walk(v: int) -> None:
-            for c in self.children[v]:
-                walk(c)
-            out.append(v)
-
-        for r in self.roots:
-            walk(r)
-        return out
+        return list(self._post)
 
     def pre_order(self) -> list[int]:
-        out: list[int] = []
-
-        def walk(v: int) -> None:
-            out.append(v)
-            for c in self.children[v]:
-                walk(c)
-
-        for r in self.roots:
-            walk(r)
-        return out
+        return list(self._pre_order)
 
 
 def objective_source(h: Hierarchy) -> str:
@@ -273,7 +256,7 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I2}xv = load_rows(xb3 + {v} * sn, pmask, one).to(CT)")
         emit(f"{I2}gr = zero")
         emit(f"{I2}if TM:")
-        rin = f"tl.where(sl{p} == {t.children[p].index(v) + 1}, r{p}, 0.0)" if p >= 0 else "zero"
+        rin = f"tl.where(sl{p} == {t.child_rank[v] + 1}, r{p}, 0.0)" if p >= 0 else "zero"
         if t.is_leaf[v]:
             emit(f"{I3}ng = {counted_negative(v, 'y', 'pc3', 'ec3')}")
             emit(f"{I3}wv = {weight(v)} if HAS_W else 1.0")

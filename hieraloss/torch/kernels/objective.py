@@ -31,12 +31,12 @@ import math
 import sys
 import threading
 
-import numpy as np
 import torch
 import triton
 
+from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
-from ...numpy.losses import HSSN_SCALE, REDUCTIONS, ce_counted_per_depth, counted_entries_per_depth
+from ...numpy.losses import HSSN_SCALE, REDUCTIONS
 from .._tables import tables_for
 from . import _codegen
 from ._common import NUM_STAGES, launch_sizes
@@ -83,21 +83,9 @@ def decode_kernel_for(hierarchy: Hierarchy):
     return _module_for(hierarchy).decode_kernel
 
 
-def _code_table(hierarchy: Hierarchy, channel_of_slot: np.ndarray) -> np.ndarray:
-    """int32 codes ``pre | end << 16`` of each slot's channel (-1 where the slot is not a node)."""
-    from ..._native import tree_arrays
-
-    arrays = tree_arrays(hierarchy)
-    if hierarchy.num_nodes >= 1 << 15:
-        raise ValueError(f"the fused kernel supports hierarchies below 32768 nodes, got {hierarchy.num_nodes}")
-    ch = np.asarray(channel_of_slot)
-    safe = np.where(ch >= 0, ch, 0)
-    code = arrays.pre[safe].astype(np.int64) | ((arrays.pre[safe] + arrays.size[safe]).astype(np.int64) << 16)
-    return np.where(ch >= 0, code, -1).astype(np.int32)
-
-
 def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
-    """``(codes int32 [S], shift, tm_counts float64 [S, L], ce_counts float64 [S, L])`` on ``device``.
+    """``(codes int32 [S], shift, tm_counts float64 [S, L], ce_counts float64 [S, L])`` on ``device``:
+    ``plan_for(hierarchy).label_codes`` (:class:`hieraloss.core.plan.LabelCodes`) as tensors.
 
     Slot ``clamp(label + shift, 0, S - 1)`` of a label value holds its code for the kernel and how
     many entries per depth it adds to the tree-min and cross-entropy counts. For
@@ -107,19 +95,10 @@ def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
     tab = tables_for(hierarchy, device)
 
     def build(t):
-        h = hierarchy
-        if ignore_index == CHANNEL_LABELS:
-            channel = np.concatenate([[-1], np.arange(h.num_nodes), [-1]])
-            shift = 1
-        else:
-            table, shift, _, _ = h.label_table(ignore_index)
-            channel = np.where(table >= 0, table, -1)
-        safe = np.where(channel >= 0, channel, 0)
-        tm = np.where((channel >= 0)[:, None], counted_entries_per_depth(h)[safe], 0.0)
-        ce = np.where((channel >= 0)[:, None], ce_counted_per_depth(h)[safe], 0.0)
-        return (torch.tensor(_code_table(h, channel), device=t.device), int(shift),
-                torch.tensor(tm, dtype=torch.float64, device=t.device),
-                torch.tensor(ce, dtype=torch.float64, device=t.device))
+        codes = plan_for(hierarchy).label_codes(None if ignore_index == CHANNEL_LABELS else ignore_index)
+        return (torch.tensor(codes.codes, device=t.device), codes.shift,
+                torch.tensor(codes.tree_min_counts, dtype=torch.float64, device=t.device),
+                torch.tensor(codes.ce_counts, dtype=torch.float64, device=t.device))
 
     return tab.get(("objective_codes", ignore_index), build)
 

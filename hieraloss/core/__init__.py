@@ -1,0 +1,11 @@
+"""The framework-free core every backend builds on (numpy only; imports no backend).
+
+* :mod:`hieraloss.core.plan`: :func:`plan_for`, the one :class:`Plan` per hierarchy holding every
+  integer table an op or kernel reads (cached by fingerprint). Nothing outside the core walks the tree.
+"""
+
+from __future__ import annotations
+
+from .plan import CODE_NODE_LIMIT, LabelCodes, Plan, ce_counted_per_depth, counted_entries_per_depth, plan_for
+
+__all__ = ["Plan", "LabelCodes", "plan_for", "counted_entries_per_depth", "ce_counted_per_depth", "CODE_NODE_LIMIT"]
