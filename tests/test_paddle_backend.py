@@ -24,6 +24,7 @@ paddle = pytest.importorskip("paddle")
 import hieraloss.numpy as hnp  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
 from hieraloss import Hierarchy, LabelError, _native, presets  # noqa: E402
+from hieraloss.paddle import _ops as pops  # noqa: E402
 from hieraloss.paddle import functional as pf  # noqa: E402
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
 
@@ -488,8 +489,8 @@ def test_pixel_chunks_change_nothing(monkeypatch, dtype):
     upstream = np.random.default_rng(17).normal(size=x.shape)
     results = {}
     for chunk in (1 << 20, 2 * h.num_nodes * 3):
-        monkeypatch.setattr(pf, "_CHUNK_ELEMENTS", chunk)
-        assert len(pf._spans(paddle.zeros([2, h.num_nodes, 35]))) == (1 if chunk > 1000 else 12)
+        monkeypatch.setattr(pops, "_CHUNK_ELEMENTS", chunk)  # the sweeps live in hieraloss.paddle._ops
+        assert len(pops._spans(paddle.zeros([2, h.num_nodes, 35]))) == (1 if chunk > 1000 else 12)
         for reduction in REDUCTIONS:
             up = upstream if reduction == "none" else None
             out, grad = _value_and_grad(

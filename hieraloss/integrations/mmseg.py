@@ -37,7 +37,6 @@ from ..hierarchy import Hierarchy
 from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
 from ..torch import functional as F
 from ..torch import leaf_losses as _leaf
-from ..torch._tables import tables_for
 
 __all__ = [
     "HieraTreeMinLoss",
@@ -56,7 +55,8 @@ load_hierarchy = presets.load  # kept under this name: configs and docs refer to
 
 
 def path_scores(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
-    """Leaf scores ``[B, K, *spatial]``: the sum of the logits along each leaf's path.
+    """Leaf scores ``[B, K, *spatial]``: the sum of the logits along each leaf's path
+    (:func:`hieraloss.torch.path_scores`; float32, or float64 for float64 logits).
 
     Their argmax over dim 1 is the ``path`` decoding (:func:`hieraloss.torch.decode`) as a leaf id,
     so a decode head can return them from ``predict_by_feat`` and mmseg's usual argmax, metrics
@@ -65,15 +65,7 @@ def path_scores(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.dim() < 2 or logits.shape[1] != hierarchy.num_nodes:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor [B, {hierarchy.num_nodes}, *spatial], got {shape}")
-    tab = tables_for(hierarchy, logits.device)
-    leaf_depth = tab.depth[tab.leaf_channels]                                        # [K]
-    real = torch.arange(hierarchy.max_depth, device=logits.device) < leaf_depth[:, None]  # [K, L]
-    bcast = (1, -1) + (1,) * (logits.dim() - 2)
-    out = logits.index_select(1, tab.leaf_paths[:, 0])
-    for d in range(1, hierarchy.max_depth):  # a shallow leaf repeats in leaf_paths: add it only once
-        term = logits.index_select(1, tab.leaf_paths[:, d])
-        out = out + torch.where(real[:, d].view(bcast), term, torch.zeros_like(term))
-    return out
+    return F.path_scores(logits, hierarchy)
 
 
 class _HieraLoss(nn.Module):
@@ -155,7 +147,7 @@ class _TreeMinBase(_HieraLoss):
         if reduction == "mean":
             return self.loss_weight * weighted.sum() / mask.sum().clamp(min=1)
         # "hssn": per-depth sums over their unmasked counts, summed over depths, times 5.
-        depth = tables_for(self.hierarchy, per_node.device).depth
+        depth = torch.tensor(self.hierarchy.depth, device=per_node.device)  # [N], channel order
         total = weighted.new_zeros(())
         node_sums = weighted.transpose(0, 1).reshape(self.hierarchy.num_nodes, -1).sum(1)
         node_counts = mask.transpose(0, 1).reshape(self.hierarchy.num_nodes, -1).sum(1)

@@ -54,6 +54,7 @@ from paddle import nn
 from .. import presets
 from ..hierarchy import Hierarchy
 from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
+from ..numpy.losses import check_reduction
 from ..paddle import functional as F
 from ..paddle import leaf_losses as _leaf
 
@@ -82,19 +83,13 @@ def _label_map(label: paddle.Tensor, ndim: int) -> paddle.Tensor:
 
 
 def path_scores(logits: paddle.Tensor, hierarchy: Hierarchy) -> paddle.Tensor:
-    """Leaf scores ``[B, K, *spatial]`` in leaf-id order: the sum of the logits along each leaf's path.
+    """Leaf scores ``[B, K, *spatial]`` in leaf-id order: the sum of the logits along each leaf's path
+    (:func:`hieraloss.paddle.path_scores`; float32, or float64 for float64 logits).
 
     Their argmax over axis 1 is the ``path`` decoding as a leaf id, so a model can return them in
     eval mode and PaddleSeg's evaluation (argmax, mIoU over the K leaf classes) just works.
     """
-    x = F._check_logits(logits, hierarchy)
-    tab = F._tables(hierarchy, x.place)
-    B, N = x.shape[:2]
-    spatial = list(x.shape[2:])
-    flat = x.reshape([B, N, -1])
-    scores = F._path_scores(flat.astype(F.compute_dtype(x.dtype)), tab)  # leaves by channel
-    by_id = tab.get("leaf_id_order", lambda: np.argsort(hierarchy.node_ids[tab.plan.leaf_sorted]))
-    return paddle.index_select(scores, by_id, axis=1).reshape([B, hierarchy.num_leaves, *spatial])
+    return F.path_scores(logits, hierarchy)
 
 
 class HieraTreeMinLoss(nn.Layer):
@@ -114,7 +109,7 @@ class HieraTreeMinLoss(nn.Layer):
         self.reduction = reduction
         self.node_weight = node_weight
         self.backend = backend
-        F._check_choice(reduction, F.REDUCTIONS, "reduction")
+        check_reduction(reduction)
         self.hierarchy.check_ignore_index(ignore_index)
 
     def _kwargs(self) -> dict[str, Any]:
@@ -130,11 +125,12 @@ class HieraTreeMinLoss(nn.Layer):
 
 
 class HieraFocalTreeMinLoss(HieraTreeMinLoss):
-    """Focal tree-min loss for PaddleSeg (``gamma`` as in :func:`hieraloss.paddle.focal_tree_min_loss`)."""
+    """Focal tree-min loss for PaddleSeg (``gamma`` as in :func:`hieraloss.paddle.focal_tree_min_loss`,
+    which checks it on each call)."""
 
     def __init__(self, hierarchy: Any = "cityscapes", gamma: float = 2.0, **kwargs: Any):
         super().__init__(hierarchy, **kwargs)
-        self.gamma = F._check_gamma(gamma)
+        self.gamma = gamma
 
     def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
         return F.focal_tree_min_loss(
@@ -188,7 +184,8 @@ class HieraTripletLoss(nn.Layer):
     mode advances the persistable ``step`` buffer by one; ``set_step`` sets it (after a resume).
     ``seed`` makes the random triplet sampling reproducible (a numpy Generator kept by the layer).
     ``gather_across_ranks=True`` draws triplets across the ranks of the default process group (a
-    collective: see :mod:`hieraloss.paddle.distributed`).
+    collective: see :mod:`hieraloss.paddle.distributed`). ``sampling``, ``max_per_class`` and
+    ``base_margin`` are checked on each call by :func:`hieraloss.paddle.hierarchy_triplet_loss`.
     """
 
     def __init__(
@@ -207,7 +204,6 @@ class HieraTripletLoss(nn.Layer):
         self.hierarchy.check_ignore_index(ignore_index)
         if total_steps is not None and not total_steps > 0:
             raise ValueError(f"total_steps must be > 0, got {total_steps}")
-        F._check_choice(sampling, F.SAMPLING, "sampling")
         self.total_steps = total_steps
         self.ignore_index = ignore_index
         self.max_per_class = max_per_class

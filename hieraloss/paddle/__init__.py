@@ -18,6 +18,7 @@ from .functional import (
     focal_tree_min_loss,
     hierarchy_triplet_loss,
     hssn_loss,
+    path_scores,
     tree_min_loss,
     triplet_weight,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "triplet_weight",
     "hssn_loss",
     "decode",
+    "path_scores",
     "expand_targets",
     "depth_cross_entropy",
     "hierarchical_cross_entropy",

@@ -20,7 +20,8 @@ from paddle.autograd import PyLayer
 
 from .. import _native
 from ..hierarchy import Hierarchy
-from .functional import _depth_coefs, _no_pixel, _tables, compute_dtype, empty_loss
+from ._ops import compute_dtype, depth_coefs, empty_loss, no_pixel
+from ._tables import tables_for
 
 _HALVES = (paddle.float16, paddle.bfloat16)
 
@@ -71,9 +72,9 @@ def _gradient_buffer(x: paddle.Tensor) -> paddle.Tensor:
 
 def _scales(lc, hierarchy, reduction, weight) -> np.ndarray:
     """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries), from the paddle op's
-    per-depth reduction factors (:func:`.functional._depth_coefs`)."""
-    tab = _tables(hierarchy, lc.place)
-    coefs = _depth_coefs(lc, tab, reduction, 1.0, paddle.float64)
+    per-depth reduction factors (:func:`._ops.depth_coefs`)."""
+    tab = tables_for(hierarchy, lc.place)
+    coefs = depth_coefs(lc, tab, reduction, 1.0, paddle.float64)
     by_depth = np.array([float(c) for c in coefs], dtype=np.float64)
     scale = by_depth[tab.plan.depth - 1]
     return np.ascontiguousarray(scale if weight is None else scale * weight)
@@ -118,9 +119,9 @@ class _NativeTreeMin(PyLayer):
 
 def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *, gamma: float,
                     reduction: str, node_weight: paddle.Tensor | None) -> paddle.Tensor:
-    """Same contract as :func:`.functional.tree_min_op` (validated inputs, label channels with -1 =
+    """Same contract as :func:`._ops.tree_min_op` (validated inputs, label channels with -1 =
     ignored) for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
-    if _no_pixel(logits.shape):  # no pixel: an exact 0 (or the empty map) connected to the logits
+    if no_pixel(logits.shape):  # no pixel: an exact 0 (or the empty map) connected to the logits
         return empty_loss(logits, reduction)
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
@@ -205,7 +206,7 @@ def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, 
     ce_w = np.ascontiguousarray([float(w) for w in ce_weights], dtype=np.float64)
     if ce_w.size != hierarchy.max_depth:
         raise ValueError(f"ce_weights needs one weight per depth ({hierarchy.max_depth}), got {ce_w.size}")
-    if _no_pixel(logits.shape):  # no pixel: every part an exact 0, the total connected to the logits
+    if no_pixel(logits.shape):  # no pixel: every part an exact 0, the total connected to the logits
         total = empty_loss(logits, "mean")
         ct = compute_dtype(logits.dtype)
         return total, paddle.zeros([], dtype=ct), paddle.zeros([hierarchy.max_depth], dtype=ct)

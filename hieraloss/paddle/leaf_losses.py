@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
-from .._checks import check_hierarchy
+from .._checks import check_hierarchy, dtype_name
 from ..hierarchy import Hierarchy
 from ..numpy.leaf_losses import (
     LEAF_DECODE_METHODS,
@@ -30,7 +30,9 @@ from ..numpy.leaf_losses import (
     leaf_plan,
     soft_targets,
 )
-from . import functional as F
+from ._ops import compute_dtype, decode_op
+from ._tables import tables_for, vec
+from .functional import _checked_labels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -45,7 +47,7 @@ def _checked_leaf_logits(leaf_logits: Any, hierarchy: Hierarchy) -> paddle.Tenso
     check_hierarchy(hierarchy)
     if not isinstance(leaf_logits, paddle.Tensor):
         raise TypeError(f"leaf_logits must be a paddle.Tensor, got {type(leaf_logits).__name__}")
-    check_leaf_logits(tuple(leaf_logits.shape), F._dtype_name(leaf_logits.dtype), hierarchy)
+    check_leaf_logits(tuple(leaf_logits.shape), dtype_name(leaf_logits.dtype), hierarchy)
     return leaf_logits
 
 
@@ -54,14 +56,14 @@ def _flat(x: paddle.Tensor) -> tuple[paddle.Tensor, int, list[int]]:
     the target shape as "keep this axis")."""
     B, K = x.shape[:2]
     spatial = list(x.shape[2:])
-    return x.reshape([B, K, math.prod(spatial)]).astype(F.compute_dtype(x.dtype)), B, spatial
+    return x.reshape([B, K, math.prod(spatial)]).astype(compute_dtype(x.dtype)), B, spatial
 
 
 def node_log_sum_exp(x: paddle.Tensor, hierarchy: Hierarchy) -> paddle.Tensor:
     """``[B, N, P]`` (channel order, no autograd): the log-sum-exp of the leaf logits ``x [B, K, P]``
     under each node, built bottom-up with ``logaddexp`` one child rank at a time (``LeafPlan``).
     Works on ``[N, B, P]`` rows so that every fill is a row scatter."""
-    tab = F._tables(hierarchy, x.place)
+    tab = tables_for(hierarchy, x.place)
     plan = leaf_plan(hierarchy)
     B, K, P = x.shape
     with paddle.no_grad():
@@ -91,7 +93,7 @@ def _rows_from_t(table_t: paddle.Tensor, safe: paddle.Tensor) -> paddle.Tensor:
 
 def _common_depth(hierarchy: Hierarchy, safe: paddle.Tensor) -> paddle.Tensor:
     """``[B, K, P]``: how many nodes of each pixel's label path each leaf is under (``LeafPlan``)."""
-    tab = F._tables(hierarchy, safe.place)
+    tab = tables_for(hierarchy, safe.place)
     table_t = tab.get("leaf_common_depth_t", lambda: np.ascontiguousarray(leaf_plan(hierarchy).common_depth.T))
     return _rows_from_t(table_t, safe)
 
@@ -106,14 +108,14 @@ class _HierarchicalCE(PyLayer):
     def forward(ctx, xf, safe, coef_np, hierarchy):
         L = hierarchy.max_depth
         B, _, P = xf.shape
-        name = F._dtype_name(xf.dtype)
-        tab = F._tables(hierarchy, xf.place)
+        name = dtype_name(xf.dtype)
+        tab = tables_for(hierarchy, xf.place)
         m = _common_depth(hierarchy, safe)  # [B, K, P]
         top = xf.max(axis=1, keepdim=True)  # [B, 1, P]
         buckets = paddle.put_along_axis(paddle.zeros([B, L + 1, P], dtype=xf.dtype), m, paddle.exp(xf - top),
                                         axis=1, reduce="add")
         sums = paddle.flip(paddle.cumsum(paddle.flip(buckets, [1]), axis=1), [1])
-        depth = paddle.index_select(F._vec(tab, "depth"), safe.reshape([-1])).reshape([B, 1, P])
+        depth = paddle.index_select(vec(tab, "depth"), safe.reshape([-1])).reshape([B, 1, P])
         d_index = paddle.minimum(paddle.arange(L + 1, dtype="int64").reshape([1, -1, 1]), depth)
         sums = paddle.take_along_axis(sums, d_index, axis=1)
         path = top + paddle.log(sums)
@@ -141,7 +143,7 @@ class _HierarchicalCE(PyLayer):
     def backward(ctx, grad):
         xf, safe, path, top, coef = ctx.saved_tensor()
         hierarchy, redo = ctx.config
-        name = F._dtype_name(xf.dtype)
+        name = dtype_name(xf.dtype)
         m = _common_depth(hierarchy, safe)
         coef = coef * grad.unsqueeze(1)  # [B, L+1, P]
         k = coef * paddle.exp(paddle.clip(top - path, max=_EXP_CAP[name]))  # 0 wherever coef is 0
@@ -176,7 +178,7 @@ class _SoftLabelCE(PyLayer):
 
 def _empty_result(x: paddle.Tensor, B: int, spatial: list[int], reduction: str) -> paddle.Tensor:
     """No pixel at all: an exact 0 (or an empty map) still connected to the logits."""
-    zero = x.astype(F.compute_dtype(x.dtype)).sum() * 0
+    zero = x.astype(compute_dtype(x.dtype)).sum() * 0
     if reduction == "none":
         return paddle.zeros([B, *spatial], dtype=zero.dtype) + zero
     return zero
@@ -197,7 +199,7 @@ def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reductio
     x = _checked_leaf_logits(leaf_logits, hierarchy)
     v = check_nonnegative(value, name)
     check_leaf_reduction(reduction)
-    lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index)
+    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
     B, spatial = x.shape[0], list(x.shape[2:])
     if x.size == 0:
         return _empty_result(x, B, spatial, reduction)
@@ -259,8 +261,8 @@ def decode_leaf_logits(leaf_logits: paddle.Tensor, hierarchy: Hierarchy, method:
         xf, B, spatial = _flat(x.detach())
         if method == "top_down":
             lse = node_log_sum_exp(xf, hierarchy)
-            return F.decode_op(lse.reshape([B, hierarchy.num_nodes, *spatial]), hierarchy, "top_down")
-        tab = F._tables(hierarchy, xf.place)
+            return decode_op(lse.reshape([B, hierarchy.num_nodes, *spatial]), hierarchy, "top_down")
+        tab = tables_for(hierarchy, xf.place)
         leaf = paddle.argmax(xf, axis=1).reshape([-1])  # first maximum: lowest leaf id
         paths = tab.get("leaf_path_ids", lambda: leaf_plan(hierarchy).leaf_path_ids)
         depth = paddle.index_select(paths, leaf).reshape([B, -1, L]).transpose([0, 2, 1])

@@ -526,6 +526,18 @@ def decode_op(logits: torch.Tensor, hierarchy: Hierarchy, method: str) -> tuple[
                 plan.node_ids[depth_ch].reshape(B, L, *spatial))
 
 
+def path_scores_op(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
+    """Leaf scores ``[B, K, *spatial]`` in leaf-id order: the sum of ``logits`` along each leaf's path
+    (root first, in the compute dtype; differentiable). Their argmax over dim 1 is the leaf that
+    ``decode_op(logits, hierarchy, "path")`` picks (as a position in leaf-id order)."""
+    plan = plan_for(hierarchy, logits.device)
+    B, N = logits.shape[:2]
+    spatial = logits.shape[2:]
+    x = logits.reshape(B, N, math.prod(spatial)).to(compute_dtype(logits.dtype))
+    leaves = tables_for(hierarchy, logits.device).leaf_channels  # [K]: channel of leaf id k
+    return _path_sums(x, plan).index_select(1, leaves).reshape(B, leaves.numel(), *spatial)
+
+
 # ---------------------------------------------------------------------------- cross-entropy per depth
 def depth_cross_entropy_op(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy,
                            depth: int) -> torch.Tensor:

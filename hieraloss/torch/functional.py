@@ -38,6 +38,7 @@ __all__ = [
     "triplet_weight",
     "hssn_loss",
     "decode",
+    "path_scores",
     "expand_targets",
     "depth_cross_entropy",
     "REDUCTIONS",
@@ -450,3 +451,16 @@ def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", bac
     if method in ("path", "top_down") and _use_triton(backend, x):
         return _kernels().fused_decode(x.detach(), hierarchy, method)
     return _ops.decode_op(x, hierarchy, method)
+
+
+def path_scores(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
+    """Leaf scores ``[B, K, *spatial]``, leaves in id order: entry k is the sum of the logits along
+    leaf k's path (root first; a leaf shallower than the tree counts its path once).
+
+    Their argmax over dim 1 is the ``path`` decoding (:func:`decode`) as a leaf id, so an inference
+    head can return them and a framework's usual argmax, metrics and visualisation work with the
+    data set's K classes. Computed in float64 for float64 logits, else float32 (as :func:`decode`);
+    differentiable. Empty inputs give the empty ``[B, K, *spatial]`` map.
+    """
+    x = _check_logits(logits, hierarchy)
+    return _ops.path_scores_op(x, hierarchy)
