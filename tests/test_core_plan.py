@@ -77,6 +77,8 @@ def test_plan_tables_match_plain_loops(h):
         at = [v for v in range(n) if t.depth[v] == d]
         assert _eq(p.levels[d - 1], at)
         assert _eq(p.level_parents[d - 1], [t.parent[v] for v in at])
+        for i, v in enumerate(at):
+            assert p.level_position[v] == i
 
     # children in channel order, CSR, counts, roots, ranks
     assert [c.tolist() for c in p.children] == t.children

@@ -72,6 +72,7 @@ class Plan:
         is_leaf: ``[N]`` bool (the Hierarchy's table).
         levels: L arrays: ``levels[d-1]`` = channels at depth d (ascending) - the channels per depth.
         level_parents: L arrays: the parents of ``levels[d-1]``.
+        level_position: ``[N]`` position of v in ``levels[depth[v]-1]`` (its index in its depth block).
         children: N arrays: the children of each channel in channel order.
         child_offsets, child_channels: the same as CSR: children of v are
             ``child_channels[child_offsets[v]:child_offsets[v + 1]]`` (``[N + 1]``, ``[E]``).
@@ -118,6 +119,7 @@ class Plan:
     is_leaf: np.ndarray
     levels: tuple[np.ndarray, ...]
     level_parents: tuple[np.ndarray, ...]
+    level_position: np.ndarray
     children: tuple[np.ndarray, ...]
     child_offsets: np.ndarray
     child_channels: np.ndarray
@@ -199,6 +201,10 @@ def _build(h: Hierarchy) -> Plan:
             child_rank[c] = r
 
     levels = [[v for v in range(n) if dep[v] == d] for d in range(1, L + 1)]
+    level_position = [0] * n
+    for lv in levels:
+        for i, v in enumerate(lv):
+            level_position[v] = i
     level_child_ranks = []
     for lv in levels:
         most = max((len(kids[v]) for v in lv), default=0)
@@ -270,6 +276,7 @@ def _build(h: Hierarchy) -> Plan:
         is_leaf=_ro(is_leaf, bool),
         levels=tuple(_ro(lv) for lv in levels),
         level_parents=tuple(_ro([par[v] for v in lv]) for lv in levels),
+        level_position=_ro(level_position),
         children=tuple(_ro(c) for c in kids),
         child_offsets=_ro(np.cumsum([0] + num_children)),
         child_channels=_ro([c for group in kids for c in group]),

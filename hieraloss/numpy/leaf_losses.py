@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .._checks import check_choice, check_hierarchy
+from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
 from .decode import decode as _decode_nodes
 from .losses import check_labels, compute_dtype
@@ -110,17 +111,18 @@ class LeafPlan:
     """
 
     def __init__(self, h: Hierarchy):
+        plan = plan_for(h)  # the tree's tables (channels per depth, children in channel order)
         self.leaf_channels = h.leaf_channels.astype(np.int64)
         self.steps: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []
         for d in range(h.max_depth - 1, 0, -1):
-            at = np.flatnonzero((h.depth == d) & ~h.is_leaf)
+            at = plan.levels[d - 1][~plan.is_leaf[plan.levels[d - 1]]]
             if at.size == 0:
                 continue
-            nkids = np.array([len(h.children[v]) for v in at])
+            nkids = plan.num_children[at]
             nodes = at[np.lexsort((at, -nkids))]
             ranks = []
             for r in range(int(nkids.max())):
-                kids = [int(h.children[v][r]) for v in nodes if len(h.children[v]) > r]
+                kids = [int(plan.children[v][r]) for v in nodes if plan.num_children[v] > r]
                 ranks.append((len(kids), np.array(kids, dtype=np.int64)))
             self.steps.append((nodes.astype(np.int64), ranks))
         self.leaf_path_ids = h.node_ids[h.leaf_paths].astype(np.int64)
