@@ -117,6 +117,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
     if min(args.shape) < 1:
         raise CLIError(f"--shape needs three positive sizes B H W, got {args.shape}")
+    load_hierarchy(args.preset)  # fail early with the CLI's message
     return run_bench(backend=args.backend, preset=args.preset, shape=tuple(args.shape),
                      scripts=[] if args.builtin else None)
 

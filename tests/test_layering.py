@@ -36,13 +36,7 @@ PACKAGE = ROOT / "hieraloss"
 
 # Cycles tolerated for now: each entry is (predicate on a module name, reason). A cycle passes when
 # every module in it satisfies one entry's predicate. Remove an entry when its cycle is gone.
-KNOWN_CYCLES: list[tuple[object, str]] = [
-    (
-        lambda m: m == "hieraloss.cli" or m == "hieraloss.demo" or m.startswith("hieraloss.demo."),
-        "issue 13: hieraloss/cli.py and hieraloss/demo/* import each other (function-level imports); "
-        "the demo/cli pair is being reworked separately",
-    ),
-]
+KNOWN_CYCLES: list[tuple[object, str]] = []
 
 # Modules that never import torch or paddle at module level (DEVELOPING.md, DESIGN.md); ``x.*`` is
 # the package x (if it exists) and all its modules.

@@ -126,9 +126,9 @@ def run_bench(backend: str = "torch", preset: str = "cityscapes", shape: tuple[i
                 status = 1
         return status
 
-    from ..cli import load_hierarchy
+    from .. import presets
 
-    hierarchy = load_hierarchy(preset)
+    hierarchy = presets.load(preset)
     rows = (_builtin_torch if backend == "torch" else _builtin_paddle)(hierarchy, shape)
     b, hgt, wid = shape
     print(f"built-in timing ({backend}): logits [{b}, {hierarchy.num_nodes}, {hgt}, {wid}] float32 "

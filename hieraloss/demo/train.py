@@ -371,13 +371,13 @@ def run_demo(config: DemoConfig, out_dir: str | os.PathLike = "demo_out", progre
     (predictions) and ``miou.png`` (per-depth mIoU per objective) to ``out_dir``."""
     from tqdm.auto import tqdm
 
-    from ..cli import load_hierarchy
+    from .. import presets
     from .backends import missing_functions
     from .figure import save_figure, save_miou_figure
 
     started = time.perf_counter()
     load_at_start = _load_average()  # other processes' load: it slows the run and its train times
-    hierarchy = load_hierarchy(config.preset)
+    hierarchy = presets.load(config.preset)
     os.makedirs(out_dir, exist_ok=True)
     log(f"hieraloss demo: {config.preset} tree ({hierarchy.num_leaves} leaves, {hierarchy.num_nodes} "
         f"channels, depth {hierarchy.max_depth}), backend {config.backend}, seed {config.seed}, "
