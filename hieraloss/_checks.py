@@ -24,9 +24,9 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
+from .core.rules import REDUCTIONS as REDUCTIONS  # the rule lives in hieraloss.core.rules
 from .hierarchy import Hierarchy, LabelError
 
-REDUCTIONS = ("mean", "sum", "none", "hssn")
 LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 

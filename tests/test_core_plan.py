@@ -249,3 +249,48 @@ def test_core_imports_no_backend():
             "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'paddle', 'triton') "
             "or m.startswith('hieraloss.numpy')]; assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_rules_live_in_core_and_keep_their_old_names():
+    from hieraloss import _checks
+    from hieraloss.core import rules
+    from hieraloss.numpy import losses
+
+    assert rules.REDUCTIONS == ("mean", "sum", "none", "hssn") and rules.HSSN_SCALE == 5.0
+    assert _checks.REDUCTIONS is rules.REDUCTIONS and losses.REDUCTIONS is rules.REDUCTIONS
+    assert losses.HSSN_SCALE is rules.HSSN_SCALE
+
+
+@settings(max_examples=30)
+@given(h=hierarchies(max_depth=4, max_children=4, order=None))
+def test_paddle_block_plan_reads_the_core_plan(h):
+    """paddle's depth-block tables (built from the plan) against plain loops over the parent pointers."""
+    pytest.importorskip("paddle")
+    from hieraloss.paddle._tables import Plan as BlockPlan
+
+    b, p, t = BlockPlan(h), plan_for(h), oracle.tree(h)
+    L = t.max_depth
+    at = [[v for v in range(t.n) if t.depth[v] == d] for d in range(1, L + 1)]
+    pos = {v: i for lv in at for i, v in enumerate(lv)}
+    assert b.counted_per_depth is p.tree_min_counted and b.leaf_sorted is p.leaf_channels_sorted
+    assert _eq(b.num_children, [len(c) for c in t.children])
+    for d in range(L):
+        assert _eq(b.levels[d], at[d])
+        if d:
+            assert _eq(b.parent_pos[d], [pos[t.parent[v]] for v in at[d]])
+            assert b.slot[d].dtype == np.int32
+            assert _eq(b.slot[d], [t.children[t.parent[v]].index(v) for v in at[d]])
+        kids = [t.children[v] for v in at[d]]
+        assert len(b.child_ranks[d]) == max(len(k) for k in kids)
+        for r, (index, valid) in enumerate(b.child_ranks[d]):
+            ok = [len(k) > r for k in kids]
+            assert index.dtype == np.int64 and _eq(index, [pos[k[r]] if len(k) > r else 0 for k in kids])
+            assert (valid is None) == all(ok) and (valid is None or _eq(valid, ok))
+        spans = []
+        for k in kids:
+            ps = [pos[c] for c in k]
+            start = ps[0] if ps else 0
+            spans.append((start, start + len(ps)) if ps == list(range(start, start + len(ps))) else None)
+        want = None if d == L - 1 or None in spans else spans
+        assert b.child_slices[d] == want
+        assert want is None or all(type(x) is int for s in want for x in s)

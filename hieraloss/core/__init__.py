@@ -2,10 +2,13 @@
 
 * :mod:`hieraloss.core.plan`: :func:`plan_for`, the one :class:`Plan` per hierarchy holding every
   integer table an op or kernel reads (cached by fingerprint). Nothing outside the core walks the tree.
+* :mod:`hieraloss.core.rules`: the shared loss rules (``REDUCTIONS``, ``HSSN_SCALE``).
 """
 
 from __future__ import annotations
 
 from .plan import CODE_NODE_LIMIT, LabelCodes, Plan, ce_counted_per_depth, counted_entries_per_depth, plan_for
+from .rules import HSSN_SCALE, REDUCTIONS
 
-__all__ = ["Plan", "LabelCodes", "plan_for", "counted_entries_per_depth", "ce_counted_per_depth", "CODE_NODE_LIMIT"]
+__all__ = ["Plan", "LabelCodes", "plan_for", "counted_entries_per_depth", "ce_counted_per_depth", "CODE_NODE_LIMIT",
+           "REDUCTIONS", "HSSN_SCALE"]

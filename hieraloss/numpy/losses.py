@@ -22,13 +22,13 @@ from ..core.plan import Plan, plan_for
 # Re-exported: the count tables moved to the plan (hieraloss.core.plan); older code imports them from here.
 from ..core.plan import ce_counted_per_depth as ce_counted_per_depth
 from ..core.plan import counted_entries_per_depth as counted_entries_per_depth
+from ..core.rules import HSSN_SCALE as HSSN_SCALE  # the rules live in hieraloss.core.rules
+from ..core.rules import REDUCTIONS as REDUCTIONS
 from ..hierarchy import Hierarchy
 
 __all__ = ["tree_min_loss", "focal_tree_min_loss", "expand_targets"]
 
-REDUCTIONS = _checks.REDUCTIONS  # decided once, in hieraloss._checks
 NUMPY_DTYPES = ("float16", "float32", "float64")  # numpy has no bfloat16
-HSSN_SCALE = 5.0  # the published code multiplies its per-depth normalised sum by 5
 
 
 # ---------------------------------------------------------------------------- validation

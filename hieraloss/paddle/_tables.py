@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 import paddle
 
+from ..core import plan_for
 from ..hierarchy import Hierarchy
-from ..numpy.losses import counted_entries_per_depth
 
 __all__ = ["Plan", "PlaceTables", "tables_for", "col", "vec"]
 
@@ -31,45 +31,49 @@ class Plan:
     """
 
     def __init__(self, h: Hierarchy):
-        L = h.max_depth
-        self.num_nodes, self.num_leaves, self.max_depth = h.num_nodes, h.num_leaves, L
-        self.levels = [np.flatnonzero(h.depth == d) for d in range(1, L + 1)]
-        pos = np.empty(h.num_nodes, dtype=np.int64)
-        for lv in self.levels:
-            pos[lv] = np.arange(lv.size)
+        # Every table that needs a walk comes from the core plan (DEVELOPING.md "Layout and rules");
+        # this class only reshapes them into the depth-block form of the paddle sweeps.
+        core = plan_for(h)
+        L = core.max_depth
+        self.num_nodes, self.num_leaves, self.max_depth = core.num_nodes, core.num_leaves, L
+        self.levels = list(core.levels)
+        pos = core.level_position  # index of each channel in its depth block
         self.order = np.concatenate(self.levels)
         self.inverse = np.argsort(self.order)
         # If every depth is a contiguous channel range, concatenating the blocks in this order is
         # already channel order (balanced trees in the default or coarse-to-fine layout).
         by_start = sorted(range(L), key=lambda d: int(self.levels[d][0]))
         contiguous = np.array_equal(
-            np.concatenate([self.levels[d] for d in by_start]), np.arange(h.num_nodes)
+            np.concatenate([self.levels[d] for d in by_start]), np.arange(core.num_nodes)
         )
         self.block_order = by_start if contiguous else None
-        self.parent_pos = [None] + [pos[h.parent[lv]] for lv in self.levels[1:]]
-        self.slot = [None] + [
-            np.array([int(np.searchsorted(h.children[h.parent[v]], v)) for v in lv], dtype=np.int32)
-            for lv in self.levels[1:]
-        ]
+        self.parent_pos = [None] + [pos[parents] for parents in core.level_parents[1:]]
+        self.slot = [None] + [core.child_rank[lv].astype(np.int32) for lv in self.levels[1:]]
+        offsets, kids, nkids = core.child_offsets, core.child_channels, core.num_children
         self.child_ranks: list[list[tuple[np.ndarray, np.ndarray | None]]] = []
         for lv in self.levels:
-            kids = [h.children[v] for v in lv]
+            n, first = nkids[lv], offsets[lv]
             ranks = []
-            for r in range(max((len(k) for k in kids), default=0)):
-                valid = np.array([len(k) > r for k in kids])
-                index = np.array([pos[k[r]] if len(k) > r else 0 for k in kids], dtype=np.int64)
+            for r in range(int(n.max(initial=0))):
+                valid = n > r
+                index = np.where(valid, pos[kids[np.where(valid, first + r, 0)]], 0).astype(np.int64)
                 ranks.append((index, None if valid.all() else valid))
             self.child_ranks.append(ranks)
         # child_slices[d]: per block-d node, the (start, stop) positions of its children in block d+1
         # when each node's children are consecutive there (any channel-contiguous layout), else None.
+        kid_pos = pos[kids]  # [E] block position of each CSR child
+        owner = core.parent[kids]
+        in_run = kid_pos == kid_pos[offsets[owner]] + (np.arange(kids.size) - offsets[owner])
+        scattered = np.zeros(core.num_nodes, dtype=bool)
+        scattered[owner[~in_run]] = True
         self.child_slices: list[list[tuple[int, int]] | None] = []
         for d, lv in enumerate(self.levels):
-            spans = []
-            for v in lv:
-                at = pos[h.children[v]] if len(h.children[v]) else np.empty(0, dtype=np.int64)
-                start = int(at[0]) if at.size else 0
-                spans.append((start, start + at.size) if np.array_equal(at, start + np.arange(at.size)) else None)
-            self.child_slices.append(None if d == L - 1 or None in spans else spans)
+            if d == L - 1 or scattered[lv].any():
+                self.child_slices.append(None)
+                continue
+            n = nkids[lv]
+            start = np.where(n > 0, kid_pos[np.minimum(offsets[lv], kids.size - 1)], 0)
+            self.child_slices.append(list(zip(start.tolist(), (start + n).tolist(), strict=True)))
         # anc_col[d][c]: channel of label channel c's ancestor at depth d+1 (c itself if shallower).
         self.anc_col = [np.ascontiguousarray(h.ancestor_table[:, d]) for d in range(L)]
         # anc_at[d][e]: ancestor at depth e+1 (e < d) of each block-d node (partial-label masks).
@@ -79,16 +83,16 @@ class Plan:
         self.node_ids = h.node_ids.astype(np.int64)
         self.is_leaf = h.is_leaf
         self.ancestor_table = h.ancestor_table.astype(np.int64)
-        self.leaf_sorted = np.sort(h.leaf_channels)
+        self.leaf_sorted = core.leaf_channels_sorted
         # leaf_id_order[k]: position in leaf_sorted of leaf id k (leaf-channel order -> leaf-id order).
         self.leaf_id_order = np.argsort(h.node_ids[self.leaf_sorted])
         leaf_depth = h.depth[self.leaf_sorted]
         self.leaf_cols = [h.ancestor_table[self.leaf_sorted, d] for d in range(L)]
         self.leaf_on = [leaf_depth > d for d in range(L)]
-        self.depth_channels = list(h.depth_channels)
+        self.depth_channels = list(core.depth_channels)
         self.children_table = h.children_table.astype(np.int64)
-        self.num_children = np.array([len(c) for c in h.children], dtype=np.int64)
-        self.counted_per_depth = counted_entries_per_depth(h)  # [N, L] float64, exact in a matmul
+        self.num_children = core.num_children
+        self.counted_per_depth = core.tree_min_counted  # [N, L] float64, exact in a matmul
 
 
 class PlaceTables:
