@@ -117,6 +117,24 @@ class _NativeTreeMin(PyLayer):
         return grad, None
 
 
+def _kernel_inputs(logits: paddle.Tensor, label_channels: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """The kernel's view of validated inputs: contiguous ``[B, N, P]`` logits (float16/bfloat16 as
+    float32) and contiguous int64 ``[B, P]`` label channels."""
+    B, N = logits.shape[:2]
+    P = math.prod(logits.shape[2:])
+    x = logits
+    if x.dtype in _HALVES:
+        x = x.astype(paddle.float32)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    lc = label_channels.reshape([B, P])
+    if lc.dtype != paddle.int64:
+        lc = lc.astype(paddle.int64)
+    if not lc.is_contiguous():
+        lc = lc.contiguous()
+    return x.reshape([B, N, P]), lc
+
+
 def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *, gamma: float,
                     reduction: str, node_weight: paddle.Tensor | None) -> paddle.Tensor:
     """Same contract as :func:`._ops.tree_min_op` (validated inputs, label channels with -1 =
@@ -125,18 +143,7 @@ def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierar
         return empty_loss(logits, reduction)
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
-    P = math.prod(spatial)
-    x = logits
-    if x.dtype in _HALVES:
-        x = x.astype(paddle.float32)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    x = x.reshape([B, N, P])
-    lc = label_channels.reshape([B, P])
-    if lc.dtype != paddle.int64:
-        lc = lc.astype(paddle.int64)
-    if not lc.is_contiguous():
-        lc = lc.contiguous()
+    x, lc = _kernel_inputs(logits, label_channels)
     weight = None if node_weight is None else np.ascontiguousarray(node_weight.astype(paddle.float64).numpy())
     scale = None
     if reduction != "none":
@@ -210,18 +217,7 @@ def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, 
         total = empty_loss(logits, "mean")
         ct = compute_dtype(logits.dtype)
         return total, paddle.zeros([], dtype=ct), paddle.zeros([hierarchy.max_depth], dtype=ct)
-    P = math.prod(logits.shape[2:])
-    x = logits
-    if x.dtype in _HALVES:
-        x = x.astype(paddle.float32)
-    if not x.is_contiguous():
-        x = x.contiguous()
-    x = x.reshape([B, N, P])
-    lc = label_channels.reshape([B, P])
-    if lc.dtype != paddle.int64:
-        lc = lc.astype(paddle.int64)
-    if not lc.is_contiguous():
-        lc = lc.contiguous()
+    x, lc = _kernel_inputs(logits, label_channels)
     hist = paddle.bincount(lc.reshape([-1]) + 1, minlength=N + 1)[1:].numpy().astype(np.float64)
     weight = None if node_weight is None else node_weight.astype(paddle.float64).numpy()
     tm_scale, ce_scale = _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)
