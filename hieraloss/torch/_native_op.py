@@ -104,6 +104,16 @@ class _NativeTreeMin(torch.autograd.Function):
         return grad, None, None, None, None, None, None
 
 
+def _kernel_inputs(logits: torch.Tensor, label_channels: torch.Tensor, B: int, N: int, P: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's view of validated inputs: contiguous ``[B, N, P]`` logits (float16/bfloat16 as
+    float32) and contiguous int64 ``[B, P]`` label channels."""
+    x = logits.reshape(B, N, P)
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.float()
+    return x.contiguous(), label_channels.reshape(B, P).to(torch.int64).contiguous()
+
+
 @torch.compiler.disable
 def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float,
                     reduction: str, node_weight: torch.Tensor | None) -> torch.Tensor:
@@ -115,11 +125,7 @@ def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarch
     if B * P == 0:  # no pixel: the eager op's exact 0 (or empty map), connected to the logits
         return tree_min_op(logits, label_channels, hierarchy, gamma=gamma, reduction=reduction,
                            node_weight=node_weight, has_partial=False)
-    x = logits.reshape(B, N, P)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    x = x.contiguous()
-    lc = label_channels.reshape(B, P).to(torch.int64).contiguous()
+    x, lc = _kernel_inputs(logits, label_channels, B, N, P)
     want_grad = torch.is_grad_enabled() and x.requires_grad  # Function.forward itself runs without grad mode
     out = _NativeTreeMin.apply(x, lc, node_weight, hierarchy, float(gamma), reduction, want_grad)
     return out.reshape(B, N, *spatial) if reduction == "none" else out
@@ -205,11 +211,7 @@ def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hi
     P = math.prod(logits.shape[2:])  # explicit: reshape cannot infer -1 when B = 0
     if B * P == 0:
         return _empty_objective(logits, hierarchy)
-    x = logits.reshape(B, N, P)
-    if x.dtype in (torch.float16, torch.bfloat16):
-        x = x.float()
-    x = x.contiguous()
-    lc = label_channels.reshape(B, P).to(torch.int64).contiguous()
+    x, lc = _kernel_inputs(logits, label_channels, B, N, P)
     hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64).numpy()
     weight = None if node_weight is None else node_weight.detach().to(torch.float64).cpu().numpy()
     tm_scale, ce_scale = _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)
