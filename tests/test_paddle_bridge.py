@@ -107,6 +107,34 @@ def test_fused_equals_paddle_op(reduction, gamma):
 
 @pytest.mark.triton
 @needs_kernels
+@pytest.mark.parametrize("focal_gamma", [None, 2.0])
+def test_fused_hssn_objective_equals_paddle_ops(focal_gamma):
+    """hssn_loss on backend='triton' (one fused pass through the bridge) equals the paddle ops:
+    total and gradient, and the parts as detached values."""
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(17)
+    x = rng.normal(0, 3, size=(2, h.num_nodes, 3, 5)).astype(np.float32)
+    labels = rng.integers(0, h.num_nodes, size=(2, 3, 5))
+    labels[1, 2, :3] = 255
+    weight = np.linspace(0.5, 1.5, h.num_nodes)
+    results = {}
+    for backend in ("paddle", "triton"):
+        xt = paddle.to_tensor(x, stop_gradient=False)
+        total, parts = hp.hssn_loss(xt, paddle.to_tensor(labels), h, focal_gamma=focal_gamma, node_weight=weight,
+                                    ce_weights=[1.0, 0.5, 0.0], tree_min_weight=2.0, return_parts=True,
+                                    backend=backend)
+        (total * 1.7).backward()
+        results[backend] = (float(total), xt.grad.numpy(), {k: float(v) for k, v in parts.items()}, parts)
+    (t_p, g_p, p_p, _), (t_t, g_t, p_t, raw_t) = results["paddle"], results["triton"]
+    np.testing.assert_allclose(t_t, t_p, rtol=2e-6)
+    np.testing.assert_allclose(g_t, g_p, rtol=0, atol=4e-6 * np.abs(g_p).max())
+    assert set(p_t) == set(p_p) == {"tree_min", "ce_depth1", "ce_depth2"}
+    for k in p_t:
+        np.testing.assert_allclose(p_t[k], p_p[k], rtol=2e-6)
+        assert raw_t[k].stop_gradient
+
+
+@needs_kernels
 def test_fused_saves_views_and_returns_views(monkeypatch):
     """The logits reach the kernel as a zero-copy view, and the loss comes back as one."""
     from hieraloss.torch import kernels

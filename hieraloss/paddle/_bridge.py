@@ -19,7 +19,7 @@ from paddle.autograd import PyLayer
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["to_torch", "to_paddle", "unavailable_reason", "fused_tree_min_loss", "fused_decode"]
+__all__ = ["to_torch", "to_paddle", "unavailable_reason", "fused_tree_min_loss", "fused_objective", "fused_decode"]
 
 
 def _kernels():
@@ -108,6 +108,59 @@ class _FusedTreeMin(PyLayer):
             (gx,) = torch.autograd.grad(out, xt, grad_outputs=to_torch(grad_out.astype(_dtype_of(out))))
             ctx.torch_graph = None
             return to_paddle(gx), None
+
+
+class _FusedObjective(PyLayer):
+    """The HSSN objective's per-pixel part (tree-min + CE at every depth) through the torch op:
+    outputs (total, parts); parts are values only (not differentiable)."""
+
+    @staticmethod
+    def forward(ctx, x, lc, hierarchy, gamma, tm_weight, ce_weights, weight):
+        import torch
+
+        with _on_paddle_stream(x):
+            xt = to_torch(x).requires_grad_(True)
+            wt = None if weight is None else to_torch(weight)
+            with torch.enable_grad():
+                total, parts = _kernels().fused_objective(
+                    xt, to_torch(lc), hierarchy, ignore_index=None, gamma=gamma,
+                    reduction="hssn", tm_weight=tm_weight, ce_weights=ce_weights, node_weight=wt,
+                )
+            ctx.torch_graph = (total, xt)
+            parts_p = to_paddle(parts)
+            ctx.mark_non_differentiable(parts_p)
+            return to_paddle(total), parts_p
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_parts=None):
+        import torch
+
+        total, xt = ctx.torch_graph
+        with _on_paddle_stream(grad_total):
+            (gx,) = torch.autograd.grad(total, xt, grad_outputs=to_torch(grad_total.astype(_dtype_of(total))))
+            ctx.torch_graph = None
+            return to_paddle(gx), None, None
+
+
+def fused_objective(
+    logits: paddle.Tensor,
+    label_channels: paddle.Tensor,
+    hierarchy: Hierarchy,
+    *,
+    gamma: float,
+    tm_weight: float,
+    ce_weights,
+    node_weight: paddle.Tensor | None,
+) -> tuple[paddle.Tensor, paddle.Tensor]:
+    """``(total, parts)`` of :func:`hieraloss.torch.kernels.fused_objective` with ``reduction="hssn"``
+    on label channels: ``parts = [TM (with the factor 5), CE_1, ..., CE_L]``, values only."""
+    weight = (
+        None
+        if node_weight is None
+        else node_weight.astype("float64" if logits.dtype == paddle.float64 else "float32")
+    )
+    return _FusedObjective.apply(logits, label_channels, hierarchy, float(gamma), float(tm_weight),
+                                 [float(w) for w in ce_weights], weight)
 
 
 def _dtype_of(t) -> Any:

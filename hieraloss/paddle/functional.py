@@ -402,8 +402,9 @@ def hssn_loss(
     ``triplet_weight(step, total_steps)``. ``return_parts=True`` also returns a dict of the
     unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``.
     ``backend``: as for :func:`tree_min_loss`; with the compiled CPU kernel (``"auto"`` on the CPU,
-    or ``"native"``) tree-min and every depth's cross-entropy take one pass over the logits, and the
-    ``tree_min`` / ``ce_depth{d}`` parts are detached values (the total carries the gradient).
+    or ``"native"``; on the GPU ``"auto"`` or ``"triton"``, through the DLPack bridge) tree-min and
+    every depth's cross-entropy take one pass over the logits. The parts are detached values in
+    every path (the total carries the gradient).
     """
     x = _check_logits(logits, hierarchy)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
@@ -423,18 +424,29 @@ def hssn_loss(
         for d, weight in enumerate(ce_w, start=1):
             if weight != 0:
                 parts[f"ce_depth{d}"] = ce_all[d - 1]
+    elif _use_triton(backend, x):
+        # The Triton kernel through the DLPack bridge: the same one pass, on the GPU.
+        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+        w = _check_node_weight(node_weight, hierarchy, x.place)
+        total, values = _bridge.fused_objective(x, lc, hierarchy, gamma=gamma,
+                                                tm_weight=float(tree_min_weight) / HSSN_SCALE, ce_weights=ce_w,
+                                                node_weight=w)
+        parts = {"tree_min": values[0] / HSSN_SCALE}
+        for d, weight in enumerate(ce_w, start=1):
+            if weight != 0:
+                parts[f"ce_depth{d}"] = values[d]
     else:
         tm = (
             _tree_min(x, labels, hierarchy, gamma, ignore_index, "hssn", node_weight, False, backend)
             / HSSN_SCALE
         )
-        parts = {"tree_min": tm}
+        parts = {"tree_min": tm.detach()}
         total = float(tree_min_weight) * tm
         lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
         for d, weight in enumerate(ce_w, start=1):
             if weight != 0:
                 ce = depth_cross_entropy_op(x, lc, hierarchy, d)
-                parts[f"ce_depth{d}"] = ce
+                parts[f"ce_depth{d}"] = ce.detach()
                 total = total + weight * ce
     if embeddings is not None:
         tt = hierarchy_triplet_loss(
@@ -449,7 +461,7 @@ def hssn_loss(
             process_group=process_group,
             gather_across_ranks=gather_across_ranks,
         )
-        parts["triplet"] = tt
+        parts["triplet"] = tt.detach()
         parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)
         total = total + tw * tt.astype(total.dtype)
     return (total, parts) if return_parts else total

@@ -58,7 +58,7 @@ def _require(t: torch.Tensor) -> None:
         raise TypeError(f"the fused kernels support logits of dtype {SUPPORTED_DTYPES}, got {t.dtype}")
 
 
-def fused_objective(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int,
+def fused_objective(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int | None,
                     gamma: float = 0.0, reduction: str = "hssn", tree_min: bool = True, tm_weight: float = 1.0,
                     ce_weights: Sequence[float] = (), node_weight: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -66,10 +66,12 @@ def fused_objective(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hiera
     with respect to ``logits``), ``parts = [TM, CE_1, ..., CE_L]`` detached (see ``objective.py``).
 
     ``labels`` are node ids with ``ignore_index`` (not checked here: values that are neither count
-    as ignored), or channels with ``ignore_index=CHANNEL_LABELS``. ``TM`` is the tree-min loss
+    as ignored), or label channels (-1 = ignored) with ``ignore_index=None``. ``TM`` is the tree-min loss
     (focal for ``gamma != 0``) under ``reduction``; ``reduction="none"`` returns the loss map.
     """
     _require(logits)
+    if ignore_index is None:
+        ignore_index = _objective.CHANNEL_LABELS
     return _objective.objective(logits, labels, hierarchy, ignore_index=ignore_index, node_weight=node_weight,
                                 gamma=gamma, reduction=reduction, tree_min=tree_min, tm_weight=tm_weight,
                                 ce_weights=ce_weights)
