@@ -548,3 +548,31 @@ def test_label_channels_match_numpy_for_every_ignore_index(data, ignore_index):
     for v in range(h.num_nodes):  # every single node id: its channel, partial iff internal
         got, partial = pf._label_channels(paddle.to_tensor([[v, ignore_index]]).astype(dtype), h, ignore_index)
         assert got.numpy().tolist() == [[int(h.channel_of[v]), -1]] and partial == (v >= h.num_leaves)
+
+
+@pytest.mark.parametrize("backend", ["paddle", "auto"])
+def test_check_labels_false_counts_bad_labels_as_ignored(backend):
+    """check_labels=True (default) raises the LabelError; False reads nothing back and treats the bad
+    value as ignore_index, in the functions and the layers (same rule as the torch backend)."""
+    from hieraloss import LabelError
+    from hieraloss.paddle import HSSNLoss, TreeMinLoss, depth_cross_entropy, hssn_loss, tree_min_loss
+
+    h = presets.cityscapes()
+    rng = np.random.default_rng(23)
+    x = paddle.to_tensor(rng.normal(size=(2, h.num_nodes, 3, 4)).astype(np.float32))
+    labels = rng.integers(0, h.num_nodes, size=(2, 3, 4))
+    bad = labels.copy()
+    bad[1, 2, 3] = 77
+    ignored = labels.copy()
+    ignored[1, 2, 3] = 255
+    calls = [
+        lambda y, **kw: tree_min_loss(x, paddle.to_tensor(y), h, backend=backend, **kw),
+        lambda y, **kw: hssn_loss(x, paddle.to_tensor(y), h, backend=backend, **kw),
+        lambda y, **kw: depth_cross_entropy(x, paddle.to_tensor(y), h, 2, **kw),
+        lambda y, **kw: TreeMinLoss(h, backend=backend, **kw)(x, paddle.to_tensor(y)),
+        lambda y, **kw: HSSNLoss(h, backend=backend, **kw)(x, paddle.to_tensor(y)),
+    ]
+    for call in calls:
+        with pytest.raises(LabelError, match="77"):
+            call(bad)
+        np.testing.assert_array_equal(call(bad, check_labels=False).numpy(), call(ignored).numpy())

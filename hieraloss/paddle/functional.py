@@ -110,11 +110,12 @@ def _label_tensor(labels: Any, place: Any) -> paddle.Tensor:
 
 
 def _label_channels(
-    labels: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int
+    labels: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int, check: bool = True
 ) -> tuple[paddle.Tensor, bool]:
     """Map node-id labels to channels (-1 = ignored), raising :class:`LabelError` for bad values.
 
     One device sync: whether bad values or partial labels occur is read back together.
+    ``check=False`` reads nothing back: bad values count as ignored, partial labels are assumed.
     """
     ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
     tab = _tables(hierarchy, labels.place)
@@ -123,20 +124,25 @@ def _label_channels(
         # a lookup table indexed by the clamped label value: a few passes over the labels
         table, shift, bad, partial = hierarchy.label_table(ignore_index)
         slot = paddle.clip(lab + shift, 0, table.size - 1).reshape([-1])
+        table_t = tab.get(("label_table", ignore_index), lambda: table)
+        if not check:  # bad slots hold -2: clip them to -1 (ignored)
+            return paddle.clip(paddle.gather(table_t, slot), min=-1).reshape(lab.shape), True
         seen = paddle.bincount(slot, minlength=table.size) > 0
         bad_t = tab.get(("label_bad", ignore_index), lambda: bad)
         partial_t = tab.get(("label_partial", ignore_index), lambda: partial)
         any_bad, any_partial = paddle.stack([(seen & bad_t).any(), (seen & partial_t).any()]).numpy().tolist()
         if any_bad:
             raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
-        table_t = tab.get(("label_table", ignore_index), lambda: table)
         return paddle.gather(table_t, slot).reshape(lab.shape), bool(any_partial)  # gather: 6x index_select here
     ignored = lab == ignore_index
     bad = paddle.logical_not(ignored) & ((lab < 0) | (lab >= hierarchy.num_nodes))
     partial = paddle.logical_not(ignored) & (lab >= hierarchy.num_leaves)
-    any_bad, any_partial = paddle.stack([bad.any(), partial.any()]).numpy().tolist()
-    if any_bad:
-        raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
+    if check:
+        any_bad, any_partial = paddle.stack([bad.any(), partial.any()]).numpy().tolist()
+        if any_bad:
+            raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
+    else:
+        ignored, any_partial = ignored | bad, True
     safe = paddle.where(ignored, paddle.zeros_like(lab), lab)
     channels = paddle.index_select(_vec(tab, "channel_of"), safe.reshape([-1])).reshape(lab.shape)
     return paddle.where(ignored, paddle.full_like(lab, -1), channels), bool(any_partial)
@@ -152,10 +158,10 @@ def _labels_at_door(
 
 
 def _checked_labels(
-    labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int
+    labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int, check: bool = True
 ) -> tuple[paddle.Tensor, bool]:
     labels, ignore_index = _labels_at_door(labels, logits, hierarchy, ignore_index)
-    return _label_channels(labels, hierarchy, ignore_index)
+    return _label_channels(labels, hierarchy, ignore_index, check)
 
 
 def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> paddle.Tensor | None:
@@ -197,14 +203,15 @@ def _use_triton(backend: str, x: paddle.Tensor) -> bool:
 
 
 # ---------------------------------------------------------------------------- losses
-def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend):
+def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend,
+              check_labels=True):
     x = _check_logits(logits, hierarchy)
     _check_choice(reduction, REDUCTIONS, "reduction")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.place)
     if check_finite:
         _check_finite(x)
-    lc, has_partial = _label_channels(labels, hierarchy, ignore_index)
+    lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
     if _use_triton(backend, x):
         return _bridge.fused_tree_min_loss(
             x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w
@@ -226,6 +233,7 @@ def tree_min_loss(
     node_weight: Any = None,
     check_finite: bool = False,
     backend: str = "auto",
+    check_labels: bool = True,
 ) -> paddle.Tensor:
     """Tree-min loss (SPEC section 4).
 
@@ -238,9 +246,12 @@ def tree_min_loss(
     available; CPU: the compiled kernel of ``hieraloss._native`` when it was built; else the
     vectorized paddle op), ``"paddle"`` (always the vectorized paddle op), ``"native"`` (the compiled
     CPU kernel) or ``"triton"``. All give the same values and gradients within rounding.
+    ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label that is neither a node id
+    nor ``ignore_index`` (one value read back from the device); ``check_labels=False`` reads nothing
+    back and counts such labels as ignored.
     """
     return _tree_min(
-        logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend
+        logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend, check_labels
     )
 
 
@@ -255,12 +266,13 @@ def focal_tree_min_loss(
     node_weight: Any = None,
     check_finite: bool = False,
     backend: str = "auto",
+    check_labels: bool = True,
 ) -> paddle.Tensor:
     """Focal tree-min loss (SPEC section 5): positives times ``(1 - sigmoid(zmin))^gamma``, negatives
     times ``sigmoid(zmax)^gamma``; ``gamma=0`` equals :func:`tree_min_loss`. Arguments as there."""
     g = _check_gamma(gamma)
     return _tree_min(
-        logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend
+        logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend, check_labels
     )
 
 
@@ -278,14 +290,16 @@ def expand_targets(
 
 
 def depth_cross_entropy(
-    logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, depth: int, *, ignore_index: int = 255
+    logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, depth: int, *, ignore_index: int = 255,
+    check_labels: bool = True,
 ) -> paddle.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
-    not count. Mean over the counted pixels (an exact 0 if there are none)."""
+    not count. Mean over the counted pixels (an exact 0 if there are none). ``check_labels`` as for
+    :func:`tree_min_loss`."""
     x = _check_logits(logits, hierarchy)
     depth = _checks.check_depth(depth, hierarchy)
-    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
     return depth_cross_entropy_op(x, lc, hierarchy, depth)
 
 # ---------------------------------------------------------------------------- triplet loss
@@ -388,6 +402,7 @@ def hssn_loss(
     backend: str = "auto",
     process_group: Any = None,
     gather_across_ranks: bool = False,
+    check_labels: bool = True,
 ) -> paddle.Tensor | tuple[paddle.Tensor, dict[str, paddle.Tensor]]:
     """The published HSSN training loss::
 
@@ -405,6 +420,7 @@ def hssn_loss(
     or ``"native"``; on the GPU ``"auto"`` or ``"triton"``, through the DLPack bridge) tree-min and
     every depth's cross-entropy take one pass over the logits. The parts are detached values in
     every path (the total carries the gradient).
+    ``check_labels`` as for :func:`tree_min_loss`.
     """
     x = _check_logits(logits, hierarchy)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
@@ -415,7 +431,7 @@ def hssn_loss(
     if _use_native(backend, x):
         # The compiled kernel: tree-min and the cross-entropy of every depth in one pass over the
         # logits (the gradient written in the same pass); the parts are detached values.
-        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         w = _check_node_weight(node_weight, hierarchy, x.place)
         total, tm, ce_all = _native_layer.hssn_objective_native(
             x, lc, hierarchy, gamma=gamma, node_weight=w, tree_min_weight=float(tree_min_weight), ce_weights=ce_w
@@ -426,7 +442,7 @@ def hssn_loss(
                 parts[f"ce_depth{d}"] = ce_all[d - 1]
     elif _use_triton(backend, x):
         # The Triton kernel through the DLPack bridge: the same one pass, on the GPU.
-        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         w = _check_node_weight(node_weight, hierarchy, x.place)
         total, values = _bridge.fused_objective(x, lc, hierarchy, gamma=gamma,
                                                 tm_weight=float(tree_min_weight) / HSSN_SCALE, ce_weights=ce_w,
@@ -437,12 +453,12 @@ def hssn_loss(
                 parts[f"ce_depth{d}"] = values[d]
     else:
         tm = (
-            _tree_min(x, labels, hierarchy, gamma, ignore_index, "hssn", node_weight, False, backend)
+            _tree_min(x, labels, hierarchy, gamma, ignore_index, "hssn", node_weight, False, backend, check_labels)
             / HSSN_SCALE
         )
         parts = {"tree_min": tm.detach()}
         total = float(tree_min_weight) * tm
-        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         for d, weight in enumerate(ce_w, start=1):
             if weight != 0:
                 ce = depth_cross_entropy_op(x, lc, hierarchy, d)

@@ -48,6 +48,7 @@ class TreeMinLoss(nn.Layer):
         node_weight: Any = None,
         check_finite: bool = False,
         backend: str = "auto",
+        check_labels: bool = True,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -59,6 +60,7 @@ class TreeMinLoss(nn.Layer):
         self.reduction = reduction
         self.check_finite = check_finite
         self.backend = backend
+        self.check_labels = bool(check_labels)
         _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
@@ -71,6 +73,7 @@ class TreeMinLoss(nn.Layer):
             node_weight=_weight_on(self.node_weight, logits),
             check_finite=self.check_finite,
             backend=self.backend,
+            check_labels=self.check_labels,
         )
 
     def extra_repr(self) -> str:
@@ -95,6 +98,7 @@ class FocalTreeMinLoss(TreeMinLoss):
             node_weight=_weight_on(self.node_weight, logits),
             check_finite=self.check_finite,
             backend=self.backend,
+            check_labels=self.check_labels,
         )
 
     def extra_repr(self) -> str:
@@ -172,6 +176,7 @@ class HSSNLoss(nn.Layer):
         backend: str = "auto",
         process_group: Any = None,
         gather_across_ranks: bool = False,
+        check_labels: bool = True,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -192,6 +197,7 @@ class HSSNLoss(nn.Layer):
         self.backend = backend
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
+        self.check_labels = bool(check_labels)
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
@@ -230,6 +236,7 @@ class HSSNLoss(nn.Layer):
             backend=self.backend,
             process_group=self.process_group,
             gather_across_ranks=self.gather_across_ranks,
+            check_labels=self.check_labels,
         )
         if self.training and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
