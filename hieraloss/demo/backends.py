@@ -85,6 +85,22 @@ class _Runner:
             return hierarchy.num_leaves, 0
         return hierarchy.num_nodes, config.embed_dim
 
+    def _loss(self, logits, embeddings, y, step: int, total_steps: int) -> dict[str, Any]:
+        """The model's objective on one batch (``hl`` is the backend's module: same names in both)."""
+        hl, h, mode = self.hl, self.hierarchy, self.mode
+        if mode == "flat":
+            return {"loss": self._flat_ce(logits, y)}
+        if mode == "hxe":
+            return {"loss": hl.hierarchical_cross_entropy(logits, y, h, alpha=self.config.hxe_alpha,
+                                                          ignore_index=IGNORE_INDEX)}
+        if mode == "soft":
+            return {"loss": hl.soft_label_cross_entropy(logits, y, h, beta=self.config.soft_beta,
+                                                        ignore_index=IGNORE_INDEX)}
+        total, parts = hl.hssn_loss(logits, y, h, embeddings=embeddings, step=step, total_steps=total_steps,
+                                    tree_min_weight=_tree_min_weight(mode), generator=self.generator,
+                                    ignore_index=IGNORE_INDEX, return_parts=True)
+        return {"loss": total, **parts}
+
 
 class TorchRunner(_Runner):
     def __init__(self, config: Any, hierarchy: Hierarchy, mode: str):
@@ -113,20 +129,8 @@ class TorchRunner(_Runner):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
 
-    def _loss(self, logits, embeddings, y, step: int, total_steps: int) -> dict[str, Any]:
-        hl, h, mode = self.hl, self.hierarchy, self.mode
-        if mode == "flat":
-            return {"loss": self.torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)}
-        if mode == "hxe":
-            return {"loss": hl.hierarchical_cross_entropy(logits, y, h, alpha=self.config.hxe_alpha,
-                                                          ignore_index=IGNORE_INDEX)}
-        if mode == "soft":
-            return {"loss": hl.soft_label_cross_entropy(logits, y, h, beta=self.config.soft_beta,
-                                                        ignore_index=IGNORE_INDEX)}
-        total, parts = hl.hssn_loss(logits, y, h, embeddings=embeddings, step=step, total_steps=total_steps,
-                                    tree_min_weight=_tree_min_weight(mode), generator=self.generator,
-                                    ignore_index=IGNORE_INDEX, return_parts=True)
-        return {"loss": total, **parts}
+    def _flat_ce(self, logits, y):
+        return self.torch.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, step: int,
                    total_steps: int) -> dict[str, float]:
@@ -176,21 +180,8 @@ class PaddleRunner(_Runner):
     def set_lr(self, lr: float) -> None:
         self.optimizer.set_lr(lr)
 
-    def _loss(self, logits, embeddings, y, step: int, total_steps: int) -> dict[str, Any]:
-        hl, h, mode = self.hl, self.hierarchy, self.mode
-        if mode == "flat":
-            return {"loss": self.paddle.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX,
-                                                                    axis=1)}
-        if mode == "hxe":
-            return {"loss": hl.hierarchical_cross_entropy(logits, y, h, alpha=self.config.hxe_alpha,
-                                                          ignore_index=IGNORE_INDEX)}
-        if mode == "soft":
-            return {"loss": hl.soft_label_cross_entropy(logits, y, h, beta=self.config.soft_beta,
-                                                        ignore_index=IGNORE_INDEX)}
-        total, parts = hl.hssn_loss(logits, y, h, embeddings=embeddings, step=step, total_steps=total_steps,
-                                    tree_min_weight=_tree_min_weight(mode), generator=self.generator,
-                                    ignore_index=IGNORE_INDEX, return_parts=True)
-        return {"loss": total, **parts}
+    def _flat_ce(self, logits, y):
+        return self.paddle.nn.functional.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, axis=1)
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, step: int,
                    total_steps: int) -> dict[str, float]:
