@@ -9,7 +9,6 @@ environment switches. ``HIERALOSS_REQUIRE_NATIVE=1`` (set by ``make test``) make
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import oracle
 import pytest
 import torch
+from _native_utils import isa_capped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -36,18 +36,6 @@ def test_kernel_is_built_where_required():
     if os.environ.get("HIERALOSS_REQUIRE_NATIVE") != "1":
         pytest.skip("HIERALOSS_REQUIRE_NATIVE is not set")
     assert _native.available(), _native.load_error()
-
-
-@contextlib.contextmanager
-def isa_capped(name: str):
-    best = _native.ISAS[-1]
-    try:
-        used = _native.set_isa(name)
-        if used != name:
-            pytest.skip(f"this CPU or build has no {name} variant (got {used})")
-        yield
-    finally:
-        _native.set_isa(best)
 
 
 ISA = pytest.mark.parametrize("isa", _native.ISAS)

@@ -12,7 +12,6 @@ inputs left untouched; the class tables and counts; unsupported output sets.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 
@@ -20,6 +19,7 @@ import numpy as np
 import oracle
 import pytest
 import torch
+from _native_utils import isa_capped
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,18 +32,6 @@ from hieraloss.torch import _native_op, _ops
 pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel unavailable: {_native.load_error()}")
 
 ISA = pytest.mark.parametrize("isa", _native.ISAS)
-
-
-@contextlib.contextmanager
-def isa_capped(name: str):
-    best = _native.ISAS[-1]
-    try:
-        used = _native.set_isa(name)
-        if used != name:
-            pytest.skip(f"this CPU or build has no {name} variant (got {used})")
-        yield
-    finally:
-        _native.set_isa(best)
 
 
 # ---------------------------------------------------------------------------- the loop reference
