@@ -27,6 +27,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -37,7 +38,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 def run_gpu_tests() -> int:
     env = dict(os.environ, HIERALOSS_GPU_TESTS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels_triton.py"]
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
+           "tests/test_kernels_triton.py"]
     try:
         import xdist  # noqa: F401 - compiles run in parallel workers
 
@@ -90,6 +92,30 @@ def peak_extra(fn, device) -> float | None:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
+GROUPS = ("cs-treemin", "cs-focal", "cs-ce", "cs-triplet", "cs-hssn", "cs-bf16", "cs-decode",
+          "mp-treemin", "mp-focal", "mp-decode")
+
+
+def warm_up(jobs: int) -> None:
+    """Compile every kernel the table launches, one process per group, so compiles run in parallel.
+
+    Triton's on-disk cache is shared between processes; each group runs its steps once on the table's
+    own shapes, so the timed run finds every specialisation compiled.
+    """
+    t = time.time()
+    procs, pending = [], list(GROUPS)
+    while pending or procs:
+        while pending and len(procs) < jobs:
+            g = pending.pop(0)
+            procs.append((g, subprocess.Popen([sys.executable, __file__, "--skip-tests", "--warm-only", g],
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+        g, p = procs.pop(0)
+        err = p.communicate()[1]
+        if p.returncode:
+            print(f"warm-up {g}: exit {p.returncode}: {err.decode()[-600:]}", flush=True)
+    print(f"kernels compiled in {time.time() - t:.0f} s ({jobs} processes)", flush=True)
+
+
 def table(args) -> None:
     import torch
     import torch.nn.functional as F
@@ -101,17 +127,32 @@ def table(args) -> None:
     from hieraloss.torch import kernels
 
     dev = "cpu" if args.smoke else "cuda"
-    timer = Timer(dev, 1 if args.smoke else 3, 1 if args.smoke else args.iters)
-    name = "CPU (Triton interpreter, smoke sizes)" if args.smoke else torch.cuda.get_device_name()
-    print(f"\ndevice: {name}; torch {torch.__version__}; triton {triton.__version__}; "
-          f"triton kernels available: {kernels.triton_available()}")
+    warm = args.warm_only is not None
+
+    def want(group):
+        return not warm or group == args.warm_only
+
+    if warm:
+        def timer(fn):
+            fn()
+            return 1.0
+    else:
+        timer = Timer(dev, 1 if args.smoke else 3, 1 if args.smoke else args.iters)
+        name = "CPU (Triton interpreter, smoke sizes)" if args.smoke else torch.cuda.get_device_name()
+        print(f"\ndevice: {name}; torch {torch.__version__}; triton {triton.__version__}; "
+              f"triton kernels available: {kernels.triton_available()}", flush=True)
     B, H, W, e_hw = (2, 8, 16, (4, 4)) if args.smoke else (8, 512, 1024, (64, 128))
     gen = torch.Generator(device=dev).manual_seed(0)
     rows: list[tuple[str, str, str, str]] = []
 
+    def add(r):
+        rows.append(r)
+        if not warm:
+            print("  " + " | ".join(r), flush=True)
+
     def row(what, ms_ours, copy, ms_pub=None, note=""):
-        pub = "" if ms_pub is None else f"{ms_pub * 1e3:.2f} ms (ours {ms_pub / ms_ours:.1f}x faster)"
-        rows.append((what, f"{ms_ours * 1e3:.3f} ms", f"{ms_ours / copy:.1f}x", pub + note))
+        pub = "" if ms_pub is None else f"{ms_pub * 1e3:.2f} ms (= {ms_pub / ms_ours:.2f}x ours)"
+        add((what, f"{ms_ours * 1e3:.3f} ms", f"{ms_ours / copy:.1f}x", pub + note))
 
     def step(fn, x):
         def run():
@@ -128,50 +169,62 @@ def table(args) -> None:
     src = x.detach()
     dst = torch.empty_like(src)
     copy = timer(lambda: dst.copy_(src))
-    rows.append(("one copy of the logits (Cityscapes)", f"{copy * 1e3:.3f} ms", "1.0x", ""))
+    add(("one copy of the logits (Cityscapes)", f"{copy * 1e3:.3f} ms", "1.0x", ""))
     kw = dict(backend="triton", check_labels=False)
     tm = step(lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x)
-    pub_tm = step(lambda: published_tree_min_loss(x, y, h), x)
-    t_tm, t_pub_tm = timer(tm), timer(pub_tm)
-    row("tree-min hssn fwd+bwd", t_tm, copy, t_pub_tm)
-    row("focal tree-min fwd+bwd", timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x)),
-        copy, note=" (focal / plain: see ms)")
-    leaf_ch = torch.tensor(list(h.depth_channels[-1]), device=dev)
-    cat_ch = torch.tensor(list(h.depth_channels[0]), device=dev)
-    cat_of_leaf = torch.tensor(h.ancestor_table[:, 0].tolist(), device=dev)
-    pos = torch.full((h.num_nodes,), -100, dtype=torch.int64, device=dev)
-    pos[cat_ch] = torch.arange(cat_ch.numel(), device=dev)
-    y_cat = torch.where(y == 255, -100, pos[cat_of_leaf[y.clamp_max(h.num_nodes - 1)]])
-    y_leaf = torch.where(y == 255, -100, y)
-    plain = {1: lambda: F.cross_entropy(x[:, cat_ch], y_cat, ignore_index=-100),
-             2: lambda: F.cross_entropy(x[:, leaf_ch], y_leaf, ignore_index=-100)}
-    t_plain = {}
-    for d in (1, 2):
-        t_plain[d] = timer(step(plain[d], x))
-        row(f"depth_cross_entropy depth {d}", timer(step(lambda d=d: hlt.depth_cross_entropy(x, y, h, d, **kw), x)),
-            copy, t_plain[d], note=" (F.cross_entropy)")
-    row("triplet (256-d, embeddings only)",
-        timer(step(lambda: hlt.hierarchy_triplet_loss(emb, y, h, sampling="first"), emb)), copy)
-    t_obj = timer(step(lambda: hlt.hssn_loss(x, y, h, **kw), x))
-    row("hssn_loss without embeddings", t_obj, copy, t_pub_tm + t_plain[1] + t_plain[2],
-        note=" (published TM + F.cross_entropy x2)")
+    t_tm = t_pub_tm = 1.0
+    if want("cs-treemin"):
+        t_tm = timer(tm)
+        t_pub_tm = 1.0 if warm else timer(step(lambda: published_tree_min_loss(x, y, h), x))
+        row("tree-min hssn fwd+bwd", t_tm, copy, t_pub_tm)
+    if want("cs-focal"):
+        t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
+        row("focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_tm:.2f})")
+    t_plain = {1: 1.0, 2: 1.0}
+    if want("cs-ce"):
+        leaf_ch = torch.tensor(list(h.depth_channels[-1]), device=dev)
+        cat_ch = torch.tensor(list(h.depth_channels[0]), device=dev)
+        cat_of_leaf = torch.tensor(h.ancestor_table[:, 0].tolist(), device=dev)
+        pos = torch.full((h.num_nodes,), -100, dtype=torch.int64, device=dev)
+        pos[cat_ch] = torch.arange(cat_ch.numel(), device=dev)
+        y_cat = torch.where(y == 255, -100, pos[cat_of_leaf[y.clamp_max(h.num_nodes - 1)]])
+        y_leaf = torch.where(y == 255, -100, y)
+        plain = {1: lambda: F.cross_entropy(x[:, cat_ch], y_cat, ignore_index=-100),
+                 2: lambda: F.cross_entropy(x[:, leaf_ch], y_leaf, ignore_index=-100)}
+        for d in (1, 2):
+            t_plain[d] = 1.0 if warm else timer(step(plain[d], x))
+            row(f"depth_cross_entropy depth {d}",
+                timer(step(lambda d=d: hlt.depth_cross_entropy(x, y, h, d, **kw), x)),
+                copy, t_plain[d], note=" (F.cross_entropy)")
+    if want("cs-triplet"):
+        row("triplet (256-d, embeddings only)",
+            timer(step(lambda: hlt.hierarchy_triplet_loss(emb, y, h, sampling="first"), emb)), copy)
+    if want("cs-hssn"):
+        t_obj = timer(step(lambda: hlt.hssn_loss(x, y, h, **kw), x))
+        row("hssn_loss without embeddings", t_obj, copy, t_pub_tm + t_plain[1] + t_plain[2],
+            note=" (published TM + F.cross_entropy x2)")
 
-    def full():
-        x.grad = None
-        emb.grad = None
-        hlt.hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, sampling="first", **kw).backward()
-    row("hssn_loss with embeddings", timer(full), copy)
-    peak = peak_extra(tm, dev)
-    if peak is not None:
-        rows.append(("peak extra memory, tree-min step", f"{peak / 2**20:.0f} MiB",
-                     f"{peak / (x.numel() * x.element_size()):.2f}x logits", ""))
-    xb = x.detach().to(torch.bfloat16).requires_grad_(True)
-    row("tree-min hssn, bfloat16 logits", timer(step(lambda: hlt.tree_min_loss(xb, y, h, reduction="hssn", **kw),
-                                                     xb)), copy, note=f" (float32: {t_tm * 1e3:.3f} ms)")
-    for method in ("path", "top_down"):
-        row(f"decode {method}", timer(lambda m=method: hlt.decode(src, h, m, backend="triton")), copy)
-    syncs = "0 (set_sync_debug_mode raised nothing)"
-    if dev == "cuda":
+        def full():
+            x.grad = None
+            emb.grad = None
+            hlt.hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, sampling="first", **kw).backward()
+        row("hssn_loss with embeddings", timer(full), copy)
+    if not warm:
+        peak = peak_extra(tm, dev)
+        if peak is not None:
+            add(("peak extra memory, tree-min step", f"{peak / 2**20:.0f} MiB",
+                 f"{peak / (x.numel() * x.element_size()):.2f}x logits", ""))
+    if want("cs-bf16"):
+        xb = x.detach().to(torch.bfloat16).requires_grad_(True)
+        row("tree-min hssn, bfloat16 logits",
+            timer(step(lambda: hlt.tree_min_loss(xb, y, h, reduction="hssn", **kw), xb)), copy,
+            note=f" (float32: {t_tm * 1e3:.3f} ms)")
+        del xb
+    if want("cs-decode"):
+        for method in ("path", "top_down"):
+            row(f"decode {method}", timer(lambda m=method: hlt.decode(src, h, m, backend="triton")), copy)
+    if dev == "cuda" and not warm:
+        syncs = "0 (set_sync_debug_mode raised nothing)"
         torch.cuda.set_sync_debug_mode("error")
         try:
             full_step = step(lambda: hlt.hssn_loss(x, y, h, **kw), x)
@@ -197,25 +250,33 @@ def table(args) -> None:
             captured = "yes"
         except Exception as exc:  # noqa: BLE001 - reported
             captured = f"no: {type(exc).__name__}: {str(exc)[:100]}"
-        rows.append(("hssn_loss step, check_labels=False: host syncs", syncs, "", ""))
-        rows.append(("... captured in a CUDA graph", captured, "", ""))
+        add(("hssn_loss step, check_labels=False: host syncs", syncs, "", ""))
+        add(("... captured in a CUDA graph", captured, "", ""))
+    del x, emb, src, dst
 
     # ------------------------------------------------------------------ Mapillary
-    h = presets.mapillary_vistas_v2()
-    Bm = 1 if args.smoke else 4
-    x = torch.randn(Bm, h.num_nodes, H, W, device=dev, generator=gen).requires_grad_(True)
-    y = torch.randint(0, h.num_leaves, (Bm, H, W), device=dev, generator=gen)
-    src = x.detach()
-    dst = torch.empty_like(src)
-    copy = timer(lambda: dst.copy_(src))
-    rows.append(("one copy of the logits (Mapillary)", f"{copy * 1e3:.3f} ms", "1.0x", ""))
-    t_plain = timer(step(lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x))
-    row("Mapillary tree-min fwd+bwd", t_plain, copy)
-    t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
-    row("Mapillary focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_plain:.2f})")
-    for method in ("path", "top_down"):
-        row(f"Mapillary decode {method}", timer(lambda m=method: hlt.decode(src, h, m, backend="triton")), copy)
-
+    if not warm or args.warm_only.startswith("mp-"):
+        h = presets.mapillary_vistas_v2()
+        Bm = 1 if args.smoke else 4
+        x = torch.randn(Bm, h.num_nodes, H, W, device=dev, generator=gen).requires_grad_(True)
+        y = torch.randint(0, h.num_leaves, (Bm, H, W), device=dev, generator=gen)
+        src = x.detach()
+        dst = torch.empty_like(src)
+        copy = timer(lambda: dst.copy_(src))
+        add(("one copy of the logits (Mapillary)", f"{copy * 1e3:.3f} ms", "1.0x", ""))
+        t_plain = 1.0
+        if want("mp-treemin"):
+            t_plain = timer(step(lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x))
+            row("Mapillary tree-min fwd+bwd", t_plain, copy)
+        if want("mp-focal"):
+            t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
+            row("Mapillary focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_plain:.2f})")
+        if want("mp-decode"):
+            for method in ("path", "top_down"):
+                row(f"Mapillary decode {method}",
+                    timer(lambda m=method: hlt.decode(src, h, m, backend="triton")), copy)
+    if warm:
+        return
     width = max(len(r[0]) for r in rows)
     print(f"\n| {'part':<{width}} | time | x copy | published code / note |")
     print(f"| {'-' * width} | --- | --- | --- |")
@@ -228,7 +289,13 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-tests", action="store_true")
     ap.add_argument("--smoke", action="store_true", help="no GPU: tiny sizes, CPU, Triton interpreter")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--jobs", type=int, default=8, help="processes compiling the table's kernels up front "
+                    "(alongside the tests); 0: compile in the timed run")
+    ap.add_argument("--warm-only", choices=GROUPS, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.warm_only:
+        table(args)
+        return 0
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
     else:
@@ -237,7 +304,16 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("no CUDA device: GPU speed unmeasured (use --smoke to check the script on the CPU)")
             return 1
-    rc = 0 if args.skip_tests or args.smoke else run_gpu_tests()
+    rc = 0
+    if not args.smoke:
+        warm = None
+        if args.jobs:
+            warm = threading.Thread(target=warm_up, args=(args.jobs,))
+            warm.start()
+        if not args.skip_tests:
+            rc = run_gpu_tests()
+        if warm is not None:
+            warm.join()
     t = time.time()
     table(args)
     print(f"\ntable in {time.time() - t:.0f} s")
