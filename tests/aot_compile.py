@@ -31,9 +31,14 @@ def _tree(spec):
 def main() -> int:
     specs = json.loads(sys.argv[1])
     for spec in specs:
-        h = _tree(spec["tree"])
+        h = _tree(spec["tree"]) if spec.get("tree") is not None else None
         try:
-            if spec["kernel"] == "objective":
+            if spec["kernel"] == "histogram":
+                k = _aot.compile_label_histogram(spec["arch"], label_dtype=spec["label_dtype"], bins=spec["bins"],
+                                                 block=spec.get("block"))
+            elif spec["kernel"] == "scale":
+                k = _aot.compile_gradient_scale(spec["arch"], dtype=spec["dtype"])
+            elif spec["kernel"] == "objective":
                 k = _aot.compile_objective(h, spec["arch"], dtype=spec["dtype"], mode=spec["mode"],
                                            focal=spec.get("focal", False), weighted=spec.get("weighted", False),
                                            block_p=spec.get("block_p"), label_dtype=spec.get("label_dtype", "int64"))

@@ -88,6 +88,15 @@ def test_mapillary_training_steps_compile():
     _assert_all_compile(specs)
 
 
+def test_label_histogram_and_gradient_scale_compile():
+    """The objective's count pass (every label dtype, small and large bin counts, test and production
+    blocks) and its backward's in-place scaling (every dtype)."""
+    _assert_all_compile([dict(kernel="histogram", arch=arch, label_dtype=ld, bins=bins, block=block)
+                         for arch in ARCHS for ld in ("int64", "int32", "uint8", "int16")
+                         for bins in (2, 32, 256) for block in (16, None)]
+                        + [dict(kernel="scale", arch=arch, dtype=dt) for arch in ARCHS for dt in DTYPES])
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(h=hierarchies(max_depth=4, max_children=4, order=None), seed=st.integers(0, 2**16))
 def test_random_trees_compile(h, seed):

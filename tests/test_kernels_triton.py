@@ -434,3 +434,40 @@ def test_functional_triton_path_labels_and_syncs():
         torch.testing.assert_close(a, b)
         ga, gb = (torch.autograd.grad(v, x)[0] for v in (a, b))
         torch.testing.assert_close(ga, gb)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_backward_scales_the_forward_gradient_once(dtype):
+    """The training step's backward scales the forward's gradient buffer in place (skipped when
+    the upstream gradient is 1): any upstream scale gives scale x the unit gradient, the buffer
+    becomes .grad, and a second backward through the same loss raises instead of rescaling."""
+    from hieraloss.torch import hssn_loss, tree_min_loss
+
+    h = presets.cityscapes()
+    rng = np.random.default_rng(5)
+    x0 = torch.tensor(rng.normal(size=(2, h.num_nodes, 3, 7)), device=DEVICE).to(TORCH_DTYPES[dtype])
+    y = torch.tensor(rng.integers(0, h.num_leaves, size=(2, 3, 7)), device=DEVICE)
+    tol = GRAD_TOL[dtype]
+    for fn in (tree_min_loss, hssn_loss):
+        x = x0.clone().requires_grad_(True)
+        ref = torch.autograd.grad(fn(x, y, h, backend="torch"), x)[0].double()
+        fn(x, y, h, backend="triton").backward()
+        torch.testing.assert_close(x.grad.double(), ref, **tol)
+        for scale in (2.5, 0.0, -1.0):
+            x.grad = None
+            (scale * fn(x, y, h, backend="triton")).backward()
+            torch.testing.assert_close(x.grad.double(), scale * ref, **tol)
+        (g,) = torch.autograd.grad(3.0 * fn(x, y, h, backend="triton"), x)
+        assert not g.requires_grad and g.grad_fn is None
+        torch.testing.assert_close(g.double(), 3.0 * ref, **tol)
+        loss = fn(x, y, h, backend="triton")
+        (g1,) = torch.autograd.grad(2.0 * loss, x, retain_graph=True)
+        g1_copy = g1.clone()
+        (g2,) = torch.autograd.grad(-3.0 * loss, x, retain_graph=True)
+        torch.testing.assert_close(g1, g1_copy, rtol=0, atol=0)  # the first result is not changed
+        assert not g2.requires_grad
+        torch.testing.assert_close(g2.double(), -3.0 * ref, **tol)
+        loss = fn(x, y, h, backend="triton")
+        (0.0 * loss).backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="zero upstream gradient"):
+            loss.backward()

@@ -429,7 +429,7 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
                                     ignore_index=ignore_index, process_group=process_group,
                                     gather_across_ranks=gather_across_ranks)
         parts["triplet"] = tt.detach()
-        parts["triplet_weight"] = torch.tensor(tw, dtype=total.dtype, device=total.device)
+        parts["triplet_weight"] = total.new_full((), tw)
         total = total + tw * tt
     return (total, parts) if return_parts else total
 

@@ -83,6 +83,32 @@ def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down:
                           options=dict(num_warps=warps, num_stages=NUM_STAGES))
 
 
+def compile_label_histogram(arch: int, *, label_dtype: str = "int64", bins: int = 32, block: int | None = None):
+    """Compile the label-slot histogram kernel (the objective's reduction counts) for ``sm_<arch>``."""
+    from .objective import _HIST_BLOCK, _slot_histogram_kernel
+
+    kernel = _slot_histogram_kernel
+    sig = {name: "i32" for name in kernel.arg_names}
+    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", out_ptr="*i32")
+    const = dict(BLOCK=block or _HIST_BLOCK, BINS=bins)
+    sig.update({k: "constexpr" for k in const})
+    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=4))
+
+
+def compile_gradient_scale(arch: int, *, dtype: str = "float32"):
+    """Compile the backward's in-place gradient scaling kernel for ``sm_<arch>``."""
+    from .objective import _SCALE_BLOCK, _scale_kernel
+
+    acc = "fp64" if dtype == "float64" else "fp32"
+    sig = {name: "i32" for name in _scale_kernel.arg_names}
+    sig.update(g_ptr="*" + _TRITON[dtype], scale_ptr="*" + acc, n="i64")
+    const = dict(BLOCK=_SCALE_BLOCK, F64=dtype == "float64")
+    sig.update({k: "constexpr" for k in const})
+    return triton.compile(ASTSource(_scale_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
+                          options=dict(num_warps=4))
+
+
 def usage(compiled) -> Usage | None:
     """Registers and spill stack per thread of a compiled kernel (cuobjdump from the triton wheel)."""
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"

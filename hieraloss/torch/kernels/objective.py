@@ -33,6 +33,7 @@ import threading
 
 import torch
 import triton
+import triton.language as tl
 
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
@@ -111,14 +112,49 @@ def _as_bnp(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
+@triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P"])
+def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, out_ptr, P, BLOCK: tl.constexpr, BINS: tl.constexpr):
+    """Per-program histogram of the label slots ``clamp(label + shift, 0, ncode - 1)``: one row of
+    ``out [B * programs, BINS]`` per program."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < P
+    lab = tl.load(lab_ptr + b * slb + offs.to(tl.int64) * slp, mask=mask, other=0)
+    slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1).to(tl.int32)
+    hist = tl.histogram(slot, BINS, mask=mask)
+    tl.store(out_ptr + (b * tl.num_programs(0) + pid) * BINS + tl.arange(0, BINS), hist)
+
+
+_HIST_BLOCK = 4096
+
+
 def _counts(labels: torch.Tensor, codes) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-depth entry counts of the tree-min and cross-entropy reductions, from a histogram of
-    the label slots (index_add: no data-dependent size, so no host sync)."""
+    the label slots: per-program histograms summed by torch, so no atomics (``index_add`` into a
+    few slots serialises millions of atomics on one cache line) and no host sync."""
     code, shift, tm_table, ce_table = codes
-    slot = (labels.reshape(-1).to(torch.int64) + shift).clamp_(0, code.numel() - 1)
-    hist = torch.zeros(code.numel(), dtype=torch.float64, device=labels.device)
-    hist.index_add_(0, slot, torch.ones((), dtype=torch.float64, device=labels.device).expand(slot.numel()))
+    B, P = labels.shape[0], math.prod(labels.shape[1:])
+    lab = labels.reshape(B, P)
+    S = code.numel()
+    bins = max(16, triton.next_power_of_2(S))
+    block = min(_HIST_BLOCK, max(16, triton.next_power_of_2(max(P, 1))))
+    tiles = triton.cdiv(P, block)
+    part = torch.empty((B * tiles, bins), dtype=torch.int32, device=labels.device)
+    if part.numel():
+        _slot_histogram_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, S, part, P,
+                                           BLOCK=block, BINS=bins, num_warps=4)
+    hist = part.sum(0, dtype=torch.float64)[:S]
     return hist @ tm_table, hist @ ce_table
+
+
+def _ce_weights(hierarchy: Hierarchy, ce_weights: list[float], device: torch.device) -> torch.Tensor:
+    """``ce_weights`` padded to the depth as a float64 tensor on ``device``, cached: building it per
+    call would be a host-to-device copy (a sync, and it cannot be captured in a CUDA graph)."""
+    L = hierarchy.max_depth
+    key = tuple(ce_weights) + (0.0,) * (L - len(ce_weights))
+    return tables_for(hierarchy, device).get(
+        ("objective_ce_weights", key), lambda t: torch.tensor(key, dtype=torch.float64, device=t.device))
 
 
 def _tm_value(sums: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -190,8 +226,7 @@ def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_in
         _, out = _launch(2, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
         return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
     tm_counts, ce_counts = _counts(labels, codes)
-    ce_w = torch.tensor(list(ce_weights) + [0.0] * (L - len(ce_weights)), dtype=torch.float64,
-                        device=logits.device)
+    ce_w = _ce_weights(hierarchy, ce_weights, logits.device)
     if want_grad:
         tsc = _tm_scales(tm_counts, reduction, tm_weight).to(acc).contiguous()
         csc = (ce_w / ce_counts.clamp_min(1)).to(acc)
@@ -248,6 +283,31 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[2])
 
 
+@triton.jit
+def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """``g *= scale`` in place, skipped when ``scale == 1`` (read on the device: no host sync)."""
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    scale = tl.load(scale_ptr).to(CT)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask)
+        tl.store(g_ptr + offs, (g.to(CT) * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+_SCALE_BLOCK = 4096
+
+
+def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad *= scale`` by a kernel that skips the pass when ``scale`` is 1 (``loss.backward()`` on the
+    loss itself). Launched directly, not as a mutating op: autograd's version of the saved buffer stays
+    as it was, and ``_backward`` keeps track of the scale itself."""
+    n = grad.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK,
+                                                       F64=grad.dtype == torch.float64, num_warps=4)
+
+
 def _backward(ctx, grad_total, grad_parts, grad_grad):
     none = (None,) * 10
     if grad_total is None:
@@ -259,7 +319,21 @@ def _backward(ctx, grad_total, grad_parts, grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError("hieraloss: the fused objective ran without a gradient (logits did not require grad)")
-    return (grad * grad_total.to(grad.dtype), *none)
+    if torch.compiler.is_compiling():
+        return (grad * grad_total.to(grad.dtype), *none)
+    applied = getattr(ctx, "applied_scale", None)
+    if applied is None:
+        # The first backward scales the forward's gradient buffer in place and hands it to autograd,
+        # which keeps it as .grad without a copy: no second logits-sized pass.
+        _scale_in_place(grad, grad_total)
+        ctx.applied_scale = grad_total
+        return (grad.detach(), *none)
+    # A further backward (retain_graph=True, gradcheck): the buffer holds the first scale's gradient
+    # and may be the caller's now, so it is read, not changed. The host sync is on this path only.
+    if bool((applied == 0).any()):
+        raise RuntimeError("hieraloss: a second backward through a fused objective whose first backward "
+                           "had a zero upstream gradient; compute the loss again")
+    return (grad * (grad_total / applied), *none)
 
 
 objective_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,102 @@
+"""Where the time of one GPU training step goes: the CUDA kernels of each loss step, by device time.
+
+    PYTHONPATH=. python benchmarks/profile_gpu_step.py            # every step below
+    PYTHONPATH=. python benchmarks/profile_gpu_step.py triplet    # the steps whose name contains "triplet"
+
+Each step (forward + backward, ``check_labels=False``, the sizes of ``gpu_check.py``) runs a few times
+to warm up, then ``--iters`` times under ``torch.profiler``; the table lists the kernels with the most
+device time (per call: divide by ``--iters``). Needs a CUDA device; complements ``gpu_check.py``,
+which gives the totals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def steps():
+    import torch
+
+    import hieraloss.torch as hlt
+    from hieraloss import presets
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    kw = dict(backend="triton", check_labels=False)
+
+    def data(h, B, H=512, W=1024):
+        x = torch.randn(B, h.num_nodes, H, W, device="cuda", generator=gen).requires_grad_(True)
+        y = torch.randint(0, h.num_leaves, (B, H, W), device="cuda", generator=gen)
+        return x, y
+
+    def step(fn, *leaves):
+        def run():
+            for t in leaves:
+                t.grad = None
+            fn().backward()
+        return run
+
+    cs = presets.cityscapes()
+    x, y = data(cs, 8)
+    emb = torch.randn(8, 256, 64, 128, device="cuda", generator=gen).requires_grad_(True)
+    xb = x.detach().to(torch.bfloat16).requires_grad_(True)
+    yield "cityscapes tree-min", step(lambda: hlt.tree_min_loss(x, y, cs, reduction="hssn", **kw), x)
+    yield "cityscapes tree-min bfloat16", step(lambda: hlt.tree_min_loss(xb, y, cs, reduction="hssn", **kw), xb)
+    yield "cityscapes depth_cross_entropy 1", step(lambda: hlt.depth_cross_entropy(x, y, cs, 1, **kw), x)
+    yield "cityscapes triplet", step(lambda: hlt.hierarchy_triplet_loss(emb, y, cs, sampling="first"), emb)
+    yield "cityscapes hssn_loss + embeddings", step(
+        lambda: hlt.hssn_loss(x, y, cs, embeddings=emb, triplet_weight=0.5, sampling="first", **kw), x, emb)
+    del x, xb, emb
+    mv = presets.mapillary_vistas_v2()
+    x, y = data(mv, 4)
+    yield "mapillary tree-min", step(lambda: hlt.tree_min_loss(x, y, mv, reduction="hssn", **kw), x)
+    yield "mapillary focal tree-min", step(lambda: hlt.focal_tree_min_loss(x, y, mv, reduction="hssn", **kw), x)
+
+
+def main(argv=None) -> int:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("only", nargs="*", help="substrings of the step names to run")
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--rows", type=int, default=8)
+    ap.add_argument("--block-p", type=int, help="pixels per program of the objective kernel (default: automatic)")
+    ap.add_argument("--warps", type=int, help="warps per program of the objective kernel")
+    args = ap.parse_args(argv)
+    if args.block_p or args.warps:
+        from hieraloss.torch.kernels import objective
+
+        auto = objective.launch_sizes
+
+        def sizes(num_nodes, num_pixels):
+            bp, w = auto(num_nodes, num_pixels)
+            return args.block_p or bp, args.warps or w
+        objective.launch_sizes = sizes
+        print(f"objective kernel: BLOCK_P {args.block_p or 'auto'}, warps {args.warps or 'auto'}")
+    if not torch.cuda.is_available():
+        print("no CUDA device")
+        return 1
+    for name, run in steps():
+        if args.only and not any(s in name for s in args.only):
+            continue
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(args.iters):
+                run()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        print(f"\n## {name} ({args.iters} steps)", flush=True)
+        print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
