@@ -116,6 +116,27 @@ def warm_up(jobs: int) -> None:
     print(f"kernels compiled in {time.time() - t:.0f} s ({jobs} processes)", flush=True)
 
 
+def graph_step(loss_fn, x):
+    """A CUDA graph of one forward+backward (``torch.autograd.grad``), to time the device work
+    without Python's launch overhead; None when capture fails."""
+    import torch
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                torch.autograd.grad(loss_fn(), x)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            torch.autograd.grad(loss_fn(), x)
+        return graph.replay
+    except Exception as exc:  # noqa: BLE001 - reported as a missing row
+        print(f"  (no CUDA graph: {type(exc).__name__}: {str(exc)[:100]})", flush=True)
+        return None
+
+
 def table(args) -> None:
     import torch
     import torch.nn.functional as F
@@ -160,6 +181,13 @@ def table(args) -> None:
             fn().backward()
         return run
 
+    def graph_row(what, loss_fn, x, copy):
+        if dev != "cuda" or warm:
+            return
+        replay = graph_step(loss_fn, x)
+        if replay is not None:
+            row(what + ", CUDA graph replay (device time)", timer(replay), copy)
+
     # ------------------------------------------------------------------ Cityscapes
     h = presets.cityscapes()
     x = torch.randn(B, h.num_nodes, H, W, device=dev, generator=gen).requires_grad_(True)
@@ -177,6 +205,7 @@ def table(args) -> None:
         t_tm = timer(tm)
         t_pub_tm = 1.0 if warm else timer(step(lambda: published_tree_min_loss(x, y, h), x))
         row("tree-min hssn fwd+bwd", t_tm, copy, t_pub_tm)
+        graph_row("tree-min hssn fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy)
     if want("cs-focal"):
         t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
         row("focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_tm:.2f})")
@@ -203,6 +232,7 @@ def table(args) -> None:
         t_obj = timer(step(lambda: hlt.hssn_loss(x, y, h, **kw), x))
         row("hssn_loss without embeddings", t_obj, copy, t_pub_tm + t_plain[1] + t_plain[2],
             note=" (published TM + F.cross_entropy x2)")
+        graph_row("hssn_loss without embeddings", lambda: hlt.hssn_loss(x, y, h, **kw), x, copy)
 
         def full():
             x.grad = None
@@ -268,6 +298,8 @@ def table(args) -> None:
         if want("mp-treemin"):
             t_plain = timer(step(lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x))
             row("Mapillary tree-min fwd+bwd", t_plain, copy)
+            graph_row("Mapillary tree-min fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x,
+                      copy)
         if want("mp-focal"):
             t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
             row("Mapillary focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_plain:.2f})")

@@ -297,10 +297,19 @@ def test_ops_are_registered_with_torch_library():
                           test_utils=("test_schema", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph():
+def test_torch_compile_fullgraph(monkeypatch):
     """The public functions trace as one graph with check_labels=False (the CUDA path: the hierarchy
-    reaches the ops as its fingerprint); a second hierarchy gets its own kernel (no stale cache)."""
+    reaches the ops as its fingerprint); a second hierarchy gets its own kernel (no stale cache).
+    The traced backward scales with plain ops: the in-place kernel only ever sees real tensors."""
     from hieraloss.torch import hssn_loss, tree_min_loss
+    from hieraloss.torch.kernels import objective
+
+    scale_in_place = objective._scale_in_place
+
+    def eager_only(grad, scale):
+        assert type(grad) is torch.Tensor and type(scale) is torch.Tensor, type(grad)
+        scale_in_place(grad, scale)
+    monkeypatch.setattr(objective, "_scale_in_place", eager_only)
 
     def step(x, y, h):
         a = tree_min_loss(x, y, h, reduction="hssn", backend="triton", check_labels=False)

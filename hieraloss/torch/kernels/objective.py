@@ -308,6 +308,12 @@ def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
                                                        F64=grad.dtype == torch.float64, num_warps=4)
 
 
+def _tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced (torch.compile, AOTAutograd, make_fx, fake tensors, any dispatch
+    mode): then the backward must be plain ops, since a kernel launched on the data would not be traced."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0
+
+
 def _backward(ctx, grad_total, grad_parts, grad_grad):
     none = (None,) * 10
     if grad_total is None:
@@ -319,7 +325,7 @@ def _backward(ctx, grad_total, grad_parts, grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError("hieraloss: the fused objective ran without a gradient (logits did not require grad)")
-    if torch.compiler.is_compiling():
+    if _tracing(grad):
         return (grad * grad_total.to(grad.dtype), *none)
     applied = getattr(ctx, "applied_scale", None)
     if applied is None:
