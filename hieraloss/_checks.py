@@ -119,6 +119,20 @@ def check_logits(shape: Sequence[int], dtype: str, hierarchy: Hierarchy, name: s
             f"nodes (shape {_shape(shape)})")
 
 
+# ---------------------------------------------------------------------------- triplet loss
+def check_embeddings_shape(shape: Sequence[int]) -> None:
+    """Embeddings of the triplet loss: ``[B, C, h, w]`` (checked after their dtype)."""
+    if len(shape) != 4:
+        raise ValueError(f"embeddings must be [B, C, h, w], got shape {_shape(shape)}")
+
+
+def check_triplet_label_shape(shape: Sequence[int], embeddings_shape: Sequence[int]) -> None:
+    """Labels of the triplet loss: ``[B, H, W]`` with the embeddings' B (any H, W: they are resampled
+    to the embeddings' ``h x w``). Checked after the labels' dtype."""
+    if len(shape) != 3 or shape[0] != embeddings_shape[0]:
+        raise ValueError(f"labels must be [B, H, W] with B={int(embeddings_shape[0])}, got shape {_shape(shape)}")
+
+
 # ---------------------------------------------------------------------------- labels
 def label_dtype_error(dtype: str, name: str = "labels") -> LabelError:
     """The error for labels whose dtype is not an integer dtype (floats, bool, complex)."""

@@ -34,9 +34,7 @@ def _kw(kw: dict) -> dict:
     kw = dict(kw)
     if kw.get("node_weight") is not None:
         kw["node_weight"] = torch.as_tensor(np.asarray(kw["node_weight"]))
-    gen = kw.get("generator")
-    if gen is not None and not isinstance(gen, torch.Generator):  # an int seed (numpy convention)
-        kw["generator"] = torch.Generator().manual_seed(int(gen))
+    # An int seed passes unchanged: it draws the same triplets as numpy (hieraloss.core.triplets).
     return kw
 
 

@@ -154,8 +154,8 @@ def test_result_dtypes(dtype, out):
         assert np.asarray(hnp.tree_min_loss(x, labels, h, reduction=reduction)).dtype == out
     leaf, depth = hnp.decode(x, h)
     assert leaf.dtype == np.int64 and depth.dtype == np.int64 and depth.shape == (2, 3, 3)
-    emb = np.random.default_rng(1).normal(size=(2, 4, 3)).astype(dtype)
-    assert np.asarray(hnp.hierarchy_triplet_loss(emb, labels, h, sampling="first")).dtype == out
+    emb = np.random.default_rng(1).normal(size=(2, 4, 3, 1)).astype(dtype)
+    assert np.asarray(hnp.hierarchy_triplet_loss(emb, labels[..., None], h, sampling="first")).dtype == out
 
 
 def test_float16_is_accumulated_in_float32():
@@ -369,8 +369,10 @@ def test_triplet_weight_bounds():
 
 def test_triplet_inputs_checked():
     h = presets.cityscapes()
-    with pytest.raises(ValueError, match="embeddings"):
+    with pytest.raises(ValueError, match="labels must be"):
         hnp.hierarchy_triplet_loss(np.zeros((1, 4, 2, 2)), np.zeros((1, 2), dtype=np.int64), h)
+    with pytest.raises(ValueError, match="embeddings must be"):
+        hnp.hierarchy_triplet_loss(np.zeros((1, 4, 2)), np.zeros((1, 2), dtype=np.int64), h)
     with pytest.raises(TypeError, match="float"):
         hnp.hierarchy_triplet_loss(
             np.zeros((1, 4, 2, 2), dtype=np.int32), np.zeros((1, 2, 2), dtype=np.int64), h

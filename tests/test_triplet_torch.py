@@ -1,6 +1,7 @@
 """hieraloss.torch triplet loss: the sync-free selection (hieraloss.torch._ops).
 
-* no host sync inside the op for ``sampling="first"`` (one, the randperm count, for ``"random"``),
+* no host sync inside the op for ``sampling="first"`` (one, the permutation's count, for ``"random"``,
+  with a torch.Generator or a numpy one, i.e. an int seed),
   counted the way /work/shared/tools/step_profile.py counts them;
 * the fixed-size slots hold exactly the loop oracle's triplets (``sampling="first"``), and for
   ``"random"`` the key order is the earlier ``nonzero(...)[randperm(n)]`` one with the first-K rule
@@ -93,6 +94,20 @@ def test_random_reads_back_one_count():
     with CountSyncs() as counter:
         _op(emb, leaf, h, "random").backward()
     assert counter.events == ["__int__", "_local_scalar_dense"]  # int(n) for randperm(n)
+
+
+def test_int_seed_path_keeps_the_syncs():
+    """A numpy Generator (what the door makes of an int seed): "random" still reads back only n (the
+    permutation is drawn on the host and copied in), "first" reads nothing back."""
+    h, emb, leaf = _cityscapes_inputs()
+    kw = dict(max_per_class=200, base_margin=0.1)
+    _ops.triplet_op(emb, leaf, h, sampling="first", generator=np.random.default_rng(0), **kw).backward()
+    with CountSyncs() as counter:
+        _ops.triplet_op(emb, leaf, h, sampling="first", generator=np.random.default_rng(0), **kw).backward()
+    assert counter.events == []
+    with CountSyncs() as counter:
+        _ops.triplet_op(emb, leaf, h, sampling="random", generator=np.random.default_rng(0), **kw).backward()
+    assert counter.events == ["__int__", "_local_scalar_dense"]  # int(n) for the permutation
 
 
 def test_no_taking_part_pixel_is_a_connected_zero_without_sync():

@@ -19,12 +19,16 @@ import numpy as np
 
 from .._checks import (
     check_choice,
+    check_embeddings_shape,
     check_hierarchy,
     check_ignore_index,
     check_max_per_class,
+    check_triplet_label_shape,
     dtype_name,
     logits_dtype_error,
 )
+from ..core import triplets as _core
+from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy, LabelError
 from .losses import check_label_dtype, compute_dtype
 
@@ -36,7 +40,6 @@ __all__ = [
     "triplet_weight",
 ]
 
-SAMPLING = ("random", "first")
 NORM_EPS = 1e-12
 
 
@@ -64,23 +67,14 @@ def triplet_margin(
     a = _leaf_ids(anchor_classes, hierarchy, "anchor_classes")
     p = _leaf_ids(positive_classes, hierarchy, "positive_classes")
     n = _leaf_ids(negative_classes, hierarchy, "negative_classes")
-    psi = hierarchy.leaf_distance
-    return base_margin + (psi[a, n] - psi[a, p]) / (2.0 * hierarchy.max_depth)
+    return _core.margins(hierarchy, a, p, n, base_margin)
 
 
-def _generator(generator: Any) -> np.random.Generator:
-    if isinstance(generator, np.random.Generator):
-        return generator
-    if generator is None or isinstance(generator, numbers.Integral):
-        return np.random.default_rng(generator)
-    raise TypeError(
-        f"generator must be a numpy Generator, an int seed or None, got {type(generator).__name__}"
-    )
-
-
-def _check_sampling(max_per_class: Any, sampling: Any) -> None:
-    check_max_per_class(max_per_class)
+def _check_sampling(max_per_class: Any, sampling: Any, generator: Any) -> None:
     check_choice(sampling, SAMPLING, "sampling")
+    check_max_per_class(max_per_class)
+    if not _core.is_seed(generator):
+        raise _core.generator_type_error(generator)
 
 
 def sample_triplets(
@@ -96,38 +90,20 @@ def sample_triplets(
 
     Returns ``(anchor_idx, positive_idx, negative_idx, anchor_class, positive_class, negative_class)``:
     int64 flat indices into the ``(b, *spatial)`` flattening and the leaf ids there. Only leaf labels
-    take part (ignore and partial labels are dropped). ``sampling="first"`` takes the first T of each
-    set in memory order; ``"random"`` draws T of each set without replacement from ``generator``
-    (a numpy Generator, an int seed, or None for fresh entropy), anchors then positives then
-    negatives, class by class.
+    take part (ignore and partial labels are dropped). The rule is :mod:`hieraloss.core.triplets`:
+    ``sampling="first"`` takes the first T of each set in memory order; ``"random"`` permutes the
+    taking-part pixels once with ``generator`` (an int seed, a numpy Generator, or None for fresh
+    entropy; :func:`hieraloss.core.triplets.random_order`) and takes the first T of each set in that
+    order, so an int seed gives the same triplets in every backend.
     """
     check_hierarchy(hierarchy)
-    _check_sampling(max_per_class, sampling)
+    _check_sampling(max_per_class, sampling, generator)
     h = hierarchy
     ch = h.label_channels(labels, ignore_index).reshape(-1)
     is_leaf_pixel = (ch >= 0) & h.is_leaf[np.maximum(ch, 0)]
     leaf = np.where(is_leaf_pixel, h.node_ids[np.maximum(ch, 0)], -1)
-    leaf_parent = h.parent[h.leaf_channels]  # by leaf id; -1 = the implicit root
-    pixel_parent = np.where(is_leaf_pixel, leaf_parent[np.maximum(leaf, 0)], -2)
-    rng = _generator(generator) if sampling == "random" else None
-
-    out: list[list[np.ndarray]] = [[] for _ in range(6)]
-    for c in np.unique(leaf[is_leaf_pixel]).tolist():
-        pc = leaf_parent[c]
-        anchors = np.flatnonzero(leaf == c)
-        positives = np.flatnonzero((pixel_parent == pc) & (leaf != c))
-        negatives = np.flatnonzero(is_leaf_pixel & (pixel_parent != pc))
-        t = min(int(max_per_class), anchors.size, positives.size, negatives.size)
-        if t == 0:
-            continue
-        if rng is None:
-            picks = [anchors[:t], positives[:t], negatives[:t]]
-        else:
-            picks = [rng.choice(s, size=t, replace=False) for s in (anchors, positives, negatives)]
-        for slot, idx in enumerate(picks):
-            out[slot].append(idx.astype(np.int64))
-            out[slot + 3].append(leaf[idx].astype(np.int64))
-    return tuple(np.concatenate(o) if o else np.zeros(0, dtype=np.int64) for o in out)
+    keys = _core.key_order(leaf, sampling, generator)
+    return _core.select_triplets(leaf, keys, h, int(max_per_class))
 
 
 def resize_labels_nearest(labels: Any, size: Any) -> np.ndarray:
@@ -161,19 +137,17 @@ def hierarchy_triplet_loss(
     generator: Any = None,
     ignore_index: int = 255,
 ) -> np.floating:
-    """Triplet loss of ``embeddings [B, C, *spatial]`` for node-id ``labels [B, *spatial']``
-    (resampled nearest to the embedding size). Returns a scalar (exact 0 when no triplet)."""
+    """Triplet loss of ``embeddings [B, C, h, w]`` for node-id ``labels [B, H, W]`` (resampled nearest
+    to ``h x w``). Returns a scalar (exact 0 when no triplet). ``generator``: an int seed (the same
+    triplets as every backend draws for it), a numpy Generator or None (fresh entropy)."""
     check_hierarchy(hierarchy)
     e = np.asarray(embeddings)
     if e.dtype not in (np.float16, np.float32, np.float64):
         raise logits_dtype_error(dtype_name(e.dtype), "embeddings")
+    check_embeddings_shape(e.shape)
     lab = check_label_dtype(labels)
-    if e.ndim < 3 or lab.ndim != e.ndim - 1 or lab.shape[0] != e.shape[0]:
-        raise ValueError(
-            f"embeddings must be [B, C, *spatial] and labels [B, *spatial'] with the same B and rank; "
-            f"got {e.shape} and {lab.shape}"
-        )
-    _check_sampling(max_per_class, sampling)
+    check_triplet_label_shape(lab.shape, e.shape)
+    _check_sampling(max_per_class, sampling, generator)
     ignore_index = check_ignore_index(hierarchy, ignore_index)
     hierarchy.label_channels(lab, ignore_index)  # value check at full resolution
     cdt = compute_dtype(e.dtype)

@@ -15,7 +15,7 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from .. import numpy as _hnp
+from ..core import triplets as _triplets
 from ..hierarchy import Hierarchy
 from ._ops import NORM_EPS, compute_dtype
 
@@ -77,8 +77,8 @@ def gathered_triplet_op(embeddings: paddle.Tensor, leaf: np.ndarray, hierarchy: 
 
     if sampling == "random":  # rank 0 draws; the others receive its triplets
         if rank == 0:
-            ai, pi, ni = _hnp.sample_triplets(global_flat[None], hierarchy, max_per_class=max_per_class,
-                                              sampling=sampling, generator=generator, ignore_index=-1)[:3]
+            keys = _triplets.key_order(global_flat, sampling, generator)
+            ai, pi, ni = _triplets.select_triplets(global_flat, keys, hierarchy, max_per_class)[:3]
             count = paddle.to_tensor([ai.size], dtype="int64")
         else:
             count = paddle.zeros([1], dtype="int64")
@@ -90,8 +90,8 @@ def gathered_triplet_op(embeddings: paddle.Tensor, leaf: np.ndarray, hierarchy: 
         dist.broadcast(chosen, src=src, group=group)
         ai, pi, ni = chosen.numpy()
     else:
-        ai, pi, ni = _hnp.sample_triplets(global_flat[None], hierarchy, max_per_class=max_per_class,
-                                          sampling=sampling, ignore_index=-1)[:3]
+        keys = _triplets.key_order(global_flat, sampling)
+        ai, pi, ni = _triplets.select_triplets(global_flat, keys, hierarchy, max_per_class)[:3]
         if ai.size == 0:
             return zero
 
@@ -110,7 +110,7 @@ def gathered_triplet_op(embeddings: paddle.Tensor, leaf: np.ndarray, hierarchy: 
         return paddle.index_select(table, paddle.to_tensor(np.searchsorted(needed, positions), dtype="int64"))
 
     ac, pc, nc = global_flat[ai], global_flat[pi], global_flat[ni]
-    margin = paddle.to_tensor(_hnp.triplet_margin(hierarchy, ac, pc, nc, base_margin)).astype(ct)
+    margin = paddle.to_tensor(_triplets.margins(hierarchy, ac, pc, nc, base_margin)).astype(ct)
     e_a, e_p, e_n = at(ai), at(pi), at(ni)
     per = F.relu((1.0 - (e_a * e_p).sum(axis=1)) - (1.0 - (e_a * e_n).sum(axis=1)) + margin)
     classes, inverse, per_class = np.unique(ac, return_inverse=True, return_counts=True)

@@ -30,7 +30,7 @@ import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
 from .. import _checks
-from .. import numpy as _hnp
+from ..core import triplets as _triplets
 from ..hierarchy import Hierarchy
 from ..numpy.losses import HSSN_SCALE
 from ._tables import PlaceTables, col, tables_for, vec
@@ -530,14 +530,15 @@ def resize_labels_nearest(labels: paddle.Tensor, size: Sequence[int]) -> paddle.
 def triplet_op(embeddings, leaf, hierarchy, *, max_per_class, base_margin, sampling, generator):
     """Hierarchy-margin triplet loss; ``leaf`` is a host ``[B, h, w]`` array of leaf ids (-1 elsewhere).
 
-    Triplets are drawn on the host by :func:`hieraloss.numpy.sample_triplets` (identical draws for
-    the same seed); the distances are paddle ops, so autograd reaches ``embeddings``.
+    Triplets are chosen on the host by the core rule (:mod:`hieraloss.core.triplets`; ``generator``
+    a numpy Generator, so an int seed gives the triplets of every backend); the distances are
+    paddle ops, so autograd reaches ``embeddings``.
     """
     ct = compute_dtype(embeddings.dtype)
     B, C = embeddings.shape[:2]
-    ai, pi, ni, ac, pc, nc = _hnp.sample_triplets(
-        leaf, hierarchy, max_per_class=max_per_class, sampling=sampling, generator=generator, ignore_index=-1
-    )
+    flat = np.asarray(leaf).reshape(-1)
+    keys = _triplets.key_order(flat, sampling, generator)
+    ai, pi, ni, ac, pc, nc = _triplets.select_triplets(flat, keys, hierarchy, max_per_class)
     if ai.size == 0:
         flat = embeddings.reshape([-1])[:1]
         return (
@@ -552,7 +553,7 @@ def triplet_op(embeddings, leaf, hierarchy, *, max_per_class, base_margin, sampl
     rows = rows / paddle.clip(paddle.sqrt((rows * rows).sum(axis=1, keepdim=True)), min=NORM_EPS)
     t = ai.size
     e_a, e_p, e_n = rows[:t], rows[t : 2 * t], rows[2 * t :]
-    margin = paddle.to_tensor(_hnp.triplet_margin(hierarchy, ac, pc, nc, base_margin), place=place).astype(ct)
+    margin = paddle.to_tensor(_triplets.margins(hierarchy, ac, pc, nc, base_margin), place=place).astype(ct)
     per = F.relu((1.0 - (e_a * e_p).sum(axis=1)) - (1.0 - (e_a * e_n).sum(axis=1)) + margin)
     classes, inverse, per_class = np.unique(ac, return_inverse=True, return_counts=True)
     weight = 1.0 / (per_class[inverse] * classes.size)  # mean per class, then over classes

@@ -21,7 +21,6 @@ triplet op) -> :mod:`._tables` (per-place table caches) -> the framework-free co
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,10 +32,12 @@ from .._checks import REDUCTIONS, check_max_per_class
 from .._checks import check_choice as _check_choice
 from .._checks import check_gamma as _check_gamma
 from .._checks import check_hierarchy as _check_hierarchy
+from ..core import triplets as _triplets
+from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
 from ..numpy.decode import DECODE_METHODS
 from ..numpy.losses import HSSN_SCALE
-from ..numpy.triplet import SAMPLING, hssn_weights
+from ..numpy.triplet import hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _bridge, _collective, _native_layer
 from ._ops import (  # noqa: F401 - the ops and constants stay importable from here, as before the split
@@ -303,14 +304,6 @@ def depth_cross_entropy(
     return depth_cross_entropy_op(x, lc, hierarchy, depth)
 
 # ---------------------------------------------------------------------------- triplet loss
-def _numpy_generator(generator: Any) -> np.random.Generator | None:
-    if generator is None or isinstance(generator, np.random.Generator):
-        return generator
-    if isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
-        return np.random.default_rng(int(generator))
-    raise TypeError(f"generator must be a numpy Generator or an int seed, got {type(generator).__name__}")
-
-
 def hierarchy_triplet_loss(
     embeddings: paddle.Tensor,
     labels: paddle.Tensor,
@@ -329,31 +322,30 @@ def hierarchy_triplet_loss(
     ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, as ``F.interpolate``); only leaf labels
     take part. Embeddings are L2-normalised along C; ``d(a, b) = 1 - <a, b>``; margin
     ``base_margin + (psi(c_a, c_n) - psi(c_a, c_p)) / (2 * max_depth)``. Per anchor class at most
-    ``max_per_class`` triplets (``sampling="random"`` drawn from ``generator``, a numpy Generator or
-    an int seed, as ``hieraloss.numpy`` draws them; or ``"first"`` in flat order for parity with the
-    published code); mean per class, then mean over classes. No triplet gives an exact 0 that is
-    still connected to ``embeddings``.
+    ``max_per_class`` triplets (``sampling="random"`` drawn from ``generator``: an int seed, a numpy
+    Generator or None for fresh entropy, by the rule of :mod:`hieraloss.core.triplets`, so an int
+    seed gives the same triplets as in ``hieraloss.numpy`` and ``hieraloss.torch``; or ``"first"`` in
+    flat order for parity with the published code); mean per class, then mean over classes. No
+    triplet gives an exact 0 that is still connected to ``embeddings``.
 
     ``gather_across_ranks=True`` (a collective over ``process_group``) draws the triplets from the
     global batch of all ranks: see :mod:`hieraloss.paddle.distributed`.
     """
     _check_hierarchy(hierarchy)
-    if not isinstance(gather_across_ranks, bool):
-        raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     if not isinstance(embeddings, paddle.Tensor):
         raise TypeError(f"embeddings must be a paddle.Tensor, got {type(embeddings).__name__}")
     if embeddings.dtype not in _FLOATS:
         raise _checks.logits_dtype_error(_dtype_name(embeddings.dtype), "embeddings")
-    if embeddings.ndim != 4:
-        raise ValueError(f"embeddings must be [B, C, h, w], got shape {tuple(embeddings.shape)}")
+    _checks.check_embeddings_shape(embeddings.shape)
     labels = _label_tensor(labels, embeddings.place)
-    if labels.ndim != 3 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be [B, H, W] with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}"
-        )
+    _checks.check_triplet_label_shape(labels.shape, embeddings.shape)
     _check_choice(sampling, SAMPLING, "sampling")
     check_max_per_class(max_per_class)
-    rng = _numpy_generator(generator)
+    if not _triplets.is_seed(generator):
+        raise _triplets.generator_type_error(generator)
+    rng = _triplets.numpy_generator(generator) if sampling == "random" else None
+    if not isinstance(gather_across_ranks, bool):
+        raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
     small = resize_labels_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution
     is_leaf = (small >= 0) & hierarchy.is_leaf[np.maximum(small, 0)]

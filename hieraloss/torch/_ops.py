@@ -24,9 +24,11 @@ positive gradient to the path node attaining ``zmin``, following the tie rule of
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
+from ..core import triplets as core_triplets
 from ..core.plan import plan_for as core_plan_for
 from ..hierarchy import Hierarchy
 from ..numpy.losses import HSSN_SCALE
@@ -565,7 +567,7 @@ def depth_cross_entropy_op(logits: torch.Tensor, label_channels: torch.Tensor, h
 
 # ---------------------------------------------------------------------------- triplet loss
 # The local op runs without reading anything back to the host (sampling="first"; "random" reads one
-# count for randperm): what depends only on the hierarchy is a cached table, and the data-dependent
+# count for the permutation): what depends only on the hierarchy is a cached table, and the data-dependent
 # sizes are replaced by fixed-size buffers with a validity mask. The taking-part pixels come first in
 # a length-P "sequence" (P = all pixels; the others follow as a sentinel class K in a sentinel group
 # G), counts are read off sorted keys with searchsorted, and the triplets live in
@@ -592,7 +594,7 @@ class TripletTables:
     """What the triplet selection needs of a hierarchy, built once per device on the host.
 
     ``group [K + 1]``: sibling group of each leaf (leaves sharing a parent, the implicit root counting
-    as one; numbered by parent as ``numpy.unique`` does) and ``G`` for the sentinel class K;
+    as one; :func:`hieraloss.core.triplets.sibling_groups`) and ``G`` for the sentinel class K;
     ``num_groups``: G; ``leaf_distance [K + 1, K + 1]``: psi between leaves, 0 in the sentinel row
     and column; ``class_ids [K + 2]`` and ``group_ids [G + 2]``: ``arange`` for the searchsorted counts.
     """
@@ -603,8 +605,7 @@ class TripletTables:
         h: Hierarchy = tab.hierarchy
         dev = tab.device
         K = h.num_leaves
-        parent_of_leaf = np.asarray(h.parent)[np.asarray(h.leaf_channels)]
-        group = np.unique(parent_of_leaf, return_inverse=True)[1].reshape(-1).astype(np.int64)
+        group = core_triplets.sibling_groups(h)
         self.num_leaves = K
         self.num_groups = G = int(group.max()) + 1 if K else 0
         self.group = torch.tensor(np.append(group, G), dtype=torch.int64, device=dev)
@@ -621,20 +622,19 @@ def triplet_tables(hierarchy: Hierarchy, device: torch.device) -> TripletTables:
 
 def triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarchy, *,
                max_per_class: int, base_margin: float, sampling: str,
-               generator: torch.Generator | None) -> torch.Tensor:
+               generator: Any) -> torch.Tensor:
     """Hierarchy-margin triplet loss; ``leaf`` ``[B, h, w]`` holds leaf ids, -1 where not taking part.
 
     No host sync for ``sampling="first"``. ``sampling="random"`` has one: the number of taking-part
-    pixels n is read back for ``torch.randperm(n, generator=generator)`` (drawn on the generator's
-    device, the CPU without one), so the triplets drawn for a given generator state are the same as
-    with the earlier nonzero-based selection.
+    pixels n is read back for the key order, :func:`random_order` (a ``torch.Generator`` or None:
+    ``torch.randperm``; a numpy Generator: the core's permutation, copied to the device).
     """
     ct = compute_dtype(embeddings.dtype)
     flat = leaf.reshape(-1)
     if flat.numel() == 0:
         return embeddings.reshape(-1)[:0].sum().to(ct)  # an exact 0 still connected to the embeddings
     pixels, n = taking_part_first(flat)
-    if sampling == "random":  # the one sync of "random": n for randperm
+    if sampling == "random":  # the one sync of "random": n for the permutation
         pixels = shuffle_taking_part(pixels, random_order(int(n), generator, flat.device))
     chosen = triplet_select(flat, pixels, hierarchy, max_per_class=max_per_class)
     e_a, e_p, e_n = unit_rows(embeddings, (chosen.anchor, chosen.positive, chosen.negative), ct)
@@ -729,10 +729,15 @@ def shuffle_taking_part(pixels: torch.Tensor, order: torch.Tensor) -> torch.Tens
     return torch.cat([pixels[:n][order], pixels[n:]])
 
 
-def random_order(n: int, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
-    """``randperm(n)`` drawn on the generator's device (CPU without one), moved to ``device``."""
-    gen_device = generator.device if generator is not None else torch.device("cpu")
-    return torch.randperm(n, generator=generator, device=gen_device).to(device)
+def random_order(n: int, generator: Any, device: torch.device) -> torch.Tensor:
+    """The random key order, a permutation of ``range(n)`` on ``device``. A ``torch.Generator`` or
+    None (torch's default generator): ``randperm(n)`` drawn on the generator's device (CPU without
+    one). A numpy Generator (what the door makes of an int seed): the core's permutation
+    (:func:`hieraloss.core.triplets.random_order`, the draw of every backend), copied to ``device``."""
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        return torch.randperm(n, generator=generator, device=gen_device).to(device)
+    return torch.from_numpy(core_triplets.random_order(n, generator)).to(device)
 
 
 def _ith_outside(members_pos: torch.Tensor, rank: torch.Tensor, seg_of_member: torch.Tensor,

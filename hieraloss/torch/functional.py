@@ -24,9 +24,11 @@ from .._checks import REDUCTIONS, check_max_per_class
 from .._checks import check_choice as _check_choice
 from .._checks import check_gamma as _check_gamma
 from .._checks import check_hierarchy as _check_hierarchy
+from ..core import triplets as _triplets
+from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
 from ..numpy.decode import DECODE_METHODS
-from ..numpy.triplet import SAMPLING, hssn_weights
+from ..numpy.triplet import hssn_weights
 from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _native_op, _ops
 from ._tables import tables_for
@@ -302,7 +304,7 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
 # ---------------------------------------------------------------------------- triplet loss
 def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                            max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-                           generator: torch.Generator | None = None, ignore_index: int = 255,
+                           generator: Any = None, ignore_index: int = 255,
                            process_group: Any = None, gather_across_ranks: bool = False) -> torch.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
@@ -312,6 +314,13 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     ``max_per_class`` triplets (``sampling="random"`` from ``generator``, or ``"first"`` in flat
     order for parity with the published code); mean per class, then mean over classes. No triplet
     gives an exact 0 that is still connected to ``embeddings``.
+
+    ``generator``: an int seed or a numpy Generator draws the key order by the core rule
+    (:mod:`hieraloss.core.triplets`), so an int seed gives the same triplets as ``hieraloss.numpy``
+    and ``hieraloss.paddle``; the permutation is drawn on the host and copied to the embeddings'
+    device. A ``torch.Generator`` (drawn on its device) or None (torch's default generator, seeded
+    by ``torch.manual_seed``) gives torch's own draw, ``torch.randperm``: framework generators give
+    framework draws.
 
     ``gather_across_ranks=True`` (a collective over ``process_group`` of ``torch.distributed``;
     every rank must call it) chooses the triplets on the global batch of all ranks in rank order,
@@ -326,16 +335,16 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
     if embeddings.dtype not in _FLOATS:
         raise _checks.logits_dtype_error(_checks.dtype_name(embeddings.dtype), "embeddings")
-    if embeddings.dim() != 4:
-        raise ValueError(f"embeddings must be [B, C, h, w], got shape {tuple(embeddings.shape)}")
+    _checks.check_embeddings_shape(embeddings.shape)
     labels = _label_tensor(labels, embeddings.device)
-    if labels.dim() != 3 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"labels must be [B, H, W] with B={embeddings.shape[0]}, got shape {tuple(labels.shape)}")
+    _checks.check_triplet_label_shape(labels.shape, embeddings.shape)
     _check_choice(sampling, SAMPLING, "sampling")
     check_max_per_class(max_per_class)
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+    if not isinstance(generator, torch.Generator):
+        if not _triplets.is_seed(generator):
+            raise _triplets.generator_type_error(generator, "torch.Generator")
+        if generator is not None and sampling == "random":  # an int seed: the core's draw
+            generator = _triplets.numpy_generator(generator)
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
@@ -365,7 +374,7 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
               focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
               triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
               max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-              generator: torch.Generator | None = None, return_parts: bool = False,
+              generator: Any = None, return_parts: bool = False,
               backend: str = "auto", process_group: Any = None,
               gather_across_ranks: bool = False,
               check_labels: bool = True) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:

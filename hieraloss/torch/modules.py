@@ -76,7 +76,8 @@ class FocalTreeMinLoss(TreeMinLoss):
 
 
 class HierarchyTripletLoss(nn.Module):
-    """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``.
+    """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``
+    (``generator``: an int seed or a numpy Generator, the triplets of every backend; or a ``torch.Generator``).
 
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group`` (a collective).
     """
@@ -96,7 +97,7 @@ class HierarchyTripletLoss(nn.Module):
         self.gather_across_ranks = gather_across_ranks
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: Any = None) -> torch.Tensor:
         return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
                                         base_margin=self.base_margin, sampling=self.sampling,
                                         generator=generator, ignore_index=self.ignore_index,
@@ -143,7 +144,7 @@ class HSSNLoss(nn.Module):
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor | None = None, *,
-                step: int | None = None, generator: torch.Generator | None = None,
+                step: int | None = None, generator: Any = None,
                 return_parts: bool = False):
         use_step = step
         if use_step is None and embeddings is not None and self.triplet_weight is None:
