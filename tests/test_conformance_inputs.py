@@ -2,7 +2,7 @@
 
 The same bad input raises the same exception type with the same message in numpy, torch (the
 compiled CPU kernel where built, and the vectorized ops) and paddle (likewise): the messages are
-written once, in ``hieraloss/_checks.py``. Empty inputs (B = 0 or a zero-size spatial axis) give an
+written once, in ``hieraloss/core/checks.py``. Empty inputs (B = 0 or a zero-size spatial axis) give an
 exact 0 connected to the graph, empty maps and empty gradients; bool labels raise ``LabelError``.
 
 Written once over the adapters of tests/backends.py (``Direct`` calls each library with numpy
@@ -18,7 +18,7 @@ import pytest
 from backends import BACKENDS, Direct, as_dtype
 
 from hieraloss import LabelError, presets
-from hieraloss._checks import NumberExpectedError
+from hieraloss.core.checks import NumberExpectedError
 from hieraloss.metrics import HierarchicalSegMetrics
 
 H = presets.cityscapes()
@@ -123,7 +123,7 @@ def _bad_cases():
         ("triplet-embeddings-int", "hierarchy_triplet_loss",
          (np.zeros((1, 4, 2, 2), dtype=np.int64), np.zeros((1, 2, 2), dtype=np.int64), H), {}, TypeError, "int64"),
         # Shapes: embeddings [B, C, h, w] (after their dtype), then labels [B, H, W] with the same B
-        # (after their dtype): one rule and message, hieraloss/_checks.py.
+        # (after their dtype): one rule and message, hieraloss/core/checks.py.
         ("triplet-embeddings-3d", "hierarchy_triplet_loss", (np.zeros((1, 4, 2)), np.zeros((1, 2), dtype=np.int64), H),
          {}, ValueError, "embeddings must be [B, C, h, w], got shape (1, 4, 2)"),
         ("triplet-embeddings-5d", "hierarchy_triplet_loss",

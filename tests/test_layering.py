@@ -43,7 +43,6 @@ KNOWN_CYCLES: list[tuple[object, str]] = []
 FRAMEWORK_FREE = [
     "hieraloss",
     "hieraloss.hierarchy",
-    "hieraloss._checks",
     "hieraloss.metrics",
     "hieraloss.testing",
     "hieraloss.presets",

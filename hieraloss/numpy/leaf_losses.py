@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import check_choice, check_hierarchy
+from ..core.checks import check_choice, check_hierarchy
 from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
 from .decode import decode as _decode_nodes

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import _checks
-from .._checks import check_hierarchy
+from ..core import checks as _checks
+from ..core.checks import check_hierarchy
 from ..core.plan import Plan, plan_for
 
 # Re-exported: the count tables moved to the plan (hieraloss.core.plan); older code imports them from here.

@@ -17,7 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from .._checks import (
+from ..core import triplets as _core
+from ..core.checks import (
     check_choice,
     check_embeddings_shape,
     check_hierarchy,
@@ -27,7 +28,6 @@ from .._checks import (
     dtype_name,
     logits_dtype_error,
 )
-from ..core import triplets as _core
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy, LabelError
 from .losses import check_label_dtype, compute_dtype

@@ -29,7 +29,7 @@ import paddle
 import paddle.nn.functional as F
 from paddle.autograd import PyLayer
 
-from .. import _checks
+from ..core import checks as _checks
 from ..core import triplets as _triplets
 from ..hierarchy import Hierarchy
 from ..numpy.losses import HSSN_SCALE

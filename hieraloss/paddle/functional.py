@@ -16,7 +16,8 @@ module) and this module (checks + dispatch) -> :mod:`._native_layer` (compiled C
 :mod:`._collective` (cross-rank triplet op), :mod:`._bridge` (Triton kernels through DLPack) ->
 :mod:`._ops` (eager sweeps and the tree-min ``PyLayer``, cross-entropy, decoders, path scores,
 triplet op) -> :mod:`._tables` (per-place table caches) -> the framework-free core
-(``hieraloss.hierarchy``, ``hieraloss._checks``, ``hieraloss.numpy``, ``hieraloss._native``).
+(``hieraloss.hierarchy``, ``hieraloss.core`` (plan, checks, rules, triplets), ``hieraloss.numpy``,
+``hieraloss._native``).
 """
 
 from __future__ import annotations
@@ -27,12 +28,13 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .. import _checks, _native
-from .._checks import REDUCTIONS, check_max_per_class
-from .._checks import check_choice as _check_choice
-from .._checks import check_gamma as _check_gamma
-from .._checks import check_hierarchy as _check_hierarchy
+from .. import _native
+from ..core import checks as _checks
 from ..core import triplets as _triplets
+from ..core.checks import REDUCTIONS, check_max_per_class
+from ..core.checks import check_choice as _check_choice
+from ..core.checks import check_gamma as _check_gamma
+from ..core.checks import check_hierarchy as _check_hierarchy
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
 from ..numpy.decode import DECODE_METHODS

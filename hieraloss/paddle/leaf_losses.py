@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
-from .._checks import check_hierarchy, dtype_name
+from ..core.checks import check_hierarchy, dtype_name
 from ..hierarchy import Hierarchy
 from ..numpy.leaf_losses import (
     LEAF_DECODE_METHODS,

@@ -19,12 +19,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _checks, _native
-from .._checks import REDUCTIONS, check_max_per_class
-from .._checks import check_choice as _check_choice
-from .._checks import check_gamma as _check_gamma
-from .._checks import check_hierarchy as _check_hierarchy
+from .. import _native
+from ..core import checks as _checks
 from ..core import triplets as _triplets
+from ..core.checks import REDUCTIONS, check_max_per_class
+from ..core.checks import check_choice as _check_choice
+from ..core.checks import check_gamma as _check_gamma
+from ..core.checks import check_hierarchy as _check_hierarchy
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
 from ..numpy.decode import DECODE_METHODS

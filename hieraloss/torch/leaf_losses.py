@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from .._checks import check_hierarchy
+from ..core.checks import check_hierarchy
 from ..hierarchy import Hierarchy
 from ..numpy.leaf_losses import (
     LEAF_DECODE_METHODS,

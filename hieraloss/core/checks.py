@@ -1,4 +1,4 @@
-"""Framework-free argument checks shared by every backend (clear errors at the door).
+"""Framework-free argument checks shared by every backend (clear errors at the door; numpy only).
 
 One answer per input: for the same bad argument every backend (numpy, torch, paddle, and each of
 their compute paths) raises the same exception type with the same message, and the message is
@@ -24,8 +24,8 @@ import numbers
 from collections.abc import Sequence
 from typing import Any
 
-from .core.rules import REDUCTIONS as REDUCTIONS  # the rule lives in hieraloss.core.rules
-from .hierarchy import Hierarchy, LabelError
+from ..hierarchy import Hierarchy, LabelError
+from .rules import REDUCTIONS as REDUCTIONS  # the rule lives in hieraloss.core.rules
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
