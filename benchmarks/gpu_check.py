@@ -117,8 +117,8 @@ def warm_up(jobs: int) -> None:
 
 
 def graph_step(loss_fn, x):
-    """A CUDA graph of one forward+backward (``torch.autograd.grad``), to time the device work
-    without Python's launch overhead; None when capture fails."""
+    """A CUDA graph of one forward+backward (``torch.autograd.grad`` for ``x``, a tensor or a tuple),
+    to time the device work without Python's launch overhead; None when capture fails."""
     import torch
 
     try:
@@ -228,6 +228,7 @@ def table(args) -> None:
     if want("cs-triplet"):
         row("triplet (256-d, embeddings only)",
             timer(step(lambda: hlt.hierarchy_triplet_loss(emb, y, h, sampling="first"), emb)), copy)
+        graph_row("triplet", lambda: hlt.hierarchy_triplet_loss(emb, y, h, sampling="first"), emb, copy)
     if want("cs-hssn"):
         t_obj = timer(step(lambda: hlt.hssn_loss(x, y, h, **kw), x))
         row("hssn_loss without embeddings", t_obj, copy, t_pub_tm + t_plain[1] + t_plain[2],
@@ -239,6 +240,8 @@ def table(args) -> None:
             emb.grad = None
             hlt.hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, sampling="first", **kw).backward()
         row("hssn_loss with embeddings", timer(full), copy)
+        graph_row("hssn_loss with embeddings", lambda: hlt.hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5,
+                                                                     sampling="first", **kw), (x, emb), copy)
     if not warm:
         peak = peak_extra(tm, dev)
         if peak is not None:

@@ -30,11 +30,11 @@ from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 2
+CODEGEN_VERSION = 3
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency.
-LOAD_GROUP = 8
+LOAD_GROUP = 16
 
 
 def _group_loads(emit, indent: str, nodes: list[int], base: str, name: str) -> None:
