@@ -25,12 +25,14 @@ operator with plain arguments and traces nothing of the hierarchy.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import linecache
 import math
 import sys
 import threading
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -85,8 +87,8 @@ def decode_kernel_for(hierarchy: Hierarchy):
 
 
 def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
-    """``(codes int32 [S], shift, tm_counts float64 [S, L], ce_counts float64 [S, L])`` on ``device``:
-    ``plan_for(hierarchy).label_codes`` (:class:`hieraloss.core.plan.LabelCodes`) as tensors.
+    """``(codes int32 [S], shift, counts float64 [S, 2 L])`` on ``device``: ``plan_for(hierarchy).label_codes``
+    (:class:`hieraloss.core.plan.LabelCodes`) as tensors, ``counts`` = tree-min counts then CE counts.
 
     Slot ``clamp(label + shift, 0, S - 1)`` of a label value holds its code for the kernel and how
     many entries per depth it adds to the tree-min and cross-entropy counts. For
@@ -98,8 +100,8 @@ def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
     def build(t):
         codes = plan_for(hierarchy).label_codes(None if ignore_index == CHANNEL_LABELS else ignore_index)
         return (torch.tensor(codes.codes, device=t.device), codes.shift,
-                torch.tensor(codes.tree_min_counts, dtype=torch.float64, device=t.device),
-                torch.tensor(codes.ce_counts, dtype=torch.float64, device=t.device))
+                torch.tensor(np.concatenate([codes.tree_min_counts, codes.ce_counts], axis=1), dtype=torch.float64,
+                             device=t.device))
 
     return tab.get(("objective_codes", ignore_index), build)
 
@@ -129,11 +131,11 @@ def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, out_ptr, P, BLOCK: t
 _HIST_BLOCK = 4096
 
 
-def _counts(labels: torch.Tensor, codes) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-depth entry counts of the tree-min and cross-entropy reductions, from a histogram of
-    the label slots: per-program histograms summed by torch, so no atomics (``index_add`` into a
-    few slots serialises millions of atomics on one cache line) and no host sync."""
-    code, shift, tm_table, ce_table = codes
+def _counts(labels: torch.Tensor, codes) -> torch.Tensor:
+    """float64 ``[2 L]``: per-depth entry counts of the tree-min then the cross-entropy reductions, from
+    a histogram of the label slots: per-program histograms summed by torch, so no atomics
+    (``index_add`` into a few slots serialises millions of atomics on one cache line) and no host sync."""
+    code, shift, table = codes
     B, P = labels.shape[0], math.prod(labels.shape[1:])
     lab = labels.reshape(B, P)
     S = code.numel()
@@ -144,33 +146,25 @@ def _counts(labels: torch.Tensor, codes) -> tuple[torch.Tensor, torch.Tensor]:
     if part.numel():
         _slot_histogram_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, S, part, P,
                                            BLOCK=block, BINS=bins, num_warps=4)
-    hist = part.sum(0, dtype=torch.float64)[:S]
-    return hist @ tm_table, hist @ ce_table
+    return part.sum(0, dtype=torch.float64)[:S] @ table
 
 
-def _ce_weights(hierarchy: Hierarchy, ce_weights: list[float], device: torch.device) -> torch.Tensor:
-    """``ce_weights`` padded to the depth as a float64 tensor on ``device``, cached: building it per
-    call would be a host-to-device copy (a sync, and it cannot be captured in a CUDA graph)."""
-    L = hierarchy.max_depth
-    key = tuple(ce_weights) + (0.0,) * (L - len(ce_weights))
-    return tables_for(hierarchy, device).get(
-        ("objective_ce_weights", key), lambda t: torch.tensor(key, dtype=torch.float64, device=t.device))
+@functools.lru_cache(maxsize=64)
+def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tuple[float, ...]) -> torch.Tensor:
+    """float64 ``[2 L]`` on ``device``: the weight of each per-depth ratio ``sum / denominator`` in the
+    total (``tm_weight``, times the hssn factor where it applies, then the CE weights). Cached, and
+    bounded: building it per call would be a host-to-device copy (a sync, and not capturable in a
+    CUDA graph)."""
+    ce = tuple(ce_weights) + (0.0,) * (L - len(ce_weights))
+    return torch.tensor((tm_weight,) * L + ce, dtype=torch.float64, device=device)
 
 
-def _tm_value(sums: torch.Tensor, counts: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "sum":
-        return sums.sum()
-    if reduction == "mean":
-        return sums.sum() / counts.sum().clamp_min(1)
-    return (sums / counts.clamp_min(1)).sum() * HSSN_SCALE  # hssn
-
-
-def _tm_scales(counts: torch.Tensor, reduction: str, weight: float) -> torch.Tensor:
-    if reduction == "sum":
-        return torch.full_like(counts, weight)
-    if reduction == "mean":
-        return (weight / counts.sum().clamp_min(1)).expand(counts.shape)
-    return weight * HSSN_SCALE / counts.clamp_min(1)
+def _denominators(counts: torch.Tensor, reduction: str, L: int) -> torch.Tensor:
+    """float64 ``[2 L]``: what each depth's sum is divided by (tree-min per ``reduction``, CE: its count)."""
+    if reduction == "hssn":
+        return counts.clamp_min(1)
+    tm = counts[:L].sum().clamp_min(1).expand(L) if reduction == "mean" else counts.new_ones(L)
+    return torch.cat([tm, counts[L:].clamp_min(1)])
 
 
 def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, tsc=None, csc=None,
@@ -225,22 +219,21 @@ def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_in
     if reduction == "none":
         _, out = _launch(2, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
         return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
-    tm_counts, ce_counts = _counts(labels, codes)
-    ce_w = _ce_weights(hierarchy, ce_weights, logits.device)
+    denom = _denominators(_counts(labels, codes), reduction, L)
+    factor = HSSN_SCALE if reduction == "hssn" else 1.0
+    coef = _coefficients(logits.device, L, float(tm_weight) * factor, tuple(float(w) for w in ce_weights))
     if want_grad:
-        tsc = _tm_scales(tm_counts, reduction, tm_weight).to(acc).contiguous()
-        csc = (ce_w / ce_counts.clamp_min(1)).to(acc)
-        part, grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, tsc=tsc, csc=csc,
+        scales = (coef / denom).to(acc)
+        part, grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, tsc=scales[:L], csc=scales[L:],
                              out_dtype=logits.dtype)
         grad = grad.view(logits.shape)
     else:
         part, _ = _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce)
         grad = logits.new_empty((0,))
-    sums = part.to(torch.float64).sum(0)
-    tm_value = _tm_value(sums[:L], tm_counts, reduction) if tm else sums.new_zeros(())
-    ce_values = sums[L:] / ce_counts.clamp_min(1) if ce else sums.new_zeros(L)
-    parts = torch.cat([tm_value.reshape(1), ce_values])
-    total = tm_weight * parts[0] + (ce_w * ce_values).sum()
+    # Per-depth ratios: each depth's share of the tree-min value, and each depth's CE (0 where not computed).
+    ratio = part.sum(0, dtype=torch.float64) / denom
+    parts = torch.cat([ratio[:L].sum(0, keepdim=True) * factor, ratio[L:]])
+    total = (ratio * coef).sum()
     return total.to(acc), parts.to(acc), grad
 
 
