@@ -31,7 +31,7 @@ import torch
 from ..core import triplets as core_triplets
 from ..core.plan import plan_for as core_plan_for
 from ..hierarchy import Hierarchy
-from ..numpy.losses import HSSN_SCALE
+from ..core.rules import HSSN_SCALE
 from ._tables import DeviceTables, tables_for
 
 

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
-from ...numpy.losses import HSSN_SCALE, REDUCTIONS
+from ...core.rules import HSSN_SCALE, REDUCTIONS
 from .._tables import tables_for
 from . import _codegen
 from ._common import NUM_STAGES, launch_sizes
