@@ -20,12 +20,18 @@ Rules:
   a door (``DOORS``: the package, its functional module, its Module/Layer classes, its leaf losses,
   and paddle's ``distributed`` face);
 * ``hieraloss/integrations/*`` use public names only: no import of a name or module starting with
-  ``_`` from hieraloss, and no ``module._name`` attribute on an imported hieraloss module.
+  ``_`` from hieraloss, and no ``module._name`` attribute on an imported hieraloss module;
+* ``hieraloss/torch/*``, ``hieraloss/paddle/*`` and ``hieraloss/integrations/*`` never import
+  ``hieraloss.numpy`` (the numpy backend is a reference built on the core, not a shared core: the
+  rules and checks they share live in ``hieraloss.core``), except the paths in
+  ``NUMPY_IMPORT_ALLOWED`` (none now; remove an entry when its file moves to the core);
+* ``hieraloss.core`` imports no backend and not ``hieraloss.numpy`` (numpy only, acyclic).
 """
 
 from __future__ import annotations
 
 import ast
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +60,12 @@ FRAMEWORKS = ("torch", "paddle")
 
 # paddle -> torch: only the DLPack bridge to the Triton kernels, and only inside its functions.
 PADDLE_TO_TORCH_BRIDGE = "hieraloss.paddle._bridge"
+
+# The packages that build on the core and never on the numpy reference backend.
+NOT_ON_NUMPY_BACKEND = ("hieraloss.torch", "hieraloss.paddle", "hieraloss.integrations")
+# Files (relative to the repository root) still allowed to import hieraloss.numpy, until they move
+# their imports to hieraloss.core. Keep it empty; an entry needs a reason and an owner.
+NUMPY_IMPORT_ALLOWED: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -367,4 +379,61 @@ def test_backend_internals_import_no_door(package, backend):
     internals = [m for m in package if m.startswith(f"hieraloss.{backend}.") and m not in doors]
     assert internals
     bad = [f"{m} -> {t}" for m in sorted(internals) for t in sorted(graph[m]) if t in doors]
+    assert not bad, "\n".join(bad)
+
+
+def _imports_numpy_backend(imp: Import) -> bool:
+    return imp.target == "hieraloss.numpy" or imp.target.startswith("hieraloss.numpy.")
+
+
+def _in_packages(m: str, packages) -> bool:
+    return any(m == p or m.startswith(p + ".") for p in packages)
+
+
+def test_backends_and_integrations_do_not_import_the_numpy_backend(package):
+    """torch, paddle and the integrations take shared rules and checks from ``hieraloss.core`` only
+    (issue 13): the numpy backend is the reference, not everyone's shared core. Imports inside
+    functions count too."""
+    bad = []
+    checked = [m for m in package if _in_packages(m, NOT_ON_NUMPY_BACKEND)]
+    assert checked
+    for m in sorted(checked):
+        path, imports = package[m]
+        rel = path.relative_to(ROOT).as_posix()
+        if rel in NUMPY_IMPORT_ALLOWED:
+            continue
+        bad += [f"{rel}:{imp.line} imports {imp.target}" for imp in imports if _imports_numpy_backend(imp)]
+        # ``import hieraloss`` then ``hieraloss.numpy.x``: an attribute path into the numpy backend
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if (isinstance(node, ast.Attribute) and node.attr == "numpy" and isinstance(node.value, ast.Name)
+                    and node.value.id == "hieraloss"):
+                bad.append(f"{rel}:{node.lineno} uses hieraloss.numpy")
+    assert not bad, "\n".join(bad)
+
+
+def test_numpy_import_allow_list_is_current(package):
+    """An allow-list entry names an existing file that still imports hieraloss.numpy (else drop it)."""
+    paths = {p.relative_to(ROOT).as_posix(): imports for p, imports in package.values()}
+    stale = [rel for rel in sorted(NUMPY_IMPORT_ALLOWED)
+             if rel not in paths or not any(_imports_numpy_backend(i) for i in paths[rel])]
+    assert not stale, f"remove from NUMPY_IMPORT_ALLOWED: {stale}"
+
+
+def test_core_imports_no_backend(package):
+    """``hieraloss.core`` is numpy only: it imports no backend (``hieraloss.numpy``, ``.torch``,
+    ``.paddle``, ``.integrations``), nothing else of hieraloss but ``hieraloss.hierarchy`` and itself,
+    and outside hieraloss only the standard library and numpy (inside functions too)."""
+    allowed = ("hieraloss.core", "hieraloss.hierarchy")
+    bad = []
+    core = [m for m in package if _in_packages(m, ("hieraloss.core",))]
+    assert core
+    for m in sorted(core):
+        for imp in package[m][1]:
+            root = imp.target.split(".")[0]
+            if root == "hieraloss":
+                ok = _in_packages(imp.target, allowed)
+            else:
+                ok = root == "numpy" or root in sys.stdlib_module_names
+            if not ok:
+                bad.append(f"{m}:{imp.line} imports {imp.target}")
     assert not bad, "\n".join(bad)

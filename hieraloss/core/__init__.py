@@ -2,9 +2,13 @@
 
 * :mod:`hieraloss.core.plan`: :func:`plan_for`, the one :class:`Plan` per hierarchy holding every
   integer table an op or kernel reads (cached by fingerprint). Nothing outside the core walks the tree.
-* :mod:`hieraloss.core.rules`: the shared loss rules (``REDUCTIONS``, ``HSSN_SCALE``).
+* :mod:`hieraloss.core.rules`: the shared loss rules (``REDUCTIONS``, ``HSSN_SCALE``,
+  ``DECODE_METHODS``, ``LEAF_REDUCTIONS``, ``LEAF_DECODE_METHODS``, the triplet-weight schedule
+  ``triplet_weight`` and ``hssn_weights``).
 * :mod:`hieraloss.core.checks`: the argument checks and their messages, one per rule, that every
-  backend's door calls with framework-free facts (shapes, dtype names).
+  backend's door calls with framework-free facts (shapes, dtype names), the leaf losses' included.
+* :mod:`hieraloss.core.leaf`: the leaf losses' tables (the bottom-up log-sum-exp ``LeafPlan``, the
+  hierarchical cross-entropy coefficients, the soft targets).
 * :mod:`hieraloss.core.triplets`: the triplet selection rule (key order, the seeded permutation that
   makes an int seed draw the same triplets in every backend, selection, margins).
 """

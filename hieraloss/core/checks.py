@@ -25,9 +25,11 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..hierarchy import Hierarchy, LabelError
+from .rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from .rules import REDUCTIONS as REDUCTIONS  # the rule lives in hieraloss.core.rules
 
 LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+LEAF_LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
 class NumberExpectedError(ValueError, TypeError):
@@ -172,3 +174,42 @@ def check_finite_count(bad: int, name: str = "logits") -> None:
 def is_empty(shape: Sequence[int]) -> bool:
     """Whether a tensor of this shape holds no element (B = 0 or a zero-size spatial axis)."""
     return any(s == 0 for s in shape)
+
+
+# ---------------------------------------------------------------------------- leaf losses (HXE, soft labels)
+def check_leaf_logits(shape: tuple[int, ...], dtype_name: str, hierarchy: Hierarchy,
+                      name: str = "leaf_logits") -> None:
+    """Dtype and layout of leaf logits ``[B, K, *spatial]`` (one message for every backend).
+
+    ``dtype_name`` is the framework-free name of the dtype (``"float32"``, ``"int64"``, ...)."""
+    if dtype_name not in LEAF_LOGIT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {dtype_name}")
+    shape = tuple(int(s) for s in shape)
+    k = hierarchy.num_leaves
+    if len(shape) < 2:
+        raise ValueError(f"{name} must be [B, K, *spatial] with K={k} leaves, got shape {shape}")
+    if shape[1] != k:
+        raise ValueError(
+            f"{name} have {shape[1]} channels on axis 1, but the hierarchy has {k} leaves "
+            f"(shape {shape}); leaf logits hold one channel per leaf, in leaf-id order")
+
+
+def check_nonnegative(value: Any, name: str) -> float:
+    """A finite number >= 0 as a float (``alpha``, ``beta``)."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a number, got {value!r}") from None
+    if not v >= 0 or math.isinf(v):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+    return v
+
+
+def check_leaf_decode_method(method: Any) -> None:
+    check_choice(method, LEAF_DECODE_METHODS, "method")
+
+
+def check_leaf_reduction(reduction: Any) -> None:
+    check_choice(reduction, LEAF_REDUCTIONS, "reduction")

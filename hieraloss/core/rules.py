@@ -1,17 +1,64 @@
-"""The loss rules every backend shares (plain constants, numpy-free).
+"""The loss rules every backend shares (plain constants and pure-Python schedules, numpy-free).
 
 * :data:`REDUCTIONS`: the reductions of the tree-min losses (DEVELOPING.md "Losses"); the door's
   ``check_choice`` in :mod:`hieraloss.core.checks` lists them in this order in its message.
 * :data:`HSSN_SCALE`: the ``hssn`` reduction multiplies its per-depth normalised sum by 5 (the
   published code's factor); the HSSN objective divides its tree-min weight by it.
+* :data:`DECODE_METHODS`: the decoders of ``decode`` (DEVELOPING.md "Decoding"), in message order.
+* :data:`LEAF_REDUCTIONS`, :data:`LEAF_DECODE_METHODS`: the reductions and decoders of the leaf
+  losses (HXE, soft labels; :mod:`hieraloss.core.leaf`).
+* :func:`triplet_weight`: the published cosine ramp of the triplet weight; :func:`hssn_weights`
+  resolves ``hssn_loss``'s cross-entropy and triplet weights.
 
-Re-exported under their old names by :mod:`hieraloss.core.checks` (``REDUCTIONS``) and
-:mod:`hieraloss.numpy.losses` (``REDUCTIONS``, ``HSSN_SCALE``).
+Re-exported under their old names by :mod:`hieraloss.core.checks` (``REDUCTIONS``),
+:mod:`hieraloss.numpy.losses` (``REDUCTIONS``, ``HSSN_SCALE``), :mod:`hieraloss.numpy.decode`
+(``DECODE_METHODS``), :mod:`hieraloss.numpy.leaf_losses` (``LEAF_REDUCTIONS``,
+``LEAF_DECODE_METHODS``) and :mod:`hieraloss.numpy.triplet` (``triplet_weight``, ``hssn_weights``).
 """
 
 from __future__ import annotations
 
-__all__ = ["REDUCTIONS", "HSSN_SCALE"]
+import math
+from typing import Any
+
+__all__ = ["REDUCTIONS", "HSSN_SCALE", "DECODE_METHODS", "LEAF_REDUCTIONS", "LEAF_DECODE_METHODS",
+           "triplet_weight", "hssn_weights"]
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 HSSN_SCALE = 5.0
+DECODE_METHODS = ("path", "hssn", "top_down", "independent")
+LEAF_REDUCTIONS = ("mean", "sum", "none")
+LEAF_DECODE_METHODS = ("argmax", "top_down")
+
+
+def triplet_weight(step: float, total_steps: float) -> float:
+    """Published ramp ``0.25 * (1 + cos(pi * (t - T) / T))`` for ``t < T``, else 0.5."""
+    if not total_steps > 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps!r}")
+    if not step >= 0:
+        raise ValueError(f"step must be >= 0, got {step!r}")
+    if step >= total_steps:
+        return 0.5
+    return 0.25 * (1.0 + math.cos(math.pi * (step - total_steps) / total_steps))
+
+
+def hssn_weights(max_depth: int, ce_weights: Any, has_embeddings: bool, fixed_triplet_weight: Any,
+                 step: Any, total_steps: Any) -> tuple[list[float], float | None]:
+    """Resolve ``hssn_loss``'s weights: one CE weight per depth (``None`` = 1.0 each, one number =
+    that for all) and the triplet weight (``fixed_triplet_weight``, else the published schedule at
+    ``step`` of ``total_steps``; ``None`` when there are no embeddings). Shared by the backends."""
+    if ce_weights is None:
+        ce_w = [1.0] * max_depth
+    elif isinstance(ce_weights, (int, float)):
+        ce_w = [float(ce_weights)] * max_depth
+    else:
+        ce_w = [float(c) for c in ce_weights]
+        if len(ce_w) != max_depth:
+            raise ValueError(f"ce_weights needs one weight per depth ({max_depth}), got {len(ce_w)}")
+    if not has_embeddings:
+        return ce_w, None
+    if fixed_triplet_weight is not None:
+        return ce_w, float(fixed_triplet_weight)
+    if step is None or total_steps is None:
+        raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
+    return ce_w, triplet_weight(float(step), float(total_steps))

@@ -33,8 +33,8 @@ import torch
 from torch import nn
 
 from .. import presets
+from ..core.checks import check_leaf_reduction, check_nonnegative
 from ..hierarchy import Hierarchy
-from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
 from ..torch import functional as F
 from ..torch import leaf_losses as _leaf
 

@@ -52,9 +52,8 @@ import paddle
 from paddle import nn
 
 from .. import presets
+from ..core.checks import check_leaf_reduction, check_nonnegative, check_reduction
 from ..hierarchy import Hierarchy
-from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
-from ..numpy.losses import check_reduction
 from ..paddle import functional as F
 from ..paddle import leaf_losses as _leaf
 

@@ -15,12 +15,11 @@ from typing import Any
 import numpy as np
 
 from ..core.plan import plan_for
+from ..core.rules import DECODE_METHODS as DECODE_METHODS  # the rule lives in hieraloss.core.rules
 from ..hierarchy import Hierarchy
 from .losses import check_logits, compute_dtype
 
 __all__ = ["decode", "DECODE_METHODS"]
-
-DECODE_METHODS = ("path", "hssn", "top_down", "independent")
 
 
 def _path_sums(scores: np.ndarray, h: Hierarchy) -> np.ndarray:

@@ -23,20 +23,32 @@ probabilities under v`` (``p(root) = 1``); in log space ``log p(v) = LSE(v) - LS
   or ``"top_down"`` (at each depth the child of the chosen node with the largest summed leaf
   probability, compared through ``LSE``; a chosen leaf stops).
 
-The framework-free rules (the argument checks and their messages, the bottom-up plan, the HXE
-coefficients and the soft targets) live here and are shared by the torch and paddle backends.
+The framework-free rules live in the core and every backend imports them from there: the argument
+checks and their messages in :mod:`hieraloss.core.checks`, the reductions and decoders in
+:mod:`hieraloss.core.rules`, the bottom-up plan, the HXE coefficients and the soft targets in
+:mod:`hieraloss.core.leaf`. This module re-exports them under their old names.
 """
 
 from __future__ import annotations
 
 import math
-from functools import lru_cache
 from typing import Any
 
 import numpy as np
 
-from ..core.checks import check_choice, check_hierarchy
-from ..core.plan import plan_for
+# The shared rules, checks and tables live in the core; re-exported here under their old names.
+from ..core.checks import LEAF_LOGIT_DTYPES as LEAF_LOGIT_DTYPES
+from ..core.checks import check_hierarchy
+from ..core.checks import check_leaf_decode_method as check_leaf_decode_method
+from ..core.checks import check_leaf_logits as check_leaf_logits
+from ..core.checks import check_leaf_reduction as check_leaf_reduction
+from ..core.checks import check_nonnegative as check_nonnegative
+from ..core.leaf import LeafPlan as LeafPlan
+from ..core.leaf import hxe_coefficients as hxe_coefficients
+from ..core.leaf import leaf_plan as leaf_plan
+from ..core.leaf import soft_targets as soft_targets
+from ..core.rules import LEAF_DECODE_METHODS as LEAF_DECODE_METHODS
+from ..core.rules import LEAF_REDUCTIONS as LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from .decode import decode as _decode_nodes
 from .losses import check_labels, compute_dtype
@@ -48,128 +60,6 @@ __all__ = [
     "LEAF_REDUCTIONS",
     "LEAF_DECODE_METHODS",
 ]
-
-LEAF_REDUCTIONS = ("mean", "sum", "none")
-LEAF_DECODE_METHODS = ("argmax", "top_down")
-LEAF_LOGIT_DTYPES = ("float16", "bfloat16", "float32", "float64")
-
-
-# ---------------------------------------------------------------------------- shared checks
-def check_leaf_logits(shape: tuple[int, ...], dtype_name: str, hierarchy: Hierarchy,
-                      name: str = "leaf_logits") -> None:
-    """Dtype and layout of leaf logits ``[B, K, *spatial]`` (one message for every backend).
-
-    ``dtype_name`` is the framework-free name of the dtype (``"float32"``, ``"int64"``, ...)."""
-    if dtype_name not in LEAF_LOGIT_DTYPES:
-        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {dtype_name}")
-    shape = tuple(int(s) for s in shape)
-    k = hierarchy.num_leaves
-    if len(shape) < 2:
-        raise ValueError(f"{name} must be [B, K, *spatial] with K={k} leaves, got shape {shape}")
-    if shape[1] != k:
-        raise ValueError(
-            f"{name} have {shape[1]} channels on axis 1, but the hierarchy has {k} leaves "
-            f"(shape {shape}); leaf logits hold one channel per leaf, in leaf-id order")
-
-
-def check_nonnegative(value: Any, name: str) -> float:
-    """A finite number >= 0 as a float (``alpha``, ``beta``)."""
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not v >= 0 or math.isinf(v):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value}")
-    return v
-
-
-def check_leaf_decode_method(method: Any) -> None:
-    check_choice(method, LEAF_DECODE_METHODS, "method")
-
-
-def check_leaf_reduction(reduction: Any) -> None:
-    check_choice(reduction, LEAF_REDUCTIONS, "reduction")
-
-
-# ---------------------------------------------------------------------------- framework-free rules
-class LeafPlan:
-    """How to build ``LSE(v)`` for every node from the leaf logits, one depth at a time.
-
-    Values live in a channel-indexed array ``lse [B, N, P]``: the leaf channels (``leaf_channels``,
-    in leaf-id order) take the leaf logits, then each step fills the internal nodes of one depth,
-    deepest first. ``steps``: one ``(nodes, ranks)`` per depth with internal nodes, ``nodes`` their
-    channels sorted by decreasing number of children (ties by channel) and ``ranks`` a list over
-    r of ``(count, children)``: the first ``count`` nodes have an r-th child (channel order), the
-    channels ``children``. So ``acc = lse[children_0]`` and ``acc[:count] = logaddexp(acc[:count],
-    lse[children_r])`` for r >= 1, then ``lse[nodes] = acc``. ``leaf_path_ids``: ``[K, L]`` node id
-    at every depth of leaf k's path (a shallow leaf repeats). ``common_depth``: ``[N, K]`` (rows by
-    channel, columns by leaf id) the number of nodes the paths of node c and leaf k share, i.e.
-    the depth of their lowest common ancestor (0 = only the root): leaf k is under the first
-    ``common_depth[c, k]`` nodes of c's path (the torch and paddle losses bucket leaves by it).
-    """
-
-    def __init__(self, h: Hierarchy):
-        plan = plan_for(h)  # the tree's tables (channels per depth, children in channel order)
-        self.leaf_channels = h.leaf_channels.astype(np.int64)
-        self.steps: list[tuple[np.ndarray, list[tuple[int, np.ndarray]]]] = []
-        for d in range(h.max_depth - 1, 0, -1):
-            at = plan.levels[d - 1][~plan.is_leaf[plan.levels[d - 1]]]
-            if at.size == 0:
-                continue
-            nkids = plan.num_children[at]
-            nodes = at[np.lexsort((at, -nkids))]
-            ranks = []
-            for r in range(int(nkids.max())):
-                kids = [int(plan.children[v][r]) for v in nodes if plan.num_children[v] > r]
-                ranks.append((len(kids), np.array(kids, dtype=np.int64)))
-            self.steps.append((nodes.astype(np.int64), ranks))
-        self.leaf_path_ids = h.node_ids[h.leaf_paths].astype(np.int64)
-        leaf_depth = h.depth[h.leaf_channels]
-        self.common_depth = (h.depth[:, None] + leaf_depth[None, :] - h.node_leaf_distance) // 2
-
-
-@lru_cache(maxsize=64)
-def leaf_plan(h: Hierarchy) -> LeafPlan:
-    return LeafPlan(h)
-
-
-@lru_cache(maxsize=64)
-def hxe_coefficients(h: Hierarchy, alpha: float) -> np.ndarray:
-    """``[N, L+1]`` float64: the hierarchical cross-entropy of a pixel labelled with channel c is
-    ``coef[c, 0] * LSE(root) + sum_{d=1..L} coef[c, d] * LSE(ancestor_table[c, d-1])``.
-
-    With ``C_1..C_D`` the path of c (D = depth(c)) and ``w_d = exp(-alpha * height(C_d))``, the
-    loss ``sum_d w_d (LSE(C_{d-1}) - LSE(C_d))`` (``C_0`` = root) regrouped per node:
-    ``coef[c, 0] = w_1``, ``coef[c, d] = w_{d+1} - w_d`` for d < D, ``coef[c, D] = -w_D`` and 0
-    beyond. With ``alpha = 0`` the middle coefficients are exact zeros, so the value is exactly
-    ``LSE(root) - LSE(c)``."""
-    n, L = h.num_nodes, h.max_depth
-    w = np.exp(-alpha * h.height.astype(np.float64))[h.ancestor_table]  # [N, L]: w of the path nodes
-    coef = np.zeros((n, L + 1), dtype=np.float64)
-    coef[:, 0] = w[:, 0]
-    depth = h.depth
-    for d in range(1, L + 1):
-        if d < L:
-            inner = depth > d
-            coef[inner, d] = w[inner, d] - w[inner, d - 1]
-        last = depth == d
-        coef[last, d] = -w[last, d - 1]
-    coef.setflags(write=False)
-    return coef
-
-
-@lru_cache(maxsize=64)
-def soft_targets(h: Hierarchy, beta: float) -> np.ndarray:
-    """``[N, K]`` float64: row c is the target distribution over leaves (leaf-id order) of a pixel
-    labelled with channel c, ``softmax_l(-beta * node_leaf_distance[c, l])``."""
-    z = -beta * h.node_leaf_distance.astype(np.float64)
-    z -= z.max(axis=1, keepdims=True)
-    q = np.exp(z)
-    q /= q.sum(axis=1, keepdims=True)
-    q.setflags(write=False)
-    return q
 
 
 # ---------------------------------------------------------------------------- numpy ops

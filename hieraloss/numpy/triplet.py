@@ -11,7 +11,6 @@ and the total is the mean over classes that had triplets (0 when none).
 
 from __future__ import annotations
 
-import math
 import numbers
 from typing import Any
 
@@ -28,6 +27,8 @@ from ..core.checks import (
     dtype_name,
     logits_dtype_error,
 )
+from ..core.rules import hssn_weights as hssn_weights  # the rules live in hieraloss.core.rules
+from ..core.rules import triplet_weight as triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy, LabelError
 from .losses import check_label_dtype, compute_dtype
@@ -171,36 +172,3 @@ def hierarchy_triplet_loss(
     classes, inverse = np.unique(ac, return_inverse=True)
     class_mean = np.bincount(inverse, weights=per) / np.bincount(inverse)
     return cdt.type(class_mean.mean())
-
-
-def triplet_weight(step: float, total_steps: float) -> float:
-    """Published ramp ``0.25 * (1 + cos(pi * (t - T) / T))`` for ``t < T``, else 0.5."""
-    if not total_steps > 0:
-        raise ValueError(f"total_steps must be > 0, got {total_steps!r}")
-    if not step >= 0:
-        raise ValueError(f"step must be >= 0, got {step!r}")
-    if step >= total_steps:
-        return 0.5
-    return 0.25 * (1.0 + math.cos(math.pi * (step - total_steps) / total_steps))
-
-
-def hssn_weights(max_depth: int, ce_weights: Any, has_embeddings: bool, fixed_triplet_weight: Any,
-                 step: Any, total_steps: Any) -> tuple[list[float], float | None]:
-    """Resolve ``hssn_loss``'s weights: one CE weight per depth (``None`` = 1.0 each, one number =
-    that for all) and the triplet weight (``fixed_triplet_weight``, else the published schedule at
-    ``step`` of ``total_steps``; ``None`` when there are no embeddings). Shared by the backends."""
-    if ce_weights is None:
-        ce_w = [1.0] * max_depth
-    elif isinstance(ce_weights, (int, float)):
-        ce_w = [float(ce_weights)] * max_depth
-    else:
-        ce_w = [float(c) for c in ce_weights]
-        if len(ce_w) != max_depth:
-            raise ValueError(f"ce_weights needs one weight per depth ({max_depth}), got {len(ce_w)}")
-    if not has_embeddings:
-        return ce_w, None
-    if fixed_triplet_weight is not None:
-        return ce_w, float(fixed_triplet_weight)
-    if step is None or total_steps is None:
-        raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
-    return ce_w, triplet_weight(float(step), float(total_steps))

@@ -31,8 +31,8 @@ from paddle.autograd import PyLayer
 
 from ..core import checks as _checks
 from ..core import triplets as _triplets
+from ..core.rules import HSSN_SCALE
 from ..hierarchy import Hierarchy
-from ..numpy.losses import HSSN_SCALE
 from ._tables import PlaceTables, col, tables_for, vec
 
 NORM_EPS = 1e-12

@@ -16,8 +16,8 @@ module) and this module (checks + dispatch) -> :mod:`._native_layer` (compiled C
 :mod:`._collective` (cross-rank triplet op), :mod:`._bridge` (Triton kernels through DLPack) ->
 :mod:`._ops` (eager sweeps and the tree-min ``PyLayer``, cross-entropy, decoders, path scores,
 triplet op) -> :mod:`._tables` (per-place table caches) -> the framework-free core
-(``hieraloss.hierarchy``, ``hieraloss.core`` (plan, checks, rules, triplets), ``hieraloss.numpy``,
-``hieraloss._native``).
+(``hieraloss.hierarchy``, ``hieraloss.core`` (plan, checks, rules, triplets, leaf tables),
+``hieraloss._native``; never ``hieraloss.numpy``, the reference backend).
 """
 
 from __future__ import annotations
@@ -35,12 +35,10 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
+from ..core.rules import DECODE_METHODS, HSSN_SCALE, hssn_weights
+from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
-from ..numpy.decode import DECODE_METHODS
-from ..numpy.losses import HSSN_SCALE
-from ..numpy.triplet import hssn_weights
-from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _bridge, _collective, _native_layer
 from ._ops import (  # noqa: F401 - the ops and constants stay importable from here, as before the split
     NORM_EPS,
@@ -369,8 +367,8 @@ def hierarchy_triplet_loss(
     )
 
 
-# The published half-cosine ramp is framework-free: one implementation, in the numpy backend.
-triplet_weight = _numpy_triplet_weight
+# The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
+triplet_weight = _core_triplet_weight
 
 
 # ---------------------------------------------------------------------------- published combination

@@ -13,8 +13,8 @@ from typing import Any
 import paddle
 from paddle import nn
 
+from ..core.checks import check_leaf_reduction, check_nonnegative
 from ..hierarchy import Hierarchy
-from ..numpy.leaf_losses import check_leaf_reduction, check_nonnegative
 from . import functional as F
 from . import leaf_losses as _leaf
 

@@ -1,8 +1,10 @@
 """Hierarchical objectives on a flat model's leaf logits (Bertinetto et al., CVPR 2020), paddle backend.
 
-Same names, arguments and semantics as :mod:`hieraloss.numpy.leaf_losses` (the reference, which
-also holds the shared rules: argument checks and messages, the bottom-up log-sum-exp plan, the
-hierarchical cross-entropy coefficients and the soft targets) and :mod:`hieraloss.torch.leaf_losses`.
+Same names, arguments and semantics as :mod:`hieraloss.numpy.leaf_losses` (the reference) and
+:mod:`hieraloss.torch.leaf_losses`. The shared rules come from the core: argument checks and messages
+(:mod:`hieraloss.core.checks`), the reductions and decoders (:mod:`hieraloss.core.rules`), the
+bottom-up log-sum-exp plan, the hierarchical cross-entropy coefficients and the soft targets
+(:mod:`hieraloss.core.leaf`).
 Labels go through the same label checks as the other paddle losses. Values are float64 for float64
 logits and float32 otherwise (float16/bfloat16 accumulate in float32); gradients come back in the
 logits' dtype through autograd. Inputs are never modified.
@@ -17,19 +19,17 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
-from ..core.checks import check_hierarchy, dtype_name
-from ..hierarchy import Hierarchy
-from ..numpy.leaf_losses import (
-    LEAF_DECODE_METHODS,
-    LEAF_REDUCTIONS,
+from ..core.checks import (
+    check_hierarchy,
     check_leaf_decode_method,
     check_leaf_logits,
     check_leaf_reduction,
     check_nonnegative,
-    hxe_coefficients,
-    leaf_plan,
-    soft_targets,
+    dtype_name,
 )
+from ..core.leaf import hxe_coefficients, leaf_plan, soft_targets
+from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
+from ..hierarchy import Hierarchy
 from ._ops import compute_dtype, decode_op
 from ._tables import tables_for, vec
 from .functional import _checked_labels

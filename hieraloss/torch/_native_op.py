@@ -199,7 +199,7 @@ def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hi
     ``reduction="hssn"`` without its factor 5, times ``node_weight``; ``CE_d``: the mean cross-entropy
     over ``hierarchy.depth_channels[d-1]`` (as :func:`._ops.depth_cross_entropy_op`). Validated
     inputs as for :func:`tree_min_native` (label channels, -1 = ignored); ``ce_weights``: L floats
-    (already resolved, e.g. by ``hieraloss.numpy.triplet.hssn_weights``; a weight 0 only drops that
+    (already resolved, e.g. by ``hieraloss.core.rules.hssn_weights``; a weight 0 only drops that
     depth from the total and the gradient). Returns ``(total, tree_min, ce)``: ``total`` the
     differentiable scalar (float64 for float64 logits, else float32), ``tree_min`` the detached
     scalar ``TM`` and ``ce`` the detached ``[L]`` tensor of every ``CE_d``. float16/bfloat16 logits

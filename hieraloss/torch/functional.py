@@ -26,11 +26,10 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
+from ..core.rules import DECODE_METHODS, hssn_weights
+from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
-from ..numpy.decode import DECODE_METHODS
-from ..numpy.triplet import hssn_weights
-from ..numpy.triplet import triplet_weight as _numpy_triplet_weight
 from . import _native_op, _ops
 from ._tables import tables_for
 
@@ -364,8 +363,8 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
                            base_margin=float(base_margin), sampling=sampling, generator=generator)
 
 
-# The published half-cosine ramp is framework-free: one implementation, in the numpy backend.
-triplet_weight = _numpy_triplet_weight
+# The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
+triplet_weight = _core_triplet_weight
 
 
 # ---------------------------------------------------------------------------- published combination

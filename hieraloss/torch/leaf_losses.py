@@ -1,12 +1,13 @@
 """Hierarchical objectives on a flat model's leaf logits (Bertinetto et al., CVPR 2020), torch backend.
 
-Same names, arguments and semantics as :mod:`hieraloss.numpy.leaf_losses` (the reference, which
-also holds the shared rules: argument checks and messages, the bottom-up log-sum-exp plan, the
-hierarchical cross-entropy coefficients and the soft targets). Leaf logits ``[B, K, *spatial]`` in
-leaf-id order; labels ``[B, *spatial]`` of node ids, checked and mapped to channels by the same
-label checks as the other torch losses. Values are float64 for float64 logits and float32
-otherwise (float16/bfloat16 are accumulated in float32); gradients come back in the logits' dtype
-through autograd. Inputs are never modified.
+Same names, arguments and semantics as :mod:`hieraloss.numpy.leaf_losses` (the reference). The
+shared rules come from the core: argument checks and messages (:mod:`hieraloss.core.checks`), the
+reductions and decoders (:mod:`hieraloss.core.rules`), the bottom-up log-sum-exp plan, the
+hierarchical cross-entropy coefficients and the soft targets (:mod:`hieraloss.core.leaf`).
+Leaf logits ``[B, K, *spatial]`` in leaf-id order; labels ``[B, *spatial]`` of node ids, checked
+and mapped to channels by the same label checks as the other torch losses. Values are float64 for
+float64 logits and float32 otherwise (float16/bfloat16 are accumulated in float32); gradients come
+back in the logits' dtype through autograd. Inputs are never modified.
 """
 
 from __future__ import annotations
@@ -17,19 +18,16 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
-from ..core.checks import check_hierarchy
-from ..hierarchy import Hierarchy
-from ..numpy.leaf_losses import (
-    LEAF_DECODE_METHODS,
-    LEAF_REDUCTIONS,
+from ..core.checks import (
+    check_hierarchy,
     check_leaf_decode_method,
     check_leaf_logits,
     check_leaf_reduction,
     check_nonnegative,
-    hxe_coefficients,
-    leaf_plan,
-    soft_targets,
 )
+from ..core.leaf import hxe_coefficients, leaf_plan, soft_targets
+from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
+from ..hierarchy import Hierarchy
 from . import _ops
 from ._tables import tables_for
 from .functional import _checked_labels
@@ -44,7 +42,7 @@ __all__ = [
 
 
 class _DevicePlan:
-    """:class:`hieraloss.numpy.leaf_losses.LeafPlan` as index tensors on one device
+    """:class:`hieraloss.core.leaf.LeafPlan` as index tensors on one device
     (``common_depth`` transposed: ``[K, N]``)."""
 
     def __init__(self, tab):
@@ -116,7 +114,7 @@ _EXP_CAP = {torch.float32: 80.0, torch.float64: 700.0}
 class _HierarchicalCE(torch.autograd.Function):
     """Per-pixel hierarchical cross-entropy ``sum_{d=0..L} coef[c, d] * LSE(C_d)`` (``C_0`` = root,
     ``C_d`` the node at depth d of the label's path, the label itself below its depth;
-    :func:`hieraloss.numpy.leaf_losses.hxe_coefficients`).
+    :func:`hieraloss.core.leaf.hxe_coefficients`).
 
     Leaf l is under ``C_0 .. C_m`` with ``m = common_depth[c, l]`` (``LeafPlan.common_depth``).
     Forward: with ``e = exp(x - max_l x)``, the leaves are bucketed by m (one scatter-add), and
