@@ -50,7 +50,7 @@ def steps():
     yield "cityscapes triplet", step(lambda: hlt.hierarchy_triplet_loss(emb, y, cs, sampling="first"), emb)
     yield "cityscapes hssn_loss + embeddings", step(
         lambda: hlt.hssn_loss(x, y, cs, embeddings=emb, triplet_weight=0.5, sampling="first", **kw), x, emb)
-    del x, xb, emb
+    x = xb = emb = None
     mv = presets.mapillary_vistas_v2()
     x, y = data(mv, 4)
     yield "mapillary tree-min", step(lambda: hlt.tree_min_loss(x, y, mv, reduction="hssn", **kw), x)

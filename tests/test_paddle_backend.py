@@ -576,3 +576,27 @@ def test_check_labels_false_counts_bad_labels_as_ignored(backend):
         with pytest.raises(LabelError, match="77"):
             call(bad)
         np.testing.assert_array_equal(call(bad, check_labels=False).numpy(), call(ignored).numpy())
+
+
+def test_triplet_check_labels():
+    """paddle hierarchy_triplet_loss / HierarchyTripletLoss: check_labels=True raises LabelError for a
+    bad label value, False lets that pixel not take part (as if it held ignore_index), as in torch."""
+    from hieraloss import LabelError
+    from hieraloss.paddle import HierarchyTripletLoss, hierarchy_triplet_loss
+
+    h = presets.cityscapes()
+    rng = np.random.default_rng(3)
+    emb = paddle.to_tensor(rng.normal(size=(2, 8, 6, 10)).astype("float32"))
+    labels = rng.integers(0, h.num_nodes, size=(2, 12, 20))
+    bad = labels.copy()
+    bad[0, 2, 2] = 77
+    as_ignored = bad.copy()
+    as_ignored[0, 2, 2] = 255
+    with pytest.raises(LabelError, match="77"):
+        hierarchy_triplet_loss(emb, paddle.to_tensor(bad), h, sampling="first")
+    with pytest.raises(LabelError, match="77"):
+        HierarchyTripletLoss(h, sampling="first")(emb, paddle.to_tensor(bad))
+    ref = float(hierarchy_triplet_loss(emb, paddle.to_tensor(as_ignored), h, sampling="first"))
+    got = float(hierarchy_triplet_loss(emb, paddle.to_tensor(bad), h, sampling="first", check_labels=False))
+    layer = float(HierarchyTripletLoss(h, sampling="first", check_labels=False)(emb, paddle.to_tensor(bad)))
+    assert got == ref == layer and ref > 0

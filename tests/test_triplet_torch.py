@@ -243,3 +243,34 @@ def test_unit_rows_are_bitwise_the_whole_map_normalised(dtype, shape, layout):
     for w, g in zip(want_rows, got_rows, strict=True):
         assert torch.equal(w, g)
     assert torch.equal(want_grad, got_grad)
+
+
+def test_public_loss_check_labels():
+    """hierarchy_triplet_loss(check_labels=True) raises LabelError for a bad label value; False reads
+    nothing back (sampling="first": no sync at all) and the bad pixel does not take part, exactly as if
+    it held ignore_index; inside hssn_loss the labels are checked once, by the objective."""
+    from hieraloss import LabelError
+    from hieraloss.torch import HierarchyTripletLoss, hierarchy_triplet_loss
+
+    h, emb, _ = _cityscapes_inputs()
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.randint(0, h.num_nodes, (2, 12, 20), generator=gen)
+    labels[1, 0, :4] = 255
+    bad = labels.clone()
+    bad[0, 2, 2] = 77
+    as_ignored = bad.clone()
+    as_ignored[0, 2, 2] = 255
+    with pytest.raises(LabelError, match="77"):
+        hierarchy_triplet_loss(emb, bad, h, sampling="first")
+    with pytest.raises(LabelError, match="77"):
+        HierarchyTripletLoss(h, sampling="first")(emb, bad)
+    ref = hierarchy_triplet_loss(emb, as_ignored, h, sampling="first")
+    hierarchy_triplet_loss(emb, bad, h, sampling="first", check_labels=False).backward()  # warm caches
+    emb.grad = None
+    with CountSyncs() as counter:
+        loss = hierarchy_triplet_loss(emb, bad, h, sampling="first", check_labels=False)
+        loss.backward()
+    assert counter.events == []
+    torch.testing.assert_close(loss, ref, rtol=0, atol=0)
+    torch.testing.assert_close(HierarchyTripletLoss(h, sampling="first", check_labels=False)(emb, bad), ref,
+                               rtol=0, atol=0)

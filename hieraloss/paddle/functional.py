@@ -316,6 +316,7 @@ def hierarchy_triplet_loss(
     ignore_index: int = 255,
     process_group: Any = None,
     gather_across_ranks: bool = False,
+    check_labels: bool = True,
 ) -> paddle.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
@@ -330,6 +331,9 @@ def hierarchy_triplet_loss(
 
     ``gather_across_ranks=True`` (a collective over ``process_group``) draws the triplets from the
     global batch of all ranks: see :mod:`hieraloss.paddle.distributed`.
+
+    ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label value that is neither a
+    node id nor ``ignore_index``; with ``False`` such labels do not take part (as in torch).
     """
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, paddle.Tensor):
@@ -346,7 +350,7 @@ def hierarchy_triplet_loss(
     rng = _triplets.numpy_generator(generator) if sampling == "random" else None
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
-    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
     small = resize_labels_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution
     is_leaf = (small >= 0) & hierarchy.is_leaf[np.maximum(small, 0)]
     leaf = np.where(is_leaf, hierarchy.node_ids[np.maximum(small, 0)], -1)
@@ -468,6 +472,7 @@ def hssn_loss(
             ignore_index=ignore_index,
             process_group=process_group,
             gather_across_ranks=gather_across_ranks,
+            check_labels=False,  # the labels were checked above when asked
         )
         parts["triplet"] = tt.detach()
         parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)

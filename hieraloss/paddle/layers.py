@@ -122,6 +122,7 @@ class HierarchyTripletLoss(nn.Layer):
         ignore_index: int = 255,
         process_group: Any = None,
         gather_across_ranks: bool = False,
+        check_labels: bool = True,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -133,6 +134,7 @@ class HierarchyTripletLoss(nn.Layer):
         self.ignore_index = ignore_index
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
+        self.check_labels = check_labels
 
     def forward(
         self, embeddings: paddle.Tensor, labels: paddle.Tensor, generator: Any = None
@@ -148,6 +150,7 @@ class HierarchyTripletLoss(nn.Layer):
             ignore_index=self.ignore_index,
             process_group=self.process_group,
             gather_across_ranks=self.gather_across_ranks,
+            check_labels=self.check_labels,
         )
 
 

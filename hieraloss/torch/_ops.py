@@ -30,8 +30,8 @@ import torch
 
 from ..core import triplets as core_triplets
 from ..core.plan import plan_for as core_plan_for
-from ..hierarchy import Hierarchy
 from ..core.rules import HSSN_SCALE
+from ..hierarchy import Hierarchy
 from ._tables import DeviceTables, tables_for
 
 

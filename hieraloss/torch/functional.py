@@ -305,7 +305,8 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
 def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                            max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
                            generator: Any = None, ignore_index: int = 255,
-                           process_group: Any = None, gather_across_ranks: bool = False) -> torch.Tensor:
+                           process_group: Any = None, gather_across_ranks: bool = False,
+                           check_labels: bool = True) -> torch.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
     ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, as ``F.interpolate``); only leaf labels
@@ -329,6 +330,10 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     embeddings, so DDP's averaging divides this term's gradient by the world size. See
     :mod:`hieraloss.torch.distributed`. Without an initialised process group (or with one rank)
     it is the local loss.
+
+    ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label value that is neither a
+    node id nor ``ignore_index`` (one value read back); ``False`` reads nothing back (with
+    ``sampling="first"`` the step is then free of host syncs) and such labels do not take part.
     """
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, torch.Tensor):
@@ -347,8 +352,13 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
             generator = _triplets.numpy_generator(generator)
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
-    lc, _ = _label_channels(labels, hierarchy, ignore_index)
-    small = _ops.resize_labels_nearest(lc, tuple(embeddings.shape[2:]))
+    ignore_index = _check_ignore_index(hierarchy, ignore_index)
+    if check_labels:
+        _check_label_values(labels, hierarchy, ignore_index)
+    # Nearest resampling is a gather, so it commutes with the label mapping: map only the
+    # embedding-sized labels.
+    small, _ = _label_channels(_ops.resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
+                               ignore_index, check=False)
     tab = tables_for(hierarchy, embeddings.device)
     leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
@@ -436,7 +446,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
         tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
                                     base_margin=base_margin, sampling=sampling, generator=generator,
                                     ignore_index=ignore_index, process_group=process_group,
-                                    gather_across_ranks=gather_across_ranks)
+                                    gather_across_ranks=gather_across_ranks,
+                                    check_labels=False)  # the labels were checked above when asked
         parts["triplet"] = tt.detach()
         parts["triplet_weight"] = total.new_full((), tw)
         total = total + tw * tt

@@ -84,7 +84,7 @@ class HierarchyTripletLoss(nn.Module):
 
     def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
                  sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
-                 gather_across_ranks: bool = False):
+                 gather_across_ranks: bool = False, check_labels: bool = True):
         super().__init__()
         F._check_hierarchy(hierarchy)
         F._check_choice(sampling, F.SAMPLING, "sampling")
@@ -95,6 +95,7 @@ class HierarchyTripletLoss(nn.Module):
         self.ignore_index = ignore_index
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
+        self.check_labels = check_labels
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 generator: Any = None) -> torch.Tensor:
@@ -102,7 +103,8 @@ class HierarchyTripletLoss(nn.Module):
                                         base_margin=self.base_margin, sampling=self.sampling,
                                         generator=generator, ignore_index=self.ignore_index,
                                         process_group=self.process_group,
-                                        gather_across_ranks=self.gather_across_ranks)
+                                        gather_across_ranks=self.gather_across_ranks,
+                                        check_labels=self.check_labels)
 
 
 class HSSNLoss(nn.Module):

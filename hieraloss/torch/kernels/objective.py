@@ -38,8 +38,8 @@ import triton
 import triton.language as tl
 
 from ...core.plan import plan_for
-from ...hierarchy import Hierarchy
 from ...core.rules import HSSN_SCALE, REDUCTIONS
+from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen
 from ._common import NUM_STAGES, launch_sizes
