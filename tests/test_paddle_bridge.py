@@ -120,7 +120,8 @@ def test_fused_hssn_objective_equals_paddle_ops(focal_gamma):
     results = {}
     for backend in ("paddle", "triton"):
         xt = paddle.to_tensor(x, stop_gradient=False)
-        total, parts = hp.hssn_loss(xt, paddle.to_tensor(labels), h, focal_gamma=focal_gamma, node_weight=weight,
+        total, parts = hp.hssn_loss(xt, paddle.to_tensor(labels), h, focal_gamma=focal_gamma,
+                                    node_weight=weight if focal_gamma else None,
                                     ce_weights=[1.0, 0.5, 0.0], tree_min_weight=2.0, return_parts=True,
                                     backend=backend)
         (total * 1.7).backward()
@@ -132,6 +133,28 @@ def test_fused_hssn_objective_equals_paddle_ops(focal_gamma):
     for k in p_t:
         np.testing.assert_allclose(p_t[k], p_p[k], rtol=2e-6)
         assert raw_t[k].stop_gradient
+
+
+@needs_kernels
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_depth_cross_entropy_triton_equals_paddle_op(depth):
+    """depth_cross_entropy(backend='triton'): the fused kernel's cross-entropy alone, through the bridge,
+    equals the paddle op (value and gradient); a bad backend name is rejected."""
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(depth)
+    x = rng.normal(0, 3, size=(2, h.num_nodes, 3, 5)).astype(np.float32)
+    labels = rng.integers(0, h.num_nodes, size=(2, 3, 5))
+    labels[0, 1, :2] = 255
+    out = {}
+    for backend in ("paddle", "triton"):
+        xt = paddle.to_tensor(x, stop_gradient=False)
+        loss = hp.depth_cross_entropy(xt, paddle.to_tensor(labels), h, depth, backend=backend)
+        (loss * 0.7).backward()
+        out[backend] = (float(loss), xt.grad.numpy())
+    np.testing.assert_allclose(out["triton"][0], out["paddle"][0], rtol=2e-6)
+    np.testing.assert_allclose(out["triton"][1], out["paddle"][1], rtol=0, atol=4e-6 * np.abs(out["paddle"][1]).max())
+    with pytest.raises(ValueError, match="backend"):
+        hp.depth_cross_entropy(paddle.to_tensor(x), paddle.to_tensor(labels), h, depth, backend="cuda")
 
 
 @needs_kernels

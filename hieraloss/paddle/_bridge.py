@@ -115,7 +115,7 @@ class _FusedObjective(PyLayer):
     outputs (total, parts); parts are values only (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, lc, hierarchy, gamma, tm_weight, ce_weights, weight):
+    def forward(ctx, x, lc, hierarchy, gamma, tm_weight, ce_weights, weight, tree_min=True):
         import torch
 
         with _on_paddle_stream(x):
@@ -123,10 +123,11 @@ class _FusedObjective(PyLayer):
             wt = None if weight is None else to_torch(weight)
             with torch.enable_grad():
                 total, parts = _kernels().fused_objective(
-                    xt, to_torch(lc), hierarchy, ignore_index=None, gamma=gamma,
-                    reduction="hssn", tm_weight=tm_weight, ce_weights=ce_weights, node_weight=wt,
+                    xt, to_torch(lc), hierarchy, ignore_index=None, gamma=gamma, reduction="hssn",
+                    tree_min=tree_min, tm_weight=tm_weight, ce_weights=ce_weights, node_weight=wt,
                 )
             ctx.torch_graph = (total, xt)
+            ctx.has_weight = weight is not None
             parts_p = to_paddle(parts)
             ctx.mark_non_differentiable(parts_p)
             return to_paddle(total), parts_p
@@ -139,7 +140,8 @@ class _FusedObjective(PyLayer):
         with _on_paddle_stream(grad_total):
             (gx,) = torch.autograd.grad(total, xt, grad_outputs=to_torch(grad_total.astype(_dtype_of(total))))
             ctx.torch_graph = None
-            return to_paddle(gx), None, None
+            # One gradient per tensor input: logits, label channels and the node weights when given.
+            return (to_paddle(gx), None) + ((None,) if ctx.has_weight else ())
 
 
 def fused_objective(
@@ -151,16 +153,18 @@ def fused_objective(
     tm_weight: float,
     ce_weights,
     node_weight: paddle.Tensor | None,
+    tree_min: bool = True,
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
     """``(total, parts)`` of :func:`hieraloss.torch.kernels.fused_objective` with ``reduction="hssn"``
-    on label channels: ``parts = [TM (with the factor 5), CE_1, ..., CE_L]``, values only."""
+    on label channels: ``parts = [TM (with the factor 5), CE_1, ..., CE_L]``, values only;
+    ``tree_min=False`` leaves the tree-min term out (TM is then 0)."""
     weight = (
         None
         if node_weight is None
         else node_weight.astype("float64" if logits.dtype == paddle.float64 else "float32")
     )
     return _FusedObjective.apply(logits, label_channels, hierarchy, float(gamma), float(tm_weight),
-                                 [float(w) for w in ce_weights], weight)
+                                 [float(w) for w in ce_weights], weight, bool(tree_min))
 
 
 def _dtype_of(t) -> Any:

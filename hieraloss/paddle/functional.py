@@ -292,15 +292,23 @@ def expand_targets(
 
 def depth_cross_entropy(
     logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, depth: int, *, ignore_index: int = 255,
-    check_labels: bool = True,
+    backend: str = "auto", check_labels: bool = True,
 ) -> paddle.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
-    not count. Mean over the counted pixels (an exact 0 if there are none). ``check_labels`` as for
-    :func:`tree_min_loss`."""
+    not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
+    ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the paddle op; ``"triton"`` and
+    ``"auto"`` on a GPU run the fused kernel's cross-entropy alone)."""
     x = _check_logits(logits, hierarchy)
     depth = _checks.check_depth(depth, hierarchy)
+    _check_choice(backend, BACKENDS, "backend")
     lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
+    if _use_triton(backend, x):
+        ce_w = [0.0] * hierarchy.max_depth
+        ce_w[depth - 1] = 1.0
+        total, _ = _bridge.fused_objective(x, lc, hierarchy, gamma=0.0, tm_weight=0.0, ce_weights=ce_w,
+                                           node_weight=None, tree_min=False)
+        return total
     return depth_cross_entropy_op(x, lc, hierarchy, depth)
 
 # ---------------------------------------------------------------------------- triplet loss
