@@ -45,6 +45,7 @@ def steps():
     emb = torch.randn(8, 256, 64, 128, device="cuda", generator=gen).requires_grad_(True)
     xb = x.detach().to(torch.bfloat16).requires_grad_(True)
     yield "cityscapes tree-min", step(lambda: hlt.tree_min_loss(x, y, cs, reduction="hssn", **kw), x)
+    yield "cityscapes focal tree-min", step(lambda: hlt.focal_tree_min_loss(x, y, cs, reduction="hssn", **kw), x)
     yield "cityscapes tree-min bfloat16", step(lambda: hlt.tree_min_loss(xb, y, cs, reduction="hssn", **kw), xb)
     yield "cityscapes depth_cross_entropy 1", step(lambda: hlt.depth_cross_entropy(x, y, cs, 1, **kw), x)
     yield "cityscapes triplet", step(lambda: hlt.hierarchy_triplet_loss(emb, y, cs, sampling="first"), emb)
