@@ -68,13 +68,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--block-p", type=int, help="pixels per program of the objective kernel (default: automatic)")
     ap.add_argument("--warps", type=int, help="warps per program of the objective kernel")
-    ap.add_argument("--load-group", type=int, help="node loads in flight together (_codegen.LOAD_GROUP)")
+    ap.add_argument("--load-group", type=int, help="node loads in flight together (_codegen.LOAD_GROUP and FOCAL_LOAD_GROUP)")
     args = ap.parse_args(argv)
     if args.load_group:
         from hieraloss.torch.kernels import _codegen
 
-        _codegen.LOAD_GROUP = args.load_group
-        print(f"objective kernel: LOAD_GROUP {args.load_group}")
+        _codegen.LOAD_GROUP = _codegen.FOCAL_LOAD_GROUP = args.load_group
+        print(f"objective kernel: LOAD_GROUP {args.load_group} (focal too)")
     if args.block_p or args.warps:
         from hieraloss.torch.kernels import objective
 
