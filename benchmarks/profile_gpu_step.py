@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--block-p", type=int, help="pixels per program of the objective kernel (default: automatic)")
     ap.add_argument("--warps", type=int, help="warps per program of the objective kernel")
-    ap.add_argument("--load-group", type=int, help="node loads in flight together (_codegen.LOAD_GROUP and FOCAL_LOAD_GROUP)")
+    ap.add_argument("--load-group", type=int,
+                    help="node loads in flight together (_codegen.LOAD_GROUP and FOCAL_LOAD_GROUP)")
     args = ap.parse_args(argv)
     if args.load_group:
         from hieraloss.torch.kernels import _codegen
