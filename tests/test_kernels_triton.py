@@ -476,6 +476,11 @@ def test_backward_scales_the_forward_gradient_once(dtype):
         torch.testing.assert_close(g1, g1_copy, rtol=0, atol=0)  # the first result is not changed
         assert not g2.requires_grad
         torch.testing.assert_close(g2.double(), -3.0 * ref, **tol)
+        # create_graph=True: the gradient stays a function of the upstream gradient
+        w = torch.tensor(2.0, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        (g,) = torch.autograd.grad(w * fn(x, y, h, backend="triton"), x, create_graph=True)
+        (dw,) = torch.autograd.grad(g.double().sum(), w)
+        torch.testing.assert_close(dw.double(), ref.sum(), **tol)
         loss = fn(x, y, h, backend="triton")
         (0.0 * loss).backward(retain_graph=True)
         with pytest.raises(RuntimeError, match="zero upstream gradient"):

@@ -318,7 +318,7 @@ def _backward(ctx, grad_total, grad_parts, grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError("hieraloss: the fused objective ran without a gradient (logits did not require grad)")
-    if _tracing(grad):
+    if _tracing(grad) or torch.is_grad_enabled():  # traced, or create_graph=True: plain differentiable ops
         return (grad * grad_total.to(grad.dtype), *none)
     applied = getattr(ctx, "applied_scale", None)
     if applied is None:
