@@ -22,12 +22,14 @@ import argparse
 import importlib.util
 import json
 import os
-import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from gpu_check import Timer, peak_extra  # noqa: E402 - one CUDA-event timer for the GPU benchmarks
 
 SCALES = {  # name: (preset, batch, height, width)
     "cityscapes": ("cityscapes", 8, 512, 1024),
@@ -52,31 +54,11 @@ def _published():
 
 
 def _time_cuda(fn, warmup: int, iters: int) -> float:
-    import torch
-
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
+    return Timer("cuda", warmup, iters)(fn)
 
 
-def _peak_extra(fn) -> int:
-    import torch
-
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    fn()
-    torch.cuda.synchronize()
-    return torch.cuda.max_memory_allocated() - base
+def _peak_extra(fn) -> float:
+    return peak_extra(fn, "cuda")
 
 
 def bench_scale(name, spec, args, rows):

@@ -63,6 +63,8 @@ class Timer:
 
         for _ in range(self.warmup):
             fn()
+        if self.device == "cuda":
+            torch.cuda.synchronize()
         times = []
         for _ in range(self.iters):
             if self.device == "cuda":
