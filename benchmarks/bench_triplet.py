@@ -37,10 +37,12 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from _sync_counter import CountSyncs  # noqa: E402 - the tests' host-sync counter
 
 import hieraloss  # noqa: E402
 import hieraloss.torch as ht  # noqa: E402
@@ -138,42 +140,6 @@ def op_swapped(impl: str):
         _ops.triplet_op = saved
 
 
-# ---------------------------------------------------------------------------- sync counting
-_SYNC_METHODS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy")
-_SYNC_OPS = {"_local_scalar_dense", "nonzero", "unique", "_unique2", "masked_select", "bincount"}
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts host reads the way the team's step profiler does (see the module docstring)."""
-
-    def __init__(self):
-        super().__init__()
-        self.events: list[str] = []
-        self._saved = {}
-
-    def __enter__(self):
-        for name in _SYNC_METHODS:
-            orig = getattr(torch.Tensor, name)
-            self._saved[name] = orig
-
-            def counted(t, *a, _orig=orig, _name=name, **k):
-                self.events.append(_name)
-                return _orig(t, *a, **k)
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, orig in self._saved.items():
-            setattr(torch.Tensor, name, orig)
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.overloadpacket.__name__ in _SYNC_OPS:
-            self.events.append(func.overloadpacket.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 # ---------------------------------------------------------------------------- inputs and timing
 def make_inputs(batch, channels, height, width, label_size, device, seed=0):
     """Embeddings [B, C, h, w] and Cityscapes train-id labels [B, H, W]: blocks of 32x32 label pixels
@@ -265,7 +231,7 @@ def main() -> None:
                                    args.repeats, device)
         results = {}
         for impl in OPS:
-            with SyncCounter() as counter:
+            with CountSyncs() as counter:
                 value, grad = op_step(impl, sampling)
             results[impl] = (value, grad.clone())
             print(f"{sampling:<8} {impl:<7} {t_op[impl][0] * 1e3:7.2f}ms {t_op[impl][1] * 1e3:8.2f}ms "
