@@ -37,8 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ...core.checks import check_reduction
 from ...core.plan import plan_for
-from ...core.rules import HSSN_SCALE, REDUCTIONS
+from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen
@@ -198,16 +199,11 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, ts
     return part, out
 
 
-def _check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-
-
 @torch.library.custom_op("hieraloss::objective", mutates_args=())
 def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_index: int,
                  node_weight: torch.Tensor | None, gamma: float, reduction: str, tree_min: bool, tm_weight: float,
                  ce_weights: list[float], want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    _check_reduction(reduction)
+    check_reduction(reduction)
     hierarchy = Hierarchy.by_fingerprint(key)
     x = _as_bnp(logits)
     L = hierarchy.max_depth
