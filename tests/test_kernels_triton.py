@@ -302,14 +302,14 @@ def test_torch_compile_fullgraph(monkeypatch):
     reaches the ops as its fingerprint); a second hierarchy gets its own kernel (no stale cache).
     The traced backward scales with plain ops: the in-place kernel only ever sees real tensors."""
     from hieraloss.torch import hssn_loss, tree_min_loss
-    from hieraloss.torch.kernels import objective
+    from hieraloss.torch.kernels import _grad_buffer
 
-    scale_in_place = objective._scale_in_place
+    scale_in_place = _grad_buffer.scale_in_place
 
     def eager_only(grad, scale):
         assert type(grad) is torch.Tensor and type(scale) is torch.Tensor, type(grad)
         scale_in_place(grad, scale)
-    monkeypatch.setattr(objective, "_scale_in_place", eager_only)
+    monkeypatch.setattr(_grad_buffer, "scale_in_place", eager_only)
 
     def step(x, y, h):
         a = tree_min_loss(x, y, h, reduction="hssn", backend="triton", check_labels=False)

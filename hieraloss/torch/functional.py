@@ -306,7 +306,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
                            max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
                            generator: Any = None, ignore_index: int = 255,
                            process_group: Any = None, gather_across_ranks: bool = False,
-                           check_labels: bool = True) -> torch.Tensor:
+                           check_labels: bool = True, backend: str = "auto") -> torch.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
     ``labels [B, H, W]`` are resampled to ``h x w`` (nearest, as ``F.interpolate``); only leaf labels
@@ -334,6 +334,12 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label value that is neither a
     node id nor ``ignore_index`` (one value read back); ``False`` reads nothing back (with
     ``sampling="first"`` the step is then free of host syncs) and such labels do not take part.
+
+    ``backend``: ``"auto"`` runs the fused Triton kernels on CUDA (three launches; the same triplets,
+    the value and gradient written together, the gradient accumulated with atomic adds, so its last
+    bits may vary from run to run) unless ``torch.use_deterministic_algorithms(True)`` is on or
+    the triplets are gathered across ranks, and the torch ops otherwise; ``"triton"`` asks for the
+    kernels; ``"torch"`` and ``"native"`` run the torch ops.
     """
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, torch.Tensor):
@@ -353,8 +359,19 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     ignore_index = _check_ignore_index(hierarchy, ignore_index)
+    _check_choice(backend, BACKENDS, "backend")
     if check_labels:
         _check_label_values(labels, hierarchy, ignore_index)
+    if _fused_triplet(backend, embeddings, hierarchy, gather_across_ranks and _is_distributed(process_group)):
+        kernels = _kernels()
+        codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index,
+                                      size=tuple(embeddings.shape[2:]))
+        order = None
+        if sampling == "random":  # one sync: the number of taking-part pixels, for the permutation
+            pixels, n = _ops.taking_part_first(codes)
+            order = _ops.shuffle_taking_part(pixels, _ops.random_order(int(n), generator, codes.device))
+        return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=int(max_per_class),
+                                          base_margin=float(base_margin), order=order)
     # Nearest resampling is a gather, so it commutes with the label mapping: map only the
     # embedding-sized labels.
     small, _ = _label_channels(_ops.resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
@@ -362,15 +379,35 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     tab = tables_for(hierarchy, embeddings.device)
     leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
-    if gather_across_ranks:
+    if gather_across_ranks and _is_distributed(process_group):
         from . import distributed
 
-        if distributed.is_distributed(process_group):
-            return distributed.gathered_triplet_op(
-                embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
-                sampling=sampling, generator=generator, process_group=process_group)
+        return distributed.gathered_triplet_op(
+            embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
+            sampling=sampling, generator=generator, process_group=process_group)
     return _ops.triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
                            base_margin=float(base_margin), sampling=sampling, generator=generator)
+
+
+def _is_distributed(process_group: Any) -> bool:
+    from . import distributed
+
+    return distributed.is_distributed(process_group)
+
+
+def _fused_triplet(backend: str, embeddings: torch.Tensor, hierarchy: Hierarchy, gathered: bool) -> bool:
+    """Whether the triplet loss runs on the fused kernels (see :func:`hierarchy_triplet_loss`)."""
+    if backend == "triton":
+        if gathered:
+            raise ValueError("backend='triton' does not gather triplets across ranks; use backend='auto'")
+        if not _kernels().triplet_supported(hierarchy, embeddings):
+            raise ValueError(f"backend='triton': the fused triplet kernels take fewer than 32768 leaves and "
+                             f"at most 16384 channels; got {hierarchy.num_leaves} leaves, "
+                             f"{embeddings.shape[1]} channels")
+        return True
+    if backend != "auto" or gathered or torch.are_deterministic_algorithms_enabled():
+        return False
+    return _use_triton(backend, embeddings) and _kernels().triplet_supported(hierarchy, embeddings)
 
 
 # The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
@@ -446,7 +483,7 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
         tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
                                     base_margin=base_margin, sampling=sampling, generator=generator,
                                     ignore_index=ignore_index, process_group=process_group,
-                                    gather_across_ranks=gather_across_ranks,
+                                    gather_across_ranks=gather_across_ranks, backend=backend,
                                     check_labels=False)  # the labels were checked above when asked
         parts["triplet"] = tt.detach()
         parts["triplet_weight"] = total.new_full((), tw)

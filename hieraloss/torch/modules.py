@@ -84,11 +84,13 @@ class HierarchyTripletLoss(nn.Module):
 
     def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
                  sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
-                 gather_across_ranks: bool = False, check_labels: bool = True):
+                 gather_across_ranks: bool = False, check_labels: bool = True, backend: str = "auto"):
         super().__init__()
         F._check_hierarchy(hierarchy)
         F._check_choice(sampling, F.SAMPLING, "sampling")
+        F._check_choice(backend, F.BACKENDS, "backend")
         self.hierarchy = hierarchy
+        self.backend = backend
         self.max_per_class = max_per_class
         self.base_margin = base_margin
         self.sampling = sampling
@@ -104,7 +106,7 @@ class HierarchyTripletLoss(nn.Module):
                                         generator=generator, ignore_index=self.ignore_index,
                                         process_group=self.process_group,
                                         gather_across_ranks=self.gather_across_ranks,
-                                        check_labels=self.check_labels)
+                                        check_labels=self.check_labels, backend=self.backend)
 
 
 class HSSNLoss(nn.Module):

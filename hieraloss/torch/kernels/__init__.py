@@ -1,14 +1,16 @@
-"""Fused Triton kernels for the per-pixel path operations (the HSSN objective and decoding).
+"""Fused Triton kernels for the per-pixel path operations (the HSSN objective and decoding) and the
+triplet loss.
 
 The torch backend dispatches here; these functions do no validation beyond what the kernels need.
 The ops are registered with ``torch.library`` (``torch.ops.hieraloss.objective``,
-``objective_map_backward`` and ``decode``) and receive the hierarchy as its fingerprint, so
-autograd and ``torch.compile`` see ordinary operators with plain arguments.
+``objective_map_backward``, ``decode``, ``triplet_codes`` and ``triplet``) and receive the
+hierarchy as its fingerprint, so autograd and ``torch.compile`` see ordinary operators with plain
+arguments.
 
 Supported logits dtypes: float16, bfloat16, float32 (read in their own width, computed in float32)
 and float64. Tensors must be on a CUDA device, or on the CPU when ``TRITON_INTERPRET=1``. Any
 strides are accepted (e.g. channels-last). Design notes: ``_codegen.py`` (the objective kernel,
-generated per hierarchy) and ``decode.py``.
+generated per hierarchy), ``decode.py`` and ``triplet.py``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch
 
 from ...hierarchy import Hierarchy
 
-__all__ = ["triton_available", "fused_objective", "fused_tree_min_loss", "fused_decode", "SUPPORTED_DTYPES"]
+__all__ = ["triton_available", "fused_objective", "fused_tree_min_loss", "fused_decode", "triplet_codes",
+           "fused_triplet_loss", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -30,6 +33,7 @@ if importlib.util.find_spec("triton") is not None:
     try:
         from . import decode as _decode  # noqa: F401 - registers torch.ops.hieraloss.decode
         from . import objective as _objective
+        from . import triplet as _triplet
     except Exception as exc:  # noqa: BLE001 - a broken triton install means "not available"
         _IMPORT_ERROR = exc
 else:
@@ -46,7 +50,7 @@ def triton_available() -> bool:
     return _IMPORT_ERROR is None and (_interpreting() or torch.cuda.is_available())
 
 
-def _require(t: torch.Tensor) -> None:
+def _require_triton(t: torch.Tensor) -> None:
     if _IMPORT_ERROR is not None:
         raise RuntimeError(f"the fused Triton kernels are unavailable: {_IMPORT_ERROR!r}")
     if not (t.is_cuda or (_interpreting() and t.device.type == "cpu")):
@@ -54,6 +58,10 @@ def _require(t: torch.Tensor) -> None:
             f"the fused Triton kernels need CUDA tensors (or CPU tensors with TRITON_INTERPRET=1); "
             f"got a tensor on {t.device}"
         )
+
+
+def _require(t: torch.Tensor) -> None:
+    _require_triton(t)
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"the fused kernels support logits of dtype {SUPPORTED_DTYPES}, got {t.dtype}")
 
@@ -103,3 +111,26 @@ def fused_decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path
     ``method`` in ``"path"`` / ``"top_down"``."""
     _require(logits)
     return torch.ops.hieraloss.decode(logits.detach(), hierarchy.fingerprint, method)
+
+
+def triplet_codes(labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int, size: tuple[int, int]
+                  ) -> torch.Tensor:
+    """int32 ``[B * h * w]`` for ``labels [B, H, W]`` resampled nearest to ``size = (h, w)``: ``leaf |
+    group << 16`` where the pixel takes part in the triplet loss (a leaf label), else -1."""
+    _require_triton(labels)
+    return _triplet.triplet_codes(labels, hierarchy, ignore_index, size)
+
+
+def fused_triplet_loss(embeddings: torch.Tensor, codes: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int,
+                       base_margin: float, order: torch.Tensor | None = None) -> torch.Tensor:
+    """The hierarchy triplet loss of ``embeddings [B, C, h, w]`` for the :func:`triplet_codes` of its
+    labels, in key order (flat order, or ``order [B * h * w]``: the taking-part pixels in the random
+    order, then the others). Differentiable with respect to ``embeddings``."""
+    _require(embeddings)
+    return _triplet.triplet_loss(embeddings, codes, hierarchy, max_per_class=max_per_class, base_margin=base_margin,
+                                 order=order)
+
+
+def triplet_supported(hierarchy: Hierarchy, embeddings: torch.Tensor) -> bool:
+    """Whether :func:`fused_triplet_loss` takes these sizes."""
+    return _IMPORT_ERROR is None and _triplet.supports(hierarchy, embeddings)

@@ -98,7 +98,7 @@ def compile_label_histogram(arch: int, *, label_dtype: str = "int64", bins: int 
 
 def compile_gradient_scale(arch: int, *, dtype: str = "float32"):
     """Compile the backward's in-place gradient scaling kernel for ``sm_<arch>``."""
-    from .objective import _SCALE_BLOCK, _scale_kernel
+    from ._grad_buffer import _SCALE_BLOCK, _scale_kernel
 
     acc = "fp64" if dtype == "float64" else "fp32"
     sig = {name: "i32" for name in _scale_kernel.arg_names}

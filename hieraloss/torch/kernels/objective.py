@@ -44,6 +44,7 @@ from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen
 from ._common import NUM_STAGES, launch_sizes
+from ._grad_buffer import scaled_gradient
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
 
@@ -272,37 +273,6 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(output[2])
 
 
-@triton.jit
-def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
-    """``g *= scale`` in place, skipped when ``scale == 1`` (read on the device: no host sync)."""
-    CT: tl.constexpr = tl.float64 if F64 else tl.float32
-    scale = tl.load(scale_ptr).to(CT)
-    if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask)
-        tl.store(g_ptr + offs, (g.to(CT) * scale).to(g_ptr.dtype.element_ty), mask=mask)
-
-
-_SCALE_BLOCK = 4096
-
-
-def _scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """``grad *= scale`` by a kernel that skips the pass when ``scale`` is 1 (``loss.backward()`` on the
-    loss itself). Launched directly, not as a mutating op: autograd's version of the saved buffer stays
-    as it was, and ``_backward`` keeps track of the scale itself."""
-    n = grad.numel()
-    if n:
-        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK,
-                                                       F64=grad.dtype == torch.float64, num_warps=4)
-
-
-def _tracing(t: torch.Tensor) -> bool:
-    """Whether ``t`` is being traced (torch.compile, AOTAutograd, make_fx, fake tensors, any dispatch
-    mode): then the backward must be plain ops, since a kernel launched on the data would not be traced."""
-    return torch.compiler.is_compiling() or type(t) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0
-
-
 def _backward(ctx, grad_total, grad_parts, grad_grad):
     none = (None,) * 10
     if grad_total is None:
@@ -314,21 +284,7 @@ def _backward(ctx, grad_total, grad_parts, grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0 and grad.dim() == 1:
         raise RuntimeError("hieraloss: the fused objective ran without a gradient (logits did not require grad)")
-    if _tracing(grad) or torch.is_grad_enabled():  # traced, or create_graph=True: plain differentiable ops
-        return (grad * grad_total.to(grad.dtype), *none)
-    applied = getattr(ctx, "applied_scale", None)
-    if applied is None:
-        # The first backward scales the forward's gradient buffer in place and hands it to autograd,
-        # which keeps it as .grad without a copy: no second logits-sized pass.
-        _scale_in_place(grad, grad_total)
-        ctx.applied_scale = grad_total
-        return (grad.detach(), *none)
-    # A further backward (retain_graph=True, gradcheck): the buffer holds the first scale's gradient
-    # and may be the caller's now, so it is read, not changed. The host sync is on this path only.
-    if bool((applied == 0).any()):
-        raise RuntimeError("hieraloss: a second backward through a fused objective whose first backward "
-                           "had a zero upstream gradient; compute the loss again")
-    return (grad * (grad_total / applied), *none)
+    return (scaled_gradient(ctx, grad, grad_total), *none)
 
 
 objective_op.register_autograd(_backward, setup_context=_setup_context)

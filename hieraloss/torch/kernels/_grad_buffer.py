@@ -1,0 +1,68 @@
+"""The backward of a fused op whose forward already wrote the gradient of its scalar output.
+
+The forward of such an op (the objective, the triplet loss) returns a gradient buffer for an
+upstream gradient of 1; the backward only has to scale it by the real upstream gradient. This
+module is that backward, shared so that both ops treat a second backward, tracing and
+``create_graph=True`` the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
+    """``g *= scale`` in place, skipped when ``scale == 1`` (read on the device: no host sync)."""
+    CT: tl.constexpr = tl.float64 if F64 else tl.float32
+    scale = tl.load(scale_ptr).to(CT)
+    if scale != 1.0:
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask)
+        tl.store(g_ptr + offs, (g.to(CT) * scale).to(g_ptr.dtype.element_ty), mask=mask)
+
+
+_SCALE_BLOCK = 4096
+
+
+def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
+    """``grad *= scale`` (``grad`` dense, in any memory order) by a kernel that skips the pass when
+    ``scale`` is 1 (``loss.backward()`` on the loss itself). Launched directly, not as a mutating op:
+    autograd's version of the saved buffer stays as it was, and :func:`scaled_gradient` keeps track of
+    the scale itself."""
+    n = grad.numel()
+    if n:
+        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK,
+                                                       F64=grad.dtype == torch.float64, num_warps=4)
+
+
+def tracing(t: torch.Tensor) -> bool:
+    """Whether ``t`` is being traced (torch.compile, AOTAutograd, make_fx, fake tensors, any dispatch
+    mode): then the backward must be plain ops, since a kernel launched on the data would not be traced."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor or torch._C._len_torch_dispatch_stack() > 0
+
+
+def scaled_gradient(ctx, grad: torch.Tensor, upstream: torch.Tensor) -> torch.Tensor:
+    """The gradient ``grad * upstream`` for the backward of ``ctx``, where ``grad`` is the buffer the
+    forward wrote for an upstream gradient of 1.
+
+    The first backward scales the buffer in place and hands it to autograd, which keeps it as
+    ``.grad`` without a copy: no second pass over the input. A further backward (``retain_graph``,
+    gradcheck) reads the buffer (it may be the caller's ``.grad`` by then) and returns a new tensor;
+    it has the one host sync of this path. Traced, or with ``create_graph=True``: plain ops, so the
+    result stays differentiable with respect to ``upstream``.
+    """
+    if tracing(grad) or torch.is_grad_enabled():
+        return grad * upstream.to(grad.dtype)
+    applied = getattr(ctx, "applied_scale", None)
+    if applied is None:
+        scale_in_place(grad, upstream)
+        ctx.applied_scale = upstream
+        return grad.detach()
+    if bool((applied == 0).any()):
+        raise RuntimeError("hieraloss: a second backward through a fused loss whose first backward "
+                           "had a zero upstream gradient; compute the loss again")
+    return grad * (upstream / applied).to(grad.dtype)

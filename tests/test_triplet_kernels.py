@@ -1,0 +1,219 @@
+"""The fused triplet kernels (hieraloss.torch.kernels.triplet) against the loop oracle and the torch ops.
+
+Runs on the CPU under TRITON_INTERPRET=1 (set by conftest.py), on CUDA where there is one. The torch
+ops (``backend="torch"``) are themselves checked against the oracle's triplets in
+test_triplet_torch.py; here the kernels must choose the same triplets (sampling "first" and
+"random" on the same generator) and give the same value and gradient, per dtype and layout.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import oracle
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from _sync_counter import CountSyncs  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import hieraloss  # noqa: E402
+from hieraloss.testing import hierarchies, label_maps  # noqa: E402
+from hieraloss.torch import functional as F  # noqa: E402
+from hieraloss.torch import hierarchy_triplet_loss, hssn_loss, kernels  # noqa: E402
+from hieraloss.torch.kernels import _common  # noqa: E402
+
+pytestmark = pytest.mark.triton
+
+if not kernels.triton_available():
+    pytest.skip("triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() and not _common.interpreting() else "cpu"
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Value and gradient against the torch ops on the same (rounded) embeddings: both compute in float32
+# (float64 for float64) and differ only in the order of additions; half-precision gradients are
+# rounded to the input dtype at the end.
+VALUE_TOL = {"float64": dict(rtol=1e-12, atol=1e-14), "float32": dict(rtol=2e-5, atol=2e-6),
+             "float16": dict(rtol=2e-5, atol=2e-6), "bfloat16": dict(rtol=2e-5, atol=2e-6)}
+GRAD_TOL = {"float64": dict(rtol=1e-10, atol=1e-13), "float32": dict(rtol=1e-4, atol=2e-6),
+            "float16": dict(rtol=2e-3, atol=2e-5), "bfloat16": dict(rtol=1.6e-2, atol=2e-4)}
+
+
+def _loss_and_grad(emb, labels, h, backend, **kw):
+    e = emb.detach().clone().requires_grad_(True)
+    loss = hierarchy_triplet_loss(e, labels, h, backend=backend, **kw)
+    loss.backward()
+    return loss.detach(), e.grad
+
+
+@st.composite
+def triplet_cases(draw):
+    """A hierarchy, embeddings [B, C, h, w] (odd C and sizes, maybe channels-last), and labels at a
+    larger size (nearest resampling with a non-integer ratio) with ignored and partial labels."""
+    h = draw(hierarchies(max_depth=3, max_children=3, order=None))
+    B, hh, ww = draw(st.integers(1, 2)), draw(st.integers(1, 6)), draw(st.integers(1, 7))
+    C = draw(st.sampled_from([1, 3, 8, 17]))
+    H, W = hh + draw(st.integers(0, 5)), ww + draw(st.integers(0, 4))
+    labels = draw(label_maps(h, (B, H, W), ignore_fraction=None, partial_fraction=None))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    emb = rng.standard_normal((B, C, hh, ww))
+    return h, emb, labels, draw(st.booleans()), draw(st.sampled_from([1, 2, 5, 200]))
+
+
+def _tensors(emb, labels, dtype, channels_last):
+    e = torch.tensor(emb, device=DEVICE).to(DTYPES[dtype])
+    if channels_last:
+        e = e.to(memory_format=torch.channels_last)
+    return e, torch.tensor(labels, device=DEVICE)
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=triplet_cases(), dtype=st.sampled_from(list(DTYPES)), sampling=st.sampled_from(["first", "random"]))
+def test_value_and_gradient_match_the_torch_ops(case, dtype, sampling):
+    h, emb, labels, channels_last, max_per_class = case
+    e, y = _tensors(emb, labels, dtype, channels_last)
+    kw = dict(sampling=sampling, max_per_class=max_per_class)
+    want, want_grad = _loss_and_grad(e, y, h, "torch", generator=torch.Generator().manual_seed(5), **kw)
+    got, got_grad = _loss_and_grad(e, y, h, "triton", generator=torch.Generator().manual_seed(5), **kw)
+    assert got.dtype == want.dtype and got_grad.dtype == e.dtype and got_grad.stride() == e.stride()
+    torch.testing.assert_close(got, want, **VALUE_TOL[dtype])
+    torch.testing.assert_close(got_grad, want_grad, **GRAD_TOL[dtype])
+
+
+@settings(max_examples=25, deadline=None)
+@given(case=triplet_cases())
+def test_value_is_the_oracles(case):
+    h, emb, labels, _, max_per_class = case
+    e, y = _tensors(emb, labels, "float64", False)
+    got = hierarchy_triplet_loss(e, y, h, sampling="first", max_per_class=max_per_class, backend="triton",
+                                 base_margin=0.25)
+    want = oracle.triplet_loss_first(emb, labels, h, max_per_class=max_per_class, base_margin=0.25)
+    assert float(got) == pytest.approx(want, rel=1e-12, abs=1e-14)
+
+
+def test_int_seed_gives_the_core_triplets():
+    """An int seed draws the core's permutation (the numpy and paddle backends' triplets) here too."""
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(0)
+    e = torch.tensor(rng.standard_normal((2, 8, 6, 10)), device=DEVICE)
+    y = torch.tensor(rng.integers(0, h.num_nodes, (2, 12, 20)), device=DEVICE)
+    want = hierarchy_triplet_loss(e, y, h, generator=11, max_per_class=3, backend="torch")
+    got = hierarchy_triplet_loss(e, y, h, generator=11, max_per_class=3, backend="triton")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_gradcheck_float64():
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(1)
+    e = torch.tensor(rng.standard_normal((1, 3, 3, 5)), device=DEVICE, requires_grad=True)
+    y = torch.tensor(rng.integers(0, h.num_leaves, (1, 3, 5)), device=DEVICE)
+    assert torch.autograd.gradcheck(
+        lambda t: hierarchy_triplet_loss(t, y, h, sampling="first", max_per_class=2, backend="triton"), (e,),
+        fast_mode=True)
+
+
+def test_upstream_scale_and_second_backward():
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(2)
+    e = torch.tensor(rng.standard_normal((2, 4, 5, 6)), device=DEVICE, dtype=torch.float32, requires_grad=True)
+    y = torch.tensor(rng.integers(0, h.num_leaves, (2, 5, 6)), device=DEVICE)
+    want, want_grad = _loss_and_grad(e, y, h, "torch", sampling="first")
+    loss = hierarchy_triplet_loss(e, y, h, sampling="first", backend="triton")
+    (2.5 * loss).backward(retain_graph=True)
+    torch.testing.assert_close(e.grad, 2.5 * want_grad, rtol=1e-5, atol=1e-7)
+    first = e.grad.clone()
+    e.grad = None
+    (-1.0 * loss).backward()  # the buffer went to the first .grad: it must not change
+    torch.testing.assert_close(first, 2.5 * want_grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(e.grad, -want_grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_taking_part_pixel_is_a_connected_zero():
+    h = hieraloss.presets.cityscapes()
+    e = torch.randn(2, 4, 3, 5, device=DEVICE, requires_grad=True)
+    y = torch.full((2, 3, 5), 255, device=DEVICE)
+    y[0, 0, 0] = h.num_leaves  # an internal node: does not take part either
+    loss = hierarchy_triplet_loss(e, y, h, backend="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and torch.equal(e.grad, torch.zeros_like(e))
+
+
+def test_first_reads_nothing_back_and_random_one_count():
+    h = hieraloss.presets.cityscapes()
+    e = torch.randn(2, 4, 6, 8, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, h.num_leaves, (2, 12, 16), device=DEVICE)
+    kw = dict(backend="triton", check_labels=False)
+    hierarchy_triplet_loss(e, y, h, sampling="first", **kw).backward()
+    with CountSyncs() as counter:
+        hierarchy_triplet_loss(e, y, h, sampling="first", **kw).backward()
+    assert counter.events == []
+    with CountSyncs() as counter:
+        hierarchy_triplet_loss(e, y, h, sampling="random", generator=torch.Generator().manual_seed(0), **kw)
+    assert counter.events == ["__int__", "_local_scalar_dense"]
+
+
+def test_labels_of_any_integer_dtype_and_layout():
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(3)
+    e = torch.tensor(rng.standard_normal((2, 6, 5, 7)), device=DEVICE)
+    y = torch.tensor(rng.integers(0, h.num_nodes, (2, 16, 9)), device=DEVICE)
+    want = hierarchy_triplet_loss(e, y, h, sampling="first", backend="torch")
+    for labels in (y.to(torch.uint8), y.to(torch.int32), y.transpose(1, 2).contiguous().transpose(1, 2)):
+        got = hierarchy_triplet_loss(e, labels, h, sampling="first", backend="triton")
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+
+
+def test_hssn_loss_with_embeddings_matches_the_torch_backend():
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(4)
+    x = torch.tensor(rng.standard_normal((2, h.num_nodes, 8, 12)), device=DEVICE, requires_grad=True)
+    e = torch.tensor(rng.standard_normal((2, 6, 4, 6)), device=DEVICE, requires_grad=True)
+    y = torch.tensor(rng.integers(0, h.num_nodes, (2, 8, 12)), device=DEVICE)
+    grads = []
+    for backend in ("torch", "triton"):
+        total = hssn_loss(x, y, h, embeddings=e, triplet_weight=0.7, sampling="first", backend=backend)
+        grads.append((total.detach(), *torch.autograd.grad(total, (x, e))))
+    for got, want in zip(grads[1], grads[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck():
+    h = hieraloss.presets.cityscapes()
+    e = torch.randn(2, 4, 3, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, h.num_nodes, (2, 6, 10), device=DEVICE)
+    torch.library.opcheck(torch.ops.hieraloss.triplet_codes.default, (y, h.fingerprint, 255, 3, 5),
+                          test_utils=("test_schema", "test_faketensor"))
+    codes = kernels.triplet_codes(y, h, ignore_index=255, size=(3, 5))
+    torch.library.opcheck(torch.ops.hieraloss.triplet.default, (e, codes, None, h.fingerprint, 4, 0.1, True),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph():
+    h = hieraloss.presets.cityscapes()
+    e = torch.randn(2, 4, 3, 5, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, h.num_leaves, (2, 6, 10), device=DEVICE)
+
+    def step(t):
+        return hierarchy_triplet_loss(t, y, h, sampling="first", backend="triton", check_labels=False)
+
+    got = torch.compile(step, backend="aot_eager", fullgraph=True)(e)
+    (g,) = torch.autograd.grad(got, e)
+    want, want_grad = _loss_and_grad(e, y, h, "torch", sampling="first")
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(g, want_grad, rtol=1e-4, atol=2e-6)
+
+
+def test_auto_picks_the_torch_ops_when_deterministic(monkeypatch):
+    h = hieraloss.presets.cityscapes()
+    e = torch.randn(1, 4, 3, 5, device=DEVICE)
+    monkeypatch.setattr(F, "_use_triton", lambda backend, x: True)
+    assert F._fused_triplet("auto", e, h, gathered=False)
+    assert not F._fused_triplet("auto", e, h, gathered=True)
+    assert not F._fused_triplet("torch", e, h, gathered=False)
+    with pytest.raises(ValueError, match="across ranks"):
+        F._fused_triplet("triton", e, h, gathered=True)
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert not F._fused_triplet("auto", e, h, gathered=False)
+    assert F._fused_triplet("triton", e, h, gathered=False)
