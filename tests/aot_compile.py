@@ -5,7 +5,8 @@ session runs Triton under the interpreter (TRITON_INTERPRET=1), which cannot com
     python tests/aot_compile.py '<json list of specs>'
 
 A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...},
-"kernel": "objective" | "decode", "arch": 90,
+"kernel": "objective" | "decode" | "histogram" | "scale" | "triplet" (with "part": "codes" | "select" |
+"score", "channels", "grad", "ordered", "num_leaves"), "arch": 90,
 "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>, "focal": bool, "weighted": bool,
 "block_p": int | null, "top_down": bool, "label_dtype": "int64"}.
 """
@@ -36,6 +37,12 @@ def main() -> int:
             if spec["kernel"] == "histogram":
                 k = _aot.compile_label_histogram(spec["arch"], label_dtype=spec["label_dtype"], bins=spec["bins"],
                                                  block=spec.get("block"))
+            elif spec["kernel"] == "triplet":
+                k = _aot.compile_triplet(spec["arch"], kernel=spec["part"], dtype=spec.get("dtype", "float32"),
+                                         channels=spec.get("channels", 256), grad=spec.get("grad", True),
+                                         ordered=spec.get("ordered", False),
+                                         label_dtype=spec.get("label_dtype", "int64"),
+                                         num_leaves=spec.get("num_leaves", 19))
             elif spec["kernel"] == "scale":
                 k = _aot.compile_gradient_scale(spec["arch"], dtype=spec["dtype"])
             elif spec["kernel"] == "objective":

@@ -97,6 +97,21 @@ def test_label_histogram_and_gradient_scale_compile():
                         + [dict(kernel="scale", arch=arch, dtype=dt) for arch in ARCHS for dt in DTYPES])
 
 
+def test_triplet_kernels_compile():
+    """The triplet loss's three kernels: label codes for every label dtype, the selection in flat and
+    in random key order, and the scoring for every dtype, with and without the gradient, from one
+    channel to the widest the library sends to the kernels (channel counts set the tile sizes)."""
+    specs = [dict(kernel="triplet", part="codes", arch=arch, label_dtype=ld)
+             for arch in ARCHS for ld in ("int64", "int32", "uint8", "int16")]
+    specs += [dict(kernel="triplet", part="select", arch=arch, ordered=ordered) for arch in ARCHS
+              for ordered in (False, True)]
+    specs += [dict(kernel="triplet", part="score", arch=arch, dtype=dtype, grad=grad, channels=channels,
+                   num_leaves=leaves)
+              for arch in ARCHS for dtype in DTYPES for grad in (True, False)
+              for channels, leaves in ((1, 2), (17, 19), (256, 124), (4096, 7))]
+    _assert_all_compile(specs)
+
+
 @settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(h=hierarchies(max_depth=4, max_children=4, order=None), seed=st.integers(0, 2**16))
 def test_random_trees_compile(h, seed):

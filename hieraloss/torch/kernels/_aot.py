@@ -122,3 +122,36 @@ def usage(compiled) -> Usage | None:
 
 def _label_type(dtype: str) -> str:
     return {"int64": "i64", "int32": "i32", "uint8": "u8", "int16": "i16"}[dtype]
+
+
+def compile_triplet(arch: int, *, kernel: str, dtype: str = "float32", channels: int = 256, grad: bool = True,
+                    ordered: bool = False, label_dtype: str = "int64", num_leaves: int = 19):
+    """Compile one of the triplet loss kernels (``kernel``: ``"codes"``, ``"select"`` or ``"score"``)
+    for ``sm_<arch>``, as :mod:`.triplet` launches it."""
+    from . import triplet
+
+    if kernel == "codes":
+        k = triplet._codes_kernel
+        sig = {name: "i32" for name in k.arg_names}
+        sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", sly="i64", slx="i64", scale_y="fp32",
+                   scale_x="fp32", ignore="i64", group_ptr="*i32", out_ptr="*i32")
+        const, warps = dict(BLOCK=triplet._CODE_BLOCK), 4
+    elif kernel == "select":
+        k = triplet._select_kernel
+        sig = {name: "i32" for name in k.arg_names}
+        sig.update(code_ptr="*i32", order_ptr="*i64" if ordered else "*i32", group_ptr="*i32", anchor_ptr="*i32",
+                   positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32")
+        const, warps = dict(BLOCK=triplet._SELECT_BLOCK, ORDERED=ordered), triplet._SELECT_WARPS
+    else:
+        k = triplet._score_kernel
+        acc = "fp64" if dtype == "float64" else "fp32"
+        sig = {name: "i32" for name in k.arg_names}
+        sig.update(emb_ptr="*" + _TRITON[dtype], seb="i64", sec="i64", sey="i64", sex="i64", code_ptr="*i32",
+                   anchor_ptr="*i32", positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32", psi_ptr="*i32",
+                   const_ptr="*" + acc, grad_ptr="*" + acc, sgb="i64", sgc="i64", sgy="i64", sgx="i64",
+                   part_ptr="*" + acc)
+        bt, bc, warps = triplet._score_sizes(channels, dtype == "float64")
+        const = dict(BT=bt, BC=bc, KP=max(16, triton.next_power_of_2(num_leaves)), F64=dtype == "float64",
+                     GRAD=grad)
+    sig.update({name: "constexpr" for name in const})
+    return triton.compile(ASTSource(k, sig, const), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))

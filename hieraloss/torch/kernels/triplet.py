@@ -39,9 +39,9 @@ from ._grad_buffer import scaled_gradient
 
 __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
 
-# Codes pack the leaf id in 16 bits; wider embeddings than this would not fit one block of rows.
+# Codes pack the leaf id in 16 bits; an embedding row must fit one block of registers.
 MAX_LEAVES = 1 << 15
-MAX_CHANNELS = 1 << 14
+MAX_CHANNELS = 4096
 
 
 def _tables(hierarchy: Hierarchy, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,6 +200,7 @@ def _score_kernel(emb_ptr, hw, w, seb, sec, sey, sex, C,
 
 _CODE_BLOCK = 1024
 _SELECT_BLOCK = 2048
+_SELECT_WARPS = 8
 
 
 @torch.library.custom_op("hieraloss::triplet_codes", mutates_args=())
@@ -230,10 +231,14 @@ def _constants(device: torch.device, dtype: torch.dtype, base_margin: float, max
     return torch.tensor([base_margin, 2.0 * max_depth, 1e-12], dtype=dtype, device=device)
 
 
-def _score_sizes(C: int) -> tuple[int, int]:
-    """(triplets per program, padded channels): about 4096 entries per row block."""
+def _score_sizes(C: int, f64: bool) -> tuple[int, int, int]:
+    """(triplets per program, padded channels, warps) of the scoring kernel: about 8 entries of each
+    ``[BT, BC]`` block per thread, so the dozen such values it holds fit in registers without spilling
+    (``bench_kernels.py --compile-check``); float64 takes two registers per entry, so half as many."""
     bc = max(16, triton.next_power_of_2(C))
-    return max(1, min(32, 4096 // bc)), bc
+    per_thread = 4 if f64 else 8
+    bt = max(1, min(32, 32 * 4 * per_thread // bc))
+    return bt, bc, min(16, max(4, bt * bc // (32 * per_thread)))
 
 
 @torch.library.custom_op("hieraloss::triplet", mutates_args=())
@@ -254,8 +259,8 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
     count = torch.zeros(K, dtype=torch.int32, device=dev)
     if P:
         _select_kernel[(K,)](codes, order if order is not None else codes, group, P, M, picks[0], picks[1], picks[2],
-                             count, BLOCK=_SELECT_BLOCK, ORDERED=order is not None, num_warps=8)
-    bt, bc = _score_sizes(C)
+                             count, BLOCK=_SELECT_BLOCK, ORDERED=order is not None, num_warps=_SELECT_WARPS)
+    bt, bc, score_warps = _score_sizes(C, ct == torch.float64)
     blocks = triton.cdiv(M, bt)
     part = torch.zeros((K, blocks), dtype=ct, device=dev)
     grad = (torch.zeros_like(embeddings, dtype=embeddings.dtype if embeddings.dtype in (torch.float32, torch.float64)
@@ -269,7 +274,7 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
             _constants(dev, ct, float(base_margin), hierarchy.max_depth),
             g, *gs, part,
             BT=bt, BC=bc, KP=max(16, triton.next_power_of_2(K)), F64=ct == torch.float64, GRAD=bool(want_grad),
-            num_warps=4)
+            num_warps=score_warps)
     if want_grad and grad.dtype != embeddings.dtype:
         grad = grad.to(embeddings.dtype)
     return part.sum(), grad
