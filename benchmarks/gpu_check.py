@@ -16,7 +16,8 @@ measured in the same run. Rows:
   bfloat16 logits; focal vs plain;
 * Mapillary Vistas B=4, 149x512x1024: tree-min plain and focal;
 * decoding (``path``, ``top_down``) on both;
-* host syncs of a ``hssn_loss`` step with ``check_labels=False`` (``torch.cuda.set_sync_debug_mode``
+* the triplet term on the fused kernels and on the torch ops;
+* host syncs of a ``hssn_loss`` step with embeddings and ``check_labels=False`` (``torch.cuda.set_sync_debug_mode``
   raises on any), whether that step captures into a CUDA graph, and peak extra memory.
 """
 
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def run_gpu_tests() -> int:
     env = dict(os.environ, HIERALOSS_GPU_TESTS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
-           "tests/test_kernels_triton.py"]
+           "tests/test_kernels_triton.py", "tests/test_triplet_kernels.py"]
     try:
         import xdist  # noqa: F401 - compiles run in parallel workers
 
@@ -183,12 +184,16 @@ def table(args) -> None:
             fn().backward()
         return run
 
-    def graph_row(what, loss_fn, x, copy):
+    def graph_row(what, loss_fn, x, copy, note=""):
+        """Adds the row and returns the device time (None without a GPU or a graph)."""
         if dev != "cuda" or warm:
-            return
+            return None
         replay = graph_step(loss_fn, x)
-        if replay is not None:
-            row(what + ", CUDA graph replay (device time)", timer(replay), copy)
+        if replay is None:
+            return None
+        t = timer(replay)
+        row(what + ", CUDA graph replay (device time)", t, copy, note=note(t) if callable(note) else note)
+        return t
 
     # ------------------------------------------------------------------ Cityscapes
     h = presets.cityscapes()
@@ -203,14 +208,18 @@ def table(args) -> None:
     kw = dict(backend="triton", check_labels=False)
     tm = step(lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x)
     t_tm = t_pub_tm = 1.0
+    g_tm = None
     if want("cs-treemin"):
         t_tm = timer(tm)
         t_pub_tm = 1.0 if warm else timer(step(lambda: published_tree_min_loss(x, y, h), x))
         row("tree-min hssn fwd+bwd", t_tm, copy, t_pub_tm)
-        graph_row("tree-min hssn fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy)
+        g_tm = graph_row("tree-min hssn fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x,
+                         copy)
     if want("cs-focal"):
         t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
         row("focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_tm:.2f})")
+        graph_row("focal tree-min fwd+bwd", lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x,
+                  copy, note=lambda t: f" (focal / plain {t / g_tm:.2f})" if g_tm else "")
     t_plain = {1: 1.0, 2: 1.0}
     if want("cs-ce"):
         leaf_ch = torch.tensor(list(h.depth_channels[-1]), device=dev)
@@ -228,10 +237,14 @@ def table(args) -> None:
                 timer(step(lambda d=d: hlt.depth_cross_entropy(x, y, h, d, **kw), x)),
                 copy, t_plain[d], note=" (F.cross_entropy)")
     if want("cs-triplet"):
-        def triplet():
-            return hlt.hierarchy_triplet_loss(emb, y, h, sampling="first", check_labels=False)
-        row("triplet (256-d, embeddings only)", timer(step(triplet, emb)), copy)
-        graph_row("triplet", triplet, emb, copy)
+        def triplet(backend):
+            return lambda: hlt.hierarchy_triplet_loss(emb, y, h, sampling="first", check_labels=False, backend=backend)
+        t_ops = timer(step(triplet("torch"), emb))
+        row("triplet, torch ops (256-d, embeddings only)", t_ops, copy)
+        g_ops = graph_row("triplet, torch ops", triplet("torch"), emb, copy)
+        row("triplet, fused kernels", timer(step(triplet("triton"), emb)), copy, t_ops, note=" (torch ops)")
+        graph_row("triplet, fused kernels", triplet("triton"), emb, copy,
+                  note=lambda t: f"{g_ops * 1e3:.2f} ms (= {g_ops / t:.2f}x ours) (torch ops)" if g_ops else "")
     if want("cs-hssn"):
         t_obj = timer(step(lambda: hlt.hssn_loss(x, y, h, **kw), x))
         row("hssn_loss without embeddings", t_obj, copy, t_pub_tm + t_plain[1] + t_plain[2],
@@ -261,10 +274,12 @@ def table(args) -> None:
             row(f"decode {method}", timer(lambda m=method: hlt.decode(src, h, m, backend="triton")), copy)
     if dev == "cuda" and not warm:
         syncs = "0 (set_sync_debug_mode raised nothing)"
+
+        def whole():  # the whole objective, embeddings included
+            return hlt.hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, sampling="first", **kw)
         torch.cuda.set_sync_debug_mode("error")
         try:
-            full_step = step(lambda: hlt.hssn_loss(x, y, h, **kw), x)
-            full_step()
+            torch.autograd.grad(whole(), (x, emb))
             torch.cuda.synchronize()
         except RuntimeError as exc:
             syncs = f"a sync: {str(exc)[:120]}"
@@ -276,17 +291,16 @@ def table(args) -> None:
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    hlt.hssn_loss(x, y, h, **kw)
+                    torch.autograd.grad(whole(), (x, emb))
             torch.cuda.current_stream().wait_stream(stream)
             with torch.cuda.graph(graph):
-                loss = hlt.hssn_loss(x, y, h, **kw)
-                (g,) = torch.autograd.grad(loss, x)
+                torch.autograd.grad(whole(), (x, emb))
             graph.replay()
             torch.cuda.synchronize()
             captured = "yes"
         except Exception as exc:  # noqa: BLE001 - reported
             captured = f"no: {type(exc).__name__}: {str(exc)[:100]}"
-        add(("hssn_loss step, check_labels=False: host syncs", syncs, "", ""))
+        add(("hssn_loss step with embeddings, check_labels=False: host syncs", syncs, "", ""))
         add(("... captured in a CUDA graph", captured, "", ""))
     x = emb = src = dst = None  # free the Cityscapes tensors before Mapillary
 
@@ -301,14 +315,18 @@ def table(args) -> None:
         copy = timer(lambda: dst.copy_(src))
         add(("one copy of the logits (Mapillary)", f"{copy * 1e3:.3f} ms", "1.0x", ""))
         t_plain = 1.0
+        g_plain = None
         if want("mp-treemin"):
             t_plain = timer(step(lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x))
             row("Mapillary tree-min fwd+bwd", t_plain, copy)
-            graph_row("Mapillary tree-min fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x,
-                      copy)
+            g_plain = graph_row("Mapillary tree-min fwd+bwd",
+                                lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy)
         if want("mp-focal"):
             t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
             row("Mapillary focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_plain:.2f})")
+            graph_row("Mapillary focal tree-min fwd+bwd",
+                      lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy,
+                      note=lambda t: f" (focal / plain {t / g_plain:.2f})" if g_plain else "")
         if want("mp-decode"):
             for method in ("path", "top_down"):
                 row(f"Mapillary decode {method}",
