@@ -139,7 +139,8 @@ def compile_triplet(arch: int, *, kernel: str, dtype: str = "float32", channels:
     elif kernel == "select":
         k = triplet._select_kernel
         sig = {name: "i32" for name in k.arg_names}
-        sig.update(code_ptr="*i32", order_ptr="*i64" if ordered else "*i32", group_ptr="*i32", anchor_ptr="*i32",
+        sig.update(code_ptr="*i32", order_ptr="*i64" if ordered else "*i32", group_ptr="*i32", possible_ptr="*i32",
+                   anchor_ptr="*i32",
                    positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32")
         const, warps = dict(BLOCK=triplet._SELECT_BLOCK, ORDERED=ordered), triplet._SELECT_WARPS
     else:

@@ -44,13 +44,17 @@ MAX_LEAVES = 1 << 15
 MAX_CHANNELS = 4096
 
 
-def _tables(hierarchy: Hierarchy, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """int32 ``group [K]`` (sibling group of each leaf) and int32 ``psi [K, K]`` (leaf distance), cached."""
+def _tables(hierarchy: Hierarchy, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """int32 ``group [K]`` (sibling group of each leaf), ``possible [K]`` (1 where the class can have
+    a triplet at all: its group has another leaf and there is a leaf outside it) and ``psi [K, K]``
+    (leaf distance), cached per device."""
 
     def build(_):
         group = core_triplets.sibling_groups(hierarchy)
-        return (torch.tensor(np.asarray(group, dtype=np.int32), device=device),
-                torch.tensor(np.asarray(hierarchy.leaf_distance, dtype=np.int32), device=device))
+        size = np.bincount(group)[group]
+        possible = (size > 1) & (size < hierarchy.num_leaves)
+        return tuple(torch.tensor(np.asarray(a, dtype=np.int32), device=device)
+                     for a in (group, possible, hierarchy.leaf_distance))
 
     return tables_for(hierarchy, device).get("_fused_triplet", build)
 
@@ -77,18 +81,20 @@ def _codes_kernel(lab_ptr, slb, sly, slx, H, W, h, w, scale_y, scale_x, K, ignor
 
 
 @triton.jit(do_not_specialize=["P", "M"])
-def _select_kernel(code_ptr, order_ptr, group_ptr, P, M, anchor_ptr, positive_ptr, negative_ptr, count_ptr,
-                   BLOCK: tl.constexpr, ORDERED: tl.constexpr):
+def _select_kernel(code_ptr, order_ptr, group_ptr, possible_ptr, P, M, anchor_ptr, positive_ptr, negative_ptr,
+                   count_ptr, BLOCK: tl.constexpr, ORDERED: tl.constexpr):
     """Program c: the first ``M`` anchors, positives and negatives of class c in key order, as flat
-    pixel positions into ``[K, M]`` tables, and ``count [K] = T_c``."""
+    pixel positions into ``[K, M]`` tables, and ``count [K] = T_c``. A class that cannot have a
+    triplet (no sibling leaf, or no leaf outside its group) does not scan at all."""
     c = tl.program_id(0)
     g = tl.load(group_ptr + c)
+    possible = tl.load(possible_ptr + c) != 0
     row = c.to(tl.int64) * M
     na = tl.zeros([], tl.int32)
     npos = tl.zeros([], tl.int32)
     nneg = tl.zeros([], tl.int32)
     start = tl.zeros([], tl.int32)
-    while (start < P) & ((na < M) | (npos < M) | (nneg < M)):
+    while possible & (start < P) & ((na < M) | (npos < M) | (nneg < M)):
         offs = start + tl.arange(0, BLOCK)
         mask = offs < P
         if ORDERED:
@@ -211,7 +217,7 @@ def triplet_codes_op(labels: torch.Tensor, key: str, ignore_index: int, h: int, 
     B, H, W = labels.shape
     out = torch.empty(B * h * w, dtype=torch.int32, device=labels.device)
     if out.numel():
-        group, _ = _tables(hierarchy, labels.device)
+        group = _tables(hierarchy, labels.device)[0]
         scale_y, scale_x = float(np.float32(H / h)), float(np.float32(W / w))
         _codes_kernel[(triton.cdiv(h * w, _CODE_BLOCK), B)](
             labels, labels.stride(0), labels.stride(1), labels.stride(2), H, W, h, w, scale_y, scale_x,
@@ -254,12 +260,13 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
     K = hierarchy.num_leaves
     ct = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     M = max(1, min(int(max_per_class), P))
-    group, psi = _tables(hierarchy, dev)
+    group, possible, psi = _tables(hierarchy, dev)
     picks = torch.empty((3, K, M), dtype=torch.int32, device=dev)
     count = torch.zeros(K, dtype=torch.int32, device=dev)
     if P:
-        _select_kernel[(K,)](codes, order if order is not None else codes, group, P, M, picks[0], picks[1], picks[2],
-                             count, BLOCK=_SELECT_BLOCK, ORDERED=order is not None, num_warps=_SELECT_WARPS)
+        _select_kernel[(K,)](codes, order if order is not None else codes, group, possible, P, M,
+                             picks[0], picks[1], picks[2], count, BLOCK=_SELECT_BLOCK, ORDERED=order is not None,
+                             num_warps=_SELECT_WARPS)
     bt, bc, score_warps = _score_sizes(C, ct == torch.float64)
     blocks = triton.cdiv(M, bt)
     part = torch.zeros((K, blocks), dtype=ct, device=dev)
