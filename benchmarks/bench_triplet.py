@@ -69,7 +69,7 @@ def legacy_triplet_op(embeddings, leaf, hierarchy, *, max_per_class, base_margin
     flat = leaf.reshape(-1)
     pixels = torch.nonzero(flat >= 0).squeeze(1)
     if sampling == "random":
-        pixels = pixels[_ops.random_order(pixels.numel(), generator, embeddings.device)]
+        pixels = _ops.key_order(flat, sampling, generator)[:pixels.numel()]  # the same draw as "after"
     chosen = legacy_triplet_select(flat, pixels, hierarchy, max_per_class=max_per_class)
     if chosen is None:
         return embeddings.reshape(-1)[:0].sum().to(ct)

@@ -140,7 +140,7 @@ def test_no_taking_part_pixel_is_a_connected_zero():
     assert loss.item() == 0.0 and torch.equal(e.grad, torch.zeros_like(e))
 
 
-def test_first_reads_nothing_back_and_random_one_count():
+def test_reads_nothing_back_but_an_int_seeds_count():
     h = hieraloss.presets.cityscapes()
     e = torch.randn(2, 4, 6, 8, device=DEVICE, requires_grad=True)
     y = torch.randint(0, h.num_leaves, (2, 12, 16), device=DEVICE)
@@ -150,7 +150,10 @@ def test_first_reads_nothing_back_and_random_one_count():
         hierarchy_triplet_loss(e, y, h, sampling="first", **kw).backward()
     assert counter.events == []
     with CountSyncs() as counter:
-        hierarchy_triplet_loss(e, y, h, sampling="random", generator=torch.Generator().manual_seed(0), **kw)
+        hierarchy_triplet_loss(e, y, h, sampling="random", generator=torch.Generator().manual_seed(0), **kw).backward()
+    assert counter.events == []
+    with CountSyncs() as counter:  # an int seed: the core's permutation of the n taking-part pixels
+        hierarchy_triplet_loss(e, y, h, sampling="random", generator=3, **kw)
     assert counter.events == ["__int__", "_local_scalar_dense"]
 
 

@@ -5,7 +5,7 @@ key order by :mod:`hieraloss.core.triplets` in numpy, torch and paddle, so the c
 identical and the loss values equal. The chosen triplets are recorded where each backend selects
 them (numpy: ``sample_triplets``; torch: ``_ops.triplet_select``, on the public path; paddle: the
 core's ``select_triplets`` as its op calls it). ``sampling="first"`` is checked the same way.
-A ``torch.Generator`` keeps torch's own draw (``torch.randperm``).
+A ``torch.Generator`` keeps torch's own draw (random sort keys, drawn on the device).
 """
 
 from __future__ import annotations
@@ -151,12 +151,16 @@ def test_numpy_generator_is_the_seed_and_advances(monkeypatch):
 
 
 def test_torch_generator_keeps_torch_draws():
-    """A torch.Generator draws torch.randperm (framework generators give framework draws)."""
-    n = 50
-    got = torch_ops.random_order(n, torch.Generator().manual_seed(4), torch.device("cpu"))
-    assert torch.equal(got, torch.randperm(n, generator=torch.Generator().manual_seed(4)))
-    seeded = torch_ops.random_order(n, np.random.default_rng(4), torch.device("cpu"))
-    np.testing.assert_array_equal(seeded.numpy(), core_triplets.random_order(n, 4))
+    """A torch.Generator draws torch's own random keys (framework generators give framework draws); a
+    numpy Generator gives the core's permutation of the taking-part pixels."""
+    flat = torch.tensor([3, -1, 0, 1, -1, 2, 2, 0])
+    got = torch_ops.key_order(flat, "random", torch.Generator().manual_seed(4))
+    keys = torch.randint(0, 2**62, (flat.numel(),), generator=torch.Generator().manual_seed(4))
+    taking = torch.nonzero(flat >= 0).squeeze(1)
+    assert got[:taking.numel()].tolist() == taking[torch.argsort(keys[taking])].tolist()
+    seeded = torch_ops.key_order(flat, "random", np.random.default_rng(4))
+    assert seeded[:taking.numel()].tolist() == taking[torch.from_numpy(core_triplets.random_order(6, 4))].tolist()
+    assert seeded[taking.numel():].tolist() == [1, 4]
 
 
 def test_core_random_order_is_a_seeded_permutation():

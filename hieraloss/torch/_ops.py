@@ -566,13 +566,13 @@ def depth_cross_entropy_op(logits: torch.Tensor, label_channels: torch.Tensor, h
 
 
 # ---------------------------------------------------------------------------- triplet loss
-# The local op runs without reading anything back to the host (sampling="first"; "random" reads one
-# count for the permutation): what depends only on the hierarchy is a cached table, and the data-dependent
-# sizes are replaced by fixed-size buffers with a validity mask. The taking-part pixels come first in
-# a length-P "sequence" (P = all pixels; the others follow as a sentinel class K in a sentinel group
-# G), counts are read off sorted keys with searchsorted, and the triplets live in
-# S = min(K * max_per_class, P) slots: class after class, the i-th triplet of a class in its i-th slot,
-# the unused slots last (class K, invalid, contributing an exact 0).
+# The local op runs without reading anything back to the host (except "random" with an int seed,
+# which reads one count for the core's permutation): what depends only on the hierarchy is a cached
+# table, and the data-dependent sizes are replaced by fixed-size buffers with a validity mask. The
+# taking-part pixels come first in a length-P "sequence" (P = all pixels; the others follow as a
+# sentinel class K in a sentinel group G), counts are read off sorted keys with searchsorted, and the
+# triplets live in S = min(K * max_per_class, P) slots: class after class, the i-th triplet of a class
+# in its i-th slot, the unused slots last (class K, invalid, contributing an exact 0).
 def resize_labels_nearest(labels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Nearest resampling of ``[B, H, W]`` to ``size`` with ``F.interpolate(mode="nearest")``'s rule,
     computed in float32: row i takes ``min(floor(i * float32(H / h)), H - 1)`` (same as hieraloss.numpy)."""
@@ -625,17 +625,14 @@ def triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarch
                generator: Any) -> torch.Tensor:
     """Hierarchy-margin triplet loss; ``leaf`` ``[B, h, w]`` holds leaf ids, -1 where not taking part.
 
-    No host sync for ``sampling="first"``. ``sampling="random"`` has one: the number of taking-part
-    pixels n is read back for the key order, :func:`random_order` (a ``torch.Generator`` or None:
-    ``torch.randperm``; a numpy Generator: the core's permutation, copied to the device).
+    No host sync, except for ``sampling="random"`` with a numpy Generator (an int seed): the number
+    of taking-part pixels is read back for the core's permutation (:func:`key_order`).
     """
     ct = compute_dtype(embeddings.dtype)
     flat = leaf.reshape(-1)
     if flat.numel() == 0:
         return embeddings.reshape(-1)[:0].sum().to(ct)  # an exact 0 still connected to the embeddings
-    pixels, n = taking_part_first(flat)
-    if sampling == "random":  # the one sync of "random": n for the permutation
-        pixels = shuffle_taking_part(pixels, random_order(int(n), generator, flat.device))
+    pixels = key_order(flat, sampling, generator)
     chosen = triplet_select(flat, pixels, hierarchy, max_per_class=max_per_class)
     e_a, e_p, e_n = unit_rows(embeddings, (chosen.anchor, chosen.positive, chosen.negative), ct)
     return triplet_score(e_a, e_p, e_n, chosen, hierarchy, base_margin)
@@ -729,15 +726,31 @@ def shuffle_taking_part(pixels: torch.Tensor, order: torch.Tensor) -> torch.Tens
     return torch.cat([pixels[:n][order], pixels[n:]])
 
 
-def random_order(n: int, generator: Any, device: torch.device) -> torch.Tensor:
-    """The random key order, a permutation of ``range(n)`` on ``device``. A ``torch.Generator`` or
-    None (torch's default generator): ``randperm(n)`` drawn on the generator's device (CPU without
-    one). A numpy Generator (what the door makes of an int seed): the core's permutation
-    (:func:`hieraloss.core.triplets.random_order`, the draw of every backend), copied to ``device``."""
+# Random sort keys are drawn in [0, KEY_RANGE); pixels that do not take part get KEY_RANGE.
+KEY_RANGE = 1 << 62
+
+
+def key_order(flat: torch.Tensor, sampling: str, generator: Any) -> torch.Tensor:
+    """The key order ``[P]`` of the triplet selection for the flat leaf map ``flat`` (-1 = not taking
+    part): the taking-part pixels in key order, then the others in flat order.
+
+    ``"first"``: flat order. ``"random"`` with a ``torch.Generator`` or None (torch's default
+    generator of ``flat``'s device): the pixels sorted by random int64 keys drawn from it, one per
+    pixel (``torch.randint(0, 2**62, (P,))`` on the generator's device; ties, about P**2 / 2**63 likely,
+    keep flat order) - a uniform random order with no host sync. With a numpy Generator (what the
+    door makes of an int seed): the core's permutation of the n taking-part pixels
+    (:func:`hieraloss.core.triplets.random_order`, the draw of every backend); n is read back.
+    """
+    if sampling == "first":
+        return taking_part_first(flat)[0]
     if generator is None or isinstance(generator, torch.Generator):
-        gen_device = generator.device if generator is not None else torch.device("cpu")
-        return torch.randperm(n, generator=generator, device=gen_device).to(device)
-    return torch.from_numpy(core_triplets.random_order(n, generator)).to(device)
+        device = generator.device if generator is not None else flat.device
+        keys = torch.randint(0, KEY_RANGE, (flat.numel(),), generator=generator, device=device).to(flat.device)
+        keys = torch.where(flat >= 0, keys, KEY_RANGE)
+        return torch.sort(keys, stable=True).indices
+    pixels, n = taking_part_first(flat)
+    order = torch.from_numpy(core_triplets.random_order(int(n), generator)).to(flat.device)
+    return shuffle_taking_part(pixels, order)
 
 
 def _ith_outside(members_pos: torch.Tensor, rank: torch.Tensor, seg_of_member: torch.Tensor,

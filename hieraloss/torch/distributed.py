@@ -103,13 +103,14 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     # The global leaf map, in rank order.
     pieces = _all_gather_padded(dist, group, flat.to(torch.int64).unsqueeze(1), sizes, comm)
     global_flat = torch.cat(pieces).squeeze(1).to(dev)
-    pixels, n = _ops.taking_part_first(global_flat)
-    n = int(n)
-    if sampling == "random" and n:
-        order = _ops.random_order(n, generator, dev) if rank == 0 else torch.empty(n, dtype=torch.int64, device=dev)
-        order_comm = order.to(comm)
-        dist.broadcast(order_comm, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
-        pixels = _ops.shuffle_taking_part(pixels, order_comm.to(dev))
+    if sampling == "random":  # rank 0's key order, so every rank selects the same triplets
+        pixels = (_ops.key_order(global_flat, sampling, generator) if rank == 0
+                  else torch.empty(global_flat.numel(), dtype=torch.int64, device=dev))
+        pixels_comm = pixels.to(comm)
+        dist.broadcast(pixels_comm, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        pixels = pixels_comm.to(dev)
+    else:
+        pixels = _ops.key_order(global_flat, sampling, generator)
     chosen = _ops.triplet_select(global_flat, pixels, hierarchy, max_per_class=int(max_per_class))
     total = int(chosen.T.sum())
     if total == 0:

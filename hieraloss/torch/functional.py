@@ -319,9 +319,10 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     ``generator``: an int seed or a numpy Generator draws the key order by the core rule
     (:mod:`hieraloss.core.triplets`), so an int seed gives the same triplets as ``hieraloss.numpy``
     and ``hieraloss.paddle``; the permutation is drawn on the host and copied to the embeddings'
-    device. A ``torch.Generator`` (drawn on its device) or None (torch's default generator, seeded
-    by ``torch.manual_seed``) gives torch's own draw, ``torch.randperm``: framework generators give
-    framework draws.
+    device (reading back the number of taking-part pixels: one host sync). A ``torch.Generator`` or
+    None (torch's default generator of the embeddings' device, seeded by ``torch.manual_seed``) gives
+    torch's own draw: one random int64 sort key per pixel, drawn on the generator's device, and no
+    host sync (framework generators give framework draws).
 
     ``gather_across_ranks=True`` (a collective over ``process_group`` of ``torch.distributed``;
     every rank must call it) chooses the triplets on the global batch of all ranks in rank order,
@@ -332,8 +333,8 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     it is the local loss.
 
     ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label value that is neither a
-    node id nor ``ignore_index`` (one value read back); ``False`` reads nothing back (with
-    ``sampling="first"`` the step is then free of host syncs) and such labels do not take part.
+    node id nor ``ignore_index`` (one value read back); ``False`` reads nothing back (unless the
+    generator is an int seed, the step is then free of host syncs) and such labels do not take part.
 
     ``backend``: ``"auto"`` runs the fused Triton kernels on CUDA (three launches; the same triplets,
     the value and gradient written together, the gradient accumulated with atomic adds, so its last
@@ -366,10 +367,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
         kernels = _kernels()
         codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index,
                                       size=tuple(embeddings.shape[2:]))
-        order = None
-        if sampling == "random":  # one sync: the number of taking-part pixels, for the permutation
-            pixels, n = _ops.taking_part_first(codes)
-            order = _ops.shuffle_taking_part(pixels, _ops.random_order(int(n), generator, codes.device))
+        order = _ops.key_order(codes, sampling, generator) if sampling == "random" else None
         return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=int(max_per_class),
                                           base_margin=float(base_margin), order=order)
     # Nearest resampling is a gather, so it commutes with the label mapping: map only the
