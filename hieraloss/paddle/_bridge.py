@@ -5,6 +5,11 @@ Logits and label channels are handed to torch as DLPack views (no copy), the tor
 paddle as DLPack views. The gradient takes the same route inside a ``paddle.autograd.PyLayer``:
 the torch graph of the forward (which saves only what the kernel op saves) is kept and asked for
 the gradient with respect to the logits view.
+
+The triplet loss takes the labels the same way: their per-pixel codes are computed by the torch
+kernel from a DLPack view of the labels (no host copy), the random key order comes from the numpy
+Generator (the core's permutation, one read-back of the number of taking-part pixels), and the
+value and gradient from the fused triplet kernels on a view of the embeddings.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from paddle.autograd import PyLayer
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["to_torch", "to_paddle", "unavailable_reason", "fused_tree_min_loss", "fused_objective", "fused_decode"]
+__all__ = ["to_torch", "to_paddle", "unavailable_reason", "triplet_unsupported_reason", "fused_tree_min_loss",
+           "fused_objective", "fused_decode", "fused_triplet_loss"]
 
 
 def _kernels():
@@ -196,3 +202,91 @@ def fused_decode(
     with _on_paddle_stream(logits):
         leaf, depth = _kernels().fused_decode(to_torch(logits), hierarchy, method)
         return to_paddle(leaf), to_paddle(depth)
+
+
+def triplet_unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | None:
+    """Why the fused triplet kernels do not take these sizes (None when they do); assumes
+    :func:`unavailable_reason` is None."""
+    kernels = _kernels()
+    if not hasattr(kernels, "fused_triplet_loss"):
+        return "the fused triplet kernels are not available in this version of hieraloss.torch.kernels"
+    import torch
+
+    # The size rule reads only the shape: a meta tensor of that shape stands in for the embeddings.
+    if kernels.triplet_supported(hierarchy, torch.empty((), device="meta").expand(*x.shape)):
+        return None
+    from ..torch.kernels import triplet
+
+    return (f"the fused triplet kernels take fewer than {triplet.MAX_LEAVES} leaves, at most {triplet.MAX_CHANNELS} "
+            f"channels and fewer than 2**31 embedding elements; got {hierarchy.num_leaves} leaves and embeddings "
+            f"of shape {list(x.shape)}")
+
+
+class _FusedTriplet(PyLayer):
+    """The triplet loss through the torch kernel op, whose forward also writes the gradient (for an
+    upstream gradient of 1); the backward asks the torch graph for it, scaled."""
+
+    @staticmethod
+    def forward(ctx, x, codes, order, hierarchy, max_per_class, base_margin, want_grad):
+        import torch
+
+        with _on_paddle_stream(x):
+            xt = to_torch(x).requires_grad_(want_grad)
+            with torch.enable_grad():
+                out = _kernels().fused_triplet_loss(xt, codes, hierarchy, max_per_class=max_per_class,
+                                                    base_margin=base_margin, order=order)
+            ctx.torch_graph = (out, xt) if want_grad else None
+            return to_paddle(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        import torch
+
+        if ctx.torch_graph is None:  # run without a gradient wanted (cannot normally be reached)
+            raise RuntimeError("hieraloss: the fused triplet loss ran without a gradient (embeddings had "
+                               "stop_gradient=True or gradients were off)")
+        out, xt = ctx.torch_graph
+        with _on_paddle_stream(grad_out):
+            (gx,) = torch.autograd.grad(out, xt, grad_outputs=to_torch(grad_out.astype(_dtype_of(out))))
+            ctx.torch_graph = None
+            return to_paddle(gx)
+
+
+def fused_triplet_loss(
+    embeddings: paddle.Tensor,
+    labels: paddle.Tensor,
+    hierarchy: Hierarchy,
+    *,
+    ignore_index: int,
+    max_per_class: int,
+    base_margin: float,
+    sampling: str,
+    generator: Any,
+) -> paddle.Tensor:
+    """The hierarchy triplet loss of ``embeddings [B, C, h, w]`` (any float dtype) for node-id
+    ``labels [B, H, W]`` (any integer dtype; resampled nearest to ``h x w`` by the codes kernel)
+    through the fused Triton triplet kernels: float64 for float64 embeddings, else float32,
+    differentiable with respect to ``embeddings``.
+
+    ``sampling="first"``: flat key order. ``"random"``: ``generator`` is a numpy Generator, and the
+    key order is the core's permutation of the taking-part pixels
+    (:func:`hieraloss.core.triplets.random_order`, one draw, also when none takes part), so the
+    triplets are those of the paddle ops, numpy and torch for the same int seed. Label values that
+    are neither leaf ids nor ``ignore_index`` do not take part (no check here).
+    """
+    from ..core import triplets as core_triplets
+    from ..torch import _ops as torch_ops
+
+    kernels = _kernels()
+    size = tuple(int(n) for n in embeddings.shape[2:])
+    with _on_paddle_stream(embeddings):
+        codes = kernels.triplet_codes(to_torch(labels), hierarchy, ignore_index=int(ignore_index), size=size)
+        order = None
+        if sampling == "random":
+            if codes.numel():
+                order = torch_ops.key_order(codes, sampling, generator)
+            else:  # no pixel: nothing to order, but the draw is made as in every backend
+                core_triplets.random_order(0, generator)
+    want_grad = bool(paddle.is_grad_enabled() and not embeddings.stop_gradient)
+    return _FusedTriplet.apply(embeddings, codes, order, hierarchy, int(max_per_class), float(base_margin),
+                               want_grad)

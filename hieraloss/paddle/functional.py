@@ -8,7 +8,10 @@ float32); gradients come back in the logits' dtype. Inputs are never modified.
 Backends of the tree-min losses: ``"auto"`` picks the fused Triton kernels for GPU tensors (through
 DLPack, :mod:`._bridge`) and the compiled CPU kernel for CPU tensors (:mod:`._native_layer`) when
 they are available, else the vectorized paddle ops (``"paddle"``, :mod:`._ops`); ``"native"`` and
-``"triton"`` force one and raise a ``RuntimeError`` saying why when it cannot run.
+``"triton"`` force one and raise a ``RuntimeError`` saying why when it cannot run. The triplet loss
+has the same choice: ``"auto"`` runs the fused Triton triplet kernels (through the bridge) for GPU
+embeddings unless the triplets are gathered across ranks, the paddle ops otherwise; ``"triton"``
+forces the kernels; ``"paddle"`` and ``"native"`` run the paddle ops.
 
 Layout of the backend (a module imports only modules to its right, never a door to its left):
 doors :mod:`.layers`, :mod:`.leaf_losses`, :mod:`.distributed` (public faces built on this
@@ -325,6 +328,7 @@ def hierarchy_triplet_loss(
     process_group: Any = None,
     gather_across_ranks: bool = False,
     check_labels: bool = True,
+    backend: str = "auto",
 ) -> paddle.Tensor:
     """Hierarchy-margin triplet loss (SPEC section 6) of ``embeddings [B, C, h, w]``.
 
@@ -342,6 +346,17 @@ def hierarchy_triplet_loss(
 
     ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label value that is neither a
     node id nor ``ignore_index``; with ``False`` such labels do not take part (as in torch).
+
+    ``backend``: ``"auto"`` runs the fused Triton triplet kernels of ``hieraloss.torch.kernels``
+    through DLPack (:mod:`._bridge`: label codes, per-class selection and scoring on the device, the
+    gradient written in the forward) for GPU embeddings when torch and Triton are available and the
+    triplets are not gathered across ranks; else the paddle ops (triplets chosen on the host from a
+    host copy of the labels). ``"triton"`` asks for the kernels (a ``RuntimeError`` saying why when
+    they cannot run, a ``ValueError`` for sizes they do not take or with triplets gathered across
+    ranks); ``"paddle"`` and ``"native"`` run the paddle ops. The kernels choose the same triplets
+    (the random order is the same numpy draw) and give the same value and gradient within rounding;
+    their gradient is summed with atomic adds, so its last bits may vary from run to run. Empty
+    embeddings take the paddle ops in every backend.
     """
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, paddle.Tensor):
@@ -358,16 +373,24 @@ def hierarchy_triplet_loss(
     rng = _triplets.numpy_generator(generator) if sampling == "random" else None
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
+    gathered = gather_across_ranks and _collective.is_distributed(process_group)
+    if _fused_triplet(backend, embeddings, hierarchy, gathered) and embeddings.size > 0:
+        ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
+        if check_labels:  # raises LabelError for a bad value (one read-back); the channels are not needed
+            _label_channels(labels, hierarchy, ignore_index, True)
+        return _bridge.fused_triplet_loss(
+            embeddings, labels, hierarchy, ignore_index=ignore_index, max_per_class=int(max_per_class),
+            base_margin=float(base_margin), sampling=sampling, generator=rng,
+        )
     lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
     small = resize_labels_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution
     is_leaf = (small >= 0) & hierarchy.is_leaf[np.maximum(small, 0)]
     leaf = np.where(is_leaf, hierarchy.node_ids[np.maximum(small, 0)], -1)
-    if gather_across_ranks:
-        if _collective.is_distributed(process_group):
-            return _collective.gathered_triplet_op(
-                embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
-                sampling=sampling, generator=rng, process_group=process_group,
-            )
+    if gathered:
+        return _collective.gathered_triplet_op(
+            embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
+            sampling=sampling, generator=rng, process_group=process_group,
+        )
     return triplet_op(
         embeddings,
         leaf,
@@ -377,6 +400,24 @@ def hierarchy_triplet_loss(
         sampling=sampling,
         generator=rng,
     )
+
+
+def _fused_triplet(backend: str, x: paddle.Tensor, hierarchy: Hierarchy, gathered: bool) -> bool:
+    """Whether the triplet loss runs on the fused kernels (see :func:`hierarchy_triplet_loss`)."""
+    _check_choice(backend, BACKENDS, "backend")
+    if backend == "triton":
+        reason = _bridge.unavailable_reason(x)
+        if reason:
+            raise RuntimeError(f"backend='triton' was asked for, but {reason}")
+        if gathered:
+            raise ValueError("backend='triton' does not gather triplets across ranks; use backend='auto'")
+        reason = _bridge.triplet_unsupported_reason(x, hierarchy)
+        if reason:
+            raise ValueError(f"backend='triton': {reason}")
+        return True
+    if backend != "auto" or gathered or not _is_gpu(x):
+        return False
+    return _bridge.unavailable_reason(x) is None and _bridge.triplet_unsupported_reason(x, hierarchy) is None
 
 
 # The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
@@ -423,7 +464,8 @@ def hssn_loss(
     ``backend``: as for :func:`tree_min_loss`; with the compiled CPU kernel (``"auto"`` on the CPU,
     or ``"native"``; on the GPU ``"auto"`` or ``"triton"``, through the DLPack bridge) tree-min and
     every depth's cross-entropy take one pass over the logits. The parts are detached values in
-    every path (the total carries the gradient).
+    every path (the total carries the gradient). The triplet term takes ``backend`` as
+    :func:`hierarchy_triplet_loss` does (``"auto"`` on a GPU: the fused triplet kernels).
     ``check_labels`` as for :func:`tree_min_loss`.
     """
     x = _check_logits(logits, hierarchy)
@@ -481,6 +523,7 @@ def hssn_loss(
             process_group=process_group,
             gather_across_ranks=gather_across_ranks,
             check_labels=False,  # the labels were checked above when asked
+            backend=backend,
         )
         parts["triplet"] = tt.detach()
         parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)

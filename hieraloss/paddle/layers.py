@@ -110,6 +110,7 @@ class HierarchyTripletLoss(nn.Layer):
 
     ``forward(embeddings, labels, generator=None)``; ``generator``: a numpy Generator or an int seed.
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group`` (a collective).
+    ``backend``: as for the function (``"auto"`` on a GPU: the fused Triton triplet kernels).
     """
 
     def __init__(
@@ -123,10 +124,12 @@ class HierarchyTripletLoss(nn.Layer):
         process_group: Any = None,
         gather_across_ranks: bool = False,
         check_labels: bool = True,
+        backend: str = "auto",
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
         F._check_choice(sampling, F.SAMPLING, "sampling")
+        F._check_choice(backend, F.BACKENDS, "backend")
         self.hierarchy = hierarchy
         self.max_per_class = max_per_class
         self.base_margin = base_margin
@@ -135,6 +138,7 @@ class HierarchyTripletLoss(nn.Layer):
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
         self.check_labels = check_labels
+        self.backend = backend
 
     def forward(
         self, embeddings: paddle.Tensor, labels: paddle.Tensor, generator: Any = None
@@ -151,6 +155,7 @@ class HierarchyTripletLoss(nn.Layer):
             process_group=self.process_group,
             gather_across_ranks=self.gather_across_ranks,
             check_labels=self.check_labels,
+            backend=self.backend,
         )
 
 
