@@ -220,3 +220,27 @@ def test_auto_picks_the_torch_ops_when_deterministic(monkeypatch):
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     assert not F._fused_triplet("auto", e, h, gathered=False)
     assert F._fused_triplet("triton", e, h, gathered=False)
+
+
+@pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 0, 3, 5), (1, 3, 1, 1)])
+@pytest.mark.parametrize("sampling,generator", [("first", None), ("random", 3), ("random", "torch")])
+def test_empty_and_degenerate_shapes_match_the_torch_ops(shape, sampling, generator):
+    """No pixel (B=0), zero-width embeddings (rows at distance 1 from everything: the loss is the mean
+    margin) and a single pixel, with every kind of generator."""
+    h = hieraloss.presets.pascal_person_part()
+    e = torch.randn(*shape, device=DEVICE, dtype=torch.float64)
+    y = torch.randint(0, h.num_leaves, (shape[0], 2 * shape[2], 2 * shape[3]), device=DEVICE)
+    y[..., 0, :] = h.num_leaves - 1 if shape[0] else 0
+    values = []
+    for backend in ("torch", "triton"):
+        gen = torch.Generator().manual_seed(0) if generator == "torch" else generator
+        values.append(_loss_and_grad(e, y, h, backend, sampling=sampling, generator=gen))
+    torch.testing.assert_close(values[1][0], values[0][0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(values[1][1], values[0][1], rtol=1e-12, atol=1e-14)
+
+
+def test_triton_backend_names_its_limits():
+    h = hieraloss.presets.cityscapes()
+    e = torch.randn(1, 4097, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 4096 channels; got 19 leaves, 4097 channels"):
+        hierarchy_triplet_loss(e, torch.zeros(1, 1, 1, dtype=torch.int64, device=DEVICE), h, backend="triton")

@@ -741,7 +741,7 @@ def key_order(flat: torch.Tensor, sampling: str, generator: Any) -> torch.Tensor
     door makes of an int seed): the core's permutation of the n taking-part pixels
     (:func:`hieraloss.core.triplets.random_order`, the draw of every backend); n is read back.
     """
-    if sampling == "first":
+    if sampling == "first" or flat.numel() == 0:
         return taking_part_first(flat)[0]
     if generator is None or isinstance(generator, torch.Generator):
         device = generator.device if generator is not None else flat.device

@@ -399,9 +399,11 @@ def _fused_triplet(backend: str, embeddings: torch.Tensor, hierarchy: Hierarchy,
         if gathered:
             raise ValueError("backend='triton' does not gather triplets across ranks; use backend='auto'")
         if not _kernels().triplet_supported(hierarchy, embeddings):
-            raise ValueError(f"backend='triton': the fused triplet kernels take fewer than 32768 leaves and "
-                             f"at most 16384 channels; got {hierarchy.num_leaves} leaves, "
-                             f"{embeddings.shape[1]} channels")
+            from .kernels import triplet
+
+            raise ValueError(f"backend='triton': the fused triplet kernels take fewer than {triplet.MAX_LEAVES} "
+                             f"leaves and at most {triplet.MAX_CHANNELS} channels; got {hierarchy.num_leaves} "
+                             f"leaves, {embeddings.shape[1]} channels")
         return True
     if backend != "auto" or gathered or torch.are_deterministic_algorithms_enabled():
         return False

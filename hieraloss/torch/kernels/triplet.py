@@ -272,7 +272,7 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
     part = torch.zeros((K, blocks), dtype=ct, device=dev)
     grad = (torch.zeros_like(embeddings, dtype=embeddings.dtype if embeddings.dtype in (torch.float32, torch.float64)
                              else torch.float32) if want_grad else embeddings.new_empty((0,)))
-    if P and C:
+    if P:  # C == 0 too: zero-width rows are zero vectors, at distance 1 from everything
         g = grad if want_grad else part
         gs = grad.stride() if want_grad else (0, 0, 0, 0)
         _score_kernel[(blocks, K)](
