@@ -276,6 +276,9 @@ def table(args) -> None:
         row("tree-min hssn, bfloat16 logits",
             timer(step(lambda: hlt.tree_min_loss(xb, y, h, reduction="hssn", **kw), xb)), copy,
             note=f" (float32: {t_tm * 1e3:.3f} ms)")
+        graph_row("tree-min hssn, bfloat16 logits",
+                  lambda: hlt.tree_min_loss(xb, y, h, reduction="hssn", **kw), xb, copy,
+                  note=lambda t: f" (float32: {g_tm * 1e3:.3f} ms)" if g_tm else "")
         xb = None
     if want("cs-decode"):
         for method in ("path", "top_down"):
