@@ -144,6 +144,52 @@ def test_mapillary_preset_tiny():
         np.testing.assert_array_equal(depth.cpu().numpy(), ref_depth)
 
 
+def _wide_tree():
+    """Root 27 with 21 children (leaves 0..18, then 28 and 29 with three leaves each), root 30 with two."""
+    from hieraloss import Hierarchy
+
+    return Hierarchy.from_parents([27] * 19 + [28] * 3 + [29] * 3 + [30] * 2 + [-1, 27, 27, -1])
+
+
+def test_wide_node_ties_match_oracle():
+    """The generated kernel folds each child into its parent's running maximum as soon as the child
+    is complete (and folds the parent's own logit last): on exact ties across a 21-child node the
+    first in pre-order still wins, as in the loop oracle."""
+    h = _wide_tree()
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, h.num_nodes, size=(2, 3, 11))
+    labels[0, 0, :2] = 255
+    x = rng.integers(0, 2, size=(2, h.num_nodes, 3, 11)).astype(np.float64)  # ties everywhere
+    x[0, :, 1, :] = 1.0  # every node tied
+    for gamma, reduction in ((None, "sum"), (2.0, "mean"), (None, "none")):
+        upstream = rng.normal(size=x.shape) if reduction == "none" else None
+        value, grad, _ = _run(x, labels, h, "float64", gamma=gamma, reduction=reduction, upstream=upstream)
+        ref_value, ref_grad = _oracle(x, labels, h, gamma=gamma, reduction=reduction, upstream=upstream)
+        np.testing.assert_allclose(value, ref_value, **VALUE_TOL["float64"])
+        np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL["float64"])
+
+
+def test_wide_node_nan_goes_to_nan_node():
+    """A NaN logit wins every maximum it is in, wherever it sits in the order (the parent's own
+    logit, one or several of a wide node's children, a grandchild), and of several NaNs the last in
+    the order (node, then children) wins. A maximum's gradient goes to its winner, so a finite node
+    that wrongly won a NaN maximum would get a NaN gradient, and an internal NaN node gets none of
+    its own when a NaN below it wins."""
+    h = _wide_tree()
+    ch = h.channel_of
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(1, h.num_nodes, 6))
+    nan_at = {0: [27], 1: [3, 10], 2: [28, 20], 3: [7], 4: [27, 18], 5: [21]}  # pixel -> node ids
+    for pix, nodes in nan_at.items():
+        for v in nodes:
+            x[0, ch[v], pix] = np.nan
+    labels = np.full((1, 6), 25)  # the labelled path (30, 25) holds no NaN
+    _, grad, _ = _run(x, labels, h, "float64", reduction="sum")
+    expected = np.isnan(x)
+    expected[0, ch[28], 2] = expected[0, ch[27], 4] = False  # a NaN child won: after the node itself
+    np.testing.assert_array_equal(np.isnan(grad), expected)
+
+
 def test_gamma_zero_is_plain_and_inputs_untouched():
     h = presets.cityscapes()
     rng = np.random.default_rng(1)

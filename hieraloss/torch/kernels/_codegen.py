@@ -13,12 +13,15 @@ strict descendant of a partial label iff ``pc < pre[v] < ec``):
    child rank ``sel_v`` (0 = v itself; earlier wins ties, NaN is taken); the negative entry of v
    (value, and for internal nodes the gradient ``g_v`` that is routed in step 3); the logits of
    the path node at each depth; the online log-sum-exp of every depth's cross-entropy classes.
+   Each child is folded into its parent's running maximum as soon as it is complete, the ranks
+   ``sel_v`` are packed several to an int32, and the running values are pinned every few nodes
+   (``_terms.pin``), so what is alive at any point is a few values per open ancestor and per depth.
 2. The path, root first: running minimum (the shallowest tied ancestor keeps it), the positive
    entries, and their gradients delivered to the depth that holds each minimum.
 3. Pre-order walk (gradient or loss map): ``R_v = g_v + (R_parent if sel_parent picks v)``; node v
    receives ``R_v`` if it wins its own maximum, its path delivery, and its cross-entropy terms.
    Leaf logits are reloaded (from cache: the program just read them) and their negative terms
-   recomputed, so registers hold two values per internal node, not per node.
+   recomputed, so registers hold one value per internal node (and its packed rank), not per node.
 
 Modes (constexpr ``MODE``): 0 reduced value; 1 reduced value and the gradient of the weighted
 total (per-depth scales given); 2 tree-min loss map; 3 gradient of ``sum(map * upstream)``.
@@ -30,7 +33,7 @@ from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 4
+CODEGEN_VERSION = 5
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -38,6 +41,13 @@ CODEGEN_VERSION = 4
 # variant is slower with 16 than with 8 (focal / plain step time 1.47 against 1.01), so it loads 8.
 LOAD_GROUP = 16
 FOCAL_LOAD_GROUP = 8
+
+# Walk 1's running values are pinned (_terms.pin) every this many nodes. Without pins LLVM sinks the
+# per-node terms to their first use at the end of the walk and ptxas keeps every node's inputs alive
+# until then (sm_90, Mapillary: value 241 registers, focal value 255 + spills; value+grad 184). With
+# pins every 8 nodes: value 56, value+grad 128 (plain) and 104 (focal), Cityscapes lower too. 4 and 12
+# were worse on one of the two presets (ptxas's allocation is sensitive to where the pins fall).
+PIN_EVERY = 8
 
 
 def _group_load(emit, indent: str, group: list[int], base: str, name: str) -> None:
@@ -78,7 +88,7 @@ import triton
 import triton.language as tl
 
 from hieraloss.torch.kernels._terms import (
-    load_rows, log, lse_update, opaque, store_rows, term_grad, term_loss, term_loss_grad,
+    load_rows, log, lse_update, opaque, pin, store_rows, term_grad, term_loss, term_loss_grad,
 )
 
 N = tl.constexpr({n})
@@ -196,9 +206,37 @@ def objective_source(h: Hierarchy) -> str:
 
     # ---------------------------------------------------------------- 1. post-order walk
     ce_started = [False] * L
+    open_nodes: set[int] = set()  # internal nodes with some children folded, not yet complete
     post = t.post_order()
+    # The winner ranks (0..fan-out) of the internal nodes, kept from walk 1 to walk 3, are packed
+    # several to an int32 word (below the sign bit): node v's rank is bits [sh, sh + bits) of word
+    # ``sw{w}``, (w, sh) = slot[v], and every constant it is compared with is shifted to match.
+    bits = max(1, max((len(c) for c in t.children), default=0).bit_length())
+    per_word = 31 // bits
+    internal = [v for v in post if not t.is_leaf[v]]
+    slot = {v: (j // per_word, (j % per_word) * bits) for j, v in enumerate(internal)}
+    rank_mask = (1 << bits) - 1
     for i, v in enumerate(post):
         dv = int(t.depth[v]) - 1
+        if i and i % PIN_EVERY == 0:
+            # The running values, computed by now (see PIN_EVERY).
+            for d in range(L):
+                emit(f"{I1}xp{d} = pin(xp{d})")
+                emit(f"{I1}pn{d} = pin(pn{d})")
+                emit(f"{I1}on{d} = pin(on{d})")
+            emit(f"{I1}if TM:")
+            for d in range(L):
+                emit(f"{I2}tms{d} = pin(tms{d})")
+            emit(f"{I1}if CE:")
+            for d in range(L):
+                if ce_started[d]:
+                    emit(f"{I2}m{d} = pin(m{d})")
+                    emit(f"{I2}s{d} = pin(s{d})")
+                emit(f"{I2}xt{d} = pin(xt{d})")
+                emit(f"{I2}kn{d} = pin(kn{d})")
+            for u in sorted(open_nodes):
+                emit(f"{I1}zr{u} = pin(zr{u})")
+                emit(f"{I1}sr{u} = pin(sr{u})")
         _loads_starting_at(emit, I1, post, i, "xb", "x")
         emit(f"{I1}# node {v} (depth {dv + 1}{', leaf' if t.is_leaf[v] else ''})")
         emit(f"{I1}y{v} = {on_path(v)}")
@@ -206,12 +244,15 @@ def objective_source(h: Hierarchy) -> str:
         emit(f"{I1}pn{dv} = tl.where(y{v}, {v}, pn{dv})")
         emit(f"{I1}on{dv} = on{dv} | y{v}")
         if not t.is_leaf[v]:
-            emit(f"{I1}zm{v} = x{v}")
-            emit(f"{I1}sl{v} = tl.zeros([BLOCK_P], tl.int32)")
-            for k, c in enumerate(t.children[v], start=1):
-                emit(f"{I1}bt = (zm{c} > zm{v}) | (zm{c} != zm{c})")
-                emit(f"{I1}zm{v} = tl.where(bt, zm{c}, zm{v})")
-                emit(f"{I1}sl{v} = tl.where(bt, {k}, sl{v})")
+            # The children were folded into (zr, sr) as each completed (see below). In the order v
+            # (rank 0), children 1..k, v wins unless a child is NaN (the last NaN is taken), if it
+            # ties or beats the children's maximum or is NaN itself.
+            emit(f"{I1}pw = (x{v} >= zr{v}) | ((x{v} != x{v}) & (zr{v} == zr{v}))")
+            emit(f"{I1}zm{v} = tl.where(pw, x{v}, zr{v})")
+            w, sh = slot[v]
+            rank = f"tl.where(pw, 0, sr{v})"  # already shifted to its place in the word
+            emit(f"{I1}sw{w} = {rank}" if sh == 0 else f"{I1}sw{w} = sw{w} | {rank}")
+            open_nodes.discard(v)
         else:
             emit(f"{I1}zm{v} = x{v}")
         emit(f"{I1}if TM:")
@@ -227,12 +268,12 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I2}if MODE == 1:")
             emit(f"{I3}lv, dv_ = term_loss_grad(zm{v}, gamma, FOCAL)")
             emit(f"{I3}tms{dv} += tl.where(ng, lv * wv, 0.0)")
-            emit(f"{I3}g{v} = tl.where(ng, dv_ * (wv * tsc{dv}), 0.0)")
+            emit(f"{I3}g{v} = pin(tl.where(ng, dv_ * (wv * tsc{dv}), 0.0))")
             emit(f"{I2}if MODE == 2:")
-            emit(f"{I3}g{v} = tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0)")
+            emit(f"{I3}g{v} = pin(tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0))")
             emit(f"{I2}if MODE == 3:")
             emit(f"{I3}gov = load_rows(gob + {v} * gn, pmask, one).to(CT)")
-            emit(f"{I3}g{v} = tl.where(ng, term_grad(zm{v}, gamma, FOCAL) * wv * gov, 0.0)")
+            emit(f"{I3}g{v} = pin(tl.where(ng, term_grad(zm{v}, gamma, FOCAL) * wv * gov, 0.0))")
         members = [d for d in range(L) if v in t.ce_sets[d]]
         if members:
             emit(f"{I1}if CE:")
@@ -245,6 +286,20 @@ def objective_source(h: Hierarchy) -> str:
                     emit(f"{I2}m{d}, s{d} = lse_update(m{d}, s{d}, x{v})")
                 emit(f"{I2}xt{d} = tl.where(y{v}, x{v}, xt{d})")
                 emit(f"{I2}kn{d} = kn{d} | y{v}")
+        p = int(t.parent[v])
+        if p >= 0:
+            # Fold v into its parent's running maximum over the children as soon as v is complete
+            # (in order; the earlier wins ties, a NaN is taken), so no child's value waits for the
+            # parent: a 21-child node kept 21 values alive.
+            k = t.child_rank[v] + 1
+            if k == 1:
+                emit(f"{I1}zr{p} = zm{v}")
+                emit(f"{I1}sr{p} = tl.zeros([BLOCK_P], tl.int32) + {1 << slot[p][1]}")
+                open_nodes.add(p)
+            else:
+                emit(f"{I1}bt = (zm{v} > zr{p}) | (zm{v} != zm{v})")
+                emit(f"{I1}zr{p} = tl.where(bt, zm{v}, zr{p})")
+                emit(f"{I1}sr{p} = tl.where(bt, {k << slot[p][1]}, sr{p})")
 
     # ---------------------------------------------------------------- 2. the labelled path
     emit(f"{I1}if TM:")
@@ -300,7 +355,10 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I2}xv = xl{v}")
         emit(f"{I2}gr = zero")
         emit(f"{I2}if TM:")
-        rin = f"tl.where(sl{p} == {t.child_rank[v] + 1}, r{p}, 0.0)" if p >= 0 else "zero"
+        if not t.is_leaf[v]:
+            w, sh = slot[v]
+            emit(f"{I3}sl{v} = sw{w} & {rank_mask << sh}")  # v's winner rank, shifted by sh
+        rin = f"tl.where(sl{p} == {(t.child_rank[v] + 1) << slot[p][1]}, r{p}, 0.0)" if p >= 0 else "zero"
         if t.is_leaf[v]:
             emit(f"{I3}ng = {counted_negative(v, 'y', 'pc3', 'ec3')}")
             emit(f"{I3}wv = {weight(v)} if HAS_W else 1.0")

@@ -40,6 +40,22 @@ if _PTX_LOG:
             y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
         return y
 
+    @triton.jit
+    def pin(x):
+        """``x``, computed here: an identity the compiler cannot see through or move, so the work that
+        produces ``x`` is not sunk past this point (LLVM otherwise sinks every node's terms of the
+        straight-line tree walk to their first use at its end, keeping per-node values alive there)."""
+        if x.dtype == tl.int1:
+            y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x.to(tl.int32)], dtype=tl.int32,
+                                          is_pure=False, pack=1) != 0
+        elif x.dtype == tl.float64:
+            y = tl.inline_asm_elementwise("mov.b64 $0, $1;", "=d,d", [x], dtype=tl.float64, is_pure=False, pack=1)
+        elif x.dtype == tl.float32:
+            y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=False, pack=1)
+        else:
+            y = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=False, pack=1)
+        return y
+
 else:
 
     @triton.jit
@@ -48,6 +64,10 @@ else:
 
     @triton.jit
     def opaque(x):
+        return x
+
+    @triton.jit
+    def pin(x):
         return x
 
 
