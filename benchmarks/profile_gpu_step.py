@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python benchmarks/profile_gpu_step.py            # every step below
     PYTHONPATH=. python benchmarks/profile_gpu_step.py triplet    # the steps whose name contains "triplet"
+    PYTHONPATH=. python benchmarks/profile_gpu_step.py --host     # host (Python) time per step, cProfile
 
 Each step (forward + backward, ``check_labels=False``, the sizes of ``gpu_check.py``) runs a few times
 to warm up, then ``--iters`` times under ``torch.profiler``; the table lists the kernels with the most
@@ -59,6 +60,34 @@ def steps():
     yield "mapillary focal tree-min", step(lambda: hlt.focal_tree_min_loss(x, y, mv, reduction="hssn", **kw), x)
 
 
+def host_profile(name, run, rows: int) -> None:
+    """Host (Python) time of a step, and where it goes: the step's launches are queued without a sync
+    in between, so the time is the host's; then cProfile of the same steps."""
+    import cProfile
+    import pstats
+    import time
+
+    import torch
+
+    def timed(n):
+        t = time.perf_counter()
+        for _ in range(n):
+            run()
+        host = time.perf_counter() - t
+        torch.cuda.synchronize()
+        return host / n
+
+    host = min(timed(20) for _ in range(5))
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(20):
+        run()
+    prof.disable()
+    torch.cuda.synchronize()
+    print(f"\n## {name}: host {host * 1e3:.3f} ms per step (best of 5 x 20, no sync in between)", flush=True)
+    pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
+
+
 def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -69,6 +98,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--block-p", type=int, help="pixels per program of the objective kernel (default: automatic)")
     ap.add_argument("--warps", type=int, help="warps per program of the objective kernel")
+    ap.add_argument("--host", action="store_true",
+                    help="host time instead: Python time per step (GPU kept busy) and a cProfile of the step")
     ap.add_argument("--load-group", type=int,
                     help="node loads in flight together (_codegen.LOAD_GROUP and FOCAL_LOAD_GROUP)")
     args = ap.parse_args(argv)
@@ -96,6 +127,9 @@ def main(argv=None) -> int:
         for _ in range(3):
             run()
         torch.cuda.synchronize()
+        if args.host:
+            host_profile(name, run, args.rows)
+            continue
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
                 run()
