@@ -101,12 +101,12 @@ def main(argv=None) -> int:
     ap.add_argument("--host", action="store_true",
                     help="host time instead: Python time per step (GPU kept busy) and a cProfile of the step")
     ap.add_argument("--load-group", type=int,
-                    help="node loads in flight together (_codegen.LOAD_GROUP and FOCAL_LOAD_GROUP)")
+                    help="node loads in flight together (every _codegen load group: plain, focal, wide trees)")
     args = ap.parse_args(argv)
     if args.load_group:
         from hieraloss.torch.kernels import _codegen
 
-        _codegen.LOAD_GROUP = _codegen.FOCAL_LOAD_GROUP = args.load_group
+        _codegen.LOAD_GROUP = _codegen.FOCAL_LOAD_GROUP = _codegen.WIDE_TREE_LOAD_GROUP = args.load_group
         print(f"objective kernel: LOAD_GROUP {args.load_group} (focal too)")
     if args.block_p or args.warps:
         from hieraloss.torch.kernels import objective

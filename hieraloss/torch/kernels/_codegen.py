@@ -33,14 +33,25 @@ from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 5
+CODEGEN_VERSION = 6
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
 # (H100, Cityscapes B=8 objective kernel: 1.04 ms with 1, 0.64 ms with 4, 0.46 ms with 16). The focal
 # variant is slower with 16 than with 8 (focal / plain step time 1.47 against 1.01), so it loads 8.
+# Trees of more than WIDE_TREE_NODES nodes load 8 at a time in the plain variant too (H100, triton 3.6,
+# value+grad kernel: Mapillary's 149 nodes 3.80 ms with 8 against 4.54 ms with 16; Cityscapes' 26
+# nodes 0.55 ms with 8 against 0.48 ms with 16).
 LOAD_GROUP = 16
 FOCAL_LOAD_GROUP = 8
+WIDE_TREE_LOAD_GROUP = 8
+WIDE_TREE_NODES = 64
+
+
+def load_groups(num_nodes: int) -> tuple[int, int]:
+    """(plain, focal) node loads per group for a tree of ``num_nodes`` nodes."""
+    plain = LOAD_GROUP if num_nodes <= WIDE_TREE_NODES else WIDE_TREE_LOAD_GROUP
+    return plain, FOCAL_LOAD_GROUP
 
 # Walk 1's running values are pinned (_terms.pin) every this many nodes. Without pins LLVM sinks the
 # per-node terms to their first use at the end of the walk and ptxas keeps every node's inputs alive
@@ -65,10 +76,11 @@ def _group_load(emit, indent: str, group: list[int], base: str, name: str) -> No
         emit(f"{indent}{name}{v} = {name}{v}.to(CT)")
 
 
-def _loads_starting_at(emit, indent: str, seq: list[int], i: int, base: str, name: str) -> None:
-    """The group loads that start at position ``i`` of ``seq``: groups of LOAD_GROUP, or of
-    FOCAL_LOAD_GROUP in the focal variant (a constexpr branch: each compiled variant has one)."""
-    plain, focal = LOAD_GROUP, FOCAL_LOAD_GROUP
+def _loads_starting_at(emit, indent: str, seq: list[int], i: int, base: str, name: str,
+                       groups: tuple[int, int]) -> None:
+    """The group loads that start at position ``i`` of ``seq``: groups of ``groups[0]`` nodes, or of
+    ``groups[1]`` in the focal variant (a constexpr branch: each compiled variant has one)."""
+    plain, focal = groups
     starts_plain, starts_focal = i % plain == 0, i % focal == 0
     if plain == focal or not (starts_plain or starts_focal):
         if starts_plain:
@@ -176,6 +188,7 @@ def objective_source(h: Hierarchy) -> str:
     lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L)]
     emit = lines.append
     I1, I2, I3 = " " * 4, " " * 8, " " * 12
+    groups = load_groups(t.n)
 
     def on_path(v: int, pc: str = "pc") -> str:
         return f"({pc} >= {t.pre[v]}) & ({pc} < {t.end[v]})"
@@ -237,7 +250,7 @@ def objective_source(h: Hierarchy) -> str:
             for u in sorted(open_nodes):
                 emit(f"{I1}zr{u} = pin(zr{u})")
                 emit(f"{I1}sr{u} = pin(sr{u})")
-        _loads_starting_at(emit, I1, post, i, "xb", "x")
+        _loads_starting_at(emit, I1, post, i, "xb", "x", groups)
         emit(f"{I1}# node {v} (depth {dv + 1}{', leaf' if t.is_leaf[v] else ''})")
         emit(f"{I1}y{v} = {on_path(v)}")
         emit(f"{I1}xp{dv} = tl.where(y{v}, x{v}, xp{dv})")
@@ -348,7 +361,7 @@ def objective_source(h: Hierarchy) -> str:
         p = int(t.parent[v])
         members = [d for d in range(L) if v in t.ce_sets[d]]
         if v in reload:
-            _loads_starting_at(emit, I2, reload, reload.index(v), "xb3", "xl")
+            _loads_starting_at(emit, I2, reload, reload.index(v), "xb3", "xl", groups)
         emit(f"{I2}# node {v}")
         emit(f"{I2}y = {on_path(v, 'pc3')}")
         if t.is_leaf[v] or members:
