@@ -100,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, help="warps per program of the objective kernel")
     ap.add_argument("--host", action="store_true",
                     help="host time instead: Python time per step (GPU kept busy) and a cProfile of the step")
+    ap.add_argument("--maxnreg", type=int,
+                    help="register cap of the objective kernel of wide trees (_common.MAX_REGISTERS; 0: none)")
     ap.add_argument("--load-group", type=int,
                     help="node loads in flight together (every _codegen load group: plain, focal, wide trees)")
     args = ap.parse_args(argv)
@@ -108,6 +110,11 @@ def main(argv=None) -> int:
 
         _codegen.LOAD_GROUP = _codegen.FOCAL_LOAD_GROUP = _codegen.WIDE_TREE_LOAD_GROUP = args.load_group
         print(f"objective kernel: LOAD_GROUP {args.load_group} (focal too)")
+    if args.maxnreg is not None:
+        from hieraloss.torch.kernels import _common
+
+        _common.MAX_REGISTERS, _common._CAP_REGISTERS = args.maxnreg, args.maxnreg > 0
+        print(f"objective kernel of wide trees: maxnreg {args.maxnreg or 'none'}")
     if args.block_p or args.warps:
         from hieraloss.torch.kernels import objective
 

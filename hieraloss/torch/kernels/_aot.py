@@ -20,7 +20,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ...hierarchy import Hierarchy
-from ._common import NUM_STAGES, launch_sizes
+from ._common import NUM_STAGES, launch_sizes, register_cap
 
 _TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
@@ -64,7 +64,7 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
                  MODE=mode_id)
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=NUM_STAGES))
+                          options=dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes)))
 
 
 def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down: bool = False,

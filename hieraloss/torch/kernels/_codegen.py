@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
+from ._common import WIDE_TREE_NODES
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
 CODEGEN_VERSION = 6
@@ -45,7 +46,6 @@ CODEGEN_VERSION = 6
 LOAD_GROUP = 16
 FOCAL_LOAD_GROUP = 8
 WIDE_TREE_LOAD_GROUP = 8
-WIDE_TREE_NODES = 64
 
 
 def load_groups(num_nodes: int) -> tuple[int, int]:

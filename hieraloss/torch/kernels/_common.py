@@ -23,6 +23,24 @@ def interpreting() -> bool:
 # _terms.load_rows); one stage also skips the pipeliner's latency analysis, which is slow on ~450 loops.
 NUM_STAGES = 1
 
+# Register cap of the objective kernel for trees of more than WIDE_TREE_NODES nodes under triton
+# older than 3.9 (ptxas ``maxnreg``): 4 blocks of 128 threads per SM. Left to itself, triton 3.6's
+# ptxas gives Mapillary's value+grad kernel 168 registers (3 blocks) and the focal one 194 (2 blocks),
+# though with the cap it fits both in 128 with at most 8 bytes of spill (sm_90, compiled ahead of
+# time). Triton 3.9 stays at or below 128 by itself, and the cap would add 16-56 bytes of spill; small
+# trees stay far below it, and the cap makes ptxas use more registers there (Cityscapes 55 -> 103).
+MAX_REGISTERS = 128
+WIDE_TREE_NODES = 64
+_CAP_REGISTERS = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9)
+
+
+def register_cap(num_nodes: int) -> dict:
+    """The objective kernel's ``maxnreg`` launch option for a ``num_nodes``-node tree, if any (none
+    under the interpreter, which has no ptxas)."""
+    if not _CAP_REGISTERS or interpreting() or num_nodes <= WIDE_TREE_NODES:
+        return {}
+    return {"maxnreg": MAX_REGISTERS}
+
 
 def launch_sizes(num_nodes: int, num_pixels: int) -> tuple[int, int]:
     """(BLOCK_P, num_warps) of the generated kernels (objective and decode): one pixel per lane, since

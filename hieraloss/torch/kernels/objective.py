@@ -43,7 +43,7 @@ from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen
-from ._common import NUM_STAGES, launch_sizes
+from ._common import NUM_STAGES, launch_sizes, register_cap
 from ._grad_buffer import scaled_gradient
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
@@ -195,7 +195,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, ts
         out, part, P, float(gamma),
         BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=float(gamma) != 0.0,
         HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
-        num_warps=warps, num_stages=NUM_STAGES,
+        num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
     )
     return part, out
 
