@@ -460,7 +460,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
         total, values = _kernels().fused_objective(
             x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma, reduction="hssn",
             tm_weight=float(tree_min_weight) / _ops.HSSN_SCALE, ce_weights=ce_w, node_weight=w)
-        parts["tree_min"] = values[0] / _ops.HSSN_SCALE
+        if return_parts:  # a division is a launch: only when asked for
+            parts["tree_min"] = values[0] / _ops.HSSN_SCALE
         parts.update({f"ce_depth{d}": values[d] for d, weight in enumerate(ce_w, start=1) if weight != 0})
     elif _use_native(backend, x):
         lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
@@ -486,7 +487,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
                                     gather_across_ranks=gather_across_ranks, backend=backend,
                                     check_labels=False)  # the labels were checked above when asked
         parts["triplet"] = tt.detach()
-        parts["triplet_weight"] = total.new_full((), tw)
+        if return_parts:
+            parts["triplet_weight"] = total.new_full((), tw)
         total = total + tw * tt
     return (total, parts) if return_parts else total
 
