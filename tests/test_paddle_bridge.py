@@ -7,38 +7,19 @@ vectorized paddle op (values, gradients, decoding).
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 paddle = pytest.importorskip("paddle")
 pytest.importorskip("torch")
 
+from _kernel_marks import needs_kernels  # noqa: E402
+
 import hieraloss.paddle as hp  # noqa: E402
 from hieraloss import presets  # noqa: E402
 from hieraloss.paddle import _bridge  # noqa: E402
 
 paddle.set_device("cpu")
-
-
-def _kernels_ready() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        from hieraloss.torch import kernels
-    except Exception:  # noqa: BLE001 - not written yet or broken: the fused tests skip
-        return False
-    return (
-        hasattr(kernels, "fused_tree_min_loss")
-        and hasattr(kernels, "fused_decode")
-        and kernels.triton_available()
-    )
-
-
-needs_kernels = pytest.mark.skipif(
-    not _kernels_ready(), reason="hieraloss.torch.kernels (Triton) not available"
-)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16", "int64"])

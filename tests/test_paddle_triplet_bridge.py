@@ -8,14 +8,13 @@ the same int seed, and give the same value and gradient within rounding.
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
 
 paddle = pytest.importorskip("paddle")
 pytest.importorskip("torch")
 
+from _kernel_marks import needs_kernels  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -28,18 +27,6 @@ from hieraloss.testing import hierarchies, label_maps  # noqa: E402
 
 paddle.set_device("cpu")
 
-
-def _kernels_ready() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        from hieraloss.torch import kernels
-    except Exception:  # noqa: BLE001 - broken: the fused tests skip
-        return False
-    return hasattr(kernels, "fused_triplet_loss") and kernels.triton_available()
-
-
-needs_kernels = pytest.mark.skipif(not _kernels_ready(), reason="hieraloss.torch.kernels (Triton) not available")
 
 # Both paths compute in float32 (float64 for float64 embeddings) and differ only in the order of
 # additions (the kernels add the gradient with atomic adds); as in test_triplet_kernels.py.
