@@ -108,7 +108,7 @@ def test_triplet_kernels_compile():
     specs += [dict(kernel="triplet", part="score", arch=arch, dtype=dtype, grad=grad, channels=channels,
                    num_leaves=leaves)
               for arch in ARCHS for dtype in DTYPES for grad in (True, False)
-              for channels, leaves in ((1, 2), (17, 19), (256, 124), (4096, 7))]
+              for channels, leaves in ((1, 2), (17, 19), (256, 124), (4096, 7), (64, 3000))]
     _assert_all_compile(specs)
 
 

@@ -244,3 +244,20 @@ def test_triton_backend_names_its_limits():
     e = torch.randn(1, 4097, 1, 1, device=DEVICE)
     with pytest.raises(ValueError, match="at most 4096 channels; got 19 leaves, 4097 channels"):
         hierarchy_triplet_loss(e, torch.zeros(1, 1, 1, dtype=torch.int64, device=DEVICE), h, backend="triton")
+
+
+def test_classes_counted_in_chunks(monkeypatch):
+    """More leaves than the scoring kernel reads at a time when it counts the classes with triplets
+    (1024 in production; 16 here, so that the interpreter stays fast)."""
+    from hieraloss.torch.kernels import triplet
+
+    monkeypatch.setattr(triplet, "_class_chunk", lambda K: 16)
+    h = hieraloss.Hierarchy([40] * 20 + [41] * 20 + [-1, -1])  # 40 leaves under two roots
+    rng = np.random.default_rng(6)
+    e = torch.tensor(rng.standard_normal((1, 3, 12, 12)), device=DEVICE)
+    y = torch.tensor(rng.integers(0, h.num_leaves, (1, 12, 12)), device=DEVICE)
+    kw = dict(sampling="first", max_per_class=2)
+    want = _loss_and_grad(e, y, h, "torch", **kw)
+    got = _loss_and_grad(e, y, h, "triton", **kw)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-13)

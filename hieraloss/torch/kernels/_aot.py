@@ -152,7 +152,7 @@ def compile_triplet(arch: int, *, kernel: str, dtype: str = "float32", channels:
                    const_ptr="*" + acc, grad_ptr="*" + acc, sgb="i64", sgc="i64", sgy="i64", sgx="i64",
                    part_ptr="*" + acc)
         bt, bc, warps = triplet._score_sizes(channels, dtype == "float64")
-        const = dict(BT=bt, BC=bc, KP=max(16, triton.next_power_of_2(num_leaves)), F64=dtype == "float64",
+        const = dict(BT=bt, BC=bc, KP=triplet._class_chunk(num_leaves), F64=dtype == "float64",
                      GRAD=grad)
     sig.update({name: "constexpr" for name in const})
     return triton.compile(ASTSource(k, sig, const), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))

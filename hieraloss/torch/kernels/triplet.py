@@ -158,8 +158,10 @@ def _score_kernel(emb_ptr, hw, w, seb, sec, sey, sex, C,
     base_margin = tl.load(const_ptr).to(CT)
     two_l = tl.load(const_ptr + 1).to(CT)
     eps = tl.load(const_ptr + 2).to(CT)
-    counts = tl.load(count_ptr + tl.arange(0, KP), mask=tl.arange(0, KP) < K, other=0)
-    classes = tl.sum((counts > 0).to(tl.int32), 0)
+    classes = tl.zeros([], tl.int32)  # classes with a triplet, counted KP at a time
+    for k0 in range(0, K, KP):
+        ks = k0 + tl.arange(0, KP)
+        classes += tl.sum((tl.load(count_ptr + ks, mask=ks < K, other=0) > 0).to(tl.int32), 0)
     t = tl.load(count_ptr + c)
     i = j * BT + tl.arange(0, BT)
     valid = i < t
@@ -230,6 +232,11 @@ def _(labels, key, ignore_index, h, w):
     return labels.new_empty((labels.shape[0] * h * w,), dtype=torch.int32)
 
 
+def _class_chunk(K: int) -> int:
+    """Classes the scoring kernel reads at a time when it counts those with a triplet."""
+    return min(1024, max(16, triton.next_power_of_2(K)))
+
+
 @functools.lru_cache(maxsize=64)
 def _constants(device: torch.device, dtype: torch.dtype, base_margin: float, max_depth: int) -> torch.Tensor:
     """``[base_margin, 2 L, eps]`` in the compute dtype on ``device``; cached and bounded, since building
@@ -280,7 +287,7 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
             codes, picks[0], picks[1], picks[2], count, psi, K, M,
             _constants(dev, ct, float(base_margin), hierarchy.max_depth),
             g, *gs, part,
-            BT=bt, BC=bc, KP=max(16, triton.next_power_of_2(K)), F64=ct == torch.float64, GRAD=bool(want_grad),
+            BT=bt, BC=bc, KP=_class_chunk(K), F64=ct == torch.float64, GRAD=bool(want_grad),
             num_warps=score_warps)
     if want_grad and grad.dtype != embeddings.dtype:
         grad = grad.to(embeddings.dtype)
