@@ -269,14 +269,17 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
     M = max(1, min(int(max_per_class), P))
     group, possible, psi = _tables(hierarchy, dev)
     picks = torch.empty((3, K, M), dtype=torch.int32, device=dev)
-    count = torch.zeros(K, dtype=torch.int32, device=dev)
+    # Every program of the selection writes its class's count, and every scoring program its share
+    # of the loss: zeros (a fill launch each) only when nothing is launched.
+    alloc = torch.empty if P else torch.zeros
+    count = alloc(K, dtype=torch.int32, device=dev)
     if P:
         _select_kernel[(K,)](codes, order if order is not None else codes, group, possible, P, M,
                              picks[0], picks[1], picks[2], count, BLOCK=_SELECT_BLOCK, ORDERED=order is not None,
                              num_warps=_SELECT_WARPS)
     bt, bc, score_warps = _score_sizes(C, ct == torch.float64)
     blocks = triton.cdiv(M, bt)
-    part = torch.zeros((K, blocks), dtype=ct, device=dev)
+    part = alloc((K, blocks), dtype=ct, device=dev)
     grad = (torch.zeros_like(embeddings, dtype=embeddings.dtype if embeddings.dtype in (torch.float32, torch.float64)
                              else torch.float32) if want_grad else embeddings.new_empty((0,)))
     if P:  # C == 0 too: zero-width rows are zero vectors, at distance 1 from everything
