@@ -311,3 +311,25 @@ def test_unsupported_sizes_are_named():
 
     wide = paddle.zeros([1, triplet.MAX_CHANNELS + 1, 1, 1])
     assert f"at most {triplet.MAX_CHANNELS} channels" in _bridge.triplet_unsupported_reason(wide, h)
+
+
+@needs_kernels
+def test_hssn_loss_triton_backend_gathers_triplets_on_the_paddle_ops(monkeypatch):
+    """hssn_loss(backend="triton", gather_across_ranks=True) across ranks: the triplet term on the
+    paddle ops (the fused kernels do not gather), where the triplet loss alone raises."""
+    from hieraloss.paddle import _collective
+
+    h = presets.cityscapes()
+    rng = np.random.default_rng(0)
+    x = paddle.to_tensor(rng.standard_normal((1, h.num_nodes, 4, 6)).astype("float32"), stop_gradient=False)
+    e = paddle.to_tensor(rng.standard_normal((1, 3, 2, 3)).astype("float32"), stop_gradient=False)
+    y = paddle.to_tensor(rng.integers(0, h.num_leaves, (1, 4, 6)))
+    calls = []
+    monkeypatch.setattr(_collective, "is_distributed", lambda group=None: True)
+    monkeypatch.setattr(_collective, "gathered_triplet_op",
+                        lambda emb, *a, **k: calls.append(k["sampling"]) or emb.sum() * 0)
+    total = hp.hssn_loss(x, y, h, embeddings=e, triplet_weight=1.0, backend="triton", gather_across_ranks=True,
+                         sampling="first")
+    assert calls == ["first"] and bool(paddle.isfinite(total))
+    with pytest.raises(ValueError, match="across ranks"):
+        hp.hierarchy_triplet_loss(e, y, h, backend="triton", gather_across_ranks=True)

@@ -261,3 +261,24 @@ def test_classes_counted_in_chunks(monkeypatch):
     got = _loss_and_grad(e, y, h, "triton", **kw)
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(got[1], want[1], rtol=1e-10, atol=1e-13)
+
+
+def test_hssn_loss_triton_backend_gathers_triplets_on_the_torch_ops(monkeypatch):
+    """hssn_loss(backend="triton", gather_across_ranks=True) across ranks: the objective on the
+    kernels, the triplet term on the torch ops (the fused kernels do not gather); the triplet loss
+    alone with backend="triton" says why it cannot."""
+    from hieraloss.torch import distributed
+
+    h = hieraloss.presets.cityscapes()
+    x = torch.randn(1, h.num_nodes, 4, 6, device=DEVICE, requires_grad=True)
+    e = torch.randn(1, 3, 2, 3, device=DEVICE, requires_grad=True)
+    y = torch.randint(0, h.num_leaves, (1, 4, 6), device=DEVICE)
+    calls = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
+    monkeypatch.setattr(distributed, "gathered_triplet_op",
+                        lambda emb, *a, **k: calls.append(k["sampling"]) or emb.sum() * 0)
+    total = hssn_loss(x, y, h, embeddings=e, triplet_weight=1.0, backend="triton", gather_across_ranks=True,
+                      sampling="first")
+    assert calls == ["first"] and torch.isfinite(total)
+    with pytest.raises(ValueError, match="does not gather triplets across ranks"):
+        hierarchy_triplet_loss(e, y, h, backend="triton", gather_across_ranks=True)

@@ -523,10 +523,12 @@ def hssn_loss(
             process_group=process_group,
             gather_across_ranks=gather_across_ranks,
             check_labels=False,  # the labels were checked above when asked
-            backend=backend,
+            # the paddle ops gather across ranks, the fused kernels do not
+            backend="auto" if backend == "triton" and gather_across_ranks else backend,
         )
         parts["triplet"] = tt.detach()
-        parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)
+        if return_parts:  # a host-to-device copy: only when asked for
+            parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)
         total = total + tw * tt.astype(total.dtype)
     return (total, parts) if return_parts else total
 

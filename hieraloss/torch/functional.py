@@ -484,7 +484,9 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
         tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
                                     base_margin=base_margin, sampling=sampling, generator=generator,
                                     ignore_index=ignore_index, process_group=process_group,
-                                    gather_across_ranks=gather_across_ranks, backend=backend,
+                                    gather_across_ranks=gather_across_ranks,
+                                    # the torch ops gather across ranks, the fused kernels do not
+                                    backend="auto" if backend == "triton" and gather_across_ranks else backend,
                                     check_labels=False)  # the labels were checked above when asked
         parts["triplet"] = tt.detach()
         if return_parts:
