@@ -282,3 +282,15 @@ def test_hssn_loss_triton_backend_gathers_triplets_on_the_torch_ops(monkeypatch)
     assert calls == ["first"] and torch.isfinite(total)
     with pytest.raises(ValueError, match="does not gather triplets across ranks"):
         hierarchy_triplet_loss(e, y, h, backend="triton", gather_across_ranks=True)
+
+
+def test_nan_embeddings_show_in_the_loss_as_with_the_torch_ops():
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(8)
+    e = torch.tensor(rng.standard_normal((1, 4, 4, 6)), device=DEVICE)
+    e[0, :, 0, 0] = float("nan")  # the first pixel: an anchor, positive or negative of every class
+    y = torch.tensor(rng.integers(0, h.num_leaves, (1, 4, 6)), device=DEVICE)
+    for backend in ("torch", "triton"):
+        loss, grad = _loss_and_grad(e, y, h, backend, sampling="first")
+        assert torch.isnan(loss), backend
+        assert torch.isnan(grad[0, :, 0, 0]).all(), backend

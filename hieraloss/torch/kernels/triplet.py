@@ -140,7 +140,7 @@ def _rows(emb_ptr, pos, hw, w, seb, sec, sey, sex, ch, mask, CT: tl.constexpr):
 def _unit_backward(g, u, norm, eps):
     """Gradient with respect to ``x`` of ``<g, u>`` for ``u = x / max(|x|, eps)`` (F.normalize)."""
     inner = tl.sum(g * u, 1)
-    big = norm >= eps
+    big = ~(norm < eps)  # a NaN norm takes this branch, so the NaN reaches the gradient (as in torch)
     return tl.where(big[:, None], (g - u * inner[:, None]) / tl.maximum(norm, eps)[:, None], g / eps)
 
 
@@ -190,20 +190,21 @@ def _score_kernel(emb_ptr, hw, w, seb, sec, sey, sex, C,
     hinge = d_ap - d_an + margin
     # Each class's mean, then the mean over the classes that have triplets.
     weight = tl.where(t > 0, 1.0 / (tl.maximum(t, 1).to(CT) * tl.maximum(classes, 1).to(CT)), 0.0)
-    per = tl.where(valid & (hinge > 0), hinge, 0.0)
+    active = valid & ~(hinge <= 0.0)  # relu: a NaN passes, as in torch (the loss shows it)
+    per = tl.where(active, hinge, 0.0)
     tl.store(part_ptr + c * tl.num_programs(0) + j, tl.sum(per, 0) * weight)
     if GRAD:
-        s = tl.where(valid & (hinge > 0), weight, 0.0)[:, None]
-        active = mask & (s != 0.0)
+        s = tl.where(active, weight, 0.0)[:, None]
+        add = mask & active[:, None]
         ga = _unit_backward(s * (un - up), ua, norm_a, eps)
         gp = _unit_backward(-s * ua, up, norm_p, eps)
         gn = _unit_backward(s * ua, un, norm_n, eps)
         tl.atomic_add(grad_ptr + _offsets(a, hw, w, sgb, sgy, sgx)[:, None] + ch[None, :] * sgc,
-                      ga.to(grad_ptr.dtype.element_ty), mask=active, sem="relaxed")
+                      ga.to(grad_ptr.dtype.element_ty), mask=add, sem="relaxed")
         tl.atomic_add(grad_ptr + _offsets(p, hw, w, sgb, sgy, sgx)[:, None] + ch[None, :] * sgc,
-                      gp.to(grad_ptr.dtype.element_ty), mask=active, sem="relaxed")
+                      gp.to(grad_ptr.dtype.element_ty), mask=add, sem="relaxed")
         tl.atomic_add(grad_ptr + _offsets(n, hw, w, sgb, sgy, sgx)[:, None] + ch[None, :] * sgc,
-                      gn.to(grad_ptr.dtype.element_ty), mask=active, sem="relaxed")
+                      gn.to(grad_ptr.dtype.element_ty), mask=add, sem="relaxed")
 
 
 _CODE_BLOCK = 1024
