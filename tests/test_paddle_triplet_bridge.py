@@ -333,3 +333,18 @@ def test_hssn_loss_triton_backend_gathers_triplets_on_the_paddle_ops(monkeypatch
     assert calls == ["first"] and bool(paddle.isfinite(total))
     with pytest.raises(ValueError, match="across ranks"):
         hp.hierarchy_triplet_loss(e, y, h, backend="triton", gather_across_ranks=True)
+
+
+def test_auto_keeps_the_paddle_ops_when_deterministic_kernels_are_asked_for(monkeypatch):
+    """On a GPU "auto" takes the kernels, except under FLAGS_cudnn_deterministic (their gradient is
+    added with atomic adds); a CPU build has no such flag and reads as not deterministic."""
+    h = presets.cityscapes()
+    x = paddle.zeros([1, 3, 2, 2])
+    assert F._deterministic() in (False, True)  # never raises, whatever the build
+    monkeypatch.setattr(F, "_is_gpu", lambda t: True)
+    monkeypatch.setattr(_bridge, "unavailable_reason", lambda t: None)
+    monkeypatch.setattr(F, "_deterministic", lambda: False)
+    assert F._fused_triplet("auto", x, h, gathered=False)
+    monkeypatch.setattr(F, "_deterministic", lambda: True)
+    assert not F._fused_triplet("auto", x, h, gathered=False)
+    assert F._fused_triplet("triton", x, h, gathered=False)

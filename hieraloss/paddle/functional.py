@@ -350,8 +350,9 @@ def hierarchy_triplet_loss(
     ``backend``: ``"auto"`` runs the fused Triton triplet kernels of ``hieraloss.torch.kernels``
     through DLPack (:mod:`._bridge`: label codes, per-class selection and scoring on the device, the
     gradient written in the forward) for GPU embeddings when torch and Triton are available and the
-    triplets are not gathered across ranks; else the paddle ops (triplets chosen on the host from a
-    host copy of the labels). ``"triton"`` asks for the kernels (a ``RuntimeError`` saying why when
+    triplets are not gathered across ranks and paddle was not asked for deterministic kernels
+    (``FLAGS_cudnn_deterministic``); else the paddle ops (triplets chosen on the host from a host
+    copy of the labels). ``"triton"`` asks for the kernels (a ``RuntimeError`` saying why when
     they cannot run, a ``ValueError`` for sizes they do not take or with triplets gathered across
     ranks); ``"paddle"`` and ``"native"`` run the paddle ops. The kernels choose the same triplets
     (the random order is the same numpy draw) and give the same value and gradient within rounding;
@@ -415,9 +416,18 @@ def _fused_triplet(backend: str, x: paddle.Tensor, hierarchy: Hierarchy, gathere
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
-    if backend != "auto" or gathered or not _is_gpu(x):
+    if backend != "auto" or gathered or not _is_gpu(x) or _deterministic():
         return False
     return _bridge.unavailable_reason(x) is None and _bridge.triplet_unsupported_reason(x, hierarchy) is None
+
+
+def _deterministic() -> bool:
+    """Whether paddle was asked for deterministic GPU kernels (``FLAGS_cudnn_deterministic``; a CPU
+    build has no such flag): the fused triplet kernels add their gradient with atomic adds."""
+    try:
+        return bool(paddle.get_flags(["FLAGS_cudnn_deterministic"])["FLAGS_cudnn_deterministic"])
+    except (ValueError, KeyError):
+        return False
 
 
 # The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
