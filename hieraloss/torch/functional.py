@@ -363,7 +363,8 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     _check_choice(backend, BACKENDS, "backend")
     if check_labels:
         _check_label_values(labels, hierarchy, ignore_index)
-    if _fused_triplet(backend, embeddings, hierarchy, gather_across_ranks and _is_distributed(process_group)):
+    gathered = gather_across_ranks and _is_distributed(process_group)
+    if _fused_triplet(backend, embeddings, hierarchy, gathered):
         kernels = _kernels()
         codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index,
                                       size=tuple(embeddings.shape[2:]))
@@ -377,7 +378,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     tab = tables_for(hierarchy, embeddings.device)
     leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
-    if gather_across_ranks and _is_distributed(process_group):
+    if gathered:
         from . import distributed
 
         return distributed.gathered_triplet_op(
