@@ -228,6 +228,102 @@ def test_hssn_loss_with_embeddings_through_the_bridge(sampling):
         np.testing.assert_allclose(p_t[k], p_p[k], rtol=2e-6)
 
 
+def _hssn_inputs(dtype):
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(8)
+    x = rng.normal(0, 3, size=(2, h.num_nodes, 4, 5)).astype(dtype)
+    emb = rng.standard_normal((2, 5, 3, 4)).astype(dtype)
+    labels = rng.integers(0, h.num_nodes, size=(2, 4, 5))
+    labels[1, 0] = 255
+    return h, x, emb, labels
+
+
+def _hssn_run(h, x, emb, labels, backend, **kw):
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    et = paddle.to_tensor(emb, stop_gradient=False)
+    out = hp.hssn_loss(xt, paddle.to_tensor(labels), h, embeddings=et, sampling="random", generator=5,
+                       max_per_class=3, backend=backend, **kw)
+    total, parts = out if kw.get("return_parts") else (out, {})
+    (total * 1.3).backward()
+    return total.numpy(), xt.grad.numpy(), et.grad.numpy(), parts
+
+
+@pytest.mark.triton
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("return_parts", [False, True])
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0, 2.5])
+def test_hssn_loss_triplet_weight_through_the_bridge_equals_the_paddle_ops(weight, return_parts, dtype):
+    """hssn_loss hands its triplet weight to the fused kernels (value and gradient come out weighted):
+    the total, both gradients and the unweighted parts are the paddle ops'."""
+    h, x, emb, labels = _hssn_inputs(dtype)
+    kw = dict(triplet_weight=weight, return_parts=return_parts)
+    want = _hssn_run(h, x, emb, labels, "paddle", **kw)
+    got = _hssn_run(h, x, emb, labels, "triton", **kw)
+    value_tol = VALUE_TOL[dtype] if dtype == "float64" else dict(rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(got[0], want[0], **value_tol)
+    np.testing.assert_allclose(got[1], want[1], rtol=0, atol=(1e-12 if dtype == "float64" else 4e-6)
+                               * np.abs(want[1]).max())
+    np.testing.assert_allclose(got[2], want[2], **GRAD_TOL[dtype])
+    if weight == 0:
+        assert not np.any(got[2])
+    assert set(got[3]) == set(want[3])
+    for k in want[3]:
+        assert got[3][k].stop_gradient
+        np.testing.assert_allclose(got[3][k].numpy(), want[3][k].numpy(), **value_tol)
+    if return_parts:
+        alone = hp.hierarchy_triplet_loss(paddle.to_tensor(emb), paddle.to_tensor(labels), h, sampling="random",
+                                          generator=5, max_per_class=3, backend="triton")
+        assert float(alone) > 0 and float(got[3]["triplet_weight"]) == weight
+        np.testing.assert_allclose(got[3]["triplet"].numpy(), alone.numpy(), **value_tol)
+
+
+@pytest.mark.triton
+@needs_kernels
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0, 2.5])
+def test_hssn_loss_hands_the_triplet_weight_to_the_kernels(monkeypatch, weight):
+    """The kernels get the weight as their scale and the torch backward an upstream gradient of 1 (the
+    gradient buffer takes no pass of its own); weight 0 keeps the unweighted loss and the multiply."""
+    from hieraloss.torch import kernels
+    from hieraloss.torch.kernels import triplet
+
+    scales, upstreams = [], []
+    real_loss, real_grad = kernels.fused_triplet_loss, triplet.scaled_gradient
+    monkeypatch.setattr(kernels, "fused_triplet_loss", lambda *a, **k: scales.append(k["scale"]) or real_loss(*a, **k))
+    monkeypatch.setattr(triplet, "scaled_gradient",
+                        lambda ctx, g, up: upstreams.append(float(up)) or real_grad(ctx, g, up))
+    _hssn_run(*_hssn_inputs("float32"), "triton", triplet_weight=weight)
+    assert scales == [weight or 1.0]
+    np.testing.assert_allclose(upstreams, [1.3 if weight else 0.0], rtol=1e-6)
+
+
+@needs_kernels
+def test_hssn_loss_gathered_triplets_keep_the_multiply(monkeypatch):
+    """Across ranks the triplet term runs on the paddle ops (which do not take the scale): hssn_loss
+    multiplies it by the weight itself."""
+    from hieraloss.paddle import _collective
+
+    monkeypatch.setattr(_collective, "is_distributed", lambda group=None: True)
+    monkeypatch.setattr(_collective, "gathered_triplet_op",
+                        lambda emb, leaf, hh, process_group=None, **k: F.triplet_op(emb, leaf, hh, **k))
+    h, x, emb, labels = _hssn_inputs("float64")
+    kw = dict(triplet_weight=2.5, return_parts=True)
+    want = _hssn_run(h, x, emb, labels, "paddle", **kw)
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    et = paddle.to_tensor(emb, stop_gradient=False)
+    y = paddle.to_tensor(labels)
+    total = hp.hssn_loss(xt, y, h, backend="paddle") + 2.5 * hp.hierarchy_triplet_loss(
+        et, y, h, sampling="random", generator=5, max_per_class=3, backend="paddle")
+    (total * 1.3).backward()
+    for a, b in zip(want[:3], (total.numpy(), xt.grad.numpy(), et.grad.numpy()), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    for backend in ("triton", "auto"):
+        got = _hssn_run(h, x, emb, labels, backend, gather_across_ranks=True, **kw)
+        for a, b in zip(got[:3], want[:3], strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(got[3]["triplet"].numpy(), want[3]["triplet"].numpy(), rtol=1e-12)
+
+
 @pytest.mark.triton
 @needs_kernels
 def test_the_layer_takes_a_backend():

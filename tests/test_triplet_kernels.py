@@ -182,6 +182,142 @@ def test_hssn_loss_with_embeddings_matches_the_torch_backend():
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("scale", [0.1, -2.5, 0.0, 1e-12])
+def test_scale_multiplies_the_value_and_the_gradient(dtype, scale):
+    """The kernels' ``scale`` (hssn_loss's triplet weight) times the value and the gradient they write,
+    to float64 precision for float64 embeddings (the scale reaches the kernel as two float32 parts)."""
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(9)
+    e = torch.tensor(rng.standard_normal((2, 5, 4, 6)), device=DEVICE, dtype=DTYPES[dtype], requires_grad=True)
+    y = torch.tensor(rng.integers(0, h.num_leaves, (2, 8, 12)), device=DEVICE)
+    codes = kernels.triplet_codes(y, h, ignore_index=255, size=(4, 6))
+    kw = dict(max_per_class=7, base_margin=0.1)
+    want = kernels.fused_triplet_loss(e, codes, h, **kw)
+    (want_grad,) = torch.autograd.grad(want, e)
+    got = kernels.fused_triplet_loss(e, codes, h, scale=scale, **kw)
+    (got_grad,) = torch.autograd.grad(got, e)
+    assert float(want.detach()) > 0 and got.dtype == want.dtype
+    # The gradient's entries are sums (atomic adds) with cancellation: relative to the largest entry.
+    big = float(want_grad.abs().max()) * abs(scale)
+    if dtype == "float64":
+        value_tol, grad_tol = dict(rtol=1e-14, atol=0), dict(rtol=1e-12, atol=1e-14 * big)
+    else:
+        value_tol, grad_tol = dict(rtol=1e-6, atol=0), dict(rtol=1e-5, atol=1e-6 * big)
+    torch.testing.assert_close(got, scale * want, **value_tol)
+    torch.testing.assert_close(got_grad, scale * want_grad, **grad_tol)
+
+
+def _hssn_inputs(dtype):
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(10)
+    x = torch.tensor(rng.standard_normal((2, h.num_nodes, 8, 12)), device=DEVICE, dtype=DTYPES[dtype])
+    e = torch.tensor(rng.standard_normal((2, 6, 4, 6)), device=DEVICE, dtype=DTYPES[dtype])
+    y = torch.tensor(rng.integers(0, h.num_nodes, (2, 8, 12)), device=DEVICE)
+    y[1, :2] = 255
+    return h, x, e, y
+
+
+def _hssn_run(h, x, e, y, backend, **kw):
+    xt, et = x.detach().clone().requires_grad_(True), e.detach().clone().requires_grad_(True)
+    out = hssn_loss(xt, y, h, embeddings=et, sampling="random", generator=3, max_per_class=5, backend=backend, **kw)
+    total, parts = out if kw.get("return_parts") else (out, {})
+    (1.5 * total).backward()
+    return total.detach(), xt.grad, et.grad, parts
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("return_parts", [False, True])
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0, 2.5])
+def test_hssn_loss_triplet_weight_on_the_kernels_equals_the_torch_ops(weight, return_parts, dtype):
+    """hssn_loss hands its triplet weight to the fused kernels (the value and the gradient they write
+    come out weighted): the total, both gradients and the unweighted parts are the torch ops'."""
+    h, x, e, y = _hssn_inputs(dtype)
+    kw = dict(triplet_weight=weight, return_parts=return_parts)
+    want = _hssn_run(h, x, e, y, "torch", **kw)
+    got = _hssn_run(h, x, e, y, "triton", **kw)
+    value_tol = dict(rtol=1e-12, atol=1e-14) if dtype == "float64" else dict(rtol=2e-6, atol=2e-6)
+    grad_tol = dict(rtol=1e-10, atol=1e-13) if dtype == "float64" else GRAD_TOL["float32"]
+    torch.testing.assert_close(got[0], want[0], **value_tol)
+    torch.testing.assert_close(got[1], want[1], **grad_tol)
+    torch.testing.assert_close(got[2], want[2], **grad_tol)
+    if weight == 0:
+        assert not got[2].any()
+    assert set(got[3]) == set(want[3])
+    for k in want[3]:
+        assert not got[3][k].requires_grad
+        torch.testing.assert_close(got[3][k], want[3][k], **value_tol)
+    if return_parts:
+        alone = hierarchy_triplet_loss(e, y, h, sampling="random", generator=3, max_per_class=5, backend="triton",
+                                       check_labels=False)
+        assert float(alone) > 0 and float(got[3]["triplet_weight"]) == weight
+        torch.testing.assert_close(got[3]["triplet"], alone, **value_tol)
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.5, 1.0, 2.5])
+def test_hssn_loss_folds_the_triplet_weight_into_the_kernels(monkeypatch, weight):
+    """The kernels get the weight as their scale and the backward an upstream gradient of 1, so the
+    gradient buffer takes no pass of its own; weight 0 keeps the unweighted loss and the multiply."""
+    from hieraloss.torch.kernels import triplet
+
+    scales, upstreams = [], []
+    real_loss, real_grad = kernels.fused_triplet_loss, triplet.scaled_gradient
+    monkeypatch.setattr(kernels, "fused_triplet_loss", lambda *a, **k: scales.append(k["scale"]) or real_loss(*a, **k))
+    monkeypatch.setattr(triplet, "scaled_gradient",
+                        lambda ctx, g, up: upstreams.append(float(up)) or real_grad(ctx, g, up))
+    h, x, e, y = _hssn_inputs("float32")
+    _hssn_run(h, x, e, y, "triton", triplet_weight=weight)
+    assert scales == [weight or 1.0]
+    assert upstreams == [1.5 if weight else 0.0]
+
+
+def test_hssn_loss_gathered_triplets_keep_the_multiply(monkeypatch):
+    """Across ranks the triplet term runs on the torch ops (which do not take the scale): hssn_loss
+    multiplies it by the weight itself, as before."""
+    from hieraloss.torch import _ops, distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
+    monkeypatch.setattr(distributed, "gathered_triplet_op",
+                        lambda emb, leaf, hh, process_group=None, **k: _ops.triplet_op(emb, leaf, hh, **k))
+    h, x, e, y = _hssn_inputs("float64")
+    kw = dict(triplet_weight=2.5, return_parts=True)
+    want = _hssn_run(h, x, e, y, "torch", **kw)
+    # The same sum built by hand: the objective alone plus 2.5 times the triplet loss.
+    xt, et = x.clone().requires_grad_(True), e.clone().requires_grad_(True)
+    total = hssn_loss(xt, y, h, backend="torch") + 2.5 * hierarchy_triplet_loss(
+        et, y, h, sampling="random", generator=3, max_per_class=5, backend="torch")
+    (1.5 * total).backward()
+    for a, b in zip(want[:3], (total, xt.grad, et.grad), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    for backend in ("triton", "auto"):
+        got = _hssn_run(h, x, e, y, backend, gather_across_ranks=True, **kw)
+        for a, b in zip(got[:3], want[:3], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+        torch.testing.assert_close(got[3]["triplet"], want[3]["triplet"], rtol=1e-12, atol=1e-14)
+
+
+def test_hssn_loss_compiles_with_the_weight_folded():
+    """torch.compile(fullgraph=True) of a training step with the weight handed to the kernels, for
+    several weights (recompiled or traced as a symbolic float)."""
+    h, x, e, y = _hssn_inputs("float32")
+
+    def step(xt, et, weight):
+        return hssn_loss(xt, y, h, embeddings=et, triplet_weight=weight, sampling="first", backend="triton",
+                         check_labels=False, return_parts=True)
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    for weight in (2.5, 0.5, 0.0, 1.0):
+        xt, et = x.clone().requires_grad_(True), e.clone().requires_grad_(True)
+        total, parts = compiled(xt, et, weight)
+        got = (total, *torch.autograd.grad(total, (xt, et)), parts["triplet"])
+        xt, et = x.clone().requires_grad_(True), e.clone().requires_grad_(True)
+        total, parts = hssn_loss(xt, y, h, embeddings=et, triplet_weight=weight, sampling="first", backend="torch",
+                                 return_parts=True)
+        want = (total, *torch.autograd.grad(total, (xt, et)), parts["triplet"])
+        for a, b in zip(got, want, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=2e-6)
+
+
 def test_opcheck():
     h = hieraloss.presets.cityscapes()
     e = torch.randn(2, 4, 3, 5, device=DEVICE, dtype=torch.float64, requires_grad=True)
@@ -189,8 +325,9 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.hieraloss.triplet_codes.default, (y, h.fingerprint, 255, 3, 5),
                           test_utils=("test_schema", "test_faketensor"))
     codes = kernels.triplet_codes(y, h, ignore_index=255, size=(3, 5))
-    torch.library.opcheck(torch.ops.hieraloss.triplet.default, (e, codes, None, h.fingerprint, 4, 0.1, True),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    for scale in (1.0, 2.5):
+        torch.library.opcheck(torch.ops.hieraloss.triplet.default, (e, codes, None, h.fingerprint, 4, 0.1, scale, True),
+                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():

@@ -8,7 +8,8 @@
 * :data:`LEAF_REDUCTIONS`, :data:`LEAF_DECODE_METHODS`: the reductions and decoders of the leaf
   losses (HXE, soft labels; :mod:`hieraloss.core.leaf`).
 * :func:`triplet_weight`: the published cosine ramp of the triplet weight; :func:`hssn_weights`
-  resolves ``hssn_loss``'s cross-entropy and triplet weights.
+  resolves ``hssn_loss``'s cross-entropy and triplet weights; :func:`folds_triplet_weight` says
+  whether ``hssn_loss`` hands the triplet weight to the fused triplet kernels as their scale.
 
 Re-exported under their old names by :mod:`hieraloss.core.checks` (``REDUCTIONS``),
 :mod:`hieraloss.numpy.losses` (``REDUCTIONS``, ``HSSN_SCALE``), :mod:`hieraloss.numpy.decode`
@@ -22,7 +23,7 @@ import math
 from typing import Any
 
 __all__ = ["REDUCTIONS", "HSSN_SCALE", "DECODE_METHODS", "LEAF_REDUCTIONS", "LEAF_DECODE_METHODS",
-           "triplet_weight", "hssn_weights"]
+           "triplet_weight", "hssn_weights", "folds_triplet_weight"]
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 HSSN_SCALE = 5.0
@@ -62,3 +63,12 @@ def hssn_weights(max_depth: int, ce_weights: Any, has_embeddings: bool, fixed_tr
     if step is None or total_steps is None:
         raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
     return ce_w, triplet_weight(float(step), float(total_steps))
+
+
+def folds_triplet_weight(weight: float) -> bool:
+    """Whether ``hssn_loss`` hands its triplet weight to the fused triplet kernels as the scale they
+    apply to the value and the gradient they write (so that it needs no multiply, and its backward
+    no pass over the embedding gradient). Not for 0 (the unweighted value for ``return_parts`` would
+    be lost, and 0 * NaN must stay NaN), inf or NaN, nor for a weight so small or large that the
+    weighted float32 values could leave float32's normal range: those keep the multiply."""
+    return 2.0**-64 <= abs(weight) <= 2.0**64

@@ -223,18 +223,19 @@ def triplet_unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | 
 
 
 class _FusedTriplet(PyLayer):
-    """The triplet loss through the torch kernel op, whose forward also writes the gradient (for an
-    upstream gradient of 1); the backward asks the torch graph for it, scaled."""
+    """The triplet loss (times ``scale``, applied in the kernel) through the torch kernel op, whose
+    forward also writes the gradient (for an upstream gradient of 1); the backward asks the torch graph
+    for it, scaled by the upstream gradient (no pass when that is 1)."""
 
     @staticmethod
-    def forward(ctx, x, codes, order, hierarchy, max_per_class, base_margin, want_grad):
+    def forward(ctx, x, codes, order, hierarchy, max_per_class, base_margin, scale, want_grad):
         import torch
 
         with _on_paddle_stream(x):
             xt = to_torch(x).requires_grad_(want_grad)
             with torch.enable_grad():
                 out = _kernels().fused_triplet_loss(xt, codes, hierarchy, max_per_class=max_per_class,
-                                                    base_margin=base_margin, order=order)
+                                                    base_margin=base_margin, order=order, scale=scale)
             ctx.torch_graph = (out, xt) if want_grad else None
             return to_paddle(out)
 
@@ -262,11 +263,13 @@ def fused_triplet_loss(
     base_margin: float,
     sampling: str,
     generator: Any,
+    scale: float = 1.0,
 ) -> paddle.Tensor:
     """The hierarchy triplet loss of ``embeddings [B, C, h, w]`` (any float dtype) for node-id
     ``labels [B, H, W]`` (any integer dtype; resampled nearest to ``h x w`` by the codes kernel)
     through the fused Triton triplet kernels: float64 for float64 embeddings, else float32,
-    differentiable with respect to ``embeddings``.
+    differentiable with respect to ``embeddings``; times ``scale``, which the kernel applies to the
+    value and the gradient it writes (no multiply of its own, nor a pass in the backward).
 
     ``sampling="first"``: flat key order. ``"random"``: ``generator`` is a numpy Generator, and the
     key order is the core's permutation of the taking-part pixels
@@ -289,4 +292,4 @@ def fused_triplet_loss(
                 core_triplets.random_order(0, generator)
     want_grad = bool(paddle.is_grad_enabled() and not embeddings.stop_gradient)
     return _FusedTriplet.apply(embeddings, codes, order, hierarchy, int(max_per_class), float(base_margin),
-                               want_grad)
+                               float(scale), want_grad)

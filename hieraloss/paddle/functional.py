@@ -38,7 +38,7 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.rules import DECODE_METHODS, HSSN_SCALE, hssn_weights
+from ..core.rules import DECODE_METHODS, HSSN_SCALE, folds_triplet_weight, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
@@ -359,6 +359,19 @@ def hierarchy_triplet_loss(
     their gradient is summed with atomic adds, so its last bits may vary from run to run. Empty
     embeddings take the paddle ops in every backend.
     """
+    loss, _ = _triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class, base_margin=base_margin,
+                            sampling=sampling, generator=generator, ignore_index=ignore_index,
+                            process_group=process_group, gather_across_ranks=gather_across_ranks,
+                            check_labels=check_labels, backend=backend)
+    return loss
+
+
+def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per_class: int, base_margin: float,
+                  sampling: str, generator: Any, ignore_index: int, process_group: Any, gather_across_ranks: bool,
+                  check_labels: bool, backend: str, scale: float = 1.0) -> tuple[paddle.Tensor, bool]:
+    """``(loss, scaled)``: :func:`hierarchy_triplet_loss`, times ``scale`` where it runs on the fused
+    kernels (``scaled`` True: the kernels apply the scale to the value and to the gradient they write);
+    on the paddle ops the loss comes unscaled (``scaled`` False) and the caller multiplies."""
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, paddle.Tensor):
         raise TypeError(f"embeddings must be a paddle.Tensor, got {type(embeddings).__name__}")
@@ -381,8 +394,8 @@ def hierarchy_triplet_loss(
             _label_channels(labels, hierarchy, ignore_index, True)
         return _bridge.fused_triplet_loss(
             embeddings, labels, hierarchy, ignore_index=ignore_index, max_per_class=int(max_per_class),
-            base_margin=float(base_margin), sampling=sampling, generator=rng,
-        )
+            base_margin=float(base_margin), sampling=sampling, generator=rng, scale=scale,
+        ), True
     lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
     small = resize_labels_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution
     is_leaf = (small >= 0) & hierarchy.is_leaf[np.maximum(small, 0)]
@@ -391,7 +404,7 @@ def hierarchy_triplet_loss(
         return _collective.gathered_triplet_op(
             embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
             sampling=sampling, generator=rng, process_group=process_group,
-        )
+        ), False
     return triplet_op(
         embeddings,
         leaf,
@@ -400,7 +413,7 @@ def hierarchy_triplet_loss(
         base_margin=float(base_margin),
         sampling=sampling,
         generator=rng,
-    )
+    ), False
 
 
 def _fused_triplet(backend: str, x: paddle.Tensor, hierarchy: Hierarchy, gathered: bool) -> bool:
@@ -521,7 +534,12 @@ def hssn_loss(
                 parts[f"ce_depth{d}"] = ce.detach()
                 total = total + weight * ce
     if embeddings is not None:
-        tt = hierarchy_triplet_loss(
+        # On the fused kernels the weight is folded into the kernel (value and gradient come out
+        # weighted): no multiply here, and the backward takes no pass of its own over the embedding
+        # gradient. A weight 0 (or far from 1: folds_triplet_weight) and the paddle ops keep the
+        # unweighted loss and the multiply.
+        fold = folds_triplet_weight(tw)
+        tt, scaled = _triplet_loss(
             embeddings,
             labels,
             hierarchy,
@@ -535,11 +553,18 @@ def hssn_loss(
             check_labels=False,  # the labels were checked above when asked
             # the paddle ops gather across ranks, the fused kernels do not
             backend="auto" if backend == "triton" and gather_across_ranks else backend,
+            scale=tw if fold else 1.0,
         )
-        parts["triplet"] = tt.detach()
+        folded = scaled and fold
+        if not folded:
+            parts["triplet"] = tt.detach()
+        elif return_parts:  # the unweighted value: a division is a launch, only when asked for
+            parts["triplet"] = (tt if tw == 1.0 else tt / tw).detach()
         if return_parts:  # a host-to-device copy: only when asked for
             parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)
-        total = total + tw * tt.astype(total.dtype)
+        if tt.dtype != total.dtype:
+            tt = tt.astype(total.dtype)
+        total = total + (tt if folded else tw * tt)
     return (total, parts) if return_parts else total
 
 

@@ -26,7 +26,7 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.rules import DECODE_METHODS, hssn_weights
+from ..core.rules import DECODE_METHODS, folds_triplet_weight, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
@@ -342,6 +342,20 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
     the triplets are gathered across ranks, and the torch ops otherwise; ``"triton"`` asks for the
     kernels; ``"torch"`` and ``"native"`` run the torch ops.
     """
+    loss, _ = _triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class, base_margin=base_margin,
+                            sampling=sampling, generator=generator, ignore_index=ignore_index,
+                            process_group=process_group, gather_across_ranks=gather_across_ranks,
+                            check_labels=check_labels, backend=backend)
+    return loss
+
+
+def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per_class: int, base_margin: float,
+                  sampling: str, generator: Any, ignore_index: int, process_group: Any, gather_across_ranks: bool,
+                  check_labels: bool, backend: str, scale: float = 1.0) -> tuple[torch.Tensor, bool]:
+    """``(loss, scaled)``: :func:`hierarchy_triplet_loss`, times ``scale`` where it runs on the fused
+    kernels (``scaled`` True: the kernels apply the scale to the value and to the gradient they write,
+    so neither the forward nor the backward takes a pass of its own for it); on the torch ops the
+    loss comes unscaled (``scaled`` False) and the caller multiplies."""
     _check_hierarchy(hierarchy)
     if not isinstance(embeddings, torch.Tensor):
         raise TypeError(f"embeddings must be a torch.Tensor, got {type(embeddings).__name__}")
@@ -370,7 +384,7 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
                                       size=tuple(embeddings.shape[2:]))
         order = _ops.key_order(codes, sampling, generator) if sampling == "random" else None
         return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=int(max_per_class),
-                                          base_margin=float(base_margin), order=order)
+                                          base_margin=float(base_margin), order=order, scale=scale), True
     # Nearest resampling is a gather, so it commutes with the label mapping: map only the
     # embedding-sized labels.
     small, _ = _label_channels(_ops.resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
@@ -383,9 +397,9 @@ def hierarchy_triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hiera
 
         return distributed.gathered_triplet_op(
             embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
-            sampling=sampling, generator=generator, process_group=process_group)
+            sampling=sampling, generator=generator, process_group=process_group), False
     return _ops.triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
-                           base_margin=float(base_margin), sampling=sampling, generator=generator)
+                           base_margin=float(base_margin), sampling=sampling, generator=generator), False
 
 
 def _is_distributed(process_group: Any) -> bool:
@@ -482,17 +496,27 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
                 parts[f"ce_depth{d}"] = ce.detach()
                 total = total + weight * ce
     if embeddings is not None:
-        tt = hierarchy_triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
-                                    base_margin=base_margin, sampling=sampling, generator=generator,
-                                    ignore_index=ignore_index, process_group=process_group,
-                                    gather_across_ranks=gather_across_ranks,
-                                    # the torch ops gather across ranks, the fused kernels do not
-                                    backend="auto" if backend == "triton" and gather_across_ranks else backend,
-                                    check_labels=False)  # the labels were checked above when asked
-        parts["triplet"] = tt.detach()
+        # On the fused kernels the weight is folded into the kernel (value and gradient buffer come
+        # out weighted): no multiply here, and the backward sees an upstream gradient of 1, so it takes
+        # no pass over the embedding gradient. A weight 0 (or far from 1: folds_triplet_weight) and
+        # the torch ops keep the unweighted loss and the multiply.
+        fold = folds_triplet_weight(tw)
+        tt, scaled = _triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
+                                   base_margin=base_margin, sampling=sampling, generator=generator,
+                                   ignore_index=ignore_index, process_group=process_group,
+                                   gather_across_ranks=gather_across_ranks,
+                                   # the torch ops gather across ranks, the fused kernels do not
+                                   backend="auto" if backend == "triton" and gather_across_ranks else backend,
+                                   check_labels=False,  # the labels were checked above when asked
+                                   scale=tw if fold else 1.0)
+        folded = scaled and fold
+        if not folded:
+            parts["triplet"] = tt.detach()
+        elif return_parts:  # the unweighted value: a division is a launch, only when asked for
+            parts["triplet"] = (tt if tw == 1.0 else tt / tw).detach()
         if return_parts:
             parts["triplet_weight"] = total.new_full((), tw)
-        total = total + tw * tt
+        total = total + (tt if folded else tw * tt)
     return (total, parts) if return_parts else total
 
 

@@ -122,13 +122,17 @@ def triplet_codes(labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: i
 
 
 def fused_triplet_loss(embeddings: torch.Tensor, codes: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int,
-                       base_margin: float, order: torch.Tensor | None = None) -> torch.Tensor:
+                       base_margin: float, order: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
     """The hierarchy triplet loss of ``embeddings [B, C, h, w]`` for the :func:`triplet_codes` of its
     labels, in key order (flat order, or ``order [B * h * w]``: the taking-part pixels in the random
-    order, then the others). Differentiable with respect to ``embeddings``."""
+    order, then the others), times ``scale``. Differentiable with respect to ``embeddings``.
+
+    ``scale`` (a weight on the loss, e.g. ``hssn_loss``'s triplet weight) is applied inside the
+    kernel, to the value and the gradient it writes: no multiply of its own, and a backward from a
+    total that adds this value unweighted does no pass over the gradient."""
     _require(embeddings)
     return _triplet.triplet_loss(embeddings, codes, hierarchy, max_per_class=max_per_class, base_margin=base_margin,
-                                 order=order)
+                                 order=order, scale=scale)
 
 
 def triplet_supported(hierarchy: Hierarchy, embeddings: torch.Tensor) -> bool:

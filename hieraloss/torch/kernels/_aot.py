@@ -149,8 +149,8 @@ def compile_triplet(arch: int, *, kernel: str, dtype: str = "float32", channels:
         sig = {name: "i32" for name in k.arg_names}
         sig.update(emb_ptr="*" + _TRITON[dtype], seb="i64", sec="i64", sey="i64", sex="i64", code_ptr="*i32",
                    anchor_ptr="*i32", positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32", psi_ptr="*i32",
-                   const_ptr="*" + acc, grad_ptr="*" + acc, sgb="i64", sgc="i64", sgy="i64", sgx="i64",
-                   part_ptr="*" + acc)
+                   const_ptr="*" + acc, scale_hi="fp32", scale_lo="fp32", grad_ptr="*" + acc, sgb="i64", sgc="i64",
+                   sgy="i64", sgx="i64", part_ptr="*" + acc)
         bt, bc, warps = triplet._score_sizes(channels, dtype == "float64")
         const = dict(BT=bt, BC=bc, KP=triplet._class_chunk(num_leaves), F64=dtype == "float64",
                      GRAD=grad)

@@ -16,7 +16,9 @@ The rule is :mod:`hieraloss.core.triplets`' (the same triplets as the torch ops 
 3. ``_score_kernel``, one program per (class, block of triplets): gathers and normalises the three
    embedding rows, writes the block's share of the loss and, with a gradient wanted, adds the
    gradient of the loss (through the normalisation) into a zeroed buffer with atomic adds; the
-   backward only scales that buffer (:mod:`._grad_buffer`).
+   backward only scales that buffer (:mod:`._grad_buffer`). A ``scale`` (``hssn_loss``'s triplet
+   weight) multiplies the per-class weight, so the value and the buffer come out weighted: the
+   caller needs no multiply, and the backward sees an upstream gradient of 1 (no pass of its own).
 
 The atomic adds make the gradient's last bits depend on the order the GPU adds them in: with
 ``torch.use_deterministic_algorithms(True)`` the torch backend picks the torch ops instead.
@@ -42,6 +44,7 @@ __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
 # Codes pack the leaf id in 16 bits; an embedding row must fit one block of registers.
 MAX_LEAVES = 1 << 15
 MAX_CHANNELS = 4096
+_F32_MAX = float(np.finfo(np.float32).max)
 
 
 def _tables(hierarchy: Hierarchy, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -147,17 +150,22 @@ def _unit_backward(g, u, norm, eps):
 @triton.jit(do_not_specialize=["hw", "w", "seb", "sec", "sey", "sex", "sgb", "sgc", "sgy", "sgx", "C", "K", "M"])
 def _score_kernel(emb_ptr, hw, w, seb, sec, sey, sex, C,
                   code_ptr, anchor_ptr, positive_ptr, negative_ptr, count_ptr, psi_ptr, K, M,
-                  const_ptr,
+                  const_ptr, scale_hi, scale_lo,
                   grad_ptr, sgb, sgc, sgy, sgx, part_ptr,
                   BT: tl.constexpr, BC: tl.constexpr, KP: tl.constexpr, F64: tl.constexpr, GRAD: tl.constexpr):
     """Program (j, c): triplets ``j * BT ..`` of class c. ``part [K, blocks]``: their share of the loss;
-    ``grad`` (GRAD): the loss's gradient added in."""
+    ``grad`` (GRAD): the loss's gradient added in; both times ``scale = scale_hi + scale_lo`` (float32
+    scalars: a float64 scale in two parts, the second read only in float64)."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     j = tl.program_id(0)
     c = tl.program_id(1)
     base_margin = tl.load(const_ptr).to(CT)
     two_l = tl.load(const_ptr + 1).to(CT)
     eps = tl.load(const_ptr + 2).to(CT)
+    if F64:
+        scale = tl.cast(scale_hi, CT) + tl.cast(scale_lo, CT)
+    else:
+        scale = tl.cast(scale_hi, CT)
     classes = tl.zeros([], tl.int32)  # classes with a triplet, counted KP at a time
     for k0 in range(0, K, KP):
         ks = k0 + tl.arange(0, KP)
@@ -188,8 +196,8 @@ def _score_kernel(emb_ptr, hw, w, seb, sec, sey, sex, C,
     psi_n = tl.load(psi_ptr + c * K + cls_n, mask=valid, other=0)
     margin = base_margin + (psi_n - psi_p).to(CT) / two_l
     hinge = d_ap - d_an + margin
-    # Each class's mean, then the mean over the classes that have triplets.
-    weight = tl.where(t > 0, 1.0 / (tl.maximum(t, 1).to(CT) * tl.maximum(classes, 1).to(CT)), 0.0)
+    # Each class's mean, then the mean over the classes that have triplets (times the caller's scale).
+    weight = tl.where(t > 0, scale / (tl.maximum(t, 1).to(CT) * tl.maximum(classes, 1).to(CT)), 0.0)
     active = valid & ~(hinge <= 0.0)  # relu: a NaN passes, as in torch (the loss shows it)
     per = tl.where(active, hinge, 0.0)
     tl.store(part_ptr + c * tl.num_programs(0) + j, tl.sum(per, 0) * weight)
@@ -257,10 +265,12 @@ def _score_sizes(C: int, f64: bool) -> tuple[int, int, int]:
 
 @torch.library.custom_op("hieraloss::triplet", mutates_args=())
 def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor | None, key: str,
-               max_per_class: int, base_margin: float, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(loss, grad)``: the triplet loss of ``embeddings [B, C, h, w]`` for the pixel codes of
-    :func:`triplet_codes_op` (key order: flat, or ``order [B * h * w]``), and with ``want_grad`` the
-    gradient of the loss (else an empty tensor)."""
+               max_per_class: int, base_margin: float, scale: float, want_grad: bool
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, grad)``: ``scale`` times the triplet loss of ``embeddings [B, C, h, w]`` for the pixel
+    codes of :func:`triplet_codes_op` (key order: flat, or ``order [B * h * w]``), and with
+    ``want_grad`` the gradient of that (else an empty tensor). The scale is a kernel argument (no
+    tensor of its own: nothing copied to the device), folded into the per-class weight."""
     hierarchy = Hierarchy.by_fingerprint(key)
     dev = embeddings.device
     B, C, h, w = embeddings.shape
@@ -289,7 +299,7 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
         _score_kernel[(blocks, K)](
             embeddings, h * w, w, *embeddings.stride(), C,
             codes, picks[0], picks[1], picks[2], count, psi, K, M,
-            _constants(dev, ct, float(base_margin), hierarchy.max_depth),
+            _constants(dev, ct, float(base_margin), hierarchy.max_depth), *_split(scale),
             g, *gs, part,
             BT=bt, BC=bc, KP=_class_chunk(K), F64=ct == torch.float64, GRAD=bool(want_grad),
             num_warps=score_warps)
@@ -298,8 +308,17 @@ def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tenso
     return part.sum(), grad
 
 
+def _split(scale: float) -> tuple[float, float]:
+    """``scale`` as ``hi + lo``, both float32 (the kernel's float scalars): float64 compute adds them back
+    (to within 2**-48 of ``scale``), float32 reads ``hi`` alone."""
+    if not abs(scale) <= _F32_MAX:  # inf, NaN, or beyond float32 (the kernel reads it as inf)
+        return scale, 0.0
+    hi = float(np.float32(scale))
+    return hi, float(np.float32(scale - hi))
+
+
 @triplet_op.register_fake
-def _(embeddings, codes, order, key, max_per_class, base_margin, want_grad):
+def _(embeddings, codes, order, key, max_per_class, base_margin, scale, want_grad):
     ct = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     return (embeddings.new_empty((), dtype=ct),
             torch.empty_like(embeddings) if want_grad else embeddings.new_empty((0,)))
@@ -311,7 +330,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_loss, grad_grad):
-    none = (None,) * 6
+    none = (None,) * 7
     if grad_loss is None:
         return (None, *none)
     (grad,) = ctx.saved_tensors
@@ -330,12 +349,12 @@ def triplet_codes(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int,
 
 
 def triplet_loss(embeddings: torch.Tensor, codes: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int,
-                 base_margin: float, order: torch.Tensor | None = None) -> torch.Tensor:
-    """The loss (float64 for float64 embeddings, else float32), differentiable with respect to
-    ``embeddings``; ``order`` is the key order for ``sampling="random"`` (None: flat order)."""
+                 base_margin: float, order: torch.Tensor | None = None, scale: float = 1.0) -> torch.Tensor:
+    """The loss times ``scale`` (float64 for float64 embeddings, else float32), differentiable with
+    respect to ``embeddings``; ``order`` is the key order for ``sampling="random"`` (None: flat order)."""
     want_grad = torch.is_grad_enabled() and embeddings.requires_grad
     loss, _ = torch.ops.hieraloss.triplet(embeddings, codes, order, hierarchy.fingerprint, int(max_per_class),
-                                          float(base_margin), want_grad)
+                                          float(base_margin), float(scale), want_grad)
     return loss
 
 
