@@ -51,13 +51,14 @@ def _assert_all_compile(specs: list[dict]) -> None:
 
 
 def _small_tree_specs(tree) -> list[dict]:
-    """Every mode x dtype, focal and weighted variants, test and production tiles, both archs."""
+    """Every mode x dtype, focal (gamma 2, 3: products; 1.5: exp) and weighted variants, test and
+    production tiles, both archs."""
     specs = []
     for arch in ARCHS:
         for i, mode in enumerate(MODES):
             for j, dtype in enumerate(DTYPES):
                 specs.append(dict(tree=tree, kernel="objective", arch=arch, dtype=dtype, mode=mode,
-                                  focal=(i + j) % 2 == 1, weighted=(i + j) % 3 == 0,
+                                  focal=(False, True, False, 1.5, False, 3.0)[(i + j) % 6], weighted=(i + j) % 3 == 0,
                                   block_p=16 if (i + j) % 2 else None,
                                   label_dtype=("int64", "int32", "uint8")[(i + j) % 3]))
         for top_down in (False, True):
@@ -90,10 +91,13 @@ def test_mapillary_training_steps_compile():
 
 def test_label_histogram_and_gradient_scale_compile():
     """The objective's count pass (every label dtype, small and large bin counts, test and production
-    blocks) and its backward's in-place scaling (every dtype)."""
-    _assert_all_compile([dict(kernel="histogram", arch=arch, label_dtype=ld, bins=bins, block=block)
-                         for arch in ARCHS for ld in ("int64", "int32", "uint8", "int16")
-                         for bins in (2, 32, 256) for block in (16, None)]
+    blocks; its last program's denominators for every reduction, shallow and deep trees, float32 and
+    float64 scales) and its backward's in-place scaling (every dtype)."""
+    _assert_all_compile([dict(kernel="histogram", arch=arch, label_dtype=ld, bins=bins, block=block,
+                              depth=(1, 3, 6)[i % 3], reduction=("hssn", "mean", "sum")[(i + bins.bit_length()) % 3],
+                              dtype=("float32", "float64")[i % 2])
+                         for arch in ARCHS for i, ld in enumerate(("int64", "int32", "uint8", "int16"))
+                         for bins in (2, 32, 256, 1024) for block in (16, None)]
                         + [dict(kernel="scale", arch=arch, dtype=dt) for arch in ARCHS for dt in DTYPES])
 
 

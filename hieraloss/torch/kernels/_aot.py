@@ -46,9 +46,11 @@ class Usage:
 
 
 def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: str = "objective",
-                      focal: bool = False, weighted: bool = False, block_p: int | None = None,
+                      focal: bool | float = False, weighted: bool = False, block_p: int | None = None,
                       label_dtype: str = "int64"):
-    """Compile the generated objective kernel of ``h`` for ``sm_<arch>``; returns the compiled kernel."""
+    """Compile the generated objective kernel of ``h`` for ``sm_<arch>``; returns the compiled kernel.
+    ``focal``: False, True (the default gamma, 2) or a gamma."""
+    from ._terms import focal_code
     from .objective import kernel_for
 
     kernel = kernel_for(h)
@@ -58,10 +60,13 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
     x = _TRITON[dtype]
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update(x_ptr="*" + x, sxb="i64", lab_ptr="*" + _label_type(label_dtype), slb="i64", code_ptr="*i32",
-               shift="i64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", tsc_ptr="*" + acc, csc_ptr="*" + acc,
-               out_ptr="*" + (x if mode_id in (1, 3) else acc), part_ptr="*" + acc, gamma="fp32")
-    const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", FOCAL=focal, HAS_W=weighted, TM=tm, CE=ce,
-                 MODE=mode_id)
+               shift="i64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", scale_ptr="*" + acc,
+               out_ptr="*" + (x if mode_id in (1, 3) else acc), part_ptr="*" + acc, counter_ptr="*i32",
+               denom_ptr="*fp64", coef_ptr="*fp64", factor="fp32", total_ptr="*" + acc, parts_ptr="*" + acc,
+               gamma="fp32")
+    gamma = 2.0 if focal is True else float(focal)
+    const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm,
+                 CE=ce, MODE=mode_id)
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes)))
@@ -83,14 +88,22 @@ def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down:
                           options=dict(num_warps=warps, num_stages=NUM_STAGES))
 
 
-def compile_label_histogram(arch: int, *, label_dtype: str = "int64", bins: int = 32, block: int | None = None):
-    """Compile the label-slot histogram kernel (the objective's reduction counts) for ``sm_<arch>``."""
+def compile_label_histogram(arch: int, *, label_dtype: str = "int64", bins: int = 32, block: int | None = None,
+                            depth: int = 2, reduction: str = "hssn", dtype: str = "float32"):
+    """Compile the label-slot histogram kernel (the objective's reduction counts, and in its last
+    program the per-depth denominators and gradient scales) for ``sm_<arch>``, for a tree of ``depth``
+    levels and logits of ``dtype``."""
+    from . import _reduce
     from .objective import _HIST_BLOCK, _slot_histogram_kernel
 
     kernel = _slot_histogram_kernel
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", out_ptr="*i32")
-    const = dict(BLOCK=block or _HIST_BLOCK, BINS=bins)
+    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", hist_ptr="*i32", counter_ptr="*i32",
+               table_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
+               scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
+    bb = min(bins, 256)
+    const = dict(BLOCK=block or _HIST_BLOCK, BINS=bins, L2=2 * depth, D2=triton.next_power_of_2(2 * depth), BB=bb,
+                 RB=_reduce.rows_per_step(bb), REDUCTION=_reduce.REDUCTION_IDS[reduction], F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=4))

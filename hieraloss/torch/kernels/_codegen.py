@@ -32,9 +32,10 @@ from __future__ import annotations
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 from ._common import WIDE_TREE_NODES
+from ._reduce import rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 6
+CODEGEN_VERSION = 8
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -102,6 +103,7 @@ import triton.language as tl
 from hieraloss.torch.kernels._terms import (
     load_rows, log, lse_update, opaque, pin, store_rows, term_grad, term_loss, term_loss_grad,
 )
+from hieraloss.torch.kernels._reduce import finalize_sums, last_program
 
 N = tl.constexpr({n})
 L = tl.constexpr({L})
@@ -114,10 +116,11 @@ def objective_kernel(
     code_ptr, shift, ncode,           # int32 label codes: slot clamp(label + shift) -> pre | end << 16, -1 ignored
     w_ptr,                            # node weights [N] (HAS_W)
     go_ptr, sgb, sgn, sgp,            # upstream map [B, N, P] (MODE 3)
-    tsc_ptr, csc_ptr,                 # per-depth gradient scales of tree-min / cross-entropy (MODE 1)
+    scale_ptr,                        # per-depth gradient scales [2 L]: tree-min then cross-entropy (MODE 1)
     out_ptr,                          # gradient (MODE 1, 3) or loss map (MODE 2): contiguous [B, N, P]
     part_ptr,                         # per-program sums [B * programs, 2 L]: tree-min then cross-entropy
-    P, gamma,
+    counter_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,  # the last program's reduction (MODE 0, 1)
+    P, gamma,                         # FOCAL: 0 none, 1..4 the integer gamma, -1 any other gamma
     BLOCK_P: tl.constexpr, F64: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr,
     TM: tl.constexpr, CE: tl.constexpr, MODE: tl.constexpr,
 ):
@@ -209,13 +212,13 @@ def objective_source(h: Hierarchy) -> str:
     for d in range(L):
         emit(f"{I2}tms{d} = zero")
         emit(f"{I2}if MODE == 1:")
-        emit(f"{I3}tsc{d} = tl.load(tsc_ptr + {d}).to(CT)")
+        emit(f"{I3}tsc{d} = tl.load(scale_ptr + {d}).to(CT)")
     emit(f"{I1}if CE:")
     for d in range(L):
         emit(f"{I2}xt{d} = zero")
         emit(f"{I2}kn{d} = tl.zeros([BLOCK_P], tl.int1)")
         emit(f"{I2}if MODE == 1:")
-        emit(f"{I3}csc{d} = tl.load(csc_ptr + {d}).to(CT)")
+        emit(f"{I3}csc{d} = tl.load(scale_ptr + {L + d}).to(CT)")
 
     # ---------------------------------------------------------------- 1. post-order walk
     ce_started = [False] * L
@@ -397,6 +400,13 @@ def objective_source(h: Hierarchy) -> str:
             for d in members:
                 emit(f"{I3}gr += tl.where(kn{d}, csc{d} * (tl.exp(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
         emit(f"{I2}store_rows(ob + {v} * P64, gr.to(out_ptr.dtype.element_ty), pmask, one)")
+
+    # ---------------------------------------------------------------- 4. total and parts (last program)
+    d2 = 1 << (2 * L - 1).bit_length()
+    emit(f"{I1}if VALUE:")
+    emit(f"{I2}if last_program(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):")
+    emit(f"{I3}finalize_sums(part_ptr, tl.num_programs(0) * tl.num_programs(1), denom_ptr, coef_ptr, factor,")
+    emit(f"{I3}              total_ptr, parts_ptr, {2 * L}, {d2}, {rows_per_step(d2)}, TM, CE, F64)")
     emit("")
     return "\n".join(lines)
 

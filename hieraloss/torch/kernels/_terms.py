@@ -82,14 +82,39 @@ def term_loss(t, gamma, FOCAL: tl.constexpr):
 
 
 @triton.jit
+def _sigmoid(t, e):
+    """sigmoid(t) from ``e = exp(-|t|)``, one reciprocal."""
+    r = 1.0 / (1.0 + e)
+    return tl.where(t >= 0, r, e * r)
+
+
+@triton.jit
+def _focal_factor(t, s, log1pe, gamma, FOCAL: tl.constexpr):
+    """sigmoid(t)^gamma: products of ``s`` for a small integer ``gamma`` (``FOCAL`` is that integer),
+    else one exp (``FOCAL == -1``)."""
+    if FOCAL == 1:
+        fw = s
+    elif FOCAL == 2:
+        fw = s * s
+    elif FOCAL == 3:
+        fw = s * s * s
+    elif FOCAL == 4:
+        s2 = s * s
+        fw = s2 * s2
+    else:
+        fw = tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
+    return fw
+
+
+@triton.jit
 def term_grad(t, gamma, FOCAL: tl.constexpr):
     """f'(t) = sigmoid(t)^gamma * (sigmoid(t) + gamma * (1 - sigmoid(t)) * softplus(t))."""
     e = tl.exp(-tl.abs(t))
-    s = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    s = _sigmoid(t, e)
     if FOCAL:
         log1pe = log(1.0 + e)
         sp = tl.maximum(t, 0.0) + log1pe
-        return tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe)) * (s + gamma * (1.0 - s) * sp)
+        return _focal_factor(t, s, log1pe, gamma, FOCAL) * (s + gamma * (1.0 - s) * sp)
     return s
 
 
@@ -99,11 +124,20 @@ def term_loss_grad(t, gamma, FOCAL: tl.constexpr):
     e = tl.exp(-tl.abs(t))
     log1pe = log(1.0 + e)
     sp = tl.maximum(t, 0.0) + log1pe
-    s = tl.where(t >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    s = _sigmoid(t, e)
     if FOCAL:
-        fw = tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
+        fw = _focal_factor(t, s, log1pe, gamma, FOCAL)
         return sp * fw, fw * (s + gamma * (1.0 - s) * sp)
     return sp, s
+
+
+def focal_code(gamma: float) -> int:
+    """The kernels' ``FOCAL`` constexpr for ``gamma``: 0 without focal, the integer for gamma in 1..4
+    (``sigmoid^gamma`` as products, no exp), -1 for any other gamma."""
+    g = float(gamma)
+    if g == 0.0:
+        return 0
+    return int(g) if g in (1.0, 2.0, 3.0, 4.0) else -1
 
 
 @triton.jit

@@ -42,9 +42,11 @@ from ...core.plan import plan_for
 from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
-from . import _codegen
+from . import _codegen, _reduce
 from ._common import NUM_STAGES, launch_sizes, register_cap
 from ._grad_buffer import scaled_gradient
+from ._reduce import depth_scales, last_program
+from ._terms import focal_code
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
 
@@ -117,9 +119,13 @@ def _as_bnp(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P"])
-def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, out_ptr, P, BLOCK: tl.constexpr, BINS: tl.constexpr):
-    """Per-program histogram of the label slots ``clamp(label + shift, 0, ncode - 1)``: one row of
-    ``out [B * programs, BINS]`` per program."""
+def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, hist_ptr, P,
+                           counter_ptr, table_ptr, coef_ptr, denom_ptr, scale_ptr,
+                           BLOCK: tl.constexpr, BINS: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
+                           BB: tl.constexpr, RB: tl.constexpr, REDUCTION: tl.constexpr, F64: tl.constexpr):
+    """Per-program histogram of the label slots ``clamp(label + shift, 0, ncode - 1)``, one row of
+    ``hist [B * programs, BINS]`` per program; the last program turns them into the per-depth
+    denominators and gradient scales (:func:`_reduce.depth_scales`)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
@@ -127,28 +133,20 @@ def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, out_ptr, P, BLOCK: t
     lab = tl.load(lab_ptr + b * slb + offs.to(tl.int64) * slp, mask=mask, other=0)
     slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1).to(tl.int32)
     hist = tl.histogram(slot, BINS, mask=mask)
-    tl.store(out_ptr + (b * tl.num_programs(0) + pid) * BINS + tl.arange(0, BINS), hist)
+    tl.store(hist_ptr + (b * tl.num_programs(0) + pid) * BINS + tl.arange(0, BINS), hist)
+    rows = tl.num_programs(0) * tl.num_programs(1)
+    if last_program(counter_ptr, rows):
+        depth_scales(hist_ptr, rows, table_ptr, ncode, coef_ptr, denom_ptr, scale_ptr,
+                     L2, D2, BINS, BB, RB, REDUCTION, F64)
 
 
 _HIST_BLOCK = 4096
 
 
-def _counts(labels: torch.Tensor, codes) -> torch.Tensor:
-    """float64 ``[2 L]``: per-depth entry counts of the tree-min then the cross-entropy reductions, from
-    a histogram of the label slots: per-program histograms summed by torch, so no atomics
-    (``index_add`` into a few slots serialises millions of atomics on one cache line) and no host sync."""
-    code, shift, table = codes
-    B, P = labels.shape[0], math.prod(labels.shape[1:])
-    lab = labels.reshape(B, P)
-    S = code.numel()
-    bins = max(16, triton.next_power_of_2(S))
-    block = min(_HIST_BLOCK, max(16, triton.next_power_of_2(max(P, 1))))
-    tiles = triton.cdiv(P, block)
-    part = torch.empty((B * tiles, bins), dtype=torch.int32, device=labels.device)
-    if part.numel():
-        _slot_histogram_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, S, part, P,
-                                           BLOCK=block, BINS=bins, num_warps=4)
-    return part.sum(0, dtype=torch.float64)[:S] @ table
+def _hist_sizes(num_slots: int, P: int) -> tuple[int, int, int]:
+    """(bins, pixels per program, bins the last program reads at a time) of the histogram kernel."""
+    bins = max(16, triton.next_power_of_2(num_slots))
+    return bins, min(_HIST_BLOCK, max(16, triton.next_power_of_2(max(P, 1)))), min(bins, 256)
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,43 +159,68 @@ def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tu
     return torch.tensor((tm_weight,) * L + ce, dtype=torch.float64, device=device)
 
 
-def _denominators(counts: torch.Tensor, reduction: str, L: int) -> torch.Tensor:
-    """float64 ``[2 L]``: what each depth's sum is divided by (tree-min per ``reduction``, CE: its count)."""
-    if reduction == "hssn":
-        return counts.clamp_min(1)
-    tm = counts[:L].sum().clamp_min(1).expand(L) if reduction == "mean" else counts.new_ones(L)
-    return torch.cat([tm, counts[L:].clamp_min(1)])
+def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor, acc: torch.dtype,
+            counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(denominators float64 [2 L], gradient scales acc [2 L])`` from a histogram of the label slots
+    in one launch (``counter``: a zeroed int32). Per-program histograms, no atomics on the bins
+    (``index_add`` into a few slots serialises millions of atomics on one cache line); no host sync."""
+    code, shift, table = codes
+    B, P = labels.shape[0], math.prod(labels.shape[1:])
+    lab = labels.reshape(B, P)
+    S = code.numel()
+    L2 = table.shape[1]
+    bins, block, bb = _hist_sizes(S, P)
+    tiles = triton.cdiv(P, block)
+    denom = torch.empty(L2, dtype=torch.float64, device=labels.device)
+    scales = torch.empty(L2, dtype=acc, device=labels.device)
+    if B * tiles == 0:  # no program would run: no entries
+        return denom.fill_(1.0), scales.copy_(coef)
+    hist = torch.empty((B * tiles, bins), dtype=torch.int32, device=labels.device)
+    _slot_histogram_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, S, hist, P,
+                                       counter, table, coef, denom, scales,
+                                       BLOCK=block, BINS=bins, L2=L2, D2=triton.next_power_of_2(L2), BB=bb,
+                                       RB=_reduce.rows_per_step(bb), REDUCTION=_reduce.REDUCTION_IDS[reduction],
+                                       F64=acc == torch.float64, num_warps=4)
+    return denom, scales
 
 
-def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, tsc=None, csc=None,
+def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, scales=None, sums=None,
             out_dtype=None, upstream=None):
+    """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(counter, denominators,
+    coefficients, factor, total, parts)`` for its last program's reduction into ``total`` and ``parts``."""
     B, N, P = x.shape
     L = hierarchy.max_depth
     block_p, warps = launch_sizes(N, P)
     tiles = triton.cdiv(P, block_p)
     acc = _acc_dtype(x)
     dev = x.device
-    part = torch.zeros((B * tiles, 2 * L), dtype=acc, device=dev)
+    # Every program writes its row of the sums it computes (tree-min with tm, cross-entropy with ce),
+    # and the last program reads only those.
+    part = torch.empty((B * tiles, 2 * L), dtype=acc, device=dev)
     out = part if mode == 0 else torch.empty((B, N, P), dtype=out_dtype, device=dev)
     if B * P == 0:
-        return part, (out.zero_() if mode else out)
+        if sums is not None:
+            sums[4].zero_()
+            sums[5].zero_()
+        return (out.zero_() if mode else out)
     code, shift = codes[0], codes[1]
     lab = labels.reshape(B, P)
     go = upstream if upstream is not None else x
     dummy = part
+    counter, denom, coef, factor, total, parts = sums if sums is not None else (dummy,) * 3 + (1.0,) + (dummy,) * 2
     kernel_for(hierarchy)[(tiles, B)](
         x, x.stride(0), x.stride(1), x.stride(2),
         lab, lab.stride(0), lab.stride(1),
         code, shift, code.numel(),
         node_weight if node_weight is not None else dummy,
         go, go.stride(0), go.stride(1), go.stride(2),
-        tsc if tsc is not None else dummy, csc if csc is not None else dummy,
-        out, part, P, float(gamma),
-        BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=float(gamma) != 0.0,
+        scales if scales is not None else dummy,
+        out, part, counter, denom, coef, float(factor), total, parts, P, float(gamma),
+        BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
         HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
         num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
     )
-    return part, out
+    return out
 
 
 @torch.library.custom_op("hieraloss::objective", mutates_args=())
@@ -214,24 +237,21 @@ def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_in
     ce = any(w != 0.0 for w in ce_weights)
     weight = None if node_weight is None else node_weight.to(device=logits.device, dtype=acc).contiguous()
     if reduction == "none":
-        _, out = _launch(2, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
+        out = _launch(2, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
         return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
-    denom = _denominators(_counts(labels, codes), reduction, L)
     factor = HSSN_SCALE if reduction == "hssn" else 1.0
     coef = _coefficients(logits.device, L, float(tm_weight) * factor, tuple(float(w) for w in ce_weights))
+    counter = torch.zeros(2, dtype=torch.int32, device=logits.device)  # the two kernels' last-program counts
+    denom, scales = _scales(labels, codes, reduction, coef, acc, counter[0])
+    total, parts = logits.new_empty((), dtype=acc), logits.new_empty((1 + L,), dtype=acc)
+    sums = (counter[1], denom, coef, factor, total, parts)
     if want_grad:
-        scales = (coef / denom).to(acc)
-        part, grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, tsc=scales[:L], csc=scales[L:],
-                             out_dtype=logits.dtype)
-        grad = grad.view(logits.shape)
+        grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, scales=scales, sums=sums,
+                       out_dtype=logits.dtype).view(logits.shape)
     else:
-        part, _ = _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce)
+        _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums)
         grad = logits.new_empty((0,))
-    # Per-depth ratios: each depth's share of the tree-min value, and each depth's CE (0 where not computed).
-    ratio = part.sum(0, dtype=torch.float64) / denom
-    parts = torch.cat([ratio[:L].sum(0, keepdim=True) * factor, ratio[L:]])
-    total = (ratio * coef).sum()
-    return total.to(acc), parts.to(acc), grad
+    return total, parts, grad
 
 
 @objective_op.register_fake
@@ -252,8 +272,8 @@ def objective_map_backward_op(grad_map: torch.Tensor, logits: torch.Tensor, labe
     acc = _acc_dtype(logits)
     codes = label_codes(hierarchy, ignore_index, logits.device)
     weight = None if node_weight is None else node_weight.to(device=logits.device, dtype=acc).contiguous()
-    _, grad = _launch(3, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=logits.dtype,
-                      upstream=_as_bnp(grad_map.to(acc)))
+    grad = _launch(3, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=logits.dtype,
+                   upstream=_as_bnp(grad_map.to(acc)))
     return grad.view(logits.shape)
 
 
