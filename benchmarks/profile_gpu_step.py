@@ -104,7 +104,14 @@ def main(argv=None) -> int:
                     help="register cap of the objective kernel of wide trees (_common.MAX_REGISTERS; 0: none)")
     ap.add_argument("--load-group", type=int,
                     help="node loads in flight together (every _codegen load group: plain, focal, wide trees)")
+    ap.add_argument("--focal-exp", action="store_true",
+                    help="focal kernels take sigmoid^gamma as one exp for every gamma (A/B of the products)")
     args = ap.parse_args(argv)
+    if args.focal_exp:
+        from hieraloss.torch.kernels import objective
+
+        objective.focal_code = lambda gamma: 0 if float(gamma) == 0.0 else -1
+        print("focal kernels: sigmoid^gamma as one exp")
     if args.load_group:
         from hieraloss.torch.kernels import _codegen
 
