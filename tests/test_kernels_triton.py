@@ -658,3 +658,51 @@ def test_finalize_sums_match_numpy(tm, ce):
         tol = dict(rtol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6)
         np.testing.assert_allclose(float(total), ratio @ coef, **tol)
         np.testing.assert_allclose(parts.cpu().numpy(), np.concatenate([[5.0 * ratio[:L].sum()], ratio[L:]]), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_path_equals_the_registered_op(monkeypatch, dtype):
+    """Eager calls skip torch.library's dispatcher (EagerFusedLoss); the registered op gives the same
+    total, parts, gradient and second backward, and is what runs when the eager path is off."""
+    from hieraloss.torch.kernels import objective
+
+    h = presets.cityscapes()
+    rng = np.random.default_rng(6)
+    x0 = rng.normal(size=(2, h.num_nodes, 3, 7))
+    y = torch.tensor(h.node_ids[rng.integers(0, h.num_nodes, size=(2, 3, 7))], device=DEVICE)
+
+    def run():
+        x = torch.tensor(x0, device=DEVICE, dtype=dtype, requires_grad=True)
+        total, parts = fused_objective(x, y, h, ignore_index=255, gamma=2.0, tm_weight=0.7, ce_weights=(1.0, 0.5))
+        assert not parts.requires_grad
+        (3.0 * total).backward(retain_graph=True)
+        first = x.grad.clone()
+        x.grad = None
+        total.backward()
+        return total.detach(), parts, first, x.grad, type(total.grad_fn).__name__
+
+    total, parts, g1, g2, node = run()
+    assert "EagerFusedLoss" in node, node
+    monkeypatch.setattr(objective, "eager", lambda t: False)
+    op = run()
+    assert "EagerFusedLoss" not in op[4], op[4]
+    for a, b in zip((total, parts, g1, g2), op[:4], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(g2, g1 / 3, rtol=1e-6, atol=0)
+
+
+def test_eager_is_off_while_traced():
+    """Under a dispatch mode, a tensor subclass or a functorch transform the registered op runs (what
+    compilers and transforms must see)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from hieraloss.torch.kernels._grad_buffer import eager
+
+    t = torch.zeros(3, device=DEVICE)
+    assert eager(t)
+    with TorchDispatchMode():
+        assert not eager(t)
+    assert not eager(torch.nn.Parameter(t))
+    seen = []
+    torch.func.vmap(lambda r: seen.append(eager(r)) or r)(torch.zeros(2, 3))
+    assert seen == [False]

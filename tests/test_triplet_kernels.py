@@ -258,14 +258,19 @@ def test_hssn_loss_triplet_weight_on_the_kernels_equals_the_torch_ops(weight, re
 def test_hssn_loss_folds_the_triplet_weight_into_the_kernels(monkeypatch, weight):
     """The kernels get the weight as their scale and the backward an upstream gradient of 1, so the
     gradient buffer takes no pass of its own; weight 0 keeps the unweighted loss and the multiply."""
-    from hieraloss.torch.kernels import triplet
+    from hieraloss.torch.kernels import _grad_buffer, triplet
 
     scales, upstreams = [], []
-    real_loss, real_grad = kernels.fused_triplet_loss, triplet.scaled_gradient
-    monkeypatch.setattr(kernels, "fused_triplet_loss", lambda *a, **k: scales.append(k["scale"]) or real_loss(*a, **k))
-    monkeypatch.setattr(triplet, "scaled_gradient",
-                        lambda ctx, g, up: upstreams.append(float(up)) or real_grad(ctx, g, up))
     h, x, e, y = _hssn_inputs("float32")
+    real_loss, real_grad = kernels.fused_triplet_loss, _grad_buffer.scaled_gradient
+
+    def spy(ctx, g, up):
+        if g.shape == e.shape:  # the triplet term's buffer (the objective's has the logits' shape)
+            upstreams.append(float(up))
+        return real_grad(ctx, g, up)
+    monkeypatch.setattr(kernels, "fused_triplet_loss", lambda *a, **k: scales.append(k["scale"]) or real_loss(*a, **k))
+    for module in (triplet, _grad_buffer):  # the op's backward, the eager path's
+        monkeypatch.setattr(module, "scaled_gradient", spy)
     _hssn_run(h, x, e, y, "triton", triplet_weight=weight)
     assert scales == [weight or 1.0]
     assert upstreams == [1.5 if weight else 0.0]
@@ -431,3 +436,34 @@ def test_nan_embeddings_show_in_the_loss_as_with_the_torch_ops():
         loss, grad = _loss_and_grad(e, y, h, backend, sampling="first")
         assert torch.isnan(loss), backend
         assert torch.isnan(grad[0, :, 0, 0]).all(), backend
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eager_path_equals_the_registered_op(monkeypatch, dtype):
+    """Eager calls skip torch.library's dispatcher (EagerFusedLoss); the registered op gives the same
+    loss, gradient and second backward, and is what runs when the eager path is off."""
+    from hieraloss.torch.kernels import triplet
+
+    h = hieraloss.presets.cityscapes()
+    rng = np.random.default_rng(5)
+    e0 = rng.standard_normal((2, 6, 5, 7))
+    y = torch.tensor(rng.integers(0, h.num_leaves, (2, 9, 13)), device=DEVICE)
+
+    def run():
+        e = torch.tensor(e0, device=DEVICE, dtype=dtype, requires_grad=True)
+        loss = hierarchy_triplet_loss(e, y, h, sampling="first", backend="triton", check_labels=False)
+        (2.0 * loss).backward(retain_graph=True)
+        first = e.grad.clone()
+        e.grad = None
+        (0.5 * loss).backward()
+        return loss.detach(), first, e.grad, type(loss.grad_fn).__name__
+
+    loss, g1, g2, node = run()
+    assert "EagerFusedLoss" in node, node
+    monkeypatch.setattr(triplet, "eager", lambda t: False)
+    op_loss, op_g1, op_g2, op_node = run()
+    assert "EagerFusedLoss" not in op_node, op_node
+    torch.testing.assert_close(loss, op_loss, rtol=0, atol=0)
+    torch.testing.assert_close(g1, op_g1, rtol=0, atol=0)
+    torch.testing.assert_close(g2, op_g2, rtol=0, atol=0)
+    torch.testing.assert_close(g2, g1 / 4, rtol=1e-6, atol=0)

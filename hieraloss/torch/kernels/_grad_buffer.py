@@ -4,6 +4,13 @@ The forward of such an op (the objective, the triplet loss) returns a gradient b
 upstream gradient of 1; the backward only has to scale it by the real upstream gradient. This
 module is that backward, shared so that both ops treat a second backward, tracing and
 ``create_graph=True`` the same way.
+
+In eager mode the ops' implementations run through :class:`EagerFusedLoss` instead of
+``torch.library``'s dispatcher: on the H100 host a call through the registered op cost 0.57 ms of
+Python against 0.26 ms for the implementation itself (0.1 ms dispatch, 0.2 ms its autograd
+wrapper), more than the whole Cityscapes kernel on the device. Traced (``torch.compile``,
+AOTAutograd, dispatch modes, functorch transforms), the registered op is what runs, so compilers
+see one opaque operator.
 """
 
 from __future__ import annotations
@@ -66,3 +73,36 @@ def scaled_gradient(ctx, grad: torch.Tensor, upstream: torch.Tensor) -> torch.Te
         raise RuntimeError("hieraloss: a second backward through a fused loss whose first backward "
                            "had a zero upstream gradient; compute the loss again")
     return grad * (upstream / applied).to(grad.dtype)
+
+
+def eager(t: torch.Tensor) -> bool:
+    """Whether a fused op on ``t`` may run its implementation through :class:`EagerFusedLoss` rather
+    than through the registered op: a plain tensor, nothing traced, no functorch transform."""
+    return not tracing(t) and not torch._C._are_functorch_transforms_active()
+
+
+class EagerFusedLoss(torch.autograd.Function):
+    """``EagerFusedLoss.apply(impl, x, *args)``: the eager twin of a fused op. ``impl(x, *args)`` is the
+    op's implementation and returns ``(value, *extras, grad)``, ``grad`` the buffer its forward wrote
+    for an upstream gradient of 1 (empty without one); the result is ``value`` (with extras:
+    ``(value, *extras)``, extras not differentiable), differentiable with respect to ``x`` through
+    :func:`scaled_gradient`, as the op's own backward."""
+
+    @staticmethod
+    def forward(ctx, impl, x, *args):
+        *outs, grad = impl(x, *args)
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad)
+        ctx.num_args = len(args)
+        ctx.mark_non_differentiable(*outs[1:])
+        return tuple(outs) if len(outs) > 1 else outs[0]
+
+    @staticmethod
+    def backward(ctx, grad_value, *_):
+        rest = (None,) * ctx.num_args
+        if grad_value is None:
+            return (None, None, *rest)
+        (grad,) = ctx.saved_tensors
+        if grad.numel() == 0 and grad.dim() == 1:
+            raise RuntimeError("hieraloss: a fused loss ran without a gradient (its input did not require grad)")
+        return (None, scaled_gradient(ctx, grad, grad_value), *rest)

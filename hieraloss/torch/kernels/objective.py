@@ -44,7 +44,7 @@ from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen, _reduce
 from ._common import NUM_STAGES, launch_sizes, register_cap
-from ._grad_buffer import scaled_gradient
+from ._grad_buffer import EagerFusedLoss, eager, scaled_gradient
 from ._reduce import depth_scales, last_program
 from ._terms import focal_code
 
@@ -223,8 +223,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sc
     return out
 
 
-@torch.library.custom_op("hieraloss::objective", mutates_args=())
-def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_index: int,
+def _objective(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_index: int,
                  node_weight: torch.Tensor | None, gamma: float, reduction: str, tree_min: bool, tm_weight: float,
                  ce_weights: list[float], want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_reduction(reduction)
@@ -252,6 +251,9 @@ def objective_op(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_in
         _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums)
         grad = logits.new_empty((0,))
     return total, parts, grad
+
+
+objective_op = torch.library.custom_op("hieraloss::objective", mutates_args=())(_objective)
 
 
 @objective_op.register_fake
@@ -315,8 +317,11 @@ def objective(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
               tree_min: bool = True, tm_weight: float = 1.0, ce_weights=()) -> tuple[torch.Tensor, torch.Tensor]:
     """``(total, parts)`` of the fused objective; ``parts`` are detached (see the module docstring)."""
     want_grad = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
-    total, parts, _ = torch.ops.hieraloss.objective(
-        logits, labels, hierarchy.fingerprint, int(ignore_index), node_weight, float(gamma), reduction,
-        bool(tree_min), float(tm_weight), [float(w) for w in ce_weights], want_grad)
+    args = (logits, labels, hierarchy.fingerprint, int(ignore_index), node_weight, float(gamma), reduction,
+            bool(tree_min), float(tm_weight), [float(w) for w in ce_weights], want_grad)
+    if reduction != "none" and eager(logits):
+        total, parts = EagerFusedLoss.apply(_objective, *args)
+    else:
+        total, parts, _ = torch.ops.hieraloss.objective(*args)
     return total, parts.detach()
 

@@ -37,7 +37,7 @@ import triton.language as tl
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
-from ._grad_buffer import scaled_gradient
+from ._grad_buffer import EagerFusedLoss, eager, scaled_gradient
 
 __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
 
@@ -220,8 +220,7 @@ _SELECT_BLOCK = 2048
 _SELECT_WARPS = 8
 
 
-@torch.library.custom_op("hieraloss::triplet_codes", mutates_args=())
-def triplet_codes_op(labels: torch.Tensor, key: str, ignore_index: int, h: int, w: int) -> torch.Tensor:
+def _triplet_codes(labels: torch.Tensor, key: str, ignore_index: int, h: int, w: int) -> torch.Tensor:
     """int32 ``[B * h * w]``: ``leaf | group << 16`` at each pixel of the ``h x w`` map (labels
     ``[B, H, W]`` resampled nearest, as ``F.interpolate``), -1 where the pixel does not take part."""
     hierarchy = Hierarchy.by_fingerprint(key)
@@ -234,6 +233,9 @@ def triplet_codes_op(labels: torch.Tensor, key: str, ignore_index: int, h: int, 
             labels, labels.stride(0), labels.stride(1), labels.stride(2), H, W, h, w, scale_y, scale_x,
             hierarchy.num_leaves, int(ignore_index), group, out, BLOCK=_CODE_BLOCK, num_warps=4)
     return out
+
+
+triplet_codes_op = torch.library.custom_op("hieraloss::triplet_codes", mutates_args=())(_triplet_codes)
 
 
 @triplet_codes_op.register_fake
@@ -263,8 +265,7 @@ def _score_sizes(C: int, f64: bool) -> tuple[int, int, int]:
     return bt, bc, min(16, max(4, bt * bc // (32 * per_thread)))
 
 
-@torch.library.custom_op("hieraloss::triplet", mutates_args=())
-def triplet_op(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor | None, key: str,
+def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor | None, key: str,
                max_per_class: int, base_margin: float, scale: float, want_grad: bool
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, grad)``: ``scale`` times the triplet loss of ``embeddings [B, C, h, w]`` for the pixel
@@ -317,6 +318,9 @@ def _split(scale: float) -> tuple[float, float]:
     return hi, float(np.float32(scale - hi))
 
 
+triplet_op = torch.library.custom_op("hieraloss::triplet", mutates_args=())(_triplet)
+
+
 @triplet_op.register_fake
 def _(embeddings, codes, order, key, max_per_class, base_margin, scale, want_grad):
     ct = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
@@ -343,9 +347,9 @@ triplet_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def triplet_codes(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int, size: tuple[int, int]) -> torch.Tensor:
-    """See :func:`triplet_codes_op`."""
-    return torch.ops.hieraloss.triplet_codes(labels, hierarchy.fingerprint, int(ignore_index), int(size[0]),
-                                             int(size[1]))
+    """See :func:`triplet_codes_op` (eager: its implementation, without the dispatcher)."""
+    args = (labels, hierarchy.fingerprint, int(ignore_index), int(size[0]), int(size[1]))
+    return _triplet_codes(*args) if eager(labels) else torch.ops.hieraloss.triplet_codes(*args)
 
 
 def triplet_loss(embeddings: torch.Tensor, codes: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int,
@@ -353,8 +357,11 @@ def triplet_loss(embeddings: torch.Tensor, codes: torch.Tensor, hierarchy: Hiera
     """The loss times ``scale`` (float64 for float64 embeddings, else float32), differentiable with
     respect to ``embeddings``; ``order`` is the key order for ``sampling="random"`` (None: flat order)."""
     want_grad = torch.is_grad_enabled() and embeddings.requires_grad
-    loss, _ = torch.ops.hieraloss.triplet(embeddings, codes, order, hierarchy.fingerprint, int(max_per_class),
-                                          float(base_margin), float(scale), want_grad)
+    args = (embeddings, codes, order, hierarchy.fingerprint, int(max_per_class), float(base_margin), float(scale),
+            want_grad)
+    if eager(embeddings):
+        return EagerFusedLoss.apply(_triplet, *args)
+    loss, _ = torch.ops.hieraloss.triplet(*args)
     return loss
 
 
