@@ -598,10 +598,10 @@ def test_wide_trees_load_fewer_rows_at_once_and_cap_registers(monkeypatch):
 
 @pytest.mark.parametrize("reduction", ["hssn", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reduction_scales_match_bincount(reduction, dtype):
-    """The histogram kernel's last program, from label-slot histograms to denominators and gradient
-    scales, against a bincount: a 600-leaf flat tree (bins read in several chunks) over 40 histogram rows (rows read in
-    several chunks), labels out of range and ignored included."""
+def test_reduction_scales_match_bincount(monkeypatch, reduction, dtype):
+    """The histogram kernel's last programs, from label-slot histograms to denominators and gradient
+    scales, against a bincount: a 600-leaf flat tree (bins read in several chunks) over 40 histogram
+    rows (three groups, rows read in several chunks), labels out of range and ignored included."""
     from hieraloss import Hierarchy
     from hieraloss.torch.kernels import objective
 
@@ -613,9 +613,17 @@ def test_reduction_scales_match_bincount(reduction, dtype):
     code, shift, table = codes
     L = h.max_depth
     coef = torch.tensor(rng.uniform(0.5, 2.0, 2 * L), dtype=torch.float64, device=DEVICE)
-    counter = torch.zeros(1, dtype=torch.int32, device=DEVICE)
-    denom, scales = objective._scales(torch.tensor(labels, device=DEVICE), codes, reduction, coef, dtype, counter)
-    assert int(counter) == 40  # 20 images x 2 histogram programs, each counted once
+    counters = []
+    zeros = torch.zeros
+
+    def spy(*a, **k):
+        counters.append(zeros(*a, **k))
+        return counters[-1]
+    monkeypatch.setattr(torch, "zeros", spy)
+    denom, scales = objective._scales(torch.tensor(labels, device=DEVICE), codes, reduction, coef, dtype)
+    monkeypatch.undo()
+    # 20 images x 2 programs in groups of 16: each group counted by its rows, the groups once each
+    assert [c.tolist() for c in counters] == [[3, 16, 16, 8]]
     slots = np.clip(labels + shift, 0, code.numel() - 1).ravel()
     counts = np.bincount(slots, minlength=code.numel()) @ table.cpu().numpy()
     ref = np.maximum(counts, 1.0)
@@ -630,30 +638,35 @@ def test_reduction_scales_match_bincount(reduction, dtype):
 
 
 @triton.jit
-def _finalize_probe(part_ptr, rows, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr, L2: tl.constexpr,
-                    D2: tl.constexpr, RB: tl.constexpr, TM: tl.constexpr, CE: tl.constexpr, F64: tl.constexpr):
-    finalize_sums(part_ptr, rows, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr, L2, D2, RB, TM, CE, F64)
+def _finalize_probe(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
+                    L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr, TM: tl.constexpr, CE: tl.constexpr,
+                    F64: tl.constexpr):
+    finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
+                  L2, D2, RB, TM, CE, F64)
 
 
 @pytest.mark.parametrize("tm,ce", [(True, True), (True, False), (False, True)])
 def test_finalize_sums_match_numpy(tm, ce):
-    """The objective kernel's last-program reduction, from the per-program sums to total and parts
-    (run here by a one-program probe kernel): rows in several chunks, float64 sums, and the columns the
-    kernel did not write (``tm`` / ``ce`` off) ignored even when they hold garbage."""
-    from hieraloss.torch.kernels._reduce import rows_per_step
-
+    """The objective kernel's closing reduction, from the per-program sums to total and parts (run
+    here by a probe kernel with one program per row): groups of 16 rows and a short last group, rows
+    read in several chunks, float64 sums, and the columns the kernel did not write (``tm`` / ``ce``
+    off) ignored even when they hold garbage."""
     rng = np.random.default_rng(8)
     L = 3
     for dtype in (torch.float32, torch.float64):
-        part = rng.normal(size=(3001, 2 * L))
+        part = rng.normal(size=(201, 2 * L))
         written = np.array([tm] * L + [ce] * L)
         garbage = np.where(written, part, np.nan)
         denom = rng.uniform(1, 50, 2 * L)
         coef = rng.uniform(0.1, 2, 2 * L)
         t = lambda a, dt=torch.float64: torch.tensor(a, dtype=dt, device=DEVICE)  # noqa: E731
         total, parts = torch.empty((), dtype=dtype, device=DEVICE), torch.empty(1 + L, dtype=dtype, device=DEVICE)
-        _finalize_probe[(1,)](t(garbage, dtype), part.shape[0], t(denom), t(coef), 5.0, total, parts, L2=2 * L, D2=8,
-                    RB=rows_per_step(8), TM=tm, CE=ce, F64=dtype == torch.float64)
+        rows, group = part.shape[0], 16
+        counter = torch.zeros(1 + triton.cdiv(rows, group), dtype=torch.int32, device=DEVICE)
+        gsum = torch.empty((triton.cdiv(rows, group), 8), dtype=torch.float64, device=DEVICE)
+        _finalize_probe[(rows,)](t(garbage, dtype), group, counter, gsum, t(denom), t(coef), 5.0, total, parts,
+                                 L2=2 * L, D2=8, RB=4, TM=tm, CE=ce, F64=dtype == torch.float64)
+        assert counter.tolist() == [triton.cdiv(rows, group)] + [group] * (rows // group) + [rows % group]
         ratio = np.where(written, t(part, dtype).double().cpu().numpy().sum(0), 0.0) / denom
         tol = dict(rtol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6)
         np.testing.assert_allclose(float(total), ratio @ coef, **tol)

@@ -62,8 +62,8 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
     sig.update(x_ptr="*" + x, sxb="i64", lab_ptr="*" + _label_type(label_dtype), slb="i64", code_ptr="*i32",
                shift="i64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", scale_ptr="*" + acc,
                out_ptr="*" + (x if mode_id in (1, 3) else acc), part_ptr="*" + acc, counter_ptr="*i32",
-               denom_ptr="*fp64", coef_ptr="*fp64", factor="fp32", total_ptr="*" + acc, parts_ptr="*" + acc,
-               gamma="fp32")
+               gsum_ptr="*fp64", denom_ptr="*fp64", coef_ptr="*fp64", factor="fp32", total_ptr="*" + acc,
+               parts_ptr="*" + acc, gamma="fp32")
     gamma = 2.0 if focal is True else float(focal)
     const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm,
                  CE=ce, MODE=mode_id)
@@ -99,7 +99,7 @@ def compile_label_histogram(arch: int, *, label_dtype: str = "int64", bins: int 
     kernel = _slot_histogram_kernel
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", hist_ptr="*i32", counter_ptr="*i32",
-               table_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
+               gsum_ptr="*fp64", table_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
     bb = min(bins, 256)
     const = dict(BLOCK=block or _HIST_BLOCK, BINS=bins, L2=2 * depth, D2=triton.next_power_of_2(2 * depth), BB=bb,

@@ -32,7 +32,7 @@ from __future__ import annotations
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 from ._common import WIDE_TREE_NODES
-from ._reduce import rows_per_step
+from ._reduce import padded_width, rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
 CODEGEN_VERSION = 8
@@ -103,13 +103,14 @@ import triton.language as tl
 from hieraloss.torch.kernels._terms import (
     load_rows, log, lse_update, opaque, pin, store_rows, term_grad, term_loss, term_loss_grad,
 )
-from hieraloss.torch.kernels._reduce import finalize_sums, last_program
+from hieraloss.torch.kernels._reduce import finalize_sums
 
 N = tl.constexpr({n})
 L = tl.constexpr({L})
 
 
-@triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp", "P"])
+@triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp", "P",
+                             "group"])
 def objective_kernel(
     x_ptr, sxb, sxn, sxp,             # logits [B, N, P], any strides
     lab_ptr, slb, slp,                # labels [B, P], any integer dtype
@@ -119,7 +120,8 @@ def objective_kernel(
     scale_ptr,                        # per-depth gradient scales [2 L]: tree-min then cross-entropy (MODE 1)
     out_ptr,                          # gradient (MODE 1, 3) or loss map (MODE 2): contiguous [B, N, P]
     part_ptr,                         # per-program sums [B * programs, 2 L]: tree-min then cross-entropy
-    counter_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,  # the last program's reduction (MODE 0, 1)
+    group, counter_ptr, gsum_ptr,     # the reduction of the sums (MODE 0, 1): programs per group, counters, group sums
+    denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
     P, gamma,                         # FOCAL: 0 none, 1..4 the integer gamma, -1 any other gamma
     BLOCK_P: tl.constexpr, F64: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr,
     TM: tl.constexpr, CE: tl.constexpr, MODE: tl.constexpr,
@@ -401,12 +403,11 @@ def objective_source(h: Hierarchy) -> str:
                 emit(f"{I3}gr += tl.where(kn{d}, csc{d} * (tl.exp(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
         emit(f"{I2}store_rows(ob + {v} * P64, gr.to(out_ptr.dtype.element_ty), pmask, one)")
 
-    # ---------------------------------------------------------------- 4. total and parts (last program)
-    d2 = 1 << (2 * L - 1).bit_length()
+    # ---------------------------------------------------------------- 4. total and parts (last programs)
+    d2 = padded_width(2 * L)
     emit(f"{I1}if VALUE:")
-    emit(f"{I2}if last_program(counter_ptr, tl.num_programs(0) * tl.num_programs(1)):")
-    emit(f"{I3}finalize_sums(part_ptr, tl.num_programs(0) * tl.num_programs(1), denom_ptr, coef_ptr, factor,")
-    emit(f"{I3}              total_ptr, parts_ptr, {2 * L}, {d2}, {rows_per_step(d2)}, TM, CE, F64)")
+    emit(f"{I2}finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr,")
+    emit(f"{I2}              parts_ptr, {2 * L}, {d2}, {rows_per_step(d2)}, TM, CE, F64)")
     emit("")
     return "\n".join(lines)
 

@@ -1,9 +1,12 @@
-"""The objective's small reductions, run by the last program of the kernel before them (Triton
+"""The objective's small reductions, run by the last programs of the kernels before them (Triton
 device functions): no launch and no torch op of their own.
 
 Each program of the label-histogram kernel and of the objective kernel stores its row of partial
-sums, then counts itself done on an int32 counter (zeroed per call); the program that finds itself
-last reads every row (``.cg``: from L2, where the others' stores are) and reduces them:
+sums, then counts itself done on an int32 counter (zeroed per call). Rows come in groups of
+``group`` consecutive programs: the last program of a group sums the group's rows into one float64
+row, and the last group to finish sums those rows and finishes (``.cg`` loads: from L2, where the
+other programs' stores are). Two levels keep the serial tail short: one program reducing the
+32768 rows of a Cityscapes step cost 0.13 ms on the H100, more than a fifth of the step.
 
 * :func:`depth_scales`: slot histograms -> per-depth entry counts -> each per-depth sum's
   denominator and gradient scale, which the objective kernel then reads;
@@ -13,6 +16,8 @@ Both sum in a fixed order, so the result does not depend on which program finish
 """
 
 from __future__ import annotations
+
+import math
 
 import triton
 import triton.language as tl
@@ -25,6 +30,20 @@ def rows_per_step(width: int) -> int:
     return max(1, ENTRIES_PER_STEP // width)
 
 
+def padded_width(width: int) -> int:
+    return triton.next_power_of_2(width)
+
+
+def group_rows(rows: int) -> int:
+    """Rows per group of the two-level reduction: about the square root of ``rows``."""
+    return max(16, triton.next_power_of_2(math.isqrt(max(rows, 1))))
+
+
+def counters(rows: int) -> int:
+    """int32 counters a reduction over ``rows`` rows needs: one per group and one for the groups."""
+    return 1 + triton.cdiv(rows, group_rows(rows))
+
+
 @triton.jit
 def last_program(counter_ptr, programs):
     """Whether this program is the last of ``programs`` to get here; the stores every program made
@@ -34,56 +53,80 @@ def last_program(counter_ptr, programs):
 
 
 @triton.jit
-def depth_scales(hist_ptr, rows, table_ptr, S, coef_ptr, denom_ptr, scale_ptr,
-                 L2: tl.constexpr, D2: tl.constexpr, BINS: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr,
-                 REDUCTION: tl.constexpr, F64: tl.constexpr):
-    """Per-depth entry counts ``(sum of hist [rows, BINS] over rows) @ table [S, L2]`` (tree-min then
-    cross-entropy), then each per-depth sum's denominator (float64 ``[L2]``: tree-min per
-    ``REDUCTION``, cross-entropy its count, at least 1) and gradient scale ``coef / denominator``."""
-    L: tl.constexpr = L2 // 2
-    k = tl.arange(0, D2)
-    kin = k < L2
-    depth_counts = tl.zeros([D2], dtype=tl.float64)
-    for b0 in range(0, BINS, BB):
-        bins = b0 + tl.arange(0, BB)
-        slots = tl.zeros([BB], dtype=tl.int64)
-        for r0 in range(0, rows, RB):
-            r = r0 + tl.arange(0, RB)
-            h = tl.load(hist_ptr + r[:, None].to(tl.int64) * BINS + bins[None, :], mask=(r < rows)[:, None],
-                        other=0, cache_modifier=".cg")
-            slots += tl.sum(h.to(tl.int64), 0)
-        tab = tl.load(table_ptr + bins[:, None] * L2 + k[None, :], mask=(bins < S)[:, None] & kin[None, :], other=0.0)
-        depth_counts += tl.sum(slots.to(tl.float64)[:, None] * tab, 0)
-    denom = tl.maximum(depth_counts, 1.0)
-    if REDUCTION == 1:  # mean: every tree-min depth over the count of all depths
-        denom = tl.where(k < L, tl.maximum(tl.sum(tl.where(k < L, depth_counts, 0.0), 0), 1.0), denom)
-    elif REDUCTION == 2:  # sum
-        denom = tl.where(k < L, 1.0, denom)
-    coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
-    tl.store(denom_ptr + k, denom, mask=kin)
-    tl.store(scale_ptr + k, (coef / denom).to(tl.float64 if F64 else tl.float32), mask=kin)
+def _sum_rows(ptr, first, n, width, cols, col_mask, RB: tl.constexpr):
+    """float64 column sums of rows ``first .. first + n`` of a row-major ``[., width]`` array at ``cols``."""
+    acc = tl.zeros(cols.shape, dtype=tl.float64)
+    for r0 in range(0, n, RB):
+        r = first + r0 + tl.arange(0, RB)
+        v = tl.load(ptr + r[:, None].to(tl.int64) * width + cols[None, :],
+                    mask=(r < first + n)[:, None] & col_mask[None, :], other=0, cache_modifier=".cg")
+        acc += tl.sum(v.to(tl.float64), 0)
+    return acc
 
 
 @triton.jit
-def finalize_sums(part_ptr, rows, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
+def _group_of_this_program(group):
+    """(group index, first row, rows in it, groups) of this program's row ``b * programs(0) + pid``."""
+    rows = tl.num_programs(0) * tl.num_programs(1)
+    g = (tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)) // group
+    return g, g * group, tl.minimum(group, rows - g * group), tl.cdiv(rows, group)
+
+
+@triton.jit
+def depth_scales(hist_ptr, group, counter_ptr, gsum_ptr, table_ptr, S, coef_ptr, denom_ptr, scale_ptr,
+                 L2: tl.constexpr, D2: tl.constexpr, BINS: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr,
+                 REDUCTION: tl.constexpr, F64: tl.constexpr):
+    """Called by every program of the histogram kernel after storing its row of ``hist [rows, BINS]``
+    (slot counts): per-depth entry counts ``(column sums of hist) @ table [S, L2]`` (tree-min then
+    cross-entropy), then each per-depth sum's denominator (float64 ``[L2]``: tree-min per
+    ``REDUCTION``, cross-entropy its count, at least 1) and gradient scale ``coef / denominator``.
+    ``gsum [groups, BINS]`` float64: the groups' sums; ``counter [1 + groups]`` zeroed."""
+    g, first, n, groups = _group_of_this_program(group)
+    if last_program(counter_ptr + 1 + g, n):
+        for b0 in range(0, BINS, BB):
+            bins = b0 + tl.arange(0, BB)
+            tl.store(gsum_ptr + g * BINS + bins, _sum_rows(hist_ptr, first, n, BINS, bins, bins < BINS, RB))
+        if last_program(counter_ptr, groups):
+            L: tl.constexpr = L2 // 2
+            k = tl.arange(0, D2)
+            kin = k < L2
+            depth_counts = tl.zeros([D2], dtype=tl.float64)
+            for b0 in range(0, BINS, BB):
+                bins = b0 + tl.arange(0, BB)
+                slots = _sum_rows(gsum_ptr, 0, groups, BINS, bins, bins < BINS, RB)
+                tab = tl.load(table_ptr + bins[:, None] * L2 + k[None, :], mask=(bins < S)[:, None] & kin[None, :],
+                              other=0.0)
+                depth_counts += tl.sum(slots[:, None] * tab, 0)
+            denom = tl.maximum(depth_counts, 1.0)
+            if REDUCTION == 1:  # mean: every tree-min depth over the count of all depths
+                denom = tl.where(k < L, tl.maximum(tl.sum(tl.where(k < L, depth_counts, 0.0), 0), 1.0), denom)
+            elif REDUCTION == 2:  # sum
+                denom = tl.where(k < L, 1.0, denom)
+            coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
+            tl.store(denom_ptr + k, denom, mask=kin)
+            tl.store(scale_ptr + k, (coef / denom).to(tl.float64 if F64 else tl.float32), mask=kin)
+
+
+@triton.jit
+def finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
                   L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr, TM: tl.constexpr, CE: tl.constexpr,
                   F64: tl.constexpr):
-    """``ratio = (sum of part [rows, L2] over rows, float64) / denominator`` over the columns the
-    objective wrote (tree-min with ``TM``, cross-entropy with ``CE``), then ``total = ratio . coef``
-    and ``parts = [factor * sum of the tree-min ratios, cross-entropy ratios]``."""
+    """Called by every program of the objective kernel after storing its row of ``part [rows, L2]``:
+    ``ratio = (column sums of part, float64) / denominator`` over the columns the objective wrote
+    (tree-min with ``TM``, cross-entropy with ``CE``), then ``total = ratio . coef`` and
+    ``parts = [factor * sum of the tree-min ratios, cross-entropy ratios]``. ``gsum [groups, D2]``
+    float64: the groups' sums; ``counter [1 + groups]`` zeroed."""
     L: tl.constexpr = L2 // 2
     k = tl.arange(0, D2)
     kin = k < L2
-    written = tl.where(k < L, TM, CE) & kin
-    sums = tl.zeros([D2], dtype=tl.float64)
-    for r0 in range(0, rows, RB):
-        r = r0 + tl.arange(0, RB)
-        v = tl.load(part_ptr + r[:, None].to(tl.int64) * L2 + k[None, :], mask=(r < rows)[:, None] & written[None, :],
-                    other=0.0, cache_modifier=".cg")
-        sums += tl.sum(v.to(tl.float64), 0)
-    ratio = sums / tl.load(denom_ptr + k, mask=kin, other=1.0)
-    coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
-    OT: tl.constexpr = tl.float64 if F64 else tl.float32
-    tl.store(total_ptr, tl.sum(ratio * coef, 0).to(OT))
-    tl.store(parts_ptr, (tl.sum(tl.where(k < L, ratio, 0.0), 0) * factor).to(OT))
-    tl.store(parts_ptr + 1 + (k - L), ratio.to(OT), mask=(k >= L) & kin)
+    g, first, n, groups = _group_of_this_program(group)
+    if last_program(counter_ptr + 1 + g, n):
+        written = tl.where(k < L, TM, CE) & kin
+        tl.store(gsum_ptr + g * D2 + k, _sum_rows(part_ptr, first, n, L2, k, written, RB))
+        if last_program(counter_ptr, groups):
+            ratio = _sum_rows(gsum_ptr, 0, groups, D2, k, kin, RB) / tl.load(denom_ptr + k, mask=kin, other=1.0)
+            coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
+            OT: tl.constexpr = tl.float64 if F64 else tl.float32
+            tl.store(total_ptr, tl.sum(ratio * coef, 0).to(OT))
+            tl.store(parts_ptr, (tl.sum(tl.where(k < L, ratio, 0.0), 0) * factor).to(OT))
+            tl.store(parts_ptr + 1 + (k - L), ratio.to(OT), mask=(k >= L) & kin)

@@ -45,7 +45,7 @@ from .._tables import tables_for
 from . import _codegen, _reduce
 from ._common import NUM_STAGES, launch_sizes, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, scaled_gradient
-from ._reduce import depth_scales, last_program
+from ._reduce import depth_scales
 from ._terms import focal_code
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
@@ -118,13 +118,13 @@ def _as_bnp(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
-@triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P"])
+@triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P", "group"])
 def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, hist_ptr, P,
-                           counter_ptr, table_ptr, coef_ptr, denom_ptr, scale_ptr,
+                           group, counter_ptr, gsum_ptr, table_ptr, coef_ptr, denom_ptr, scale_ptr,
                            BLOCK: tl.constexpr, BINS: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
                            BB: tl.constexpr, RB: tl.constexpr, REDUCTION: tl.constexpr, F64: tl.constexpr):
     """Per-program histogram of the label slots ``clamp(label + shift, 0, ncode - 1)``, one row of
-    ``hist [B * programs, BINS]`` per program; the last program turns them into the per-depth
+    ``hist [B * programs, BINS]`` per program; the last programs turn them into the per-depth
     denominators and gradient scales (:func:`_reduce.depth_scales`)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
@@ -134,10 +134,8 @@ def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, hist_ptr, P,
     slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1).to(tl.int32)
     hist = tl.histogram(slot, BINS, mask=mask)
     tl.store(hist_ptr + (b * tl.num_programs(0) + pid) * BINS + tl.arange(0, BINS), hist)
-    rows = tl.num_programs(0) * tl.num_programs(1)
-    if last_program(counter_ptr, rows):
-        depth_scales(hist_ptr, rows, table_ptr, ncode, coef_ptr, denom_ptr, scale_ptr,
-                     L2, D2, BINS, BB, RB, REDUCTION, F64)
+    depth_scales(hist_ptr, group, counter_ptr, gsum_ptr, table_ptr, ncode, coef_ptr, denom_ptr, scale_ptr,
+                 L2, D2, BINS, BB, RB, REDUCTION, F64)
 
 
 _HIST_BLOCK = 4096
@@ -159,11 +157,11 @@ def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tu
     return torch.tensor((tm_weight,) * L + ce, dtype=torch.float64, device=device)
 
 
-def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor, acc: torch.dtype,
-            counter: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor,
+            acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``(denominators float64 [2 L], gradient scales acc [2 L])`` from a histogram of the label slots
-    in one launch (``counter``: a zeroed int32). Per-program histograms, no atomics on the bins
-    (``index_add`` into a few slots serialises millions of atomics on one cache line); no host sync."""
+    in one launch. Per-program histograms, no atomics on the bins (``index_add`` into a few slots
+    serialises millions of atomics on one cache line); no host sync."""
     code, shift, table = codes
     B, P = labels.shape[0], math.prod(labels.shape[1:])
     lab = labels.reshape(B, P)
@@ -173,11 +171,15 @@ def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor, acc
     tiles = triton.cdiv(P, block)
     denom = torch.empty(L2, dtype=torch.float64, device=labels.device)
     scales = torch.empty(L2, dtype=acc, device=labels.device)
-    if B * tiles == 0:  # no program would run: no entries
+    rows = B * tiles
+    if rows == 0:  # no program would run: no entries
         return denom.fill_(1.0), scales.copy_(coef)
-    hist = torch.empty((B * tiles, bins), dtype=torch.int32, device=labels.device)
+    group = _reduce.group_rows(rows)
+    hist = torch.empty((rows, bins), dtype=torch.int32, device=labels.device)
+    gsum = torch.empty((triton.cdiv(rows, group), bins), dtype=torch.float64, device=labels.device)
+    counter = torch.zeros(_reduce.counters(rows), dtype=torch.int32, device=labels.device)
     _slot_histogram_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, S, hist, P,
-                                       counter, table, coef, denom, scales,
+                                       group, counter, gsum, table, coef, denom, scales,
                                        BLOCK=block, BINS=bins, L2=L2, D2=triton.next_power_of_2(L2), BB=bb,
                                        RB=_reduce.rows_per_step(bb), REDUCTION=_reduce.REDUCTION_IDS[reduction],
                                        F64=acc == torch.float64, num_warps=4)
@@ -186,8 +188,8 @@ def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor, acc
 
 def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, scales=None, sums=None,
             out_dtype=None, upstream=None):
-    """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(counter, denominators,
-    coefficients, factor, total, parts)`` for its last program's reduction into ``total`` and ``parts``."""
+    """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(denominators, coefficients,
+    factor, total, parts)`` for its last programs' reduction into ``total`` and ``parts``."""
     B, N, P = x.shape
     L = hierarchy.max_depth
     block_p, warps = launch_sizes(N, P)
@@ -195,19 +197,27 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sc
     acc = _acc_dtype(x)
     dev = x.device
     # Every program writes its row of the sums it computes (tree-min with tm, cross-entropy with ce),
-    # and the last program reads only those.
+    # and the reduction reads only those.
     part = torch.empty((B * tiles, 2 * L), dtype=acc, device=dev)
     out = part if mode == 0 else torch.empty((B, N, P), dtype=out_dtype, device=dev)
     if B * P == 0:
         if sums is not None:
+            sums[3].zero_()
             sums[4].zero_()
-            sums[5].zero_()
         return (out.zero_() if mode else out)
     code, shift = codes[0], codes[1]
     lab = labels.reshape(B, P)
     go = upstream if upstream is not None else x
     dummy = part
-    counter, denom, coef, factor, total, parts = sums if sums is not None else (dummy,) * 3 + (1.0,) + (dummy,) * 2
+    group = _reduce.group_rows(B * tiles)
+    if sums is not None:
+        denom, coef, factor, total, parts = sums
+        counter = torch.zeros(_reduce.counters(B * tiles), dtype=torch.int32, device=dev)
+        gsum = torch.empty((triton.cdiv(B * tiles, group), _reduce.padded_width(2 * L)), dtype=torch.float64,
+                           device=dev)
+    else:
+        counter = gsum = denom = coef = total = parts = dummy
+        factor = 1.0
     kernel_for(hierarchy)[(tiles, B)](
         x, x.stride(0), x.stride(1), x.stride(2),
         lab, lab.stride(0), lab.stride(1),
@@ -215,7 +225,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sc
         node_weight if node_weight is not None else dummy,
         go, go.stride(0), go.stride(1), go.stride(2),
         scales if scales is not None else dummy,
-        out, part, counter, denom, coef, float(factor), total, parts, P, float(gamma),
+        out, part, group, counter, gsum, denom, coef, float(factor), total, parts, P, float(gamma),
         BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
         HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
         num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
@@ -240,10 +250,9 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_inde
         return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
     factor = HSSN_SCALE if reduction == "hssn" else 1.0
     coef = _coefficients(logits.device, L, float(tm_weight) * factor, tuple(float(w) for w in ce_weights))
-    counter = torch.zeros(2, dtype=torch.int32, device=logits.device)  # the two kernels' last-program counts
-    denom, scales = _scales(labels, codes, reduction, coef, acc, counter[0])
+    denom, scales = _scales(labels, codes, reduction, coef, acc)
     total, parts = logits.new_empty((), dtype=acc), logits.new_empty((1 + L,), dtype=acc)
-    sums = (counter[1], denom, coef, factor, total, parts)
+    sums = (denom, coef, factor, total, parts)
     if want_grad:
         grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, scales=scales, sums=sums,
                        out_dtype=logits.dtype).view(logits.shape)
