@@ -285,14 +285,20 @@ def test_hssn_loss_hands_the_triplet_weight_to_the_kernels(monkeypatch, weight):
     """The kernels get the weight as their scale and the torch backward an upstream gradient of 1 (the
     gradient buffer takes no pass of its own); weight 0 keeps the unweighted loss and the multiply."""
     from hieraloss.torch import kernels
-    from hieraloss.torch.kernels import triplet
+    from hieraloss.torch.kernels import _grad_buffer, triplet
 
     scales, upstreams = [], []
-    real_loss, real_grad = kernels.fused_triplet_loss, triplet.scaled_gradient
+    inputs = _hssn_inputs("float32")
+    real_loss, real_grad = kernels.fused_triplet_loss, _grad_buffer.scaled_gradient
+
+    def spy(ctx, g, up):
+        if tuple(g.shape) == inputs[2].shape:  # the triplet term's buffer (the objective's has the logits' shape)
+            upstreams.append(float(up))
+        return real_grad(ctx, g, up)
     monkeypatch.setattr(kernels, "fused_triplet_loss", lambda *a, **k: scales.append(k["scale"]) or real_loss(*a, **k))
-    monkeypatch.setattr(triplet, "scaled_gradient",
-                        lambda ctx, g, up: upstreams.append(float(up)) or real_grad(ctx, g, up))
-    _hssn_run(*_hssn_inputs("float32"), "triton", triplet_weight=weight)
+    for module in (triplet, _grad_buffer):  # the op's backward, the eager path's
+        monkeypatch.setattr(module, "scaled_gradient", spy)
+    _hssn_run(*inputs, "triton", triplet_weight=weight)
     assert scales == [weight or 1.0]
     np.testing.assert_allclose(upstreams, [1.3 if weight else 0.0], rtol=1e-6)
 
