@@ -464,6 +464,9 @@ def test_eager_path_equals_the_registered_op(monkeypatch, dtype):
     op_loss, op_g1, op_g2, op_node = run()
     assert "EagerFusedLoss" not in op_node, op_node
     torch.testing.assert_close(loss, op_loss, rtol=0, atol=0)
-    torch.testing.assert_close(g1, op_g1, rtol=0, atol=0)
-    torch.testing.assert_close(g2, op_g2, rtol=0, atol=0)
-    torch.testing.assert_close(g2, g1 / 4, rtol=1e-6, atol=0)
+    # On a GPU the gradient is added with atomics, so its last bits depend on the order of the adds
+    # (H100: 1.5e-8 apart in float32, 1.4e-17 in float64); the interpreter is exact.
+    tol = dict(rtol=1e-6, atol=1e-7) if dtype == torch.float32 else dict(rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(g1, op_g1, **tol)
+    torch.testing.assert_close(g2, op_g2, **tol)
+    torch.testing.assert_close(g2, g1 / 4, **tol)
