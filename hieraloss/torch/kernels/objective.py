@@ -234,8 +234,8 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sc
 
 
 def _objective(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_index: int,
-                 node_weight: torch.Tensor | None, gamma: float, reduction: str, tree_min: bool, tm_weight: float,
-                 ce_weights: list[float], want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               node_weight: torch.Tensor | None, gamma: float, reduction: str, tree_min: bool, tm_weight: float,
+               ce_weights: list[float], want_grad: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_reduction(reduction)
     hierarchy = Hierarchy.by_fingerprint(key)
     x = _as_bnp(logits)

@@ -265,9 +265,8 @@ def _score_sizes(C: int, f64: bool) -> tuple[int, int, int]:
     return bt, bc, min(16, max(4, bt * bc // (32 * per_thread)))
 
 
-def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor | None, key: str,
-               max_per_class: int, base_margin: float, scale: float, want_grad: bool
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor | None, key: str, max_per_class: int,
+             base_margin: float, scale: float, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, grad)``: ``scale`` times the triplet loss of ``embeddings [B, C, h, w]`` for the pixel
     codes of :func:`triplet_codes_op` (key order: flat, or ``order [B * h * w]``), and with
     ``want_grad`` the gradient of that (else an empty tensor). The scale is a kernel argument (no
