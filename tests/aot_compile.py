@@ -5,7 +5,7 @@ session runs Triton under the interpreter (TRITON_INTERPRET=1), which cannot com
     python tests/aot_compile.py '<json list of specs>'
 
 A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...},
-"kernel": "objective" | "decode" | "histogram" (with "bins", "block", "depth", "reduction") | "scale" |
+"kernel": "objective" | "decode" | "counts" (with "block", "depth", "reduction") | "scale" |
 "triplet" (with "part": "codes" | "select" |
 "score", "channels", "grad", "ordered", "num_leaves"), "arch": 90,
 "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>, "focal": bool | gamma, "weighted": bool,
@@ -35,11 +35,10 @@ def main() -> int:
     for spec in specs:
         h = _tree(spec["tree"]) if spec.get("tree") is not None else None
         try:
-            if spec["kernel"] == "histogram":
-                k = _aot.compile_label_histogram(spec["arch"], label_dtype=spec["label_dtype"], bins=spec["bins"],
-                                                 block=spec.get("block"), depth=spec.get("depth", 2),
-                                                 reduction=spec.get("reduction", "hssn"),
-                                                 dtype=spec.get("dtype", "float32"))
+            if spec["kernel"] == "counts":
+                k = _aot.compile_label_counts(spec["arch"], label_dtype=spec["label_dtype"], block=spec.get("block"),
+                                              depth=spec.get("depth", 2), reduction=spec.get("reduction", "hssn"),
+                                              dtype=spec.get("dtype", "float32"))
             elif spec["kernel"] == "triplet":
                 k = _aot.compile_triplet(spec["arch"], kernel=spec["part"], dtype=spec.get("dtype", "float32"),
                                          channels=spec.get("channels", 256), grad=spec.get("grad", True),

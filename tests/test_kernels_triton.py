@@ -599,9 +599,9 @@ def test_wide_trees_load_fewer_rows_at_once_and_cap_registers(monkeypatch):
 @pytest.mark.parametrize("reduction", ["hssn", "mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_reduction_scales_match_bincount(monkeypatch, reduction, dtype):
-    """The histogram kernel's last programs, from label-slot histograms to denominators and gradient
-    scales, against a bincount: a 600-leaf flat tree (bins read in several chunks) over 40 histogram
-    rows (three groups, rows read in several chunks), labels out of range and ignored included."""
+    """The count kernel and its last programs' denominators and gradient scales against a bincount
+    of the label slots times the count table: a 600-leaf flat tree, 20 images of 4097 pixels (100
+    programs in groups of 16, rows read in several chunks), labels out of range and ignored included."""
     from hieraloss import Hierarchy
     from hieraloss.torch.kernels import objective
 
@@ -622,8 +622,8 @@ def test_reduction_scales_match_bincount(monkeypatch, reduction, dtype):
     monkeypatch.setattr(torch, "zeros", spy)
     denom, scales = objective._scales(torch.tensor(labels, device=DEVICE), codes, reduction, coef, dtype)
     monkeypatch.undo()
-    # 20 images x 2 programs in groups of 16: each group counted by its rows, the groups once each
-    assert [c.tolist() for c in counters] == [[3, 16, 16, 8]]
+    # 20 images x 5 programs in groups of 16: each group counted by its rows, the groups once each
+    assert [c.tolist() for c in counters] == [[7] + [16] * 6 + [4]]
     slots = np.clip(labels + shift, 0, code.numel() - 1).ravel()
     counts = np.bincount(slots, minlength=code.numel()) @ table.cpu().numpy()
     ref = np.maximum(counts, 1.0)

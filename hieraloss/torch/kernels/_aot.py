@@ -88,22 +88,22 @@ def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down:
                           options=dict(num_warps=warps, num_stages=NUM_STAGES))
 
 
-def compile_label_histogram(arch: int, *, label_dtype: str = "int64", bins: int = 32, block: int | None = None,
-                            depth: int = 2, reduction: str = "hssn", dtype: str = "float32"):
-    """Compile the label-slot histogram kernel (the objective's reduction counts, and in its last
-    program the per-depth denominators and gradient scales) for ``sm_<arch>``, for a tree of ``depth``
-    levels and logits of ``dtype``."""
+def compile_label_counts(arch: int, *, label_dtype: str = "int64", block: int | None = None, depth: int = 2,
+                         reduction: str = "hssn", dtype: str = "float32"):
+    """Compile the label-count kernel (the objective's reduction counts, and in its last programs the
+    per-depth denominators and gradient scales) for ``sm_<arch>``, for a tree of ``depth`` levels and
+    logits of ``dtype``."""
     from . import _reduce
-    from .objective import _HIST_BLOCK, _slot_histogram_kernel
+    from .objective import _COUNT_BLOCK, _depth_counts_kernel
 
-    kernel = _slot_histogram_kernel
+    kernel = _depth_counts_kernel
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", hist_ptr="*i32", counter_ptr="*i32",
-               gsum_ptr="*fp64", table_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
+    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", table_ptr="*fp64", count_ptr="*fp64",
+               counter_ptr="*i32", gsum_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
-    bb = min(bins, 256)
-    const = dict(BLOCK=block or _HIST_BLOCK, BINS=bins, L2=2 * depth, D2=triton.next_power_of_2(2 * depth), BB=bb,
-                 RB=_reduce.rows_per_step(bb), REDUCTION=_reduce.REDUCTION_IDS[reduction], F64=dtype == "float64")
+    d2 = _reduce.padded_width(2 * depth)
+    const = dict(BLOCK=block or _COUNT_BLOCK, L2=2 * depth, D2=d2, RB=_reduce.rows_per_step(d2),
+                 REDUCTION=_reduce.REDUCTION_IDS[reduction], F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=4))

@@ -1,15 +1,15 @@
 """The objective's small reductions, run by the last programs of the kernels before them (Triton
 device functions): no launch and no torch op of their own.
 
-Each program of the label-histogram kernel and of the objective kernel stores its row of partial
+Each program of the label-count kernel and of the objective kernel stores its row of partial
 sums, then counts itself done on an int32 counter (zeroed per call). Rows come in groups of
 ``group`` consecutive programs: the last program of a group sums the group's rows into one float64
 row, and the last group to finish sums those rows and finishes (``.cg`` loads: from L2, where the
 other programs' stores are). Two levels keep the serial tail short: one program reducing the
 32768 rows of a Cityscapes step cost 0.13 ms on the H100, more than a fifth of the step.
 
-* :func:`depth_scales`: slot histograms -> per-depth entry counts -> each per-depth sum's
-  denominator and gradient scale, which the objective kernel then reads;
+* :func:`depth_scales`: per-program entry counts per depth -> each per-depth sum's denominator and
+  gradient scale, which the objective kernel then reads;
 * :func:`finalize_sums`: the objective's per-program sums -> ``total`` and ``parts``.
 
 Both sum in a fixed order, so the result does not depend on which program finishes last.
@@ -73,38 +73,42 @@ def _group_of_this_program(group):
 
 
 @triton.jit
-def depth_scales(hist_ptr, group, counter_ptr, gsum_ptr, table_ptr, S, coef_ptr, denom_ptr, scale_ptr,
-                 L2: tl.constexpr, D2: tl.constexpr, BINS: tl.constexpr, BB: tl.constexpr, RB: tl.constexpr,
-                 REDUCTION: tl.constexpr, F64: tl.constexpr):
-    """Called by every program of the histogram kernel after storing its row of ``hist [rows, BINS]``
-    (slot counts): per-depth entry counts ``(column sums of hist) @ table [S, L2]`` (tree-min then
-    cross-entropy), then each per-depth sum's denominator (float64 ``[L2]``: tree-min per
-    ``REDUCTION``, cross-entropy its count, at least 1) and gradient scale ``coef / denominator``.
-    ``gsum [groups, BINS]`` float64: the groups' sums; ``counter [1 + groups]`` zeroed."""
+def _column_sums(ptr, width, group, counter_ptr, gsum_ptr, cols, col_mask, D2: tl.constexpr, RB: tl.constexpr):
+    """Called by every program after storing its row of ``rows [programs, width]``: ``(done, sums)``,
+    ``done`` true in the one program that finds every row summed, ``sums`` (float64 ``[D2]``, valid
+    there) the column sums at ``cols`` where ``col_mask``. ``gsum [groups, D2]`` float64: the groups'
+    sums; ``counter [1 + groups]`` zeroed."""
     g, first, n, groups = _group_of_this_program(group)
+    done = tl.zeros([], dtype=tl.int1)
+    sums = tl.zeros([D2], dtype=tl.float64)
     if last_program(counter_ptr + 1 + g, n):
-        for b0 in range(0, BINS, BB):
-            bins = b0 + tl.arange(0, BB)
-            tl.store(gsum_ptr + g * BINS + bins, _sum_rows(hist_ptr, first, n, BINS, bins, bins < BINS, RB))
+        tl.store(gsum_ptr + g * D2 + cols, _sum_rows(ptr, first, n, width, cols, col_mask, RB))
         if last_program(counter_ptr, groups):
-            L: tl.constexpr = L2 // 2
-            k = tl.arange(0, D2)
-            kin = k < L2
-            depth_counts = tl.zeros([D2], dtype=tl.float64)
-            for b0 in range(0, BINS, BB):
-                bins = b0 + tl.arange(0, BB)
-                slots = _sum_rows(gsum_ptr, 0, groups, BINS, bins, bins < BINS, RB)
-                tab = tl.load(table_ptr + bins[:, None] * L2 + k[None, :], mask=(bins < S)[:, None] & kin[None, :],
-                              other=0.0)
-                depth_counts += tl.sum(slots[:, None] * tab, 0)
-            denom = tl.maximum(depth_counts, 1.0)
-            if REDUCTION == 1:  # mean: every tree-min depth over the count of all depths
-                denom = tl.where(k < L, tl.maximum(tl.sum(tl.where(k < L, depth_counts, 0.0), 0), 1.0), denom)
-            elif REDUCTION == 2:  # sum
-                denom = tl.where(k < L, 1.0, denom)
-            coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
-            tl.store(denom_ptr + k, denom, mask=kin)
-            tl.store(scale_ptr + k, (coef / denom).to(tl.float64 if F64 else tl.float32), mask=kin)
+            done = tl.full([], 1, dtype=tl.int1)
+            sums = _sum_rows(gsum_ptr, 0, groups, D2, cols, col_mask, RB)
+    return done, sums
+
+
+@triton.jit
+def depth_scales(count_ptr, group, counter_ptr, gsum_ptr, coef_ptr, denom_ptr, scale_ptr,
+                 L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr, REDUCTION: tl.constexpr, F64: tl.constexpr):
+    """Called by every program of the count kernel after storing its row of ``counts [rows, L2]``
+    (its pixels' entries per depth, tree-min then cross-entropy): each per-depth sum's denominator
+    (float64 ``[L2]``: tree-min per ``REDUCTION``, cross-entropy its count, at least 1) and gradient
+    scale ``coef / denominator``."""
+    L: tl.constexpr = L2 // 2
+    k = tl.arange(0, D2)
+    kin = k < L2
+    done, depth_counts = _column_sums(count_ptr, L2, group, counter_ptr, gsum_ptr, k, kin, D2, RB)
+    if done:
+        denom = tl.maximum(depth_counts, 1.0)
+        if REDUCTION == 1:  # mean: every tree-min depth over the count of all depths
+            denom = tl.where(k < L, tl.maximum(tl.sum(tl.where(k < L, depth_counts, 0.0), 0), 1.0), denom)
+        elif REDUCTION == 2:  # sum
+            denom = tl.where(k < L, 1.0, denom)
+        coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
+        tl.store(denom_ptr + k, denom, mask=kin)
+        tl.store(scale_ptr + k, (coef / denom).to(tl.float64 if F64 else tl.float32), mask=kin)
 
 
 @triton.jit
@@ -114,19 +118,16 @@ def finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, f
     """Called by every program of the objective kernel after storing its row of ``part [rows, L2]``:
     ``ratio = (column sums of part, float64) / denominator`` over the columns the objective wrote
     (tree-min with ``TM``, cross-entropy with ``CE``), then ``total = ratio . coef`` and
-    ``parts = [factor * sum of the tree-min ratios, cross-entropy ratios]``. ``gsum [groups, D2]``
-    float64: the groups' sums; ``counter [1 + groups]`` zeroed."""
+    ``parts = [factor * sum of the tree-min ratios, cross-entropy ratios]``."""
     L: tl.constexpr = L2 // 2
     k = tl.arange(0, D2)
     kin = k < L2
-    g, first, n, groups = _group_of_this_program(group)
-    if last_program(counter_ptr + 1 + g, n):
-        written = tl.where(k < L, TM, CE) & kin
-        tl.store(gsum_ptr + g * D2 + k, _sum_rows(part_ptr, first, n, L2, k, written, RB))
-        if last_program(counter_ptr, groups):
-            ratio = _sum_rows(gsum_ptr, 0, groups, D2, k, kin, RB) / tl.load(denom_ptr + k, mask=kin, other=1.0)
-            coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
-            OT: tl.constexpr = tl.float64 if F64 else tl.float32
-            tl.store(total_ptr, tl.sum(ratio * coef, 0).to(OT))
-            tl.store(parts_ptr, (tl.sum(tl.where(k < L, ratio, 0.0), 0) * factor).to(OT))
-            tl.store(parts_ptr + 1 + (k - L), ratio.to(OT), mask=(k >= L) & kin)
+    written = tl.where(k < L, TM, CE) & kin
+    done, sums = _column_sums(part_ptr, L2, group, counter_ptr, gsum_ptr, k, written, D2, RB)
+    if done:
+        ratio = sums / tl.load(denom_ptr + k, mask=kin, other=1.0)
+        coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
+        OT: tl.constexpr = tl.float64 if F64 else tl.float32
+        tl.store(total_ptr, tl.sum(ratio * coef, 0).to(OT))
+        tl.store(parts_ptr, (tl.sum(tl.where(k < L, ratio, 0.0), 0) * factor).to(OT))
+        tl.store(parts_ptr + 1 + (k - L), ratio.to(OT), mask=(k >= L) & kin)

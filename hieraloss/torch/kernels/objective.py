@@ -12,9 +12,9 @@ cross-entropy at every depth, value and gradient together.
   only scales it by the upstream gradient), else an empty tensor. Reading the logits and labels
   once and writing the gradient once is the whole training step of the loss.
 
-The reduction counts and the gradient's per-depth scales come from a histogram of the label
-values (a label-sized pass, no host sync); labels are mapped inside the kernel through a small
-code table, so neither the label check nor the mapping has to materialise anything logits-sized.
+The reduction counts and the gradient's per-depth scales come from one label-sized pass (each
+label's entries per depth, looked up in a small table; no host sync); labels are mapped inside the
+kernel through a small code table, so neither the label check nor the mapping has to materialise anything logits-sized.
 ``reduction="none"`` (tree-min only) returns the loss map as ``total``; its backward launches the
 kernel again with the upstream map.
 
@@ -119,32 +119,32 @@ def _as_bnp(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P", "group"])
-def _slot_histogram_kernel(lab_ptr, slb, slp, shift, ncode, hist_ptr, P,
-                           group, counter_ptr, gsum_ptr, table_ptr, coef_ptr, denom_ptr, scale_ptr,
-                           BLOCK: tl.constexpr, BINS: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
-                           BB: tl.constexpr, RB: tl.constexpr, REDUCTION: tl.constexpr, F64: tl.constexpr):
-    """Per-program histogram of the label slots ``clamp(label + shift, 0, ncode - 1)``, one row of
-    ``hist [B * programs, BINS]`` per program; the last programs turn them into the per-depth
-    denominators and gradient scales (:func:`_reduce.depth_scales`)."""
+def _depth_counts_kernel(lab_ptr, slb, slp, shift, ncode, table_ptr, count_ptr, P,
+                         group, counter_ptr, gsum_ptr, coef_ptr, denom_ptr, scale_ptr,
+                         BLOCK: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr,
+                         REDUCTION: tl.constexpr, F64: tl.constexpr):
+    """Per program, the entries its pixels add to each per-depth sum (``table [ncode, L2]`` at the
+    label slot ``clamp(label + shift, 0, ncode - 1)``, summed): one row of ``counts [B * programs, L2]``;
+    the last programs turn them into the per-depth denominators and gradient scales
+    (:func:`_reduce.depth_scales`)."""
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < P
     lab = tl.load(lab_ptr + b * slb + offs.to(tl.int64) * slp, mask=mask, other=0)
-    slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1).to(tl.int32)
-    hist = tl.histogram(slot, BINS, mask=mask)
-    tl.store(hist_ptr + (b * tl.num_programs(0) + pid) * BINS + tl.arange(0, BINS), hist)
-    depth_scales(hist_ptr, group, counter_ptr, gsum_ptr, table_ptr, ncode, coef_ptr, denom_ptr, scale_ptr,
-                 L2, D2, BINS, BB, RB, REDUCTION, F64)
+    slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1)
+    row = count_ptr + (b * tl.num_programs(0) + pid) * L2
+    for k in tl.static_range(L2):
+        tl.store(row + k, tl.sum(tl.load(table_ptr + slot * L2 + k, mask=mask, other=0.0), 0))
+    depth_scales(count_ptr, group, counter_ptr, gsum_ptr, coef_ptr, denom_ptr, scale_ptr, L2, D2, RB, REDUCTION, F64)
 
 
-_HIST_BLOCK = 4096
+_COUNT_BLOCK = 1024
 
 
-def _hist_sizes(num_slots: int, P: int) -> tuple[int, int, int]:
-    """(bins, pixels per program, bins the last program reads at a time) of the histogram kernel."""
-    bins = max(16, triton.next_power_of_2(num_slots))
-    return bins, min(_HIST_BLOCK, max(16, triton.next_power_of_2(max(P, 1)))), min(bins, 256)
+def _count_block(P: int) -> int:
+    """Pixels per program of the count kernel."""
+    return min(_COUNT_BLOCK, max(16, triton.next_power_of_2(max(P, 1))))
 
 
 @functools.lru_cache(maxsize=64)
@@ -159,15 +159,15 @@ def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tu
 
 def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor,
             acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(denominators float64 [2 L], gradient scales acc [2 L])`` from a histogram of the label slots
-    in one launch. Per-program histograms, no atomics on the bins (``index_add`` into a few slots
-    serialises millions of atomics on one cache line); no host sync."""
+    """``(denominators float64 [2 L], gradient scales acc [2 L])`` in one label-sized launch: each
+    program sums its pixels' rows of the count table (small, cached), the last programs sum those;
+    no atomics on the sums (``index_add`` into a few slots serialises millions of atomics on one
+    cache line), no host sync."""
     code, shift, table = codes
     B, P = labels.shape[0], math.prod(labels.shape[1:])
     lab = labels.reshape(B, P)
-    S = code.numel()
     L2 = table.shape[1]
-    bins, block, bb = _hist_sizes(S, P)
+    block = _count_block(P)
     tiles = triton.cdiv(P, block)
     denom = torch.empty(L2, dtype=torch.float64, device=labels.device)
     scales = torch.empty(L2, dtype=acc, device=labels.device)
@@ -175,14 +175,15 @@ def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor,
     if rows == 0:  # no program would run: no entries
         return denom.fill_(1.0), scales.copy_(coef)
     group = _reduce.group_rows(rows)
-    hist = torch.empty((rows, bins), dtype=torch.int32, device=labels.device)
-    gsum = torch.empty((triton.cdiv(rows, group), bins), dtype=torch.float64, device=labels.device)
+    d2 = _reduce.padded_width(L2)
+    counts = torch.empty((rows, L2), dtype=torch.float64, device=labels.device)
+    gsum = torch.empty((triton.cdiv(rows, group), d2), dtype=torch.float64, device=labels.device)
     counter = torch.zeros(_reduce.counters(rows), dtype=torch.int32, device=labels.device)
-    _slot_histogram_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, S, hist, P,
-                                       group, counter, gsum, table, coef, denom, scales,
-                                       BLOCK=block, BINS=bins, L2=L2, D2=triton.next_power_of_2(L2), BB=bb,
-                                       RB=_reduce.rows_per_step(bb), REDUCTION=_reduce.REDUCTION_IDS[reduction],
-                                       F64=acc == torch.float64, num_warps=4)
+    _depth_counts_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, counts, P,
+                                     group, counter, gsum, coef, denom, scales,
+                                     BLOCK=block, L2=L2, D2=d2, RB=_reduce.rows_per_step(d2),
+                                     REDUCTION=_reduce.REDUCTION_IDS[reduction], F64=acc == torch.float64,
+                                     num_warps=4)
     return denom, scales
 
 
