@@ -258,7 +258,7 @@ def test_hssn_loss_triplet_weight_on_the_kernels_equals_the_torch_ops(weight, re
 def test_hssn_loss_folds_the_triplet_weight_into_the_kernels(monkeypatch, weight):
     """The kernels get the weight as their scale and the backward an upstream gradient of 1, so the
     gradient buffer takes no pass of its own; weight 0 keeps the unweighted loss and the multiply."""
-    from hieraloss.torch.kernels import _grad_buffer, triplet
+    from hieraloss.torch.kernels import _grad_buffer
 
     scales, upstreams = [], []
     h, x, e, y = _hssn_inputs("float32")
@@ -269,8 +269,7 @@ def test_hssn_loss_folds_the_triplet_weight_into_the_kernels(monkeypatch, weight
             upstreams.append(float(up))
         return real_grad(ctx, g, up)
     monkeypatch.setattr(kernels, "fused_triplet_loss", lambda *a, **k: scales.append(k["scale"]) or real_loss(*a, **k))
-    for module in (triplet, _grad_buffer):  # the op's backward, the eager path's
-        monkeypatch.setattr(module, "scaled_gradient", spy)
+    monkeypatch.setattr(_grad_buffer, "scaled_gradient", spy)  # the op's backward and the eager path's
     _hssn_run(h, x, e, y, "triton", triplet_weight=weight)
     assert scales == [weight or 1.0]
     assert upstreams == [1.5 if weight else 0.0]

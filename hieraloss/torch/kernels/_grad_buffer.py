@@ -75,6 +75,16 @@ def scaled_gradient(ctx, grad: torch.Tensor, upstream: torch.Tensor) -> torch.Te
     return grad * (upstream / applied).to(grad.dtype)
 
 
+def saved_buffer_gradient(ctx, upstream: torch.Tensor, loss: str, why: str) -> torch.Tensor:
+    """The backward of a fused op for its input: the buffer its forward saved (``ctx.saved_tensors``),
+    scaled by ``upstream`` (:func:`scaled_gradient`); ``loss`` and ``why`` word the error raised when
+    the forward wrote none."""
+    (grad,) = ctx.saved_tensors
+    if grad.numel() == 0 and grad.dim() == 1:
+        raise RuntimeError(f"hieraloss: {loss} ran without a gradient ({why})")
+    return scaled_gradient(ctx, grad, upstream)
+
+
 def eager(t: torch.Tensor) -> bool:
     """Whether a fused op on ``t`` may run its implementation through :class:`EagerFusedLoss` rather
     than through the registered op: a plain tensor, nothing traced, no functorch transform."""
@@ -86,7 +96,7 @@ class EagerFusedLoss(torch.autograd.Function):
     op's implementation and returns ``(value, *extras, grad)``, ``grad`` the buffer its forward wrote
     for an upstream gradient of 1 (empty without one); the result is ``value`` (with extras:
     ``(value, *extras)``, extras not differentiable), differentiable with respect to ``x`` through
-    :func:`scaled_gradient`, as the op's own backward."""
+    :func:`saved_buffer_gradient`, as the op's own backward."""
 
     @staticmethod
     def forward(ctx, impl, x, *args):
@@ -102,7 +112,5 @@ class EagerFusedLoss(torch.autograd.Function):
         rest = (None,) * ctx.num_args
         if grad_value is None:
             return (None, None, *rest)
-        (grad,) = ctx.saved_tensors
-        if grad.numel() == 0 and grad.dim() == 1:
-            raise RuntimeError("hieraloss: a fused loss ran without a gradient (its input did not require grad)")
-        return (None, scaled_gradient(ctx, grad, grad_value), *rest)
+        return (None, saved_buffer_gradient(ctx, grad_value, "a fused loss", "its input did not require grad"),
+                *rest)

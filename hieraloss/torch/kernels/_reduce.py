@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 import triton
 import triton.language as tl
 
@@ -39,9 +40,14 @@ def group_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(math.isqrt(max(rows, 1))))
 
 
-def counters(rows: int) -> int:
-    """int32 counters a reduction over ``rows`` rows needs: one per group and one for the groups."""
-    return 1 + triton.cdiv(rows, group_rows(rows))
+def workspace(rows: int, width: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """``(group, counter, gsum)`` of a reduction over ``rows`` rows of ``width`` columns: rows per group,
+    the zeroed int32 counters (the groups', then one per group) and the float64 group sums
+    ``[groups, padded_width(width)]``."""
+    group = group_rows(rows)
+    groups = triton.cdiv(rows, group)
+    counter = torch.zeros(1 + groups, dtype=torch.int32, device=device)
+    return group, counter, torch.empty((groups, padded_width(width)), dtype=torch.float64, device=device)
 
 
 @triton.jit

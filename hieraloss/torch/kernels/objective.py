@@ -44,7 +44,7 @@ from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen, _reduce
 from ._common import NUM_STAGES, launch_sizes, register_cap
-from ._grad_buffer import EagerFusedLoss, eager, scaled_gradient
+from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import depth_scales
 from ._terms import focal_code
 
@@ -174,11 +174,9 @@ def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor,
     rows = B * tiles
     if rows == 0:  # no program would run: no entries
         return denom.fill_(1.0), scales.copy_(coef)
-    group = _reduce.group_rows(rows)
     d2 = _reduce.padded_width(L2)
     counts = torch.empty((rows, L2), dtype=torch.float64, device=labels.device)
-    gsum = torch.empty((triton.cdiv(rows, group), d2), dtype=torch.float64, device=labels.device)
-    counter = torch.zeros(_reduce.counters(rows), dtype=torch.int32, device=labels.device)
+    group, counter, gsum = _reduce.workspace(rows, L2, labels.device)
     _depth_counts_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, counts, P,
                                      group, counter, gsum, coef, denom, scales,
                                      BLOCK=block, L2=L2, D2=d2, RB=_reduce.rows_per_step(d2),
@@ -210,15 +208,12 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sc
     lab = labels.reshape(B, P)
     go = upstream if upstream is not None else x
     dummy = part
-    group = _reduce.group_rows(B * tiles)
     if sums is not None:
         denom, coef, factor, total, parts = sums
-        counter = torch.zeros(_reduce.counters(B * tiles), dtype=torch.int32, device=dev)
-        gsum = torch.empty((triton.cdiv(B * tiles, group), _reduce.padded_width(2 * L)), dtype=torch.float64,
-                           device=dev)
+        group, counter, gsum = _reduce.workspace(B * tiles, 2 * L, dev)
     else:
         counter = gsum = denom = coef = total = parts = dummy
-        factor = 1.0
+        group, factor = 1, 1.0
     kernel_for(hierarchy)[(tiles, B)](
         x, x.stride(0), x.stride(1), x.stride(2),
         lab, lab.stride(0), lab.stride(1),
@@ -313,10 +308,8 @@ def _backward(ctx, grad_total, grad_parts, grad_grad):
         logits, labels, node_weight = ctx.saved_tensors
         return (objective_map_backward_op(grad_total, logits, labels, *ctx.args[:2], node_weight, ctx.args[2]),
                 *none)
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad.dim() == 1:
-        raise RuntimeError("hieraloss: the fused objective ran without a gradient (logits did not require grad)")
-    return (scaled_gradient(ctx, grad, grad_total), *none)
+    return (saved_buffer_gradient(ctx, grad_total, "the fused objective", "logits did not require grad"),
+            *none)
 
 
 objective_op.register_autograd(_backward, setup_context=_setup_context)

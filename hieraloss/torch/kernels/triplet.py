@@ -37,7 +37,7 @@ import triton.language as tl
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
-from ._grad_buffer import EagerFusedLoss, eager, scaled_gradient
+from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 
 __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
 
@@ -336,10 +336,8 @@ def _backward(ctx, grad_loss, grad_grad):
     none = (None,) * 7
     if grad_loss is None:
         return (None, *none)
-    (grad,) = ctx.saved_tensors
-    if grad.numel() == 0 and grad.dim() == 1:
-        raise RuntimeError("hieraloss: the fused triplet loss ran without a gradient (embeddings did not require grad)")
-    return (scaled_gradient(ctx, grad, grad_loss), *none)
+    return (saved_buffer_gradient(ctx, grad_loss, "the fused triplet loss", "embeddings did not require grad"),
+            *none)
 
 
 triplet_op.register_autograd(_backward, setup_context=_setup_context)
