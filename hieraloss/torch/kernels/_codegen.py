@@ -20,8 +20,10 @@ strict descendant of a partial label iff ``pc < pre[v] < ec``):
    entries, and their gradients delivered to the depth that holds each minimum.
 3. Pre-order walk (gradient or loss map): ``R_v = g_v + (R_parent if sel_parent picks v)``; node v
    receives ``R_v`` if it wins its own maximum, its path delivery, and its cross-entropy terms.
-   Leaf logits are reloaded (from cache: the program just read them) and their negative terms
-   recomputed, so registers hold one value per internal node (and its packed rank), not per node.
+   Leaf logits are reloaded (from cache: the program just read them) and their negative terms,
+   value and gradient from one ``term_loss_grad``, computed here rather than in step 1 (in step 1
+   only without a gradient), so registers hold one value per internal node (and its packed rank),
+   not per node, and no leaf term is computed twice.
 
 Modes (constexpr ``MODE``): 0 reduced value; 1 reduced value and the gradient of the weighted
 total (per-depth scales given); 2 tree-min loss map; 3 gradient of ``sum(map * upstream)``.
@@ -35,7 +37,7 @@ from ._common import WIDE_TREE_NODES
 from ._reduce import padded_width, rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 8
+CODEGEN_VERSION = 9
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -277,8 +279,9 @@ def objective_source(h: Hierarchy) -> str:
         emit(f"{I2}ng = {counted_negative(v, f'y{v}')}")
         emit(f"{I2}wv = {weight(v)} if HAS_W else 1.0")
         if t.is_leaf[v]:
-            # Leaves: the value now; the gradient / map entry is recomputed in the pre-order walk.
-            emit(f"{I2}if VALUE:")
+            # Leaves: the value now only without a gradient; otherwise value and gradient come from one
+            # term_loss_grad in the pre-order walk, which reloads the leaf's logit anyway.
+            emit(f"{I2}if MODE == 0:")
             emit(f"{I3}tms{dv} += tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0)")
         else:
             emit(f"{I2}if MODE == 0:")
@@ -347,12 +350,9 @@ def objective_source(h: Hierarchy) -> str:
         for k in range(d + 1):
             emit(f"{I3}dp{k} += tl.where(am == {k}, gp, 0.0)")
 
-    # ---------------------------------------------------------------- sums per program
+    # ---------------------------------------------------------------- cross-entropy sums per program
     emit(f"{I1}if VALUE:")
     emit(f"{I2}part = part_ptr + (b * tl.num_programs(0) + pid) * {2 * L}")
-    emit(f"{I2}if TM:")
-    for d in range(L):
-        emit(f"{I3}tl.store(part + {d}, tl.sum(tms{d}, axis=0))")
     emit(f"{I2}if CE:")
     for d in range(L):
         emit(f"{I3}lse{d} = m{d} + log(s{d})")
@@ -381,7 +381,9 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I3}ng = {counted_negative(v, 'y', 'pc3', 'ec3')}")
             emit(f"{I3}wv = {weight(v)} if HAS_W else 1.0")
             emit(f"{I3}if MODE == 1:")
-            emit(f"{I3}    gv = tl.where(ng, term_grad(xv, gamma, FOCAL) * (wv * tsc{dv}), 0.0)")
+            emit(f"{I3}    lv, dv_ = term_loss_grad(xv, gamma, FOCAL)")
+            emit(f"{I3}    tms{dv} = pin(tms{dv} + tl.where(ng, lv * wv, 0.0))")
+            emit(f"{I3}    gv = tl.where(ng, dv_ * (wv * tsc{dv}), 0.0)")
             emit(f"{I3}if MODE == 2:")
             emit(f"{I3}    gv = tl.where(ng, term_loss(xv, gamma, FOCAL) * wv, 0.0)")
             emit(f"{I3}if MODE == 3:")
@@ -406,6 +408,9 @@ def objective_source(h: Hierarchy) -> str:
     # ---------------------------------------------------------------- 4. total and parts (last programs)
     d2 = padded_width(2 * L)
     emit(f"{I1}if VALUE:")
+    emit(f"{I2}if TM:")
+    for d in range(L):
+        emit(f"{I3}tl.store(part + {d}, tl.sum(tms{d}, axis=0))")
     emit(f"{I2}finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr,")
     emit(f"{I2}              parts_ptr, {2 * L}, {d2}, {rows_per_step(d2)}, TM, CE, F64)")
     emit("")
