@@ -184,13 +184,18 @@ def compile_check(arch: int) -> None:
         h = getattr(presets, preset)()
         for dtype, mode, weighted, focal in (("float32", "value", False, False),
                                              ("float32", "value+grad", False, False),
+                                             ("float32", "value+grad", False, True),
                                              ("float32", "objective", False, False),
+                                             ("float32", "objective", False, True),
                                              ("bfloat16", "objective", True, True),
                                              ("float32", "map grad", True, True)):
             t = time.time()
             kernel = _aot.compile_objective(h, arch, dtype=dtype, mode=mode, focal=focal, weighted=weighted)
+            seconds = time.time() - t
+            ops = _aot.instruction_counts(kernel)
             print(f"{preset:<20} objective {mode:<16} {dtype:<9} weighted={weighted!s:<5} focal={focal!s:<5} "
-                  f"{_aot.usage(kernel)} (compiled in {time.time() - t:.0f} s)", flush=True)
+                  f"{_aot.usage(kernel)}, {ops['total']} SASS instructions ({ops.get('MUFU', 0)} MUFU) "
+                  f"(compiled in {seconds:.0f} s)", flush=True)
         for top_down in (False, True):
             kernel = _aot.compile_decode(h, arch, dtype="float16", top_down=top_down)
             print(f"{preset:<20} decode {'top_down' if top_down else 'path':<9} float16: {_aot.usage(kernel)}",

@@ -9,11 +9,12 @@ A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...
 "triplet" (with "part": "codes" | "select" |
 "score", "channels", "grad", "ordered", "num_leaves"), "arch": 90,
 "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>, "focal": bool | gamma, "weighted": bool,
-"block_p": int | null, "top_down": bool, "label_dtype": "int64"}.
+"block_p": int | null, "top_down": bool, "label_dtype": "int64", "ptx_ops": [<PTX opcodes to count>]}.
 """
 
 import json
 import os
+import re
 import sys
 import traceback
 
@@ -56,6 +57,9 @@ def main() -> int:
                                         block_p=spec.get("block_p"))
             use = _aot.usage(k)
             out = {"ok": True, "registers": use and use.registers, "spill": use and use.spill_bytes}
+            if spec.get("ptx_ops"):
+                ptx = k.asm["ptx"]
+                out["ptx_ops"] = {op: len(re.findall(rf"^\s*{re.escape(op)}\s", ptx, re.M)) for op in spec["ptx_ops"]}
         except Exception as exc:  # noqa: BLE001 - reported to the test with the spec
             out = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[-3000:],
                    "trace": traceback.format_exc()[-3000:]}

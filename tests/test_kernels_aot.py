@@ -125,3 +125,30 @@ def test_random_trees_compile(h, seed):
                   block_p=int(rng.choice([16, 32, 128])))
              for _ in range(3)]
     _assert_all_compile(specs)
+
+
+_FAST_MATH = ("rcp.approx.ftz.f32", "ex2.approx.ftz.f32", "ex2.approx.f32", "lg2.approx.f32", "div.full.f32",
+              "div.rn.f32")
+
+
+@pytest.mark.parametrize("preset", ["cityscapes", "pascal_person_part"])
+def test_training_step_computes_each_entry_once_with_fast_math(preset):
+    """The float32 training kernel (value and gradient) evaluates each tree-min entry once: one exp,
+    one log and one reciprocal per negative entry (N nodes) and per depth's positive entry (L), so
+    no leaf term is computed twice, and each is a single MUFU op (no division, no denormal-keeping
+    exp); the exp-based focal factor adds one exp per entry, integer gammas none. Half logits compute
+    in float32 alike; float64 kernels take none of the float32 approximations."""
+    from hieraloss import presets
+
+    h = getattr(presets, preset)()
+    entries = h.num_nodes + h.max_depth
+    cases = [("float32", False, 1), ("float32", 2.0, 1), ("float32", 1.5, 2), ("bfloat16", 3.0, 1),
+             ("float64", False, 0)]
+    results = _compile([dict(tree=preset, kernel="objective", arch=90, dtype=dtype, mode="value+grad", focal=focal,
+                             ptx_ops=list(_FAST_MATH)) for dtype, focal, _ in cases])
+    for (dtype, focal, exps), r in zip(cases, results, strict=True):
+        assert r["ok"], r.get("trace")
+        f32 = dtype != "float64"
+        assert r["ptx_ops"] == {"rcp.approx.ftz.f32": entries * f32, "ex2.approx.ftz.f32": entries * exps,
+                                "ex2.approx.f32": 0, "lg2.approx.f32": entries * f32, "div.full.f32": 0,
+                                "div.rn.f32": 0}, (dtype, focal)

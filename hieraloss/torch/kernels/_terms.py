@@ -14,12 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
-# On NVIDIA GPUs a float32 log is one MUFU instruction (lg2.approx, ~2 ulp); tl.log would call
-# libdevice's logf, ~25 instructions and a branch per entry, which also breaks the straight-line
-# code into basic blocks. The interpreter (and ROCm) cannot run PTX, so they take tl.log.
-_PTX_LOG = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
+# On NVIDIA GPUs the float32 log, exp and reciprocal below are one MUFU instruction and at most one
+# multiply each. tl.log would call libdevice's logf, ~25 instructions and a branch per entry, which
+# also breaks the straight-line code into basic blocks; tl.exp (ex2.approx without ftz) adds a range
+# test and two predicated multiplies to keep denormal results, and 1.0 / x (div.full) a range test,
+# a select and two multiplies for |x| > 2^126: 3-4 of the ~60 instructions of an entry, for results
+# the kernels do not need (a denormal exp is below 1.2e-38, flushed to 0). The interpreter (and ROCm)
+# cannot run PTX, so they take tl.log, tl.exp and the division.
+_PTX_MATH = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 
-if _PTX_LOG:
+if _PTX_MATH:
 
     @triton.jit
     def log(x):
@@ -27,6 +31,23 @@ if _PTX_LOG:
         if x.dtype == tl.float32:
             y = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True,
                                           pack=1) * 0.6931471805599453
+        return y
+
+    @triton.jit
+    def exp(x):
+        y = tl.exp(x)
+        if x.dtype == tl.float32:
+            y = tl.inline_asm_elementwise("ex2.approx.ftz.f32 $0, $1;", "=r,r", [x * 1.4426950408889634],
+                                          dtype=tl.float32, is_pure=True, pack=1)
+        return y
+
+    @triton.jit
+    def reciprocal(x):
+        """1 / x for ``x`` in [1, 2] (``rcp.approx.ftz``, 1 ulp in float32)."""
+        y = 1.0 / x
+        if x.dtype == tl.float32:
+            y = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=r,r", [x], dtype=tl.float32,
+                                          is_pure=True, pack=1)
         return y
 
     @triton.jit
@@ -63,6 +84,14 @@ else:
         return tl.log(x)
 
     @triton.jit
+    def exp(x):
+        return tl.exp(x)
+
+    @triton.jit
+    def reciprocal(x):
+        return 1.0 / x
+
+    @triton.jit
     def opaque(x):
         return x
 
@@ -74,17 +103,17 @@ else:
 @triton.jit
 def term_loss(t, gamma, FOCAL: tl.constexpr):
     """f(t)."""
-    log1pe = log(1.0 + tl.exp(-tl.abs(t)))
+    log1pe = log(1.0 + exp(-tl.abs(t)))
     loss = tl.maximum(t, 0.0) + log1pe
     if FOCAL:
-        loss = loss * tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
+        loss = loss * exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
     return loss
 
 
 @triton.jit
 def _sigmoid(t, e):
     """sigmoid(t) from ``e = exp(-|t|)``, one reciprocal."""
-    r = 1.0 / (1.0 + e)
+    r = reciprocal(1.0 + e)
     return tl.where(t >= 0, r, e * r)
 
 
@@ -102,14 +131,14 @@ def _focal_factor(t, s, log1pe, gamma, FOCAL: tl.constexpr):
         s2 = s * s
         fw = s2 * s2
     else:
-        fw = tl.exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
+        fw = exp(-gamma * (tl.maximum(-t, 0.0) + log1pe))
     return fw
 
 
 @triton.jit
 def term_grad(t, gamma, FOCAL: tl.constexpr):
     """f'(t) = sigmoid(t)^gamma * (sigmoid(t) + gamma * (1 - sigmoid(t)) * softplus(t))."""
-    e = tl.exp(-tl.abs(t))
+    e = exp(-tl.abs(t))
     s = _sigmoid(t, e)
     if FOCAL:
         log1pe = log(1.0 + e)
@@ -121,7 +150,7 @@ def term_grad(t, gamma, FOCAL: tl.constexpr):
 @triton.jit
 def term_loss_grad(t, gamma, FOCAL: tl.constexpr):
     """(f(t), f'(t)) from one exp."""
-    e = tl.exp(-tl.abs(t))
+    e = exp(-tl.abs(t))
     log1pe = log(1.0 + e)
     sp = tl.maximum(t, 0.0) + log1pe
     s = _sigmoid(t, e)
@@ -143,7 +172,7 @@ def focal_code(gamma: float) -> int:
 @triton.jit
 def lse_update(m, s, x):
     """Online log-sum-exp: fold ``x`` into (running max ``m``, sum of exp(. - m) ``s``), one exp."""
-    e = tl.exp(-tl.abs(x - m))
+    e = exp(-tl.abs(x - m))
     s = tl.where(x > m, s * e + 1.0, s + e)
     return tl.maximum(m, x), s
 
