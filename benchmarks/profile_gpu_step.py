@@ -106,7 +106,26 @@ def main(argv=None) -> int:
                     help="node loads in flight together (every _codegen load group: plain, focal, wide trees)")
     ap.add_argument("--focal-exp", action="store_true",
                     help="focal kernels take sigmoid^gamma as one exp for every gamma (A/B of the products)")
+    ap.add_argument("--plain-math", action="store_true",
+                    help="tree-min terms with tl.exp and a division instead of the ftz MUFU ops (A/B of _terms.exp "
+                         "and _terms.reciprocal)")
     args = ap.parse_args(argv)
+    if args.plain_math:
+        import triton
+        import triton.language as tl
+
+        from hieraloss.torch.kernels import _terms
+
+        @triton.jit
+        def exp(x):
+            return tl.exp(x)
+
+        @triton.jit
+        def reciprocal(x):
+            return 1.0 / x
+
+        _terms.exp, _terms.reciprocal = exp, reciprocal
+        print("tree-min terms: tl.exp and 1.0 / x")
     if args.focal_exp:
         from hieraloss.torch.kernels import objective
 
