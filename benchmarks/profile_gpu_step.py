@@ -3,6 +3,7 @@
     PYTHONPATH=. python benchmarks/profile_gpu_step.py            # every step below
     PYTHONPATH=. python benchmarks/profile_gpu_step.py triplet    # the steps whose name contains "triplet"
     PYTHONPATH=. python benchmarks/profile_gpu_step.py --host     # host (Python) time per step, cProfile
+    PYTHONPATH=. python benchmarks/profile_gpu_step.py --launch-cost   # host time: Triton launches against the rest
 
 Each step (forward + backward, ``check_labels=False``, the sizes of ``gpu_check.py``) runs a few times
 to warm up, then ``--iters`` times under ``torch.profiler``; the table lists the kernels with the most
@@ -88,6 +89,56 @@ def host_profile(name, run, rows: int) -> None:
     pstats.Stats(prof).sort_stats("tottime").print_stats(rows)
 
 
+def launch_costs(name, run, n: int = 50) -> None:
+    """Where a step's host time goes: the step, the step with every Triton launch stubbed out (what
+    is left is hieraloss's Python, torch's ops and autograd), and each Triton launch replayed alone
+    with the step's arguments, whole and its Python part alone (binder, cache key and lookup:
+    ``warmup=True``, which stops before the driver call). Replayed launches reuse the step's
+    workspace, so their results are garbage; only times are read."""
+    import time
+
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    def best(fn):
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            times.append((time.perf_counter() - t) / n)
+            torch.cuda.synchronize()
+        return min(times) * 1e3
+
+    real = JITFunction.run
+    recorded = []
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        recorded.append((self, args, grid, kwargs))
+        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    def stub(self, *args, grid, warmup, **kwargs):
+        return None
+
+    step = best(run)
+    JITFunction.run = stub
+    try:
+        stubbed = best(run)
+        JITFunction.run = recording
+        run()
+    finally:
+        JITFunction.run = real
+    torch.cuda.synchronize()
+    print(f"\n## {name}: host ms per step {step:.3f}, with the Triton launches stubbed out {stubbed:.3f}",
+          flush=True)
+    for fn, args, grid, kwargs in recorded:
+        def launch(warmup, fn=fn, args=args, grid=grid, kwargs=kwargs):
+            return lambda: real(fn, *args, grid=grid, warmup=warmup, **kwargs)
+        whole, python = best(launch(False)), best(launch(True))
+        print(f"  {fn.fn.__name__:<24} {len(args)} arguments: launch {whole:.3f} ms, of which Triton's Python "
+              f"{python:.3f} ms", flush=True)
+
+
 def main(argv=None) -> int:
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -100,6 +151,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warps", type=int, help="warps per program of the objective kernel")
     ap.add_argument("--host", action="store_true",
                     help="host time instead: Python time per step (GPU kept busy) and a cProfile of the step")
+    ap.add_argument("--launch-cost", action="store_true",
+                    help="host time of each step with its Triton launches stubbed out, and of each launch alone")
     ap.add_argument("--maxnreg", type=int,
                     help="register cap of the objective kernel of wide trees (_common.MAX_REGISTERS; 0: none)")
     ap.add_argument("--load-group", type=int,
@@ -162,6 +215,9 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         if args.host:
             host_profile(name, run, args.rows)
+            continue
+        if args.launch_cost:
+            launch_costs(name, run)
             continue
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(args.iters):
