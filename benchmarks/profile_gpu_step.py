@@ -164,20 +164,9 @@ def main(argv=None) -> int:
                          "and _terms.reciprocal)")
     args = ap.parse_args(argv)
     if args.plain_math:
-        import triton
-        import triton.language as tl
-
         from hieraloss.torch.kernels import _terms
 
-        @triton.jit
-        def exp(x):
-            return tl.exp(x)
-
-        @triton.jit
-        def reciprocal(x):
-            return 1.0 / x
-
-        _terms.exp, _terms.reciprocal = exp, reciprocal
+        _terms.exp, _terms.reciprocal = _terms.plain_exp, _terms.plain_reciprocal
         print("tree-min terms: tl.exp and 1.0 / x")
     if args.focal_exp:
         from hieraloss.torch.kernels import objective

@@ -23,6 +23,18 @@ import triton.language as tl
 # cannot run PTX, so they take tl.log, tl.exp and the division.
 _PTX_MATH = os.environ.get("TRITON_INTERPRET") != "1" and torch.version.hip is None
 
+
+@triton.jit
+def plain_exp(x):
+    """Triton's own exp (what ``exp`` is without PTX; ``profile_gpu_step.py --plain-math`` swaps it in)."""
+    return tl.exp(x)
+
+
+@triton.jit
+def plain_reciprocal(x):
+    return 1.0 / x
+
+
 if _PTX_MATH:
 
     @triton.jit
@@ -83,13 +95,7 @@ else:
     def log(x):
         return tl.log(x)
 
-    @triton.jit
-    def exp(x):
-        return tl.exp(x)
-
-    @triton.jit
-    def reciprocal(x):
-        return 1.0 / x
+    exp, reciprocal = plain_exp, plain_reciprocal
 
     @triton.jit
     def opaque(x):
