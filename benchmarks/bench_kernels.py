@@ -6,6 +6,7 @@
     python benchmarks/bench_kernels.py --quick          # small sizes
     python benchmarks/bench_kernels.py --interpret-check  # no GPU: tiny correctness check on the CPU
     python benchmarks/bench_kernels.py --compile-check    # no GPU: compile for sm_90, show registers
+    python benchmarks/bench_kernels.py --launch-python    # no GPU: Triton's Python share of each launch
 
 Per implementation and scale: forward+backward time (CUDA events, warmup, median of --iters), peak
 extra memory (``torch.cuda.max_memory_allocated`` minus what was allocated before, i.e. the inputs),
@@ -202,6 +203,72 @@ def compile_check(arch: int) -> None:
                   flush=True)
 
 
+def launch_python(n: int = 2000) -> None:
+    """Triton's Python share of each launch of a training step (binder, cache key, kernel lookup), on
+    the CPU: the driver is mocked to an sm_90 target, so every launch stops before the driver call
+    (``warmup=True``) and the kernels are compiled ahead of time. The C launcher and the CUDA driver
+    are not in it; ``profile_gpu_step.py --launch-cost`` measures whole launches on a GPU."""
+    os.environ.pop("TRITON_INTERPRET", None)
+    import time
+
+    import torch
+    import triton
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    import hieraloss.torch as hlt
+    from hieraloss import presets
+    from hieraloss.torch import kernels
+
+    class CpuDriver:
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+    @triton.jit
+    def trivial(x_ptr, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
+
+    real = JITFunction.run
+    recorded = []
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        recorded.append((self, args, grid, kwargs))
+        return real(self, *args, grid=grid, warmup=True, **kwargs)
+
+    h = presets.cityscapes()
+    x = torch.randn(2, h.num_nodes, 16, 16, requires_grad=True)
+    y = torch.randint(0, h.num_leaves, (2, 16, 16))
+    saved = kernels.triton_available, kernels._require_triton
+    driver.set_active(CpuDriver())
+    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
+    JITFunction.run = recording
+    try:
+        trivial[(1,)](torch.zeros(16), 16, BLOCK=16)
+        hlt.hssn_loss(x, y, h, backend="triton", check_labels=False)
+    finally:
+        JITFunction.run = real
+        kernels.triton_available, kernels._require_triton = saved
+        # The mocked driver stays: without a GPU there is no real one to go back to.
+    print(f"triton {triton.__version__}: Python share of a launch (binder, cache key, lookup), best of 5 x {n}")
+    for fn, args, grid, kwargs in recorded:
+        times = []
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                real(fn, *args, grid=grid, warmup=True, **kwargs)
+            times.append((time.perf_counter() - t) / n)
+        print(f"  {fn.fn.__name__:<22} {len(args):>3} arguments: {min(times) * 1e6:.1f} us", flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes")
@@ -216,7 +283,12 @@ def main(argv=None) -> int:
                     help="without CUDA: run a tiny fused-vs-torch check under the Triton interpreter")
     ap.add_argument("--compile-check", type=int, nargs="?", const=90, metavar="ARCH",
                     help="without a GPU: compile the kernels for sm_ARCH (default 90) and print registers")
+    ap.add_argument("--launch-python", action="store_true",
+                    help="without a GPU: Triton's Python share of each launch of a training step")
     args = ap.parse_args(argv)
+    if args.launch_python:
+        launch_python()
+        return 0
     if args.compile_check:
         compile_check(args.compile_check)
         return 0

@@ -1,6 +1,7 @@
 """The GPU session's scripts still run: ``benchmarks/gpu_check.py --smoke`` (its table at tiny sizes,
-on the CPU under the Triton interpreter) and ``benchmarks/profile_gpu_step.py`` (its options; without
-a GPU it says so). A broken script would cost a session's scarce GPU time."""
+on the CPU under the Triton interpreter), ``benchmarks/profile_gpu_step.py`` (its options; without
+a GPU it says so) and ``benchmarks/bench_kernels.py --launch-python`` (a mocked driver). A broken
+script would cost a session's scarce GPU time."""
 
 from __future__ import annotations
 
@@ -48,3 +49,13 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_launch_python_share_lists_each_launch_of_a_step():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "benchmarks/bench_kernels.py", "--launch-python"], cwd=ROOT,
+                          env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.endswith(" us")}
+    assert set(rows) == {"trivial", "_depth_counts_kernel", "objective_kernel"}, proc.stdout
+    assert all(float(line.split()[-2]) > 0 for line in rows.values()), rows
