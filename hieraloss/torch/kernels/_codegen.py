@@ -37,7 +37,7 @@ from ._common import WIDE_TREE_NODES
 from ._reduce import padded_width, rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 9
+CODEGEN_VERSION = 10
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -103,7 +103,7 @@ import triton
 import triton.language as tl
 
 from hieraloss.torch.kernels._terms import (
-    load_rows, log, lse_update, opaque, pin, store_rows, term_grad, term_loss, term_loss_grad,
+    exp, load_rows, log, lse_update, opaque, pin, store_rows, term_grad, term_loss, term_loss_grad,
 )
 from hieraloss.torch.kernels._reduce import finalize_sums
 
@@ -359,6 +359,10 @@ def objective_source(h: Hierarchy) -> str:
         emit(f"{I3}tl.store(part + {L + d}, tl.sum(tl.where(kn{d}, lse{d} - xt{d}, 0.0), axis=0))")
 
     # ---------------------------------------------------------------- 3. pre-order walk
+    # The cross-entropy's softmax exp: _terms.exp (one MUFU op) for small trees, tl.exp for wide ones,
+    # where the ftz exp made ptxas spill 88 B in Mapillary's objective kernel (sm_90, triton 3.6 with
+    # the register cap; 8 B with tl.exp).
+    ce_exp = "exp" if t.n <= WIDE_TREE_NODES else "tl.exp"
     emit(f"{I1}if MODE != 0:")
     reload = [v for v in t.pre_order() if t.is_leaf[v] or any(v in t.ce_sets[d] for d in range(L))]
     for v in t.pre_order():
@@ -402,9 +406,7 @@ def objective_source(h: Hierarchy) -> str:
         if members:
             emit(f"{I2}if CE:")
             for d in members:
-                # tl.exp, not _terms.exp: with the ftz exp here ptxas spilled 88 B in Mapillary's
-                # objective kernel (sm_90, triton 3.6 with the register cap; 8 B with tl.exp).
-                emit(f"{I3}gr += tl.where(kn{d}, csc{d} * (tl.exp(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
+                emit(f"{I3}gr += tl.where(kn{d}, csc{d} * ({ce_exp}(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
         emit(f"{I2}store_rows(ob + {v} * P64, gr.to(out_ptr.dtype.element_ty), pmask, one)")
 
     # ---------------------------------------------------------------- 4. total and parts (last programs)
