@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from gpu_check import Timer, peak_extra  # noqa: E402 - one CUDA-event timer for the GPU benchmarks
+from gpu_check import Timer, best_time, peak_extra, replay, triton_launches  # noqa: E402 - shared timers
 
 SCALES = {  # name: (preset, batch, height, width)
     "cityscapes": ("cityscapes", 8, 512, 1024),
@@ -209,14 +209,11 @@ def launch_python(n: int = 2000) -> None:
     (``warmup=True``) and the kernels are compiled ahead of time. The C launcher and the CUDA driver
     are not in it; ``profile_gpu_step.py --launch-cost`` measures whole launches on a GPU."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import time
-
     import torch
     import triton
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
     import hieraloss.torch as hlt
     from hieraloss import presets
@@ -237,36 +234,26 @@ def launch_python(n: int = 2000) -> None:
         offs = tl.arange(0, BLOCK)
         tl.store(x_ptr + offs, tl.load(x_ptr + offs, mask=offs < n) + 1.0, mask=offs < n)
 
-    real = JITFunction.run
-    recorded = []
-
-    def recording(self, *args, grid, warmup, **kwargs):
-        recorded.append((self, args, grid, kwargs))
-        return real(self, *args, grid=grid, warmup=True, **kwargs)
-
     h = presets.cityscapes()
     x = torch.randn(2, h.num_nodes, 16, 16, requires_grad=True)
     y = torch.randint(0, h.num_leaves, (2, 16, 16))
+
+    def step():
+        trivial[(1,)](torch.zeros(16), 16, BLOCK=16)
+        hlt.hssn_loss(x, y, h, backend="triton", check_labels=False)
+
     saved = kernels.triton_available, kernels._require_triton
     driver.set_active(CpuDriver())
     kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
-    JITFunction.run = recording
     try:
-        trivial[(1,)](torch.zeros(16), 16, BLOCK=16)
-        hlt.hssn_loss(x, y, h, backend="triton", check_labels=False)
+        recorded = triton_launches(step, launch=False)
     finally:
-        JITFunction.run = real
         kernels.triton_available, kernels._require_triton = saved
         # The mocked driver stays: without a GPU there is no real one to go back to.
     print(f"triton {triton.__version__}: Python share of a launch (binder, cache key, lookup), best of 5 x {n}")
-    for fn, args, grid, kwargs in recorded:
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(n):
-                real(fn, *args, grid=grid, warmup=True, **kwargs)
-            times.append((time.perf_counter() - t) / n)
-        print(f"  {fn.fn.__name__:<22} {len(args):>3} arguments: {min(times) * 1e6:.1f} us", flush=True)
+    for record in recorded:
+        us = best_time(replay(record, warmup=True), n) * 1e6
+        print(f"  {record[0].fn.__name__:<22} {len(record[1]):>3} arguments: {us:.1f} us", flush=True)
 
 
 def main(argv=None) -> int:

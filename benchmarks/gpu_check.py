@@ -95,6 +95,46 @@ def peak_extra(fn, device) -> float | None:
     return float(torch.cuda.max_memory_allocated() - base)
 
 
+def best_time(fn, n: int, sync=lambda: None) -> float:
+    """Seconds per call of ``fn``: the best of 5 rounds of ``n`` calls, ``sync()`` after each round
+    (host time when nothing syncs inside a round)."""
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        for _ in range(n):
+            fn()
+        times.append((time.perf_counter() - t) / n)
+        sync()
+    return min(times)
+
+
+def triton_launches(run, *, launch: bool = True) -> list[tuple]:
+    """``run()`` once, recording its Triton launches as ``(kernel, args, grid, kwargs)``; with
+    ``launch=False`` each stops before the driver call (``warmup=True``: binder, cache key, lookup).
+    :func:`replay` launches one again."""
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.run
+    recorded = []
+
+    def recording(self, *args, grid, warmup, **kwargs):
+        recorded.append((self, args, grid, kwargs))
+        return real(self, *args, grid=grid, warmup=warmup or not launch, **kwargs)
+
+    JITFunction.run = recording
+    try:
+        run()
+    finally:
+        JITFunction.run = real
+    return recorded
+
+
+def replay(record, *, warmup: bool):
+    """A call that repeats one launch :func:`triton_launches` recorded."""
+    kernel, args, grid, kwargs = record
+    return lambda: kernel.run(*args, grid=grid, warmup=warmup, **kwargs)
+
+
 GROUPS = ("cs-treemin", "cs-focal", "cs-ce", "cs-triplet", "cs-hssn", "cs-bf16", "cs-decode",
           "mp-treemin", "mp-focal", "mp-decode")
 

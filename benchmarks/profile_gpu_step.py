@@ -95,48 +95,28 @@ def launch_costs(name, run, n: int = 50) -> None:
     with the step's arguments, whole and its Python part alone (binder, cache key and lookup:
     ``warmup=True``, which stops before the driver call). Replayed launches reuse the step's
     workspace, so their results are garbage; only times are read."""
-    import time
-
     import torch
+    from gpu_check import best_time, replay, triton_launches
     from triton.runtime.jit import JITFunction
 
-    def best(fn):
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            times.append((time.perf_counter() - t) / n)
-            torch.cuda.synchronize()
-        return min(times) * 1e3
+    def ms(fn):
+        return best_time(fn, n, torch.cuda.synchronize) * 1e3
 
+    step = ms(run)
     real = JITFunction.run
-    recorded = []
-
-    def recording(self, *args, grid, warmup, **kwargs):
-        recorded.append((self, args, grid, kwargs))
-        return real(self, *args, grid=grid, warmup=warmup, **kwargs)
-
-    def stub(self, *args, grid, warmup, **kwargs):
-        return None
-
-    step = best(run)
-    JITFunction.run = stub
+    JITFunction.run = lambda self, *args, grid, warmup, **kwargs: None
     try:
-        stubbed = best(run)
-        JITFunction.run = recording
-        run()
+        stubbed = ms(run)
     finally:
         JITFunction.run = real
+    recorded = triton_launches(run)
     torch.cuda.synchronize()
     print(f"\n## {name}: host ms per step {step:.3f}, with the Triton launches stubbed out {stubbed:.3f}",
           flush=True)
-    for fn, args, grid, kwargs in recorded:
-        def launch(warmup, fn=fn, args=args, grid=grid, kwargs=kwargs):
-            return lambda: real(fn, *args, grid=grid, warmup=warmup, **kwargs)
-        whole, python = best(launch(False)), best(launch(True))
-        print(f"  {fn.fn.__name__:<24} {len(args)} arguments: launch {whole:.3f} ms, of which Triton's Python "
-              f"{python:.3f} ms", flush=True)
+    for record in recorded:
+        whole, python = ms(replay(record, warmup=False)), ms(replay(record, warmup=True))
+        print(f"  {record[0].fn.__name__:<24} {len(record[1])} arguments: launch {whole:.3f} ms, of which "
+              f"Triton's Python {python:.3f} ms", flush=True)
 
 
 def main(argv=None) -> int:
