@@ -142,7 +142,22 @@ def main(argv=None) -> int:
     ap.add_argument("--plain-math", action="store_true",
                     help="tree-min terms with tl.exp and a division instead of the ftz MUFU ops (A/B of _terms.exp "
                          "and _terms.reciprocal)")
+    ap.add_argument("--count-chunk", type=int,
+                    help="labels per chunk of the objective kernel's label count (_reduce.COUNT_CHUNK; a power of 2)")
+    ap.add_argument("--count-apart", action="store_true",
+                    help="count the labels in a launch of their own before the objective kernel (A/B of the count "
+                         "inside it)")
     args = ap.parse_args(argv)
+    if args.count_apart:
+        from hieraloss.torch.kernels import objective
+
+        objective.SEPARATE_COUNT = True
+        print("label count: a launch of its own before the objective kernel")
+    if args.count_chunk:
+        from hieraloss.torch.kernels import _reduce
+
+        _reduce.COUNT_CHUNK = args.count_chunk
+        print(f"objective kernel: label count in chunks of {args.count_chunk} labels")
     if args.plain_math:
         from hieraloss.torch.kernels import _terms
 

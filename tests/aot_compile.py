@@ -5,7 +5,7 @@ session runs Triton under the interpreter (TRITON_INTERPRET=1), which cannot com
     python tests/aot_compile.py '<json list of specs>'
 
 A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...},
-"kernel": "objective" | "decode" | "counts" (with "block", "depth", "reduction") | "scale" |
+"kernel": "objective" | "decode" | "scale" | "count" (with "depth") |
 "triplet" (with "part": "codes" | "select" |
 "score", "channels", "grad", "ordered", "num_leaves"), "arch": 90,
 "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>, "focal": bool | gamma, "weighted": bool,
@@ -36,10 +36,9 @@ def main() -> int:
     for spec in specs:
         h = _tree(spec["tree"]) if spec.get("tree") is not None else None
         try:
-            if spec["kernel"] == "counts":
-                k = _aot.compile_label_counts(spec["arch"], label_dtype=spec["label_dtype"], block=spec.get("block"),
-                                              depth=spec.get("depth", 2), reduction=spec.get("reduction", "hssn"),
-                                              dtype=spec.get("dtype", "float32"))
+            if spec["kernel"] == "count":
+                k = _aot.compile_label_count(spec["arch"], label_dtype=spec["label_dtype"], depth=spec["depth"],
+                                             dtype=spec["dtype"])
             elif spec["kernel"] == "triplet":
                 k = _aot.compile_triplet(spec["arch"], kernel=spec["part"], dtype=spec.get("dtype", "float32"),
                                          channels=spec.get("channels", 256), grad=spec.get("grad", True),

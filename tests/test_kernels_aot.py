@@ -61,7 +61,7 @@ def _small_tree_specs(tree) -> list[dict]:
                 specs.append(dict(tree=tree, kernel="objective", arch=arch, dtype=dtype, mode=mode,
                                   focal=(False, True, False, 1.5, False, 3.0)[(i + j) % 6], weighted=(i + j) % 3 == 0,
                                   block_p=16 if (i + j) % 2 else None,
-                                  label_dtype=("int64", "int32", "uint8")[(i + j) % 3]))
+                                  label_dtype=("int64", "int32", "uint8", "int16")[(i + j) % 4]))
         for top_down in (False, True):
             for dtype in ("float32", "float64"):
                 for block_p in (16, None):
@@ -75,9 +75,11 @@ def test_presets_compile(preset):
     _assert_all_compile(_small_tree_specs(preset))
 
 
-def test_flat_and_single_node_trees_compile():
-    """The case that crashed triton 3.6 before: a flat tree of 3 leaves, float64, BLOCK_P 16."""
-    _assert_all_compile(_small_tree_specs({"parents": [-1, -1, -1]}) + _small_tree_specs({"parents": [-1]}))
+def test_flat_single_node_and_deep_trees_compile():
+    """The case that crashed triton 3.6 before: a flat tree of 3 leaves, float64, BLOCK_P 16; one node;
+    a chain 7 levels deep (16 per-depth sums in the label count)."""
+    _assert_all_compile(_small_tree_specs({"parents": [-1, -1, -1]}) + _small_tree_specs({"parents": [-1]})
+                        + _small_tree_specs({"parents": [2, 2, 3, 4, 5, 6, 7, -1]}))
 
 
 def test_mapillary_training_steps_compile():
@@ -90,15 +92,14 @@ def test_mapillary_training_steps_compile():
     _assert_all_compile(specs)
 
 
-def test_label_counts_and_gradient_scale_compile():
-    """The objective's count pass (every label dtype, test and production blocks; its last programs'
-    denominators for every reduction, shallow and deep trees, float32 and float64 scales) and its
-    backward's in-place scaling (every dtype)."""
-    _assert_all_compile([dict(kernel="counts", arch=arch, label_dtype=ld, block=block, depth=depth,
-                              reduction=("hssn", "mean", "sum")[(i + depth) % 3], dtype=("float32", "float64")[i % 2])
-                         for arch in ARCHS for i, ld in enumerate(("int64", "int32", "uint8", "int16"))
-                         for block in (16, None) for depth in (1, 3, 6)]
-                        + [dict(kernel="scale", arch=arch, dtype=dt) for arch in ARCHS for dt in DTYPES])
+def test_gradient_scale_and_label_count_compile():
+    """The backward's in-place scaling of the gradient the objective wrote, for every dtype; the label
+    count as a launch of its own (the benchmarks' A/B), for every label dtype and shallow and deep trees."""
+    _assert_all_compile([dict(kernel="scale", arch=arch, dtype=dt) for arch in ARCHS for dt in DTYPES]
+                        + [dict(kernel="count", arch=arch, label_dtype=ld, depth=depth,
+                                dtype=("float32", "float64")[(i + depth) % 2])
+                           for arch in ARCHS for i, ld in enumerate(("int64", "int32", "uint8", "int16"))
+                           for depth in (1, 3, 7)])
 
 
 def test_triplet_kernels_compile():

@@ -31,7 +31,7 @@ if not kernels.triton_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from hieraloss.torch.kernels._reduce import finalize_sums  # noqa: E402
+from hieraloss.torch.kernels._reduce import finalize_sums, shared_depth_scales, shared_depth_scales_apart  # noqa: E402,E501
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -49,6 +49,7 @@ small_settings = settings(max_examples=8)
 @pytest.fixture(autouse=True)
 def _small_tiles(monkeypatch):
     monkeypatch.setattr(_common, "BLOCK_P_OVERRIDE", 16)
+    monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", 8)
 
 
 def _run(x_np, labels, h, dtype="float32", *, gamma=None, reduction="mean", node_weight=None,
@@ -598,15 +599,38 @@ def test_wide_trees_load_fewer_rows_at_once_and_cap_registers(monkeypatch):
     assert _common.register_cap(wide) == {}
 
 
-@pytest.mark.parametrize("reduction", ["hssn", "mean", "sum"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_reduction_scales_match_bincount(monkeypatch, reduction, dtype):
-    """The count kernel and its last programs' denominators and gradient scales against a bincount
-    of the label slots times the count table: a 600-leaf flat tree, 20 images of 4097 pixels (100
-    programs in groups of 16, rows read in several chunks), labels out of range and ignored included."""
-    from hieraloss import Hierarchy
-    from hieraloss.torch.kernels import objective
+@triton.jit
+def _count_probe(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction, coef_ptr,
+                 denom_ptr, scale_ptr, seen_ptr, WAIT: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
+                 CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr, APART: tl.constexpr):
+    if APART:
+        shared_depth_scales_apart(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr,
+                                  reduction, coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
+    else:
+        shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+                            coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
+    if WAIT:  # the scales as this program sees them once it may use them
+        k = tl.arange(0, D2)
+        row = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+        tl.store(seen_ptr + row * D2 + k, tl.load(scale_ptr + k, mask=k < L2, other=0.0, cache_modifier=".cg"),
+                 mask=k < L2)
 
+
+@pytest.mark.parametrize("reduction,dtype,step,apart", [("hssn", torch.float32, 64, False),
+                                                        ("mean", torch.float64, 256, True),
+                                                        ("sum", torch.float32, 512, False)])
+def test_label_count_in_the_objective_launch_matches_bincount(monkeypatch, reduction, dtype, step, apart):
+    """The objective kernel's own label count (``_reduce.shared_depth_scales``, run by a probe kernel
+    with the objective's grid) against a bincount of the label slots times the count table: a 600-leaf
+    flat tree, 20 images of 4097 pixels in chunks of 256 (a short last chunk per image) counted in
+    one or several loop steps, inlined or as a call, labels out of range and ignored included,
+    strided labels. Each chunk's row, the denominators and the scales;
+    with the wait, the scales every program sees. Then the state other programs leave behind when
+    they run at the same time (on a GPU): chunks already claimed and counted, and the flag already up."""
+    from hieraloss import Hierarchy
+    from hieraloss.torch.kernels import _reduce, objective
+
+    monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", 256)
     h = Hierarchy([-1] * 600)
     rng = np.random.default_rng(7)
     labels = rng.integers(-3, 605, size=(20, 4097))
@@ -614,29 +638,96 @@ def test_reduction_scales_match_bincount(monkeypatch, reduction, dtype):
     codes = objective.label_codes(h, 1000, torch.device(DEVICE))
     code, shift, table = codes
     L = h.max_depth
-    coef = torch.tensor(rng.uniform(0.5, 2.0, 2 * L), dtype=torch.float64, device=DEVICE)
-    counters = []
-    zeros = torch.zeros
-
-    def spy(*a, **k):
-        counters.append(zeros(*a, **k))
-        return counters[-1]
-    monkeypatch.setattr(torch, "zeros", spy)
-    denom, scales = objective._scales(torch.tensor(labels, device=DEVICE), codes, reduction, coef, dtype)
-    monkeypatch.undo()
-    # 20 images x 5 programs in groups of 16: each group counted by its rows, the groups once each
-    assert [c.tolist() for c in counters] == [[7] + [16] * 6 + [4]]
-    slots = np.clip(labels + shift, 0, code.numel() - 1).ravel()
-    counts = np.bincount(slots, minlength=code.numel()) @ table.cpu().numpy()
+    L2, D2 = 2 * L, _reduce.padded_width(2 * L)
+    B, P = labels.shape
+    per_image = -(-P // 256)
+    chunks = _reduce.count_chunks(B, P)
+    assert chunks == B * per_image == 340
+    slots = np.clip(labels + shift, 0, code.numel() - 1)
+    tab = table.cpu().numpy()
+    chunk_rows = np.zeros((chunks, D2))
+    for c in range(chunks):
+        b, j = divmod(c, per_image)
+        chunk_rows[c, :L2] = tab[slots[b, j * 256:(j + 1) * 256]].sum(0)
+    counts = chunk_rows.sum(0)[:L2]
     ref = np.maximum(counts, 1.0)
     if reduction == "mean":
         ref[:L] = max(counts[:L].sum(), 1.0)
     elif reduction == "sum":
         ref[:L] = 1.0
     assert counts[:L].sum() > 0 and counts[L:].sum() > 0
-    np.testing.assert_allclose(denom.cpu().numpy(), ref, rtol=1e-12)
-    assert scales.dtype == dtype
-    np.testing.assert_allclose(scales.cpu().numpy(), coef.cpu().numpy() / ref, rtol=1e-6)
+    coef = torch.tensor(rng.uniform(0.5, 2.0, L2), dtype=torch.float64, device=DEVICE)
+    lab = torch.tensor(np.repeat(labels, 2, axis=1), device=DEVICE)[:, ::2]
+    assert lab.stride(1) == 2
+    tol = dict(rtol=1e-12) if dtype == torch.float64 else dict(rtol=1e-6)
+
+    def run(wait, sync=(0, 0, 0, 0), rows=None, grid=(5, B)):
+        sync = torch.tensor(sync, dtype=torch.int32, device=DEVICE)
+        rows = torch.full((chunks, D2), float("nan"), dtype=torch.float64, device=DEVICE) if rows is None else rows
+        denom = torch.full((L2,), float("nan"), dtype=torch.float64, device=DEVICE)
+        scales = torch.full((L2,), float("nan"), dtype=dtype, device=DEVICE)
+        seen = torch.full((grid[0] * grid[1], D2), float("nan"), dtype=dtype, device=DEVICE)
+        _count_probe[grid](lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows,
+                           _reduce.REDUCTION_IDS[reduction], coef, denom, scales, seen, WAIT=wait, L2=L2, D2=D2,
+                           CB=_reduce.count_chunk(), STEP=step, RB=_reduce.rows_per_step(D2) // 4,
+                           F64=dtype == torch.float64, APART=apart, num_warps=4)
+        if wait:
+            np.testing.assert_allclose(seen[:, :L2].double().cpu().numpy(),
+                                       np.broadcast_to(coef.cpu().numpy() / ref, (len(seen), L2)), **tol)
+        return sync.tolist(), rows.cpu().numpy(), denom.cpu().numpy(), scales
+
+    for wait in (False, True):
+        sync, rows, denom, scales = run(wait)
+        np.testing.assert_array_equal(rows, chunk_rows)
+        np.testing.assert_allclose(denom, ref, rtol=1e-12)
+        assert scales.dtype == dtype
+        np.testing.assert_allclose(scales.cpu().numpy(), coef.cpu().numpy() / ref, **tol)
+        # every chunk done once; each program that found the flag down made one claim too many (under
+        # the interpreter, which runs programs one after another, only the first)
+        assert chunks < sync[0] <= chunks + 5 * B and sync[1:] == [chunks, 1, 0]
+        if _common.interpreting():
+            assert sync[0] == chunks + 1
+    # 7 chunks already claimed and counted elsewhere: this grid counts the rest and sums them all
+    seeded = torch.full((chunks, D2), float("nan"), dtype=torch.float64, device=DEVICE)
+    seeded[:7] = torch.tensor(chunk_rows[:7], device=DEVICE)
+    sync, rows, denom, _ = run(True, (7, 7, 0, 0), seeded)
+    np.testing.assert_array_equal(rows, chunk_rows)
+    np.testing.assert_allclose(denom, ref, rtol=1e-12)
+    assert chunks < sync[0] <= chunks + 5 * B and sync[1:] == [chunks, 1, 0]
+    # the flag already up: nothing is claimed or counted
+    sync, rows, denom, _ = run(False, (chunks, chunks, 1, 0))
+    assert sync == [chunks, chunks, 1, 0] and np.isnan(rows).all() and np.isnan(denom).all()
+
+
+@pytest.mark.parametrize("reduction", ["hssn", "mean"])
+def test_objective_gives_the_same_bits_for_any_chunking_and_run(monkeypatch, reduction):
+    """The label count sums whole numbers in float64 and every reduction sums in a fixed order, so the
+    loss, its parts and the gradient do not change by a bit with the chunk size of the count, with
+    the count in a launch of its own (the benchmarks' A/B), or from one run to the next (on a GPU,
+    where programs count and finish in a different order every time, this is a check of that
+    order-independence; partial labels make the per-depth counts differ)."""
+    from hieraloss.torch.kernels import objective
+
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(3)
+    B, H, W = (4, 96, 160) if DEVICE == "cuda" else (2, 5, 23)
+    x = torch.tensor(rng.normal(size=(B, h.num_nodes, H, W)), dtype=torch.float32, device=DEVICE)
+    labels = rng.choice(np.append(h.node_ids, 255), size=(B, H, W))
+    y = torch.tensor(labels, device=DEVICE)
+
+    def step(chunk, separate=False):
+        monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", chunk)
+        monkeypatch.setattr(objective, "SEPARATE_COUNT", separate)
+        xt = x.clone().requires_grad_(True)
+        total, parts = fused_objective(xt, y, h, ignore_index=255, reduction=reduction, ce_weights=[1.0, 0.5, 0.25])
+        total.backward()
+        return total.detach(), parts, xt.grad
+
+    first = step(8)
+    assert all(torch.isfinite(t).all() for t in first) and float(first[0]) > 0
+    for chunk, separate in ((8, False), (16, False), (64, False), (None, False), (16, True)):
+        for a, b in zip(first, step(chunk, separate), strict=True):
+            assert torch.equal(a, b)
 
 
 @triton.jit

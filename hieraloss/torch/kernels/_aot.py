@@ -50,6 +50,7 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
                       label_dtype: str = "int64"):
     """Compile the generated objective kernel of ``h`` for ``sm_<arch>``; returns the compiled kernel.
     ``focal``: False, True (the default gamma, 2) or a gamma."""
+    from . import _reduce
     from ._terms import focal_code
     from .objective import kernel_for
 
@@ -60,13 +61,14 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
     x = _TRITON[dtype]
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update(x_ptr="*" + x, sxb="i64", lab_ptr="*" + _label_type(label_dtype), slb="i64", code_ptr="*i32",
-               shift="i64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", scale_ptr="*" + acc,
+               shift="i64", table_ptr="*fp64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", sync_ptr="*i32",
+               rows_ptr="*fp64", scale_ptr="*" + acc,
                out_ptr="*" + (x if mode_id in (1, 3) else acc), part_ptr="*" + acc, counter_ptr="*i32",
                gsum_ptr="*fp64", denom_ptr="*fp64", coef_ptr="*fp64", factor="fp32", total_ptr="*" + acc,
                parts_ptr="*" + acc, gamma="fp32")
     gamma = 2.0 if focal is True else float(focal)
-    const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm,
-                 CE=ce, MODE=mode_id)
+    const = dict(BLOCK_P=block_p or bp, CB=_reduce.count_chunk(),
+                 F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm, CE=ce, MODE=mode_id)
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes)))
@@ -88,22 +90,20 @@ def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down:
                           options=dict(num_warps=warps, num_stages=NUM_STAGES))
 
 
-def compile_label_counts(arch: int, *, label_dtype: str = "int64", block: int | None = None, depth: int = 2,
-                         reduction: str = "hssn", dtype: str = "float32"):
-    """Compile the label-count kernel (the objective's reduction counts, and in its last programs the
-    per-depth denominators and gradient scales) for ``sm_<arch>``, for a tree of ``depth`` levels and
-    logits of ``dtype``."""
+def compile_label_count(arch: int, *, label_dtype: str = "int64", depth: int = 2, dtype: str = "float32"):
+    """Compile the label count as a launch of its own (``objective.SEPARATE_COUNT``, the benchmarks'
+    A/B) for ``sm_<arch>``, for a tree of ``depth`` levels and logits of ``dtype``."""
     from . import _reduce
-    from .objective import _COUNT_BLOCK, _depth_counts_kernel
+    from .objective import _label_count_kernel
 
-    kernel = _depth_counts_kernel
+    kernel = _label_count_kernel
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", table_ptr="*fp64", count_ptr="*fp64",
-               counter_ptr="*i32", gsum_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
+    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", table_ptr="*fp64", sync_ptr="*i32",
+               rows_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
     d2 = _reduce.padded_width(2 * depth)
-    const = dict(BLOCK=block or _COUNT_BLOCK, L2=2 * depth, D2=d2, RB=_reduce.rows_per_step(d2),
-                 REDUCTION=_reduce.REDUCTION_IDS[reduction], F64=dtype == "float64")
+    const = dict(L2=2 * depth, D2=d2, CB=_reduce.count_chunk(), STEP=512, RB=_reduce.rows_per_step(d2),
+                 F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=4))

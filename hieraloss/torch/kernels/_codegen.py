@@ -25,8 +25,12 @@ strict descendant of a partial label iff ``pc < pre[v] < ec``):
    only without a gradient), so registers hold one value per internal node (and its packed rank),
    not per node, and no leaf term is computed twice.
 
+Before step 1, in modes 0 and 1, every program takes its part in the label count that gives the
+per-depth denominators and gradient scales (``_reduce.shared_depth_scales``; see ``COUNT_LOOPS``),
+so a training step is one launch.
+
 Modes (constexpr ``MODE``): 0 reduced value; 1 reduced value and the gradient of the weighted
-total (per-depth scales given); 2 tree-min loss map; 3 gradient of ``sum(map * upstream)``.
+total (per-depth scales counted first); 2 tree-min loss map; 3 gradient of ``sum(map * upstream)``.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from ._common import WIDE_TREE_NODES
 from ._reduce import padded_width, rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 10
+CODEGEN_VERSION = 11
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -49,6 +53,19 @@ CODEGEN_VERSION = 10
 LOAD_GROUP = 16
 FOCAL_LOAD_GROUP = 8
 WIDE_TREE_LOAD_GROUP = 8
+
+
+# How the objective kernel's label count (_reduce.shared_depth_scales, run once per program before
+# the tree walk) is compiled: (function, labels per loop step, row entries per loop step of the sum).
+# The count needs few registers of its own, but sharing the kernel moves ptxas's allocation of the
+# tree walk (sm_90, against the kernel without it: triton 3.6 Cityscapes / PPP / LIP training
+# kernels 92-96 registers, Mapillary 128 with the cap; triton 3.9 80-96, Mapillary 90-128).
+# Small trees inline it with short sum steps: 3.6 gives 80-96 registers (a whole 4096-entry step
+# gave PPP and LIP 110, one block less per SM), 3.9 93-96, no spill but 16 B in Cityscapes' focal
+# objective under 3.6. Wide trees call it as a function of its own with shorter steps: Mapillary's
+# training kernels keep their registers and spills (inlined, the bf16 weighted focal objective
+# spilled 56 B instead of 24 under 3.6). `python benchmarks/bench_kernels.py --compile-check`.
+COUNT_LOOPS = {"small": ("shared_depth_scales", 512, 512), "wide": ("shared_depth_scales_apart", 256, 512)}
 
 
 def load_groups(num_nodes: int) -> tuple[int, int]:
@@ -105,32 +122,43 @@ import triton.language as tl
 from hieraloss.torch.kernels._terms import (
     exp, load_rows, log, lse_update, opaque, pin, store_rows, term_grad, term_loss, term_loss_grad,
 )
-from hieraloss.torch.kernels._reduce import finalize_sums
+from hieraloss.torch.kernels._reduce import finalize_sums, shared_depth_scales, shared_depth_scales_apart
 
 N = tl.constexpr({n})
 L = tl.constexpr({L})
+L2 = tl.constexpr({l2})  # per-depth sums: tree-min then cross-entropy
+D2 = tl.constexpr({d2})
+RB = tl.constexpr({rb})
+COUNT_STEP = tl.constexpr({count_step})
+COUNT_RB = tl.constexpr({count_rb})
 
 
-@triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp", "P",
-                             "group"])
+@triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp",
+                             "chunks", "reduction", "P", "group"])
 def objective_kernel(
     x_ptr, sxb, sxn, sxp,             # logits [B, N, P], any strides
     lab_ptr, slb, slp,                # labels [B, P], any integer dtype
     code_ptr, shift, ncode,           # int32 label codes: slot clamp(label + shift) -> pre | end << 16, -1 ignored
+    table_ptr,                        # float64 [ncode, L2]: the entries per depth of each label slot (MODE 0, 1)
     w_ptr,                            # node weights [N] (HAS_W)
     go_ptr, sgb, sgn, sgp,            # upstream map [B, N, P] (MODE 3)
-    scale_ptr,                        # per-depth gradient scales [2 L]: tree-min then cross-entropy (MODE 1)
+    chunks, sync_ptr, rows_ptr, reduction,  # the label count (MODE 0, 1): _reduce.shared_depth_scales
+    scale_ptr,                        # per-depth gradient scales [L2], written by the label count (MODE 0, 1)
     out_ptr,                          # gradient (MODE 1, 3) or loss map (MODE 2): contiguous [B, N, P]
     part_ptr,                         # per-program sums [B * programs, 2 L]: tree-min then cross-entropy
     group, counter_ptr, gsum_ptr,     # the reduction of the sums (MODE 0, 1): programs per group, counters, group sums
     denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
     P, gamma,                         # FOCAL: 0 none, 1..4 the integer gamma, -1 any other gamma
-    BLOCK_P: tl.constexpr, F64: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr,
+    BLOCK_P: tl.constexpr, CB: tl.constexpr, F64: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr,
     TM: tl.constexpr, CE: tl.constexpr, MODE: tl.constexpr,
 ):
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     GRAD: tl.constexpr = MODE == 1 or MODE == 3
     VALUE: tl.constexpr = MODE == 0 or MODE == 1
+    if VALUE:
+        # The denominators and, before the gradient needs them, the scales: counted in this launch.
+        {count}(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+            coef_ptr, denom_ptr, scale_ptr, MODE == 1, L2, D2, CB, COUNT_STEP, COUNT_RB, F64)
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -192,7 +220,11 @@ def objective_source(h: Hierarchy) -> str:
     """Python source of a module holding ``objective_kernel`` specialised for ``h``."""
     t = _Tree(h)
     L = t.L
-    lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L)]
+    d2 = padded_width(2 * L)
+    wide = t.n > WIDE_TREE_NODES
+    count, step, count_entries = COUNT_LOOPS["wide" if wide else "small"]
+    lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
+                            count=count, count_step=step, count_rb=max(1, count_entries // d2))]
     emit = lines.append
     I1, I2, I3 = " " * 4, " " * 8, " " * 12
     groups = load_groups(t.n)
@@ -216,13 +248,13 @@ def objective_source(h: Hierarchy) -> str:
     for d in range(L):
         emit(f"{I2}tms{d} = zero")
         emit(f"{I2}if MODE == 1:")
-        emit(f"{I3}tsc{d} = tl.load(scale_ptr + {d}).to(CT)")
+        emit(f"{I3}tsc{d} = tl.load(scale_ptr + {d}, cache_modifier=\".cg\").to(CT)")
     emit(f"{I1}if CE:")
     for d in range(L):
         emit(f"{I2}xt{d} = zero")
         emit(f"{I2}kn{d} = tl.zeros([BLOCK_P], tl.int1)")
         emit(f"{I2}if MODE == 1:")
-        emit(f"{I3}csc{d} = tl.load(scale_ptr + {L + d}).to(CT)")
+        emit(f"{I3}csc{d} = tl.load(scale_ptr + {L + d}, cache_modifier=\".cg\").to(CT)")
 
     # ---------------------------------------------------------------- 1. post-order walk
     ce_started = [False] * L
@@ -410,13 +442,12 @@ def objective_source(h: Hierarchy) -> str:
         emit(f"{I2}store_rows(ob + {v} * P64, gr.to(out_ptr.dtype.element_ty), pmask, one)")
 
     # ---------------------------------------------------------------- 4. total and parts (last programs)
-    d2 = padded_width(2 * L)
     emit(f"{I1}if VALUE:")
     emit(f"{I2}if TM:")
     for d in range(L):
         emit(f"{I3}tl.store(part + {d}, tl.sum(tms{d}, axis=0))")
     emit(f"{I2}finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr,")
-    emit(f"{I2}              parts_ptr, {2 * L}, {d2}, {rows_per_step(d2)}, TM, CE, F64)")
+    emit(f"{I2}              parts_ptr, L2, D2, RB, TM, CE, F64)")
     emit("")
     return "\n".join(lines)
 

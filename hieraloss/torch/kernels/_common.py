@@ -11,8 +11,10 @@ import triton
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 
-# Tests set this to a small power of two to force several programs per image; None = automatic.
+# Tests set these to small powers of two to force several programs per image and several chunks of
+# the objective kernel's label count (_reduce.shared_depth_scales); None = automatic.
 BLOCK_P_OVERRIDE: int | None = None
+LABELS_PER_CHUNK_OVERRIDE: int | None = None
 
 
 def interpreting() -> bool:

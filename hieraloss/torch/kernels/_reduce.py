@@ -1,16 +1,18 @@
-"""The objective's small reductions, run by the last programs of the kernels before them (Triton
-device functions): no launch and no torch op of their own.
+"""The objective's small reductions, run inside the objective kernel (Triton device functions): no
+launch and no torch op of their own.
 
-Each program of the label-count kernel and of the objective kernel stores its row of partial
-sums, then counts itself done on an int32 counter (zeroed per call). Rows come in groups of
-``group`` consecutive programs: the last program of a group sums the group's rows into one float64
-row, and the last group to finish sums those rows and finishes (``.cg`` loads: from L2, where the
-other programs' stores are). Two levels keep the serial tail short: one program reducing the
-32768 rows of a Cityscapes step added 0.13 ms on the H100 to a 0.62 ms step.
+* :func:`shared_depth_scales`, at the start of every program: the per-depth denominators and
+  gradient scales from all the labels (their entries per depth, looked up in a small table), counted
+  in chunks by the first programs to arrive while the others wait for them (see there why that
+  wait is safe); one program sums the chunks' rows;
+* :func:`finalize_sums`, at the end: the per-program sums -> ``total`` and ``parts``.
 
-* :func:`depth_scales`: per-program entry counts per depth -> each per-depth sum's denominator and
-  gradient scale, which the objective kernel then reads;
-* :func:`finalize_sums`: the objective's per-program sums -> ``total`` and ``parts``.
+For the second, each program stores its row of partial sums, then counts itself done on an int32
+counter (zeroed per call). Rows come in groups of ``group`` consecutive programs: the last program
+of a group sums the group's rows into one float64 row, and the last group to finish sums those rows
+and finishes (``.cg`` loads: from L2, where the other programs' stores are). Two levels keep the
+serial tail short: one program reducing the 32768 rows of a Cityscapes step added 0.13 ms on the
+H100 to a 0.62 ms step.
 
 Both sum in a fixed order, so the result does not depend on which program finishes last.
 """
@@ -23,12 +25,28 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _common
+
 REDUCTION_IDS = {"hssn": 0, "mean": 1, "sum": 2}
 ENTRIES_PER_STEP = 4096  # [rows, width] entries a reduction reads per loop step
 
 
 def rows_per_step(width: int) -> int:
     return max(1, ENTRIES_PER_STEP // width)
+
+
+COUNT_CHUNK = 4096  # labels per chunk of the label count (one image's consecutive pixels)
+SYNC_SLOTS = 4  # int32 slots of shared_depth_scales (next chunk, chunks done, ready; one more keeps 16-byte alignment)
+
+
+def count_chunk() -> int:
+    """Labels per chunk of the label count (``_common.LABELS_PER_CHUNK_OVERRIDE`` in tests)."""
+    return int(_common.LABELS_PER_CHUNK_OVERRIDE or COUNT_CHUNK)
+
+
+def count_chunks(images: int, pixels: int) -> int:
+    """Chunks of the label count of labels ``[images, pixels]``: ``count_chunk()`` pixels of one image each."""
+    return images * triton.cdiv(pixels, count_chunk())
 
 
 def padded_width(width: int) -> int:
@@ -40,13 +58,15 @@ def group_rows(rows: int) -> int:
     return max(16, triton.next_power_of_2(math.isqrt(max(rows, 1))))
 
 
-def workspace(rows: int, width: int, device: torch.device) -> tuple[int, torch.Tensor, torch.Tensor]:
+def workspace(rows: int, width: int, device: torch.device, *, sync: bool = False
+              ) -> tuple[int, torch.Tensor, torch.Tensor]:
     """``(group, counter, gsum)`` of a reduction over ``rows`` rows of ``width`` columns: rows per group,
-    the zeroed int32 counters (the groups', then one per group) and the float64 group sums
+    the zeroed int32 counters (the groups', then one per group; with ``sync``, first the
+    ``SYNC_SLOTS`` of :func:`shared_depth_scales`: one zeroing for both) and the float64 group sums
     ``[groups, padded_width(width)]``."""
     group = group_rows(rows)
     groups = triton.cdiv(rows, group)
-    counter = torch.zeros(1 + groups, dtype=torch.int32, device=device)
+    counter = torch.zeros((SYNC_SLOTS if sync else 0) + 1 + groups, dtype=torch.int32, device=device)
     return group, counter, torch.empty((groups, padded_width(width)), dtype=torch.float64, device=device)
 
 
@@ -96,25 +116,96 @@ def _column_sums(ptr, width, group, counter_ptr, gsum_ptr, cols, col_mask, D2: t
 
 
 @triton.jit
-def depth_scales(count_ptr, group, counter_ptr, gsum_ptr, coef_ptr, denom_ptr, scale_ptr,
-                 L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr, REDUCTION: tl.constexpr, F64: tl.constexpr):
-    """Called by every program of the count kernel after storing its row of ``counts [rows, L2]``
-    (its pixels' entries per depth, tree-min then cross-entropy): each per-depth sum's denominator
-    (float64 ``[L2]``: tree-min per ``REDUCTION``, cross-entropy its count, at least 1) and gradient
-    scale ``coef / denominator``."""
+def _store_scales(depth_counts, k, kin, reduction, coef_ptr, denom_ptr, scale_ptr, L2: tl.constexpr,
+                  F64: tl.constexpr):
+    """From the entries per depth (float64, tree-min then cross-entropy): each per-depth sum's
+    denominator (float64 ``[L2]``: tree-min per ``reduction``, cross-entropy its count, at least 1) and
+    gradient scale ``coef / denominator``."""
     L: tl.constexpr = L2 // 2
+    denom = tl.maximum(depth_counts, 1.0)
+    if reduction == 1:  # mean: every tree-min depth over the count of all depths
+        denom = tl.where(k < L, tl.maximum(tl.sum(tl.where(k < L, depth_counts, 0.0), 0), 1.0), denom)
+    elif reduction == 2:  # sum
+        denom = tl.where(k < L, 1.0, denom)
+    coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
+    tl.store(denom_ptr + k, denom, mask=kin)
+    tl.store(scale_ptr + k, (coef / denom).to(tl.float64 if F64 else tl.float32), mask=kin)
+
+
+@triton.jit
+def _count_chunk(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, rows_ptr, k, L2: tl.constexpr, D2: tl.constexpr,
+                 CB: tl.constexpr, STEP: tl.constexpr):
+    """Row ``c`` of ``rows [chunks, D2]``: the entries per depth that the labels of chunk ``c`` (pixels
+    ``j * CB ..`` of image ``b``, ``(b, j) = divmod(c, cdiv(P, CB))``) add: the rows of
+    ``table [ncode, L2]`` at their slots ``clamp(label + shift, 0, ncode - 1)``, summed, ``STEP``
+    labels at a time."""
+    SUB: tl.constexpr = CB if CB < STEP else STEP
+    per_image = tl.cdiv(P, CB)
+    b = c // per_image
+    first = (c - b * per_image) * CB
+    row = tl.zeros([D2], dtype=tl.float64)
+    for p0 in range(first, first + CB, SUB):
+        p = p0 + tl.arange(0, SUB)
+        m = p < P
+        lab = tl.load(lab_ptr + b.to(tl.int64) * slb + p.to(tl.int64) * slp, mask=m, other=0)
+        slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1).to(tl.int32)
+        for j in tl.static_range(L2):
+            row += tl.where(k == j, tl.sum(tl.load(table_ptr + slot * L2 + j, mask=m, other=0.0), 0), 0.0)
+    tl.store(rows_ptr + c.to(tl.int64) * D2 + k, row)
+
+
+@triton.jit
+def _flag(sync_ptr):
+    """The ready flag (``sync[2]``), read with acquire semantics by one thread for the whole program."""
+    return tl.atomic_add(sync_ptr + 2, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+                        coef_ptr, denom_ptr, scale_ptr, WAIT: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
+                        CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr):
+    """Called first by every program of the objective kernel: the per-depth denominators and gradient
+    scales (:func:`_store_scales`) from all the labels, in the same launch. With ``WAIT`` the program
+    returns only once they are stored and visible to it.
+
+    ``sync`` int32 ``[3]`` zeroed: next chunk, chunks done, ready flag. Until the flag is up, an
+    arriving program claims chunks of the labels from an atomic counter, one after another, and
+    counts each (:func:`_count_chunk`) until none is left; the program that completes the last chunk
+    sums the rows, stores the scales and raises the flag (release). The others then wait for the
+    flag (acquire). A program waits only once every chunk is claimed, and only for programs that
+    claimed one, which are running and finish it without waiting for anything: so the wait needs no
+    grid-wide barrier, no cooperative launch and no guess of how many programs are resident, and
+    whichever programs run first share the count. Programs that start after the flag is up skip all
+    of it. ``STEP``: labels per loop step of a chunk; ``RB``: rows per loop step of their sum."""
     k = tl.arange(0, D2)
     kin = k < L2
-    done, depth_counts = _column_sums(count_ptr, L2, group, counter_ptr, gsum_ptr, k, kin, D2, RB)
-    if done:
-        denom = tl.maximum(depth_counts, 1.0)
-        if REDUCTION == 1:  # mean: every tree-min depth over the count of all depths
-            denom = tl.where(k < L, tl.maximum(tl.sum(tl.where(k < L, depth_counts, 0.0), 0), 1.0), denom)
-        elif REDUCTION == 2:  # sum
-            denom = tl.where(k < L, 1.0, denom)
-        coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
-        tl.store(denom_ptr + k, denom, mask=kin)
-        tl.store(scale_ptr + k, (coef / denom).to(tl.float64 if F64 else tl.float32), mask=kin)
+    if _flag(sync_ptr) == 0:
+        c = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        while c < chunks:
+            _count_chunk(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, rows_ptr, k, L2, D2, CB, STEP)
+            if last_program(sync_ptr + 1, chunks):
+                _store_scales(_sum_rows(rows_ptr, 0, chunks, D2, k, kin, RB), k, kin, reduction, coef_ptr,
+                              denom_ptr, scale_ptr, L2, F64)
+                tl.debug_barrier()  # every thread's stores, before the release below
+                tl.atomic_xchg(sync_ptr + 2, 1, sem="release", scope="gpu")
+            c = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
+        if WAIT:
+            ready = _flag(sync_ptr)
+            while ready == 0:
+                ready = _flag(sync_ptr)
+    if WAIT:
+        tl.debug_barrier()  # the flag read, before any thread loads a scale
+
+
+@triton.jit(noinline=True)
+def shared_depth_scales_apart(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+                              coef_ptr, denom_ptr, scale_ptr, WAIT: tl.constexpr, L2: tl.constexpr,
+                              D2: tl.constexpr, CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr,
+                              F64: tl.constexpr):
+    """:func:`shared_depth_scales` as a function of its own (a call, not inlined), so that ptxas
+    allocates the caller's registers without it (see ``_codegen.COUNT_LOOPS``)."""
+    shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+                        coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
 
 
 @triton.jit
@@ -131,7 +222,7 @@ def finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, f
     written = tl.where(k < L, TM, CE) & kin
     done, sums = _column_sums(part_ptr, L2, group, counter_ptr, gsum_ptr, k, written, D2, RB)
     if done:
-        ratio = sums / tl.load(denom_ptr + k, mask=kin, other=1.0)
+        ratio = sums / tl.load(denom_ptr + k, mask=kin, other=1.0, cache_modifier=".cg")
         coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
         OT: tl.constexpr = tl.float64 if F64 else tl.float32
         tl.store(total_ptr, tl.sum(ratio * coef, 0).to(OT))

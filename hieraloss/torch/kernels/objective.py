@@ -12,9 +12,11 @@ cross-entropy at every depth, value and gradient together.
   only scales it by the upstream gradient), else an empty tensor. Reading the logits and labels
   once and writing the gradient once is the whole training step of the loss.
 
-The reduction counts and the gradient's per-depth scales come from one label-sized pass (each
-label's entries per depth, looked up in a small table; no host sync); labels are mapped inside the
-kernel through a small code table, so neither the label check nor the mapping has to materialise anything logits-sized.
+The reduction counts and the gradient's per-depth scales come from the same launch: its first
+programs count the labels (each label's entries per depth, looked up in a small table) while the
+others wait for them (:func:`_reduce.shared_depth_scales`; no host sync, one launch per step).
+Labels are mapped inside the kernel through a small code table, so neither the label check nor the
+mapping has to materialise anything logits-sized.
 ``reduction="none"`` (tree-min only) returns the loss map as ``total``; its backward launches the
 kernel again with the upstream map.
 
@@ -45,7 +47,7 @@ from .._tables import tables_for
 from . import _codegen, _reduce
 from ._common import NUM_STAGES, launch_sizes, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
-from ._reduce import depth_scales
+from ._reduce import shared_depth_scales
 from ._terms import focal_code
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
@@ -118,35 +120,6 @@ def _as_bnp(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
-@triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P", "group"])
-def _depth_counts_kernel(lab_ptr, slb, slp, shift, ncode, table_ptr, count_ptr, P,
-                         group, counter_ptr, gsum_ptr, coef_ptr, denom_ptr, scale_ptr,
-                         BLOCK: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr,
-                         REDUCTION: tl.constexpr, F64: tl.constexpr):
-    """Per program, the entries its pixels add to each per-depth sum (``table [ncode, L2]`` at the
-    label slot ``clamp(label + shift, 0, ncode - 1)``, summed): one row of ``counts [B * programs, L2]``;
-    the last programs turn them into the per-depth denominators and gradient scales
-    (:func:`_reduce.depth_scales`)."""
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < P
-    lab = tl.load(lab_ptr + b * slb + offs.to(tl.int64) * slp, mask=mask, other=0)
-    slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1)
-    row = count_ptr + (b * tl.num_programs(0) + pid) * L2
-    for k in tl.static_range(L2):
-        tl.store(row + k, tl.sum(tl.load(table_ptr + slot * L2 + k, mask=mask, other=0.0), 0))
-    depth_scales(count_ptr, group, counter_ptr, gsum_ptr, coef_ptr, denom_ptr, scale_ptr, L2, D2, RB, REDUCTION, F64)
-
-
-_COUNT_BLOCK = 1024
-
-
-def _count_block(P: int) -> int:
-    """Pixels per program of the count kernel."""
-    return min(_COUNT_BLOCK, max(16, triton.next_power_of_2(max(P, 1))))
-
-
 @functools.lru_cache(maxsize=64)
 def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tuple[float, ...]) -> torch.Tensor:
     """float64 ``[2 L]`` on ``device``: the weight of each per-depth ratio ``sum / denominator`` in the
@@ -157,38 +130,26 @@ def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tu
     return torch.tensor((tm_weight,) * L + ce, dtype=torch.float64, device=device)
 
 
-def _scales(labels: torch.Tensor, codes, reduction: str, coef: torch.Tensor,
-            acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(denominators float64 [2 L], gradient scales acc [2 L])`` in one label-sized launch: each
-    program sums its pixels' rows of the count table (small, cached), the last programs sum those;
-    no atomics on the sums (``index_add`` into a few slots serialises millions of atomics on one
-    cache line), no host sync."""
-    code, shift, table = codes
-    B, P = labels.shape[0], math.prod(labels.shape[1:])
-    lab = labels.reshape(B, P)
-    L2 = table.shape[1]
-    block = _count_block(P)
-    tiles = triton.cdiv(P, block)
-    denom = torch.empty(L2, dtype=torch.float64, device=labels.device)
-    scales = torch.empty(L2, dtype=acc, device=labels.device)
-    rows = B * tiles
-    if rows == 0:  # no program would run: no entries
-        return denom.fill_(1.0), scales.copy_(coef)
-    d2 = _reduce.padded_width(L2)
-    counts = torch.empty((rows, L2), dtype=torch.float64, device=labels.device)
-    group, counter, gsum = _reduce.workspace(rows, L2, labels.device)
-    _depth_counts_kernel[(tiles, B)](lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, counts, P,
-                                     group, counter, gsum, coef, denom, scales,
-                                     BLOCK=block, L2=L2, D2=d2, RB=_reduce.rows_per_step(d2),
-                                     REDUCTION=_reduce.REDUCTION_IDS[reduction], F64=acc == torch.float64,
-                                     num_warps=4)
-    return denom, scales
+# For benchmarks (profile_gpu_step.py --count-apart): count the labels in a launch of their own before
+# the objective kernel, whose programs then find the flag up; the same results to the bit.
+SEPARATE_COUNT = False
+_COUNT_PROGRAMS = 1024
 
 
-def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, scales=None, sums=None,
-            out_dtype=None, upstream=None):
-    """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(denominators, coefficients,
-    factor, total, parts)`` for its last programs' reduction into ``total`` and ``parts``."""
+@triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P", "chunks", "reduction"])
+def _label_count_kernel(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+                        coef_ptr, denom_ptr, scale_ptr, L2: tl.constexpr, D2: tl.constexpr, CB: tl.constexpr,
+                        STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr):
+    """The objective kernel's label count alone (:func:`_reduce.shared_depth_scales`, no wait)."""
+    shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+                        coef_ptr, denom_ptr, scale_ptr, False, L2, D2, CB, STEP, RB, F64)
+
+
+def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sums=None, out_dtype=None,
+            upstream=None):
+    """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(reduction, coefficients, factor,
+    total, parts)``: the kernel counts the labels for the per-depth denominators and gradient scales,
+    and its last programs reduce its sums into ``total`` and ``parts``."""
     B, N, P = x.shape
     L = hierarchy.max_depth
     block_p, warps = launch_sizes(N, P)
@@ -204,25 +165,37 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sc
             sums[3].zero_()
             sums[4].zero_()
         return (out.zero_() if mode else out)
-    code, shift = codes[0], codes[1]
+    code, shift, table = codes
     lab = labels.reshape(B, P)
     go = upstream if upstream is not None else x
     dummy = part
+    d2 = _reduce.padded_width(2 * L)
     if sums is not None:
-        denom, coef, factor, total, parts = sums
-        group, counter, gsum = _reduce.workspace(B * tiles, 2 * L, dev)
+        reduction, coef, factor, total, parts = sums
+        group, counter, gsum = _reduce.workspace(B * tiles, 2 * L, dev, sync=True)
+        sync, counter = counter[:_reduce.SYNC_SLOTS], counter[_reduce.SYNC_SLOTS:]
+        chunks = _reduce.count_chunks(B, P)
+        rows = torch.empty((chunks, d2), dtype=torch.float64, device=dev)
+        denom = torch.empty(2 * L, dtype=torch.float64, device=dev)
+        scales = torch.empty(2 * L, dtype=acc, device=dev)
+        reduction = _reduce.REDUCTION_IDS[reduction]
+        if SEPARATE_COUNT:
+            _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
+                lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
+                denom, scales, L2=2 * L, D2=d2, CB=_reduce.count_chunk(), STEP=512, RB=_reduce.rows_per_step(d2),
+                F64=acc == torch.float64, num_warps=4)
     else:
-        counter = gsum = denom = coef = total = parts = dummy
-        group, factor = 1, 1.0
+        sync = counter = gsum = rows = denom = scales = coef = total = parts = dummy
+        group, factor, chunks, reduction = 1, 1.0, 0, 0
     kernel_for(hierarchy)[(tiles, B)](
         x, x.stride(0), x.stride(1), x.stride(2),
         lab, lab.stride(0), lab.stride(1),
-        code, shift, code.numel(),
+        code, shift, code.numel(), table,
         node_weight if node_weight is not None else dummy,
         go, go.stride(0), go.stride(1), go.stride(2),
-        scales if scales is not None else dummy,
+        chunks, sync, rows, reduction, scales,
         out, part, group, counter, gsum, denom, coef, float(factor), total, parts, P, float(gamma),
-        BLOCK_P=block_p, F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
+        BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
         HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
         num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
     )
@@ -246,11 +219,10 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_inde
         return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
     factor = HSSN_SCALE if reduction == "hssn" else 1.0
     coef = _coefficients(logits.device, L, float(tm_weight) * factor, tuple(float(w) for w in ce_weights))
-    denom, scales = _scales(labels, codes, reduction, coef, acc)
     total, parts = logits.new_empty((), dtype=acc), logits.new_empty((1 + L,), dtype=acc)
-    sums = (denom, coef, factor, total, parts)
+    sums = (reduction, coef, factor, total, parts)
     if want_grad:
-        grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, scales=scales, sums=sums,
+        grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums,
                        out_dtype=logits.dtype).view(logits.shape)
     else:
         _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums)
