@@ -235,6 +235,18 @@ def table(args) -> None:
         row(what + ", CUDA graph replay (device time)", t, copy, note=note(t) if callable(note) else note)
         return t
 
+    def count_apart_row(what, loss_fn, x, copy, g_in):
+        """The A/B of the label count inside the objective's launch: the same step with the count as
+        a launch of its own before it (objective.SEPARATE_COUNT, the same bits)."""
+        from hieraloss.torch.kernels import objective
+
+        objective.SEPARATE_COUNT = True
+        try:
+            graph_row(what + ", label count as a launch of its own", loss_fn, x, copy,
+                      note=lambda t: f" (count inside the objective's launch: {g_in * 1e3:.3f} ms)" if g_in else "")
+        finally:
+            objective.SEPARATE_COUNT = False
+
     # ------------------------------------------------------------------ Cityscapes
     h = presets.cityscapes()
     x = torch.randn(B, h.num_nodes, H, W, device=dev, generator=gen).requires_grad_(True)
@@ -263,6 +275,8 @@ def table(args) -> None:
         row("tree-min hssn fwd+bwd", t_tm, copy, t_pub_tm)
         g_tm = graph_row("tree-min hssn fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x,
                          copy)
+        count_apart_row("tree-min hssn fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy,
+                        g_tm)
     if want("cs-focal"):
         t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
         row("focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_tm:.2f})")
@@ -372,6 +386,8 @@ def table(args) -> None:
             row("Mapillary tree-min fwd+bwd", t_plain, copy)
             g_plain = graph_row("Mapillary tree-min fwd+bwd",
                                 lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy)
+            count_apart_row("Mapillary tree-min fwd+bwd",
+                            lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy, g_plain)
         if want("mp-focal"):
             t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
             row("Mapillary focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_plain:.2f})")
