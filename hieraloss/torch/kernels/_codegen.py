@@ -149,6 +149,7 @@ def objective_kernel(
     group, counter_ptr, gsum_ptr,     # the reduction of the sums (MODE 0, 1): programs per group, counters, group sums
     denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
     P, gamma,                         # FOCAL: 0 none, 1..4 the integer gamma, -1 any other gamma
+    # CB: labels per chunk of the label count
     BLOCK_P: tl.constexpr, CB: tl.constexpr, F64: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr,
     TM: tl.constexpr, CE: tl.constexpr, MODE: tl.constexpr,
 ):
