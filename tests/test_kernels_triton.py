@@ -600,15 +600,16 @@ def test_wide_trees_load_fewer_rows_at_once_and_cap_registers(monkeypatch):
 
 
 @triton.jit
-def _count_probe(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction, coef_ptr,
-                 denom_ptr, scale_ptr, seen_ptr, WAIT: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
+def _count_probe(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction, spin_limit,
+                 coef_ptr, denom_ptr, scale_ptr, seen_ptr, WAIT: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
                  CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr, APART: tl.constexpr):
     if APART:
         shared_depth_scales_apart(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr,
-                                  reduction, coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
+                                  reduction, spin_limit, coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB,
+                                  F64)
     else:
         shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
-                            coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
+                            spin_limit, coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
     if WAIT:  # the scales as this program sees them once it may use them
         k = tl.arange(0, D2)
         row = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
@@ -626,7 +627,9 @@ def test_label_count_in_the_objective_launch_matches_bincount(monkeypatch, reduc
     one or several loop steps, inlined or as a call, labels out of range and ignored included,
     strided labels. Each chunk's row, the denominators and the scales;
     with the wait, the scales every program sees. Then the state other programs leave behind when
-    they run at the same time (on a GPU): chunks already claimed and counted, and the flag already up."""
+    they run at the same time (on a GPU): chunks already claimed and counted, the flag already up;
+    and a chunk claimed but never done, where each waiting program gives up after its polls and
+    counts every label itself."""
     from hieraloss import Hierarchy
     from hieraloss.torch.kernels import _reduce, objective
 
@@ -668,7 +671,8 @@ def test_label_count_in_the_objective_launch_matches_bincount(monkeypatch, reduc
         scales = torch.full((L2,), float("nan"), dtype=dtype, device=DEVICE)
         seen = torch.full((grid[0] * grid[1], D2), float("nan"), dtype=dtype, device=DEVICE)
         _count_probe[grid](lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows,
-                           _reduce.REDUCTION_IDS[reduction], coef, denom, scales, seen, WAIT=wait, L2=L2, D2=D2,
+                           _reduce.REDUCTION_IDS[reduction], _reduce.spin_limit(), coef, denom, scales, seen,
+                           WAIT=wait, L2=L2, D2=D2,
                            CB=_reduce.count_chunk(), STEP=step, RB=_reduce.rows_per_step(D2) // 4,
                            F64=dtype == torch.float64, APART=apart, num_warps=4)
         if wait:
@@ -684,7 +688,7 @@ def test_label_count_in_the_objective_launch_matches_bincount(monkeypatch, reduc
         np.testing.assert_allclose(scales.cpu().numpy(), coef.cpu().numpy() / ref, **tol)
         # every chunk done once; each program that found the flag down made one claim too many (under
         # the interpreter, which runs programs one after another, only the first)
-        assert chunks < sync[0] <= chunks + 5 * B and sync[1:] == [chunks, 1, 0]
+        assert chunks < sync[0] <= chunks + 5 * B and sync[1:] == [chunks, 1, 0]  # no wait given up
         if _common.interpreting():
             assert sync[0] == chunks + 1
     # 7 chunks already claimed and counted elsewhere: this grid counts the rest and sums them all
@@ -697,6 +701,11 @@ def test_label_count_in_the_objective_launch_matches_bincount(monkeypatch, reduc
     # the flag already up: nothing is claimed or counted
     sync, rows, denom, _ = run(False, (chunks, chunks, 1, 0))
     assert sync == [chunks, chunks, 1, 0] and np.isnan(rows).all() and np.isnan(denom).all()
+    # every chunk claimed, one never done: the flag stays down, and each program gives up waiting
+    sync, rows, denom, scales = run(True, (chunks, chunks - 1, 0, 0), grid=(2, 3))
+    assert sync == [chunks + 6, chunks - 1, 0, 6] and np.isnan(rows).all()
+    np.testing.assert_allclose(denom, ref, rtol=1e-12)
+    np.testing.assert_allclose(scales.cpu().numpy(), coef.cpu().numpy() / ref, **tol)
 
 
 @pytest.mark.parametrize("reduction", ["hssn", "mean"])

@@ -61,10 +61,11 @@ WIDE_TREE_LOAD_GROUP = 8
 # tree walk (sm_90, against the kernel without it: triton 3.6 Cityscapes / PPP / LIP training
 # kernels 92-96 registers, Mapillary 128 with the cap; triton 3.9 80-96, Mapillary 90-128).
 # Small trees inline it with short sum steps: 3.6 gives 80-96 registers (a whole 4096-entry step
-# gave PPP and LIP 110, one block less per SM), 3.9 93-96, no spill but 16 B in Cityscapes' focal
-# objective under 3.6. Wide trees call it as a function of its own with shorter steps: Mapillary's
-# training kernels keep their registers and spills (inlined, the bf16 weighted focal objective
-# spilled 56 B instead of 24 under 3.6). `python benchmarks/bench_kernels.py --compile-check`.
+# gave PPP and LIP 110, one block less per SM; Cityscapes value+grad 80 with 8 B of spill), 3.9
+# 90-96 without spill. Wide trees call it as a function of its own with shorter steps: Mapillary's
+# training kernels keep their registers and spills under 3.6 (inlined, the bf16 weighted focal
+# objective spilled 56 B instead of 24); under 3.9 its focal value+grad went from 90 registers to 80
+# with 24 B of spill. `python benchmarks/bench_kernels.py --compile-check`.
 COUNT_LOOPS = {"small": ("shared_depth_scales", 512, 512), "wide": ("shared_depth_scales_apart", 256, 512)}
 
 
@@ -134,7 +135,7 @@ COUNT_RB = tl.constexpr({count_rb})
 
 
 @triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp",
-                             "chunks", "reduction", "P", "group"])
+                             "chunks", "reduction", "spin_limit", "P", "group"])
 def objective_kernel(
     x_ptr, sxb, sxn, sxp,             # logits [B, N, P], any strides
     lab_ptr, slb, slp,                # labels [B, P], any integer dtype
@@ -142,7 +143,7 @@ def objective_kernel(
     table_ptr,                        # float64 [ncode, L2]: the entries per depth of each label slot (MODE 0, 1)
     w_ptr,                            # node weights [N] (HAS_W)
     go_ptr, sgb, sgn, sgp,            # upstream map [B, N, P] (MODE 3)
-    chunks, sync_ptr, rows_ptr, reduction,  # the label count (MODE 0, 1): _reduce.shared_depth_scales
+    chunks, sync_ptr, rows_ptr, reduction, spin_limit,  # the label count (MODE 0, 1): _reduce.shared_depth_scales
     scale_ptr,                        # per-depth gradient scales [L2], written by the label count (MODE 0, 1)
     out_ptr,                          # gradient (MODE 1, 3) or loss map (MODE 2): contiguous [B, N, P]
     part_ptr,                         # per-program sums [B * programs, 2 L]: tree-min then cross-entropy
@@ -159,7 +160,7 @@ def objective_kernel(
     if VALUE:
         # The denominators and, before the gradient needs them, the scales: counted in this launch.
         {count}(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
-            coef_ptr, denom_ptr, scale_ptr, MODE == 1, L2, D2, CB, COUNT_STEP, COUNT_RB, F64)
+            spin_limit, coef_ptr, denom_ptr, scale_ptr, MODE == 1, L2, D2, CB, COUNT_STEP, COUNT_RB, F64)
     pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
     offs = pid * BLOCK_P + tl.arange(0, BLOCK_P)

@@ -36,7 +36,15 @@ def rows_per_step(width: int) -> int:
 
 
 COUNT_CHUNK = 4096  # labels per chunk of the label count (one image's consecutive pixels)
-SYNC_SLOTS = 4  # int32 slots of shared_depth_scales (next chunk, chunks done, ready; one more keeps 16-byte alignment)
+SYNC_SLOTS = 4  # int32 slots of shared_depth_scales: next chunk, chunks done, ready, waits given up
+# Polls of the ready flag before a waiting program counts every label itself (about a second on a
+# GPU, where the count takes microseconds; it bounds a wait the design rules out). The interpreter
+# runs programs one after another, so there a wait can only be a test's.
+SPIN_LIMIT = 1 << 20
+
+
+def spin_limit() -> int:
+    return 1 if _common.interpreting() else SPIN_LIMIT
 
 
 def count_chunk() -> int:
@@ -133,12 +141,11 @@ def _store_scales(depth_counts, k, kin, reduction, coef_ptr, denom_ptr, scale_pt
 
 
 @triton.jit
-def _count_chunk(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, rows_ptr, k, L2: tl.constexpr, D2: tl.constexpr,
-                 CB: tl.constexpr, STEP: tl.constexpr):
-    """Row ``c`` of ``rows [chunks, D2]``: the entries per depth that the labels of chunk ``c`` (pixels
-    ``j * CB ..`` of image ``b``, ``(b, j) = divmod(c, cdiv(P, CB))``) add: the rows of
-    ``table [ncode, L2]`` at their slots ``clamp(label + shift, 0, ncode - 1)``, summed, ``STEP``
-    labels at a time."""
+def _chunk_entries(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, k, L2: tl.constexpr, D2: tl.constexpr,
+                   CB: tl.constexpr, STEP: tl.constexpr):
+    """float64 ``[D2]``: the entries per depth that the labels of chunk ``c`` (pixels ``j * CB ..`` of
+    image ``b``, ``(b, j) = divmod(c, cdiv(P, CB))``) add: the rows of ``table [ncode, L2]`` at their
+    slots ``clamp(label + shift, 0, ncode - 1)``, summed, ``STEP`` labels at a time."""
     SUB: tl.constexpr = CB if CB < STEP else STEP
     per_image = tl.cdiv(P, CB)
     b = c // per_image
@@ -151,7 +158,7 @@ def _count_chunk(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, rows_ptr, k, 
         slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1).to(tl.int32)
         for j in tl.static_range(L2):
             row += tl.where(k == j, tl.sum(tl.load(table_ptr + slot * L2 + j, mask=m, other=0.0), 0), 0.0)
-    tl.store(rows_ptr + c.to(tl.int64) * D2 + k, row)
+    return row
 
 
 @triton.jit
@@ -162,27 +169,32 @@ def _flag(sync_ptr):
 
 @triton.jit
 def shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
-                        coef_ptr, denom_ptr, scale_ptr, WAIT: tl.constexpr, L2: tl.constexpr, D2: tl.constexpr,
-                        CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr):
+                        spin_limit, coef_ptr, denom_ptr, scale_ptr, WAIT: tl.constexpr, L2: tl.constexpr,
+                        D2: tl.constexpr, CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr):
     """Called first by every program of the objective kernel: the per-depth denominators and gradient
     scales (:func:`_store_scales`) from all the labels, in the same launch. With ``WAIT`` the program
     returns only once they are stored and visible to it.
 
-    ``sync`` int32 ``[3]`` zeroed: next chunk, chunks done, ready flag. Until the flag is up, an
-    arriving program claims chunks of the labels from an atomic counter, one after another, and
-    counts each (:func:`_count_chunk`) until none is left; the program that completes the last chunk
+    ``sync`` int32 ``[4]`` zeroed: next chunk, chunks done, ready flag, waits given up. Until the
+    flag is up, an arriving program claims chunks of the labels from an atomic counter, one after
+    another, and counts each (:func:`_chunk_entries`, one row of ``rows [chunks, D2]``) until none is
+    left; the program that completes the last chunk
     sums the rows, stores the scales and raises the flag (release). The others then wait for the
     flag (acquire). A program waits only once every chunk is claimed, and only for programs that
     claimed one, which are running and finish it without waiting for anything: so the wait needs no
     grid-wide barrier, no cooperative launch and no guess of how many programs are resident, and
     whichever programs run first share the count. Programs that start after the flag is up skip all
-    of it. ``STEP``: labels per loop step of a chunk; ``RB``: rows per loop step of their sum."""
+    of it. A wait is still bounded: after ``spin_limit`` polls the program counts every chunk itself
+    (whole numbers summed in float64: the same bits) and counts the give-up in ``sync[3]``, which the
+    tests expect to stay 0 on a GPU. ``STEP``: labels per loop step of a chunk; ``RB``: rows per loop
+    step of their sum."""
     k = tl.arange(0, D2)
     kin = k < L2
     if _flag(sync_ptr) == 0:
         c = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
         while c < chunks:
-            _count_chunk(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, rows_ptr, k, L2, D2, CB, STEP)
+            tl.store(rows_ptr + c.to(tl.int64) * D2 + k,
+                     _chunk_entries(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, k, L2, D2, CB, STEP))
             if last_program(sync_ptr + 1, chunks):
                 _store_scales(_sum_rows(rows_ptr, 0, chunks, D2, k, kin, RB), k, kin, reduction, coef_ptr,
                               denom_ptr, scale_ptr, L2, F64)
@@ -191,21 +203,29 @@ def shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, s
             c = tl.atomic_add(sync_ptr, 1, sem="relaxed", scope="gpu")
         if WAIT:
             ready = _flag(sync_ptr)
-            while ready == 0:
+            polls = 0
+            while (ready == 0) & (polls < spin_limit):
                 ready = _flag(sync_ptr)
+                polls += 1
+            if ready == 0:
+                tl.atomic_add(sync_ptr + 3, 1, sem="relaxed", scope="gpu")
+                counts = tl.zeros([D2], dtype=tl.float64)
+                for c2 in range(0, chunks):
+                    counts += _chunk_entries(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c2, k, L2, D2, CB, STEP)
+                _store_scales(counts, k, kin, reduction, coef_ptr, denom_ptr, scale_ptr, L2, F64)
     if WAIT:
         tl.debug_barrier()  # the flag read, before any thread loads a scale
 
 
 @triton.jit(noinline=True)
 def shared_depth_scales_apart(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
-                              coef_ptr, denom_ptr, scale_ptr, WAIT: tl.constexpr, L2: tl.constexpr,
+                              spin_limit, coef_ptr, denom_ptr, scale_ptr, WAIT: tl.constexpr, L2: tl.constexpr,
                               D2: tl.constexpr, CB: tl.constexpr, STEP: tl.constexpr, RB: tl.constexpr,
                               F64: tl.constexpr):
     """:func:`shared_depth_scales` as a function of its own (a call, not inlined), so that ptxas
     allocates the caller's registers without it (see ``_codegen.COUNT_LOOPS``)."""
     shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
-                        coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
+                        spin_limit, coef_ptr, denom_ptr, scale_ptr, WAIT, L2, D2, CB, STEP, RB, F64)
 
 
 @triton.jit

@@ -141,7 +141,7 @@ def _label_count_kernel(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, s
                         coef_ptr, denom_ptr, scale_ptr, L2: tl.constexpr, D2: tl.constexpr, CB: tl.constexpr,
                         STEP: tl.constexpr, RB: tl.constexpr, F64: tl.constexpr):
     """The objective kernel's label count alone (:func:`_reduce.shared_depth_scales`, no wait)."""
-    shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction,
+    shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, sync_ptr, rows_ptr, reduction, 0,
                         coef_ptr, denom_ptr, scale_ptr, False, L2, D2, CB, STEP, RB, F64)
 
 
@@ -193,7 +193,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
         code, shift, code.numel(), table,
         node_weight if node_weight is not None else dummy,
         go, go.stride(0), go.stride(1), go.stride(2),
-        chunks, sync, rows, reduction, scales,
+        chunks, sync, rows, reduction, _reduce.spin_limit(), scales,
         out, part, group, counter, gsum, denom, coef, float(factor), total, parts, P, float(gamma),
         BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
         HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
