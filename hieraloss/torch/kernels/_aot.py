@@ -93,17 +93,14 @@ def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down:
 def compile_label_count(arch: int, *, label_dtype: str = "int64", depth: int = 2, dtype: str = "float32"):
     """Compile the label count as a launch of its own (``objective.SEPARATE_COUNT``, the benchmarks'
     A/B) for ``sm_<arch>``, for a tree of ``depth`` levels and logits of ``dtype``."""
-    from . import _reduce
-    from .objective import _label_count_kernel
+    from .objective import _label_count_kernel, label_count_constants
 
     kernel = _label_count_kernel
     sig = {name: "i32" for name in kernel.arg_names}
     sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", table_ptr="*fp64", sync_ptr="*i32",
                rows_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
-    d2 = _reduce.padded_width(2 * depth)
-    const = dict(L2=2 * depth, D2=d2, CB=_reduce.count_chunk(), STEP=512, RB=_reduce.rows_per_step(d2),
-                 F64=dtype == "float64")
+    const = dict(label_count_constants(depth), F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
     return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
                           options=dict(num_warps=4))

@@ -145,6 +145,12 @@ def _label_count_kernel(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, s
                         coef_ptr, denom_ptr, scale_ptr, False, L2, D2, CB, STEP, RB, F64)
 
 
+def label_count_constants(depth: int) -> dict:
+    """The constexprs of ``_label_count_kernel`` for a tree of ``depth`` levels (but ``F64``)."""
+    d2 = _reduce.padded_width(2 * depth)
+    return dict(L2=2 * depth, D2=d2, CB=_reduce.count_chunk(), STEP=512, RB=_reduce.rows_per_step(d2))
+
+
 def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sums=None, out_dtype=None,
             upstream=None):
     """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(reduction, coefficients, factor,
@@ -182,8 +188,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
         if SEPARATE_COUNT:
             _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
                 lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
-                denom, scales, L2=2 * L, D2=d2, CB=_reduce.count_chunk(), STEP=512, RB=_reduce.rows_per_step(d2),
-                F64=acc == torch.float64, num_warps=4)
+                denom, scales, **label_count_constants(L), F64=acc == torch.float64, num_warps=4)
     else:
         sync = counter = gsum = rows = denom = scales = coef = total = parts = dummy
         group, factor, chunks, reduction = 1, 1.0, 0, 0
