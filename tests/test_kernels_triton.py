@@ -415,6 +415,85 @@ def test_torch_compile_fullgraph(monkeypatch):
         assert torch.equal(leaf_c, leaf_e) and torch.equal(depth_c, depth_e)
 
 
+def test_every_launch_runs_on_its_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device, not on its tensors' one: every kernel the public
+    functions launch (the objective and its separate label count, the gradient scale, decoding, the
+    triplet's three kernels) runs inside ``on_device`` of the device of all its tensor arguments."""
+    from triton.runtime import interpreter
+
+    from hieraloss.torch import hssn_loss, tree_min_loss
+    from hieraloss.torch.kernels import _grad_buffer, decode, objective, triplet
+
+    current = []  # devices made current by the guard, innermost last
+
+    class Guard:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            current.append(self.device)
+
+        def __exit__(self, *exc):
+            current.pop()
+
+    for module in (objective, decode, triplet, _grad_buffer):
+        monkeypatch.setattr(module, "on_device", Guard)
+    launches = []
+    run = interpreter.GridExecutor.__call__
+
+    def checked(self, *args, **kwargs):
+        devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
+        launches.append(self.fn.__name__)
+        assert current and devices == {current[-1]}, (self.fn.__name__, current, devices)
+        return run(self, *args, **kwargs)
+
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked)
+    h = presets.pascal_person_part()
+    rng = np.random.default_rng(8)
+    x = torch.tensor(rng.normal(size=(2, h.num_nodes, 4, 6)), device=DEVICE, requires_grad=True)
+    y = torch.tensor(h.node_ids[rng.integers(0, h.num_nodes, size=(2, 4, 6))], device=DEVICE)
+    emb = torch.tensor(rng.normal(size=(2, 8, 2, 3)), device=DEVICE, requires_grad=True)
+    (2 * tree_min_loss(x, y, h, reduction="hssn", backend="triton")).backward()
+    tree_min_loss(x, y, h, reduction="none", backend="triton").sum().backward()
+    hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, sampling="first", backend="triton").backward()
+    fused_decode(x.detach(), h, "top_down")
+    monkeypatch.setattr(objective, "SEPARATE_COUNT", True)
+    tree_min_loss(x, y, h, backend="triton").backward()
+    assert not current
+    names = set(launches)
+    assert {"objective_kernel", "_scale_kernel", "decode_kernel", "_codes_kernel", "_select_kernel",
+            "_score_kernel", "_label_count_kernel"} <= names, names
+
+
+def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
+    made = []
+    monkeypatch.setattr(torch.cuda, "device", lambda d: made.append(d) or "guard")
+    assert _common.on_device(torch.device("cuda", 1)) == "guard" and made == [torch.device("cuda", 1)]
+    with _common.on_device(torch.device("cpu")):
+        pass
+    assert made == [torch.device("cuda", 1)]
+
+
+@pytest.mark.skipif(not (DEVICE == "cuda" and torch.cuda.device_count() > 1), reason="needs two CUDA devices")
+def test_tensors_on_another_device_than_the_current_one():
+    h = presets.cityscapes()
+    rng = np.random.default_rng(9)
+    x0 = torch.tensor(rng.normal(size=(2, h.num_nodes, 8, 8)), device="cuda:0", requires_grad=True)
+    y0 = torch.tensor(h.node_ids[rng.integers(0, h.num_nodes, size=(2, 8, 8))], device="cuda:0")
+    x1 = x0.detach().to("cuda:1").requires_grad_(True)
+    with torch.cuda.device(0):
+        from hieraloss.torch import tree_min_loss
+
+        a = tree_min_loss(x0, y0, h, reduction="hssn", backend="triton")
+        b = tree_min_loss(x1, y0.to("cuda:1"), h, reduction="hssn", backend="triton")
+        (a + b.to("cuda:0")).backward()
+        leaf0, _ = fused_decode(x0.detach(), h)
+        leaf1, _ = fused_decode(x1.detach(), h)
+    torch.testing.assert_close(b.cpu(), a.cpu(), rtol=0, atol=0)
+    torch.testing.assert_close(x1.grad.cpu(), x0.grad.cpu(), rtol=0, atol=0)
+    assert torch.equal(leaf1.cpu(), leaf0.cpu())
+
+
 def test_bad_input_raises_clearly(monkeypatch):
     h = presets.cityscapes()
     x = torch.randn(1, h.num_nodes, 4, device=DEVICE)

@@ -1,7 +1,8 @@
-"""Shared pieces of the fused kernels: launch sizes and int32 device tables."""
+"""Shared pieces of the fused kernels: launch sizes, the launch device and int32 device tables."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import numpy as np
@@ -43,6 +44,14 @@ def register_cap(num_nodes: int) -> dict:
     if not _CAP_REGISTERS or interpreting() or num_nodes <= WIDE_TREE_NODES:
         return {}
     return {"maxnreg": MAX_REGISTERS}
+
+
+def on_device(device: torch.device):
+    """A context that makes ``device`` the current CUDA device, for the kernel launches inside it: Triton
+    launches on the current device and its current stream, whatever device its tensors are on, so a
+    launch on tensors of ``cuda:1`` while ``cuda:0`` is current would fail ("cannot be accessed from
+    Triton") or run on another device's stream. Nothing off CUDA."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def launch_sizes(num_nodes: int, num_pixels: int) -> tuple[int, int]:

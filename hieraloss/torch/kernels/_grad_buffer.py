@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import on_device
+
 
 @triton.jit
 def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
@@ -42,8 +44,9 @@ def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
     the scale itself."""
     n = grad.numel()
     if n:
-        _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK,
-                                                       F64=grad.dtype == torch.float64, num_warps=4)
+        with on_device(grad.device):
+            _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK,
+                                                           F64=grad.dtype == torch.float64, num_warps=4)
 
 
 def tracing(t: torch.Tensor) -> bool:

@@ -45,7 +45,7 @@ from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen, _reduce
-from ._common import NUM_STAGES, launch_sizes, register_cap
+from ._common import NUM_STAGES, launch_sizes, on_device, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import shared_depth_scales
 from ._terms import focal_code
@@ -185,25 +185,26 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
         denom = torch.empty(2 * L, dtype=torch.float64, device=dev)
         scales = torch.empty(2 * L, dtype=acc, device=dev)
         reduction = _reduce.REDUCTION_IDS[reduction]
-        if SEPARATE_COUNT:
-            _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
-                lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
-                denom, scales, **label_count_constants(L), F64=acc == torch.float64, num_warps=4)
     else:
         sync = counter = gsum = rows = denom = scales = coef = total = parts = dummy
         group, factor, chunks, reduction = 1, 1.0, 0, 0
-    kernel_for(hierarchy)[(tiles, B)](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        lab, lab.stride(0), lab.stride(1),
-        code, shift, code.numel(), table,
-        node_weight if node_weight is not None else dummy,
-        go, go.stride(0), go.stride(1), go.stride(2),
-        chunks, sync, rows, reduction, _reduce.spin_limit(), scales,
-        out, part, group, counter, gsum, denom, coef, float(factor), total, parts, P, float(gamma),
-        BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
-        HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
-        num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
-    )
+    with on_device(dev):
+        if sums is not None and SEPARATE_COUNT:
+            _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
+                lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
+                denom, scales, **label_count_constants(L), F64=acc == torch.float64, num_warps=4)
+        kernel_for(hierarchy)[(tiles, B)](
+            x, x.stride(0), x.stride(1), x.stride(2),
+            lab, lab.stride(0), lab.stride(1),
+            code, shift, code.numel(), table,
+            node_weight if node_weight is not None else dummy,
+            go, go.stride(0), go.stride(1), go.stride(2),
+            chunks, sync, rows, reduction, _reduce.spin_limit(), scales,
+            out, part, group, counter, gsum, denom, coef, float(factor), total, parts, P, float(gamma),
+            BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
+            HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
+            num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
+        )
     return out
 
 

@@ -37,6 +37,7 @@ import triton.language as tl
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
+from ._common import on_device
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 
 __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
@@ -229,9 +230,10 @@ def _triplet_codes(labels: torch.Tensor, key: str, ignore_index: int, h: int, w:
     if out.numel():
         group = _tables(hierarchy, labels.device)[0]
         scale_y, scale_x = float(np.float32(H / h)), float(np.float32(W / w))
-        _codes_kernel[(triton.cdiv(h * w, _CODE_BLOCK), B)](
-            labels, labels.stride(0), labels.stride(1), labels.stride(2), H, W, h, w, scale_y, scale_x,
-            hierarchy.num_leaves, int(ignore_index), group, out, BLOCK=_CODE_BLOCK, num_warps=4)
+        with on_device(labels.device):
+            _codes_kernel[(triton.cdiv(h * w, _CODE_BLOCK), B)](
+                labels, labels.stride(0), labels.stride(1), labels.stride(2), H, W, h, w, scale_y, scale_x,
+                hierarchy.num_leaves, int(ignore_index), group, out, BLOCK=_CODE_BLOCK, num_warps=4)
     return out
 
 
@@ -285,9 +287,10 @@ def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor 
     alloc = torch.empty if P else torch.zeros
     count = alloc(K, dtype=torch.int32, device=dev)
     if P:
-        _select_kernel[(K,)](codes, order if order is not None else codes, group, possible, P, M,
-                             picks[0], picks[1], picks[2], count, BLOCK=_SELECT_BLOCK, ORDERED=order is not None,
-                             num_warps=_SELECT_WARPS)
+        with on_device(dev):
+            _select_kernel[(K,)](codes, order if order is not None else codes, group, possible, P, M,
+                                 picks[0], picks[1], picks[2], count, BLOCK=_SELECT_BLOCK,
+                                 ORDERED=order is not None, num_warps=_SELECT_WARPS)
     bt, bc, score_warps = _score_sizes(C, ct == torch.float64)
     blocks = triton.cdiv(M, bt)
     part = alloc((K, blocks), dtype=ct, device=dev)
@@ -296,13 +299,14 @@ def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor 
     if P:  # C == 0 too: zero-width rows are zero vectors, at distance 1 from everything
         g = grad if want_grad else part
         gs = grad.stride() if want_grad else (0, 0, 0, 0)
-        _score_kernel[(blocks, K)](
-            embeddings, h * w, w, *embeddings.stride(), C,
-            codes, picks[0], picks[1], picks[2], count, psi, K, M,
-            _constants(dev, ct, float(base_margin), hierarchy.max_depth), *_split(scale),
-            g, *gs, part,
-            BT=bt, BC=bc, KP=_class_chunk(K), F64=ct == torch.float64, GRAD=bool(want_grad),
-            num_warps=score_warps)
+        with on_device(dev):
+            _score_kernel[(blocks, K)](
+                embeddings, h * w, w, *embeddings.stride(), C,
+                codes, picks[0], picks[1], picks[2], count, psi, K, M,
+                _constants(dev, ct, float(base_margin), hierarchy.max_depth), *_split(scale),
+                g, *gs, part,
+                BT=bt, BC=bc, KP=_class_chunk(K), F64=ct == torch.float64, GRAD=bool(want_grad),
+                num_warps=score_warps)
     if want_grad and grad.dtype != embeddings.dtype:
         grad = grad.to(embeddings.dtype)
     return part.sum(), grad
