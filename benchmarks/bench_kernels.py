@@ -212,22 +212,12 @@ def launch_python(n: int = 2000) -> None:
     import torch
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
 
     import hieraloss.torch as hlt
     from hieraloss import presets
     from hieraloss.torch import kernels
-
-    class CpuDriver:
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
+    from hieraloss.torch.kernels import _aot
 
     @triton.jit
     def trivial(x_ptr, n, BLOCK: tl.constexpr):
@@ -243,7 +233,7 @@ def launch_python(n: int = 2000) -> None:
         hlt.hssn_loss(x, y, h, backend="triton", check_labels=False)
 
     saved = kernels.triton_available, kernels._require_triton
-    driver.set_active(CpuDriver())
+    driver.set_active(_aot.CompileOnlyDriver(90))
     kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
     try:
         recorded = triton_launches(step, launch=False)

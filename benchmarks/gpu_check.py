@@ -277,6 +277,14 @@ def table(args) -> None:
                          copy)
         count_apart_row("tree-min hssn fwd+bwd", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw), x, copy,
                         g_tm)
+        # Logits from a channels_last model (common with AMP convolutions): the kernel reads them as
+        # they are, node loads strided by the channel count, no copy.
+        x_cl = x.detach().to(memory_format=torch.channels_last).requires_grad_(True)
+        row("tree-min hssn fwd+bwd, channels_last logits",
+            timer(step(lambda: hlt.tree_min_loss(x_cl, y, h, reduction="hssn", **kw), x_cl)), copy)
+        graph_row("tree-min hssn fwd+bwd, channels_last logits",
+                  lambda: hlt.tree_min_loss(x_cl, y, h, reduction="hssn", **kw), x_cl, copy,
+                  note=lambda t: f" (contiguous: {g_tm * 1e3:.3f} ms)" if g_tm else "")
     if want("cs-focal"):
         t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
         row("focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_tm:.2f})")

@@ -5,11 +5,12 @@ session runs Triton under the interpreter (TRITON_INTERPRET=1), which cannot com
     python tests/aot_compile.py '<json list of specs>'
 
 A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...},
-"kernel": "objective" | "decode" | "scale" | "count" (with "depth") |
+"kernel": "objective" | "decode" | "scale" | "count" (with "depth") | "jit-match" (see _jit_match) |
 "triplet" (with "part": "codes" | "select" |
 "score", "channels", "grad", "ordered", "num_leaves"), "arch": 90,
 "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>, "focal": bool | gamma, "weighted": bool,
-"block_p": int | null, "top_down": bool, "label_dtype": "int64", "ptx_ops": [<PTX opcodes to count>]}.
+"block_p": int | null, "top_down": bool, "label_dtype": "int64", "contiguous_out": bool, "aligned": bool, "wide": bool,
+"ptx_ops": [<PTX opcodes to count>]}.
 """
 
 import json
@@ -31,11 +32,104 @@ def _tree(spec):
     return Hierarchy(spec["parents"], spec.get("names"), spec.get("order", "default"))
 
 
+def _key(src) -> tuple:
+    """What decides the code of a specialisation: the kernel's source, its signature, constants and
+    the non-empty attributes (triton 3.9 also records empty ones, for constexprs)."""
+    return (src.fn.cache_key, sorted(src.signature.items()), sorted(src.constants.items()),
+            sorted((k, v) for k, v in src.attrs.items() if v))
+
+
+def _launch_every_specialisation(h) -> None:
+    """The public functions' launches for ``h`` on small CPU tensors: every mode, dtype, focal,
+    weights, int32 labels, channels_last logits, decoding."""
+    import torch
+
+    import hieraloss.torch as hlt
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, h.num_nodes, 16, 16, generator=gen)
+    y = torch.tensor(h.node_ids)[torch.randint(0, h.num_nodes, (2, 16, 16), generator=gen)]
+    kw = dict(backend="triton", check_labels=False)
+    for logits in (x, x.bfloat16(), x.double(), x.contiguous(memory_format=torch.channels_last)):
+        leaf = logits.clone().requires_grad_(True)
+        hlt.tree_min_loss(leaf, y, h, reduction="hssn", **kw).backward()
+        hlt.hssn_loss(leaf, y, h, **kw).backward()
+        hlt.decode(logits, h, "top_down", backend="triton")
+    leaf = x.clone().requires_grad_(True)
+    hlt.focal_tree_min_loss(leaf, y.int(), h, gamma=2.0, **kw).backward()
+    hlt.focal_tree_min_loss(leaf, y, h, gamma=1.5, node_weight=torch.rand(h.num_nodes, generator=gen),
+                            **kw).backward()
+    hlt.depth_cross_entropy(leaf, y, h, 1, **kw).backward()
+    (hlt.tree_min_loss(leaf, y, h, reduction="none", **kw) * x).sum().backward()
+    with torch.no_grad():
+        hlt.tree_min_loss(x, y, h, **kw)
+        hlt.hssn_loss(x, y, h, **kw)
+    hlt.decode(x, h, "path", backend="triton")
+
+
+def _jit_match(h) -> dict:
+    """Whether ``_aot`` compiles what the JIT does: the public functions run on small CPU tensors with
+    a mocked sm_90 driver, every launch stopping before the driver call (``warmup=True``) once the JIT
+    has specialised and compiled its kernel; each objective and decode specialisation it compiled
+    must have the same source, signature, constants, attributes (pointer alignment) and options as
+    the one ``_aot`` builds from its description."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from hieraloss.torch import kernels
+    from hieraloss.torch.kernels._terms import focal_code
+    from hieraloss.torch.kernels.objective import decode_kernel_for, kernel_for
+
+    driver.set_active(_aot.CompileOnlyDriver(90))  # stays: without a GPU there is no real driver to go back to
+    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
+    real = JITFunction.run
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: real(self, *a, grid=grid, warmup=True, **kw)
+    try:
+        _launch_every_specialisation(h)
+    finally:
+        JITFunction.run = real
+    modes = {v: k for k, v in _aot.OBJECTIVE_MODES.items()}
+    dtypes = {"*" + v: k for k, v in _aot._TRITON.items()}
+    labels = {"*i64": "int64", "*i32": "int32", "*u8": "uint8", "*i16": "int16"}
+    gammas = {focal_code(g): g for g in (1.0, 2.0, 3.0, 4.0, 1.5)}
+    checked, mismatches = [], []
+    for name, kernel in (("objective", kernel_for(h)), ("decode", decode_kernel_for(h))):
+        for caches in kernel.device_caches.values():
+            for compiled in caches[0].values():
+                src = compiled.src
+                const = {kernel.arg_names[i[0]]: v for i, v in src.constants.items()}
+                common = dict(dtype=dtypes[src.signature["x_ptr"]], block_p=const["BLOCK_P"],
+                              aligned=bool(src.attrs.get((kernel.arg_names.index("x_ptr"),))),
+                              wide=src.signature["sxb"] == "i64")
+                if name == "objective":
+                    desc = dict(common, mode=modes[(const["MODE"], bool(const["TM"]), bool(const["CE"]))],
+                                focal=False if const["FOCAL"] == 0 else gammas[const["FOCAL"]],
+                                weighted=bool(const["HAS_W"]), label_dtype=labels[src.signature["lab_ptr"]],
+                                contiguous_out="sop" in const)
+                    ours, options = _aot.objective_source(h, **desc)
+                else:
+                    desc = dict(common, top_down=bool(const["TOP_DOWN"]))
+                    ours, options = _aot.decode_source(h, **desc)
+                checked.append(desc)
+                meta = compiled.metadata
+                if (_key(ours) != _key(src) or options["num_warps"] != meta.num_warps
+                        or options.get("maxnreg") != getattr(meta, "maxnreg", None)):
+                    mismatches.append({"kernel": name, "spec": desc,
+                                       "jit": [src.signature, {str(k): v for k, v in src.constants.items()},
+                                               {str(k): v for k, v in src.attrs.items()}],
+                                       "aot": [ours.signature, {str(k): v for k, v in ours.constants.items()},
+                                               {str(k): v for k, v in ours.attrs.items()}]})
+    return {"ok": not mismatches and len(checked) >= 10, "checked": checked, "mismatches": mismatches[:3]}
+
+
 def main() -> int:
     specs = json.loads(sys.argv[1])
     for spec in specs:
         h = _tree(spec["tree"]) if spec.get("tree") is not None else None
         try:
+            if spec["kernel"] == "jit-match":
+                print(json.dumps({"spec": spec, **_jit_match(h)}, default=str), flush=True)
+                continue
             if spec["kernel"] == "count":
                 k = _aot.compile_label_count(spec["arch"], label_dtype=spec["label_dtype"], depth=spec["depth"],
                                              dtype=spec["dtype"])
@@ -50,10 +144,13 @@ def main() -> int:
             elif spec["kernel"] == "objective":
                 k = _aot.compile_objective(h, spec["arch"], dtype=spec["dtype"], mode=spec["mode"],
                                            focal=spec.get("focal", False), weighted=spec.get("weighted", False),
-                                           block_p=spec.get("block_p"), label_dtype=spec.get("label_dtype", "int64"))
+                                           block_p=spec.get("block_p"), label_dtype=spec.get("label_dtype", "int64"),
+                                           contiguous_out=spec.get("contiguous_out", True),
+                                           aligned=spec.get("aligned", True), wide=spec.get("wide", False))
             else:
                 k = _aot.compile_decode(h, spec["arch"], dtype=spec["dtype"], top_down=spec.get("top_down", False),
-                                        block_p=spec.get("block_p"))
+                                        block_p=spec.get("block_p"), aligned=spec.get("aligned", True),
+                                        wide=spec.get("wide", False))
             use = _aot.usage(k)
             out = {"ok": True, "registers": use and use.registers, "spill": use and use.spill_bytes}
             if spec.get("ptx_ops"):

@@ -30,7 +30,8 @@ def test_gpu_check_smoke_prints_every_row():
     table = proc.stdout[proc.stdout.index("| part"):]
     for row in ("tree-min hssn fwd+bwd", "focal tree-min fwd+bwd", "depth_cross_entropy depth 2",
                 "triplet, torch ops", "triplet, fused kernels", "hssn_loss with embeddings",
-                "tree-min hssn, bfloat16 logits", "decode top_down", "Mapillary focal tree-min fwd+bwd"):
+                "tree-min hssn, bfloat16 logits", "decode top_down", "Mapillary focal tree-min fwd+bwd",
+                "tree-min hssn fwd+bwd, channels_last logits"):
         assert f"| {row}" in table, row
 
 

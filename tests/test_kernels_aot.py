@@ -53,7 +53,8 @@ def _assert_all_compile(specs: list[dict]) -> None:
 
 def _small_tree_specs(tree) -> list[dict]:
     """Every mode x dtype, focal (gamma 2, 3: products; 1.5: exp) and weighted variants, test and
-    production tiles, both archs."""
+    production tiles, contiguous and channels_last outputs, aligned and unaligned pointers (a view
+    at an odd offset), int32 and int64 batch strides, both archs."""
     specs = []
     for arch in ARCHS:
         for i, mode in enumerate(MODES):
@@ -61,12 +62,14 @@ def _small_tree_specs(tree) -> list[dict]:
                 specs.append(dict(tree=tree, kernel="objective", arch=arch, dtype=dtype, mode=mode,
                                   focal=(False, True, False, 1.5, False, 3.0)[(i + j) % 6], weighted=(i + j) % 3 == 0,
                                   block_p=16 if (i + j) % 2 else None,
-                                  label_dtype=("int64", "int32", "uint8", "int16")[(i + j) % 4]))
+                                  label_dtype=("int64", "int32", "uint8", "int16")[(i + j) % 4],
+                                  contiguous_out=(i + 2 * j) % 3 != 0, aligned=(i + j) % 4 != 2,
+                                  wide=(i + 3 * j) % 4 == 1))
         for top_down in (False, True):
             for dtype in ("float32", "float64"):
                 for block_p in (16, None):
                     specs.append(dict(tree=tree, kernel="decode", arch=arch, dtype=dtype, top_down=top_down,
-                                      block_p=block_p))
+                                      block_p=block_p, aligned=block_p is None, wide=dtype == "float64"))
     return specs
 
 
@@ -84,12 +87,27 @@ def test_flat_single_node_and_deep_trees_compile():
 
 def test_mapillary_training_steps_compile():
     """The largest preset (149 nodes, leaves at depths 2-4): the production training specialisations
-    on sm_90 (each takes tens of seconds to compile, so not every mode)."""
+    on sm_90, one with channels_last logits (each takes tens of seconds to compile, so not every mode)."""
     specs = [dict(tree="mapillary_vistas_v2", kernel="objective", arch=90, dtype=dtype, mode=mode, focal=focal,
-                  weighted=False)
-             for dtype, mode, focal in (("float32", "objective", False), ("bfloat16", "value+grad", True))]
+                  weighted=False, contiguous_out=contiguous)
+             for dtype, mode, focal, contiguous in (("float32", "objective", False, True),
+                                                    ("bfloat16", "value+grad", True, True),
+                                                    ("float32", "value+grad", False, False))]
     specs.append(dict(tree="mapillary_vistas_v2", kernel="decode", arch=90, dtype="float16", top_down=True))
     _assert_all_compile(specs)
+
+
+def test_ahead_of_time_compiles_what_the_jit_launches():
+    """``_aot``'s specialisations are the ones Triton's JIT compiles when the public functions launch
+    (pointer alignment, int widths, specialised strides, options): else these tests and the
+    compile-check's registers would be about kernels no launch runs. Cityscapes; a 32-node forest
+    (a channels_last pixel stride divisible by 16); a flat 70-node tree (register-capped under triton
+    older than 3.9)."""
+    trees = ["cityscapes", {"parents": [28 + i // 7 for i in range(28)] + [-1] * 4},
+             {"parents": [69] * 69 + [-1]}]
+    for result in _compile([dict(kernel="jit-match", tree=t) for t in trees]):
+        assert result["ok"], (result["spec"], result.get("mismatches"), result.get("error"))
+        assert {d["mode"] for d in result["checked"] if "mode" in d} == set(MODES)
 
 
 def test_gradient_scale_and_label_count_compile():

@@ -242,19 +242,36 @@ def test_focal_code():
 
 
 def test_strided_logits_equal_contiguous():
+    """Channels-last and sliced logits are read as they are; the gradient and the loss map come back
+    in the logits' memory order where that is dense, else contiguous (autograd's layout for a leaf's
+    .grad), equal to the contiguous ones."""
     h = presets.cityscapes()
     rng = np.random.default_rng(2)
-    base = torch.tensor(rng.normal(size=(2, 6, 5, h.num_nodes)), device=DEVICE)
-    strided = base.permute(0, 3, 1, 2)  # channels-last memory, [B, N, H, W] view
+    base = torch.tensor(rng.normal(size=(2, 6, 5, h.num_nodes + 3)), device=DEVICE)
+    sliced_last = base[..., :h.num_nodes].permute(0, 3, 1, 2)  # [B, N, H, W] view, channel stride 1, not dense
+    sliced = base.permute(0, 3, 1, 2).contiguous()[:, :h.num_nodes]  # not dense, contiguous order
+    channels_last = sliced_last.contiguous(memory_format=torch.channels_last)
     lc = torch.tensor(h.label_channels(rng.integers(0, 19, size=(2, 6, 5))), device=DEVICE)
-    for reduction in ("mean", "none"):
-        a = fused_tree_min_loss(strided, lc, h, reduction=reduction)
-        b = fused_tree_min_loss(strided.contiguous(), lc, h, reduction=reduction)
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
-    for method in ("path", "top_down"):
-        for a, b in zip(fused_decode(strided, h, method), fused_decode(strided.contiguous(), h, method),
-                        strict=True):
-            assert torch.equal(a, b)
+    y = torch.tensor(h.node_ids[rng.integers(0, h.num_nodes, size=(2, 6, 5))], device=DEVICE)
+    for x, layout in ((sliced_last, torch.contiguous_format), (sliced, torch.contiguous_format),
+                      (channels_last, torch.channels_last)):
+        for reduction in ("mean", "none"):
+            a = fused_tree_min_loss(x, lc, h, reduction=reduction)
+            b = fused_tree_min_loss(x.contiguous(), lc, h, reduction=reduction)
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+            assert reduction == "mean" or a.is_contiguous(memory_format=layout)
+        # autograd.grad hands over the backward's own gradient (.grad would be copied into the layout)
+        upstream = x.contiguous()
+        for loss in (lambda t: kernels.fused_objective(t, y, h, ignore_index=255, reduction="hssn",
+                                                       ce_weights=[1.0, 0.5], gamma=2.0)[0],
+                     lambda t: (fused_tree_min_loss(t, lc, h, reduction="none") * upstream).sum()):  # noqa: B023
+            grads = [torch.autograd.grad(loss(t), t)[0] for t in (x.detach().requires_grad_(True),
+                                                                  x.contiguous().requires_grad_(True))]
+            assert grads[0].is_contiguous(memory_format=layout), grads[0].stride()
+            torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
+        for method in ("path", "top_down"):
+            for a, b in zip(fused_decode(x, h, method), fused_decode(x.contiguous(), h, method), strict=True):
+                assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)

@@ -45,11 +45,59 @@ class Usage:
         return f"registers {self.registers}, spill stack {self.spill_bytes} B"
 
 
-def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: str = "objective",
-                      focal: bool | float = False, weighted: bool = False, block_p: int | None = None,
-                      label_dtype: str = "int64"):
-    """Compile the generated objective kernel of ``h`` for ``sm_<arch>``; returns the compiled kernel.
-    ``focal``: False, True (the default gamma, 2) or a gamma."""
+class CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver on a machine without a GPU (``triton.runtime.driver.set_active``):
+    the JIT specialises and compiles launches for ``sm_<arch>`` as on a GPU, and a launch with
+    ``warmup=True`` stops before the driver call."""
+
+    def __init__(self, arch: int = 90):
+        self.arch = arch
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return GPUTarget("cuda", self.arch, 32)
+
+
+def _source(kernel, sig: dict, const: dict, aligned: bool, int_attrs: dict | None = None) -> ASTSource:
+    """``kernel``'s specialisation as Triton's JIT makes it for a launch: with ``aligned``, every
+    pointer argument 16-byte aligned (``tt.divisibility``, as the JIT marks tensors from torch's
+    allocator; a view at an odd offset is not). Without it the code differs: triton 3.9 gave the
+    Cityscapes training kernel 90 registers unaligned and 64 aligned, the JIT's figure.
+    ``int_attrs``: the attributes of the int arguments the JIT specialises (divisible by 16 or not)."""
+    attrs = {}
+    for name in kernel.arg_names:
+        if aligned and sig.get(name, "").startswith("*"):
+            attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
+        elif name in (int_attrs or {}):
+            attrs[(kernel.arg_names.index(name),)] = int_attrs[name]
+    return ASTSource(kernel, sig, const, attrs)
+
+
+def _compile(kernel, sig: dict, const: dict, arch: int, aligned: bool, **options):
+    return triton.compile(_source(kernel, sig, const, aligned), target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def compile_objective(h: Hierarchy, arch: int, **spec):
+    """Compile the generated objective kernel of ``h`` for ``sm_<arch>`` (``spec``: see
+    :func:`objective_source`); returns the compiled kernel."""
+    source, options = objective_source(h, **spec)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def objective_source(h: Hierarchy, *, dtype: str = "float32", mode: str = "objective", focal: bool | float = False,
+                     weighted: bool = False, block_p: int | None = None, label_dtype: str = "int64",
+                     contiguous_out: bool = True, aligned: bool = True, wide: bool = False
+                     ) -> tuple[ASTSource, dict]:
+    """``(source, options)`` of one specialisation of the generated objective kernel of ``h``.
+    ``focal``: False, True (the default gamma, 2) or a gamma; ``contiguous_out``: the output's pixel
+    stride is 1 (Triton specialises it), else any (channels_last logits); ``aligned``: see
+    :func:`_source`; ``wide``: the batch strides and the label shift beyond int32 (the JIT passes
+    an int as i64 only then: logits of more than 2**31 elements, or labels given as channels)."""
     from . import _reduce
     from ._terms import focal_code
     from .objective import kernel_for
@@ -59,35 +107,47 @@ def compile_objective(h: Hierarchy, arch: int, *, dtype: str = "float32", mode: 
     bp, warps = launch_sizes(h.num_nodes, 1 << 20)
     acc = "fp64" if dtype == "float64" else "fp32"
     x = _TRITON[dtype]
+    sums = mode_id in (0, 1)  # the label count's and the reduction's buffers; else they are the sums' buffer
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(x_ptr="*" + x, sxb="i64", lab_ptr="*" + _label_type(label_dtype), slb="i64", code_ptr="*i32",
-               shift="i64", table_ptr="*fp64", w_ptr="*" + acc, go_ptr="*" + acc, sgb="i64", sync_ptr="*i32",
-               rows_ptr="*fp64", scale_ptr="*" + acc,
-               out_ptr="*" + (x if mode_id in (1, 3) else acc), part_ptr="*" + acc, counter_ptr="*i32",
-               gsum_ptr="*fp64", denom_ptr="*fp64", coef_ptr="*fp64", factor="fp32", total_ptr="*" + acc,
-               parts_ptr="*" + acc, gamma="fp32")
+    big = "i64" if wide else "i32"
+    sig.update(x_ptr="*" + x, sxb=big, lab_ptr="*" + _label_type(label_dtype), slb=big, code_ptr="*i32",
+               shift=big, table_ptr="*fp64", w_ptr="*" + acc, go_ptr="*" + (acc if mode_id == 3 else x), sgb=big,
+               sync_ptr="*i32" if sums else "*" + acc, rows_ptr="*fp64" if sums else "*" + acc, scale_ptr="*" + acc,
+               out_ptr="*" + (x if mode_id in (1, 3) else acc), sob=big, part_ptr="*" + acc,
+               counter_ptr="*i32" if sums else "*" + acc, gsum_ptr="*fp64" if sums else "*" + acc,
+               denom_ptr="*fp64" if sums else "*" + acc, coef_ptr="*fp64" if sums else "*" + acc, factor="fp32",
+               total_ptr="*" + acc, parts_ptr="*" + acc, gamma="fp32")
     gamma = 2.0 if focal is True else float(focal)
     const = dict(BLOCK_P=block_p or bp, CB=_reduce.count_chunk(),
-                 F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm, CE=ce, MODE=mode_id)
+                 F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm, CE=ce, MODE=mode_id,
+                 **({"sop": 1} if contiguous_out else {}))
     sig.update({k: "constexpr" for k in const})
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes)))
+    # A channels_last output's pixel stride is the node count.
+    int_attrs = {"sop": [["tt.divisibility", 16]]} if not contiguous_out and h.num_nodes % 16 == 0 else {}
+    return (_source(kernel, sig, const, aligned, int_attrs),
+            dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes)))
 
 
-def compile_decode(h: Hierarchy, arch: int, *, dtype: str = "float32", top_down: bool = False,
-                   block_p: int | None = None):
-    """Compile the generated decode kernel of ``h`` for ``sm_<arch>``."""
+def compile_decode(h: Hierarchy, arch: int, **spec):
+    """Compile the generated decode kernel of ``h`` for ``sm_<arch>`` (``spec``: see :func:`decode_source`)."""
+    source, options = decode_source(h, **spec)
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def decode_source(h: Hierarchy, *, dtype: str = "float32", top_down: bool = False, block_p: int | None = None,
+                  aligned: bool = True, wide: bool = False) -> tuple[ASTSource, dict]:
+    """``(source, options)`` of one specialisation of the generated decode kernel of ``h`` (``aligned``,
+    ``wide``: as :func:`objective_source`'s)."""
     from .objective import decode_kernel_for
 
     kernel = decode_kernel_for(h)
     bp, warps = launch_sizes(h.num_nodes, 1 << 20)
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(x_ptr="*" + _TRITON[dtype], sxb="i64", anc_ptr="*i32", ids_ptr="*i64", leaf_out_ptr="*i64",
-               depth_out_ptr="*i64")
+    sig.update(x_ptr="*" + _TRITON[dtype], sxb="i64" if wide else "i32", anc_ptr="*i32", ids_ptr="*i64",
+               leaf_out_ptr="*i64", depth_out_ptr="*i64")
     const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", TOP_DOWN=top_down)
     sig.update({k: "constexpr" for k in const})
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=warps, num_stages=NUM_STAGES))
+    return _source(kernel, sig, const, aligned), dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
 def compile_label_count(arch: int, *, label_dtype: str = "int64", depth: int = 2, dtype: str = "float32"):
@@ -102,8 +162,7 @@ def compile_label_count(arch: int, *, label_dtype: str = "int64", depth: int = 2
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
     const = dict(label_count_constants(depth), F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
-    return triton.compile(ASTSource(kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=4))
+    return _compile(kernel, sig, const, arch, True, num_warps=4)
 
 
 def compile_gradient_scale(arch: int, *, dtype: str = "float32"):
@@ -115,8 +174,7 @@ def compile_gradient_scale(arch: int, *, dtype: str = "float32"):
     sig.update(g_ptr="*" + _TRITON[dtype], scale_ptr="*" + acc, n="i64")
     const = dict(BLOCK=_SCALE_BLOCK, F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
-    return triton.compile(ASTSource(_scale_kernel, sig, const), target=GPUTarget("cuda", arch, 32),
-                          options=dict(num_warps=4))
+    return _compile(_scale_kernel, sig, const, arch, True, num_warps=4)
 
 
 def _cubin_tool(compiled, tool: str, *args: str) -> str:
@@ -183,4 +241,4 @@ def compile_triplet(arch: int, *, kernel: str, dtype: str = "float32", channels:
         const = dict(BT=bt, BC=bc, KP=triplet._class_chunk(num_leaves), F64=dtype == "float64",
                      GRAD=grad)
     sig.update({name: "constexpr" for name in const})
-    return triton.compile(ASTSource(k, sig, const), target=GPUTarget("cuda", arch, 32), options=dict(num_warps=warps))
+    return _compile(k, sig, const, arch, True, num_warps=warps)

@@ -41,7 +41,7 @@ from ._common import WIDE_TREE_NODES
 from ._reduce import padded_width, rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 11
+CODEGEN_VERSION = 12
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -58,14 +58,15 @@ WIDE_TREE_LOAD_GROUP = 8
 # How the objective kernel's label count (_reduce.shared_depth_scales, run once per program before
 # the tree walk) is compiled: (function, labels per loop step, row entries per loop step of the sum).
 # The count needs few registers of its own, but sharing the kernel moves ptxas's allocation of the
-# tree walk (sm_90, against the kernel without it: triton 3.6 Cityscapes / PPP / LIP training
-# kernels 92-96 registers, Mapillary 128 with the cap; triton 3.9 80-96, Mapillary 90-128).
-# Small trees inline it with short sum steps: 3.6 gives 80-96 registers (a whole 4096-entry step
-# gave PPP and LIP 110, one block less per SM; Cityscapes value+grad 80 with 8 B of spill), 3.9
-# 90-96 without spill. Wide trees call it as a function of its own with shorter steps: Mapillary's
-# training kernels keep their registers and spills under 3.6 (inlined, the bf16 weighted focal
-# objective spilled 56 B instead of 24); under 3.9 its focal value+grad went from 90 registers to 80
-# with 24 B of spill. `python benchmarks/bench_kernels.py --compile-check`.
+# tree walk. Small trees inline it: sm_90 as launched, triton 3.6, the Cityscapes / PPP / LIP
+# tree_min_loss kernels (plain, focal) take 72-80 registers without spill and the hssn_loss ones
+# (plain, focal, bf16 weighted focal) 72-80 with 16-40 B of spill, single values stored once and
+# reloaded a few times per program; as a call of its own (256 labels a step) 80-96 registers, spill
+# only in Cityscapes' bf16 objective (24 B): one or two blocks fewer per SM for no spill, so inlined.
+# Wide trees call it as a function of its own with shorter steps: inlined, Mapillary's bf16 weighted
+# focal objective spilled 56 B instead of 24 (figures of the unaligned variant _aot compiled before;
+# as launched its training kernels take 127-128 registers, spill 0 except that one's 24 B).
+# `python benchmarks/bench_kernels.py --compile-check`, both tritons.
 COUNT_LOOPS = {"small": ("shared_depth_scales", 512, 512), "wide": ("shared_depth_scales_apart", 256, 512)}
 
 
@@ -134,8 +135,10 @@ COUNT_STEP = tl.constexpr({count_step})
 COUNT_RB = tl.constexpr({count_rb})
 
 
+# sop is left to Triton's specialisation of 1: a contiguous output (the usual one) costs no multiply
+# and no register for it; channels_last logits get a compile of their own.
 @triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp",
-                             "chunks", "reduction", "spin_limit", "P", "group"])
+                             "chunks", "reduction", "spin_limit", "sob", "son", "P", "group"])
 def objective_kernel(
     x_ptr, sxb, sxn, sxp,             # logits [B, N, P], any strides
     lab_ptr, slb, slp,                # labels [B, P], any integer dtype
@@ -145,7 +148,7 @@ def objective_kernel(
     go_ptr, sgb, sgn, sgp,            # upstream map [B, N, P] (MODE 3)
     chunks, sync_ptr, rows_ptr, reduction, spin_limit,  # the label count (MODE 0, 1): _reduce.shared_depth_scales
     scale_ptr,                        # per-depth gradient scales [L2], written by the label count (MODE 0, 1)
-    out_ptr,                          # gradient (MODE 1, 3) or loss map (MODE 2): contiguous [B, N, P]
+    out_ptr, sob, son, sop,           # gradient (MODE 1, 3) or loss map (MODE 2) [B, N, P], any strides
     part_ptr,                         # per-program sums [B * programs, 2 L]: tree-min then cross-entropy
     group, counter_ptr, gsum_ptr,     # the reduction of the sums (MODE 0, 1): programs per group, counters, group sums
     denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
@@ -180,8 +183,8 @@ def objective_kernel(
         gn = sgn.to(tl.int64)
         gob = go_ptr + b * sgb + o64 * sgp
     if MODE != 0:
-        P64 = P.to(tl.int64)
-        ob = out_ptr + b * N * P64 + o64
+        on = son.to(tl.int64)
+        ob = out_ptr + b * sob + o64 * sop
         # The pre-order walk derives its addresses and path tests from opaque copies, so the compiler
         # cannot merge them with the first walk's and keep one value per node alive in between.
         xb3 = x_ptr + b * sxb + opaque(o64) * sxp
@@ -441,7 +444,7 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I2}if CE:")
             for d in members:
                 emit(f"{I3}gr += tl.where(kn{d}, csc{d} * ({ce_exp}(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
-        emit(f"{I2}store_rows(ob + {v} * P64, gr.to(out_ptr.dtype.element_ty), pmask, one)")
+        emit(f"{I2}store_rows(ob + {v} * on, gr.to(out_ptr.dtype.element_ty), pmask, one)")
 
     # ---------------------------------------------------------------- 4. total and parts (last programs)
     emit(f"{I1}if VALUE:")

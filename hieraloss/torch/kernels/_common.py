@@ -28,9 +28,9 @@ NUM_STAGES = 1
 
 # Register cap of the objective kernel for trees of more than WIDE_TREE_NODES nodes under triton
 # older than 3.9 (ptxas ``maxnreg``): 4 blocks of 128 threads per SM. Left to itself, triton 3.6's
-# ptxas gives Mapillary's value+grad kernel 168 registers (3 blocks) and the focal one 194 (2 blocks),
-# though with the cap it fits both in 128 with at most 8 bytes of spill (sm_90, compiled ahead of
-# time). H100, triton 3.6, B=4 x 512 x 1024: plain 3.83 -> 3.20 ms, focal 6.12 -> 3.88 ms. Triton 3.9
+# ptxas gives Mapillary's value+grad kernels 168 registers (3 blocks) and 72 bytes of spill; with the
+# cap, 127 and no spill, plain and focal (sm_90, as launched: _aot.objective_source). H100, triton
+# 3.6, B=4 x 512 x 1024: plain 3.83 -> 3.20 ms, focal 6.12 -> 3.88 ms. Triton 3.9
 # stays at or below 128 by itself, and the cap would add 16-56 bytes of spill; small trees stay far
 # below it, and the cap makes ptxas use more registers there (Cityscapes 55 -> 103).
 MAX_REGISTERS = 128

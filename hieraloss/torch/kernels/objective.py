@@ -120,6 +120,16 @@ def _as_bnp(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], t.shape[1], math.prod(t.shape[2:]))
 
 
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill its memory without gaps or overlaps, in some dimension order."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride(), strict=True), key=lambda s: s[1]):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 @functools.lru_cache(maxsize=64)
 def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tuple[float, ...]) -> torch.Tensor:
     """float64 ``[2 L]`` on ``device``: the weight of each per-depth ratio ``sum / denominator`` in the
@@ -165,7 +175,11 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
     # Every program writes its row of the sums it computes (tree-min with tm, cross-entropy with ce),
     # and the reduction reads only those.
     part = torch.empty((B * tiles, 2 * L), dtype=acc, device=dev)
-    out = part if mode == 0 else torch.empty((B, N, P), dtype=out_dtype, device=dev)
+    # The gradient and the loss map in the logits' memory order where they are dense, else contiguous:
+    # autograd's layout for a leaf's .grad, so channels_last logits get a channels_last gradient that
+    # becomes .grad (or goes to the convolution) without a copy.
+    out = part if mode == 0 else (torch.empty_like(x, dtype=out_dtype) if _dense(x) else
+                                  torch.empty((B, N, P), dtype=out_dtype, device=dev))
     if B * P == 0:
         if sums is not None:
             sums[3].zero_()
@@ -200,7 +214,8 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
             node_weight if node_weight is not None else dummy,
             go, go.stride(0), go.stride(1), go.stride(2),
             chunks, sync, rows, reduction, _reduce.spin_limit(), scales,
-            out, part, group, counter, gsum, denom, coef, float(factor), total, parts, P, float(gamma),
+            out, *(out.stride() if mode else (0, 0, 1)), part, group, counter, gsum, denom, coef, float(factor),
+            total, parts, P, float(gamma),
             BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
             HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
             num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
