@@ -626,6 +626,27 @@ def test_functional_triton_path_labels_and_syncs():
 
 
 @pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
+def test_scale_in_place_takes_every_block_once(monkeypatch, dtype):
+    """The backward's in-place scaling: a few programs, each looping over every programs-th block of
+    4096 entries (a ragged last one), equal to ``grad * scale`` in the compute dtype (bfloat16: to
+    one unit in the last place, the interpreter's rounding of the cast); a scale of 1 leaves the
+    buffer untouched."""
+    from hieraloss.torch.kernels import _grad_buffer
+
+    monkeypatch.setattr(_grad_buffer, "SCALE_PROGRAMS_OVERRIDE", 2)
+    ct = torch.float64 if dtype == "float64" else torch.float32
+    rng = np.random.default_rng(12)
+    for n in (5, 4096, 5 * 4096 + 7):
+        base = torch.tensor(rng.normal(size=n), device=DEVICE).to(TORCH_DTYPES[dtype])
+        for scale in (1.0, 0.5, -3.0, 0.0):
+            grad = base.clone()
+            _grad_buffer.scale_in_place(grad, torch.tensor(scale, dtype=ct, device=DEVICE))
+            expect = base if scale == 1.0 else (base.to(ct) * scale).to(base.dtype)
+            ulp = 2.0 ** -7 if dtype == "bfloat16" and scale != 1.0 else 0.0
+            torch.testing.assert_close(grad, expect, rtol=ulp, atol=0, msg=f"n={n}, scale={scale}")
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32", "bfloat16"])
 def test_backward_scales_the_forward_gradient_once(dtype):
     """The training step's backward scales the forward's gradient buffer in place (skipped when
     the upstream gradient is 1): any upstream scale gives scale x the unit gradient, the buffer

@@ -15,6 +15,8 @@ see one opaque operator.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -24,17 +26,31 @@ from ._common import on_device
 
 @triton.jit
 def _scale_kernel(g_ptr, scale_ptr, n, BLOCK: tl.constexpr, F64: tl.constexpr):
-    """``g *= scale`` in place, skipped when ``scale == 1`` (read on the device: no host sync)."""
+    """``g *= scale`` in place, skipped when ``scale == 1`` (read on the device: no host sync); each
+    program takes every ``programs``-th block of ``BLOCK`` entries."""
     CT: tl.constexpr = tl.float64 if F64 else tl.float32
     scale = tl.load(scale_ptr).to(CT)
     if scale != 1.0:
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask)
-        tl.store(g_ptr + offs, (g.to(CT) * scale).to(g_ptr.dtype.element_ty), mask=mask)
+        step = tl.num_programs(0).to(tl.int64) * BLOCK
+        for start in range(tl.program_id(0).to(tl.int64) * BLOCK, n, step):
+            offs = start + tl.arange(0, BLOCK)
+            mask = offs < n
+            g = tl.load(g_ptr + offs, mask=mask)
+            tl.store(g_ptr + offs, (g.to(CT) * scale).to(g_ptr.dtype.element_ty), mask=mask)
 
 
 _SCALE_BLOCK = 4096
+# Programs per SM of the scaling: enough to stream the buffer, few enough that the usual call, an
+# upstream gradient of 1 (``loss.backward()``), is one short wave of programs that read the scale
+# and stop (one program per block would be about 27000 of them for a Cityscapes step).
+_SCALE_PROGRAMS_PER_SM = 8
+# Tests set this to force several blocks per program; None = automatic.
+SCALE_PROGRAMS_OVERRIDE: int | None = None
+
+
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
 def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
@@ -44,9 +60,10 @@ def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
     the scale itself."""
     n = grad.numel()
     if n:
+        programs = SCALE_PROGRAMS_OVERRIDE or _multiprocessors(grad.device) * _SCALE_PROGRAMS_PER_SM
         with on_device(grad.device):
-            _scale_kernel[(triton.cdiv(n, _SCALE_BLOCK),)](grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK,
-                                                           F64=grad.dtype == torch.float64, num_warps=4)
+            _scale_kernel[(min(triton.cdiv(n, _SCALE_BLOCK), programs),)](
+                grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK, F64=grad.dtype == torch.float64, num_warps=4)
 
 
 def tracing(t: torch.Tensor) -> bool:
