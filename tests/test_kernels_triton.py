@@ -437,6 +437,7 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     functions launch (the objective and its separate label count, the gradient scale, decoding, the
     triplet's three kernels) runs inside ``on_device`` of the device of all its tensor arguments."""
     from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
 
     from hieraloss.torch import hssn_loss, tree_min_loss
     from hieraloss.torch.kernels import _grad_buffer, decode, objective, triplet
@@ -456,7 +457,9 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     for module in (objective, decode, triplet, _grad_buffer):
         monkeypatch.setattr(module, "on_device", Guard)
     launches = []
-    run = interpreter.GridExecutor.__call__
+    # Under the interpreter a launch ends in GridExecutor.__call__, on a GPU in JITFunction.run.
+    owner, method = (interpreter.GridExecutor, "__call__") if _common.interpreting() else (JITFunction, "run")
+    run = getattr(owner, method)
 
     def checked(self, *args, **kwargs):
         devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)}
@@ -464,7 +467,7 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
         assert current and devices == {current[-1]}, (self.fn.__name__, current, devices)
         return run(self, *args, **kwargs)
 
-    monkeypatch.setattr(interpreter.GridExecutor, "__call__", checked)
+    monkeypatch.setattr(owner, method, checked)
     h = presets.pascal_person_part()
     rng = np.random.default_rng(8)
     x = torch.tensor(rng.normal(size=(2, h.num_nodes, 4, 6)), device=DEVICE, requires_grad=True)
