@@ -6,7 +6,7 @@
     python benchmarks/bench_kernels.py --quick          # small sizes
     python benchmarks/bench_kernels.py --interpret-check  # no GPU: tiny correctness check on the CPU
     python benchmarks/bench_kernels.py --compile-check    # no GPU: compile for sm_90, show registers
-    python benchmarks/bench_kernels.py --launch-python    # no GPU: Triton's Python share of each launch
+    python benchmarks/bench_kernels.py --launch-python    # no GPU: Triton's Python share of each launch, host step
 
 Per implementation and scale: forward+backward time (CUDA events, warmup, median of --iters), peak
 extra memory (``torch.cuda.max_memory_allocated`` minus what was allocated before, i.e. the inputs),
@@ -206,8 +206,9 @@ def compile_check(arch: int) -> None:
 def launch_python(n: int = 2000) -> None:
     """Triton's Python share of each launch of a training step (binder, cache key, kernel lookup), on
     the CPU: the driver is mocked to an sm_90 target, so every launch stops before the driver call
-    (``warmup=True``) and the kernels are compiled ahead of time. The C launcher and the CUDA driver
-    are not in it; ``profile_gpu_step.py --launch-cost`` measures whole launches on a GPU."""
+    (``warmup=True``) and the kernels are compiled ahead of time; then the host time of whole
+    training steps so launched. The C launcher and the CUDA driver are not in it;
+    ``profile_gpu_step.py --launch-cost`` measures whole launches on a GPU."""
     os.environ.pop("TRITON_INTERPRET", None)
     import torch
     import triton
@@ -244,6 +245,26 @@ def launch_python(n: int = 2000) -> None:
     for record in recorded:
         us = best_time(replay(record, warmup=True), n) * 1e6
         print(f"  {record[0].fn.__name__:<22} {len(record[1]):>3} arguments: {us:.1f} us", flush=True)
+    # The whole step's host time on CPU tensors, every launch stopped before the driver: the library's
+    # Python and torch ops plus Triton's share (not the C launcher, the driver or CUDA allocations).
+    from triton.runtime.jit import JITFunction
+
+    real = JITFunction.run
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: real(self, *a, grid=grid, warmup=True, **kw)
+    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
+    kw = dict(backend="triton", check_labels=False)
+    try:
+        for name, loss in (("tree_min_loss", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw)),
+                           ("hssn_loss", lambda: hlt.hssn_loss(x, y, h, **kw))):
+            def train_step(loss=loss):
+                x.grad = None
+                loss().backward()
+            us = best_time(train_step, max(1, n // 4)) * 1e6
+            print(f"  {name} forward + backward, launches stopped before the driver: {us:.1f} us per step",
+                  flush=True)
+    finally:
+        JITFunction.run = real
+        kernels.triton_available, kernels._require_triton = saved
 
 
 def main(argv=None) -> int:
@@ -261,7 +282,8 @@ def main(argv=None) -> int:
     ap.add_argument("--compile-check", type=int, nargs="?", const=90, metavar="ARCH",
                     help="without a GPU: compile the kernels for sm_ARCH (default 90) and print registers")
     ap.add_argument("--launch-python", action="store_true",
-                    help="without a GPU: Triton's Python share of each launch of a training step")
+                    help="without a GPU: Triton's Python share of each launch of a training step, and the "
+                         "host time of the step")
     args = ap.parse_args(argv)
     if args.launch_python:
         launch_python()

@@ -49,6 +49,9 @@ def steps():
     yield "cityscapes tree-min", step(lambda: hlt.tree_min_loss(x, y, cs, reduction="hssn", **kw), x)
     yield "cityscapes focal tree-min", step(lambda: hlt.focal_tree_min_loss(x, y, cs, reduction="hssn", **kw), x)
     yield "cityscapes tree-min bfloat16", step(lambda: hlt.tree_min_loss(xb, y, cs, reduction="hssn", **kw), xb)
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    yield "cityscapes tree-min channels_last", step(lambda: hlt.tree_min_loss(xc, y, cs, reduction="hssn", **kw), xc)
+    xc = None
     yield "cityscapes depth_cross_entropy 1", step(lambda: hlt.depth_cross_entropy(x, y, cs, 1, **kw), x)
     yield "cityscapes triplet", step(lambda: hlt.hierarchy_triplet_loss(emb, y, cs, sampling="first",
                                                                                  check_labels=False), emb)
