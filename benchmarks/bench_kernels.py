@@ -171,7 +171,8 @@ def interpret_check() -> None:
 
 def compile_check(arch: int) -> None:
     """Compile the presets' specialisations for ``sm_<arch>`` ahead of time (ptxas from the triton
-    wheel; no GPU needed) and print registers and spill stack per thread."""
+    wheel; no GPU needed), as a launch on torch tensors compiles them, and print registers and spill
+    stack per thread."""
     os.environ.pop("TRITON_INTERPRET", None)
     import time
 
@@ -183,18 +184,21 @@ def compile_check(arch: int) -> None:
     print(f"triton {triton.__version__}, sm_{arch}")
     for preset in ("cityscapes", "mapillary_vistas_v2"):
         h = getattr(presets, preset)()
-        for dtype, mode, weighted, focal in (("float32", "value", False, False),
-                                             ("float32", "value+grad", False, False),
-                                             ("float32", "value+grad", False, True),
-                                             ("float32", "objective", False, False),
-                                             ("float32", "objective", False, True),
-                                             ("bfloat16", "objective", True, True),
-                                             ("float32", "map grad", True, True)):
+        for dtype, mode, weighted, focal, contiguous in (("float32", "value", False, False, True),
+                                                         ("float32", "value+grad", False, False, True),
+                                                         ("float32", "value+grad", False, True, True),
+                                                         ("float32", "value+grad", False, False, False),
+                                                         ("float32", "objective", False, False, True),
+                                                         ("float32", "objective", False, True, True),
+                                                         ("bfloat16", "objective", True, True, True),
+                                                         ("float32", "map grad", True, True, True)):
             t = time.time()
-            kernel = _aot.compile_objective(h, arch, dtype=dtype, mode=mode, focal=focal, weighted=weighted)
+            kernel = _aot.compile_objective(h, arch, dtype=dtype, mode=mode, focal=focal, weighted=weighted,
+                                            contiguous_out=contiguous)
             seconds = time.time() - t
             ops = _aot.instruction_counts(kernel)
-            print(f"{preset:<20} objective {mode:<16} {dtype:<9} weighted={weighted!s:<5} focal={focal!s:<5} "
+            what = mode + ("" if contiguous else " cl")
+            print(f"{preset:<20} objective {what:<16} {dtype:<9} weighted={weighted!s:<5} focal={focal!s:<5} "
                   f"{_aot.usage(kernel)}, {ops['total']} SASS instructions ({ops.get('MUFU', 0)} MUFU) "
                   f"(compiled in {seconds:.0f} s)", flush=True)
         for top_down in (False, True):
