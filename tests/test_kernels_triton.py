@@ -385,17 +385,25 @@ def test_decode_matches_torch_backend():
 
 
 def test_ops_are_registered_with_torch_library():
+    """The ops' schemas and autograd registration, and fakes that agree with the real outputs in shape,
+    dtype and strides (channels_last and non-dense logits included: a compiler plans on the fake's)."""
     for name in ("objective", "objective_map_backward", "decode"):
         assert hasattr(torch.ops.hieraloss, name), name
     h = presets.pascal_person_part()
-    x = torch.randn(2, h.num_nodes, 3, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    base = torch.randn(2, h.num_nodes + 2, 3, 5, dtype=torch.float64, device=DEVICE)
     labels = torch.tensor(np.random.default_rng(6).integers(0, 12, size=(2, 3, 5)), device=DEVICE)
-    for reduction, want_grad in (("hssn", True), ("mean", False), ("none", False)):
-        args = (x, labels, h.fingerprint, 255, None, 2.0, reduction, True, 1.0, [1.0, 0.5, 0.0], want_grad)
-        torch.library.opcheck(torch.ops.hieraloss.objective.default, args,
-                              test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    torch.library.opcheck(torch.ops.hieraloss.decode.default, (x.detach(), h.fingerprint, "top_down"),
-                          test_utils=("test_schema", "test_faketensor"))
+    for view in (base[:, :h.num_nodes].contiguous(), base[:, :h.num_nodes],
+                 base[:, :h.num_nodes].contiguous(memory_format=torch.channels_last)):
+        x = view.requires_grad_(True)
+        for reduction, want_grad in (("hssn", True), ("mean", False), ("none", False)):
+            args = (x, labels, h.fingerprint, 255, None, 2.0, reduction, True, 1.0, [1.0, 0.5, 0.0], want_grad)
+            torch.library.opcheck(torch.ops.hieraloss.objective.default, args,
+                                  test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+        torch.library.opcheck(torch.ops.hieraloss.objective_map_backward.default,
+                              (torch.randn_like(x), x.detach(), labels, h.fingerprint, 255, None, 2.0),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.hieraloss.decode.default, (x.detach(), h.fingerprint, "top_down"),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph(monkeypatch):

@@ -130,6 +130,15 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _like_logits(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An empty ``[B, N, P]`` buffer for the gradient or the loss map of ``logits``: in the logits'
+    memory order where they are dense, else contiguous (autograd's layout for a leaf's ``.grad``, so
+    channels_last logits get a channels_last gradient that becomes ``.grad``, or goes to the
+    convolution, without a copy). The op and its fake both allocate here, so their strides agree."""
+    x = _as_bnp(logits)
+    return torch.empty_like(x, dtype=dtype) if _dense(x) else x.new_empty(x.shape, dtype=dtype)
+
+
 @functools.lru_cache(maxsize=64)
 def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tuple[float, ...]) -> torch.Tensor:
     """float64 ``[2 L]`` on ``device``: the weight of each per-depth ratio ``sum / denominator`` in the
@@ -175,11 +184,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
     # Every program writes its row of the sums it computes (tree-min with tm, cross-entropy with ce),
     # and the reduction reads only those.
     part = torch.empty((B * tiles, 2 * L), dtype=acc, device=dev)
-    # The gradient and the loss map in the logits' memory order where they are dense, else contiguous:
-    # autograd's layout for a leaf's .grad, so channels_last logits get a channels_last gradient that
-    # becomes .grad (or goes to the convolution) without a copy.
-    out = part if mode == 0 else (torch.empty_like(x, dtype=out_dtype) if _dense(x) else
-                                  torch.empty((B, N, P), dtype=out_dtype, device=dev))
+    out = part if mode == 0 else _like_logits(x, out_dtype)
     if B * P == 0:
         if sums is not None:
             sums[3].zero_()
@@ -258,8 +263,10 @@ objective_op = torch.library.custom_op("hieraloss::objective", mutates_args=())(
 def _(logits, labels, key, ignore_index, node_weight, gamma, reduction, tree_min, tm_weight, ce_weights, want_grad):
     acc = _acc_dtype(logits)
     L = Hierarchy.by_fingerprint(key).max_depth
-    total = logits.new_empty(logits.shape if reduction == "none" else (), dtype=acc)
-    grad = logits.new_empty(logits.shape if want_grad and reduction != "none" else (0,))
+    none = reduction == "none"
+    total = _like_logits(logits, acc).view(logits.shape) if none else logits.new_empty((), dtype=acc)
+    grad = (_like_logits(logits, logits.dtype).view(logits.shape) if want_grad and not none
+            else logits.new_empty((0,)))
     return total, logits.new_empty((1 + L,), dtype=acc), grad
 
 
@@ -279,7 +286,7 @@ def objective_map_backward_op(grad_map: torch.Tensor, logits: torch.Tensor, labe
 
 @objective_map_backward_op.register_fake
 def _(grad_map, logits, labels, key, ignore_index, node_weight, gamma):
-    return torch.empty_like(logits)
+    return _like_logits(logits, logits.dtype).view(logits.shape)
 
 
 def _setup_context(ctx, inputs, output):
