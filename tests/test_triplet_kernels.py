@@ -332,6 +332,12 @@ def test_opcheck():
     for scale in (1.0, 2.5):
         torch.library.opcheck(torch.ops.hieraloss.triplet.default, (e, codes, None, h.fingerprint, 4, 0.1, scale, True),
                               test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    # The fake's gradient strides agree with the real one's for channels_last and non-dense embeddings.
+    wide = torch.randn(2, 6, 3, 5, device=DEVICE, dtype=torch.float64)
+    for view in (e.detach().contiguous(memory_format=torch.channels_last), wide[:, :4]):
+        torch.library.opcheck(torch.ops.hieraloss.triplet.default,
+                              (view.requires_grad_(True), codes, None, h.fingerprint, 4, 0.1, 1.0, True),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_torch_compile_fullgraph():
