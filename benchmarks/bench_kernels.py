@@ -217,11 +217,9 @@ def launch_python(n: int = 2000) -> None:
     import torch
     import triton
     import triton.language as tl
-    from triton.runtime import driver
 
     import hieraloss.torch as hlt
     from hieraloss import presets
-    from hieraloss.torch import kernels
     from hieraloss.torch.kernels import _aot
 
     @triton.jit
@@ -233,31 +231,21 @@ def launch_python(n: int = 2000) -> None:
     x = torch.randn(2, h.num_nodes, 16, 16, requires_grad=True)
     y = torch.randint(0, h.num_leaves, (2, 16, 16))
 
+    kw = dict(backend="triton", check_labels=False)
+
     def step():
         trivial[(1,)](torch.zeros(16), 16, BLOCK=16)
-        hlt.hssn_loss(x, y, h, backend="triton", check_labels=False)
+        hlt.hssn_loss(x, y, h, **kw)
 
-    saved = kernels.triton_available, kernels._require_triton
-    driver.set_active(_aot.CompileOnlyDriver(90))
-    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
-    try:
+    with _aot.compile_only(90, stop_launches=False):  # the recording and the replays pass warmup=True
         recorded = triton_launches(step, launch=False)
-    finally:
-        kernels.triton_available, kernels._require_triton = saved
-        # The mocked driver stays: without a GPU there is no real one to go back to.
-    print(f"triton {triton.__version__}: Python share of a launch (binder, cache key, lookup), best of 5 x {n}")
-    for record in recorded:
-        us = best_time(replay(record, warmup=True), n) * 1e6
-        print(f"  {record[0].fn.__name__:<22} {len(record[1]):>3} arguments: {us:.1f} us", flush=True)
-    # The whole step's host time on CPU tensors, every launch stopped before the driver: the library's
-    # Python and torch ops plus Triton's share (not the C launcher, the driver or CUDA allocations).
-    from triton.runtime.jit import JITFunction
-
-    real = JITFunction.run
-    JITFunction.run = lambda self, *a, grid, warmup, **kw: real(self, *a, grid=grid, warmup=True, **kw)
-    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
-    kw = dict(backend="triton", check_labels=False)
-    try:
+        print(f"triton {triton.__version__}: Python share of a launch (binder, cache key, lookup), best of 5 x {n}")
+        for record in recorded:
+            us = best_time(replay(record, warmup=True), n) * 1e6
+            print(f"  {record[0].fn.__name__:<22} {len(record[1]):>3} arguments: {us:.1f} us", flush=True)
+    # The whole step's host time on CPU tensors: the library's Python and torch ops plus Triton's
+    # share (not the C launcher, the driver or CUDA's allocator).
+    with _aot.compile_only(90):
         for name, loss in (("tree_min_loss", lambda: hlt.tree_min_loss(x, y, h, reduction="hssn", **kw)),
                            ("hssn_loss", lambda: hlt.hssn_loss(x, y, h, **kw))):
             def train_step(loss=loss):
@@ -266,9 +254,6 @@ def launch_python(n: int = 2000) -> None:
             us = best_time(train_step, max(1, n // 4)) * 1e6
             print(f"  {name} forward + backward, launches stopped before the driver: {us:.1f} us per step",
                   flush=True)
-    finally:
-        JITFunction.run = real
-        kernels.triton_available, kernels._require_triton = saved
 
 
 def main(argv=None) -> int:

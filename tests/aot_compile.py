@@ -73,21 +73,11 @@ def _jit_match(h) -> dict:
     has specialised and compiled its kernel; each objective and decode specialisation it compiled
     must have the same source, signature, constants, attributes (pointer alignment) and options as
     the one ``_aot`` builds from its description."""
-    from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
-
-    from hieraloss.torch import kernels
     from hieraloss.torch.kernels._terms import focal_code
     from hieraloss.torch.kernels.objective import decode_kernel_for, kernel_for
 
-    driver.set_active(_aot.CompileOnlyDriver(90))  # stays: without a GPU there is no real driver to go back to
-    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
-    real = JITFunction.run
-    JITFunction.run = lambda self, *a, grid, warmup, **kw: real(self, *a, grid=grid, warmup=True, **kw)
-    try:
+    with _aot.compile_only(90):
         _launch_every_specialisation(h)
-    finally:
-        JITFunction.run = real
     modes = {v: k for k, v in _aot.OBJECTIVE_MODES.items()}
     dtypes = {"*" + v: k for k, v in _aot._TRITON.items()}
     labels = {"*i64": "int64", "*i32": "int32", "*u8": "uint8", "*i16": "int16"}

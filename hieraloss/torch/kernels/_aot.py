@@ -9,6 +9,7 @@ Triton lowers a kernel to PTX and ``ptxas`` (shipped in the triton wheel) assemb
 
 from __future__ import annotations
 
+import contextlib
 import re
 import subprocess
 import tempfile
@@ -45,12 +46,11 @@ class Usage:
         return f"registers {self.registers}, spill stack {self.spill_bytes} B"
 
 
-class CompileOnlyDriver:
-    """Stands in for Triton's CUDA driver on a machine without a GPU (``triton.runtime.driver.set_active``):
-    the JIT specialises and compiles launches for ``sm_<arch>`` as on a GPU, and a launch with
-    ``warmup=True`` stops before the driver call."""
+class _CompileOnlyDriver:
+    """Stands in for Triton's CUDA driver on a machine without a GPU: the JIT specialises and compiles
+    launches for ``sm_<arch>`` as on a GPU."""
 
-    def __init__(self, arch: int = 90):
+    def __init__(self, arch: int):
         self.arch = arch
 
     def get_current_device(self):
@@ -61,6 +61,32 @@ class CompileOnlyDriver:
 
     def get_current_target(self):
         return GPUTarget("cuda", self.arch, 32)
+
+
+@contextlib.contextmanager
+def compile_only(arch: int = 90, *, stop_launches: bool = True):
+    """Within: the fused kernels run on CPU tensors as far as a launch goes without a GPU. Triton's JIT
+    specialises and compiles each launch for ``sm_<arch>`` as on a GPU, and with ``stop_launches``
+    every launch stops before the driver call (``warmup=True``; without it, callers pass that
+    themselves): nothing runs, outputs stay unwritten. For checks of what the JIT compiles and for
+    the host time of a step."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    from .. import kernels
+
+    saved = kernels.triton_available, kernels._require_triton, JITFunction.run
+    run = JITFunction.run
+    previous = getattr(driver, "_active", None)  # None: made on first use (reset_active would make it now)
+    driver.set_active(_CompileOnlyDriver(arch))
+    kernels.triton_available, kernels._require_triton = (lambda: True), (lambda t: None)
+    if stop_launches:
+        JITFunction.run = lambda self, *a, grid, warmup, **kw: run(self, *a, grid=grid, warmup=True, **kw)
+    try:
+        yield
+    finally:
+        kernels.triton_available, kernels._require_triton, JITFunction.run = saved
+        driver.set_active(previous)
 
 
 def _source(kernel, sig: dict, const: dict, aligned: bool, int_attrs: dict | None = None) -> ASTSource:
