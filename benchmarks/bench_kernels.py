@@ -205,6 +205,16 @@ def compile_check(arch: int) -> None:
             kernel = _aot.compile_decode(h, arch, dtype="float16", top_down=top_down)
             print(f"{preset:<20} decode {'top_down' if top_down else 'path':<9} float16: {_aot.usage(kernel)}",
                   flush=True)
+    # The kernels every tree shares, as a Cityscapes training step launches them (256-d embeddings).
+    for name, kernel in (
+            ("gradient scale float32", _aot.compile_gradient_scale(arch)),
+            ("gradient scale bfloat16", _aot.compile_gradient_scale(arch, dtype="bfloat16")),
+            ("label count (A/B launch)", _aot.compile_label_count(arch)),
+            ("triplet codes", _aot.compile_triplet(arch, kernel="codes")),
+            ("triplet select random", _aot.compile_triplet(arch, kernel="select", ordered=True)),
+            ("triplet score float32", _aot.compile_triplet(arch, kernel="score")),
+            ("triplet score bfloat16", _aot.compile_triplet(arch, kernel="score", dtype="bfloat16"))):
+        print(f"{'any tree':<20} {name:<36} {_aot.usage(kernel)}", flush=True)
 
 
 def launch_python(n: int = 2000) -> None:

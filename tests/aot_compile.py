@@ -41,10 +41,13 @@ def _key(src) -> tuple:
 
 def _launch_every_specialisation(h) -> None:
     """The public functions' launches for ``h`` on small CPU tensors: every mode, dtype, focal,
-    weights, int32 labels, channels_last logits, decoding."""
+    weights, int32 labels, channels_last logits, decoding; the gradient scaling for gradient sizes a
+    multiple of 16 or not; the label count as a launch of its own; the triplet term's kernels for
+    every dtype, flat and random key order, with and without the gradient."""
     import torch
 
     import hieraloss.torch as hlt
+    from hieraloss.torch.kernels import objective
 
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, h.num_nodes, 16, 16, generator=gen)
@@ -53,7 +56,7 @@ def _launch_every_specialisation(h) -> None:
     for logits in (x, x.bfloat16(), x.double(), x.contiguous(memory_format=torch.channels_last)):
         leaf = logits.clone().requires_grad_(True)
         hlt.tree_min_loss(leaf, y, h, reduction="hssn", **kw).backward()
-        hlt.hssn_loss(leaf, y, h, **kw).backward()
+        (2 * hlt.hssn_loss(leaf, y, h, **kw)).backward()
         hlt.decode(logits, h, "top_down", backend="triton")
     leaf = x.clone().requires_grad_(True)
     hlt.focal_tree_min_loss(leaf, y.int(), h, gamma=2.0, **kw).backward()
@@ -61,54 +64,117 @@ def _launch_every_specialisation(h) -> None:
                             **kw).backward()
     hlt.depth_cross_entropy(leaf, y, h, 1, **kw).backward()
     (hlt.tree_min_loss(leaf, y, h, reduction="none", **kw) * x).sum().backward()
+    odd = x[:, :, :15, :15].clone().requires_grad_(True)  # a gradient of 2 * N * 225 entries
+    (3 * hlt.tree_min_loss(odd, y[:, :15, :15], h, **kw)).backward()
+    objective.SEPARATE_COUNT = True
+    try:
+        for labels in (y, y.int()):
+            hlt.hssn_loss(x.clone().requires_grad_(True), labels, h, **kw).backward()
+    finally:
+        objective.SEPARATE_COUNT = False
     with torch.no_grad():
         hlt.tree_min_loss(x, y, h, **kw)
         hlt.hssn_loss(x, y, h, **kw)
     hlt.decode(x, h, "path", backend="triton")
+    if h.num_leaves < 2:
+        return
+    emb = torch.randn(2, 8, 8, 8, generator=gen)
+    # 7 triplets per class: tables of K * 7 entries, which the positives' and negatives' start after
+    for e, sampling, most in ((emb, "first", 200), (emb.double(), "random", 7), (emb.bfloat16(), "first", 200)):
+        hlt.hssn_loss(x.clone().requires_grad_(True), y.int(), h, embeddings=e.clone().requires_grad_(True),
+                      triplet_weight=0.5, sampling=sampling, generator=gen, max_per_class=most, **kw).backward()
+    with torch.no_grad():
+        hlt.hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, **kw)
+
+
+def _match(name: str, kernel, describe, build, checked: list, mismatches: list) -> None:
+    """Each specialisation the JIT compiled of ``kernel``: ``describe(src, constants by name)`` gives
+    its description, ``build(**description)`` the ``(source, options)`` ``_aot`` makes of it."""
+    for caches in kernel.device_caches.values():
+        for compiled in caches[0].values():
+            src = compiled.src
+            const = {kernel.arg_names[i[0]]: v for i, v in src.constants.items()}
+            desc = describe(src, const)
+            ours, options = build(**desc)
+            checked.append({"kernel": name, **desc})
+            meta = compiled.metadata
+            if (_key(ours) != _key(src) or options["num_warps"] != meta.num_warps
+                    or options.get("maxnreg") != getattr(meta, "maxnreg", None)):
+                mismatches.append({"kernel": name, "spec": desc,
+                                   "jit": [src.signature, {str(k): v for k, v in src.constants.items()},
+                                           {str(k): v for k, v in src.attrs.items()}],
+                                   "aot": [ours.signature, {str(k): v for k, v in ours.constants.items()},
+                                           {str(k): v for k, v in ours.attrs.items()}]})
 
 
 def _jit_match(h) -> dict:
     """Whether ``_aot`` compiles what the JIT does: the public functions run on small CPU tensors with
     a mocked sm_90 driver, every launch stopping before the driver call (``warmup=True``) once the JIT
-    has specialised and compiled its kernel; each objective and decode specialisation it compiled
-    must have the same source, signature, constants, attributes (pointer alignment) and options as
-    the one ``_aot`` builds from its description."""
+    has specialised and compiled its kernel; each specialisation it compiled, of every kernel, must
+    have the same source, signature, constants, attributes (pointer alignment, specialised ints) and
+    options as the one ``_aot`` builds from its description."""
+    from hieraloss.torch.kernels import _grad_buffer, triplet
     from hieraloss.torch.kernels._terms import focal_code
-    from hieraloss.torch.kernels.objective import decode_kernel_for, kernel_for
+    from hieraloss.torch.kernels.objective import _label_count_kernel, decode_kernel_for, kernel_for
 
+    kernels = (kernel_for(h), decode_kernel_for(h), _label_count_kernel, _grad_buffer._scale_kernel,
+               triplet._codes_kernel, triplet._select_kernel, triplet._score_kernel)
+    for kernel in kernels[2:]:  # shared by every tree: only this tree's launches
+        kernel.device_caches.clear()
     with _aot.compile_only(90):
         _launch_every_specialisation(h)
     modes = {v: k for k, v in _aot.OBJECTIVE_MODES.items()}
     dtypes = {"*" + v: k for k, v in _aot._TRITON.items()}
     labels = {"*i64": "int64", "*i32": "int32", "*u8": "uint8", "*i16": "int16"}
     gammas = {focal_code(g): g for g in (1.0, 2.0, 3.0, 4.0, 1.5)}
+
+    def aligned(kernel, src, arg):
+        return bool(src.attrs.get((kernel.arg_names.index(arg),)))
+
+    def objective(src, const):
+        return dict(dtype=dtypes[src.signature["x_ptr"]], block_p=const["BLOCK_P"],
+                    aligned=aligned(kernels[0], src, "x_ptr"), wide=src.signature["sxb"] == "i64",
+                    mode=modes[(const["MODE"], bool(const["TM"]), bool(const["CE"]))],
+                    focal=False if const["FOCAL"] == 0 else gammas[const["FOCAL"]], weighted=bool(const["HAS_W"]),
+                    label_dtype=labels[src.signature["lab_ptr"]], contiguous_out="sop" in const)
+
+    def decode(src, const):
+        return dict(dtype=dtypes[src.signature["x_ptr"]], block_p=const["BLOCK_P"],
+                    aligned=aligned(kernels[1], src, "x_ptr"), wide=src.signature["sxb"] == "i64",
+                    top_down=bool(const["TOP_DOWN"]))
+
+    def count(src, const):
+        return dict(label_dtype=labels[src.signature["lab_ptr"]], depth=const["L2"] // 2,
+                    dtype="float64" if const["F64"] else "float32", aligned=aligned(kernels[2], src, "lab_ptr"),
+                    wide=src.signature["slb"] == "i64")
+
+    def scale(src, const):
+        divisible = aligned(kernels[3], src, "n")
+        numel = 1 if "n" in const else (4096 if divisible else 4097) + (2**32 if src.signature["n"] == "i64" else 0)
+        return dict(dtype=dtypes[src.signature["g_ptr"]], numel=numel, aligned=aligned(kernels[3], src, "g_ptr"))
+
+    def codes(src, const):
+        return dict(kernel="codes", label_dtype=labels[src.signature["lab_ptr"]],
+                    aligned=aligned(kernels[4], src, "lab_ptr"), wide=src.signature["slb"] == "i64")
+
+    def select(src, const):
+        return dict(kernel="select", ordered=bool(const["ORDERED"]))
+
+    def score(src, const):
+        return dict(kernel="score", dtype=dtypes[src.signature["emb_ptr"]], channels=const["BC"],
+                    num_leaves=const["KP"], grad=bool(const["GRAD"]), aligned=aligned(kernels[6], src, "emb_ptr"),
+                    wide=src.signature["seb"] == "i64")
+
     checked, mismatches = [], []
-    for name, kernel in (("objective", kernel_for(h)), ("decode", decode_kernel_for(h))):
-        for caches in kernel.device_caches.values():
-            for compiled in caches[0].values():
-                src = compiled.src
-                const = {kernel.arg_names[i[0]]: v for i, v in src.constants.items()}
-                common = dict(dtype=dtypes[src.signature["x_ptr"]], block_p=const["BLOCK_P"],
-                              aligned=bool(src.attrs.get((kernel.arg_names.index("x_ptr"),))),
-                              wide=src.signature["sxb"] == "i64")
-                if name == "objective":
-                    desc = dict(common, mode=modes[(const["MODE"], bool(const["TM"]), bool(const["CE"]))],
-                                focal=False if const["FOCAL"] == 0 else gammas[const["FOCAL"]],
-                                weighted=bool(const["HAS_W"]), label_dtype=labels[src.signature["lab_ptr"]],
-                                contiguous_out="sop" in const)
-                    ours, options = _aot.objective_source(h, **desc)
-                else:
-                    desc = dict(common, top_down=bool(const["TOP_DOWN"]))
-                    ours, options = _aot.decode_source(h, **desc)
-                checked.append(desc)
-                meta = compiled.metadata
-                if (_key(ours) != _key(src) or options["num_warps"] != meta.num_warps
-                        or options.get("maxnreg") != getattr(meta, "maxnreg", None)):
-                    mismatches.append({"kernel": name, "spec": desc,
-                                       "jit": [src.signature, {str(k): v for k, v in src.constants.items()},
-                                               {str(k): v for k, v in src.attrs.items()}],
-                                       "aot": [ours.signature, {str(k): v for k, v in ours.constants.items()},
-                                               {str(k): v for k, v in ours.attrs.items()}]})
+    for name, kernel, describe, build in (
+            ("objective", kernels[0], objective, lambda **d: _aot.objective_source(h, **d)),
+            ("decode", kernels[1], decode, lambda **d: _aot.decode_source(h, **d)),
+            ("count", kernels[2], count, _aot.label_count_source),
+            ("scale", kernels[3], scale, _aot.gradient_scale_source),
+            ("codes", kernels[4], codes, _aot.triplet_source),
+            ("select", kernels[5], select, _aot.triplet_source),
+            ("score", kernels[6], score, _aot.triplet_source)):
+        _match(name, kernel, describe, build, checked, mismatches)
     return {"ok": not mismatches and len(checked) >= 10, "checked": checked, "mismatches": mismatches[:3]}
 
 
@@ -120,17 +186,19 @@ def main() -> int:
             if spec["kernel"] == "jit-match":
                 print(json.dumps({"spec": spec, **_jit_match(h)}, default=str), flush=True)
                 continue
+            extra = {k: spec[k] for k in ("aligned", "wide") if k in spec}
             if spec["kernel"] == "count":
                 k = _aot.compile_label_count(spec["arch"], label_dtype=spec["label_dtype"], depth=spec["depth"],
-                                             dtype=spec["dtype"])
+                                             dtype=spec["dtype"], **extra)
             elif spec["kernel"] == "triplet":
                 k = _aot.compile_triplet(spec["arch"], kernel=spec["part"], dtype=spec.get("dtype", "float32"),
                                          channels=spec.get("channels", 256), grad=spec.get("grad", True),
                                          ordered=spec.get("ordered", False),
                                          label_dtype=spec.get("label_dtype", "int64"),
-                                         num_leaves=spec.get("num_leaves", 19))
+                                         num_leaves=spec.get("num_leaves", 19), **extra)
             elif spec["kernel"] == "scale":
-                k = _aot.compile_gradient_scale(spec["arch"], dtype=spec["dtype"])
+                k = _aot.compile_gradient_scale(spec["arch"], dtype=spec["dtype"], numel=spec.get("numel", 1 << 20),
+                                                **extra)
             elif spec["kernel"] == "objective":
                 k = _aot.compile_objective(h, spec["arch"], dtype=spec["dtype"], mode=spec["mode"],
                                            focal=spec.get("focal", False), weighted=spec.get("weighted", False),

@@ -105,17 +105,28 @@ def test_ahead_of_time_compiles_what_the_jit_launches():
     older than 3.9)."""
     trees = ["cityscapes", {"parents": [28 + i // 7 for i in range(28)] + [-1] * 4},
              {"parents": [69] * 69 + [-1]}]
-    for result in _compile([dict(kernel="jit-match", tree=t) for t in trees]):
+    nodes = [26, 32, 70]
+    for result, n in zip(_compile([dict(kernel="jit-match", tree=t) for t in trees]), nodes, strict=True):
         assert result["ok"], (result["spec"], result.get("mismatches"), result.get("error"))
-        assert {d["mode"] for d in result["checked"] if "mode" in d} == set(MODES)
+        checked = result["checked"]
+        assert {d["kernel"] for d in checked} == {"objective", "decode", "count", "scale", "codes", "select", "score"}
+        assert {d["mode"] for d in checked if d["kernel"] == "objective"} == set(MODES)
+        # gradients of 2 x n x 16 x 16 and 2 x n x 15 x 15 entries
+        assert {d["numel"] % 16 == 0 for d in checked if d["kernel"] == "scale"} == {True, n % 8 == 0}
+        assert {d["ordered"] for d in checked if d["kernel"] == "select"} == {True, False}
 
 
 def test_gradient_scale_and_label_count_compile():
-    """The backward's in-place scaling of the gradient the objective wrote, for every dtype; the label
-    count as a launch of its own (the benchmarks' A/B), for every label dtype and shallow and deep trees."""
-    _assert_all_compile([dict(kernel="scale", arch=arch, dtype=dt) for arch in ARCHS for dt in DTYPES]
+    """The backward's in-place scaling of the gradient the objective wrote, for every dtype and the
+    sizes the JIT tells apart (1, a multiple of 16 or not, beyond int32); the label count as a launch
+    of its own (the benchmarks' A/B), for every label dtype, shallow and deep trees, aligned or not
+    (a view at an odd offset), int32 or int64 strides."""
+    _assert_all_compile([dict(kernel="scale", arch=arch, dtype=dt, numel=n, aligned=n != 1)
+                         for arch in ARCHS for i, dt in enumerate(DTYPES)
+                         for n in (1, 4096 + i, 2**31 + 16 * i)]
                         + [dict(kernel="count", arch=arch, label_dtype=ld, depth=depth,
-                                dtype=("float32", "float64")[(i + depth) % 2])
+                                dtype=("float32", "float64")[(i + depth) % 2], aligned=(i + depth) % 3 != 0,
+                                wide=(i + depth) % 2 == 1)
                            for arch in ARCHS for i, ld in enumerate(("int64", "int32", "uint8", "int16"))
                            for depth in (1, 3, 7)])
 
@@ -123,15 +134,16 @@ def test_gradient_scale_and_label_count_compile():
 def test_triplet_kernels_compile():
     """The triplet loss's three kernels: label codes for every label dtype, the selection in flat and
     in random key order, and the scoring for every dtype, with and without the gradient, from one
-    channel to the widest the library sends to the kernels (channel counts set the tile sizes)."""
-    specs = [dict(kernel="triplet", part="codes", arch=arch, label_dtype=ld)
-             for arch in ARCHS for ld in ("int64", "int32", "uint8", "int16")]
+    channel to the widest the library sends to the kernels (channel counts set the tile sizes); the
+    labels and embeddings aligned or not (a view at an odd offset), with int32 or int64 strides."""
+    specs = [dict(kernel="triplet", part="codes", arch=arch, label_dtype=ld, aligned=i != 1, wide=i == 2)
+             for arch in ARCHS for i, ld in enumerate(("int64", "int32", "uint8", "int16"))]
     specs += [dict(kernel="triplet", part="select", arch=arch, ordered=ordered) for arch in ARCHS
               for ordered in (False, True)]
     specs += [dict(kernel="triplet", part="score", arch=arch, dtype=dtype, grad=grad, channels=channels,
-                   num_leaves=leaves)
-              for arch in ARCHS for dtype in DTYPES for grad in (True, False)
-              for channels, leaves in ((1, 2), (17, 19), (256, 124), (4096, 7), (64, 3000))]
+                   num_leaves=leaves, aligned=(i + j) % 3 != 1, wide=(i + j) % 4 == 3)
+              for arch in ARCHS for i, dtype in enumerate(DTYPES) for grad in (True, False)
+              for j, (channels, leaves) in enumerate(((1, 2), (17, 19), (256, 124), (4096, 7), (64, 3000)))]
     _assert_all_compile(specs)
 
 

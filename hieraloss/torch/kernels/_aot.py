@@ -89,30 +89,30 @@ def compile_only(arch: int = 90, *, stop_launches: bool = True):
         driver.set_active(previous)
 
 
-def _source(kernel, sig: dict, const: dict, aligned: bool, int_attrs: dict | None = None) -> ASTSource:
+def _source(kernel, sig: dict, const: dict, aligned: bool, int_attrs: dict | None = None,
+            unaligned: tuple[str, ...] = ()) -> ASTSource:
     """``kernel``'s specialisation as Triton's JIT makes it for a launch: with ``aligned``, every
-    pointer argument 16-byte aligned (``tt.divisibility``, as the JIT marks tensors from torch's
-    allocator; a view at an odd offset is not). Without it the code differs: triton 3.9 gave the
-    Cityscapes training kernel 90 registers unaligned and 64 aligned, the JIT's figure.
-    ``int_attrs``: the attributes of the int arguments the JIT specialises (divisible by 16 or not)."""
+    pointer argument 16-byte aligned but those named in ``unaligned`` (``tt.divisibility``, as the JIT
+    marks tensors from torch's allocator; a view at an odd offset is not). Without it the code differs:
+    triton 3.9 gave the Cityscapes training kernel 90 registers unaligned and 64 aligned, the JIT's
+    figure. ``int_attrs``: the attributes of the int arguments the JIT specialises (divisible by 16 or not)."""
     attrs = {}
     for name in kernel.arg_names:
-        if aligned and sig.get(name, "").startswith("*"):
+        if aligned and sig.get(name, "").startswith("*") and name not in unaligned:
             attrs[(kernel.arg_names.index(name),)] = [["tt.divisibility", 16]]
         elif name in (int_attrs or {}):
             attrs[(kernel.arg_names.index(name),)] = int_attrs[name]
     return ASTSource(kernel, sig, const, attrs)
 
 
-def _compile(kernel, sig: dict, const: dict, arch: int, aligned: bool, **options):
-    return triton.compile(_source(kernel, sig, const, aligned), target=GPUTarget("cuda", arch, 32), options=options)
+def _compile(source: ASTSource, options: dict, arch: int):
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def compile_objective(h: Hierarchy, arch: int, **spec):
     """Compile the generated objective kernel of ``h`` for ``sm_<arch>`` (``spec``: see
     :func:`objective_source`); returns the compiled kernel."""
-    source, options = objective_source(h, **spec)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return _compile(*objective_source(h, **spec), arch)
 
 
 def objective_source(h: Hierarchy, *, dtype: str = "float32", mode: str = "objective", focal: bool | float = False,
@@ -156,8 +156,7 @@ def objective_source(h: Hierarchy, *, dtype: str = "float32", mode: str = "objec
 
 def compile_decode(h: Hierarchy, arch: int, **spec):
     """Compile the generated decode kernel of ``h`` for ``sm_<arch>`` (``spec``: see :func:`decode_source`)."""
-    source, options = decode_source(h, **spec)
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    return _compile(*decode_source(h, **spec), arch)
 
 
 def decode_source(h: Hierarchy, *, dtype: str = "float32", top_down: bool = False, block_p: int | None = None,
@@ -176,31 +175,49 @@ def decode_source(h: Hierarchy, *, dtype: str = "float32", top_down: bool = Fals
     return _source(kernel, sig, const, aligned), dict(num_warps=warps, num_stages=NUM_STAGES)
 
 
-def compile_label_count(arch: int, *, label_dtype: str = "int64", depth: int = 2, dtype: str = "float32"):
-    """Compile the label count as a launch of its own (``objective.SEPARATE_COUNT``, the benchmarks'
-    A/B) for ``sm_<arch>``, for a tree of ``depth`` levels and logits of ``dtype``."""
+def compile_label_count(arch: int, **spec):
+    """Compile the label count as a launch of its own for ``sm_<arch>`` (``spec``: see
+    :func:`label_count_source`)."""
+    return _compile(*label_count_source(**spec), arch)
+
+
+def label_count_source(*, label_dtype: str = "int64", depth: int = 2, dtype: str = "float32", aligned: bool = True,
+                       wide: bool = False) -> tuple[ASTSource, dict]:
+    """``(source, options)`` of the label count as a launch of its own (``objective.SEPARATE_COUNT``, the
+    benchmarks' A/B), for a tree of ``depth`` levels and logits of ``dtype`` (``aligned``, ``wide``:
+    as :func:`objective_source`'s)."""
     from .objective import _label_count_kernel, label_count_constants
 
     kernel = _label_count_kernel
+    big = "i64" if wide else "i32"
     sig = {name: "i32" for name in kernel.arg_names}
-    sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", shift="i64", table_ptr="*fp64", sync_ptr="*i32",
+    sig.update(lab_ptr="*" + _label_type(label_dtype), slb=big, shift=big, table_ptr="*fp64", sync_ptr="*i32",
                rows_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
     const = dict(label_count_constants(depth), F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
-    return _compile(kernel, sig, const, arch, True, num_warps=4)
+    return _source(kernel, sig, const, aligned), dict(num_warps=4)
 
 
-def compile_gradient_scale(arch: int, *, dtype: str = "float32"):
-    """Compile the backward's in-place gradient scaling kernel for ``sm_<arch>``."""
+def compile_gradient_scale(arch: int, **spec):
+    """Compile the backward's in-place gradient scaling kernel for ``sm_<arch>`` (``spec``: see
+    :func:`gradient_scale_source`)."""
+    return _compile(*gradient_scale_source(**spec), arch)
+
+
+def gradient_scale_source(*, dtype: str = "float32", numel: int = 1 << 20, aligned: bool = True
+                          ) -> tuple[ASTSource, dict]:
+    """``(source, options)`` of the gradient scaling for a gradient of ``numel`` entries: the JIT
+    specialises the count (1 a constant, a multiple of 16 marked so, beyond int32 an int64)."""
     from ._grad_buffer import _SCALE_BLOCK, _scale_kernel
 
     acc = "fp64" if dtype == "float64" else "fp32"
     sig = {name: "i32" for name in _scale_kernel.arg_names}
-    sig.update(g_ptr="*" + _TRITON[dtype], scale_ptr="*" + acc, n="i64")
-    const = dict(BLOCK=_SCALE_BLOCK, F64=dtype == "float64")
+    sig.update(g_ptr="*" + _TRITON[dtype], scale_ptr="*" + acc, n="i32" if numel < 2**31 else "i64")
+    const = dict(BLOCK=_SCALE_BLOCK, F64=dtype == "float64", **({"n": 1} if numel == 1 else {}))
     sig.update({k: "constexpr" for k in const})
-    return _compile(_scale_kernel, sig, const, arch, True, num_warps=4)
+    int_attrs = {"n": [["tt.divisibility", 16]]} if numel % 16 == 0 else {}
+    return _source(_scale_kernel, sig, const, aligned, int_attrs), dict(num_warps=4)
 
 
 def _cubin_tool(compiled, tool: str, *args: str) -> str:
@@ -236,35 +253,42 @@ def _label_type(dtype: str) -> str:
     return {"int64": "i64", "int32": "i32", "uint8": "u8", "int16": "i16"}[dtype]
 
 
-def compile_triplet(arch: int, *, kernel: str, dtype: str = "float32", channels: int = 256, grad: bool = True,
-                    ordered: bool = False, label_dtype: str = "int64", num_leaves: int = 19):
-    """Compile one of the triplet loss kernels (``kernel``: ``"codes"``, ``"select"`` or ``"score"``)
-    for ``sm_<arch>``, as :mod:`.triplet` launches it."""
+def compile_triplet(arch: int, **spec):
+    """Compile one of the triplet loss kernels for ``sm_<arch>`` (``spec``: see :func:`triplet_source`)."""
+    return _compile(*triplet_source(**spec), arch)
+
+
+def triplet_source(*, kernel: str, dtype: str = "float32", channels: int = 256, grad: bool = True,
+                   ordered: bool = False, label_dtype: str = "int64", num_leaves: int = 19, aligned: bool = True,
+                   wide: bool = False) -> tuple[ASTSource, dict]:
+    """``(source, options)`` of one of the triplet loss kernels (``kernel``: ``"codes"``, ``"select"`` or
+    ``"score"``) as :mod:`.triplet` launches it: ``aligned``, the labels' (codes) or the embeddings'
+    (score) data 16-byte aligned; ``wide``, their strides beyond int32."""
     from . import triplet
 
+    big = "i64" if wide else "i32"
     if kernel == "codes":
         k = triplet._codes_kernel
         sig = {name: "i32" for name in k.arg_names}
-        sig.update(lab_ptr="*" + _label_type(label_dtype), slb="i64", sly="i64", slx="i64", scale_y="fp32",
-                   scale_x="fp32", ignore="i64", group_ptr="*i32", out_ptr="*i32")
-        const, warps = dict(BLOCK=triplet._CODE_BLOCK), 4
+        sig.update(lab_ptr="*" + _label_type(label_dtype), slb=big, sly=big, slx=big, scale_y="fp32",
+                   scale_x="fp32", group_ptr="*i32", out_ptr="*i32")
+        const, warps, user_ptr = dict(BLOCK=triplet._CODE_BLOCK), 4, "lab_ptr"
     elif kernel == "select":
         k = triplet._select_kernel
         sig = {name: "i32" for name in k.arg_names}
         sig.update(code_ptr="*i32", order_ptr="*i64" if ordered else "*i32", group_ptr="*i32", possible_ptr="*i32",
-                   anchor_ptr="*i32",
-                   positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32")
-        const, warps = dict(BLOCK=triplet._SELECT_BLOCK, ORDERED=ordered), triplet._SELECT_WARPS
+                   anchor_ptr="*i32", positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32")
+        const, warps, user_ptr = dict(BLOCK=triplet._SELECT_BLOCK, ORDERED=ordered), triplet._SELECT_WARPS, None
     else:
         k = triplet._score_kernel
         acc = "fp64" if dtype == "float64" else "fp32"
         sig = {name: "i32" for name in k.arg_names}
-        sig.update(emb_ptr="*" + _TRITON[dtype], seb="i64", sec="i64", sey="i64", sex="i64", code_ptr="*i32",
+        sig.update(emb_ptr="*" + _TRITON[dtype], seb=big, sec=big, sey=big, sex=big, code_ptr="*i32",
                    anchor_ptr="*i32", positive_ptr="*i32", negative_ptr="*i32", count_ptr="*i32", psi_ptr="*i32",
-                   const_ptr="*" + acc, scale_hi="fp32", scale_lo="fp32", grad_ptr="*" + acc, sgb="i64", sgc="i64",
-                   sgy="i64", sgx="i64", part_ptr="*" + acc)
+                   const_ptr="*" + acc, scale_hi="fp32", scale_lo="fp32", grad_ptr="*" + acc, part_ptr="*" + acc)
         bt, bc, warps = triplet._score_sizes(channels, dtype == "float64")
-        const = dict(BT=bt, BC=bc, KP=triplet._class_chunk(num_leaves), F64=dtype == "float64",
-                     GRAD=grad)
+        const, user_ptr = dict(BT=bt, BC=bc, KP=triplet._class_chunk(num_leaves), F64=dtype == "float64",
+                               GRAD=grad), "emb_ptr"
     sig.update({name: "constexpr" for name in const})
-    return _compile(k, sig, const, arch, True, num_warps=warps)
+    return _source(k, sig, const, True, unaligned=() if aligned or user_ptr is None else (user_ptr,)), \
+        dict(num_warps=warps)

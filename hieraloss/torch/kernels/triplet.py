@@ -281,7 +281,10 @@ def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor 
     ct = torch.float64 if embeddings.dtype == torch.float64 else torch.float32
     M = max(1, min(int(max_per_class), P))
     group, possible, psi = _tables(hierarchy, dev)
-    picks = torch.empty((3, K, M), dtype=torch.int32, device=dev)
+    # The anchor, positive and negative tables [K, M], each 16-byte aligned: one launch specialisation
+    # whatever K * M (the JIT marks aligned pointers), and the one _aot compiles.
+    row = -(-K * M // 4) * 4
+    picks = torch.empty(3 * row, dtype=torch.int32, device=dev).unfold(0, K * M, row)
     # Every program of the selection writes its class's count, and every scoring program its share
     # of the loss: zeros (a fill launch each) only when nothing is launched.
     alloc = torch.empty if P else torch.zeros
