@@ -5,11 +5,11 @@ session runs Triton under the interpreter (TRITON_INTERPRET=1), which cannot com
     python tests/aot_compile.py '<json list of specs>'
 
 A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...},
-"kernel": "objective" | "decode" | "scale" | "count" (with "depth") | "jit-match" (see _jit_match) |
-"triplet" (with "part": "codes" | "select" |
-"score", "channels", "grad", "ordered", "num_leaves"), "arch": 90,
-"dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>, "focal": bool | gamma, "weighted": bool,
-"block_p": int | null, "top_down": bool, "label_dtype": "int64", "contiguous_out": bool, "aligned": bool, "wide": bool,
+"kernel": "objective" | "decode" | "scale" (with "numel") | "count" (with "num_nodes", "depth") |
+"jit-match" (see _jit_match) | "triplet" (with "part": "codes" | "select" | "score", "channels", "grad",
+"ordered", "num_leaves"), "arch": 90, "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>,
+"focal": bool | gamma, "weighted": bool, "block_p": int | null, "top_down": bool, "label_dtype": "int64",
+"contiguous_out": bool, "aligned": bool, "wide": bool,
 "ptx_ops": [<PTX opcodes to count>]}.
 """
 
@@ -144,7 +144,7 @@ def _jit_match(h) -> dict:
                     top_down=bool(const["TOP_DOWN"]))
 
     def count(src, const):
-        return dict(label_dtype=labels[src.signature["lab_ptr"]], depth=const["L2"] // 2,
+        return dict(label_dtype=labels[src.signature["lab_ptr"]], num_nodes=h.num_nodes, depth=const["L2"] // 2,
                     dtype="float64" if const["F64"] else "float32", aligned=aligned(kernels[2], src, "lab_ptr"),
                     wide=src.signature["slb"] == "i64")
 
@@ -188,7 +188,8 @@ def main() -> int:
                 continue
             extra = {k: spec[k] for k in ("aligned", "wide") if k in spec}
             if spec["kernel"] == "count":
-                k = _aot.compile_label_count(spec["arch"], label_dtype=spec["label_dtype"], depth=spec["depth"],
+                k = _aot.compile_label_count(spec["arch"], label_dtype=spec["label_dtype"],
+                                             num_nodes=spec.get("num_nodes", 26), depth=spec["depth"],
                                              dtype=spec["dtype"], **extra)
             elif spec["kernel"] == "triplet":
                 k = _aot.compile_triplet(spec["arch"], kernel=spec["part"], dtype=spec.get("dtype", "float32"),

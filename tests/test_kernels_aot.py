@@ -119,12 +119,12 @@ def test_ahead_of_time_compiles_what_the_jit_launches():
 def test_gradient_scale_and_label_count_compile():
     """The backward's in-place scaling of the gradient the objective wrote, for every dtype and the
     sizes the JIT tells apart (1, a multiple of 16 or not, beyond int32); the label count as a launch
-    of its own (the benchmarks' A/B), for every label dtype, shallow and deep trees, aligned or not
-    (a view at an odd offset), int32 or int64 strides."""
+    of its own (the benchmarks' A/B), for every label dtype, shallow and deep, small and wide trees (their
+    own loop steps), aligned or not (a view at an odd offset), int32 or int64 strides."""
     _assert_all_compile([dict(kernel="scale", arch=arch, dtype=dt, numel=n, aligned=n != 1)
                          for arch in ARCHS for i, dt in enumerate(DTYPES)
                          for n in (1, 4096 + i, 2**31 + 16 * i)]
-                        + [dict(kernel="count", arch=arch, label_dtype=ld, depth=depth,
+                        + [dict(kernel="count", arch=arch, label_dtype=ld, depth=depth, num_nodes=(26, 149)[i % 2],
                                 dtype=("float32", "float64")[(i + depth) % 2], aligned=(i + depth) % 3 != 0,
                                 wide=(i + depth) % 2 == 1)
                            for arch in ARCHS for i, ld in enumerate(("int64", "int32", "uint8", "int16"))

@@ -181,11 +181,11 @@ def compile_label_count(arch: int, **spec):
     return _compile(*label_count_source(**spec), arch)
 
 
-def label_count_source(*, label_dtype: str = "int64", depth: int = 2, dtype: str = "float32", aligned: bool = True,
-                       wide: bool = False) -> tuple[ASTSource, dict]:
+def label_count_source(*, label_dtype: str = "int64", num_nodes: int = 26, depth: int = 2, dtype: str = "float32",
+                       aligned: bool = True, wide: bool = False) -> tuple[ASTSource, dict]:
     """``(source, options)`` of the label count as a launch of its own (``objective.SEPARATE_COUNT``, the
-    benchmarks' A/B), for a tree of ``depth`` levels and logits of ``dtype`` (``aligned``, ``wide``:
-    as :func:`objective_source`'s)."""
+    benchmarks' A/B), for a tree of ``num_nodes`` nodes and ``depth`` levels and logits of ``dtype``
+    (``aligned``, ``wide``: as :func:`objective_source`'s)."""
     from .objective import _label_count_kernel, label_count_constants
 
     kernel = _label_count_kernel
@@ -194,7 +194,7 @@ def label_count_source(*, label_dtype: str = "int64", depth: int = 2, dtype: str
     sig.update(lab_ptr="*" + _label_type(label_dtype), slb=big, shift=big, table_ptr="*fp64", sync_ptr="*i32",
                rows_ptr="*fp64", coef_ptr="*fp64", denom_ptr="*fp64",
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
-    const = dict(label_count_constants(depth), F64=dtype == "float64")
+    const = dict(label_count_constants(num_nodes, depth), F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
     return _source(kernel, sig, const, aligned), dict(num_warps=4)
 

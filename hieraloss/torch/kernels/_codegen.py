@@ -70,6 +70,13 @@ WIDE_TREE_LOAD_GROUP = 8
 COUNT_LOOPS = {"small": ("shared_depth_scales", 512, 512), "wide": ("shared_depth_scales_apart", 256, 512)}
 
 
+def count_loop(num_nodes: int, depth: int) -> tuple[str, int, int]:
+    """(function, labels per loop step, rows per loop step of the sum) of the label count of a tree of
+    ``num_nodes`` nodes and ``depth`` levels (``COUNT_LOOPS``)."""
+    count, step, entries = COUNT_LOOPS["wide" if num_nodes > WIDE_TREE_NODES else "small"]
+    return count, step, max(1, entries // padded_width(2 * depth))
+
+
 def load_groups(num_nodes: int) -> tuple[int, int]:
     """(plain, focal) node loads per group for a tree of ``num_nodes`` nodes."""
     plain = LOAD_GROUP if num_nodes <= WIDE_TREE_NODES else WIDE_TREE_LOAD_GROUP
@@ -226,10 +233,9 @@ def objective_source(h: Hierarchy) -> str:
     t = _Tree(h)
     L = t.L
     d2 = padded_width(2 * L)
-    wide = t.n > WIDE_TREE_NODES
-    count, step, count_entries = COUNT_LOOPS["wide" if wide else "small"]
+    count, step, count_rb = count_loop(t.n, L)
     lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
-                            count=count, count_step=step, count_rb=max(1, count_entries // d2))]
+                            count=count, count_step=step, count_rb=count_rb)]
     emit = lines.append
     I1, I2, I3 = " " * 4, " " * 8, " " * 12
     groups = load_groups(t.n)

@@ -164,10 +164,11 @@ def _label_count_kernel(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, s
                         coef_ptr, denom_ptr, scale_ptr, False, L2, D2, CB, STEP, RB, F64)
 
 
-def label_count_constants(depth: int) -> dict:
-    """The constexprs of ``_label_count_kernel`` for a tree of ``depth`` levels (but ``F64``)."""
-    d2 = _reduce.padded_width(2 * depth)
-    return dict(L2=2 * depth, D2=d2, CB=_reduce.count_chunk(), STEP=512, RB=_reduce.rows_per_step(d2))
+def label_count_constants(num_nodes: int, depth: int) -> dict:
+    """The constexprs of ``_label_count_kernel`` for a tree of ``num_nodes`` nodes and ``depth`` levels
+    (but ``F64``): the loop steps of the objective kernel's own count, so the A/B times the same loops."""
+    _, step, rb = _codegen.count_loop(num_nodes, depth)
+    return dict(L2=2 * depth, D2=_reduce.padded_width(2 * depth), CB=_reduce.count_chunk(), STEP=step, RB=rb)
 
 
 def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sums=None, out_dtype=None,
@@ -211,7 +212,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
         if sums is not None and SEPARATE_COUNT:
             _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
                 lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
-                denom, scales, **label_count_constants(L), F64=acc == torch.float64, num_warps=4)
+                denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4)
         kernel_for(hierarchy)[(tiles, B)](
             x, x.stride(0), x.stride(1), x.stride(2),
             lab, lab.stride(0), lab.stride(1),
