@@ -55,6 +55,8 @@ def steps():
     yield "cityscapes depth_cross_entropy 1", step(lambda: hlt.depth_cross_entropy(x, y, cs, 1, **kw), x)
     yield "cityscapes triplet", step(lambda: hlt.hierarchy_triplet_loss(emb, y, cs, sampling="first",
                                                                                  check_labels=False), emb)
+    yield "cityscapes hssn_loss", step(lambda: hlt.hssn_loss(x, y, cs, **kw), x)
+    yield "cityscapes focal hssn_loss", step(lambda: hlt.hssn_loss(x, y, cs, focal_gamma=2.0, **kw), x)
     yield "cityscapes hssn_loss + embeddings", step(
         lambda: hlt.hssn_loss(x, y, cs, embeddings=emb, triplet_weight=0.5, sampling="first", **kw), x, emb)
     x = xb = emb = None
@@ -138,6 +140,9 @@ def main(argv=None) -> int:
                     help="host time of each step with its Triton launches stubbed out, and of each launch alone")
     ap.add_argument("--maxnreg", type=int,
                     help="register cap of the objective kernel of wide trees (_common.MAX_REGISTERS; 0: none)")
+    ap.add_argument("--small-maxnreg", type=int,
+                    help="register cap of the objective kernel of small trees (none by default; triton 3.6: 80 "
+                         "takes the spills out of Cityscapes' hssn_loss kernels)")
     ap.add_argument("--load-group", type=int,
                     help="node loads in flight together (every _codegen load group: plain, focal, wide trees)")
     ap.add_argument("--focal-exp", action="store_true",
@@ -181,6 +186,13 @@ def main(argv=None) -> int:
 
         _common.MAX_REGISTERS, _common._CAP_REGISTERS = args.maxnreg, args.maxnreg > 0
         print(f"objective kernel of wide trees: maxnreg {args.maxnreg or 'none'}")
+    if args.small_maxnreg:
+        from hieraloss.torch.kernels import _common, objective
+
+        wide_cap = objective.register_cap
+        objective.register_cap = lambda num_nodes: (
+            wide_cap(num_nodes) if num_nodes > _common.WIDE_TREE_NODES else {"maxnreg": args.small_maxnreg})
+        print(f"objective kernel of small trees: maxnreg {args.small_maxnreg}")
     if args.block_p or args.warps:
         from hieraloss.torch.kernels import objective
 

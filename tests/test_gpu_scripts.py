@@ -39,7 +39,7 @@ def test_profile_gpu_step_options():
     proc = _run("benchmarks/profile_gpu_step.py", "--help", timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for option in ("--host", "--maxnreg", "--load-group", "--block-p", "--warps", "--focal-exp", "--plain-math",
-                   "--launch-cost", "--count-chunk", "--count-apart"):
+                   "--launch-cost", "--count-chunk", "--count-apart", "--small-maxnreg"):
         assert option in proc.stdout, option
     if not _cuda():
         proc = _run("benchmarks/profile_gpu_step.py", "triplet", timeout=300)
