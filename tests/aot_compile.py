@@ -10,7 +10,7 @@ A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...
 "ordered", "num_leaves"), "arch": 90, "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>,
 "focal": bool | gamma, "weighted": bool, "block_p": int | null, "top_down": bool, "label_dtype": "int64",
 "contiguous_out": bool, "aligned": bool, "wide": bool,
-"ptx_ops": [<PTX opcodes to count>]}.
+"ptx_ops": [<PTX opcodes to count>], "searched_pointers": bool (see searched_pointers)}.
 """
 
 import json
@@ -178,6 +178,31 @@ def _jit_match(h) -> dict:
     return {"ok": not mismatches and len(checked) >= 10, "checked": checked, "mismatches": mismatches[:3]}
 
 
+def searched_pointers(ttir: str) -> int:
+    """Tensor loads and stores in the kernel function of ``ttir`` (not in the functions it calls, whose
+    slices stay inside them) whose pointer is an op's result, not a block argument: Triton's coalescing
+    pass searches the whole connected slice of each such op, which is quadratic in the length of the
+    straight-line objective kernel (see ``_terms.load_rows``). MLIR's printer reuses names across
+    sibling regions, so a pointer's definition is the nearest one before its use."""
+    lines = ttir.splitlines()
+    start = next(i for i, line in enumerate(lines) if re.match(r"\s*tt\.func public @", line))
+    end = next((i for i in range(start + 1, len(lines)) if re.match(r"\s*tt\.func ", lines[i])), len(lines))
+    lines = lines[start:end]
+    searched = 0
+    for i, line in enumerate(lines):
+        m = re.search(r"\btt\.(?:load|store) (%[\w.$-]+)[^:]*: tensor<.*!tt\.ptr", line)
+        if not m:
+            continue
+        name = re.escape(m.group(1))
+        for prior in reversed(lines[:i]):
+            if re.match(rf"\s*{name}(?::\d+)? = ", prior):
+                searched += 1
+                break
+            if re.search(rf"[(,] ?{name}(?: = |: )", prior):  # iter_args, function or block arguments
+                break
+    return searched
+
+
 def main() -> int:
     specs = json.loads(sys.argv[1])
     for spec in specs:
@@ -212,6 +237,8 @@ def main() -> int:
                                         wide=spec.get("wide", False))
             use = _aot.usage(k)
             out = {"ok": True, "registers": use and use.registers, "spill": use and use.spill_bytes}
+            if spec.get("searched_pointers"):
+                out["searched_pointers"] = searched_pointers(k.asm["ttir"])
             if spec.get("ptx_ops"):
                 ptx = k.asm["ptx"]
                 out["ptx_ops"] = {op: len(re.findall(rf"^\s*{re.escape(op)}\s", ptx, re.M)) for op in spec["ptx_ops"]}

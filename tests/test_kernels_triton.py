@@ -137,10 +137,15 @@ def test_mapillary_preset_tiny():
     labels = rng.integers(0, h.num_nodes, size=shape)  # leaves and partial labels at every depth
     labels[1, 2, :3] = 255
     x = np.round(rng.normal(0, 2, size=(2, h.num_nodes, 3, 7)) * 2) / 2  # frequent ties
-    for reduction, gamma in (("hssn", None), ("mean", 2.0), ("none", None)):
+    weight = rng.uniform(0.5, 2.0, size=h.num_nodes)
+    # A wide tree's kernel reaches labels, weights, the upstream gradient and its sums through
+    # load_rows with a run-time 1 (_codegen._one_wide): weights with both reductions that gather them.
+    for reduction, gamma, w in (("hssn", None, None), ("mean", 2.0, weight), ("none", None, weight)):
         upstream = rng.normal(size=x.shape) if reduction == "none" else None
-        value, grad, _ = _run(x, labels, h, "float64", gamma=gamma, reduction=reduction, upstream=upstream)
-        ref_value, ref_grad = _oracle(x, labels, h, gamma=gamma, reduction=reduction, upstream=upstream)
+        value, grad, _ = _run(x, labels, h, "float64", gamma=gamma, reduction=reduction, upstream=upstream,
+                              node_weight=w)
+        ref_value, ref_grad = _oracle(x, labels, h, gamma=gamma, reduction=reduction, upstream=upstream,
+                                      node_weight=w)
         np.testing.assert_allclose(value, ref_value, **VALUE_TOL["float64"])
         np.testing.assert_allclose(grad, ref_grad, **GRAD_TOL["float64"])
     for method in ("path", "top_down"):
@@ -871,7 +876,8 @@ def test_objective_gives_the_same_bits_for_any_chunking_and_run(monkeypatch, red
 def _finalize_probe(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
                     L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr, TM: tl.constexpr, CE: tl.constexpr,
                     F64: tl.constexpr):
-    finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
+    one = (group > 0).to(tl.int32)  # group >= 1
+    finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr, one,
                   L2, D2, RB, TM, CE, F64)
 
 

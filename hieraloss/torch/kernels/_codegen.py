@@ -41,7 +41,7 @@ from ._common import WIDE_TREE_NODES
 from ._reduce import padded_width, rows_per_step
 
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 12
+CODEGEN_VERSION = 13
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -75,6 +75,15 @@ def count_loop(num_nodes: int, depth: int) -> tuple[str, int, int]:
     ``num_nodes`` nodes and ``depth`` levels (``COUNT_LOOPS``)."""
     count, step, entries = COUNT_LOOPS["wide" if num_nodes > WIDE_TREE_NODES else "small"]
     return count, step, max(1, entries // padded_width(2 * depth))
+
+
+def _one_wide(num_nodes: int) -> str:
+    """The trip count the generated kernels give load_rows / store_rows for the loads and stores other
+    than the node rows: a run-time 1 in wide trees, where Triton's coalescing pass would otherwise
+    spend minutes on them (a 258-node tree's training kernel: 7.3 of 19 s, triton 3.6); a constant 1,
+    the plain load, in small trees, where they compile in seconds and the plain loads keep ptxas's
+    allocation (Cityscapes value+grad 72 registers, 89 with the run-time 1)."""
+    return "one" if num_nodes > WIDE_TREE_NODES else "1"
 
 
 def load_groups(num_nodes: int) -> tuple[int, int]:
@@ -178,14 +187,17 @@ def objective_kernel(
     o64 = offs.to(tl.int64)
     sn = sxn.to(tl.int64)
     xb = x_ptr + b * sxb + o64 * sxp
-    lab = tl.load(lab_ptr + b * slb + o64 * slp, mask=pmask, other=0)
+    # The node rows are loaded and stored through load_rows / store_rows (see there why) with a
+    # run-time 1 as their trip count; so are, in wide trees, the other loads and stores.
+    one = (ncode > 0).to(tl.int32)
+    one_wide = {one_wide}
+    lab = load_rows(lab_ptr + b * slb + o64 * slp, pmask, one_wide)
     slot = tl.minimum(tl.maximum(lab.to(tl.int64) + shift, 0), ncode - 1)
-    code = tl.load(code_ptr + slot, mask=pmask, other=-1)
+    code = load_rows(code_ptr + slot, pmask, one_wide, -1)
     valid = code >= 0
     pc = tl.where(valid, code & 65535, -1)
     ec = tl.where(valid, code >> 16, -1)
     zero = tl.zeros([BLOCK_P], CT)
-    one = (ncode > 0).to(tl.int32)  # a run-time 1: the trip count of load_rows / store_rows
     if MODE == 3:
         gn = sgn.to(tl.int64)
         gob = go_ptr + b * sgb + o64 * sgp
@@ -235,7 +247,7 @@ def objective_source(h: Hierarchy) -> str:
     d2 = padded_width(2 * L)
     count, step, count_rb = count_loop(t.n, L)
     lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
-                            count=count, count_step=step, count_rb=count_rb)]
+                            count=count, count_step=step, count_rb=count_rb, one_wide=_one_wide(t.n))]
     emit = lines.append
     I1, I2, I3 = " " * 4, " " * 8, " " * 12
     groups = load_groups(t.n)
@@ -376,7 +388,7 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I2}lw = (xp{d} < zmin) | (xp{d} != xp{d})")
             emit(f"{I2}zmin = tl.where(lw, xp{d}, zmin)")
             emit(f"{I2}am = tl.where(lw, {d}, am)")
-        emit(f"{I2}wp = tl.load(w_ptr + pn{d}, mask=on{d}, other=0.0).to(CT) if HAS_W else 1.0")
+        emit(f"{I2}wp = load_rows(w_ptr + pn{d}, on{d}, one_wide).to(CT) if HAS_W else 1.0")
         emit(f"{I2}if MODE == 0:")
         emit(f"{I3}tms{d} += tl.where(on{d}, term_loss(-zmin, gamma, FOCAL) * wp, 0.0)")
         emit(f"{I2}if MODE == 2:")
@@ -388,7 +400,7 @@ def objective_source(h: Hierarchy) -> str:
         emit(f"{I3}    up = wp * tsc{d}")
         emit(f"{I3}else:")
         emit(f"{I3}    dl = term_grad(-zmin, gamma, FOCAL)")
-        emit(f"{I3}    up = wp * tl.load(gob + pn{d}.to(tl.int64) * gn, mask=on{d}, other=0.0).to(CT)")
+        emit(f"{I3}    up = wp * load_rows(gob + pn{d}.to(tl.int64) * gn, on{d}, one_wide).to(CT)")
         emit(f"{I3}gp = tl.where(on{d}, -dl * up, 0.0)")
         for k in range(d + 1):
             emit(f"{I3}dp{k} += tl.where(am == {k}, gp, 0.0)")
@@ -458,7 +470,7 @@ def objective_source(h: Hierarchy) -> str:
     for d in range(L):
         emit(f"{I3}tl.store(part + {d}, tl.sum(tms{d}, axis=0))")
     emit(f"{I2}finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr,")
-    emit(f"{I2}              parts_ptr, L2, D2, RB, TM, CE, F64)")
+    emit(f"{I2}              parts_ptr, one_wide, L2, D2, RB, TM, CE, F64)")
     emit("")
     return "\n".join(lines)
 
@@ -539,9 +551,11 @@ def decode_source(h: Hierarchy) -> str:
     for r in t.roots:
         walk(r, None)
     emit(f"{I1}leaf = tl.where(pmask, leaf, 0)")
-    emit(f"{I1}store_rows(leaf_out_ptr + b * P + o64, tl.load(ids_ptr + leaf), pmask, one)")
+    emit(f"{I1}one_wide = {_one_wide(t.n)}")
+    emit(f"{I1}store_rows(leaf_out_ptr + b * P + o64, load_rows(ids_ptr + leaf, pmask, one_wide), pmask, one)")
     for d in range(t.L):
-        emit(f"{I1}node = tl.load(anc_ptr + leaf * {t.L} + {d})")
-        emit(f"{I1}store_rows(depth_out_ptr + (b * {t.L} + {d}) * P + o64, tl.load(ids_ptr + node), pmask, one)")
+        emit(f"{I1}node = load_rows(anc_ptr + leaf * {t.L} + {d}, pmask, one_wide)")
+        emit(f"{I1}store_rows(depth_out_ptr + (b * {t.L} + {d}) * P + o64, load_rows(ids_ptr + node, pmask, "
+             "one_wide), pmask, one)")
     emit("")
     return "\n".join(lines)

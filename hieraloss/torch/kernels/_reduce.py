@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _common
+from ._terms import load_rows, store_rows
 
 REDUCTION_IDS = {"hssn": 0, "mean": 1, "sum": 2}
 ENTRIES_PER_STEP = 4096  # [rows, width] entries a reduction reads per loop step
@@ -87,13 +88,15 @@ def last_program(counter_ptr, programs):
 
 
 @triton.jit
-def _sum_rows(ptr, first, n, width, cols, col_mask, RB: tl.constexpr):
-    """float64 column sums of rows ``first .. first + n`` of a row-major ``[., width]`` array at ``cols``."""
+def _sum_rows(ptr, first, n, width, cols, col_mask, one, RB: tl.constexpr):
+    """float64 column sums of rows ``first .. first + n`` of a row-major ``[., width]`` array at ``cols``
+    (``.cg``: the rows other programs stored). ``one``: the trip count of ``_terms.load_rows``, a
+    run-time 1 in the wide trees' objective kernels (see ``_codegen._one_wide``), else a constant 1."""
     acc = tl.zeros(cols.shape, dtype=tl.float64)
     for r0 in range(0, n, RB):
         r = first + r0 + tl.arange(0, RB)
-        v = tl.load(ptr + r[:, None].to(tl.int64) * width + cols[None, :],
-                    mask=(r < first + n)[:, None] & col_mask[None, :], other=0, cache_modifier=".cg")
+        v = load_rows(ptr + r[:, None].to(tl.int64) * width + cols[None, :],
+                      (r < first + n)[:, None] & col_mask[None, :], one, 0, True)
         acc += tl.sum(v.to(tl.float64), 0)
     return acc
 
@@ -107,7 +110,7 @@ def _group_of_this_program(group):
 
 
 @triton.jit
-def _column_sums(ptr, width, group, counter_ptr, gsum_ptr, cols, col_mask, D2: tl.constexpr, RB: tl.constexpr):
+def _column_sums(ptr, width, group, counter_ptr, gsum_ptr, cols, col_mask, one, D2: tl.constexpr, RB: tl.constexpr):
     """Called by every program after storing its row of ``rows [programs, width]``: ``(done, sums)``,
     ``done`` true in the one program that finds every row summed, ``sums`` (float64 ``[D2]``, valid
     there) the column sums at ``cols`` where ``col_mask``. ``gsum [groups, D2]`` float64: the groups'
@@ -116,10 +119,10 @@ def _column_sums(ptr, width, group, counter_ptr, gsum_ptr, cols, col_mask, D2: t
     done = tl.zeros([], dtype=tl.int1)
     sums = tl.zeros([D2], dtype=tl.float64)
     if last_program(counter_ptr + 1 + g, n):
-        tl.store(gsum_ptr + g * D2 + cols, _sum_rows(ptr, first, n, width, cols, col_mask, RB))
+        store_rows(gsum_ptr + g * D2 + cols, _sum_rows(ptr, first, n, width, cols, col_mask, one, RB), cols < D2, one)
         if last_program(counter_ptr, groups):
             done = tl.full([], 1, dtype=tl.int1)
-            sums = _sum_rows(gsum_ptr, 0, groups, D2, cols, col_mask, RB)
+            sums = _sum_rows(gsum_ptr, 0, groups, D2, cols, col_mask, one, RB)
     return done, sums
 
 
@@ -196,7 +199,8 @@ def shared_depth_scales(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chunks, s
             tl.store(rows_ptr + c.to(tl.int64) * D2 + k,
                      _chunk_entries(lab_ptr, slb, slp, shift, ncode, table_ptr, P, c, k, L2, D2, CB, STEP))
             if last_program(sync_ptr + 1, chunks):
-                _store_scales(_sum_rows(rows_ptr, 0, chunks, D2, k, kin, RB), k, kin, reduction, coef_ptr,
+                # plain loads (a constant 1): wide trees call the count as a function of its own
+                _store_scales(_sum_rows(rows_ptr, 0, chunks, D2, k, kin, 1, RB), k, kin, reduction, coef_ptr,
                               denom_ptr, scale_ptr, L2, F64)
                 tl.debug_barrier()  # every thread's stores, before the release below
                 tl.atomic_xchg(sync_ptr + 2, 1, sem="release", scope="gpu")
@@ -229,22 +233,23 @@ def shared_depth_scales_apart(lab_ptr, slb, slp, shift, ncode, table_ptr, P, chu
 
 
 @triton.jit
-def finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
+def finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr, parts_ptr, one,
                   L2: tl.constexpr, D2: tl.constexpr, RB: tl.constexpr, TM: tl.constexpr, CE: tl.constexpr,
                   F64: tl.constexpr):
     """Called by every program of the objective kernel after storing its row of ``part [rows, L2]``:
     ``ratio = (column sums of part, float64) / denominator`` over the columns the objective wrote
     (tree-min with ``TM``, cross-entropy with ``CE``), then ``total = ratio . coef`` and
-    ``parts = [factor * sum of the tree-min ratios, cross-entropy ratios]``."""
+    ``parts = [factor * sum of the tree-min ratios, cross-entropy ratios]``. ``one``: as
+    :func:`_sum_rows`'s."""
     L: tl.constexpr = L2 // 2
     k = tl.arange(0, D2)
     kin = k < L2
     written = tl.where(k < L, TM, CE) & kin
-    done, sums = _column_sums(part_ptr, L2, group, counter_ptr, gsum_ptr, k, written, D2, RB)
+    done, sums = _column_sums(part_ptr, L2, group, counter_ptr, gsum_ptr, k, written, one, D2, RB)
     if done:
-        ratio = sums / tl.load(denom_ptr + k, mask=kin, other=1.0, cache_modifier=".cg")
-        coef = tl.load(coef_ptr + k, mask=kin, other=0.0)
+        ratio = sums / load_rows(denom_ptr + k, kin, one, 1.0, True)
+        coef = load_rows(coef_ptr + k, kin, one)
         OT: tl.constexpr = tl.float64 if F64 else tl.float32
         tl.store(total_ptr, tl.sum(ratio * coef, 0).to(OT))
         tl.store(parts_ptr, (tl.sum(tl.where(k < L, ratio, 0.0), 0) * factor).to(OT))
-        tl.store(parts_ptr + 1 + (k - L), ratio.to(OT), mask=(k >= L) & kin)
+        store_rows(parts_ptr + 1 + (k - L), ratio.to(OT), (k >= L) & kin, one)
