@@ -99,10 +99,11 @@ def test_mapillary_training_steps_compile():
 
 def test_ahead_of_time_compiles_what_the_jit_launches():
     """``_aot``'s specialisations are the ones Triton's JIT compiles when the public functions launch
-    (pointer alignment, int widths, specialised strides, options): else these tests and the
-    compile-check's registers would be about kernels no launch runs. Cityscapes; a 32-node forest
-    (a channels_last pixel stride divisible by 16); a flat 70-node tree (register-capped under triton
-    older than 3.9)."""
+    (pointer alignment, int widths, specialised strides and sizes, options), for every kernel: the
+    objective, decoding, the gradient scaling, the label count and the triplet's three. Else these
+    tests and the compile-check's registers would be about kernels no launch runs. Cityscapes; a
+    32-node forest (a channels_last pixel stride divisible by 16); a flat 70-node tree
+    (register-capped under triton older than 3.9)."""
     trees = ["cityscapes", {"parents": [28 + i // 7 for i in range(28)] + [-1] * 4},
              {"parents": [69] * 69 + [-1]}]
     nodes = [26, 32, 70]
