@@ -82,7 +82,7 @@ def _one_wide(num_nodes: int) -> str:
     than the node rows: a run-time 1 in wide trees, where Triton's coalescing pass would otherwise
     spend minutes on them (a 258-node tree's training kernel: 7.3 of 19 s, triton 3.6); a constant 1,
     the plain load, in small trees, where they compile in seconds and the plain loads keep ptxas's
-    allocation (Cityscapes value+grad 72 registers, 89 with the run-time 1)."""
+    allocation (Cityscapes value+grad 72 registers, 95 with the run-time 1)."""
     return "one" if num_nodes > WIDE_TREE_NODES else "1"
 
 
