@@ -8,7 +8,7 @@ PADDLE_PIN := paddlepaddle==3.3.1
 # mmseg's registry only (mmcv-lite has no compiled ops; full mmcv needs a build for your torch/CUDA).
 MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 
-.PHONY: venv test test-aot-oldest demo docs bench lint clean gpu-check
+.PHONY: venv test test-aot-oldest demo docs bench lint clean gpu-check gpu-ab
 
 # setup.py compiles the CPU kernel (hieraloss/_native) into the source tree on install: re-install when it changes.
 $(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h
@@ -48,6 +48,10 @@ test-aot-oldest: $(VENV_OLD)/bin/.installed
 # (no venv, no network, nothing installed).
 gpu-check:
 	PYTHONPATH=. $(PY) benchmarks/gpu_check.py
+
+# The open GPU comparisons (kernel variants against the default, in the same run), under 10 minutes.
+gpu-ab:
+	PYTHONPATH=. $(PY) benchmarks/gpu_ab.py
 
 demo: venv
 	$(BIN)/python -m hieraloss demo --out demo_out

@@ -4,11 +4,13 @@
     PYTHONPATH=. python benchmarks/profile_gpu_step.py triplet    # the steps whose name contains "triplet"
     PYTHONPATH=. python benchmarks/profile_gpu_step.py --host     # host (Python) time per step, cProfile
     PYTHONPATH=. python benchmarks/profile_gpu_step.py --launch-cost   # host time: Triton launches against the rest
+    PYTHONPATH=. python benchmarks/profile_gpu_step.py --summary --exact "mapillary tree-min"  # one line per step
 
 Each step (forward + backward, ``check_labels=False``, the sizes of ``gpu_check.py``) runs a few times
 to warm up, then ``--iters`` times under ``torch.profiler``; the table lists the kernels with the most
-device time (per call: divide by ``--iters``). Needs a CUDA device; complements ``gpu_check.py``,
-which gives the totals.
+device time (per call: divide by ``--iters``); ``--summary`` prints instead one line per step, its
+kernels' device time per step (``benchmarks/gpu_ab.py`` reads those). Needs a CUDA device;
+complements ``gpu_check.py``, which gives the totals.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+SUMMARY = "step-device-ms"
 
 
 def steps():
@@ -130,6 +133,9 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("only", nargs="*", help="substrings of the step names to run")
+    ap.add_argument("--exact", action="store_true", help="the names given are whole step names")
+    ap.add_argument("--summary", action="store_true",
+                    help=f"one line per step instead of the table: '{SUMMARY}<TAB>step<TAB>device ms per step'")
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--block-p", type=int, help="pixels per program of the objective kernel (default: automatic)")
@@ -207,7 +213,7 @@ def main(argv=None) -> int:
         print("no CUDA device")
         return 1
     for name, run in steps():
-        if args.only and not any(s in name for s in args.only):
+        if args.only and not any(s == name if args.exact else s in name for s in args.only):
             continue
         for _ in range(3):
             run()
@@ -224,6 +230,16 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         events = prof.key_averages()
         key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+        if args.summary:
+            from torch.autograd import DeviceType
+
+            # the device's own rows (kernels, memsets): a host op's row would count its kernels again
+            total_us = sum(getattr(e, key) for e in events if e.device_type == DeviceType.CUDA)
+            if total_us <= 0:
+                print(f"{name}: the profiler recorded no device time", flush=True)
+                return 1
+            print(f"{SUMMARY}\t{name}\t{total_us / args.iters / 1e3:.4f}", flush=True)
+            continue
         print(f"\n## {name} ({args.iters} steps)", flush=True)
         print(events.table(sort_by=key, row_limit=args.rows, max_name_column_width=70), flush=True)
     return 0
