@@ -49,7 +49,8 @@ test-aot-oldest: $(VENV_OLD)/bin/.installed
 gpu-check:
 	PYTHONPATH=. $(PY) benchmarks/gpu_check.py
 
-# The open GPU comparisons (kernel variants against the default, in the same run), under 10 minutes.
+# The open GPU comparisons (kernel variants against the default, in the same run), in at most 5 minutes:
+# with `make gpu-check` first and last, a session fits the 15 minutes of device time it is lent.
 gpu-ab:
 	PYTHONPATH=. $(PY) benchmarks/gpu_ab.py
 
