@@ -98,13 +98,24 @@ def _match(name: str, kernel, describe, build, checked: list, mismatches: list) 
             ours, options = build(**desc)
             checked.append({"kernel": name, **desc})
             meta = compiled.metadata
-            if (_key(ours) != _key(src) or options["num_warps"] != meta.num_warps
-                    or options.get("maxnreg") != getattr(meta, "maxnreg", None)):
+            if _key(ours) != _key(src) or _options_differ(options, meta):
                 mismatches.append({"kernel": name, "spec": desc,
                                    "jit": [src.signature, {str(k): v for k, v in src.constants.items()},
                                            {str(k): v for k, v in src.attrs.items()}],
                                    "aot": [ours.signature, {str(k): v for k, v in ours.constants.items()},
-                                           {str(k): v for k, v in ours.attrs.items()}]})
+                                           {str(k): v for k, v in ours.attrs.items()}],
+                                   "options": [options, {k: getattr(meta, k, None) for k in _OPTIONS}]})
+
+
+_OPTIONS = ("num_warps", "num_stages", "maxnreg", "enable_fp_fusion")
+
+
+def _options_differ(options: dict, meta) -> bool:
+    """Whether the JIT compiled with other options than ``_aot``'s: warps, register cap and FMA
+    contraction always named; stages where ``_aot`` names them (else both take Triton's default)."""
+    return (options["num_warps"] != meta.num_warps or options.get("maxnreg") != getattr(meta, "maxnreg", None)
+            or options.get("enable_fp_fusion") != meta.enable_fp_fusion
+            or options.get("num_stages", meta.num_stages) != meta.num_stages)
 
 
 def _jit_match(h) -> dict:
@@ -121,8 +132,18 @@ def _jit_match(h) -> dict:
                triplet._codes_kernel, triplet._select_kernel, triplet._score_kernel)
     for kernel in kernels[2:]:  # shared by every tree: only this tree's launches
         kernel.device_caches.clear()
-    with _aot.compile_only(90):
-        _launch_every_specialisation(h)
+    # Triton's default turned off, as triton 3.10 will: a launch that does not name FMA contraction
+    # then compiles without it and differs from _aot's.
+    default_fusion = os.environ.get("TRITON_DEFAULT_FP_FUSION")
+    os.environ["TRITON_DEFAULT_FP_FUSION"] = "0"
+    try:
+        with _aot.compile_only(90):
+            _launch_every_specialisation(h)
+    finally:
+        if default_fusion is None:
+            os.environ.pop("TRITON_DEFAULT_FP_FUSION")
+        else:
+            os.environ["TRITON_DEFAULT_FP_FUSION"] = default_fusion
     modes = {v: k for k, v in _aot.OBJECTIVE_MODES.items()}
     dtypes = {"*" + v: k for k, v in _aot._TRITON.items()}
     labels = {"*i64": "int64", "*i32": "int32", "*u8": "uint8", "*i16": "int16"}

@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ...hierarchy import Hierarchy
-from ._common import NUM_STAGES, launch_sizes, register_cap
+from ._common import FP_FUSION, NUM_STAGES, launch_sizes, register_cap
 
 _TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
@@ -151,7 +151,7 @@ def objective_source(h: Hierarchy, *, dtype: str = "float32", mode: str = "objec
     # A channels_last output's pixel stride is the node count.
     int_attrs = {"sop": [["tt.divisibility", 16]]} if not contiguous_out and h.num_nodes % 16 == 0 else {}
     return (_source(kernel, sig, const, aligned, int_attrs),
-            dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes)))
+            dict(num_warps=warps, num_stages=NUM_STAGES, **register_cap(h.num_nodes), **FP_FUSION))
 
 
 def compile_decode(h: Hierarchy, arch: int, **spec):
@@ -172,7 +172,7 @@ def decode_source(h: Hierarchy, *, dtype: str = "float32", top_down: bool = Fals
                leaf_out_ptr="*i64", depth_out_ptr="*i64")
     const = dict(BLOCK_P=block_p or bp, F64=dtype == "float64", TOP_DOWN=top_down)
     sig.update({k: "constexpr" for k in const})
-    return _source(kernel, sig, const, aligned), dict(num_warps=warps, num_stages=NUM_STAGES)
+    return _source(kernel, sig, const, aligned), dict(num_warps=warps, num_stages=NUM_STAGES, **FP_FUSION)
 
 
 def compile_label_count(arch: int, **spec):
@@ -196,7 +196,7 @@ def label_count_source(*, label_dtype: str = "int64", num_nodes: int = 26, depth
                scale_ptr="*" + ("fp64" if dtype == "float64" else "fp32"))
     const = dict(label_count_constants(num_nodes, depth), F64=dtype == "float64")
     sig.update({k: "constexpr" for k in const})
-    return _source(kernel, sig, const, aligned), dict(num_warps=4)
+    return _source(kernel, sig, const, aligned), dict(num_warps=4, **FP_FUSION)
 
 
 def compile_gradient_scale(arch: int, **spec):
@@ -217,7 +217,7 @@ def gradient_scale_source(*, dtype: str = "float32", numel: int = 1 << 20, align
     const = dict(BLOCK=_SCALE_BLOCK, F64=dtype == "float64", **({"n": 1} if numel == 1 else {}))
     sig.update({k: "constexpr" for k in const})
     int_attrs = {"n": [["tt.divisibility", 16]]} if numel % 16 == 0 else {}
-    return _source(_scale_kernel, sig, const, aligned, int_attrs), dict(num_warps=4)
+    return _source(_scale_kernel, sig, const, aligned, int_attrs), dict(num_warps=4, **FP_FUSION)
 
 
 def _cubin_tool(compiled, tool: str, *args: str) -> str:
@@ -291,4 +291,4 @@ def triplet_source(*, kernel: str, dtype: str = "float32", channels: int = 256, 
                                GRAD=grad), "emb_ptr"
     sig.update({name: "constexpr" for name in const})
     return _source(k, sig, const, True, unaligned=() if aligned or user_ptr is None else (user_ptr,)), \
-        dict(num_warps=warps)
+        dict(num_warps=warps, **FP_FUSION)

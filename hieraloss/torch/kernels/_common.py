@@ -26,6 +26,10 @@ def interpreting() -> bool:
 # _terms.load_rows); one stage also skips the pipeliner's latency analysis, which is slow on ~450 loops.
 NUM_STAGES = 1
 
+# Every launch (and _aot) names FMA contraction, as every figure in docs/performance.md was measured,
+# instead of leaving it to Triton's default: triton 3.9 warns that it will turn that default off.
+FP_FUSION = {"enable_fp_fusion": True}
+
 # Register cap of the objective kernel for trees of more than WIDE_TREE_NODES nodes under triton
 # older than 3.9 (ptxas ``maxnreg``): 4 blocks of 128 threads per SM. Left to itself, triton 3.6's
 # ptxas gives Mapillary's value+grad kernels 168 registers (3 blocks) and 72 bytes of spill; with the

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import on_device
+from ._common import FP_FUSION, on_device
 
 
 @triton.jit
@@ -63,7 +63,8 @@ def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
         programs = SCALE_PROGRAMS_OVERRIDE or _multiprocessors(grad.device) * _SCALE_PROGRAMS_PER_SM
         with on_device(grad.device):
             _scale_kernel[(min(triton.cdiv(n, _SCALE_BLOCK), programs),)](
-                grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK, F64=grad.dtype == torch.float64, num_warps=4)
+                grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK, F64=grad.dtype == torch.float64, num_warps=4,
+                **FP_FUSION)
 
 
 def tracing(t: torch.Tensor) -> bool:

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ...hierarchy import Hierarchy
-from ._common import NUM_STAGES, kernel_tables, launch_sizes, on_device
+from ._common import FP_FUSION, NUM_STAGES, kernel_tables, launch_sizes, on_device
 from .objective import decode_kernel_for
 
 __all__ = ["decode_op", "METHODS"]
@@ -50,7 +50,7 @@ def decode_op(logits: torch.Tensor, key: str, method: str) -> tuple[torch.Tensor
                 x, x.stride(0), x.stride(1), x.stride(2), tabs["ancestor_table"], tabs["node_ids"],
                 leaf, depth_labels, P,
                 BLOCK_P=block_p, F64=logits.dtype == torch.float64, TOP_DOWN=method == "top_down",
-                num_warps=warps, num_stages=NUM_STAGES,
+                num_warps=warps, num_stages=NUM_STAGES, **FP_FUSION,
             )
     return leaf.view(B, *spatial), depth_labels.view(B, L, *spatial)
 

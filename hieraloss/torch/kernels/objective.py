@@ -45,7 +45,7 @@ from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen, _reduce
-from ._common import NUM_STAGES, launch_sizes, on_device, register_cap
+from ._common import FP_FUSION, NUM_STAGES, launch_sizes, on_device, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import shared_depth_scales
 from ._terms import focal_code
@@ -212,7 +212,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
         if sums is not None and SEPARATE_COUNT:
             _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
                 lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
-                denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4)
+                denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4, **FP_FUSION)
         kernel_for(hierarchy)[(tiles, B)](
             x, x.stride(0), x.stride(1), x.stride(2),
             lab, lab.stride(0), lab.stride(1),
@@ -224,7 +224,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
             total, parts, P, float(gamma),
             BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
             HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
-            num_warps=warps, num_stages=NUM_STAGES, **register_cap(N),
+            num_warps=warps, num_stages=NUM_STAGES, **register_cap(N), **FP_FUSION,
         )
     return out
 

@@ -37,7 +37,7 @@ import triton.language as tl
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
-from ._common import on_device
+from ._common import FP_FUSION, on_device
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 
 __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
@@ -233,7 +233,7 @@ def _triplet_codes(labels: torch.Tensor, key: str, ignore_index: int, h: int, w:
         with on_device(labels.device):
             _codes_kernel[(triton.cdiv(h * w, _CODE_BLOCK), B)](
                 labels, labels.stride(0), labels.stride(1), labels.stride(2), H, W, h, w, scale_y, scale_x,
-                hierarchy.num_leaves, int(ignore_index), group, out, BLOCK=_CODE_BLOCK, num_warps=4)
+                hierarchy.num_leaves, int(ignore_index), group, out, BLOCK=_CODE_BLOCK, num_warps=4, **FP_FUSION)
     return out
 
 
@@ -293,7 +293,7 @@ def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor 
         with on_device(dev):
             _select_kernel[(K,)](codes, order if order is not None else codes, group, possible, P, M,
                                  picks[0], picks[1], picks[2], count, BLOCK=_SELECT_BLOCK,
-                                 ORDERED=order is not None, num_warps=_SELECT_WARPS)
+                                 ORDERED=order is not None, num_warps=_SELECT_WARPS, **FP_FUSION)
     bt, bc, score_warps = _score_sizes(C, ct == torch.float64)
     blocks = triton.cdiv(M, bt)
     part = alloc((K, blocks), dtype=ct, device=dev)
@@ -309,7 +309,7 @@ def _triplet(embeddings: torch.Tensor, codes: torch.Tensor, order: torch.Tensor 
                 _constants(dev, ct, float(base_margin), hierarchy.max_depth), *_split(scale),
                 g, *gs, part,
                 BT=bt, BC=bc, KP=_class_chunk(K), F64=ct == torch.float64, GRAD=bool(want_grad),
-                num_warps=score_warps)
+                num_warps=score_warps, **FP_FUSION)
     if want_grad and grad.dtype != embeddings.dtype:
         grad = grad.to(embeddings.dtype)
     return part.sum(), grad
