@@ -78,6 +78,10 @@ def doc_pages() -> list[Path]:
 PAGES_WITH_CODE = [p for p in doc_pages() if python_blocks(p)]
 
 
+# A user who copies an example should not get torch's warning for a tensor made over one of the
+# hierarchy's read-only arrays (other packages' warnings, such as paddle's on building an extension,
+# are not the examples' doing).
+@pytest.mark.filterwarnings("error:The given NumPy array is not writable:UserWarning")
 @pytest.mark.parametrize("page", PAGES_WITH_CODE, ids=[str(p.relative_to(ROOT)) for p in PAGES_WITH_CODE])
 def test_page_examples_run(page: Path, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # examples may write files

@@ -196,6 +196,15 @@ def test_node_weight_is_a_buffer_that_moves_with_the_module():
     x, y = _sample(h)
     got = loss.double()(torch.tensor(x), torch.tensor(y))
     np.testing.assert_allclose(got.item(), hnp.tree_min_loss(x, y, h, node_weight=nw), rtol=1e-6)
+    # an array (read-only too) or a tensor works the same, and the buffer is a float32 copy of it
+    frozen = nw.copy()
+    frozen.setflags(write=False)
+    given = torch.tensor(nw, dtype=torch.float32)
+    from_list = hmm.HieraTreeMinLoss(h, node_weight=nw.tolist()).node_weight
+    for weight in (frozen, given):
+        buffer = hmm.HieraTreeMinLoss(h, node_weight=weight).node_weight
+        assert buffer.dtype == torch.float32 and torch.equal(buffer, from_list)
+    assert hmm.HieraTreeMinLoss(h, node_weight=given).node_weight.data_ptr() != given.data_ptr()
 
 
 def test_hssn_wrapper_equals_functional_and_counts_steps():

@@ -169,6 +169,35 @@ def test_inputs_are_never_modified():
         assert torch.equal(original, now.detach())
 
 
+def test_read_only_arrays_are_copied_without_a_warning():
+    """Labels and node weights given as read-only arrays (a memory-mapped file, a hierarchy's
+    tables) give the same values as writable ones and no warning: torch warns about a tensor over a
+    read-only array, and only once per process, so the calls run in a fresh one."""
+    code = """
+import numpy as np, torch
+import hieraloss, hieraloss.torch as ht
+h = hieraloss.presets.cityscapes()
+x = torch.randn(1, h.num_nodes, 3, 4)
+labels = np.random.default_rng(0).integers(0, h.num_leaves, (1, 3, 4))
+w = np.linspace(0.5, 1.5, h.num_nodes)
+frozen_labels, frozen_w = labels.copy(), w.copy()
+frozen_labels.setflags(write=False)
+frozen_w.setflags(write=False)
+for fn in (ht.tree_min_loss, ht.focal_tree_min_loss):
+    assert torch.equal(fn(x, frozen_labels, h, node_weight=frozen_w), fn(x, labels, h, node_weight=w))
+assert torch.equal(ht.expand_targets(frozen_labels, h)[0], ht.expand_targets(labels, h)[0])
+assert torch.equal(ht.TreeMinLoss(h, node_weight=frozen_w)(x, torch.from_numpy(labels)),
+                   ht.tree_min_loss(x, labels, h, node_weight=w))
+print("ok")
+"""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]
+
+
 def test_non_finite_logits_propagate_or_raise():
     h = hieraloss.presets.cityscapes()
     x = torch.randn(1, 26, 2, 2)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import importlib.util
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -87,7 +88,10 @@ class _HieraLoss(nn.Module):
         if node_weight is None:
             self.node_weight = None
         else:
-            self.register_buffer("node_weight", torch.as_tensor(node_weight, dtype=torch.float32))
+            # a float32 copy of a config list, an array (a read-only one too, which torch warns about) or a tensor
+            self.register_buffer("node_weight", node_weight.detach().to(torch.float32, copy=True)
+                                 if isinstance(node_weight, torch.Tensor)
+                                 else torch.from_numpy(np.array(node_weight, dtype=np.float32)))
 
     @property
     def loss_name(self) -> str:

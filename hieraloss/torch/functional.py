@@ -67,9 +67,15 @@ def _check_finite(x: torch.Tensor, name: str = "logits") -> None:
     _checks.check_finite_count(int((~torch.isfinite(x)).sum()), name)
 
 
+def _from_numpy(a: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``, over a copy of a read-only array (a memory-mapped file, a hierarchy
+    table), which torch would warn about although nothing here writes to it."""
+    return torch.from_numpy(a if a.flags.writeable else a.copy())
+
+
 def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
     if isinstance(labels, np.ndarray):
-        labels = torch.from_numpy(labels)
+        labels = _from_numpy(labels)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
@@ -173,7 +179,7 @@ def _checked_labels(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy,
 def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.device) -> torch.Tensor | None:
     if node_weight is None:
         return None
-    w = torch.as_tensor(node_weight)
+    w = torch.as_tensor(_from_numpy(node_weight) if isinstance(node_weight, np.ndarray) else node_weight)
     if not (w.is_floating_point() or (not w.is_complex() and w.dtype != torch.bool)):
         raise _checks.node_weight_dtype_error(_checks.dtype_name(w.dtype))
     _checks.check_node_weight_shape(tuple(w.shape), hierarchy)
