@@ -41,9 +41,9 @@ def _key(src) -> tuple:
 
 def _launch_every_specialisation(h) -> None:
     """The public functions' launches for ``h`` on small CPU tensors: every mode, dtype, focal,
-    weights, int32 labels, channels_last logits, decoding; the gradient scaling for gradient sizes a
-    multiple of 16 or not; the label count as a launch of its own; the triplet term's kernels for
-    every dtype, flat and random key order, with and without the gradient."""
+    weights, int32 labels, channels_last logits, one pixel per image, decoding; the gradient scaling
+    for gradient sizes a multiple of 16 or not; the label count as a launch of its own; the triplet
+    term's kernels for every dtype, flat and random key order, with and without the gradient."""
     import torch
 
     import hieraloss.torch as hlt
@@ -66,6 +66,9 @@ def _launch_every_specialisation(h) -> None:
     (hlt.tree_min_loss(leaf, y, h, reduction="none", **kw) * x).sum().backward()
     odd = x[:, :, :15, :15].clone().requires_grad_(True)  # a gradient of 2 * N * 225 entries
     (3 * hlt.tree_min_loss(odd, y[:, :15, :15], h, **kw)).backward()
+    points = x[:, :, 0, 0].clone().requires_grad_(True)  # one pixel per image: the pixels of one image
+    hlt.hssn_loss(points, y[:, 0, 0], h, **kw).backward()
+    hlt.decode(points.detach(), h, "top_down", backend="triton")
     objective.SEPARATE_COUNT = True
     try:
         for labels in (y, y.int()):

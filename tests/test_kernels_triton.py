@@ -498,6 +498,83 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
             "_score_kernel", "_label_count_kernel"} <= names, names
 
 
+@pytest.mark.parametrize("spatial", [(), (1, 1)])
+def test_one_pixel_per_image_runs_as_the_pixels_of_one_image(monkeypatch, spatial):
+    """Logits with one pixel per image (hierarchical classification, point-sampled logits): the
+    objective and decode kernels take the images as the pixels of one image, so their grid is one
+    row high (CUDA allows 65535 rows, one per image) and their tiles full, with the values,
+    gradients and labels of the torch ops. More images than that, of more pixels each, are refused
+    by name (``"auto"`` leaves them to the torch ops)."""
+    from triton.runtime import interpreter
+    from triton.runtime.jit import JITFunction
+
+    from hieraloss.torch import decode, hssn_loss, tree_min_loss
+
+    grids = []
+    if _common.interpreting():
+        call = interpreter.GridExecutor.__call__
+
+        def recorded(self, *args, **kwargs):
+            grids.append((self.fn.__name__, tuple(self.grid)))
+            return call(self, *args, **kwargs)
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", recorded)
+    else:
+        run = JITFunction.run
+
+        def recorded(self, *args, grid, **kwargs):
+            grids.append((self.fn.__name__, tuple(grid)))
+            return run(self, *args, grid=grid, **kwargs)
+
+        monkeypatch.setattr(JITFunction, "run", recorded)
+    h = presets.pascal_person_part()
+    images = 37
+    rng = np.random.default_rng(3)
+    x_np = rng.normal(size=(images, h.num_nodes, *spatial))
+    y_np = h.node_ids[rng.integers(0, h.num_nodes, size=(images, *spatial))]
+    y_np.reshape(-1)[::5] = 255
+    y = torch.tensor(y_np, device=DEVICE)
+    for reduction in ("mean", "sum", "hssn", "none"):
+        got = {}
+        for backend in ("torch", "triton"):
+            x = torch.tensor(x_np, device=DEVICE, requires_grad=True)
+            loss = tree_min_loss(x, y, h, reduction=reduction, backend=backend)
+            (loss * torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).view(loss.shape)).sum().backward()
+            got[backend] = (loss.detach(), x.grad)
+        for a, b in zip(got["triton"], got["torch"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    got = {}
+    for backend in ("torch", "triton"):
+        x = torch.tensor(x_np, device=DEVICE, requires_grad=True)
+        hssn_loss(x, y, h, backend=backend).backward()
+        got[backend] = x.grad
+    torch.testing.assert_close(got["triton"], got["torch"], rtol=1e-10, atol=1e-12)
+    x = torch.tensor(x_np, device=DEVICE)
+    for method in ("path", "top_down"):
+        for a, b in zip(decode(x, h, method, backend="triton"), decode(x, h, method, backend="torch"), strict=True):
+            assert a.shape == b.shape and a.is_contiguous() and torch.equal(a, b)
+    tiles = triton.cdiv(images, 16)
+    assert {name for name, _ in grids} >= {"objective_kernel", "decode_kernel"}
+    assert all(grid == (tiles, 1) for name, grid in grids if name in ("objective_kernel", "decode_kernel")), grids
+
+    many = torch.zeros(_common.MAX_GRID_ROWS + 1, h.num_nodes, 2, device=DEVICE)
+    labels = torch.zeros(many.shape[0], 2, dtype=torch.int64, device=DEVICE)
+    limit = r"CUDA allows 65535 rows; got 65536 images of 2 pixels"
+    with pytest.raises(ValueError, match=r"backend='triton': the fused kernels launch a row .*" + limit):
+        tree_min_loss(many, labels, h, backend="triton")
+    with pytest.raises(ValueError, match=limit):
+        decode(many, h, "path", backend="triton")
+    assert kernels.batch_unsupported_reason(many[:, :, :1].shape) is None
+    assert kernels.batch_unsupported_reason(many[:-1].shape) is None
+    # "auto" on a CUDA tensor of such a batch takes the torch ops (the rule alone: a stand-in tensor)
+    from types import SimpleNamespace
+
+    from hieraloss.torch.functional import _use_triton
+
+    assert not _use_triton("auto", SimpleNamespace(is_cuda=True, shape=many.shape))
+    assert _use_triton("auto", SimpleNamespace(is_cuda=True, shape=many[:-1].shape))
+
+
 def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
     made = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: made.append(d) or "guard")

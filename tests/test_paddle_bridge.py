@@ -178,3 +178,35 @@ def test_fused_decode_equals_paddle_op(method):
     assert leaf_t.dtype == paddle.int64 and str(leaf_t.place) == str(x.place)
     np.testing.assert_array_equal(leaf_t.numpy(), leaf_p.numpy())
     np.testing.assert_array_equal(depth_t.numpy(), depth_p.numpy())
+
+
+@pytest.mark.triton
+@needs_kernels
+def test_batch_limit_and_one_pixel_per_image_as_torch():
+    """The fused kernels' grid limit is refused with torch's words (``backend="triton"``), and logits of
+    one pixel per image, which the kernels take as the pixels of one image, give the paddle op's
+    values and labels."""
+    import torch
+
+    from hieraloss.torch import tree_min_loss as torch_tree_min_loss
+
+    h = presets.cityscapes()
+    many = np.zeros((65536, h.num_nodes, 2), dtype=np.float32)
+    labels = np.zeros((65536, 2), dtype=np.int64)
+    with pytest.raises(ValueError) as paddle_error:
+        hp.tree_min_loss(paddle.to_tensor(many), paddle.to_tensor(labels), h, backend="triton")
+    with pytest.raises(ValueError) as torch_error:
+        torch_tree_min_loss(torch.from_numpy(many), torch.from_numpy(labels), h, backend="triton")
+    assert str(paddle_error.value) == str(torch_error.value) and "65536 images of 2 pixels" in str(paddle_error.value)
+
+    rng = np.random.default_rng(4)
+    x = paddle.to_tensor(rng.normal(size=(21, h.num_nodes)).astype(np.float64))
+    y = paddle.to_tensor(h.node_ids[rng.integers(0, h.num_nodes, size=21)])
+    for reduction in ("hssn", "none"):
+        fused = hp.tree_min_loss(x, y, h, reduction=reduction, backend="triton")
+        plain = hp.tree_min_loss(x, y, h, reduction=reduction, backend="paddle")
+        np.testing.assert_allclose(fused.numpy(), plain.numpy(), rtol=1e-10, atol=1e-12)
+    for method in ("path", "top_down"):
+        for a, b in zip(hp.decode(x, h, method, backend="triton"), hp.decode(x, h, method, backend="paddle"),
+                        strict=True):
+            np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -389,8 +389,14 @@ def test_empty_and_degenerate_shapes_match_the_torch_ops(shape, sampling, genera
 def test_triton_backend_names_its_limits():
     h = hieraloss.presets.cityscapes()
     e = torch.randn(1, 4097, 1, 1, device=DEVICE)
-    with pytest.raises(ValueError, match="at most 4096 channels; got 19 leaves, 4097 channels"):
+    with pytest.raises(ValueError, match=r"at most 4096 channels, .* got 19 leaves and embeddings of shape "
+                                         r"\[1, 4097, 1, 1\]"):
         hierarchy_triplet_loss(e, torch.zeros(1, 1, 1, dtype=torch.int64, device=DEVICE), h, backend="triton")
+    # the code kernel launches a grid row per image: CUDA allows 65535
+    many = torch.randn(65536, 2, 1, 1, device=DEVICE)
+    with pytest.raises(ValueError, match=r"at most 65535 images; got 19 leaves and embeddings of shape "
+                                         r"\[65536, 2, 1, 1\]"):
+        hierarchy_triplet_loss(many, torch.zeros(65536, 1, 1, dtype=torch.int64, device=DEVICE), h, backend="triton")
 
 
 def test_classes_counted_in_chunks(monkeypatch):

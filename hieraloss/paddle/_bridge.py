@@ -24,8 +24,8 @@ from paddle.autograd import PyLayer
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["to_torch", "to_paddle", "unavailable_reason", "triplet_unsupported_reason", "fused_tree_min_loss",
-           "fused_objective", "fused_decode", "fused_triplet_loss"]
+__all__ = ["to_torch", "to_paddle", "unavailable_reason", "batch_unsupported_reason", "triplet_unsupported_reason",
+           "fused_tree_min_loss", "fused_objective", "fused_decode", "fused_triplet_loss"]
 
 
 def _kernels():
@@ -204,6 +204,12 @@ def fused_decode(
         return to_paddle(leaf), to_paddle(depth)
 
 
+def batch_unsupported_reason(x: paddle.Tensor) -> str | None:
+    """Why the fused kernels cannot take this batch of logits or embeddings (None when they can);
+    assumes :func:`unavailable_reason` is None."""
+    return _kernels().batch_unsupported_reason(tuple(x.shape))
+
+
 def triplet_unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | None:
     """Why the fused triplet kernels do not take these sizes (None when they do); assumes
     :func:`unavailable_reason` is None."""
@@ -217,9 +223,7 @@ def triplet_unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | 
         return None
     from ..torch.kernels import triplet
 
-    return (f"the fused triplet kernels take fewer than {triplet.MAX_LEAVES} leaves, at most {triplet.MAX_CHANNELS} "
-            f"channels and fewer than 2**31 embedding elements; got {hierarchy.num_leaves} leaves and embeddings "
-            f"of shape {list(x.shape)}")
+    return triplet.unsupported_reason(hierarchy, tuple(x.shape))
 
 
 class _FusedTriplet(PyLayer):

@@ -200,9 +200,12 @@ def _use_triton(backend: str, x: paddle.Tensor) -> bool:
         reason = _bridge.unavailable_reason(x)
         if reason:
             raise RuntimeError(f"backend='triton' was asked for, but {reason}")
+        reason = _bridge.batch_unsupported_reason(x)
+        if reason:
+            raise ValueError(f"backend='triton': {reason}")
         return True
     if backend == "auto" and _is_gpu(x):
-        return _bridge.unavailable_reason(x) is None
+        return _bridge.unavailable_reason(x) is None and _bridge.batch_unsupported_reason(x) is None
     return False
 
 

@@ -197,15 +197,20 @@ def _kernels():
 
 
 def _use_triton(backend: str, x: torch.Tensor) -> bool:
+    """Whether ``x`` (logits or embeddings) goes to the fused kernels: asked for, or ``"auto"`` on a
+    CUDA device where they run and take its batch."""
     _check_choice(backend, BACKENDS, "backend")
     if backend == "triton":
+        reason = _kernels().batch_unsupported_reason(x.shape)
+        if reason:
+            raise ValueError(f"backend='triton': {reason}")
         return True
     if backend == "auto" and x.is_cuda:
         try:
             from . import kernels
         except ImportError:
             return False
-        return bool(kernels.triton_available())
+        return bool(kernels.triton_available()) and kernels.batch_unsupported_reason(x.shape) is None
     return False
 
 
@@ -422,9 +427,7 @@ def _fused_triplet(backend: str, embeddings: torch.Tensor, hierarchy: Hierarchy,
         if not _kernels().triplet_supported(hierarchy, embeddings):
             from .kernels import triplet
 
-            raise ValueError(f"backend='triton': the fused triplet kernels take fewer than {triplet.MAX_LEAVES} "
-                             f"leaves and at most {triplet.MAX_CHANNELS} channels; got {hierarchy.num_leaves} "
-                             f"leaves, {embeddings.shape[1]} channels")
+            raise ValueError(f"backend='triton': {triplet.unsupported_reason(hierarchy, tuple(embeddings.shape))}")
         return True
     if backend != "auto" or gathered or torch.are_deterministic_algorithms_enabled():
         return False

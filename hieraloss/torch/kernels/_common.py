@@ -51,6 +51,22 @@ def register_cap(num_nodes: int) -> dict:
     return {"maxnreg": MAX_REGISTERS}
 
 
+# CUDA's limit on a grid's second dimension, along which the objective, decode and triplet-code
+# kernels launch one row of programs per image.
+MAX_GRID_ROWS = 65535
+
+
+def batch_unsupported_reason(shape) -> str | None:
+    """Why the fused kernels cannot take logits (or embeddings) of shape ``[B, C, *spatial]``, None when
+    they can: more images than grid rows, unless each image has one pixel (the objective and decode
+    kernels then take the images as the pixels of one)."""
+    images, pixels = int(shape[0]), int(np.prod([int(s) for s in shape[2:]], dtype=np.int64))
+    if images <= MAX_GRID_ROWS or pixels == 1:
+        return None
+    return (f"the fused kernels launch a row of programs per image and CUDA allows {MAX_GRID_ROWS} rows; got "
+            f"{images} images of {pixels} pixels (give at most {MAX_GRID_ROWS} images per call, or one pixel each)")
+
+
 def on_device(device: torch.device):
     """A context that makes ``device`` the current CUDA device, for the kernel launches inside it: Triton
     launches on the current device and its current stream, whatever device its tensors are on, so a

@@ -42,16 +42,23 @@ def decode_op(logits: torch.Tensor, key: str, method: str) -> tuple[torch.Tensor
     P = x.shape[2]
     L = hierarchy.max_depth
     leaf = torch.empty((B, P), dtype=torch.int64, device=logits.device)
-    depth_labels = torch.empty((B, L, P), dtype=torch.int64, device=logits.device)
-    block_p, warps = launch_sizes(N, P)
+    # One pixel per image: the images as the pixels of one (see objective._launch); the per-depth
+    # labels then come out [L, B] and are transposed into place.
+    fold = P == 1 and B > 1
+    depth_labels = torch.empty((1, L, B) if fold else (B, L, P), dtype=torch.int64, device=logits.device)
+    kb, kp = (1, B) if fold else (B, P)
+    block_p, warps = launch_sizes(N, kp)
     if B * P > 0:
+        kx = x.transpose(0, 2) if fold else x
         with on_device(logits.device):
-            decode_kernel_for(hierarchy)[(triton.cdiv(P, block_p), B)](
-                x, x.stride(0), x.stride(1), x.stride(2), tabs["ancestor_table"], tabs["node_ids"],
-                leaf, depth_labels, P,
+            decode_kernel_for(hierarchy)[(triton.cdiv(kp, block_p), kb)](
+                kx, kx.stride(0), kx.stride(1), kx.stride(2), tabs["ancestor_table"], tabs["node_ids"],
+                leaf, depth_labels, kp,
                 BLOCK_P=block_p, F64=logits.dtype == torch.float64, TOP_DOWN=method == "top_down",
                 num_warps=warps, num_stages=NUM_STAGES, **FP_FUSION,
             )
+    if fold:
+        depth_labels = depth_labels[0].t().contiguous()
     return leaf.view(B, *spatial), depth_labels.view(B, L, *spatial)
 
 

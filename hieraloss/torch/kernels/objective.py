@@ -178,22 +178,32 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
     and its last programs reduce its sums into ``total`` and ``parts``."""
     B, N, P = x.shape
     L = hierarchy.max_depth
-    block_p, warps = launch_sizes(N, P)
-    tiles = triton.cdiv(P, block_p)
     acc = _acc_dtype(x)
     dev = x.device
+    out = _like_logits(x, out_dtype) if mode else None
+    lab = labels.reshape(B, P)
+    go = upstream if upstream is not None else x
+    kout = out
+    if P == 1 and B > 1:
+        # One pixel per image (hierarchical classification, point-sampled logits): the kernel sees the
+        # images as the pixels of one, so its programs fill their BLOCK_P lanes, the label count takes
+        # whole chunks, and the grid stays one row high (CUDA allows 65535 rows, one per image).
+        x, go, lab = x.transpose(0, 2), go.transpose(0, 2), lab.t()
+        kout = out.transpose(0, 2) if mode else None
+        B, P = 1, B
+    block_p, warps = launch_sizes(N, P)
+    tiles = triton.cdiv(P, block_p)
     # Every program writes its row of the sums it computes (tree-min with tm, cross-entropy with ce),
     # and the reduction reads only those.
     part = torch.empty((B * tiles, 2 * L), dtype=acc, device=dev)
-    out = part if mode == 0 else _like_logits(x, out_dtype)
+    if not mode:
+        out = kout = part
     if B * P == 0:
         if sums is not None:
             sums[3].zero_()
             sums[4].zero_()
         return (out.zero_() if mode else out)
     code, shift, table = codes
-    lab = labels.reshape(B, P)
-    go = upstream if upstream is not None else x
     dummy = part
     d2 = _reduce.padded_width(2 * L)
     if sums is not None:
@@ -220,7 +230,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
             node_weight if node_weight is not None else dummy,
             go, go.stride(0), go.stride(1), go.stride(2),
             chunks, sync, rows, reduction, _reduce.spin_limit(), scales,
-            out, *(out.stride() if mode else (0, 0, 1)), part, group, counter, gsum, denom, coef, float(factor),
+            kout, *(kout.stride() if mode else (0, 0, 1)), part, group, counter, gsum, denom, coef, float(factor),
             total, parts, P, float(gamma),
             BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
             HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,

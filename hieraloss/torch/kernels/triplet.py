@@ -37,7 +37,7 @@ import triton.language as tl
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
-from ._common import FP_FUSION, on_device
+from ._common import FP_FUSION, MAX_GRID_ROWS, on_device
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 
 __all__ = ["triplet_codes", "triplet_loss", "MAX_LEAVES", "MAX_CHANNELS"]
@@ -369,7 +369,15 @@ def triplet_loss(embeddings: torch.Tensor, codes: torch.Tensor, hierarchy: Hiera
     return loss
 
 
+def unsupported_reason(hierarchy: Hierarchy, shape: tuple[int, ...]) -> str:
+    """What :func:`supports` asks of embeddings of this shape, for an error message."""
+    return (f"the fused triplet kernels take fewer than {MAX_LEAVES} leaves, at most {MAX_CHANNELS} channels, "
+            f"fewer than 2**31 embedding elements and at most {MAX_GRID_ROWS} images; got {hierarchy.num_leaves} "
+            f"leaves and embeddings of shape {list(shape)}")
+
+
 def supports(hierarchy: Hierarchy, embeddings: torch.Tensor) -> bool:
-    """Whether the kernels take these sizes (leaf ids fit the 16-bit code, channels one row block)."""
-    return hierarchy.num_leaves < MAX_LEAVES and embeddings.shape[1] <= MAX_CHANNELS and math.prod(
-        embeddings.shape) < 2**31
+    """Whether the kernels take these sizes (leaf ids fit the 16-bit code, channels one row block, a
+    grid row per image)."""
+    return (hierarchy.num_leaves < MAX_LEAVES and embeddings.shape[1] <= MAX_CHANNELS
+            and math.prod(embeddings.shape) < 2**31 and embeddings.shape[0] <= MAX_GRID_ROWS)
