@@ -285,6 +285,18 @@ def table(args) -> None:
         graph_row("tree-min hssn fwd+bwd, channels_last logits",
                   lambda: hlt.tree_min_loss(x_cl, y, h, reduction="hssn", **kw), x_cl, copy,
                   note=lambda t: f" (contiguous: {g_tm * 1e3:.3f} ms)" if g_tm else "")
+        x_cl = None
+        # One pixel per image (hierarchical classification, point-sampled logits [points, N]): the
+        # kernels run the points as the pixels of one image. Its ratio is to a copy of these logits.
+        pts = torch.randn(B * H * W // 16, h.num_nodes, device=dev, generator=gen).requires_grad_(True)
+        y_pts = y.reshape(-1)[: pts.shape[0]].clone()
+        pts_src = pts.detach()
+        pts_dst = torch.empty_like(pts_src)
+        copy_pts = timer(lambda: pts_dst.copy_(pts_src))
+        what = f"tree-min hssn fwd+bwd, one pixel per image ({pts.shape[0]} x {h.num_nodes} logits)"
+        row(what, timer(step(lambda: hlt.tree_min_loss(pts, y_pts, h, reduction="hssn", **kw), pts)), copy_pts,
+            note=f" (their copy: {copy_pts * 1e3:.3f} ms)")
+        graph_row(what, lambda: hlt.tree_min_loss(pts, y_pts, h, reduction="hssn", **kw), pts, copy_pts)
     if want("cs-focal"):
         t_focal = timer(step(lambda: hlt.focal_tree_min_loss(x, y, h, reduction="hssn", **kw), x))
         row("focal tree-min fwd+bwd", t_focal, copy, note=f" (focal / plain {t_focal / t_tm:.2f})")

@@ -33,7 +33,7 @@ def test_gpu_check_smoke_prints_every_row():
     for row in ("tree-min hssn fwd+bwd", "focal tree-min fwd+bwd", "depth_cross_entropy depth 2",
                 "triplet, torch ops", "triplet, fused kernels", "hssn_loss with embeddings",
                 "tree-min hssn, bfloat16 logits", "decode top_down", "Mapillary focal tree-min fwd+bwd",
-                "tree-min hssn fwd+bwd, channels_last logits"):
+                "tree-min hssn fwd+bwd, channels_last logits", "tree-min hssn fwd+bwd, one pixel per image"):
         assert f"| {row}" in table, row
 
 
