@@ -503,8 +503,7 @@ def test_one_pixel_per_image_runs_as_the_pixels_of_one_image(monkeypatch, spatia
     """Logits with one pixel per image (hierarchical classification, point-sampled logits): the
     objective and decode kernels take the images as the pixels of one image, so their grid is one
     row high (CUDA allows 65535 rows, one per image) and their tiles full, with the values,
-    gradients and labels of the torch ops. More images than that, of more pixels each, are refused
-    by name (``"auto"`` leaves them to the torch ops)."""
+    gradients and labels of the torch ops."""
     from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
@@ -557,6 +556,18 @@ def test_one_pixel_per_image_runs_as_the_pixels_of_one_image(monkeypatch, spatia
     assert {name for name, _ in grids} >= {"objective_kernel", "decode_kernel"}
     assert all(grid == (tiles, 1) for name, grid in grids if name in ("objective_kernel", "decode_kernel")), grids
 
+
+def test_batches_beyond_the_kernels_limits_are_refused_by_name():
+    """More than 65535 images of several pixels each (a grid row per image), or more than 2**31
+    pixels in an image (int32 lane offsets; images count as pixels when each has one): refused by
+    name with ``backend="triton"``, left to the torch ops by ``"auto"``."""
+    from types import SimpleNamespace
+
+    from hieraloss import Hierarchy
+    from hieraloss.torch import decode, tree_min_loss
+    from hieraloss.torch.functional import _use_triton
+
+    h = presets.pascal_person_part()
     many = torch.zeros(_common.MAX_GRID_ROWS + 1, h.num_nodes, 2, device=DEVICE)
     labels = torch.zeros(many.shape[0], 2, dtype=torch.int64, device=DEVICE)
     limit = r"CUDA allows 65535 rows; got 65536 images of 2 pixels"
@@ -564,15 +575,23 @@ def test_one_pixel_per_image_runs_as_the_pixels_of_one_image(monkeypatch, spatia
         tree_min_loss(many, labels, h, backend="triton")
     with pytest.raises(ValueError, match=limit):
         decode(many, h, "path", backend="triton")
-    assert kernels.batch_unsupported_reason(many[:, :, :1].shape) is None
-    assert kernels.batch_unsupported_reason(many[:-1].shape) is None
     # "auto" on a CUDA tensor of such a batch takes the torch ops (the rule alone: a stand-in tensor)
-    from types import SimpleNamespace
-
-    from hieraloss.torch.functional import _use_triton
-
     assert not _use_triton("auto", SimpleNamespace(is_cuda=True, shape=many.shape))
     assert _use_triton("auto", SimpleNamespace(is_cuda=True, shape=many[:-1].shape))
+    assert kernels.batch_unsupported_reason(many[:, :, :1].shape) is None
+
+    # 2**31 + 1 pixels in one image, as a view of one value (no memory)
+    tree = Hierarchy.from_parents([2, 2, -1])
+    n = _common.MAX_IMAGE_PIXELS + 1
+    wide = torch.zeros(1, 3, 1, device=DEVICE).expand(1, 3, n)
+    with pytest.raises(ValueError, match=r"at most 2\*\*31 pixels per image .* got 1 images of 2147483649 pixels"):
+        tree_min_loss(wide, torch.zeros(1, 1, dtype=torch.int64, device=DEVICE).expand(1, n), tree,
+                      backend="triton", check_labels=False)
+    with pytest.raises(ValueError, match="2147483649 pixels"):
+        decode(wide, tree, "path", backend="triton")
+    assert kernels.batch_unsupported_reason((1, 3, n - 1)) is None
+    assert "2147483649 images of 1 pixels" in kernels.batch_unsupported_reason((n, 3))
+    assert kernels.batch_unsupported_reason((n - 1, 3, 1, 1)) is None
 
 
 def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):

@@ -56,15 +56,24 @@ def register_cap(num_nodes: int) -> dict:
 MAX_GRID_ROWS = 65535
 
 
+# The kernels index an image's pixels with int32 lane offsets (``program_id * BLOCK_P + lane``).
+MAX_IMAGE_PIXELS = 2**31
+
+
 def batch_unsupported_reason(shape) -> str | None:
     """Why the fused kernels cannot take logits (or embeddings) of shape ``[B, C, *spatial]``, None when
     they can: more images than grid rows, unless each image has one pixel (the objective and decode
-    kernels then take the images as the pixels of one)."""
+    kernels then take the images as the pixels of one), or more pixels in an image than int32 lane
+    offsets reach (counting the images as pixels in that case)."""
     images, pixels = int(shape[0]), int(np.prod([int(s) for s in shape[2:]], dtype=np.int64))
-    if images <= MAX_GRID_ROWS or pixels == 1:
-        return None
-    return (f"the fused kernels launch a row of programs per image and CUDA allows {MAX_GRID_ROWS} rows; got "
-            f"{images} images of {pixels} pixels (give at most {MAX_GRID_ROWS} images per call, or one pixel each)")
+    if images > MAX_GRID_ROWS and pixels != 1:
+        return (f"the fused kernels launch a row of programs per image and CUDA allows {MAX_GRID_ROWS} rows; got "
+                f"{images} images of {pixels} pixels (give at most {MAX_GRID_ROWS} images per call, or one pixel "
+                f"each)")
+    if (images if pixels == 1 else pixels) > MAX_IMAGE_PIXELS:
+        return (f"the fused kernels take at most 2**31 pixels per image (or 2**31 images of one pixel); got "
+                f"{images} images of {pixels} pixels")
+    return None
 
 
 def on_device(device: torch.device):
