@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 
 import numpy as np
@@ -65,7 +66,7 @@ def batch_unsupported_reason(shape) -> str | None:
     they can: more images than grid rows, unless each image has one pixel (the objective and decode
     kernels then take the images as the pixels of one), or more pixels in an image than int32 lane
     offsets reach (counting the images as pixels in that case)."""
-    images, pixels = int(shape[0]), int(np.prod([int(s) for s in shape[2:]], dtype=np.int64))
+    images, pixels = shape[0], math.prod(shape[2:])  # no int(): symbolic sizes stay symbolic under torch.compile
     if images > MAX_GRID_ROWS and pixels != 1:
         return (f"the fused kernels launch a row of programs per image and CUDA allows {MAX_GRID_ROWS} rows; got "
                 f"{images} images of {pixels} pixels (give at most {MAX_GRID_ROWS} images per call, or one pixel "
