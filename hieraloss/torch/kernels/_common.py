@@ -61,17 +61,25 @@ MAX_GRID_ROWS = 65535
 MAX_IMAGE_PIXELS = 2**31
 
 
+def images_as_pixels(images, pixels) -> bool:
+    """Whether the objective and decode kernels take ``images`` images of ``pixels`` pixels as the
+    pixels of one image: one pixel each (hierarchical classification, point-sampled logits), so their
+    programs fill their lanes and the grid stays one row high."""
+    return pixels == 1 and images > 1
+
+
 def batch_unsupported_reason(shape) -> str | None:
     """Why the fused kernels cannot take logits (or embeddings) of shape ``[B, C, *spatial]``, None when
     they can: more images than grid rows, unless each image has one pixel (the objective and decode
     kernels then take the images as the pixels of one), or more pixels in an image than int32 lane
     offsets reach (counting the images as pixels in that case)."""
     images, pixels = shape[0], math.prod(shape[2:])  # no int(): symbolic sizes stay symbolic under torch.compile
-    if images > MAX_GRID_ROWS and pixels != 1:
+    folded = images_as_pixels(images, pixels)
+    if images > MAX_GRID_ROWS and not folded:
         return (f"the fused kernels launch a row of programs per image and CUDA allows {MAX_GRID_ROWS} rows; got "
                 f"{images} images of {pixels} pixels (give at most {MAX_GRID_ROWS} images per call, or one pixel "
                 f"each)")
-    if (images if pixels == 1 else pixels) > MAX_IMAGE_PIXELS:
+    if (images if folded else pixels) > MAX_IMAGE_PIXELS:
         return (f"the fused kernels take at most 2**31 pixels per image (or 2**31 images of one pixel); got "
                 f"{images} images of {pixels} pixels")
     return None

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from ...hierarchy import Hierarchy
-from ._common import FP_FUSION, NUM_STAGES, kernel_tables, launch_sizes, on_device
+from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, kernel_tables, launch_sizes, on_device
 from .objective import decode_kernel_for
 
 __all__ = ["decode_op", "METHODS"]
@@ -42,9 +42,9 @@ def decode_op(logits: torch.Tensor, key: str, method: str) -> tuple[torch.Tensor
     P = x.shape[2]
     L = hierarchy.max_depth
     leaf = torch.empty((B, P), dtype=torch.int64, device=logits.device)
-    # One pixel per image: the images as the pixels of one (see objective._launch); the per-depth
-    # labels then come out [L, B] and are transposed into place.
-    fold = P == 1 and B > 1
+    # One pixel per image: the per-depth labels of the images taken as pixels come out [L, B] and are
+    # transposed into place.
+    fold = images_as_pixels(B, P)
     depth_labels = torch.empty((1, L, B) if fold else (B, L, P), dtype=torch.int64, device=logits.device)
     kb, kp = (1, B) if fold else (B, P)
     block_p, warps = launch_sizes(N, kp)

@@ -45,7 +45,7 @@ from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 from . import _codegen, _reduce
-from ._common import FP_FUSION, NUM_STAGES, launch_sizes, on_device, register_cap
+from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, launch_sizes, on_device, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import shared_depth_scales
 from ._terms import focal_code
@@ -184,10 +184,8 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
     lab = labels.reshape(B, P)
     go = upstream if upstream is not None else x
     kout = out
-    if P == 1 and B > 1:
-        # One pixel per image (hierarchical classification, point-sampled logits): the kernel sees the
-        # images as the pixels of one, so its programs fill their BLOCK_P lanes, the label count takes
-        # whole chunks, and the grid stays one row high (CUDA allows 65535 rows, one per image).
+    if images_as_pixels(B, P):
+        # The label count then takes whole chunks too, not one label per image.
         x, go, lab = x.transpose(0, 2), go.transpose(0, 2), lab.t()
         kout = out.transpose(0, 2) if mode else None
         B, P = 1, B
