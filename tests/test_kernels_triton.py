@@ -594,6 +594,32 @@ def test_batches_beyond_the_kernels_limits_are_refused_by_name():
     assert kernels.batch_unsupported_reason((n - 1, 3, 1, 1)) is None
 
 
+def test_trees_beyond_the_label_codes_are_refused_by_name():
+    """Trees of CODE_NODE_LIMIT nodes or more (the label codes pack 16-bit node positions): refused
+    at the door with ``backend="triton"``, with the words the plan raises, and left to the torch ops
+    by ``"auto"``. The rule reads only the node count, so stand-ins take the place of a tree whose
+    tables would not fit in memory here."""
+    from types import SimpleNamespace
+
+    from hieraloss.core import CODE_NODE_LIMIT, code_node_limit_reason
+    from hieraloss.torch.functional import _use_triton
+
+    big, small = SimpleNamespace(num_nodes=CODE_NODE_LIMIT), SimpleNamespace(num_nodes=CODE_NODE_LIMIT - 1)
+    words = f"the fused kernels take hierarchies below {CODE_NODE_LIMIT} nodes"
+    assert kernels.unsupported_reason((2, 3, 4), big) == code_node_limit_reason(CODE_NODE_LIMIT)
+    assert words in kernels.unsupported_reason((2, 3, 4), big) and f"got {CODE_NODE_LIMIT} nodes" in \
+        kernels.unsupported_reason((2, 3, 4), big)
+    assert kernels.unsupported_reason((2, 3, 4), small) is None
+    # the batch rule still applies to small trees
+    assert "65536 images" in kernels.unsupported_reason((_common.MAX_GRID_ROWS + 1, 3, 2), small)
+    x = torch.zeros(1, 3, 2, device=DEVICE)
+    with pytest.raises(ValueError, match=f"backend='triton': {words}"):
+        _use_triton("triton", x, big)
+    assert _use_triton("triton", x, small)
+    assert not _use_triton("auto", SimpleNamespace(is_cuda=True, shape=(1, CODE_NODE_LIMIT, 2)), big)
+    assert _use_triton("auto", SimpleNamespace(is_cuda=True, shape=(1, CODE_NODE_LIMIT - 1, 2)), small)
+
+
 def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):
     made = []
     monkeypatch.setattr(torch.cuda, "device", lambda d: made.append(d) or "guard")

@@ -43,8 +43,9 @@ def test_dlpack_of_a_tensor_that_requires_grad_is_a_view():
 
 def test_auto_stays_on_paddle_for_cpu_tensors():
     x = paddle.zeros([1, 26, 2])
-    assert not hp.functional._use_triton("auto", x)
-    assert not hp.functional._use_triton("paddle", x)
+    h = presets.cityscapes()
+    assert not hp.functional._use_triton("auto", x, h)
+    assert not hp.functional._use_triton("paddle", x, h)
 
 
 def test_triton_backend_without_kernels_says_why(monkeypatch):
@@ -198,6 +199,19 @@ def test_batch_limit_and_one_pixel_per_image_as_torch():
     with pytest.raises(ValueError) as torch_error:
         torch_tree_min_loss(torch.from_numpy(many), torch.from_numpy(labels), h, backend="triton")
     assert str(paddle_error.value) == str(torch_error.value) and "65536 images of 2 pixels" in str(paddle_error.value)
+    # trees too big for the label codes, in the same words (the rule reads only the node count)
+    from types import SimpleNamespace
+
+    from hieraloss.core import CODE_NODE_LIMIT
+    from hieraloss.torch.functional import _use_triton as torch_use_triton
+
+    big = SimpleNamespace(num_nodes=CODE_NODE_LIMIT)
+    with pytest.raises(ValueError) as paddle_error:
+        hp.functional._use_triton("triton", paddle.zeros([1, 3, 2]), big)
+    with pytest.raises(ValueError) as torch_error:
+        torch_use_triton("triton", torch.zeros(1, 3, 2), big)
+    assert str(paddle_error.value) == str(torch_error.value) and f"below {CODE_NODE_LIMIT} nodes" in str(
+        paddle_error.value)
 
     rng = np.random.default_rng(4)
     x = paddle.to_tensor(rng.normal(size=(21, h.num_nodes)).astype(np.float64))

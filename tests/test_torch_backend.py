@@ -471,7 +471,7 @@ def test_backend_dispatch(monkeypatch):
         triton_available=lambda: True,
         fused_objective=fused_objective,
         fused_decode=lambda x, h, method: calls.append(("decode", method)) or ("leaf", "depth"),
-        batch_unsupported_reason=lambda shape: None,
+        unsupported_reason=lambda shape, hierarchy: None,
     )
     monkeypatch.setattr(HF, "_kernels", lambda: fake)
     import sys
@@ -484,8 +484,8 @@ def test_backend_dispatch(monkeypatch):
     assert calls == []
     assert HF._use_native("auto", x) == _native.available()
     assert not HF._use_native("torch", x)
-    assert HF._use_triton("auto", types.SimpleNamespace(is_cuda=True, shape=x.shape))
-    assert not HF._use_triton("torch", types.SimpleNamespace(is_cuda=True, shape=x.shape))
+    assert HF._use_triton("auto", types.SimpleNamespace(is_cuda=True, shape=x.shape), h)
+    assert not HF._use_triton("torch", types.SimpleNamespace(is_cuda=True, shape=x.shape), h)
     ht.focal_tree_min_loss(x, labels, h, backend="triton", gamma=2.0, reduction="sum")
     kind, lab, kw = calls.pop()
     # raw labels and ignore_index go to the kernel, which maps them itself

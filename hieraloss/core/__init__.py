@@ -15,8 +15,16 @@
 
 from __future__ import annotations
 
-from .plan import CODE_NODE_LIMIT, LabelCodes, Plan, ce_counted_per_depth, counted_entries_per_depth, plan_for
+from .plan import (
+    CODE_NODE_LIMIT,
+    LabelCodes,
+    Plan,
+    ce_counted_per_depth,
+    code_node_limit_reason,
+    counted_entries_per_depth,
+    plan_for,
+)
 from .rules import HSSN_SCALE, REDUCTIONS
 
 __all__ = ["Plan", "LabelCodes", "plan_for", "counted_entries_per_depth", "ce_counted_per_depth", "CODE_NODE_LIMIT",
-           "REDUCTIONS", "HSSN_SCALE"]
+           "code_node_limit_reason", "REDUCTIONS", "HSSN_SCALE"]

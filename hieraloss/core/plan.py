@@ -26,10 +26,20 @@ import numpy as np
 from ..hierarchy import Hierarchy
 
 __all__ = ["Plan", "LabelCodes", "plan_for", "counted_entries_per_depth", "ce_counted_per_depth",
-           "CODE_NODE_LIMIT"]
+           "CODE_NODE_LIMIT", "code_node_limit_reason"]
 
 # The label codes pack a pre-order position and a subtree end into 16 bits each.
 CODE_NODE_LIMIT = 1 << 15
+
+
+def code_node_limit_reason(num_nodes: int) -> str | None:
+    """Why the label codes (and so the fused kernels) cannot take a ``num_nodes``-node tree, None when
+    they can."""
+    if num_nodes >= CODE_NODE_LIMIT:
+        return (f"the fused kernels take hierarchies below {CODE_NODE_LIMIT} nodes (their label codes pack "
+                f"16-bit node positions); got {num_nodes} nodes")
+    return None
+
 _CACHE_SIZE = 256
 
 _LOCK = threading.Lock()
@@ -168,9 +178,9 @@ class Plan:
         else:
             table, shift, _, _ = self._hierarchy.label_table(ignore_index)
             channel = np.where(table >= 0, table, -1)
-        if self.num_nodes >= CODE_NODE_LIMIT:
-            raise ValueError(f"the fused kernel supports hierarchies below {CODE_NODE_LIMIT} nodes, "
-                             f"got {self.num_nodes}")
+        reason = code_node_limit_reason(self.num_nodes)
+        if reason:
+            raise ValueError(reason)
         valid = channel >= 0
         safe = np.where(valid, channel, 0)
         code = self.pre[safe].astype(np.int64) | (self.end[safe].astype(np.int64) << 16)

@@ -24,7 +24,7 @@ from paddle.autograd import PyLayer
 
 from ..hierarchy import Hierarchy
 
-__all__ = ["to_torch", "to_paddle", "unavailable_reason", "batch_unsupported_reason", "triplet_unsupported_reason",
+__all__ = ["to_torch", "to_paddle", "unavailable_reason", "unsupported_reason", "triplet_unsupported_reason",
            "fused_tree_min_loss", "fused_objective", "fused_decode", "fused_triplet_loss"]
 
 
@@ -204,10 +204,10 @@ def fused_decode(
         return to_paddle(leaf), to_paddle(depth)
 
 
-def batch_unsupported_reason(x: paddle.Tensor) -> str | None:
-    """Why the fused kernels cannot take this batch of logits or embeddings (None when they can);
-    assumes :func:`unavailable_reason` is None."""
-    return _kernels().batch_unsupported_reason(tuple(x.shape))
+def unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | None:
+    """Why the fused objective and decode kernels cannot take these logits of ``hierarchy`` (None
+    when they can); assumes :func:`unavailable_reason` is None."""
+    return _kernels().unsupported_reason(tuple(x.shape), hierarchy)
 
 
 def triplet_unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | None:

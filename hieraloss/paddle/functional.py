@@ -194,18 +194,18 @@ def _is_gpu(x: paddle.Tensor) -> bool:
     return bool(x.place.is_gpu_place())
 
 
-def _use_triton(backend: str, x: paddle.Tensor) -> bool:
+def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
     _check_choice(backend, BACKENDS, "backend")
     if backend == "triton":
         reason = _bridge.unavailable_reason(x)
         if reason:
             raise RuntimeError(f"backend='triton' was asked for, but {reason}")
-        reason = _bridge.batch_unsupported_reason(x)
+        reason = _bridge.unsupported_reason(x, hierarchy)
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
     if backend == "auto" and _is_gpu(x):
-        return _bridge.unavailable_reason(x) is None and _bridge.batch_unsupported_reason(x) is None
+        return _bridge.unavailable_reason(x) is None and _bridge.unsupported_reason(x, hierarchy) is None
     return False
 
 
@@ -219,7 +219,7 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
     if check_finite:
         _check_finite(x)
     lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    if _use_triton(backend, x):
+    if _use_triton(backend, x, hierarchy):
         return _bridge.fused_tree_min_loss(
             x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w
         )
@@ -309,7 +309,7 @@ def depth_cross_entropy(
     depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
     lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
-    if _use_triton(backend, x):
+    if _use_triton(backend, x, hierarchy):
         ce_w = [0.0] * hierarchy.max_depth
         ce_w[depth - 1] = 1.0
         total, _ = _bridge.fused_objective(x, lc, hierarchy, gamma=0.0, tm_weight=0.0, ce_weights=ce_w,
@@ -512,7 +512,7 @@ def hssn_loss(
         for d, weight in enumerate(ce_w, start=1):
             if weight != 0:
                 parts[f"ce_depth{d}"] = ce_all[d - 1]
-    elif _use_triton(backend, x):
+    elif _use_triton(backend, x, hierarchy):
         # The Triton kernel through the DLPack bridge: the same one pass, on the GPU.
         lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         w = _check_node_weight(node_weight, hierarchy, x.place)
@@ -584,7 +584,7 @@ def decode(
     """
     x = _check_logits(logits, hierarchy)
     _check_choice(method, DECODE_METHODS, "method")
-    if method in ("path", "top_down") and _use_triton(backend, x):
+    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy):
         return _bridge.fused_decode(x.detach(), hierarchy, method)
     return decode_op(x, hierarchy, method)
 

@@ -196,12 +196,12 @@ def _kernels():
     return kernels
 
 
-def _use_triton(backend: str, x: torch.Tensor) -> bool:
-    """Whether ``x`` (logits or embeddings) goes to the fused kernels: asked for, or ``"auto"`` on a
-    CUDA device where they run and take its batch."""
+def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = None) -> bool:
+    """Whether ``x`` (logits of ``hierarchy``, or embeddings without it) goes to the fused kernels:
+    asked for, or ``"auto"`` on a CUDA device where they run and take its batch and tree."""
     _check_choice(backend, BACKENDS, "backend")
     if backend == "triton":
-        reason = _kernels().batch_unsupported_reason(x.shape)
+        reason = _unsupported_reason(_kernels(), x, hierarchy)
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
@@ -210,8 +210,14 @@ def _use_triton(backend: str, x: torch.Tensor) -> bool:
             from . import kernels
         except ImportError:
             return False
-        return bool(kernels.triton_available()) and kernels.batch_unsupported_reason(x.shape) is None
+        return bool(kernels.triton_available()) and _unsupported_reason(kernels, x, hierarchy) is None
     return False
+
+
+def _unsupported_reason(kernels, x: torch.Tensor, hierarchy: Hierarchy | None) -> str | None:
+    if hierarchy is None:
+        return kernels.batch_unsupported_reason(x.shape)
+    return kernels.unsupported_reason(x.shape, hierarchy)
 
 
 # ---------------------------------------------------------------------------- losses
@@ -224,7 +230,7 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
     w = _check_node_weight(node_weight, hierarchy, x.device)
     if check_finite:
         _check_finite(x)
-    if _use_triton(backend, x):
+    if _use_triton(backend, x, hierarchy):
         if check_labels:
             _check_label_values(labels, hierarchy, ignore_index)
         total, _ = _kernels().fused_objective(x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma,
@@ -300,7 +306,7 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
     depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
-    if _use_triton(backend, x):
+    if _use_triton(backend, x, hierarchy):
         if check_labels:
             _check_label_values(labels, hierarchy, ignore_index)
         weights = [0.0] * hierarchy.max_depth
@@ -478,7 +484,7 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.device)
     parts: dict[str, Any] = {}
-    if _use_triton(backend, x):
+    if _use_triton(backend, x, hierarchy):
         if check_labels:
             _check_label_values(labels, hierarchy, ignore_index)
         total, values = _kernels().fused_objective(
@@ -543,7 +549,7 @@ def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", bac
     """
     x = _check_logits(logits, hierarchy)
     _check_choice(method, DECODE_METHODS, "method")
-    if method in ("path", "top_down") and _use_triton(backend, x):
+    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy):
         return _kernels().fused_decode(x.detach(), hierarchy, method)
     return _ops.decode_op(x, hierarchy, method)
 

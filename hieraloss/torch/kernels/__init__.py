@@ -24,7 +24,7 @@ import torch
 from ...hierarchy import Hierarchy
 
 __all__ = ["triton_available", "fused_objective", "fused_tree_min_loss", "fused_decode", "triplet_codes",
-           "fused_triplet_loss", "batch_unsupported_reason", "SUPPORTED_DTYPES"]
+           "fused_triplet_loss", "batch_unsupported_reason", "unsupported_reason", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -34,7 +34,7 @@ if importlib.util.find_spec("triton") is not None:
         from . import decode as _decode  # noqa: F401 - registers torch.ops.hieraloss.decode
         from . import objective as _objective
         from . import triplet as _triplet
-        from ._common import batch_unsupported_reason  # noqa: F401 - exported
+        from ._common import batch_unsupported_reason, unsupported_reason  # noqa: F401 - exported
     except Exception as exc:  # noqa: BLE001 - a broken triton install means "not available"
         _IMPORT_ERROR = exc
 else:

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import triton
 
+from ...core.plan import code_node_limit_reason
 from ...hierarchy import Hierarchy
 from .._tables import tables_for
 
@@ -83,6 +84,13 @@ def batch_unsupported_reason(shape) -> str | None:
         return (f"the fused kernels take at most 2**31 pixels per image (or 2**31 images of one pixel); got "
                 f"{images} images of {pixels} pixels")
     return None
+
+
+def unsupported_reason(shape, hierarchy: Hierarchy) -> str | None:
+    """Why the fused objective and decode kernels cannot take logits of shape ``shape`` for
+    ``hierarchy``, None when they can: :func:`batch_unsupported_reason`, and trees too big for the
+    label codes."""
+    return code_node_limit_reason(hierarchy.num_nodes) or batch_unsupported_reason(shape)
 
 
 def on_device(device: torch.device):
