@@ -49,6 +49,26 @@ def _readonly(a: np.ndarray) -> np.ndarray:
     return a
 
 
+def _lca_depth(paths_a: np.ndarray, depth_a: np.ndarray, paths_b: np.ndarray, depth_b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` int64: depth of the lowest common ancestor of each pair of root-first
+    paths (rows of ``ancestor_table``), i.e. the length of their common prefix of genuine (not
+    padded) entries. One depth at a time, so memory stays at the output's size."""
+    lca = np.zeros((paths_a.shape[0], paths_b.shape[0]), dtype=np.int64)
+    for d in range(paths_a.shape[1]):
+        lca += (paths_a[:, d, None] == paths_b[None, :, d]) & (depth_a > d)[:, None] & (depth_b > d)[None, :]
+    return lca
+
+
+def _distance(paths_a: np.ndarray, depth_a: np.ndarray, paths_b: np.ndarray, depth_b: np.ndarray) -> np.ndarray:
+    """``[len(a), len(b)]`` int64: tree distance (edges through the LCA) between each pair, in place
+    on one array of the output's size."""
+    dist = _lca_depth(paths_a, depth_a, paths_b, depth_b)
+    dist *= -2
+    dist += depth_a[:, None]
+    dist += depth_b[None, :]
+    return dist
+
+
 def _format_values(values: np.ndarray, limit: int = 10) -> str:
     values = np.asarray(values).ravel()
     shown = ", ".join(str(v) for v in values[:limit].tolist())
@@ -75,21 +95,21 @@ class Hierarchy:
         leaf_channels: ``[K]`` channel of leaf id k.
         ancestor_table: ``[N, L]``; row v holds ``A(v)`` root-first (column d-1 = ancestor at
             depth d), padded with v itself for d > depth(v).
-        descendant_table: ``[N, Dmax]``; row v holds ``D(v)`` in depth-first pre-order (v first,
-            children visited in channel order), padded with v.
         children_table: ``[N, Cmax]`` child channels, padded with v itself (Cmax >= 1).
         leaf_paths: ``[K, L]`` = ``ancestor_table[leaf_channels]``: the channel at every depth of
             leaf k's path; a shallow leaf repeats itself below its depth.
+        depth_channels: tuple of L arrays; entry d-1 lists the channels that are classes at
+            depth d: the nodes at depth d plus the leaves shallower than d (ascending channel).
+
+    Derived tables computed on first use (cached, read-only):
+        descendant_table: ``[N, Dmax]``; row v holds ``D(v)`` in depth-first pre-order (v first,
+            children visited in channel order), padded with v.
         is_ancestor: ``[N, N]`` bool, ``is_ancestor[u, v]`` is True iff u is in ``A(v)`` (u is v
             or an ancestor of v). Row u is therefore ``D(u)`` and column v is ``A(v)``.
         leaf_distance: ``[K, K]``, indexed by leaf id: tree distance psi between leaves (edges via
             the LCA; the implicit root counts).
         leaf_lca_height: ``[K, K]``, indexed by leaf id; entry ``[t, p]`` is the number of edges from the lowest
             common ancestor of leaves t and p down to t (0 if equal, 1 for siblings).
-        depth_channels: tuple of L arrays; entry d-1 lists the channels that are classes at
-            depth d: the nodes at depth d plus the leaves shallower than d (ascending channel).
-
-    Derived tables computed on first use (cached, read-only):
         height: ``[N]`` edges from node v down to the deepest leaf below it (0 for a leaf).
         node_leaf_distance: ``[N, K]``, rows by channel, columns by leaf id: tree distance psi
             between node v and leaf k (edges via their LCA); ``node_leaf_distance[leaf_channels]``
@@ -235,12 +255,10 @@ class Hierarchy:
         self.ancestor_table = _readonly(anc)
         self.leaf_paths = _readonly(anc[self.leaf_channels])
 
-        is_anc = np.zeros((n, n), dtype=bool)
-        rows = np.repeat(np.arange(n), L)
-        is_anc[anc.ravel(), rows] = True
-        self.is_ancestor = _readonly(is_anc)
-
-        children = [np.flatnonzero(parent == v) for v in range(n)]
+        # Children of each node in channel order: a stable sort by parent keeps channels ascending.
+        by_parent = np.argsort(parent, kind="stable")
+        starts = np.searchsorted(parent[by_parent], np.arange(n + 1))
+        children = [by_parent[starts[v]:starts[v + 1]] for v in range(n)]
         self.children = tuple(_readonly(c) for c in children)
         cmax = max(1, max(len(c) for c in children))
         ctab = np.repeat(np.arange(n)[:, None], cmax, axis=1)
@@ -248,35 +266,9 @@ class Hierarchy:
             ctab[v, : len(c)] = c
         self.children_table = _readonly(ctab)
 
-        # D(v) in depth-first pre-order (children by channel): v comes first, and "first maximum
-        # in row order" equals the recursive rule zmax_v = max(x_v, zmax of children in order).
-        def preorder(v: int, out: list[int]) -> list[int]:
-            out.append(v)
-            for c in children[v]:
-                preorder(int(c), out)
-            return out
-
-        desc_lists = [preorder(v, []) for v in range(n)]
-        dmax = max(len(d) for d in desc_lists)
-        desc = np.repeat(np.arange(n)[:, None], dmax, axis=1)
-        for v, d in enumerate(desc_lists):
-            desc[v, : len(d)] = d
-        self.descendant_table = _readonly(desc)
-
         self.depth_channels = tuple(
             _readonly(np.unique(self.leaf_paths[:, d])) for d in range(L)
         )
-
-        # Leaf-to-leaf distances through the lowest common ancestor.
-        lp = self.leaf_paths
-        leaf_depth = self.depth[self.leaf_channels]
-        col = np.arange(L)
-        # Positions where two paths hold the same genuine (not padded) ancestor.
-        real = col[None, :] < leaf_depth[:, None]
-        same = (lp[:, None, :] == lp[None, :, :]) & real[:, None, :] & real[None, :, :]
-        lca_depth = same.sum(axis=2)  # paths share a prefix, so the count is the LCA depth
-        self.leaf_distance = _readonly(leaf_depth[:, None] + leaf_depth[None, :] - 2 * lca_depth)
-        self.leaf_lca_height = _readonly(leaf_depth[:, None] - lca_depth)
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -527,6 +519,48 @@ class Hierarchy:
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ derived tables (lazy)
+    # The [N, N], [N, Dmax] and [K, K] tables are built on first use: a 10000-leaf taxonomy would
+    # otherwise take gigabytes before any of them is needed.
+    @cached_property
+    def is_ancestor(self) -> np.ndarray:
+        """``[N, N]`` bool: ``is_ancestor[u, v]`` iff u is in ``A(v)``."""
+        n, L = self.num_nodes, self.max_depth
+        table = np.zeros((n, n), dtype=bool)
+        table[self.ancestor_table.ravel(), np.repeat(np.arange(n), L)] = True
+        return _readonly(table)
+
+    @cached_property
+    def descendant_table(self) -> np.ndarray:
+        """``[N, Dmax]`` int64: row v holds ``D(v)`` in depth-first pre-order, padded with v."""
+        # v comes first, and "first maximum in row order" equals the recursive rule
+        # zmax_v = max(x_v, zmax of children in order).
+        def preorder(v: int, out: list[int]) -> list[int]:
+            out.append(v)
+            for c in self.children[v]:
+                preorder(int(c), out)
+            return out
+
+        n = self.num_nodes
+        rows = [preorder(v, []) for v in range(n)]
+        table = np.repeat(np.arange(n)[:, None], max(len(r) for r in rows), axis=1)
+        for v, r in enumerate(rows):
+            table[v, : len(r)] = r
+        return _readonly(table)
+
+    @cached_property
+    def leaf_distance(self) -> np.ndarray:
+        """``[K, K]`` int64 by leaf id: tree distance psi between leaves."""
+        leaf_depth = self.depth[self.leaf_channels]
+        return _readonly(_distance(self.leaf_paths, leaf_depth, self.leaf_paths, leaf_depth))
+
+    @cached_property
+    def leaf_lca_height(self) -> np.ndarray:
+        """``[K, K]`` int64 by leaf id: edges from the LCA of leaves t and p down to t."""
+        leaf_depth = self.depth[self.leaf_channels]
+        height = _lca_depth(self.leaf_paths, leaf_depth, self.leaf_paths, leaf_depth)
+        np.subtract(leaf_depth[:, None], height, out=height)
+        return _readonly(height)
+
     @cached_property
     def height(self) -> np.ndarray:
         """``[N]`` int64: edges from node v down to the deepest leaf below it (0 for a leaf)."""
@@ -540,15 +574,8 @@ class Hierarchy:
     def node_leaf_distance(self) -> np.ndarray:
         """``[N, K]`` int64: tree distance psi between node v (row, channel) and leaf k (column,
         leaf id): edges on the path through their lowest common ancestor (the root counts)."""
-        L = self.max_depth
-        col = np.arange(L)
-        anc, lp = self.ancestor_table, self.leaf_paths
-        node_real = col[None, :] < self.depth[:, None]
         leaf_depth = self.depth[self.leaf_channels]
-        leaf_real = col[None, :] < leaf_depth[:, None]
-        same = (anc[:, None, :] == lp[None, :, :]) & node_real[:, None, :] & leaf_real[None, :, :]
-        lca_depth = same.sum(axis=2)  # root-first paths share a prefix: its length is the LCA depth
-        return _readonly(self.depth[:, None] + leaf_depth[None, :] - 2 * lca_depth)
+        return _readonly(_distance(self.ancestor_table, self.depth, self.leaf_paths, leaf_depth))
 
     # ------------------------------------------------------------------ queries
     @property

@@ -119,6 +119,34 @@ def test_height_and_node_leaf_distance_match_walks(h):
     np.testing.assert_array_equal(pickle.loads(pickle.dumps(h)).height, h.height)
 
 
+def test_quadratic_tables_wait_for_their_first_use():
+    """A 10000-leaf taxonomy (100 x 100 under the root) builds in megabytes: the [N, N], [N, Dmax] and
+    [K, K] tables are built on first use (all at once they took 3.5 GB), and then hold the walks'
+    values."""
+    import tracemalloc
+
+    b = 100
+    K = b * b
+    parents = [K + i // b for i in range(K)] + [K + b] * b + [-1]
+    tracemalloc.start()
+    try:
+        h = Hierarchy.from_parents(parents)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"{peak / 2**20:.0f} MiB to build the hierarchy"
+    lazy = {"is_ancestor", "descendant_table", "leaf_distance", "leaf_lca_height", "node_leaf_distance", "height"}
+    assert not lazy & set(vars(h))
+    assert [h.node_names[c] for c in h.children[h.channel(str(K + 3))]] == [str(3 * b + i) for i in range(b)]
+    for a, c in ((0, 1), (0, b), (b - 1, K - 1), (7, 7)):
+        wa, wc = walk(h, int(h.leaf_channels[a])), walk(h, int(h.leaf_channels[c]))
+        common = sum(1 for x, y in zip(wa, wc, strict=True) if x == y)
+        assert h.leaf_distance[a, c] == len(wa) + len(wc) - 2 * common
+        assert h.leaf_lca_height[a, c] == len(wa) - common
+    v = h.channel(str(K + 5))
+    assert h.descendant_table[v, : b + 1].tolist() == preorder(h, v) and h.is_ancestor[v].sum() == b + 1
+
+
 @given(any_tree)
 def test_psi_between_any_nodes(h):
     t = oracle.tree(h)
