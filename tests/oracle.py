@@ -76,6 +76,13 @@ class Tree:
 
 
 @functools.lru_cache(maxsize=32)
+def taxonomy_parents(branching: int) -> list[int]:
+    """Parent ids of a two-level taxonomy: ``branching`` groups under the root, each holding
+    ``branching`` leaves (leaf ids first, then the groups)."""
+    k = branching * branching
+    return [k + i // branching for i in range(k)] + [-1] * branching
+
+
 def tree(h: Hierarchy) -> Tree:
     return Tree(h)
 

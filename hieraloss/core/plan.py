@@ -252,16 +252,15 @@ def _build(h: Hierarchy) -> Plan:
             size[par[v]] += size[v]
 
     # Per-depth count tables: tree-min entries not strictly below c, cross-entropy membership.
-    strictly_below = np.zeros((n, n), dtype=bool)  # [c, v]: v is a strict descendant of c
-    for c in range(n):
-        strictly_below[c, preorder[pre[c] + 1: pre[c] + size[c]]] = True
-    tree_min_counted = np.zeros((n, L), dtype=np.float64)
+    anc = np.asarray(h.ancestor_table)
+    below = np.zeros((n, L), dtype=np.int64)  # [c, d-1]: depth-d nodes strictly below c
+    for j in range(L - 1):  # each node counts once under its ancestor at depth j + 1 above it
+        deeper = np.flatnonzero(depth > j + 1)
+        np.add.at(below, (anc[deeper, j], depth[deeper] - 1), 1)
+    tree_min_counted = np.array([len(lv) for lv in levels], dtype=np.float64)[None, :] - below
     ce_counted = np.zeros((n, L), dtype=np.float64)
     ce_target = np.full((n, L), -1, dtype=np.int64)
-    anc = np.asarray(h.ancestor_table)
     for d in range(1, L + 1):
-        lv = np.asarray(levels[d - 1], dtype=np.int64)
-        tree_min_counted[:, d - 1] = lv.size - strictly_below[:, lv].sum(axis=1)
         counts = is_leaf | (depth >= d)
         ce_counted[:, d - 1] = counts
         ce_target[counts, d - 1] = anc[counts, d - 1]
