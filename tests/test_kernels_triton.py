@@ -617,7 +617,23 @@ def test_trees_beyond_the_label_codes_are_refused_by_name():
         _use_triton("triton", x, big)
     assert _use_triton("triton", x, small)
     assert not _use_triton("auto", SimpleNamespace(is_cuda=True, shape=(1, CODE_NODE_LIMIT, 2)), big)
-    assert _use_triton("auto", SimpleNamespace(is_cuda=True, shape=(1, CODE_NODE_LIMIT - 1, 2)), small)
+
+
+def test_auto_leaves_trees_too_slow_to_compile_to_the_torch_ops():
+    """``"auto"`` gives the fused kernels trees of at most AUTO_FUSED_MAX_NODES nodes (the generated
+    kernel's compile time grows about as N**1.9); ``backend="triton"`` takes larger ones."""
+    from types import SimpleNamespace
+
+    from hieraloss.core.rules import AUTO_FUSED_MAX_NODES
+    from hieraloss.torch.functional import _use_triton
+
+    on_cuda = SimpleNamespace(is_cuda=True, shape=(1, 3, 2))
+    at_limit = SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES)
+    above = SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1)
+    assert _use_triton("auto", on_cuda, at_limit)
+    assert not _use_triton("auto", on_cuda, above)
+    assert _use_triton("triton", torch.zeros(1, 3, 2, device=DEVICE), above)
+    assert _use_triton("auto", on_cuda)  # embeddings: the triplet kernels are not generated per tree
 
 
 def test_on_device_makes_the_tensors_cuda_device_current(monkeypatch):

@@ -48,6 +48,22 @@ def test_auto_stays_on_paddle_for_cpu_tensors():
     assert not hp.functional._use_triton("paddle", x, h)
 
 
+def test_auto_leaves_trees_too_slow_to_compile_to_the_paddle_ops(monkeypatch):
+    """As in torch: ``"auto"`` on a GPU gives the fused kernels trees of at most AUTO_FUSED_MAX_NODES
+    nodes (the rule alone: a GPU and the kernels stood in)."""
+    from types import SimpleNamespace
+
+    from hieraloss.core.rules import AUTO_FUSED_MAX_NODES
+
+    monkeypatch.setattr(hp.functional, "_is_gpu", lambda x: True)
+    monkeypatch.setattr(_bridge, "unavailable_reason", lambda x: None)
+    monkeypatch.setattr(_bridge, "unsupported_reason", lambda x, hierarchy: None)
+    x = paddle.zeros([1, 3, 2])
+    assert hp.functional._use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES))
+    assert not hp.functional._use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))
+    assert hp.functional._use_triton("triton", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))
+
+
 def test_triton_backend_without_kernels_says_why(monkeypatch):
     monkeypatch.setattr(_bridge, "unavailable_reason", lambda x: "triton is not installed")
     h = presets.cityscapes()

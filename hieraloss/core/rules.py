@@ -10,6 +10,8 @@
 * :func:`triplet_weight`: the published cosine ramp of the triplet weight; :func:`hssn_weights`
   resolves ``hssn_loss``'s cross-entropy and triplet weights; :func:`folds_triplet_weight` says
   whether ``hssn_loss`` hands the triplet weight to the fused triplet kernels as their scale.
+* :data:`AUTO_FUSED_MAX_NODES`: the largest tree that ``backend="auto"`` gives the fused GPU
+  kernels.
 
 Re-exported under their old names by :mod:`hieraloss.core.checks` (``REDUCTIONS``),
 :mod:`hieraloss.numpy.losses` (``REDUCTIONS``, ``HSSN_SCALE``), :mod:`hieraloss.numpy.decode`
@@ -23,13 +25,20 @@ import math
 from typing import Any
 
 __all__ = ["REDUCTIONS", "HSSN_SCALE", "DECODE_METHODS", "LEAF_REDUCTIONS", "LEAF_DECODE_METHODS",
-           "triplet_weight", "hssn_weights", "folds_triplet_weight"]
+           "triplet_weight", "hssn_weights", "folds_triplet_weight", "AUTO_FUSED_MAX_NODES"]
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 HSSN_SCALE = 5.0
 DECODE_METHODS = ("path", "hssn", "top_down", "independent")
 LEAF_REDUCTIONS = ("mean", "sum", "none")
 LEAF_DECODE_METHODS = ("argmax", "top_down")
+
+# backend="auto" leaves larger trees to the framework ops: the fused kernels are generated for the
+# tree as straight-line code, and their first compile grows about as N**1.9 (sm_90, triton 3.6, a
+# 2-core CPU: 59 s at 584 nodes, 195 s at 1110, docs/faq.md; two-level taxonomies, the objective
+# kernel: 47 s at 552 nodes, 165 s at 1056), so a 4000-class taxonomy would stall its first step
+# for half an hour. backend="triton" still takes them, up to CODE_NODE_LIMIT.
+AUTO_FUSED_MAX_NODES = 1200
 
 
 def triplet_weight(step: float, total_steps: float) -> float:

@@ -38,7 +38,7 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.rules import DECODE_METHODS, HSSN_SCALE, folds_triplet_weight, hssn_weights
+from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, folds_triplet_weight, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
@@ -204,7 +204,7 @@ def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
-    if backend == "auto" and _is_gpu(x):
+    if backend == "auto" and _is_gpu(x) and hierarchy.num_nodes <= AUTO_FUSED_MAX_NODES:
         return _bridge.unavailable_reason(x) is None and _bridge.unsupported_reason(x, hierarchy) is None
     return False
 

@@ -26,7 +26,7 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.rules import DECODE_METHODS, folds_triplet_weight, hssn_weights
+from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, folds_triplet_weight, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
@@ -198,14 +198,15 @@ def _kernels():
 
 def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = None) -> bool:
     """Whether ``x`` (logits of ``hierarchy``, or embeddings without it) goes to the fused kernels:
-    asked for, or ``"auto"`` on a CUDA device where they run and take its batch and tree."""
+    asked for, or ``"auto"`` on a CUDA device where they run and take its batch and tree, for trees
+    of at most ``AUTO_FUSED_MAX_NODES`` nodes (the compile time of larger ones)."""
     _check_choice(backend, BACKENDS, "backend")
     if backend == "triton":
         reason = _unsupported_reason(_kernels(), x, hierarchy)
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
-    if backend == "auto" and x.is_cuda:
+    if backend == "auto" and x.is_cuda and (hierarchy is None or hierarchy.num_nodes <= AUTO_FUSED_MAX_NODES):
         try:
             from . import kernels
         except ImportError:
