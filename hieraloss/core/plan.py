@@ -40,6 +40,7 @@ def code_node_limit_reason(num_nodes: int) -> str | None:
                 f"16-bit node positions); got {num_nodes} nodes")
     return None
 
+
 _CACHE_SIZE = 256
 
 _LOCK = threading.Lock()
