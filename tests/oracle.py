@@ -75,7 +75,6 @@ class Tree:
         return a + [channel] * (self.max_depth - len(a))
 
 
-@functools.lru_cache(maxsize=32)
 def taxonomy_parents(branching: int) -> list[int]:
     """Parent ids of a two-level taxonomy: ``branching`` groups under the root, each holding
     ``branching`` leaves (leaf ids first, then the groups)."""
@@ -83,6 +82,7 @@ def taxonomy_parents(branching: int) -> list[int]:
     return [k + i // branching for i in range(k)] + [-1] * branching
 
 
+@functools.lru_cache(maxsize=32)
 def tree(h: Hierarchy) -> Tree:
     return Tree(h)
 
