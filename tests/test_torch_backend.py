@@ -75,6 +75,59 @@ def test_values_and_grads_match_loop_reference_with_ties(backend, data):
     np.testing.assert_allclose(value.detach().numpy(), ref, rtol=1e-10, atol=1e-12)
 
 
+@settings(max_examples=40)
+@given(data=st.data())
+def test_depth_at_a_time_sweeps_give_the_node_at_a_time_bits(data):
+    """The torch op sweeps the tree one node at a time or one depth at a time (``_ops.BY_LEVEL_*``
+    picks by tree shape): the same value and gradient bits either way, ties routed to the same child,
+    NaN carried alike, and the loop reference's numbers."""
+    from hieraloss.torch import _ops
+
+    h, x, labels = data.draw(cases(ties=True, partial=None, max_depth=4))
+    reduction = data.draw(st.sampled_from(REDUCTIONS))
+    gamma = data.draw(st.sampled_from([0.0, 2.0]))
+    if data.draw(st.booleans()):
+        x = x.copy()
+        x.reshape(-1)[data.draw(st.integers(0, x.size - 1))] = np.nan
+    upstream = _t(np.random.default_rng(3).normal(size=(x.shape[0], h.num_nodes, *x.shape[2:])))
+    got = []
+    try:
+        for by_level in (False, True):
+            _ops.BY_LEVEL_OVERRIDE = by_level
+            xt = _t(x).requires_grad_(True)
+            value = ht.focal_tree_min_loss(xt, _t(labels), h, gamma=gamma, reduction=reduction, backend="torch")
+            (grad,) = torch.autograd.grad((value * upstream).sum() if reduction == "none" else value, xt)
+            got.append((value.detach(), grad))
+    finally:
+        _ops.BY_LEVEL_OVERRIDE = None
+    (v0, g0), (v1, g1) = got
+    torch.testing.assert_close(v1, v0, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=0, equal_nan=True)
+    if not np.isnan(x).any():
+        want = oracle.tree_min_grad(x, labels, h, gamma=gamma, reduction=reduction,
+                                    upstream=upstream.numpy() if reduction == "none" else None)
+        np.testing.assert_allclose(g1.numpy(), want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(v1.numpy(), oracle.tree_min_loss(x, labels, h, gamma=gamma, reduction=reduction),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_the_sweep_follows_the_tree_shape():
+    """Node at a time for the presets and for trees whose children are slices of leaves; depth at a
+    time for deep trees whose children must be gathered one by one."""
+    from hieraloss import Hierarchy
+    from hieraloss.torch import _ops
+
+    cpu = torch.device("cpu")
+    for h in (hieraloss.presets.cityscapes(), hieraloss.presets.mapillary_vistas_v2(),
+              Hierarchy.from_parents(oracle.taxonomy_parents(30))):
+        assert not _ops.plan_for(h, cpu).by_level
+    # 100 leaves in 10 groups under 2 roots: slices of leaves in the default layout, gathered when shuffled
+    wide = Hierarchy.from_parents([100 + i // 10 for i in range(100)] + [110 + i // 5 for i in range(10)] + [-1, -1])
+    assert not _ops.plan_for(wide, cpu).by_level
+    order = [int(v) for v in np.random.default_rng(0).permutation(wide.num_nodes)]
+    assert _ops.plan_for(Hierarchy.from_parents(wide._parent_ids.tolist(), order=order), cpu).by_level
+
+
 @LOSS_BACKENDS
 @settings(max_examples=10)
 @given(data=st.data())
