@@ -69,7 +69,7 @@ class Plan:
         self.by_level = gathered >= BY_LEVEL_MIN_GATHERED * max(1, core.max_depth - 1)
         self.parent_position = [None] + [torch.tensor(core.level_position[par], **long)
                                          for par in core.level_parents[1:]]
-        self.level_rank = [torch.arange(len(lv), **long).unsqueeze(1) for lv in core.levels]
+        self.level_rank = [torch.arange(len(lv), dtype=torch.int32, device=dev).unsqueeze(1) for lv in core.levels]
         self.max_kids = core.max_children
         # Runs of consecutive channels that are all leaves or all internal (one run each by default).
         self.runs = [((a, b), leaf) for a, b, leaf in core.channel_runs]
@@ -233,9 +233,9 @@ def _kid_rows(x: torch.Tensor, kids, kid_is_leaf, block, s: _Scratch) -> torch.T
 # consecutive leaves (those are gathered row by row); the depth-at-a-time ones a dozen ops per depth
 # over all rows. Trees with at least this many gathered children per depth below the top take the
 # latter. Measured on the CPU (2-core EPYC, reduction "hssn", fwd+bwd of 2 x 32 x 32 pixels, node
-# against depth at a time): Mapillary (13 gathered per depth) 7.2 against 19.6 ms; a 3660-node
-# two-level taxonomy (0: its leaves are slices) 26.3 against 56.7; random trees of 240 nodes, depth
-# 8 (34) 7.9 against 5.8, and of 4000 nodes, depth 46 (88) 145.9 against 74.7. Tests set
+# against depth at a time): Mapillary (13 gathered per depth) 6.1 against 8.0 ms; a 3660-node
+# two-level taxonomy (0: its leaves are slices) 26.0 against 70.6; random trees of 240 nodes, depth
+# 8 (34) 7.8 against 5.1, and of 4000 nodes, depth 46 (88) 125.5 against 54.5. Tests set
 # BY_LEVEL_OVERRIDE to force either way.
 BY_LEVEL_MIN_GATHERED = 24
 BY_LEVEL_OVERRIDE: bool | None = None
@@ -286,7 +286,7 @@ def _route_zmax_gradient_by_level(x: torch.Tensor, g: torch.Tensor, plan: Plan, 
         pos, rank = plan.parent_position[d], plan.level_rank[d]
         m = kids.numel()
         hit = torch.eq(s.z.index_select(0, kids), zp.index_select(0, pos))
-        first = torch.full((parents.numel(), T), m, dtype=torch.int64, device=x.device)
+        first = torch.full((parents.numel(), T), m, dtype=torch.int32, device=x.device)
         first.scatter_reduce_(0, pos.unsqueeze(1).expand(-1, T), torch.where(hit, rank, m), "amin")
         take = first.index_select(0, pos).eq_(rank)
         g.index_add_(0, kids, take.to(g.dtype).mul_(routed.index_select(0, pos)))
