@@ -202,7 +202,7 @@ def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = Non
     of at most ``AUTO_FUSED_MAX_NODES`` nodes (the compile time of larger ones)."""
     _check_choice(backend, BACKENDS, "backend")
     if backend == "triton":
-        reason = _unsupported_reason(_kernels(), x, hierarchy)
+        reason = _kernels().unsupported_reason(x.shape, hierarchy)
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
@@ -211,14 +211,8 @@ def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = Non
             from . import kernels
         except ImportError:
             return False
-        return bool(kernels.triton_available()) and _unsupported_reason(kernels, x, hierarchy) is None
+        return bool(kernels.triton_available()) and kernels.unsupported_reason(x.shape, hierarchy) is None
     return False
-
-
-def _unsupported_reason(kernels, x: torch.Tensor, hierarchy: Hierarchy | None) -> str | None:
-    if hierarchy is None:
-        return kernels.batch_unsupported_reason(x.shape)
-    return kernels.unsupported_reason(x.shape, hierarchy)
 
 
 # ---------------------------------------------------------------------------- losses

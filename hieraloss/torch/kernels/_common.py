@@ -86,11 +86,11 @@ def batch_unsupported_reason(shape) -> str | None:
     return None
 
 
-def unsupported_reason(shape, hierarchy: Hierarchy) -> str | None:
-    """Why the fused objective and decode kernels cannot take logits of shape ``shape`` for
-    ``hierarchy``, None when they can: :func:`batch_unsupported_reason`, and trees too big for the
+def unsupported_reason(shape, hierarchy: Hierarchy | None = None) -> str | None:
+    """Why the fused kernels cannot take logits of shape ``shape`` for ``hierarchy`` (or embeddings,
+    without one), None when they can: :func:`batch_unsupported_reason`, and trees too big for the
     label codes."""
-    return code_node_limit_reason(hierarchy.num_nodes) or batch_unsupported_reason(shape)
+    return (hierarchy is not None and code_node_limit_reason(hierarchy.num_nodes)) or batch_unsupported_reason(shape)
 
 
 def on_device(device: torch.device):
