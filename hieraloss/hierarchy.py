@@ -630,8 +630,16 @@ class Hierarchy:
             return None
         return LabelError(
             f"labels hold values that are neither node ids 0..{self.num_nodes - 1} nor "
-            f"ignore_index={ignore_index}: {_format_values(np.unique(lab[bad]))}"
+            f"ignore_index={ignore_index}: {_format_values(np.unique(lab[bad]))}. {self.label_fix_hint()}"
         )
+
+    def label_fix_hint(self) -> str:
+        """What to do about label values outside the node ids (part of every backend's message)."""
+        return (f"Labels hold leaf ids 0..{self.num_leaves - 1} (a data set's train ids, in the hierarchy's "
+                f"leaf order), internal node ids {self.num_leaves}..{self.num_nodes - 1} for partial labels, "
+                f"or ignore_index. If these are a data set's raw ids (e.g. Cityscapes label ids 0..33), map "
+                f"them to train ids first (a lookup table: train_id = table[raw_id]) and send void classes to "
+                f"ignore_index")
 
     def label_table(self, ignore_index: int = 255) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
         """A lookup table for mapping labels to channels in a few vectorized passes.

@@ -454,7 +454,7 @@ class HierarchicalSegMetrics:
 
     def _bad_target_message(self, bad: np.ndarray) -> str:
         return (f"target holds values that are neither node ids 0..{self._h.num_nodes - 1} nor "
-                f"ignore_index={self._ignore}: {_show(bad)}")
+                f"ignore_index={self._ignore}: {_show(bad)}. {self._h.label_fix_hint()}")
 
     @staticmethod
     def _pred_width(p: np.ndarray, limit: int, what: str) -> int:
@@ -587,10 +587,18 @@ class HierarchicalSegMetrics:
                         dup |= ps[e] == ps[d]
                     if dup.any():
                         dups[d] += np.bincount(idx[dup], minlength=dups[d].size)
+        return self._fold_off_path([self._node_rows(j.reshape(nrows, width), rows) for j in joints],
+                                   [self._node_rows(j.reshape(nrows, width), rows) for j in dups])
+
+    def _fold_off_path(self, joints: list[np.ndarray], dups: list[np.ndarray]) -> _Stats:
+        """Counts from per-depth joint counts ``[N targets, W >= N predicted values]`` of off-path
+        pixels, and those of the slots whose node repeats a coarser depth's (``dups``)."""
+        h, tab = self._h, self._t
+        n, L = h.num_nodes, h.max_depth
         confs, inter, predicted, leaf_joint = [], 0, 0, None
-        cls = np.zeros(width, dtype=bool)
+        cls = np.zeros(joints[0].shape[1], dtype=bool)
         for d in range(L):
-            j = self._node_rows(joints[d].reshape(nrows, width), rows)
+            j = joints[d]
             cls[:n] = tab.is_class[d]
             bad = np.flatnonzero(j[:, ~cls].sum(axis=0))
             if bad.size:
@@ -600,11 +608,51 @@ class HierarchicalSegMetrics:
                 )
             j = j[:, :n]
             confs.append(tab.confusion(j, tab.node_fold[d], self._sizes[d]))
-            new = j - self._node_rows(dups[d].reshape(nrows, width), rows)[:, :n]
+            new = j - dups[d][:, :n]
             inter += int((new * tab.node_intersection).sum())
             predicted += int((new * tab.node_predicted).sum())
             leaf_joint = j[:, : h.num_leaves]
         return _Stats(confs, int(leaf_joint.sum()), 0, leaf_joint, inter, predicted)
+
+    def add_joint_counts(self, leaf_joint: Any, depth_joint: Any = None, depth_repeat: Any = None,
+                         calibration: Any = None) -> None:
+        """Accumulate counts made elsewhere (on a device, by
+        :class:`hieraloss.integrations.torchmetrics.HierarchicalSegMetric`), as :meth:`update` would:
+
+        * ``leaf_joint [N, K]``: pixels per (target node id, predicted leaf id), over valid pixels
+          whose prediction is a leaf or a path of the tree;
+        * ``depth_joint [L, N, N]``: per depth d, pixels per (target node id, predicted node id at
+          depth d), over valid pixels whose per-depth prediction is not a path; ``depth_repeat``
+          the same counts restricted to slots whose node already appeared at a coarser depth;
+        * ``calibration [L, ece_bins, 3]``: the calibration histograms (pixels, confidence sum in
+          units of ``1 / CONFIDENCE_SCALE``, correct pixels).
+        """
+        h = self._h
+        n, k, L = h.num_nodes, h.num_leaves, h.max_depth
+        leaf = _as_int_labels(_to_numpy(leaf_joint, "leaf_joint"), "leaf_joint").astype(np.int64)
+        if leaf.shape != (n, k):
+            raise ValueError(f"leaf_joint must be [N, K] = {(n, k)}, got {leaf.shape}")
+        stats = self._leaf_stats(leaf)
+        consistent = stats.consistent
+        if depth_joint is not None:
+            joints = _to_numpy(depth_joint, "depth_joint").astype(np.int64)
+            dups = _to_numpy(depth_repeat, "depth_repeat").astype(np.int64)
+            if joints.shape != (L, n, n) or dups.shape != (L, n, n):
+                raise ValueError(f"depth_joint and depth_repeat must be [L, N, N] = {(L, n, n)}, got "
+                                 f"{joints.shape} and {dups.shape}")
+            if joints.any():
+                other = self._fold_off_path(list(joints), list(dups))
+                stats = _Stats([a + b for a, b in zip(stats.confs, other.confs, strict=True)],
+                               stats.valid + other.valid, consistent, stats.leaf_joint + other.leaf_joint,
+                               stats.inter + other.inter, stats.predicted + other.predicted)
+        ece = None
+        if calibration is not None:
+            ece = _to_numpy(calibration, "calibration").astype(np.int64)
+            if ece.shape != self._ece.shape:
+                raise ValueError(f"calibration must be [L, ece_bins, 3] = {self._ece.shape}, got {ece.shape}")
+        self._commit(*stats)
+        if ece is not None:
+            self._ece += ece
 
     def _commit(self, confs, valid, consistent, leaf_joint, inter, predicted) -> None:
         """Add one batch's counts to the state (only after every check has passed)."""
@@ -660,6 +708,22 @@ class HierarchicalSegMetrics:
             "hierarchical_f1": float(hf),
             "num_pixels": self._scalar("num_pixels"),
         }
+
+    def scalars(self) -> dict[str, float]:
+        """:meth:`compute` flattened to named numbers, for a trainer's logger: ``miou_depth{d}``,
+        ``pixel_accuracy_depth{d}`` (and ``ece_depth{d}`` once confidences were given) for every
+        depth d, then ``consistency_rate``, ``mistake_severity``, ``hierarchical_precision``,
+        ``hierarchical_recall`` and ``hierarchical_f1`` (the same values, NaN where undefined)."""
+        res = self.compute()
+        out: dict[str, float] = {}
+        keys = ("miou", "pixel_accuracy", "ece") if self._ece[:, :, 0].any() else ("miou", "pixel_accuracy")
+        for r in res["per_depth"]:
+            for key in keys:
+                out[f"{key}_depth{r['depth']}"] = r[key]
+        for key in ("consistency_rate", "mistake_severity", "hierarchical_precision", "hierarchical_recall",
+                    "hierarchical_f1"):
+            out[key] = float(res[key])
+        return out
 
     def calibration(self, depth: int) -> dict[str, np.ndarray]:
         """The calibration histogram at ``depth`` (1..L), for a reliability diagram: ``bin_edges``

@@ -116,9 +116,13 @@ def check_logits(shape: Sequence[int], dtype: str, hierarchy: Hierarchy, name: s
     if len(shape) < 2:
         raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {_shape(shape)}")
     if shape[1] != hierarchy.num_nodes:
+        fix = ("; a hierarchical head has one output channel per node of the tree, not one per leaf"
+               if shape[1] == hierarchy.num_leaves and hierarchy.num_leaves != hierarchy.num_nodes else "")
         raise ValueError(
             f"{name} have {int(shape[1])} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
-            f"nodes (shape {_shape(shape)})")
+            f"nodes (shape {_shape(shape)}){fix}: set the classifier's output channels to "
+            f"hierarchy.num_nodes ({hierarchy.num_nodes}), e.g. with hieraloss.torch.make_hierarchical(model, "
+            f"hierarchy)")
 
 
 # ---------------------------------------------------------------------------- triplet loss
@@ -145,7 +149,22 @@ def check_label_shape(shape: Sequence[int], expected: Sequence[int]) -> None:
     """Labels ``[B, *spatial]`` of logits ``[B, N, *spatial]``: ``expected`` is that shape."""
     if tuple(shape) != tuple(expected):
         raise ValueError(
-            f"labels must have the logits' shape without axis 1, {_shape(expected)}; got {_shape(shape)}")
+            f"labels must have the logits' shape without axis 1, {_shape(expected)}; got {_shape(shape)}"
+            + _resolution_hint(shape, expected))
+
+
+def _resolution_hint(shape: Sequence[int], expected: Sequence[int]) -> str:
+    """The fix for logits at a lower resolution than their labels (SegFormer's 1/4, a stride-8 head)."""
+    if len(shape) != len(expected) or len(shape) < 2 or shape[0] != expected[0]:
+        return ""
+    labels, logits = _shape(shape[1:]), _shape(expected[1:])
+    if not all(0 < b < a for a, b in zip(labels, logits, strict=True)):
+        return ""
+    return (f". The logits ({'x'.join(map(str, logits))}) are at a lower resolution than the labels "
+            f"({'x'.join(map(str, labels))}): pass upsample_logits=True to upsample them bilinearly "
+            f"(align_corners=False, as Hugging Face and mmsegmentation do), or upsample them yourself, "
+            f"e.g. torch.nn.functional.interpolate(logits, size=labels.shape[1:], mode='bilinear', "
+            f"align_corners=False)")
 
 
 def check_label_batch(ndim: int) -> None:

@@ -206,7 +206,7 @@ class HieraHSSNLoss(_HieraLoss):
     ``embeddings=`` (``[B, C, h, w]``). Its weight is ``triplet_weight``, or, if that is None, the
     published schedule over ``total_steps`` (e.g. the config's ``max_iters``) at the step passed as
     ``step=`` or else this module's own counter (a buffer, saved in the state dict), which advances
-    by one after each training-mode call with embeddings and no explicit step, as
+    by one after each training-mode call with gradients enabled, with embeddings and no explicit step, as
     :class:`hieraloss.torch.HSSNLoss` does.
 
     Config keys: ``hierarchy``, ``tree_min_weight`` (5.0), ``focal_gamma`` (None = plain tree-min),
@@ -250,7 +250,7 @@ class HieraHSSNLoss(_HieraLoss):
                            total_steps=self.total_steps, ignore_index=ignore_index,
                            node_weight=self.node_weight, generator=generator, backend=self.backend,
                            **self.options)
-        if self.training and step is None and embeddings is not None:
+        if self.training and torch.is_grad_enabled() and step is None and embeddings is not None:
             self.step += 1
         return self.loss_weight * loss
 

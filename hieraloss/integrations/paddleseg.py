@@ -232,7 +232,7 @@ class HieraTripletLoss(nn.Layer):
             ignore_index=self.ignore_index,
             gather_across_ranks=self.gather_across_ranks,
         )
-        if self.training:
+        if self.training and paddle.is_grad_enabled():  # evaluation never advances the schedule
             self.step.set_value(self.step + 1)
         return w * loss
 

@@ -162,8 +162,9 @@ class HierarchyTripletLoss(nn.Layer):
 class HSSNLoss(nn.Layer):
     """:func:`hieraloss.paddle.hssn_loss` as a layer that keeps the training step for the triplet schedule.
 
-    ``step`` is a persistable buffer (saved in ``state_dict``); each call in training mode with
-    embeddings and no explicit ``step`` uses the stored step and then advances it by one.
+    ``step`` is a persistable buffer (saved in ``state_dict``); each call in training mode, with
+    gradients enabled, with embeddings and no explicit ``step`` uses the stored step and then
+    advances it by one; evaluation calls (``.eval()`` or under ``paddle.no_grad()``) never do.
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group``.
     """
 
@@ -246,7 +247,7 @@ class HSSNLoss(nn.Layer):
             gather_across_ranks=self.gather_across_ranks,
             check_labels=self.check_labels,
         )
-        if self.training and step is None and embeddings is not None:
+        if self.training and paddle.is_grad_enabled() and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
         return out
 

@@ -17,7 +17,9 @@ from .functional import (
     path_scores,
     tree_min_loss,
     triplet_weight,
+    upsample_to_labels,
 )
+from .heads import HierarchicalHead, HierarchicalModel, HierarchicalOutput, make_hierarchical
 from .leaf_losses import (
     LEAF_DECODE_METHODS,
     LEAF_REDUCTIONS,
@@ -55,6 +57,11 @@ __all__ = [
     "HierarchyDecoder",
     "HierarchicalCrossEntropyLoss",
     "SoftLabelCrossEntropyLoss",
+    "make_hierarchical",
+    "HierarchicalHead",
+    "HierarchicalModel",
+    "HierarchicalOutput",
+    "upsample_to_labels",
     "REDUCTIONS",
     "DECODE_METHODS",
     "BACKENDS",

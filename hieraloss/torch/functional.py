@@ -63,6 +63,22 @@ def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> to
     return logits
 
 
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def upsample_to_labels(logits: torch.Tensor, labels: Any, upsample_logits: bool) -> torch.Tensor:
+    """``upsample_logits=True``: logits at a lower resolution than their labels (SegFormer's 1/4, a
+    stride-8 head) resized to the labels' spatial size, bilinearly with ``align_corners=False`` (as
+    Hugging Face and mmsegmentation do; linear / trilinear for 1 / 3 spatial axes). Logits already
+    at the labels' size pass unchanged; ``False`` never resizes, and a size mismatch is an error."""
+    if not upsample_logits:
+        return logits
+    size = tuple(getattr(labels, "shape", ())[1:])
+    if size == tuple(logits.shape[2:]) or len(size) != logits.ndim - 2 or len(size) not in _INTERPOLATION:
+        return logits  # same size, or a layout the label check will name
+    return torch.nn.functional.interpolate(logits, size=size, mode=_INTERPOLATION[len(size)], align_corners=False)
+
+
 def _check_finite(x: torch.Tensor, name: str = "logits") -> None:
     _checks.check_finite_count(int((~torch.isfinite(x)).sum()), name)
 
@@ -217,8 +233,8 @@ def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = Non
 
 # ---------------------------------------------------------------------------- losses
 def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend,
-              check_labels):
-    x = _check_logits(logits, hierarchy)
+              check_labels, upsample_logits=False):
+    x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     _check_choice(reduction, REDUCTIONS, "reduction")
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
@@ -249,7 +265,7 @@ def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backen
 
 def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int = 255,
                   reduction: str = "mean", node_weight: Any = None, check_finite: bool = False,
-                  backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
+                  backend: str = "auto", check_labels: bool = True, upsample_logits: bool = False) -> torch.Tensor:
     """Tree-min loss (SPEC section 4).
 
     ``l_v = y_v * softplus(-min_{u in A(v)} x_u) + (1 - y_v) * softplus(max_{u in D(v)} x_u)``,
@@ -266,19 +282,24 @@ def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     id nor ``ignore_index``; it reads one value back from the device (a sync, and a graph break
     under ``torch.compile``). ``check_labels=False`` skips that (no host sync on the Triton path,
     so the step can be captured in a CUDA graph); such labels then count as ignored.
+
+    ``upsample_logits=True`` takes logits at a lower resolution than the labels (SegFormer's 1/4
+    output, a stride-8 head) and resizes them to the labels' size first, bilinearly with
+    ``align_corners=False`` (:func:`upsample_to_labels`); by default a size mismatch is an error.
     """
     return _tree_min(logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend,
-                     check_labels)
+                     check_labels, upsample_logits)
 
 
 def focal_tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float = 2.0,
                         ignore_index: int = 255, reduction: str = "mean", node_weight: Any = None,
-                        check_finite: bool = False, backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
+                        check_finite: bool = False, backend: str = "auto", check_labels: bool = True,
+                        upsample_logits: bool = False) -> torch.Tensor:
     """Focal tree-min loss (SPEC section 5): positives times ``(1 - sigmoid(zmin))^gamma``, negatives
     times ``sigmoid(zmax)^gamma``; ``gamma=0`` equals :func:`tree_min_loss`. Arguments as there."""
     g = _check_gamma(gamma)
     return _tree_min(logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend,
-                     check_labels)
+                     check_labels, upsample_logits)
 
 
 def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int = 255
@@ -292,12 +313,13 @@ def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int
 
 
 def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, depth: int, *,
-                        ignore_index: int = 255, backend: str = "auto", check_labels: bool = True) -> torch.Tensor:
+                        ignore_index: int = 255, backend: str = "auto", check_labels: bool = True,
+                        upsample_logits: bool = False) -> torch.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
     not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
     ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the torch ops)."""
-    x = _check_logits(logits, hierarchy)
+    x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
@@ -448,8 +470,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
               max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
               generator: Any = None, return_parts: bool = False,
               backend: str = "auto", process_group: Any = None,
-              gather_across_ranks: bool = False,
-              check_labels: bool = True) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              gather_across_ranks: bool = False, check_labels: bool = True,
+              upsample_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The published HSSN training loss::
 
         tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d + w * TT
@@ -465,13 +487,15 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     detached values for logging: differentiate the total.
     ``process_group`` and ``gather_across_ranks`` go to :func:`hierarchy_triplet_loss` (cross-rank
     triplets; a collective, so every rank must pass embeddings). ``check_labels`` as for
-    :func:`tree_min_loss`.
+    :func:`tree_min_loss`. ``upsample_logits=True`` resizes logits at a lower resolution than the
+    labels to the labels' size first (:func:`upsample_to_labels`); the embeddings need no resizing
+    (the triplet term samples the labels at their resolution).
 
     TM and every CE_d are one pass over the logits that also writes the gradient of their weighted
     sum: the Triton kernel on CUDA, the compiled kernel on the CPU (``backend="auto"``); ``"torch"``
     runs the vectorized ops.
     """
-    x = _check_logits(logits, hierarchy)
+    x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
                             total_steps)
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)

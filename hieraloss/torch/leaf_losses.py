@@ -30,7 +30,7 @@ from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from . import _ops
 from ._tables import tables_for
-from .functional import _checked_labels
+from .functional import _checked_labels, upsample_to_labels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -199,8 +199,8 @@ def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: str, B: int, spa
     return total / valid.sum().clamp(min=1).to(loss.dtype)
 
 
-def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, name):
-    x = _checked_leaf_logits(leaf_logits, hierarchy)
+def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, name, upsample_logits):
+    x = upsample_to_labels(_checked_leaf_logits(leaf_logits, hierarchy), labels, upsample_logits)
     v = check_nonnegative(value, name)
     check_leaf_reduction(reduction)
     lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
@@ -210,8 +210,8 @@ def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, nam
 
 
 def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
-                               alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean"
-                               ) -> torch.Tensor:
+                               alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
+                               upsample_logits: bool = False) -> torch.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     ``-sum over the edges of the label's path of exp(-alpha * height(C)) * log p(C | parent(C))``,
@@ -219,9 +219,11 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
     a log-sum-exp of the leaf logits). A partial label (internal node c) takes the edges from the
     root down to c. ``alpha = 0`` is the flat cross-entropy. ``reduction``: ``"mean"`` over
     counted (not ignored) pixels, ``"sum"`` or ``"none"`` (``[B, *spatial]``, 0 where ignored); no
-    counted pixel gives an exact 0 connected to the graph.
+    counted pixel gives an exact 0 connected to the graph. ``upsample_logits=True`` resizes leaf
+    logits at a lower resolution than the labels first, as for :func:`~hieraloss.torch.tree_min_loss`.
     """
-    xf, lc, B, spatial, a = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, alpha, "alpha")
+    xf, lc, B, spatial, a = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, alpha, "alpha",
+                                       upsample_logits)
     valid = lc >= 0
     safe = lc.clamp(min=0)
     coef = torch.tensor(hxe_coefficients(hierarchy, a), dtype=xf.dtype, device=xf.device)
@@ -230,8 +232,8 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
 
 
 def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
-                             beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean"
-                             ) -> torch.Tensor:
+                             beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
+                             upsample_logits: bool = False) -> torch.Tensor:
     """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     Target over leaves ``q(l) = softmax_l(-beta * psi(c, l))`` for a pixel labelled c (psi =
@@ -239,9 +241,10 @@ def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hi
     height of the lowest common ancestor over the tree height instead of psi: on a balanced tree of
     depth L, psi is twice that height, so its ``beta_paper`` is ``beta = beta_paper / (2 * L)`` here.
     Loss ``-sum_l q(l) log p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
-    flat cross-entropy. Reductions as :func:`hierarchical_cross_entropy`.
+    flat cross-entropy. Reductions and ``upsample_logits`` as :func:`hierarchical_cross_entropy`.
     """
-    xf, lc, B, spatial, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta")
+    xf, lc, B, spatial, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta",
+                                       upsample_logits)
     valid = lc >= 0
     targets_t = torch.tensor(soft_targets(hierarchy, b).T, dtype=xf.dtype, device=xf.device)
     loss = _SoftLabelCE.apply(xf, lc.clamp(min=0), targets_t)

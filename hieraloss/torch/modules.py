@@ -34,7 +34,7 @@ class TreeMinLoss(nn.Module):
 
     def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
                  node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
-                 check_labels: bool = True):
+                 check_labels: bool = True, upsample_logits: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         F._check_choice(reduction, F.REDUCTIONS, "reduction")
@@ -46,13 +46,14 @@ class TreeMinLoss(nn.Module):
         self.check_finite = check_finite
         self.backend = backend
         self.check_labels = bool(check_labels)
+        self.upsample_logits = bool(upsample_logits)
         _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.tree_min_loss(logits, labels, self.hierarchy, ignore_index=self.ignore_index,
                                reduction=self.reduction, node_weight=self.node_weight,
                                check_finite=self.check_finite, backend=self.backend,
-                               check_labels=self.check_labels)
+                               check_labels=self.check_labels, upsample_logits=self.upsample_logits)
 
     def extra_repr(self) -> str:
         return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
@@ -69,7 +70,8 @@ class FocalTreeMinLoss(TreeMinLoss):
         return F.focal_tree_min_loss(logits, labels, self.hierarchy, gamma=self.gamma,
                                      ignore_index=self.ignore_index, reduction=self.reduction,
                                      node_weight=self.node_weight, check_finite=self.check_finite,
-                                     backend=self.backend, check_labels=self.check_labels)
+                                     backend=self.backend, check_labels=self.check_labels,
+                                     upsample_logits=self.upsample_logits)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma}"
@@ -112,8 +114,12 @@ class HierarchyTripletLoss(nn.Module):
 class HSSNLoss(nn.Module):
     """:func:`hieraloss.torch.hssn_loss` as a module that keeps the training step for the triplet schedule.
 
-    ``step`` is a buffer (saved in ``state_dict``); each call in training mode with embeddings and
-    no explicit ``step`` uses the stored step and then advances it by one.
+    ``step`` is a buffer (saved in ``state_dict``); each call in training mode, with gradients
+    enabled, with embeddings and no explicit ``step`` uses the stored step and then advances it by
+    one. Evaluation calls (``.eval()``, or under ``torch.no_grad()`` / ``torch.inference_mode()``)
+    never advance it. Under gradient accumulation, or to follow a trainer's checkpoints, pass the
+    trainer's optimizer step instead: ``step=trainer.global_step`` (Lightning), ``step=self.state.global_step``
+    (Hugging Face ``Trainer``); an explicit ``step`` leaves the buffer alone.
 
     Under DistributedDataParallel the triplet term is an exact zero still connected to the
     embeddings on a rank without triplets, so ``find_unused_parameters=False`` works;
@@ -125,7 +131,7 @@ class HSSNLoss(nn.Module):
                  triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
                  max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
                  backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
-                 check_labels: bool = True):
+                 check_labels: bool = True, upsample_logits: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         if triplet_weight is None and total_steps is not None and not total_steps > 0:
@@ -144,15 +150,20 @@ class HSSNLoss(nn.Module):
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
         self.check_labels = bool(check_labels)
+        self.upsample_logits = bool(upsample_logits)
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def _counts_step(self, step: int | None, embeddings: torch.Tensor | None) -> bool:
+        """Whether this call is a training step that the stored step drives (and then advances)."""
+        return self.training and torch.is_grad_enabled() and step is None and embeddings is not None
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, embeddings: torch.Tensor | None = None, *,
                 step: int | None = None, generator: Any = None,
                 return_parts: bool = False):
         use_step = step
         if use_step is None and embeddings is not None and self.triplet_weight is None:
-            use_step = int(self.step)
+            use_step = int(self.step)  # an evaluation call reads the schedule where training left it
         out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
                           total_steps=self.total_steps, tree_min_weight=self.tree_min_weight,
                           focal_gamma=self.focal_gamma, ce_weights=self.ce_weights,
@@ -161,8 +172,8 @@ class HSSNLoss(nn.Module):
                           base_margin=self.base_margin, sampling=self.sampling, generator=generator,
                           return_parts=return_parts, backend=self.backend,
                           process_group=self.process_group, gather_across_ranks=self.gather_across_ranks,
-                          check_labels=self.check_labels)
-        if self.training and step is None and embeddings is not None:
+                          check_labels=self.check_labels, upsample_logits=self.upsample_logits)
+        if self._counts_step(step, embeddings):
             self.step += 1
         return out
 
@@ -187,8 +198,10 @@ class _LeafLoss(nn.Module):
 
     _param = ""
 
-    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean"):
+    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean",
+                 upsample_logits: bool = False):
         super().__init__()
+        self.upsample_logits = bool(upsample_logits)
         F._check_hierarchy(hierarchy)
         setattr(self, self._param, check_nonnegative(value, self._param))
         check_leaf_reduction(reduction)
@@ -209,12 +222,14 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
     _param = "alpha"
 
     def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
-                 reduction: str = "mean"):
-        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction)
+                 reduction: str = "mean", upsample_logits: bool = False):
+        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
+                         upsample_logits=upsample_logits)
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, alpha=self.alpha,
-                                                ignore_index=self.ignore_index, reduction=self.reduction)
+                                                ignore_index=self.ignore_index, reduction=self.reduction,
+                                                upsample_logits=self.upsample_logits)
 
 
 class SoftLabelCrossEntropyLoss(_LeafLoss):
@@ -224,9 +239,11 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
     _param = "beta"
 
     def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
-                 reduction: str = "mean"):
-        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction)
+                 reduction: str = "mean", upsample_logits: bool = False):
+        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction,
+                         upsample_logits=upsample_logits)
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, beta=self.beta,
-                                              ignore_index=self.ignore_index, reduction=self.reduction)
+                                              ignore_index=self.ignore_index, reduction=self.reduction,
+                                              upsample_logits=self.upsample_logits)

@@ -1,0 +1,213 @@
+"""Hierarchical segmentation metrics as a ``torchmetrics.Metric`` (the ``[torchmetrics]`` extra).
+
+:class:`HierarchicalSegMetric` counts on the tensors' device: joint counts of (target node,
+predicted leaf), and for per-depth predictions that are not paths of the tree, (target node,
+predicted node) per depth. An update is a few scatter-adds with no host sync; torchmetrics sums
+the counts across processes (``dist_reduce_fx="sum"``), and :meth:`compute` folds them into
+exactly the numbers of :class:`hieraloss.metrics.HierarchicalSegMetrics` (it builds one).
+
+Bad values cannot raise during a sync-free update: they are counted, and :meth:`compute` raises
+:class:`~hieraloss.LabelError` naming how many. ``validate_args=True`` checks every update
+instead, with the numpy metric's message (one sync per update).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torchmetrics
+
+from ..hierarchy import Hierarchy, LabelError
+from ..metrics import CONFIDENCE_SCALE, HierarchicalSegMetrics
+from ..torch.functional import _check_hierarchy, decode
+
+__all__ = ["HierarchicalSegMetric"]
+
+
+def _count(index: torch.Tensor, size: int) -> torch.Tensor:
+    """Counts of ``index`` values in ``[0, size]`` (``size``: the slot of discarded pixels), as int64
+    ``[size]``; bincount on the CPU, a deterministic accumulating put elsewhere (no sync)."""
+    index = index.reshape(-1)
+    if index.device.type == "cpu":
+        return torch.bincount(index, minlength=size + 1)[:size]
+    out = torch.zeros(size + 1, dtype=torch.int64, device=index.device)
+    out.index_put_((index,), torch.ones_like(index), accumulate=True)
+    return out[:size]
+
+
+class HierarchicalSegMetric(torchmetrics.Metric):
+    """Per-depth confusion matrices, mIoU, pixel accuracy, consistency, mistake severity,
+    hierarchical P/R/F1 and calibration (definitions: :class:`hieraloss.metrics.HierarchicalSegMetrics`),
+    accumulated on the device.
+
+    ``update(preds, target, confidence=None)``: ``target [B, *spatial]`` node ids or
+    ``ignore_index``; ``preds`` one of
+
+    * leaf ids ``[B, *spatial]`` (e.g. from :func:`hieraloss.torch.decode`),
+    * per-depth node ids ``[B, L, *spatial]``,
+    * node logits ``[B, N, *spatial]`` (float), decoded here with ``decode_method`` (``"path"``).
+
+    ``confidence [B, L, *spatial]`` (floats in [0, 1]) feeds the calibration error. :meth:`compute`
+    returns :meth:`HierarchicalSegMetrics.scalars` as float64 tensors (``miou_depth1``, ...,
+    ``hierarchical_f1``), ready for ``self.log_dict``; :meth:`to_metrics` gives the full numpy
+    object (per-class IoU, ``format_table``).
+    """
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, hierarchy: Hierarchy, ignore_index: int = 255, ece_bins: int = 15, *,
+                 decode_method: str = "path", validate_args: bool = False, **kwargs: Any):
+        super().__init__(**kwargs)
+        self._reference = HierarchicalSegMetrics(hierarchy, ignore_index, ece_bins)  # checks the arguments
+        _check_hierarchy(hierarchy)
+        self.hierarchy = hierarchy
+        self.ignore_index = int(ignore_index)
+        self.ece_bins = int(ece_bins)
+        self.decode_method = decode_method
+        self.validate_args = bool(validate_args)
+        n, k, L = hierarchy.num_nodes, hierarchy.num_leaves, hierarchy.max_depth
+        # Rows: target node ids 0..N-1, then N = ignore_index, N + 1 = anything else.
+        # Columns: predicted leaf ids 0..K-1 (or node ids 0..N-1), then one for anything else.
+        self.add_state("leaf_joint", torch.zeros(n + 2, k + 1, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("depth_joint", torch.zeros(L, n + 2, n + 1, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("depth_repeat", torch.zeros(L, n + 2, n + 1, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("calibration", torch.zeros(L, self.ece_bins, 3, dtype=torch.int64), dist_reduce_fx="sum")
+        self.add_state("invalid", torch.zeros(3, dtype=torch.int64), dist_reduce_fx="sum")  # target, pred, conf
+        tab = self._reference._t
+        path_node = np.stack(tab.path_node)  # [L, K] node id at each depth of leaf k's path
+        target_node = np.stack(tab.target_node)  # [L, N] target class node at each depth, -1 unknown
+        self._has_leaf = [bool(v) for v in tab.has_leaf]  # on the host: read without a sync
+        tables = {"path_node": path_node, "target_node": target_node}
+        for name, value in tables.items():
+            self.register_buffer(f"_{name}", torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
+
+    # ------------------------------------------------------------------ update
+    def _rows(self, target: torch.Tensor) -> torch.Tensor:
+        n = self.hierarchy.num_nodes
+        t = target.to(torch.int64).reshape(-1)
+        row = torch.where((t >= 0) & (t < n), t, torch.full_like(t, n + 1))
+        return torch.where(t == self.ignore_index, torch.full_like(t, n), row)
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor | None = None) -> None:
+        h = self.hierarchy
+        n, k, L = h.num_nodes, h.num_leaves, h.max_depth
+        if not isinstance(preds, torch.Tensor) or not isinstance(target, torch.Tensor):
+            raise TypeError(f"preds and target must be torch tensors, got {type(preds).__name__} and "
+                            f"{type(target).__name__}")
+        if target.is_floating_point() or target.dtype == torch.bool:
+            raise LabelError(f"target must hold integer node ids, got {target.dtype}")
+        if preds.is_floating_point():
+            if preds.ndim != target.ndim + 1 or preds.shape[1] != n:
+                raise ValueError(f"float preds are node logits [B, N={n}, *spatial] for target {tuple(target.shape)}, "
+                                 f"got {tuple(preds.shape)}")
+            preds = decode(preds.detach(), h, self.decode_method)[0]
+        if self.validate_args:
+            check = HierarchicalSegMetrics(h, self.ignore_index, self.ece_bins)
+            check.update(preds, target, confidence)  # raises the numpy metric's errors
+        per_depth = preds.ndim == target.ndim + 1
+        expected = (target.shape[0], L, *target.shape[1:]) if per_depth else tuple(target.shape)
+        if tuple(preds.shape) != tuple(expected):
+            raise ValueError(f"preds shape {tuple(preds.shape)} matches neither target shape {tuple(target.shape)} "
+                             f"(leaf ids) nor [B, L={L}, *spatial] (per-depth node ids)")
+        rows = self._rows(target)
+        self.invalid[0] += (rows == n + 1).sum()
+        p = preds.to(torch.int64)
+        if per_depth:
+            slots = [p[:, d].reshape(-1) for d in range(L)]
+            leaf = slots[-1]
+            on_path = (leaf >= 0) & (leaf < k)
+            safe_leaf = leaf.clamp(0, k - 1)
+            for d in range(L - 1):
+                on_path &= self._path_node[d][safe_leaf] == slots[d]
+        else:
+            leaf = p.reshape(-1)
+            on_path = torch.ones_like(leaf, dtype=torch.bool)
+        col = torch.where((leaf >= 0) & (leaf < k), leaf, torch.full_like(leaf, k))
+        size = (n + 2) * (k + 1)
+        index = torch.where(on_path, rows * (k + 1) + col, torch.full_like(rows, size))
+        self.leaf_joint += _count(index, size).view(n + 2, k + 1)
+        if per_depth:
+            self._update_off_path(slots, rows, ~on_path)
+            bad = torch.zeros_like(rows, dtype=torch.bool)
+            for s in slots:
+                bad |= (s < 0) | (s >= n)
+            self.invalid[1] += bad.sum()
+        else:
+            self.invalid[1] += (col == k).sum()
+        if confidence is not None:
+            self._update_calibration(slots if per_depth else None, safe_leaf if per_depth else col.clamp(max=k - 1),
+                                     rows, confidence, (target.shape[0], L, *target.shape[1:]))
+
+    def _update_off_path(self, slots: list[torch.Tensor], rows: torch.Tensor, off: torch.Tensor) -> None:
+        n = self.hierarchy.num_nodes
+        size = (n + 2) * (n + 1)
+        for d, s in enumerate(slots):
+            col = torch.where((s >= 0) & (s < n), s, torch.full_like(s, n))
+            base = rows * (n + 1) + col
+            self.depth_joint[d] += _count(torch.where(off, base, torch.full_like(base, size)), size).view(n + 2, n + 1)
+            earlier = [e for e in range(d) if self._has_leaf[e]]  # only leaves repeat across depths
+            if earlier:
+                dup = torch.zeros_like(off)
+                for e in earlier:
+                    dup |= slots[e] == s
+                keep = off & dup
+                self.depth_repeat[d] += _count(torch.where(keep, base, torch.full_like(base, size)),
+                                               size).view(n + 2, n + 1)
+
+    def _update_calibration(self, slots: list[torch.Tensor] | None, leaf: torch.Tensor, rows: torch.Tensor,
+                            confidence: torch.Tensor, shape: tuple[int, ...]) -> None:
+        n, L, bins = self.hierarchy.num_nodes, self.hierarchy.max_depth, self.ece_bins
+        if not isinstance(confidence, torch.Tensor) or not confidence.is_floating_point():
+            raise TypeError("confidence must be a float tensor of values in [0, 1]")
+        if tuple(confidence.shape) != tuple(shape):
+            raise ValueError(f"confidence must have the per-depth shape [B, L, *spatial] = {tuple(shape)}, "
+                             f"got {tuple(confidence.shape)}")
+        c = confidence.detach().to(torch.float64)
+        self.invalid[2] += (~((c >= 0) & (c <= 1))).sum()
+        c = c.nan_to_num(0.0).clamp(0.0, 1.0)
+        # Target class per row at every depth: -1 for ignore_index, invalid values and unknown depths.
+        row_node = torch.full((L, n + 2), -1, dtype=torch.int64, device=rows.device)
+        row_node[:, :n] = self._target_node
+        size = bins * 3
+        for d in range(L):
+            truth = row_node[d][rows]
+            pred = slots[d] if slots is not None else self._path_node[d][leaf]
+            cd = c[:, d].reshape(-1)
+            b = torch.clamp((cd * bins).to(torch.int64), max=bins - 1)
+            fixed = torch.round(cd * CONFIDENCE_SCALE).to(torch.int64)
+            counted = truth >= 0
+            hist = torch.zeros(size + 1, dtype=torch.int64, device=rows.device)
+            slot = torch.where(counted, b * 3, torch.full_like(b, size))
+            hist.index_put_((slot,), torch.ones_like(slot), accumulate=True)
+            hist.index_put_((torch.where(counted, b * 3 + 1, torch.full_like(b, size)),), fixed, accumulate=True)
+            right = counted & (pred == truth)
+            hist.index_put_((torch.where(right, b * 3 + 2, torch.full_like(b, size)),), torch.ones_like(slot),
+                            accumulate=True)
+            self.calibration[d] += hist[:size].view(bins, 3)
+
+    # ------------------------------------------------------------------ results
+    def to_metrics(self) -> HierarchicalSegMetrics:
+        """The accumulated counts as a :class:`~hieraloss.metrics.HierarchicalSegMetrics` (one host
+        copy; after a distributed sync when torchmetrics syncs on compute)."""
+        bad_target, bad_pred, bad_conf = (int(v) for v in self.invalid.cpu())
+        if bad_target or bad_pred:
+            raise LabelError(
+                f"HierarchicalSegMetric was updated with {bad_target} target values that are neither node ids "
+                f"0..{self.hierarchy.num_nodes - 1} nor ignore_index={self.ignore_index}, and {bad_pred} "
+                f"predictions that are not leaf / node ids; pass validate_args=True to find them at the update "
+                f"that has them. {self.hierarchy.label_fix_hint()}")
+        if bad_conf:
+            raise ValueError(f"HierarchicalSegMetric was updated with {bad_conf} confidences outside [0, 1]")
+        n, k = self.hierarchy.num_nodes, self.hierarchy.num_leaves
+        out = HierarchicalSegMetrics(self.hierarchy, self.ignore_index, self.ece_bins)
+        out.add_joint_counts(self.leaf_joint[:n, :k].cpu().numpy(), self.depth_joint[:, :n, :n].cpu().numpy(),
+                             self.depth_repeat[:, :n, :n].cpu().numpy(), self.calibration.cpu().numpy())
+        return out
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        return {key: torch.tensor(value, dtype=torch.float64)
+                for key, value in self.to_metrics().scalars().items()}
