@@ -116,7 +116,8 @@ def check_logits(shape: Sequence[int], dtype: str, hierarchy: Hierarchy, name: s
     if len(shape) < 2:
         raise ValueError(f"{name} must be [B, N, *spatial] with N={hierarchy.num_nodes}, got shape {_shape(shape)}")
     if shape[1] != hierarchy.num_nodes:
-        fix = ("; a hierarchical head has one output channel per node of the tree, not one per leaf"
+        fix = (f"; {int(shape[1])} is the hierarchy's leaf count, but a hierarchical head has one output "
+               f"channel per node of the tree (leaves and their ancestors)"
                if shape[1] == hierarchy.num_leaves and hierarchy.num_leaves != hierarchy.num_nodes else "")
         raise ValueError(
             f"{name} have {int(shape[1])} channels on axis 1, but the hierarchy has {hierarchy.num_nodes} "
@@ -162,9 +163,9 @@ def _resolution_hint(shape: Sequence[int], expected: Sequence[int]) -> str:
         return ""
     return (f". The logits ({'x'.join(map(str, logits))}) are at a lower resolution than the labels "
             f"({'x'.join(map(str, labels))}): pass upsample_logits=True to upsample them bilinearly "
-            f"(align_corners=False, as Hugging Face and mmsegmentation do), or upsample them yourself, "
-            f"e.g. torch.nn.functional.interpolate(logits, size=labels.shape[1:], mode='bilinear', "
-            f"align_corners=False)")
+            f"(align_corners=False, as Hugging Face and mmsegmentation do), or upsample them yourself with "
+            f"interpolate(logits, size=labels.shape[1:], mode='bilinear', align_corners=False) from "
+            f"torch.nn.functional or paddle.nn.functional")
 
 
 def check_label_batch(ndim: int) -> None:

@@ -27,6 +27,7 @@ The classes are plain ``torch.nn.Module`` subclasses; they work without mmseg to
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from typing import Any
 
 import numpy as np
@@ -345,6 +346,8 @@ _LOSSES: dict[str, type[nn.Module]] = {
     "HieraSoftLabelCELoss": HieraSoftLabelCELoss,
 }
 LOSS_NAMES = tuple(_LOSSES)
+# mmsegmentation 1.2.2 (its last release) asserts mmcv < 2.2.0 on import.
+MMCV_FIX = "mmsegmentation 1.2.x needs mmcv < 2.2: pip install 'mmcv-lite>=2.1,<2.2' (or pip install 'hieraloss[mmseg]')"
 
 
 def register(force: bool = False) -> Any:
@@ -359,6 +362,8 @@ def register(force: bool = False) -> Any:
     except ImportError as exc:
         raise ImportError(
             f"hieraloss.integrations.mmseg.register() needs mmsegmentation>=1.0: {exc}") from exc
+    except AssertionError as exc:  # mmseg asserts its mmcv range on import
+        raise ImportError(f"mmsegmentation refused to import: {exc}. {MMCV_FIX}") from exc
     for name, cls in _LOSSES.items():
         existing = MODELS.module_dict.get(name)
         if existing is cls:
@@ -373,4 +378,8 @@ def register(force: bool = False) -> Any:
 
 
 if importlib.util.find_spec("mmseg") is not None:
-    register()
+    try:
+        register()
+    except Exception as exc:  # the loss classes stay importable; only the registry entries are missing
+        warnings.warn(f"hieraloss.integrations.mmseg: the losses were not registered in mmseg's MODELS: {exc}. "
+                      f"Once fixed, call hieraloss.integrations.mmseg.register().", RuntimeWarning, stacklevel=2)

@@ -26,15 +26,19 @@ from ..torch.functional import _check_hierarchy, decode
 __all__ = ["HierarchicalSegMetric"]
 
 
+def _accumulate(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``out[index] += values`` with repeated indices summed, in place and without a host sync: a
+    scatter-add on the CPU, a deterministic accumulating put elsewhere."""
+    if out.device.type == "cpu":
+        return out.scatter_add_(0, index, values)
+    return out.index_put_((index,), values, accumulate=True)
+
+
 def _count(index: torch.Tensor, size: int) -> torch.Tensor:
-    """Counts of ``index`` values in ``[0, size]`` (``size``: the slot of discarded pixels), as int64
-    ``[size]``; bincount on the CPU, a deterministic accumulating put elsewhere (no sync)."""
+    """Counts of ``index`` values in ``[0, size]`` (``size``: the slot of discarded pixels), as int64 ``[size]``."""
     index = index.reshape(-1)
-    if index.device.type == "cpu":
-        return torch.bincount(index, minlength=size + 1)[:size]
     out = torch.zeros(size + 1, dtype=torch.int64, device=index.device)
-    out.index_put_((index,), torch.ones_like(index), accumulate=True)
-    return out[:size]
+    return _accumulate(out, index, torch.ones_like(index))[:size]
 
 
 class HierarchicalSegMetric(torchmetrics.Metric):
@@ -181,12 +185,10 @@ class HierarchicalSegMetric(torchmetrics.Metric):
             fixed = torch.round(cd * CONFIDENCE_SCALE).to(torch.int64)
             counted = truth >= 0
             hist = torch.zeros(size + 1, dtype=torch.int64, device=rows.device)
-            slot = torch.where(counted, b * 3, torch.full_like(b, size))
-            hist.index_put_((slot,), torch.ones_like(slot), accumulate=True)
-            hist.index_put_((torch.where(counted, b * 3 + 1, torch.full_like(b, size)),), fixed, accumulate=True)
-            right = counted & (pred == truth)
-            hist.index_put_((torch.where(right, b * 3 + 2, torch.full_like(b, size)),), torch.ones_like(slot),
-                            accumulate=True)
+            discard = torch.full_like(b, size)
+            _accumulate(hist, torch.where(counted, b * 3, discard), torch.ones_like(b))
+            _accumulate(hist, torch.where(counted, b * 3 + 1, discard), fixed)
+            _accumulate(hist, torch.where(counted & (pred == truth), b * 3 + 2, discard), torch.ones_like(b))
             self.calibration[d] += hist[:size].view(bins, 3)
 
     # ------------------------------------------------------------------ results

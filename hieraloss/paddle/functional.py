@@ -210,9 +210,26 @@ def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
 
 
 # ---------------------------------------------------------------------------- losses
+_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
+
+
+def upsample_to_labels(logits: paddle.Tensor, labels: Any, upsample_logits: bool) -> paddle.Tensor:
+    """As :func:`hieraloss.torch.upsample_to_labels`: with ``upsample_logits=True``, logits at
+    another resolution than their labels are resized to the labels' spatial size, bilinearly with
+    ``align_corners=False``; ``False`` never resizes."""
+    if not upsample_logits:
+        return logits
+    size = [int(s) for s in getattr(labels, "shape", ())[1:]]
+    if size == list(logits.shape[2:]) or len(size) != logits.ndim - 2 or len(size) not in _INTERPOLATION:
+        return logits
+    data_format = {1: "NCW", 2: "NCHW", 3: "NCDHW"}[len(size)]
+    return paddle.nn.functional.interpolate(logits, size=size, mode=_INTERPOLATION[len(size)], align_corners=False,
+                                            data_format=data_format)
+
+
 def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend,
-              check_labels=True):
-    x = _check_logits(logits, hierarchy)
+              check_labels=True, upsample_logits=False):
+    x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     _check_choice(reduction, REDUCTIONS, "reduction")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.place)
@@ -241,6 +258,7 @@ def tree_min_loss(
     check_finite: bool = False,
     backend: str = "auto",
     check_labels: bool = True,
+    upsample_logits: bool = False,
 ) -> paddle.Tensor:
     """Tree-min loss (SPEC section 4).
 
@@ -255,10 +273,12 @@ def tree_min_loss(
     CPU kernel) or ``"triton"``. All give the same values and gradients within rounding.
     ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label that is neither a node id
     nor ``ignore_index`` (one value read back from the device); ``check_labels=False`` reads nothing
-    back and counts such labels as ignored.
+    back and counts such labels as ignored. ``upsample_logits=True`` resizes logits at a lower
+    resolution than the labels to the labels' size first (:func:`upsample_to_labels`).
     """
     return _tree_min(
-        logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend, check_labels
+        logits, labels, hierarchy, 0.0, ignore_index, reduction, node_weight, check_finite, backend, check_labels,
+        upsample_logits,
     )
 
 
@@ -274,12 +294,14 @@ def focal_tree_min_loss(
     check_finite: bool = False,
     backend: str = "auto",
     check_labels: bool = True,
+    upsample_logits: bool = False,
 ) -> paddle.Tensor:
     """Focal tree-min loss (SPEC section 5): positives times ``(1 - sigmoid(zmin))^gamma``, negatives
     times ``sigmoid(zmax)^gamma``; ``gamma=0`` equals :func:`tree_min_loss`. Arguments as there."""
     g = _check_gamma(gamma)
     return _tree_min(
-        logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend, check_labels
+        logits, labels, hierarchy, g, ignore_index, reduction, node_weight, check_finite, backend, check_labels,
+        upsample_logits,
     )
 
 
@@ -298,14 +320,14 @@ def expand_targets(
 
 def depth_cross_entropy(
     logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, depth: int, *, ignore_index: int = 255,
-    backend: str = "auto", check_labels: bool = True,
+    backend: str = "auto", check_labels: bool = True, upsample_logits: bool = False,
 ) -> paddle.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
     not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
     ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the paddle op; ``"triton"`` and
-    ``"auto"`` on a GPU run the fused kernel's cross-entropy alone)."""
-    x = _check_logits(logits, hierarchy)
+    ``"auto"`` on a GPU run the fused kernel's cross-entropy alone); ``upsample_logits`` as there."""
+    x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
     lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
@@ -474,6 +496,7 @@ def hssn_loss(
     process_group: Any = None,
     gather_across_ranks: bool = False,
     check_labels: bool = True,
+    upsample_logits: bool = False,
 ) -> paddle.Tensor | tuple[paddle.Tensor, dict[str, paddle.Tensor]]:
     """The published HSSN training loss::
 
@@ -492,9 +515,9 @@ def hssn_loss(
     every depth's cross-entropy take one pass over the logits. The parts are detached values in
     every path (the total carries the gradient). The triplet term takes ``backend`` as
     :func:`hierarchy_triplet_loss` does (``"auto"`` on a GPU: the fused triplet kernels).
-    ``check_labels`` as for :func:`tree_min_loss`.
+    ``check_labels`` and ``upsample_logits`` as for :func:`tree_min_loss`.
     """
-    x = _check_logits(logits, hierarchy)
+    x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
                             total_steps)
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
