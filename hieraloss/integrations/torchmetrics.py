@@ -21,7 +21,7 @@ import torchmetrics
 
 from ..hierarchy import Hierarchy, LabelError
 from ..metrics import CONFIDENCE_SCALE, HierarchicalSegMetrics
-from ..torch.functional import _check_hierarchy, decode
+from ..torch.functional import _check_hierarchy, decode, upsample_to_labels
 
 __all__ = ["HierarchicalSegMetric"]
 
@@ -51,7 +51,9 @@ class HierarchicalSegMetric(torchmetrics.Metric):
 
     * leaf ids ``[B, *spatial]`` (e.g. from :func:`hieraloss.torch.decode`),
     * per-depth node ids ``[B, L, *spatial]``,
-    * node logits ``[B, N, *spatial]`` (float), decoded here with ``decode_method`` (``"path"``).
+    * node logits ``[B, N, *spatial]`` (float), decoded here with ``decode_method`` (``"path"``);
+      with ``upsample_logits=True``, logits at a lower resolution than the target are upsampled to
+      it first (bilinear, ``align_corners=False``), as the losses do.
 
     ``confidence [B, L, *spatial]`` (floats in [0, 1]) feeds the calibration error. :meth:`compute`
     returns :meth:`HierarchicalSegMetrics.scalars` as float64 tensors (``miou_depth1``, ...,
@@ -64,7 +66,8 @@ class HierarchicalSegMetric(torchmetrics.Metric):
     full_state_update = False
 
     def __init__(self, hierarchy: Hierarchy, ignore_index: int = 255, ece_bins: int = 15, *,
-                 decode_method: str = "path", validate_args: bool = False, **kwargs: Any):
+                 decode_method: str = "path", upsample_logits: bool = False, validate_args: bool = False,
+                 **kwargs: Any):
         super().__init__(**kwargs)
         self._reference = HierarchicalSegMetrics(hierarchy, ignore_index, ece_bins)  # checks the arguments
         _check_hierarchy(hierarchy)
@@ -72,6 +75,7 @@ class HierarchicalSegMetric(torchmetrics.Metric):
         self.ignore_index = int(ignore_index)
         self.ece_bins = int(ece_bins)
         self.decode_method = decode_method
+        self.upsample_logits = bool(upsample_logits)
         self.validate_args = bool(validate_args)
         n, k, L = hierarchy.num_nodes, hierarchy.num_leaves, hierarchy.max_depth
         # Rows: target node ids 0..N-1, then N = ignore_index, N + 1 = anything else.
@@ -108,7 +112,11 @@ class HierarchicalSegMetric(torchmetrics.Metric):
             if preds.ndim != target.ndim + 1 or preds.shape[1] != n:
                 raise ValueError(f"float preds are node logits [B, N={n}, *spatial] for target {tuple(target.shape)}, "
                                  f"got {tuple(preds.shape)}")
-            preds = decode(preds.detach(), h, self.decode_method)[0]
+            logits = upsample_to_labels(preds.detach(), target, self.upsample_logits)
+            if tuple(logits.shape[2:]) != tuple(target.shape[1:]):
+                raise ValueError(f"node logits {tuple(preds.shape)} are not at the target's size {tuple(target.shape)}: "
+                                 f"pass upsample_logits=True to upsample them bilinearly (align_corners=False)")
+            preds = decode(logits, h, self.decode_method)[0]
         if self.validate_args:
             check = HierarchicalSegMetrics(h, self.ignore_index, self.ece_bins)
             check.update(preds, target, confidence)  # raises the numpy metric's errors
