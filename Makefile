@@ -8,7 +8,7 @@ PADDLE_PIN := paddlepaddle==3.3.1
 # mmseg's registry only (mmcv-lite has no compiled ops; full mmcv needs a build for your torch/CUDA).
 MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 
-.PHONY: venv test test-aot-oldest demo docs bench lint clean gpu-check gpu-ab
+.PHONY: venv test test-aot-oldest test-vision demo example docs bench lint clean gpu-check gpu-ab
 
 # setup.py compiles the CPU kernel (hieraloss/_native) into the source tree on install: re-install when it changes.
 $(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h
@@ -44,6 +44,25 @@ $(VENV_OLD)/bin/.installed: pyproject.toml Makefile
 test-aot-oldest: $(VENV_OLD)/bin/.installed
 	$(VENV_OLD)/bin/python -m pytest -q -n 2 tests/test_kernels_aot.py
 
+# segmentation_models_pytorch needs timm, which needs torchvision, and PyPI's torchvision needs the full torch
+# build it was made for (not the CPU-only torch of .venv): a venv of its own for the smp / torchvision
+# adapters and their guide pages. These pins lie on the CI machine's disk for Python 3.11.
+VISION_PINS := torch==2.14.1 torchvision==0.29.1 timm==1.0.31 segmentation-models-pytorch==0.6.0
+VENV_VISION := .venv-vision
+$(VENV_VISION)/bin/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV_VISION)
+	$(VENV_VISION)/bin/pip install -q --upgrade pip
+	$(VENV_VISION)/bin/pip install -q $(VISION_PINS) numpy 'hypothesis>=6.80' 'pytest>=7' 'torchmetrics>=1.0'
+	touch $@
+
+test-vision: $(VENV_VISION)/bin/.installed
+	$(VENV_VISION)/bin/python -m pytest -q -p no:cacheprovider tests/test_integration_vision.py \
+		tests/test_docs.py -k "vision or smp or pytorch"
+
+# The end-to-end example: a Hugging Face SegFormer trained with HSSN on the demo scenes (CPU, about a minute).
+example: venv
+	$(BIN)/python examples/hf_segformer_hssn.py --out example_out
+
 # On a machine with an NVIDIA GPU: the GPU tests and the training-step table, from the checkout
 # (no venv, no network, nothing installed).
 gpu-check:
@@ -67,4 +86,4 @@ lint: venv
 	$(BIN)/ruff check hieraloss tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV_OLD) site demo_out .pytest_cache build hieraloss/_native/*.so
+	rm -rf $(VENV) $(VENV_OLD) $(VENV_VISION) site demo_out example_out .pytest_cache build hieraloss/_native/*.so

@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 SKIP_MARK = "# skip-test:"
 # Packages a docs example may need that a minimal install lacks.
-OPTIONAL = {"torch", "paddle", "triton", "mmseg", "mmengine", "mmcv", "paddleseg", "matplotlib", "tqdm"}
+OPTIONAL = {"torch", "paddle", "triton", "mmseg", "mmengine", "mmcv", "paddleseg", "matplotlib", "tqdm", "transformers",
+            "lightning", "torchmetrics", "segmentation_models_pytorch", "torchvision", "timm"}
 
 _FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})[ \t]*(?P<info>[^\n`]*)$")
 
