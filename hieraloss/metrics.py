@@ -563,8 +563,7 @@ class HierarchicalSegMetrics:
 
     def _off_path_stats(self, slots: list[np.ndarray], rows: _Rows, width: int) -> _Stats:
         """Counts of pixels whose per-depth labels are not a path: one joint count per depth."""
-        h, tab = self._h, self._t
-        n, L = h.num_nodes, h.max_depth
+        tab, L = self._t, self._h.max_depth
         nrows, total = rows.num_rows, rows.rows.size
         joints = [np.zeros(nrows * width, dtype=np.int64) for _ in range(L)]
         # Pairs (target, predicted node) of slots whose node already appeared at a coarser depth.

@@ -10,6 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("torchmetrics")
 
+from _sync_counter import CountSyncs  # noqa: E402
 from hypothesis import given  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -19,7 +20,6 @@ from hieraloss.integrations.torchmetrics import HierarchicalSegMetric  # noqa: E
 from hieraloss.metrics import HierarchicalSegMetrics  # noqa: E402
 from hieraloss.testing import hierarchies, label_maps  # noqa: E402
 from hieraloss.testing import logits as logit_maps  # noqa: E402
-from _sync_counter import CountSyncs  # noqa: E402
 
 
 def _per_depth_predictions(h, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:

@@ -18,7 +18,7 @@ Rules:
   Triton kernels of ``hieraloss.torch.kernels``, which does so only inside functions;
 * inside each backend, the internals (ops, tables, kernel glue, collectives, kernels) never import
   a door (``DOORS``: the package, its functional module, its Module/Layer classes, its leaf losses,
-  and paddle's ``distributed`` face);
+  torch's heads for stock models, and paddle's ``distributed`` face);
 * ``hieraloss/integrations/*`` use public names only: no import of a name or module starting with
   ``_`` from hieraloss, and no ``module._name`` attribute on an imported hieraloss module;
 * ``hieraloss/torch/*``, ``hieraloss/paddle/*`` and ``hieraloss/integrations/*`` never import
@@ -364,7 +364,7 @@ def test_integrations_use_public_names_only(package):
 # The public faces of each backend ("doors": validate, then dispatch) and what lies below them.
 DOORS = {
     "torch": {"hieraloss.torch", "hieraloss.torch.functional", "hieraloss.torch.modules",
-              "hieraloss.torch.leaf_losses"},
+              "hieraloss.torch.leaf_losses", "hieraloss.torch.heads"},
     "paddle": {"hieraloss.paddle", "hieraloss.paddle.functional", "hieraloss.paddle.layers",
                "hieraloss.paddle.leaf_losses", "hieraloss.paddle.distributed"},
 }

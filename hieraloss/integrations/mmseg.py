@@ -347,7 +347,8 @@ _LOSSES: dict[str, type[nn.Module]] = {
 }
 LOSS_NAMES = tuple(_LOSSES)
 # mmsegmentation 1.2.2 (its last release) asserts mmcv < 2.2.0 on import.
-MMCV_FIX = "mmsegmentation 1.2.x needs mmcv < 2.2: pip install 'mmcv-lite>=2.1,<2.2' (or pip install 'hieraloss[mmseg]')"
+MMCV_FIX = ("mmsegmentation 1.2.x needs mmcv < 2.2: pip install 'mmcv-lite>=2.1,<2.2' "
+            "(or pip install 'hieraloss[mmseg]')")
 
 
 def register(force: bool = False) -> Any:

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 import torchmetrics
 
+from ..core.checks import check_hierarchy
 from ..hierarchy import Hierarchy, LabelError
 from ..metrics import CONFIDENCE_SCALE, HierarchicalSegMetrics
-from ..torch.functional import _check_hierarchy, decode, upsample_to_labels
+from ..torch import decode, upsample_to_labels
 
 __all__ = ["HierarchicalSegMetric"]
 
@@ -69,8 +70,8 @@ class HierarchicalSegMetric(torchmetrics.Metric):
                  decode_method: str = "path", upsample_logits: bool = False, validate_args: bool = False,
                  **kwargs: Any):
         super().__init__(**kwargs)
-        self._reference = HierarchicalSegMetrics(hierarchy, ignore_index, ece_bins)  # checks the arguments
-        _check_hierarchy(hierarchy)
+        HierarchicalSegMetrics(hierarchy, ignore_index, ece_bins)  # checks the arguments, as the numpy metric
+        check_hierarchy(hierarchy)
         self.hierarchy = hierarchy
         self.ignore_index = int(ignore_index)
         self.ece_bins = int(ece_bins)
@@ -85,10 +86,15 @@ class HierarchicalSegMetric(torchmetrics.Metric):
         self.add_state("depth_repeat", torch.zeros(L, n + 2, n + 1, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("calibration", torch.zeros(L, self.ece_bins, 3, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("invalid", torch.zeros(3, dtype=torch.int64), dist_reduce_fx="sum")  # target, pred, conf
-        tab = self._reference._t
-        path_node = np.stack(tab.path_node)  # [L, K] node id at each depth of leaf k's path
-        target_node = np.stack(tab.target_node)  # [L, N] target class node at each depth, -1 unknown
-        self._has_leaf = [bool(v) for v in tab.has_leaf]  # on the host: read without a sync
+        h = hierarchy
+        path_node = h.node_ids[h.leaf_paths.T]  # [L, K] node id at each depth of leaf k's path
+        # [L, N] by target node id: its class at each depth (a shallow leaf is its own class below
+        # its depth), -1 where a partial label is unknown.
+        ch = h.channel_of
+        depth, is_leaf = h.depth[ch], h.is_leaf[ch]
+        target_node = np.stack([np.where(is_leaf | (depth >= d + 1), h.node_ids[h.ancestor_table[ch, d]], -1)
+                                for d in range(L)])
+        self._has_leaf = [bool(h.is_leaf[c].any()) for c in h.depth_channels]  # on the host: no sync
         tables = {"path_node": path_node, "target_node": target_node}
         for name, value in tables.items():
             self.register_buffer(f"_{name}", torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
@@ -114,8 +120,9 @@ class HierarchicalSegMetric(torchmetrics.Metric):
                                  f"got {tuple(preds.shape)}")
             logits = upsample_to_labels(preds.detach(), target, self.upsample_logits)
             if tuple(logits.shape[2:]) != tuple(target.shape[1:]):
-                raise ValueError(f"node logits {tuple(preds.shape)} are not at the target's size {tuple(target.shape)}: "
-                                 f"pass upsample_logits=True to upsample them bilinearly (align_corners=False)")
+                raise ValueError(f"node logits {tuple(preds.shape)} are not at the target's size "
+                                 f"{tuple(target.shape)}: pass upsample_logits=True to upsample them bilinearly "
+                                 f"(align_corners=False)")
             preds = decode(logits, h, self.decode_method)[0]
         if self.validate_args:
             check = HierarchicalSegMetrics(h, self.ignore_index, self.ece_bins)

@@ -26,19 +26,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..core.checks import check_hierarchy
 from ..hierarchy import Hierarchy
 from ..metrics import HierarchicalSegMetrics
-from ..torch.functional import _check_hierarchy, decode
+from ..torch import decode
+from ..torch.heads import node_label_maps
 
 __all__ = ["label_maps", "post_process_semantic_segmentation", "leaf_predictions", "compute_metrics",
            "HierarchicalTrainer"]
 
 
 def label_maps(hierarchy: Hierarchy) -> tuple[dict[int, str], dict[str, int]]:
-    """``(id2label, label2id)`` over the logit channels: channel c is node ``hierarchy.node_names[c]``."""
-    _check_hierarchy(hierarchy)
-    id2label = dict(enumerate(hierarchy.node_names))
-    return id2label, {name: c for c, name in id2label.items()}
+    """``(id2label, label2id)`` over the logit channels: channel c is node ``hierarchy.node_names[c]``
+    (:func:`hieraloss.torch.heads.node_label_maps`; :func:`~hieraloss.torch.make_hierarchical` sets them)."""
+    return node_label_maps(hierarchy)
 
 
 def _logits_of(outputs: Any) -> torch.Tensor:
@@ -82,7 +83,7 @@ def post_process_semantic_segmentation(outputs: Any, hierarchy: Hierarchy,
 def leaf_predictions(hierarchy: Hierarchy, method: str = "path") -> Callable[[Any, Any], torch.Tensor]:
     """A ``preprocess_logits_for_metrics`` for ``Trainer``: node logits to leaf ids at the labels'
     size, on the device, so evaluation gathers one integer map per image instead of N channels."""
-    _check_hierarchy(hierarchy)
+    check_hierarchy(hierarchy)
 
     def preprocess(logits: Any, labels: Any) -> torch.Tensor:
         x = _logits_of(logits)

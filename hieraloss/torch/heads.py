@@ -27,7 +27,7 @@ from ..hierarchy import Hierarchy
 from .functional import _check_hierarchy
 
 __all__ = ["HierarchicalOutput", "HierarchicalHead", "HierarchicalModel", "make_hierarchical",
-           "CLASSIFIER_PATHS"]
+           "node_label_maps", "CLASSIFIER_PATHS"]
 
 
 class HierarchicalOutput(NamedTuple):
@@ -115,6 +115,14 @@ CLASSIFIER_PATHS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "torchvision": [("classifier.4", ("aux_classifier.4",)),
                     ("classifier.high_classifier", ("classifier.low_classifier",))],
 }
+
+
+def node_label_maps(hierarchy: Hierarchy) -> tuple[dict[int, str], dict[str, int]]:
+    """``(id2label, label2id)`` over the logit channels: channel c is node ``hierarchy.node_names[c]``
+    (what a Hugging Face config with ``num_labels = hierarchy.num_nodes`` holds)."""
+    _check_hierarchy(hierarchy)
+    id2label = dict(enumerate(hierarchy.node_names))
+    return id2label, {name: c for c, name in id2label.items()}
 
 
 def _family(model: nn.Module) -> str:
@@ -236,8 +244,6 @@ def make_hierarchical(model: nn.Module, hierarchy: Hierarchy, *, embedding_dim: 
         _set(model, path, _node_conv(_get(model, path), n).to(**place))
     config = getattr(model, "config", None)
     if config is not None and _family(model) == "transformers":
-        from ..integrations.transformers import label_maps
-
-        config.id2label, config.label2id = label_maps(hierarchy)
+        config.id2label, config.label2id = node_label_maps(hierarchy)
         config.num_labels = n
     return HierarchicalModel(model, hierarchy, main, output_size)
