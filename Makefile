@@ -8,7 +8,7 @@ PADDLE_PIN := paddlepaddle==3.3.1
 # mmseg's registry only (mmcv-lite has no compiled ops; full mmcv needs a build for your torch/CUDA).
 MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 
-.PHONY: venv test test-aot-oldest test-vision demo example docs bench lint clean gpu-check gpu-ab
+.PHONY: venv test test-aot-oldest test-vision test-paddleseg demo example docs bench lint clean gpu-check gpu-ab
 
 # setup.py compiles the CPU kernel (hieraloss/_native) into the source tree on install: re-install when it changes.
 $(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h
@@ -59,6 +59,21 @@ test-vision: $(VENV_VISION)/bin/.installed
 	$(VENV_VISION)/bin/python -m pytest -q -p no:cacheprovider tests/test_integration_vision.py \
 		tests/test_docs.py -k "vision or smp or pytorch"
 
+# The real PaddleSeg 2.8.0 imports only beside numpy<2 (its opencv pin): its registry, its
+# loss_computation and its guide page run in a venv of their own.
+PADDLESEG_PINS := $(PADDLE_PIN) paddleseg==2.8.0 'numpy<2'
+VENV_PADDLESEG := .venv-paddleseg
+$(VENV_PADDLESEG)/bin/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV_PADDLESEG)
+	$(VENV_PADDLESEG)/bin/pip install -q --upgrade pip
+	$(VENV_PADDLESEG)/bin/pip install -q $(PADDLESEG_PINS) 'hypothesis>=6.80' 'pytest>=7'
+	touch $@
+
+test-paddleseg: $(VENV_PADDLESEG)/bin/.installed
+	$(VENV_PADDLESEG)/bin/python -c "import paddleseg.models"  # the real package, not the stand-in
+	$(VENV_PADDLESEG)/bin/python -m pytest -q -p no:cacheprovider tests/test_paddle_paddleseg.py \
+		tests/test_docs.py -k "paddleseg"
+
 # The end-to-end example: a Hugging Face SegFormer trained with HSSN on the demo scenes (CPU, about a minute).
 example: venv
 	$(BIN)/python examples/hf_segformer_hssn.py --out example_out
@@ -86,4 +101,4 @@ lint: venv
 	$(BIN)/ruff check hieraloss tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(VENV_OLD) $(VENV_VISION) site demo_out example_out .pytest_cache build hieraloss/_native/*.so
+	rm -rf $(VENV) $(VENV_OLD) $(VENV_VISION) $(VENV_PADDLESEG) site demo_out example_out .pytest_cache build hieraloss/_native/*.so

@@ -3,7 +3,8 @@
 The registration runs against the real ``paddleseg.cvlibs.manager.LOSSES`` when PaddleSeg imports;
 otherwise against a minimal stand-in with the same interface (``add_component``,
 ``components_dict``, ``__getitem__``). PaddleSeg 2.8 pins ``opencv-python<=4.6``, which does not
-import with numpy 2, so in this project's environment the stand-in is what runs.
+import with numpy 2, so the main test venv runs the stand-in and ``make test-paddleseg`` (a venv with
+``numpy<2``) runs the real package.
 """
 
 from __future__ import annotations

@@ -192,6 +192,16 @@ def test_paddle_names_the_same_fix_and_upsamples_the_same():
         assert abs(float(got) - float(ref)) < 1e-9
     assert abs(float(hpaddle.tree_min_loss(paddle.to_tensor(x), paddle.to_tensor(labels), H, upsample_logits=True))
                - float(want)) < 1e-9
+    layer = hpaddle.TreeMinLoss(H, upsample_logits=True)(paddle.to_tensor(x), paddle.to_tensor(labels))
+    assert abs(float(layer) - float(want)) < 1e-9
+    leaf = x[:, : H.num_leaves]
+    for name in ("hierarchical_cross_entropy", "soft_label_cross_entropy"):
+        got = getattr(hpaddle, name)(paddle.to_tensor(leaf), paddle.to_tensor(labels), H, upsample_logits=True)
+        ref = globals()[name](torch.from_numpy(leaf), torch.from_numpy(labels), H, upsample_logits=True)
+        assert abs(float(got) - float(ref)) < 1e-9
+    up = hpaddle.HierarchicalCrossEntropyLoss(H, upsample_logits=True)(paddle.to_tensor(leaf), paddle.to_tensor(labels))
+    assert abs(float(up) - float(hierarchical_cross_entropy(torch.from_numpy(leaf), torch.from_numpy(labels), H,
+                                                            upsample_logits=True))) < 1e-9
     with pytest.raises(ValueError, match=r"hierarchy.num_nodes \(26\)"):
         hpaddle.tree_min_loss(paddle.randn([1, 19, 4, 4]), paddle.zeros([1, 4, 4], dtype="int64"), H)
     with pytest.raises(ValueError, match="upsample_logits=True"):

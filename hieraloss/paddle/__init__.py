@@ -21,6 +21,7 @@ from .functional import (
     path_scores,
     tree_min_loss,
     triplet_weight,
+    upsample_to_labels,
 )
 from .layers import (
     FocalTreeMinLoss,
@@ -59,6 +60,7 @@ __all__ = [
     "HierarchyDecoder",
     "HierarchicalCrossEntropyLoss",
     "SoftLabelCrossEntropyLoss",
+    "upsample_to_labels",
     "REDUCTIONS",
     "DECODE_METHODS",
     "BACKENDS",

@@ -49,6 +49,7 @@ class TreeMinLoss(nn.Layer):
         check_finite: bool = False,
         backend: str = "auto",
         check_labels: bool = True,
+        upsample_logits: bool = False,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -61,6 +62,7 @@ class TreeMinLoss(nn.Layer):
         self.check_finite = check_finite
         self.backend = backend
         self.check_labels = bool(check_labels)
+        self.upsample_logits = bool(upsample_logits)
         _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
@@ -74,6 +76,7 @@ class TreeMinLoss(nn.Layer):
             check_finite=self.check_finite,
             backend=self.backend,
             check_labels=self.check_labels,
+            upsample_logits=self.upsample_logits,
         )
 
     def extra_repr(self) -> str:
@@ -99,6 +102,7 @@ class FocalTreeMinLoss(TreeMinLoss):
             check_finite=self.check_finite,
             backend=self.backend,
             check_labels=self.check_labels,
+            upsample_logits=self.upsample_logits,
         )
 
     def extra_repr(self) -> str:
@@ -186,6 +190,7 @@ class HSSNLoss(nn.Layer):
         process_group: Any = None,
         gather_across_ranks: bool = False,
         check_labels: bool = True,
+        upsample_logits: bool = False,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -207,6 +212,7 @@ class HSSNLoss(nn.Layer):
         self.process_group = process_group
         self.gather_across_ranks = gather_across_ranks
         self.check_labels = bool(check_labels)
+        self.upsample_logits = bool(upsample_logits)
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
@@ -246,6 +252,7 @@ class HSSNLoss(nn.Layer):
             process_group=self.process_group,
             gather_across_ranks=self.gather_across_ranks,
             check_labels=self.check_labels,
+            upsample_logits=self.upsample_logits,
         )
         if self.training and paddle.is_grad_enabled() and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
@@ -273,9 +280,11 @@ class _LeafLoss(nn.Layer):
 
     _param = ""
 
-    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean"):
+    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean",
+                 upsample_logits: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
+        self.upsample_logits = bool(upsample_logits)
         setattr(self, self._param, check_nonnegative(value, self._param))
         check_leaf_reduction(reduction)
         hierarchy.check_ignore_index(ignore_index)
@@ -297,9 +306,11 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
     _param = "alpha"
 
     def __init__(
-        self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean"
+        self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
+        upsample_logits: bool = False,
     ):
-        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction)
+        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
+                         upsample_logits=upsample_logits)
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return _leaf.hierarchical_cross_entropy(
@@ -309,6 +320,7 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
             alpha=self.alpha,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            upsample_logits=self.upsample_logits,
         )
 
 
@@ -319,9 +331,11 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
     _param = "beta"
 
     def __init__(
-        self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean"
+        self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
+        upsample_logits: bool = False,
     ):
-        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction)
+        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction,
+                         upsample_logits=upsample_logits)
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return _leaf.soft_label_cross_entropy(
@@ -331,4 +345,5 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
             beta=self.beta,
             ignore_index=self.ignore_index,
             reduction=self.reduction,
+            upsample_logits=self.upsample_logits,
         )

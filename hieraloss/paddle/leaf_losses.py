@@ -32,7 +32,7 @@ from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from ._ops import compute_dtype, decode_op
 from ._tables import tables_for, vec
-from .functional import _checked_labels
+from .functional import _checked_labels, upsample_to_labels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -194,9 +194,9 @@ def _reduce(loss: paddle.Tensor, valid: paddle.Tensor, reduction: str, B: int, s
     return total / paddle.clip(valid.astype("int64").sum(), min=1).astype(loss.dtype)
 
 
-def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reduction, value, name):
+def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reduction, value, name, upsample_logits):
     """Check the arguments, then ``op`` (a PyLayer) on ``[B, K, P]`` logits and label channels."""
-    x = _checked_leaf_logits(leaf_logits, hierarchy)
+    x = upsample_to_labels(_checked_leaf_logits(leaf_logits, hierarchy), labels, upsample_logits)
     v = check_nonnegative(value, name)
     check_leaf_reduction(reduction)
     lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
@@ -210,8 +210,8 @@ def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reductio
 
 
 def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
-                               alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean"
-                               ) -> paddle.Tensor:
+                               alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
+                               upsample_logits: bool = False) -> paddle.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     ``-sum over the edges of the label's path of exp(-alpha * height(C)) * log p(C | parent(C))``,
@@ -219,15 +219,16 @@ def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor
     a log-sum-exp of the leaf logits). A partial label (internal node c) takes the edges from the
     root down to c. ``alpha = 0`` is the flat cross-entropy. ``reduction``: ``"mean"`` over
     counted (not ignored) pixels, ``"sum"`` or ``"none"`` (``[B, *spatial]``, 0 where ignored); no
-    counted pixel gives an exact 0 connected to the graph.
+    counted pixel gives an exact 0 connected to the graph. ``upsample_logits=True`` resizes leaf
+    logits at a lower resolution than the labels first, as for :func:`~hieraloss.paddle.tree_min_loss`.
     """
     return _leaf_loss(_HierarchicalCE, hxe_coefficients, leaf_logits, labels, hierarchy, ignore_index, reduction,
-                      alpha, "alpha")
+                      alpha, "alpha", upsample_logits)
 
 
 def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
-                             beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean"
-                             ) -> paddle.Tensor:
+                             beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
+                             upsample_logits: bool = False) -> paddle.Tensor:
     """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     Target over leaves ``q(l) = softmax_l(-beta * psi(c, l))`` for a pixel labelled c (psi =
@@ -235,10 +236,10 @@ def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, 
     height of the lowest common ancestor over the tree height instead of psi: on a balanced tree of
     depth L, psi is twice that height, so its ``beta_paper`` is ``beta = beta_paper / (2 * L)`` here.
     Loss ``-sum_l q(l) log p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
-    flat cross-entropy. Reductions as :func:`hierarchical_cross_entropy`.
+    flat cross-entropy. Reductions and ``upsample_logits`` as :func:`hierarchical_cross_entropy`.
     """
     return _leaf_loss(_SoftLabelCE, soft_targets, leaf_logits, labels, hierarchy, ignore_index, reduction,
-                      beta, "beta")
+                      beta, "beta", upsample_logits)
 
 
 def decode_leaf_logits(leaf_logits: paddle.Tensor, hierarchy: Hierarchy, method: str = "argmax"
