@@ -7,7 +7,9 @@ int64 and as uint8; per-depth predictions as uint8, all paths of the tree or wit
 pixels off-path) and, as a baseline measured in the same
 run on the same pixels, one plain ``np.bincount(target * K + pred)`` (a single flat confusion
 matrix of int64 maps). Prints the best of ``--repeat`` runs in Mpixel/s and the ratio of the
-update's time to the baseline's.
+update's time to the baseline's. When torch and torchmetrics are installed, the same inputs go
+through ``hieraloss.integrations.torchmetrics.HierarchicalSegMetric.update`` as CPU tensors too
+(rows marked "torchmetrics"; on a GPU that update runs on the device without a host sync).
 """
 
 from __future__ import annotations
@@ -46,6 +48,15 @@ def make_maps(h, shape, rng):
     return target.astype(np.int64), pred.astype(np.int64), per_depth, broken
 
 
+def _torchmetrics_metric(h):
+    """The torchmetrics metric, or None where torch or torchmetrics is not installed."""
+    try:
+        from hieraloss.integrations.torchmetrics import HierarchicalSegMetric
+    except ImportError:
+        return None
+    return HierarchicalSegMetric(h)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--height", type=int, default=1024)
@@ -61,7 +72,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     print(f"{pixels / 1e6:.2f} Mpixel per update ({args.batch} x {args.height} x {args.width}), "
           f"best of {args.repeat}")
-    print(f"{'preset':<20} {'input':<22} {'Mpixel/s':>9} {'ms':>8} {'x baseline time':>16}")
+    print(f"{'preset':<20} {'input':<38} {'Mpixel/s':>9} {'ms':>8} {'x baseline time':>16}")
     for name in ("cityscapes", "mapillary_vistas_v2"):
         h = presets.get(name)
         target, pred, per_depth, broken = make_maps(h, shape, rng)
@@ -77,8 +88,16 @@ def main() -> None:
         }
         for label, (p, t) in cases.items():
             rows.append((label, best_seconds(lambda p=p, t=t, m=metric: m.update(p, t), args.repeat)))
+        device_metric = _torchmetrics_metric(h)
+        if device_metric is not None:
+            import torch
+
+            for label, (p, t) in cases.items():
+                pt, tt = torch.from_numpy(p), torch.from_numpy(t)
+                rows.append((f"torchmetrics {label}",
+                             best_seconds(lambda p=pt, t=tt, m=device_metric: m.update(p, t), args.repeat)))
         for label, sec in rows:
-            print(f"{name:<20} {label:<22} {pixels / sec / 1e6:>9.1f} {sec * 1e3:>8.2f} {sec / base:>16.2f}")
+            print(f"{name:<20} {label:<38} {pixels / sec / 1e6:>9.1f} {sec * 1e3:>8.2f} {sec / base:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -75,16 +75,27 @@ def test_states_merge_by_summation_as_torchmetrics_syncs_them():
     assert reference.compute()["consistency_rate"] < 1  # off-path pixels took part
 
 
-def test_update_makes_no_host_sync():
-    h = hieraloss.presets.cityscapes()
+def test_update_makes_no_host_sync_off_the_cpu(monkeypatch):
+    """The path every non-CPU device takes (discard slots instead of boolean indexing), run on the
+    CPU: no host read, and the same counts as the CPU's compacting path."""
+    h = hieraloss.presets.mapillary_vistas_v2()
+    compacting = HierarchicalSegMetric(h)
+    monkeypatch.setattr(HierarchicalSegMetric, "_compacts", staticmethod(lambda device: False))
     metric = HierarchicalSegMetric(h)
-    leaf = torch.randint(0, h.num_leaves, (2, 8, 8))
-    per_depth = torch.randint(0, h.num_nodes, (2, h.max_depth, 8, 8))
-    target = torch.randint(0, h.num_leaves, (2, 8, 8))
+    g = torch.Generator().manual_seed(3)
+    leaf = torch.randint(0, h.num_leaves, (2, 8, 8), generator=g)
+    _, per_depth = hieraloss.torch.decode(torch.randn(2, h.num_nodes, 8, 8, generator=g), h, "independent")
+    target = torch.randint(0, h.num_nodes, (2, 8, 8), generator=g)
+    confidence = torch.rand(2, h.max_depth, 8, 8, generator=g)
     with CountSyncs() as counter:
         metric.update(leaf, target)
-        metric.update(per_depth, target, torch.rand(2, h.max_depth, 8, 8))
+        metric.update(per_depth, target, confidence)
     assert counter.events == []
+    compacting.update(leaf, target)
+    compacting.update(per_depth, target, confidence)
+    for name in ("leaf_joint", "depth_joint", "depth_repeat", "calibration"):
+        assert torch.equal(getattr(metric, name), getattr(compacting, name)), name
+    assert int(metric.depth_joint.sum()) > 0 and int(metric.depth_repeat.sum()) > 0
 
 
 def test_bad_values_raise_at_compute_or_at_update_with_validate_args():

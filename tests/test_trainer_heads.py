@@ -228,3 +228,15 @@ def test_hssn_step_advances_only_on_training_steps():
     loss.train()
     loss(x, y)  # no embeddings: no triplet term, nothing to schedule
     assert int(loss.step) == 1
+
+
+def test_hierarchical_model_compiles_fullgraph():
+    """The classifier tap keeps the embeddings in a module attribute: dynamo traces that as a side
+    effect, so a compiled model gives eager's outputs with no graph break."""
+    model = make_hierarchical(_Custom(), H, embedding_dim=4, classifier="final")
+    images = torch.randn(2, 3, 8, 8)
+    eager = model(images)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")(images)
+    assert torch.equal(eager.logits, compiled.logits)
+    assert torch.allclose(eager.embeddings, compiled.embeddings)
+    assert model.model.final.embeddings is None  # handed over, not kept

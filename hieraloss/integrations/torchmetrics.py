@@ -26,6 +26,8 @@ from ..torch import decode, upsample_to_labels
 
 __all__ = ["HierarchicalSegMetric"]
 
+_ROW_TABLE_MAX = 1 << 16  # target values mapped by a lookup table up to this range
+
 
 def _accumulate(out: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """``out[index] += values`` with repeated indices summed, in place and without a host sync: a
@@ -85,7 +87,8 @@ class HierarchicalSegMetric(torchmetrics.Metric):
         self.add_state("depth_joint", torch.zeros(L, n + 2, n + 1, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("depth_repeat", torch.zeros(L, n + 2, n + 1, dtype=torch.int64), dist_reduce_fx="sum")
         self.add_state("calibration", torch.zeros(L, self.ece_bins, 3, dtype=torch.int64), dist_reduce_fx="sum")
-        self.add_state("invalid", torch.zeros(3, dtype=torch.int64), dist_reduce_fx="sum")  # target, pred, conf
+        # Confidences outside [0, 1]; bad targets and predictions land in the extra row and column.
+        self.add_state("invalid_confidence", torch.zeros((), dtype=torch.int64), dist_reduce_fx="sum")
         h = hierarchy
         path_node = h.node_ids[h.leaf_paths.T]  # [L, K] node id at each depth of leaf k's path
         # [L, N] by target node id: its class at each depth (a shallow leaf is its own class below
@@ -95,16 +98,50 @@ class HierarchicalSegMetric(torchmetrics.Metric):
         target_node = np.stack([np.where(is_leaf | (depth >= d + 1), h.node_ids[h.ancestor_table[ch, d]], -1)
                                 for d in range(L)])
         self._has_leaf = [bool(h.is_leaf[c].any()) for c in h.depth_channels]  # on the host: no sync
-        tables = {"path_node": path_node, "target_node": target_node}
+        # Lookup tables that map any value to its row / column in one gather: slot 0 stands for every
+        # value below the table's range, the last slot for every value above it.
+        # An ignore_index far from the node ids takes two compares instead (a table would be huge).
+        lo, hi = min(0, self.ignore_index), max(n - 1, self.ignore_index)
+        self._row_offset = 1 - lo
+        if hi - lo < _ROW_TABLE_MAX:
+            row_table = np.full(hi - lo + 3, n + 1, dtype=np.int64)
+            row_table[self._row_offset: self._row_offset + n] = np.arange(n)
+            row_table[self.ignore_index + self._row_offset] = n
+        else:
+            row_table = np.zeros(0, dtype=np.int64)
+        leaf_col = np.concatenate([[k], np.arange(k), [k]])
+        node_col = np.concatenate([[n], np.arange(n), [n]])
+        tables = {"path_node": path_node, "target_node": target_node, "row_table": row_table,
+                  "leaf_col": leaf_col, "node_col": node_col}
         for name, value in tables.items():
             self.register_buffer(f"_{name}", torch.from_numpy(np.ascontiguousarray(value)), persistent=False)
 
     # ------------------------------------------------------------------ update
     def _rows(self, target: torch.Tensor) -> torch.Tensor:
-        n = self.hierarchy.num_nodes
-        t = target.to(torch.int64).reshape(-1)
-        row = torch.where((t >= 0) & (t < n), t, torch.full_like(t, n + 1))
-        return torch.where(t == self.ignore_index, torch.full_like(t, n), row)
+        """Row of every target pixel: its node id, N for ignore_index, N + 1 for anything else."""
+        t = target.reshape(-1).to(torch.int64)
+        if self._row_table.numel() == 0:
+            n = self.hierarchy.num_nodes
+            row = torch.where((t >= 0) & (t < n), t, n + 1)
+            return torch.where(t == self.ignore_index, n, row)
+        return self._row_table[(t + self._row_offset).clamp_(0, self._row_table.numel() - 1)]
+
+    @staticmethod
+    def _columns(values: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """Column of every predicted value through ``table`` (``[bad, 0..C-1, bad]``)."""
+        return table[(values.to(torch.int64) + 1).clamp_(0, table.numel() - 1)]
+
+    @staticmethod
+    def _compacts(device: torch.device) -> bool:
+        """Whether to compact selected pixels with a boolean index: on the CPU (no device to wait
+        for); elsewhere that would sync with the device, so unselected pixels go to a discard slot."""
+        return device.type == "cpu"
+
+    def _keep(self, index: torch.Tensor, keep: torch.Tensor, discard: int) -> torch.Tensor:
+        """The entries of ``index`` where ``keep`` (the others discarded, see :meth:`_compacts`)."""
+        if self._compacts(index.device):
+            return index[keep]
+        return torch.where(keep, index, discard)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor, confidence: torch.Tensor | None = None) -> None:
         h = self.hierarchy
@@ -133,49 +170,44 @@ class HierarchicalSegMetric(torchmetrics.Metric):
             raise ValueError(f"preds shape {tuple(preds.shape)} matches neither target shape {tuple(target.shape)} "
                              f"(leaf ids) nor [B, L={L}, *spatial] (per-depth node ids)")
         rows = self._rows(target)
-        self.invalid[0] += (rows == n + 1).sum()
-        p = preds.to(torch.int64)
+        size = (n + 2) * (k + 1)
         if per_depth:
-            slots = [p[:, d].reshape(-1) for d in range(L)]
-            leaf = slots[-1]
-            on_path = (leaf >= 0) & (leaf < k)
-            safe_leaf = leaf.clamp(0, k - 1)
+            slots = [preds[:, d].reshape(-1) for d in range(L)]
+            leaf = self._columns(slots[-1], self._leaf_col)  # k: not a leaf
+            safe_leaf = leaf.clamp(max=k - 1)
+            on_path = leaf < k
             for d in range(L - 1):
                 on_path &= self._path_node[d][safe_leaf] == slots[d]
-        else:
-            leaf = p.reshape(-1)
-            on_path = torch.ones_like(leaf, dtype=torch.bool)
-        col = torch.where((leaf >= 0) & (leaf < k), leaf, torch.full_like(leaf, k))
-        size = (n + 2) * (k + 1)
-        index = torch.where(on_path, rows * (k + 1) + col, torch.full_like(rows, size))
-        self.leaf_joint += _count(index, size).view(n + 2, k + 1)
-        if per_depth:
+            index = self._keep(rows * (k + 1) + leaf, on_path, size)
             self._update_off_path(slots, rows, ~on_path)
-            bad = torch.zeros_like(rows, dtype=torch.bool)
-            for s in slots:
-                bad |= (s < 0) | (s >= n)
-            self.invalid[1] += bad.sum()
         else:
-            self.invalid[1] += (col == k).sum()
+            leaf = self._columns(preds.reshape(-1), self._leaf_col)
+            safe_leaf = leaf.clamp(max=k - 1)
+            index = rows * (k + 1) + leaf
+        self.leaf_joint += _count(index, size).view(n + 2, k + 1)
         if confidence is not None:
-            self._update_calibration(slots if per_depth else None, safe_leaf if per_depth else col.clamp(max=k - 1),
-                                     rows, confidence, (target.shape[0], L, *target.shape[1:]))
+            self._update_calibration(slots if per_depth else None, safe_leaf, rows, confidence,
+                                     (target.shape[0], L, *target.shape[1:]))
 
     def _update_off_path(self, slots: list[torch.Tensor], rows: torch.Tensor, off: torch.Tensor) -> None:
         n = self.hierarchy.num_nodes
         size = (n + 2) * (n + 1)
+        keep: torch.Tensor | None = off
+        if self._compacts(rows.device):  # the off-path pixels once
+            where = off.nonzero().squeeze(1)
+            slots, rows, keep = [s[where] for s in slots], rows[where], None
         for d, s in enumerate(slots):
-            col = torch.where((s >= 0) & (s < n), s, torch.full_like(s, n))
-            base = rows * (n + 1) + col
-            self.depth_joint[d] += _count(torch.where(off, base, torch.full_like(base, size)), size).view(n + 2, n + 1)
+            base = rows * (n + 1) + self._columns(s, self._node_col)
+            self.depth_joint[d] += _count(base if keep is None else torch.where(keep, base, size),
+                                          size).view(n + 2, n + 1)
             earlier = [e for e in range(d) if self._has_leaf[e]]  # only leaves repeat across depths
             if earlier:
-                dup = torch.zeros_like(off)
-                for e in earlier:
-                    dup |= slots[e] == s
-                keep = off & dup
-                self.depth_repeat[d] += _count(torch.where(keep, base, torch.full_like(base, size)),
-                                               size).view(n + 2, n + 1)
+                repeat = slots[earlier[0]] == s
+                for e in earlier[1:]:
+                    repeat |= slots[e] == s
+                if keep is not None:
+                    repeat &= keep
+                self.depth_repeat[d] += _count(self._keep(base, repeat, size), size).view(n + 2, n + 1)
 
     def _update_calibration(self, slots: list[torch.Tensor] | None, leaf: torch.Tensor, rows: torch.Tensor,
                             confidence: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -186,7 +218,7 @@ class HierarchicalSegMetric(torchmetrics.Metric):
             raise ValueError(f"confidence must have the per-depth shape [B, L, *spatial] = {tuple(shape)}, "
                              f"got {tuple(confidence.shape)}")
         c = confidence.detach().to(torch.float64)
-        self.invalid[2] += (~((c >= 0) & (c <= 1))).sum()
+        self.invalid_confidence += (~((c >= 0) & (c <= 1))).sum()
         c = c.nan_to_num(0.0).clamp(0.0, 1.0)
         # Target class per row at every depth: -1 for ignore_index, invalid values and unknown depths.
         row_node = torch.full((L, n + 2), -1, dtype=torch.int64, device=rows.device)
@@ -210,7 +242,11 @@ class HierarchicalSegMetric(torchmetrics.Metric):
     def to_metrics(self) -> HierarchicalSegMetrics:
         """The accumulated counts as a :class:`~hieraloss.metrics.HierarchicalSegMetrics` (one host
         copy; after a distributed sync when torchmetrics syncs on compute)."""
-        bad_target, bad_pred, bad_conf = (int(v) for v in self.invalid.cpu())
+        n, k = self.hierarchy.num_nodes, self.hierarchy.num_leaves
+        # Every pixel lands in leaf_joint (a path) or in depth_joint at every depth (not a path).
+        bad_target = int(self.leaf_joint[n + 1].sum() + self.depth_joint[0, n + 1].sum())
+        bad_pred = int(self.leaf_joint[:, k].sum() + self.depth_joint[:, :, n].sum())
+        bad_conf = int(self.invalid_confidence)
         if bad_target or bad_pred:
             raise LabelError(
                 f"HierarchicalSegMetric was updated with {bad_target} target values that are neither node ids "
@@ -219,7 +255,6 @@ class HierarchicalSegMetric(torchmetrics.Metric):
                 f"that has them. {self.hierarchy.label_fix_hint()}")
         if bad_conf:
             raise ValueError(f"HierarchicalSegMetric was updated with {bad_conf} confidences outside [0, 1]")
-        n, k = self.hierarchy.num_nodes, self.hierarchy.num_leaves
         out = HierarchicalSegMetrics(self.hierarchy, self.ignore_index, self.ece_bins)
         out.add_joint_counts(self.leaf_joint[:n, :k].cpu().numpy(), self.depth_joint[:, :n, :n].cpu().numpy(),
                              self.depth_repeat[:, :n, :n].cpu().numpy(), self.calibration.cpu().numpy())
