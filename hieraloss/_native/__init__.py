@@ -46,6 +46,8 @@ _i64 = ctypes.c_int64
 
 
 def _load() -> ctypes.CDLL | None:
+    if "lib" in _STATE:  # loaded: no lock (torch.compile traces this check, and locks break graphs)
+        return _STATE["lib"]  # type: ignore[return-value]
     with _LOCK:
         if "lib" in _STATE:
             return _STATE["lib"]  # type: ignore[return-value]

@@ -319,11 +319,9 @@ def plan_for(h: Hierarchy) -> Plan:
     """The :class:`Plan` of ``h``, built once per fingerprint (thread-safe; the most recently used
     plans are kept)."""
     key = h.fingerprint
-    with _LOCK:
-        plan = _PLANS.get(key)
-        if plan is not None:
-            _PLANS.move_to_end(key)
-            return plan
+    plan = _PLANS.get(key)  # a hit takes no lock (torch.compile traces this path; locks break graphs)
+    if plan is not None:
+        return plan
     built = _build(h)  # outside the lock: a large tree does not block other hierarchies' lookups
     with _LOCK:
         plan = _PLANS.setdefault(key, built)  # two racing builders: the first one stored wins

@@ -197,8 +197,9 @@ def _tiles(B: int, P: int, step: int):
 def _sparse_fixups(t: torch.Tensor) -> bool:
     """Whether rare cases (ignored pixels, partial labels, ties) may be handled as corrections on the
     few pixels concerned, found with a host sync: on CPU yes (a sync is free); elsewhere one dense
-    pass over the tile is cheaper than stalling the device."""
-    return t.device.type == "cpu"
+    pass over the tile is cheaper than stalling the device. Never inside ``torch.compile``: a
+    data-dependent size would break the graph."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class _Scratch:

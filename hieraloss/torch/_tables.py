@@ -51,8 +51,8 @@ def tables_for(hierarchy: Hierarchy, device: torch.device | str) -> DeviceTables
     """The cached :class:`DeviceTables` of ``hierarchy`` on ``device``."""
     device = torch.device(device)
     key = (hierarchy.fingerprint, str(device))
-    with _LOCK:
-        tab = _CACHE.get(key)
-        if tab is None:
-            tab = _CACHE[key] = DeviceTables(hierarchy, device)
+    tab = _CACHE.get(key)  # a hit takes no lock: torch.compile traces this path, and locks break graphs
+    if tab is None:
+        with _LOCK:
+            tab = _CACHE.setdefault(key, DeviceTables(hierarchy, device))
     return tab

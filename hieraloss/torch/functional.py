@@ -145,6 +145,9 @@ def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: in
         channels = table[slot].clamp_(min=-1)
         if not check:
             return channels, True
+        if torch.compiler.is_compiling():
+            _assert_labels_in_graph(bad_slot[slot].any(), hierarchy, ignore_index)
+            return channels, True
         counts = torch.bincount(slot.reshape(-1), minlength=table.numel()) > 0
         any_bad, any_partial = torch.stack([(counts & bad_slot).any(), (counts & partial_slot).any()]).tolist()
         if any_bad:
@@ -156,6 +159,9 @@ def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: in
     if not check:
         ignored = ignored | bad
         any_partial = True
+    elif torch.compiler.is_compiling():
+        _assert_labels_in_graph(bad.any(), hierarchy, ignore_index)
+        any_partial = True
     else:
         any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
         if any_bad:
@@ -165,15 +171,29 @@ def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: in
     return torch.where(ignored, torch.full_like(lab, -1), tab.channel_of[safe]), bool(any_partial)
 
 
+def _assert_labels_in_graph(any_bad: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> None:
+    """The label check of a compiled graph: an assertion on the device (no host read, no graph
+    break), raised when the step runs; run the step eagerly to see which values."""
+    message = (f"hieraloss: labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
+               f"ignore_index={ignore_index} (run eagerly for the values, or pass check_labels=False to count "
+               f"them as ignored)")
+    torch._assert_async(~any_bad, message)
+
+
 def _check_label_values(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> None:
-    """Raise :class:`LabelError` if a label is neither a node id nor ``ignore_index`` (one sync)."""
+    """Raise :class:`LabelError` if a label is neither a node id nor ``ignore_index`` (one sync;
+    under ``torch.compile`` an assertion in the graph instead)."""
     lab = labels.to(torch.int64)
     slots = _label_slots(lab, hierarchy, ignore_index)
     if slots is not None:
         slot, _, bad_slot, _ = slots
-        any_bad = bool(bad_slot[slot].any())
+        bad = bad_slot[slot].any()
     else:
-        any_bad = bool(((lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))).any())
+        bad = ((lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))).any()
+    if torch.compiler.is_compiling():
+        _assert_labels_in_graph(bad, hierarchy, ignore_index)
+        return
+    any_bad = bool(bad)
     if any_bad:
         raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
 
