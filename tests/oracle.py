@@ -516,9 +516,26 @@ def _leaf_reduce(out, valid, reduction):
     return float(out.sum()) / count if count else 0.0
 
 
-def hierarchical_cross_entropy(leaf_logits, labels, h, *, alpha=0.1, ignore_index=IGNORE, reduction="mean"):
+def hxe_weight(t: Tree, node, alpha, weighting="depth", normalize=False):
+    """The weight of the edge into channel ``node``: exp(-alpha * depth) (depth: the number of nodes on
+    its root path, 1 for a top-level node; the published weighting) or exp(-alpha * height);
+    ``normalize`` divides by the sum of the weights of every node, the root included (the released
+    code's ``get_exponential_weighting`` sums over all tree positions)."""
+    def level(v):
+        return len(t.anc[v]) if weighting == "depth" else node_height(t, v)
+
+    w = math.exp(-alpha * level(node))
+    if normalize:
+        tops = [v for v in range(len(t.anc)) if len(t.anc[v]) == 1]
+        root_level = 0 if weighting == "depth" else 1 + max(node_height(t, v) for v in tops)
+        w /= sum(math.exp(-alpha * level(v)) for v in range(len(t.anc))) + math.exp(-alpha * root_level)
+    return w
+
+
+def hierarchical_cross_entropy(leaf_logits, labels, h, *, alpha=0.1, ignore_index=IGNORE, reduction="mean",
+                               weighting="depth", normalize=False):
     """Per pixel: -sum over the edges (parent, C) of the label's root path of
-    exp(-alpha * height(C)) * (log p(C) - log p(parent)), log p(root) = 0."""
+    w(C) * (log p(C) - log p(parent)), log p(root) = 0, w from :func:`hxe_weight`."""
     t = tree(h)
     x = np.asarray(leaf_logits).astype(np.float64)
     labels = np.asarray(labels)
@@ -532,7 +549,7 @@ def hierarchical_cross_entropy(leaf_logits, labels, h, *, alpha=0.1, ignore_inde
         total, parent_logp = 0.0, 0.0
         for node in t.anc[c]:  # root-first
             node_logp = _log_p_node(t, logp, node)
-            total -= math.exp(-alpha * node_height(t, node)) * (node_logp - parent_logp)
+            total -= hxe_weight(t, node, alpha, weighting, normalize) * (node_logp - parent_logp)
             parent_logp = node_logp
         out[pix] = total
         valid[pix] = True

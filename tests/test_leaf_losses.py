@@ -221,6 +221,9 @@ def test_losses_match_oracle(adapter, data):
     dtype = data.draw(st.sampled_from(adapter.dtypes))
     fn = data.draw(st.sampled_from(LOSSES))
     kw = {"reduction": data.draw(st.sampled_from(REDUCTIONS)), PARAM[fn]: data.draw(st.sampled_from(param_values(fn)))}
+    if fn == "hierarchical_cross_entropy":
+        kw["weighting"] = data.draw(st.sampled_from(["depth", "height"]))
+        kw["normalize"] = data.draw(st.booleans())
     x = as_dtype(x64, dtype)
     got = adapter.call(fn, x, labels, h, **kw)
     want = oracle_loss(fn, x, labels, h, **kw)
@@ -269,17 +272,28 @@ def test_partial_labels_by_hand():
     logp = x[0, :, 0] - np.log(np.exp(x[0, :, 0]).sum())
     want_hxe = -np.log(np.exp(logp[under]).sum())
     assert math.isclose(float(hnp.hierarchical_cross_entropy(x, labels, h, alpha=0.0)), want_hxe, rel_tol=1e-12)
-    # alpha > 0 weighs the single edge root -> vehicle by exp(-alpha * height(vehicle)) = exp(-alpha).
-    assert math.isclose(float(hnp.hierarchical_cross_entropy(x, labels, h, alpha=0.7)),
-                        math.exp(-0.7) * want_hxe, rel_tol=1e-12)
+    # alpha > 0 weighs the single edge root -> vehicle by exp(-alpha * depth(vehicle)) = exp(-alpha)
+    # (and by exp(-alpha * height(vehicle)), the same here).
+    for weighting in ("depth", "height"):
+        assert math.isclose(float(hnp.hierarchical_cross_entropy(x, labels, h, alpha=0.7, weighting=weighting)),
+                            math.exp(-0.7) * want_hxe, rel_tol=1e-12)
     soft = float(hnp.soft_label_cross_entropy(x, labels, h, beta=60.0))
     assert math.isclose(soft, -logp[under].mean(), rel_tol=1e-12)
     # A leaf label: HXE with alpha is sum of the two weighted edge terms.
     leaf = under[0]
     lp_vehicle = np.log(np.exp(logp[under]).sum())
-    want = -(math.exp(-0.7) * lp_vehicle + (logp[leaf] - lp_vehicle))
+    # Published (depth): the leaf edge (depth 2) weighs exp(-1.4), the category edge exp(-0.7).
+    want = -(math.exp(-0.7) * lp_vehicle + math.exp(-1.4) * (logp[leaf] - lp_vehicle))
     got = float(hnp.hierarchical_cross_entropy(x, np.array([[leaf, 255]]), h, alpha=0.7))
     assert math.isclose(got, want, rel_tol=1e-12)
+    # Height: the leaf edge (height 0) weighs 1, the category edge (height 1) exp(-0.7).
+    want_height = -(math.exp(-0.7) * lp_vehicle + (logp[leaf] - lp_vehicle))
+    got = float(hnp.hierarchical_cross_entropy(x, np.array([[leaf, 255]]), h, alpha=0.7, weighting="height"))
+    assert math.isclose(got, want_height, rel_tol=1e-12)
+    # normalize=True divides by the sum over the 26 nodes and the root: 7 exp(-0.7) + 19 exp(-1.4) + 1.
+    total = 7 * math.exp(-0.7) + 19 * math.exp(-1.4) + 1
+    got = float(hnp.hierarchical_cross_entropy(x, np.array([[leaf, 255]]), h, alpha=0.7, normalize=True))
+    assert math.isclose(got, want / total, rel_tol=1e-12)
 
 
 @each_backend

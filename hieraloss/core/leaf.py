@@ -10,14 +10,29 @@ from :mod:`hieraloss.numpy.leaf_losses` under the same names.
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 
 from ..hierarchy import Hierarchy
 from .plan import plan_for
 
-__all__ = ["LeafPlan", "leaf_plan", "hxe_coefficients", "soft_targets"]
+__all__ = ["LeafPlan", "leaf_plan", "hxe_edge_weights", "hxe_coefficients", "soft_targets", "HXE_WEIGHTINGS",
+           "check_hxe_weighting"]
+
+# How the hierarchical cross-entropy weighs the edges of a path (see hxe_edge_weights).
+HXE_WEIGHTINGS = ("depth", "height")
+
+
+def check_hxe_weighting(weighting: Any, normalize: Any = False) -> None:
+    """``weighting`` one of :data:`HXE_WEIGHTINGS`, ``normalize`` a bool (one message everywhere)."""
+    if weighting not in HXE_WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {HXE_WEIGHTINGS} ('depth': the published exp(-alpha * depth), "
+                         f"'height': exp(-alpha * height)), got {weighting!r}")
+    if not isinstance(normalize, (bool, np.bool_)):
+        raise TypeError(f"normalize must be True or False, got {normalize!r}")
 
 
 class LeafPlan:
@@ -61,18 +76,41 @@ def leaf_plan(h: Hierarchy) -> LeafPlan:
     return LeafPlan(h)
 
 
+def hxe_edge_weights(h: Hierarchy, alpha: float, weighting: str = "depth", normalize: bool = False) -> np.ndarray:
+    """``[N]`` float64, by channel: the weight ``w(C)`` of the edge from ``parent(C)`` into node C
+    in the hierarchical cross-entropy.
+
+    * ``weighting="depth"`` (Bertinetto et al.'s released code, ``trees.get_exponential_weighting``,
+      which every published HXE result used): ``w(C) = exp(-alpha * depth(C))``, depth counted from
+      the root (a top-level node has depth 1), so ``alpha > 0`` weighs the edges near the root most;
+    * ``weighting="height"``: ``w(C) = exp(-alpha * height(C))``, height above the deepest leaf
+      below C (0 for a leaf), so ``alpha > 0`` weighs the edges near the leaves most.
+
+    ``normalize=True`` divides every weight by the sum of the weights of all nodes of the tree,
+    the root included (its weight, ``exp(0) = 1`` under ``"depth"``, is never used by the loss), as
+    the released code does: the loss, and so the effective learning rate, shrinks by that sum.
+    """
+    check_hxe_weighting(weighting)
+    level = h.depth if weighting == "depth" else h.height
+    w = np.exp(-float(alpha) * level.astype(np.float64))
+    if normalize:
+        root_level = 0 if weighting == "depth" else int(h.height.max()) + 1
+        w = w / (w.sum() + math.exp(-float(alpha) * root_level))
+    return w
+
+
 @lru_cache(maxsize=64)
-def hxe_coefficients(h: Hierarchy, alpha: float) -> np.ndarray:
+def hxe_coefficients(h: Hierarchy, alpha: float, weighting: str = "depth", normalize: bool = False) -> np.ndarray:
     """``[N, L+1]`` float64: the hierarchical cross-entropy of a pixel labelled with channel c is
     ``coef[c, 0] * LSE(root) + sum_{d=1..L} coef[c, d] * LSE(ancestor_table[c, d-1])``.
 
-    With ``C_1..C_D`` the path of c (D = depth(c)) and ``w_d = exp(-alpha * height(C_d))``, the
-    loss ``sum_d w_d (LSE(C_{d-1}) - LSE(C_d))`` (``C_0`` = root) regrouped per node:
-    ``coef[c, 0] = w_1``, ``coef[c, d] = w_{d+1} - w_d`` for d < D, ``coef[c, D] = -w_D`` and 0
-    beyond. With ``alpha = 0`` the middle coefficients are exact zeros, so the value is exactly
-    ``LSE(root) - LSE(c)``."""
+    With ``C_1..C_D`` the path of c (D = depth(c)) and ``w_d`` the weight of the edge into ``C_d``
+    (:func:`hxe_edge_weights`), the loss ``sum_d w_d (LSE(C_{d-1}) - LSE(C_d))`` (``C_0`` = root)
+    regrouped per node: ``coef[c, 0] = w_1``, ``coef[c, d] = w_{d+1} - w_d`` for d < D,
+    ``coef[c, D] = -w_D`` and 0 beyond. With ``alpha = 0`` and no normalisation the middle
+    coefficients are exact zeros, so the value is exactly ``LSE(root) - LSE(c)``."""
     n, L = h.num_nodes, h.max_depth
-    w = np.exp(-alpha * h.height.astype(np.float64))[h.ancestor_table]  # [N, L]: w of the path nodes
+    w = hxe_edge_weights(h, alpha, weighting, normalize)[h.ancestor_table]  # [N, L]: w of the path nodes
     coef = np.zeros((n, L + 1), dtype=np.float64)
     coef[:, 0] = w[:, 0]
     depth = h.depth

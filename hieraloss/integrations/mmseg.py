@@ -36,6 +36,7 @@ from torch import nn
 
 from .. import presets
 from ..core.checks import check_leaf_reduction, check_nonnegative
+from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
 from ..torch import functional as F
 from ..torch import leaf_losses as _leaf
@@ -304,19 +305,24 @@ class HieraHierarchicalCELoss(_LeafCELoss):
     """Hierarchical cross-entropy (:func:`hieraloss.torch.hierarchical_cross_entropy`) as an mmseg loss.
 
     For a flat decode head (``num_classes`` = number of leaves). Config keys: ``hierarchy``,
-    ``alpha`` (0.1; 0 is the flat cross-entropy), ``reduction`` (``"mean"``, ``"sum"``, ``"none"``),
-    ``loss_weight``, ``loss_name`` (default ``"loss_hxe"``).
+    ``alpha`` (0.1; 0 is the flat cross-entropy), ``weighting`` (``"depth"``, the published
+    weighting, or ``"height"``), ``normalize`` (False), ``reduction`` (``"mean"``, ``"sum"``,
+    ``"none"``), ``loss_weight``, ``loss_name`` (default ``"loss_hxe"``).
     """
 
     _default_name = "loss_hxe"
     _param = "alpha"
 
-    def __init__(self, hierarchy: Any = "cityscapes", *, alpha: float = 0.1, **kwargs: Any):
+    def __init__(self, hierarchy: Any = "cityscapes", *, alpha: float = 0.1, weighting: str = "depth",
+                 normalize: bool = False, **kwargs: Any):
         super().__init__(hierarchy, alpha, **kwargs)
+        check_hxe_weighting(weighting, normalize)
+        self.weighting, self.normalize = weighting, bool(normalize)
 
     def _loss(self, cls_score, label, ignore_index, reduction):
         return _leaf.hierarchical_cross_entropy(cls_score, label, self.hierarchy, alpha=self.alpha,
-                                                ignore_index=ignore_index, reduction=reduction)
+                                                ignore_index=ignore_index, reduction=reduction,
+                                                weighting=self.weighting, normalize=self.normalize)
 
 
 class HieraSoftLabelCELoss(_LeafCELoss):

@@ -53,6 +53,7 @@ from paddle import nn
 
 from .. import presets
 from ..core.checks import check_leaf_reduction, check_nonnegative, check_reduction
+from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
 from ..paddle import functional as F
 from ..paddle import leaf_losses as _leaf
@@ -253,19 +254,22 @@ class _LeafCELoss(nn.Layer):
 
 
 class HieraHierarchicalCELoss(_LeafCELoss):
-    """Hierarchical cross-entropy for PaddleSeg (``alpha`` as in
+    """Hierarchical cross-entropy for PaddleSeg (``alpha``, ``weighting`` and ``normalize`` as in
     :func:`hieraloss.paddle.hierarchical_cross_entropy`; the model outputs K leaf logits)."""
 
     _param = "alpha"
 
     def __init__(self, hierarchy: Any = "cityscapes", alpha: float = 0.1, ignore_index: int = 255,
-                 reduction: str = "mean"):
+                 reduction: str = "mean", weighting: str = "depth", normalize: bool = False):
         super().__init__(hierarchy, alpha, ignore_index, reduction)
+        check_hxe_weighting(weighting, normalize)
+        self.weighting, self.normalize = weighting, bool(normalize)
 
     def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
         return _leaf.hierarchical_cross_entropy(
             logits, _label_map(label, logits.ndim), self.hierarchy, alpha=self.alpha,
-            ignore_index=self.ignore_index, reduction=self.reduction,
+            ignore_index=self.ignore_index, reduction=self.reduction, weighting=self.weighting,
+            normalize=self.normalize,
         )
 
 

@@ -10,7 +10,8 @@ probabilities under v`` (``p(root) = 1``); in log space ``log p(v) = LSE(v) - LS
 
 * :func:`hierarchical_cross_entropy` (HXE):
   ``-sum over the edges (parent(C), C) of the label's path of w(C) log p(C | parent(C))`` with
-  ``w(C) = exp(-alpha * height(C))`` (``Hierarchy.height``: 0 for a leaf). ``alpha = 0`` is the
+  ``w(C) = exp(-alpha * depth(C))`` as published (``weighting="height"``: ``exp(-alpha *
+  height(C))``, ``Hierarchy.height`` 0 for a leaf). ``alpha = 0`` is the
   flat cross-entropy ``LSE(root) - x_label``. A partial label c takes the edges from the root
   down to c: ``alpha = 0`` then gives ``-log p(c)``.
 * :func:`soft_label_cross_entropy`: cross-entropy against the target distribution over leaves
@@ -44,6 +45,7 @@ from ..core.checks import check_leaf_logits as check_leaf_logits
 from ..core.checks import check_leaf_reduction as check_leaf_reduction
 from ..core.checks import check_nonnegative as check_nonnegative
 from ..core.leaf import LeafPlan as LeafPlan
+from ..core.leaf import check_hxe_weighting
 from ..core.leaf import hxe_coefficients as hxe_coefficients
 from ..core.leaf import leaf_plan as leaf_plan
 from ..core.leaf import soft_targets as soft_targets
@@ -115,10 +117,15 @@ def hierarchical_cross_entropy(
     alpha: float = 0.1,
     ignore_index: int = 255,
     reduction: str = "mean",
+    weighting: str = "depth",
+    normalize: bool = False,
 ) -> np.ndarray:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
-    ``-sum over the edges of the label's path of exp(-alpha * height(C)) * log p(C | parent(C))``,
+    ``-sum over the edges of the label's path of w(C) * log p(C | parent(C))``, with the published
+    ``w(C) = exp(-alpha * depth(C))`` (``weighting="depth"``, a top-level node has depth 1; ``"height"``:
+    ``exp(-alpha * height(C))``; ``normalize=True`` divides by the sum over all nodes, as the released
+    code: :func:`hieraloss.core.leaf.hxe_edge_weights`),
     p from the softmax over leaves (``p(C)`` = sum of the leaf probabilities under C). A partial
     label (internal node c) takes the edges from the root down to c. ``alpha = 0`` is the flat
     cross-entropy. ``reduction``: ``"mean"`` over counted (not ignored) pixels, ``"sum"`` or
@@ -126,6 +133,7 @@ def hierarchical_cross_entropy(
     """
     x = _checked_logits(leaf_logits, hierarchy)
     a = check_nonnegative(alpha, "alpha")
+    check_hxe_weighting(weighting, normalize)
     check_leaf_reduction(reduction)
     ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
     xf, lc, cdt = _flat(x, ch)
@@ -134,7 +142,7 @@ def hierarchical_cross_entropy(
     safe = np.where(valid, lc, 0)
     lse = node_log_sum_exp(xf, h)  # [B, N, P]
     root = _logsumexp(xf, axis=1)  # [B, P]
-    coef = hxe_coefficients(h, a).astype(cdt)[safe]  # [B, P, L+1]
+    coef = hxe_coefficients(h, a, weighting, bool(normalize)).astype(cdt)[safe]  # [B, P, L+1]
     on_path = np.take_along_axis(lse, np.moveaxis(h.ancestor_table[safe], -1, 1), axis=1)  # [B, L, P]
     loss = coef[..., 0] * root + (np.moveaxis(coef[..., 1:], -1, 1) * on_path).sum(axis=1)
     out = _reduce(loss, valid, reduction, cdt)

@@ -14,6 +14,7 @@ import paddle
 from paddle import nn
 
 from ..core.checks import check_leaf_reduction, check_nonnegative
+from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
@@ -307,10 +308,13 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
 
     def __init__(
         self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
-        upsample_logits: bool = False,
+        upsample_logits: bool = False, weighting: str = "depth", normalize: bool = False,
     ):
         super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
                          upsample_logits=upsample_logits)
+        check_hxe_weighting(weighting, normalize)
+        self.weighting = weighting
+        self.normalize = bool(normalize)
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return _leaf.hierarchical_cross_entropy(
@@ -321,6 +325,8 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             upsample_logits=self.upsample_logits,
+            weighting=self.weighting,
+            normalize=self.normalize,
         )
 
 

@@ -27,7 +27,7 @@ from ..core.checks import (
     check_nonnegative,
     dtype_name,
 )
-from ..core.leaf import hxe_coefficients, leaf_plan, soft_targets
+from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from ._ops import compute_dtype, decode_op
@@ -211,10 +211,14 @@ def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reductio
 
 def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
                                alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
-                               upsample_logits: bool = False) -> paddle.Tensor:
+                               upsample_logits: bool = False, weighting: str = "depth",
+                               normalize: bool = False) -> paddle.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
-    ``-sum over the edges of the label's path of exp(-alpha * height(C)) * log p(C | parent(C))``,
+    ``-sum over the edges of the label's path of w(C) * log p(C | parent(C))``, with the published
+    ``w(C) = exp(-alpha * depth(C))`` (``weighting="depth"``, a top-level node has depth 1; ``"height"``:
+    ``exp(-alpha * height(C))``; ``normalize=True`` divides by the sum over all nodes, as the released
+    code: :func:`hieraloss.core.leaf.hxe_edge_weights`),
     p from the softmax over leaves (``p(C)`` = sum of the leaf probabilities under C, computed as
     a log-sum-exp of the leaf logits). A partial label (internal node c) takes the edges from the
     root down to c. ``alpha = 0`` is the flat cross-entropy. ``reduction``: ``"mean"`` over
@@ -222,7 +226,12 @@ def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor
     counted pixel gives an exact 0 connected to the graph. ``upsample_logits=True`` resizes leaf
     logits at a lower resolution than the labels first, as for :func:`~hieraloss.paddle.tree_min_loss`.
     """
-    return _leaf_loss(_HierarchicalCE, hxe_coefficients, leaf_logits, labels, hierarchy, ignore_index, reduction,
+    check_hxe_weighting(weighting, normalize)
+
+    def table(h: Hierarchy, a: float) -> np.ndarray:
+        return hxe_coefficients(h, a, weighting, bool(normalize))
+
+    return _leaf_loss(_HierarchicalCE, table, leaf_logits, labels, hierarchy, ignore_index, reduction,
                       alpha, "alpha", upsample_logits)
 
 

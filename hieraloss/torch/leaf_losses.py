@@ -25,7 +25,7 @@ from ..core.checks import (
     check_leaf_reduction,
     check_nonnegative,
 )
-from ..core.leaf import hxe_coefficients, leaf_plan, soft_targets
+from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from . import _ops
@@ -211,10 +211,14 @@ def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, nam
 
 def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                                alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
-                               upsample_logits: bool = False) -> torch.Tensor:
+                               upsample_logits: bool = False, weighting: str = "depth",
+                               normalize: bool = False) -> torch.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
-    ``-sum over the edges of the label's path of exp(-alpha * height(C)) * log p(C | parent(C))``,
+    ``-sum over the edges of the label's path of w(C) * log p(C | parent(C))``, with the published
+    ``w(C) = exp(-alpha * depth(C))`` (``weighting="depth"``, a top-level node has depth 1; ``"height"``:
+    ``exp(-alpha * height(C))``; ``normalize=True`` divides by the sum over all nodes, as the released
+    code: :func:`hieraloss.core.leaf.hxe_edge_weights`),
     p from the softmax over leaves (``p(C)`` = sum of the leaf probabilities under C, computed as
     a log-sum-exp of the leaf logits). A partial label (internal node c) takes the edges from the
     root down to c. ``alpha = 0`` is the flat cross-entropy. ``reduction``: ``"mean"`` over
@@ -222,11 +226,12 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
     counted pixel gives an exact 0 connected to the graph. ``upsample_logits=True`` resizes leaf
     logits at a lower resolution than the labels first, as for :func:`~hieraloss.torch.tree_min_loss`.
     """
+    check_hxe_weighting(weighting, normalize)
     xf, lc, B, spatial, a = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, alpha, "alpha",
                                        upsample_logits)
     valid = lc >= 0
     safe = lc.clamp(min=0)
-    coef = torch.tensor(hxe_coefficients(hierarchy, a), dtype=xf.dtype, device=xf.device)
+    coef = torch.tensor(hxe_coefficients(hierarchy, a, weighting, bool(normalize)), dtype=xf.dtype, device=xf.device)
     loss = _HierarchicalCE.apply(xf, safe, coef, hierarchy)
     return _reduce(loss, valid, reduction, B, spatial)
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..core.checks import check_leaf_reduction, check_nonnegative
+from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
@@ -222,14 +223,19 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
     _param = "alpha"
 
     def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
-                 reduction: str = "mean", upsample_logits: bool = False):
+                 reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
+                 normalize: bool = False):
         super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
                          upsample_logits=upsample_logits)
+        check_hxe_weighting(weighting, normalize)
+        self.weighting = weighting
+        self.normalize = bool(normalize)
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, alpha=self.alpha,
                                                 ignore_index=self.ignore_index, reduction=self.reduction,
-                                                upsample_logits=self.upsample_logits)
+                                                upsample_logits=self.upsample_logits, weighting=self.weighting,
+                                                normalize=self.normalize)
 
 
 class SoftLabelCrossEntropyLoss(_LeafLoss):
