@@ -1,5 +1,6 @@
-"""torch.compile on the paths that compile today (issue 29 tracks the rest): warm caches are read
-without locks, and a compiled label check is an assertion in the graph, not a host read."""
+"""torch.compile on the torch-ops paths (issue 29 tracks the compiled CPU kernel and the rest): the
+caches are built outside the trace (``_tables.cached_on``), so cold and warm caches compile alike,
+fullgraph included, and a compiled label check is an assertion in the graph, not a host read."""
 
 from __future__ import annotations
 
@@ -8,41 +9,91 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import hieraloss  # noqa: E402
-from hieraloss.torch import decode, depth_cross_entropy, tree_min_loss  # noqa: E402
+import hieraloss.core.plan as core_plan  # noqa: E402
+import hieraloss.torch._tables as device_tables  # noqa: E402
+from hieraloss.torch import (  # noqa: E402
+    decode,
+    depth_cross_entropy,
+    hierarchical_cross_entropy,
+    hssn_loss,
+    soft_label_cross_entropy,
+    tree_min_loss,
+)
 
 H = hieraloss.presets.cityscapes()
+# Leaves at depths 1, 2 and 3: ragged paths and a leaf right under the root, in a small graph.
+DEEP = hieraloss.Hierarchy.from_names(["a--a1", "a--a2", "b--b1--b11", "b--b1--b12", "b--b2", "c"])
 
 
-def _inputs():
+def _inputs(h=H):
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, H.num_nodes, 6, 6, generator=g, requires_grad=True)
-    y = torch.randint(0, H.num_leaves, (2, 6, 6), generator=g)
+    x = torch.randn(2, h.num_nodes, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, h.num_nodes, (2, 5, 6), generator=g)  # partial labels included
+    y[:, 0] = 255
     return x, y
 
 
-def test_decode_compiles_fullgraph_once_its_tables_are_warm():
+CASES = {
+    "tree_min": lambda x, y: tree_min_loss(x, y, H, backend="torch"),
+    "tree_min_hssn_reduction": lambda x, y: tree_min_loss(x, y, H, backend="torch", reduction="hssn"),
+    "depth_cross_entropy": lambda x, y: depth_cross_entropy(x, y, H, 2),
+    "hssn_loss": lambda x, y: hssn_loss(x, y, H, backend="torch"),
+    "hssn_loss_triplet_first": lambda x, y: hssn_loss(x, y, H, backend="torch", embeddings=x[:, :4],
+                                                      triplet_weight=1.0, sampling="first"),
+    "hierarchical_cross_entropy": lambda x, y: hierarchical_cross_entropy(x[:, :H.num_leaves], y, H, alpha=0.3),
+    "soft_label_cross_entropy": lambda x, y: soft_label_cross_entropy(x[:, :H.num_leaves], y, H),
+    "decode_path": lambda x, y: decode(x, H)[1].sum().to(x.dtype) + 0 * x.sum(),
+}
+
+
+@pytest.mark.parametrize("name", ["tree_min", "hierarchical_cross_entropy"])
+def test_unbalanced_tree_compiles_fullgraph_cold(name):
     torch._dynamo.reset()
-    x, _ = _inputs()
-    eager = decode(x, H)  # warms the device tables
-    compiled = torch.compile(lambda z: decode(z, H), fullgraph=True, backend="aot_eager")(x)
-    assert torch.equal(compiled[0], eager[0]) and torch.equal(compiled[1], eager[1])
+    x, y = _inputs(DEEP)
+    fn = {"tree_min": lambda a, b: tree_min_loss(a, b, DEEP, backend="torch", reduction="hssn"),
+          "hierarchical_cross_entropy": lambda a, b: hierarchical_cross_entropy(a[:, :DEEP.num_leaves], b, DEEP)}[name]
+    eager = fn(x, y)
+    device_tables._CACHE.clear()
+    core_plan._PLANS.clear()
+    value = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y)
+    assert torch.allclose(value, eager, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("cold", [True, False], ids=["cold", "warm"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_torch_ops_compile_fullgraph_with_cold_or_warm_caches(name, cold):
+    torch._dynamo.reset()
+    x, y = _inputs()
+    fn = CASES[name]
+    eager = fn(x, y)
+    (g_eager,) = torch.autograd.grad(eager, x)
+    if cold:
+        device_tables._CACHE.clear()
+        core_plan._PLANS.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager", dynamic=False)
+    value = compiled(x, y)
+    (g_compiled,) = torch.autograd.grad(value, x)
+    assert torch.allclose(value, eager, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(g_compiled, g_eager, rtol=1e-10, atol=1e-12)
+
+
+def test_random_triplet_sampling_compiles_fullgraph():
+    torch._dynamo.reset()
+    x, y = _inputs()
+    emb = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    fn = torch.compile(lambda e, lab: hssn_loss(x.detach(), lab, H, backend="torch", embeddings=e, triplet_weight=1.0),
+                       fullgraph=True, backend="aot_eager")
+    value = fn(emb, y)
+    (grad,) = torch.autograd.grad(value, emb)
+    assert torch.isfinite(value) and grad.abs().sum() > 0
 
 
 def test_compiled_label_check_asserts_in_the_graph():
     torch._dynamo.reset()
     x, y = _inputs()
-
-    def step(z, labels):
-        return depth_cross_entropy(z, labels, H, 2, backend="torch") + tree_min_loss(z, labels, H, backend="torch")
-
-    eager = step(x, y)
-    compiled = torch.compile(step, backend="aot_eager")
-    value = compiled(x, y)
-    assert torch.allclose(value, eager, rtol=1e-6)
-    (g_eager,) = torch.autograd.grad(eager, x)
-    (g_compiled,) = torch.autograd.grad(compiled(x, y), x)
-    assert torch.allclose(g_compiled, g_eager, rtol=1e-5, atol=1e-7)
+    compiled = torch.compile(CASES["tree_min"], backend="aot_eager")
+    compiled(x, y)
     bad = y.clone()
-    bad[0, 0, 0] = 40  # a raw Cityscapes id
-    with pytest.raises(RuntimeError, match="neither node ids 0..25 nor ignore_index=255"):
+    bad[0, 1, 1] = 1000  # neither a node id nor ignore_index
+    with pytest.raises(RuntimeError, match=f"neither node ids 0..{H.num_nodes - 1} nor ignore_index=255"):
         compiled(x, bad)

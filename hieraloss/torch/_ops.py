@@ -33,7 +33,7 @@ from ..core import triplets as core_triplets
 from ..core.plan import plan_for as core_plan_for
 from ..core.rules import HSSN_SCALE
 from ..hierarchy import Hierarchy
-from ._tables import DeviceTables, tables_for
+from ._tables import DeviceTables, cached_on
 
 
 # ---------------------------------------------------------------------------- per-device plan
@@ -79,6 +79,8 @@ class Plan:
         self.ancestor_columns = tab.ancestor_table.t().contiguous()  # [L, N]
         self.depth = tab.depth  # [N]
         self.node_ids = tab.node_ids
+        self.channel_of = tab.channel_of  # [N] by node id
+        self.leaf_channels = tab.leaf_channels  # [K]: channel of leaf id k
         self.is_leaf = tab.is_leaf
         self.is_internal = ~tab.is_leaf
         self.children_table = tab.children_table
@@ -88,7 +90,7 @@ class Plan:
 
 
 def plan_for(hierarchy: Hierarchy, device: torch.device) -> Plan:
-    return tables_for(hierarchy, device).get("_plan", Plan)
+    return cached_on(hierarchy, device, "_plan", Plan)
 
 
 # ---------------------------------------------------------------------------- elementwise pieces
@@ -162,8 +164,11 @@ def _reduction_scales(lc: torch.Tensor, plan: Plan, reduction: str, dtype) -> to
     N = plan.num_nodes
     if reduction == "sum":
         return torch.ones(N, dtype=dtype, device=lc.device)
-    # Valid pixels per label channel; index 0 of the shifted bincount counts the ignored ones.
-    hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64)
+    # Valid pixels per label channel; slot 0 of the shifted count holds the ignored ones. A scatter-add
+    # into N + 1 slots, not a bincount: its size does not depend on the values (torch.compile).
+    index = lc.reshape(-1) + 1
+    hist = torch.zeros(N + 1, dtype=torch.int64, device=lc.device).scatter_add_(0, index, torch.ones_like(index))
+    hist = hist[1:].to(torch.float64)
     counts = hist @ plan.counted_per_depth  # [L] unmasked entries per depth
     if reduction == "mean":
         scale = 1.0 / counts.sum().clamp(min=1)
@@ -598,7 +603,7 @@ def path_scores_op(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
     x = logits.reshape(B, N, math.prod(spatial)).to(compute_dtype(logits.dtype))
-    leaves = tables_for(hierarchy, logits.device).leaf_channels  # [K]: channel of leaf id k
+    leaves = plan.leaf_channels  # [K]: channel of leaf id k
     return _path_sums(x, plan).index_select(1, leaves).reshape(B, leaves.numel(), *spatial)
 
 
@@ -679,7 +684,7 @@ class TripletTables:
 
 
 def triplet_tables(hierarchy: Hierarchy, device: torch.device) -> TripletTables:
-    return tables_for(hierarchy, device).get("_triplet", TripletTables)
+    return cached_on(hierarchy, device, "_triplet", TripletTables)
 
 
 def triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarchy, *,

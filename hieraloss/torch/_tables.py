@@ -1,4 +1,9 @@
-"""Per-device tensor copies of a Hierarchy's index tables, cached by (fingerprint, device)."""
+"""Per-device tensor copies of a Hierarchy's index tables, cached by (fingerprint, device).
+
+Traced code (``torch.compile``) reaches the cache only through :func:`cached_on`, which dynamo runs
+outside the trace and whose result becomes a constant of the graph: a cold cache is built there,
+with numpy and locks, exactly as in eager mode.
+"""
 
 from __future__ import annotations
 
@@ -56,3 +61,15 @@ def tables_for(hierarchy: Hierarchy, device: torch.device | str) -> DeviceTables
         with _LOCK:
             tab = _CACHE.setdefault(key, DeviceTables(hierarchy, device))
     return tab
+
+
+@torch.compiler.assume_constant_result
+def cached_on(hierarchy: Hierarchy, device: torch.device | str, name: Any, build, *args: Any) -> Any:
+    """``build(tables, *args)``, built once per (hierarchy, device, name) and cached: a plan object or
+    a bundle (tuple, dict) of tensors, never a bare tensor (dynamo names a constant tensor after
+    this function, so two in one graph would collide).
+
+    Under ``torch.compile`` this runs outside the trace (``assume_constant_result``), its result a
+    constant of the graph guarded on ``hierarchy`` and ``device``: cold and warm caches compile alike.
+    """
+    return tables_for(hierarchy, device).get(name, lambda tab: build(tab, *args))

@@ -31,7 +31,7 @@ from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
 from . import _native_op, _ops
-from ._tables import tables_for
+from ._tables import cached_on
 
 __all__ = [
     "tree_min_loss",
@@ -104,15 +104,16 @@ def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
 LABEL_TABLE_MAX = 1 << 16  # label tables up to this many values; a larger ignore_index takes the compare path
 
 
-def _label_table(tab, hierarchy: Hierarchy, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """:meth:`Hierarchy.label_table` as tensors on the tables' device (cached)."""
+def _build_label_table(tab, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    table, shift, bad, partial = tab.hierarchy.label_table(ignore_index)
+    return torch.tensor(table, device=tab.device), shift, torch.tensor(bad, device=tab.device), \
+        torch.tensor(partial, device=tab.device)
 
-    def build(t):
-        table, shift, bad, partial = hierarchy.label_table(ignore_index)
-        return torch.tensor(table, device=t.device), shift, torch.tensor(bad, device=t.device), \
-            torch.tensor(partial, device=t.device)
 
-    return tab.get(("label_table", ignore_index), build)
+def _label_table(device: torch.device, hierarchy: Hierarchy, ignore_index: int
+                 ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """:meth:`Hierarchy.label_table` as tensors on ``device`` (cached)."""
+    return cached_on(hierarchy, device, ("label_table", ignore_index), _build_label_table, ignore_index)
 
 
 def _check_ignore_index(hierarchy: Hierarchy, ignore_index: Any) -> int:
@@ -124,7 +125,7 @@ def _label_slots(lab: torch.Tensor, hierarchy: Hierarchy, ignore_index: int):
     table as tensors, or None where ``ignore_index`` is too far out for a table."""
     if max(hierarchy.num_nodes, abs(ignore_index) + 1) > LABEL_TABLE_MAX:
         return None
-    table, shift, bad_slot, partial_slot = _label_table(tables_for(hierarchy, lab.device), hierarchy, ignore_index)
+    table, shift, bad_slot, partial_slot = _label_table(lab.device, hierarchy, ignore_index)
     return (lab + shift).clamp_(0, table.numel() - 1), table, bad_slot, partial_slot
 
 
@@ -167,8 +168,8 @@ def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: in
         if any_bad:
             raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
     safe = torch.where(ignored, torch.zeros_like(lab), lab)
-    tab = tables_for(hierarchy, labels.device)
-    return torch.where(ignored, torch.full_like(lab, -1), tab.channel_of[safe]), bool(any_partial)
+    channel_of = _ops.plan_for(hierarchy, labels.device).channel_of
+    return torch.where(ignored, torch.full_like(lab, -1), channel_of[safe]), bool(any_partial)
 
 
 def _assert_labels_in_graph(any_bad: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> None:
@@ -443,8 +444,8 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     # embedding-sized labels.
     small, _ = _label_channels(_ops.resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
                                ignore_index, check=False)
-    tab = tables_for(hierarchy, embeddings.device)
-    leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
+    node_ids = _ops.plan_for(hierarchy, embeddings.device).node_ids
+    leaf = torch.where(small >= 0, node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
     if gathered:
         from . import distributed

@@ -29,7 +29,7 @@ from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_t
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from . import _ops
-from ._tables import tables_for
+from ._tables import cached_on
 from .functional import _checked_labels, upsample_to_labels
 
 __all__ = [
@@ -56,6 +56,16 @@ class _DevicePlan:
         self.steps = [(t(nodes), [(count, t(kids)) for count, kids in ranks]) for nodes, ranks in plan.steps]
         self.leaf_path_ids = t(plan.leaf_path_ids)
         self.common_depth_t = t(plan.common_depth.T)  # [K, N]
+        self.depth = tab.depth  # [N]
+
+
+def _hxe_table(tab, alpha: float, weighting: str, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor]:
+    coef = hxe_coefficients(tab.hierarchy, alpha, weighting, normalize)
+    return (torch.tensor(coef, dtype=dtype, device=tab.device),)
+
+
+def _soft_table(tab, beta: float, dtype: torch.dtype) -> tuple[torch.Tensor]:
+    return (torch.tensor(soft_targets(tab.hierarchy, beta).T, dtype=dtype, device=tab.device),)
 
 
 def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
@@ -68,7 +78,7 @@ def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
 
 
 def _device_plan(hierarchy: Hierarchy, device: torch.device) -> _DevicePlan:
-    return tables_for(hierarchy, device).get("_leaf_plan", _DevicePlan)
+    return cached_on(hierarchy, device, "_leaf_plan", _DevicePlan)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -139,10 +149,13 @@ class _HierarchicalCE(torch.autograd.Function):
         sums = buckets.flip(1).cumsum(dim=1).flip(1)  # [B, L+1, P]: sum of e over the leaves under C_d
         # Depths below the label's own take the label's value (their coefficient is 0).
         d_index = torch.minimum(torch.arange(L + 1, device=xf.device).view(1, -1, 1),
-                                tables_for(hierarchy, xf.device).depth[safe].unsqueeze(1))
+                                _device_plan(hierarchy, xf.device).depth[safe].unsqueeze(1))
         sums = torch.gather(sums, 1, d_index)
         path = top + torch.log(sums)
-        redo = [int(d) for d in torch.nonzero((sums < _TINY[xf.dtype]).any(dim=2).any(dim=0)).flatten().tolist()]
+        if torch.compiler.is_compiling():  # no data-dependent branch in a graph: redo every depth below the root
+            redo = list(range(1, L + 1))
+        else:
+            redo = [int(d) for d in torch.nonzero((sums < _TINY[xf.dtype]).any(dim=2).any(dim=0)).flatten().tolist()]
         if redo:  # rare: LSE of the subtree with the subtree's own maximum
             neg_inf = torch.full((), -math.inf, dtype=xf.dtype, device=xf.device)
             label_depth = m.amax(dim=1, keepdim=True)  # [B, 1, P]: the leaves under c have m = depth(c)
@@ -231,7 +244,8 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
                                        upsample_logits)
     valid = lc >= 0
     safe = lc.clamp(min=0)
-    coef = torch.tensor(hxe_coefficients(hierarchy, a, weighting, bool(normalize)), dtype=xf.dtype, device=xf.device)
+    key = ("hxe", a, weighting, bool(normalize), xf.dtype)
+    (coef,) = cached_on(hierarchy, xf.device, key, _hxe_table, a, weighting, bool(normalize), xf.dtype)
     loss = _HierarchicalCE.apply(xf, safe, coef, hierarchy)
     return _reduce(loss, valid, reduction, B, spatial)
 
@@ -251,7 +265,7 @@ def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hi
     xf, lc, B, spatial, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta",
                                        upsample_logits)
     valid = lc >= 0
-    targets_t = torch.tensor(soft_targets(hierarchy, b).T, dtype=xf.dtype, device=xf.device)
+    (targets_t,) = cached_on(hierarchy, xf.device, ("soft", b, xf.dtype), _soft_table, b, xf.dtype)
     loss = _SoftLabelCE.apply(xf, lc.clamp(min=0), targets_t)
     return _reduce(loss, valid, reduction, B, spatial)
 

@@ -12,7 +12,7 @@ import triton
 
 from ...core.plan import code_node_limit_reason
 from ...hierarchy import Hierarchy
-from .._tables import tables_for
+from .._tables import cached_on
 
 # Tests set these to small powers of two to force several programs per image and several chunks of
 # the objective kernel's label count (_reduce.shared_depth_scales); None = automatic.
@@ -111,16 +111,12 @@ def launch_sizes(num_nodes: int, num_pixels: int) -> tuple[int, int]:
     return min(block_p, max(16, triton.next_power_of_2(max(num_pixels, 1)))), warps
 
 
+def _build_kernel_tables(tab) -> dict[str, torch.Tensor]:
+    h = tab.hierarchy
+    return {"ancestor_table": torch.tensor(np.asarray(h.ancestor_table, dtype=np.int32), device=tab.device),
+            "node_ids": torch.tensor(np.asarray(h.node_ids, dtype=np.int64), device=tab.device)}
+
+
 def kernel_tables(hierarchy: Hierarchy, device: torch.device) -> dict[str, torch.Tensor]:
     """The int32 ancestor table and int64 node ids the decode kernel reads, cached per (hierarchy, device)."""
-    tabs = tables_for(hierarchy, device)
-
-    def build(_):
-        h = hierarchy
-
-        def tensor(a, dtype=np.int32):
-            return torch.tensor(np.asarray(a, dtype=dtype), device=device)
-
-        return {"ancestor_table": tensor(h.ancestor_table), "node_ids": tensor(h.node_ids, np.int64)}
-
-    return tabs.get("_kernel_int32_tables", build)
+    return cached_on(hierarchy, device, "_kernel_int32_tables", _build_kernel_tables)

@@ -43,7 +43,7 @@ from ...core.checks import check_reduction
 from ...core.plan import plan_for
 from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
-from .._tables import tables_for
+from .._tables import cached_on
 from . import _codegen, _reduce
 from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, launch_sizes, on_device, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
@@ -101,15 +101,14 @@ def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
     ``ignore_index=CHANNEL_LABELS`` the labels are channels (-1 = ignored, anything else out of
     range counts as ignored too).
     """
-    tab = tables_for(hierarchy, device)
+    return cached_on(hierarchy, device, ("objective_codes", ignore_index), _build_label_codes, ignore_index)
 
-    def build(t):
-        codes = plan_for(hierarchy).label_codes(None if ignore_index == CHANNEL_LABELS else ignore_index)
-        return (torch.tensor(codes.codes, device=t.device), codes.shift,
-                torch.tensor(np.concatenate([codes.tree_min_counts, codes.ce_counts], axis=1), dtype=torch.float64,
-                             device=t.device))
 
-    return tab.get(("objective_codes", ignore_index), build)
+def _build_label_codes(tab, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+    codes = plan_for(tab.hierarchy).label_codes(None if ignore_index == CHANNEL_LABELS else ignore_index)
+    return (torch.tensor(codes.codes, device=tab.device), codes.shift,
+            torch.tensor(np.concatenate([codes.tree_min_counts, codes.ce_counts], axis=1), dtype=torch.float64,
+                         device=tab.device))
 
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:

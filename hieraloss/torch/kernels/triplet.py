@@ -36,7 +36,7 @@ import triton.language as tl
 
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
-from .._tables import tables_for
+from .._tables import cached_on
 from ._common import FP_FUSION, MAX_GRID_ROWS, on_device
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 
@@ -53,14 +53,16 @@ def _tables(hierarchy: Hierarchy, device: torch.device) -> tuple[torch.Tensor, t
     a triplet at all: its group has another leaf and there is a leaf outside it) and ``psi [K, K]``
     (leaf distance), cached per device."""
 
-    def build(_):
-        group = core_triplets.sibling_groups(hierarchy)
-        size = np.bincount(group)[group]
-        possible = (size > 1) & (size < hierarchy.num_leaves)
-        return tuple(torch.tensor(np.asarray(a, dtype=np.int32), device=device)
-                     for a in (group, possible, hierarchy.leaf_distance))
+    return cached_on(hierarchy, device, "_fused_triplet", _build_tables)
 
-    return tables_for(hierarchy, device).get("_fused_triplet", build)
+
+def _build_tables(tab) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    h = tab.hierarchy
+    group = core_triplets.sibling_groups(h)
+    size = np.bincount(group)[group]
+    possible = (size > 1) & (size < h.num_leaves)
+    return tuple(torch.tensor(np.asarray(a, dtype=np.int32), device=tab.device)
+                 for a in (group, possible, h.leaf_distance))
 
 
 @triton.jit(do_not_specialize=["slb", "sly", "slx", "H", "W", "h", "w", "K", "ignore"])
