@@ -97,3 +97,65 @@ def test_compiled_label_check_asserts_in_the_graph():
     bad[0, 1, 1] = 1000  # neither a node id nor ignore_index
     with pytest.raises(RuntimeError, match=f"neither node ids 0..{H.num_nodes - 1} nor ignore_index=255"):
         compiled(x, bad)
+
+
+# ------------------------------------------------------------------ the compiled CPU kernel as custom ops
+native = pytest.importorskip("hieraloss._native")
+
+
+def _needs_native():
+    if not native.available():
+        pytest.skip(f"the compiled CPU kernel is not built here: {native.load_error()}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "hssn", "none"])
+def test_native_tree_min_compiles_fullgraph(reduction):
+    _needs_native()
+    torch._dynamo.reset()
+    x, y = _inputs()
+
+    def fn(a, b):
+        out = tree_min_loss(a, b, H, backend="native", reduction=reduction)
+        return out if reduction != "none" else (out * torch.linspace(0, 1, out.numel(), dtype=out.dtype)
+                                                .view_as(out)).sum()
+
+    eager = fn(x, y)
+    (g_eager,) = torch.autograd.grad(eager, x)
+    device_tables._CACHE.clear()
+    core_plan._PLANS.clear()
+    value = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y)
+    (g_compiled,) = torch.autograd.grad(value, x)
+    assert torch.allclose(value, eager, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(g_compiled, g_eager, rtol=1e-12, atol=1e-12)
+
+
+def test_native_hssn_objective_compiles_fullgraph():
+    _needs_native()
+    torch._dynamo.reset()
+    x, y = _inputs()
+
+    def fn(a, b):
+        total, parts = hssn_loss(a, b, H, backend="native", return_parts=True)
+        return total, parts["tree_min"], parts["ce_depth2"]
+
+    eager = fn(x, y)
+    (g_eager,) = torch.autograd.grad(eager[0], x)
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y)
+    (g_compiled,) = torch.autograd.grad(compiled[0], x)
+    for got, want in zip(compiled, eager, strict=True):
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(g_compiled, g_eager, rtol=1e-12, atol=1e-12)
+
+
+def test_native_custom_ops_pass_opcheck():
+    """torch.library's own checks of the registrations: schema, fake (meta) implementation, autograd."""
+    _needs_native()
+    from hieraloss.torch import _native_op
+
+    x, y = _inputs()
+    x = x.detach().reshape(2, H.num_nodes, -1).contiguous().requires_grad_()
+    lc = torch.clamp(y.reshape(2, -1), max=H.num_nodes - 1)
+    lc[lc == 255] = -1
+    key = H.fingerprint
+    torch.library.opcheck(_native_op.native_tree_min_op, (x, lc, None, key, 0.0, "mean", True))
+    torch.library.opcheck(_native_op.native_hssn_objective_op, (x, lc, None, key, 0.0, 5.0, [1.0, 1.0], True))
