@@ -159,3 +159,23 @@ def test_native_custom_ops_pass_opcheck():
     key = H.fingerprint
     torch.library.opcheck(_native_op.native_tree_min_op, (x, lc, None, key, 0.0, "mean", True))
     torch.library.opcheck(_native_op.native_hssn_objective_op, (x, lc, None, key, 0.0, 5.0, [1.0, 1.0], True))
+
+
+def test_one_training_step_compiles_with_inductor():
+    """The default compiler (inductor, C++ on the CPU) on a whole step: the HSSN objective with
+    triplets on the compiled CPU kernel, and path decoding; values and gradients as eager."""
+    torch._dynamo.reset()
+    x, y = _inputs()
+    x = x.detach().float().requires_grad_()
+    emb = torch.randn(2, 8, 5, 6, requires_grad=True)
+
+    def step(logits, labels, embeddings):
+        loss = hssn_loss(logits, labels, H, embeddings=embeddings, step=100, total_steps=1000, sampling="first")
+        return loss, decode(logits.detach(), H)[0]
+
+    compiled = torch.compile(step, fullgraph=True)(x, y, emb)
+    eager = step(x, y, emb)
+    assert torch.allclose(compiled[0], eager[0], rtol=1e-6) and torch.equal(compiled[1], eager[1])
+    for got, want in zip(torch.autograd.grad(compiled[0], (x, emb)), torch.autograd.grad(eager[0], (x, emb)),
+                         strict=True):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)

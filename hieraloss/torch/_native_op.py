@@ -30,6 +30,11 @@ from ..hierarchy import Hierarchy
 from ._ops import _reduction_scales, plan_for, tree_min_op
 
 
+# Load the kernel (or learn why it cannot load) now, outside any trace: torch.compile then reads
+# only the loaded state, never the loader's lock.
+_native.available()
+
+
 def _dtype_code(t: torch.Tensor) -> int:
     return _native.FLOAT64 if t.dtype == torch.float64 else _native.FLOAT32
 
