@@ -128,7 +128,7 @@ def _label_channels(
         # a lookup table indexed by the clamped label value: a few passes over the labels
         table, shift, bad, partial = hierarchy.label_table(ignore_index)
         slot = paddle.clip(lab + shift, 0, table.size - 1).reshape([-1])
-        table_t = tab.get(("label_table", ignore_index), lambda: table)
+        table_t = tab.get(f"label_table:{ignore_index}", lambda: table)  # a str key: SOT traces tuple keys badly
         if not check:  # bad slots hold -2: clip them to -1 (ignored)
             return paddle.clip(paddle.gather(table_t, slot), min=-1).reshape(lab.shape), True
         seen = paddle.bincount(slot, minlength=table.size) > 0
