@@ -300,9 +300,11 @@ def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     values and gradients within rounding.
 
     ``check_labels=True`` raises :class:`~hieraloss.LabelError` for a label that is neither a node
-    id nor ``ignore_index``; it reads one value back from the device (a sync, and a graph break
-    under ``torch.compile``). ``check_labels=False`` skips that (no host sync on the Triton path,
-    so the step can be captured in a CUDA graph); such labels then count as ignored.
+    id nor ``ignore_index``; it reads one value back from the device (a sync). Under
+    ``torch.compile`` it is an assertion in the graph instead (``torch._assert_async``: no graph
+    break; a ``RuntimeError`` when the step runs). ``check_labels=False`` skips it (no host sync
+    on the Triton path, so the step can be captured in a CUDA graph); such labels then count as
+    ignored.
 
     ``upsample_logits=True`` takes logits at a lower resolution than the labels (SegFormer's 1/4
     output, a stride-8 head) and resizes them to the labels' size first, bilinearly with
