@@ -366,3 +366,31 @@ def test_hssn_loss_passes_gather_across_ranks_through(monkeypatch):
     local = hmm.HieraHSSNLoss("cityscapes", triplet_weight=0.5)(
         logits, labels, embeddings=emb, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(value, local)
+
+
+def test_hiera_seg_metric_in_mmseg_evaluator_equals_the_metric():
+    """HieraSegMetric through mmseg's METRICS registry and mmengine's evaluate(): per-batch state
+    vectors, summed, give HierarchicalSegMetrics' numbers on the same pixels."""
+    from mmseg.registry import METRICS
+
+    from hieraloss.metrics import HierarchicalSegMetrics
+
+    h = presets.cityscapes()
+    metric = METRICS.build(dict(type="HieraSegMetric", hierarchy="cityscapes"))
+    metric.dataset_meta = {"classes": h.leaf_names}
+    reference = HierarchicalSegMetrics(h)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        samples = []
+        for _ in range(2):
+            pred = torch.randint(0, h.num_leaves, (1, 6, 7), generator=g)
+            gt = torch.randint(0, h.num_nodes, (1, 6, 7), generator=g)
+            gt[0, 0] = 255
+            samples.append({"pred_sem_seg": {"data": pred}, "gt_sem_seg": {"data": gt}})
+            reference.update(pred, gt)
+        metric.process({}, samples)
+    got = metric.evaluate(size=6)
+    want = reference.scalars()
+    assert set(got) == {f"hiera/{k}" for k in want}
+    for key, value in want.items():
+        assert got[f"hiera/{key}"] == pytest.approx(value, nan_ok=True, abs=0, rel=0)

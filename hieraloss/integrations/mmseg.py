@@ -1,7 +1,8 @@
 """mmsegmentation (1.x) integration: the hieraloss losses as mmseg loss modules.
 
 Importing this module registers, when mmsegmentation is importable, five losses in
-``mmseg.registry.MODELS`` (see :func:`register`):
+``mmseg.registry.MODELS`` and the per-depth metric :class:`HieraSegMetric` in
+``mmseg.registry.METRICS`` (see :func:`register`):
 
 * ``HieraTreeMinLoss``: :func:`hieraloss.torch.tree_min_loss`,
 * ``HieraFocalTreeMinLoss``: :func:`hieraloss.torch.focal_tree_min_loss`,
@@ -38,6 +39,7 @@ from .. import presets
 from ..core.checks import check_leaf_reduction, check_nonnegative
 from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
+from ..metrics import HierarchicalSegMetrics
 from ..torch import functional as F
 from ..torch import leaf_losses as _leaf
 
@@ -50,6 +52,7 @@ __all__ = [
     "load_hierarchy",
     "path_scores",
     "register",
+    "HieraSegMetric",
     "LOSS_NAMES",
 ]
 
@@ -357,15 +360,64 @@ MMCV_FIX = ("mmsegmentation 1.2.x needs mmcv < 2.2: pip install 'mmcv-lite>=2.1,
             "(or pip install 'hieraloss[mmseg]')")
 
 
+def _metric_class() -> type | None:
+    """:class:`HieraSegMetric`, an mmengine ``BaseMetric`` (None without mmengine)."""
+    if importlib.util.find_spec("mmengine") is None:
+        return None
+    from mmengine.evaluator import BaseMetric
+
+    class HieraSegMetric(BaseMetric):
+        """Per-depth hierarchical metrics in mmseg's evaluator (:class:`hieraloss.metrics.HierarchicalSegMetrics`).
+
+        The predictions (``pred_sem_seg``) are leaf ids, as a decode head that returns
+        :func:`path_scores` gives them; the targets (``gt_sem_seg``) node ids or ``ignore_index``.
+        Each batch's counts are kept as one state vector, which mmengine gathers across ranks and
+        :meth:`compute_metrics` sums. Results: ``HierarchicalSegMetrics.scalars()`` (``miou_depth1``,
+        ``pixel_accuracy_depth1``, ..., ``consistency_rate``, ``mistake_severity``,
+        ``hierarchical_f1``), under mmengine's prefix (default ``hiera``)::
+
+            val_evaluator = [dict(type="IoUMetric", iou_metrics=["mIoU"]),
+                             dict(type="HieraSegMetric", hierarchy="cityscapes")]
+        """
+
+        default_prefix = "hiera"
+
+        def __init__(self, hierarchy: Any = "cityscapes", ignore_index: int = 255, collect_device: str = "cpu",
+                     prefix: str | None = None, **kwargs: Any):
+            super().__init__(collect_device=collect_device, prefix=prefix, **kwargs)
+            self.hierarchy = load_hierarchy(hierarchy)
+            self.ignore_index = int(ignore_index)
+            HierarchicalSegMetrics(self.hierarchy, self.ignore_index)  # checks the arguments
+
+        def process(self, data_batch: Any, data_samples: Any) -> None:
+            batch = HierarchicalSegMetrics(self.hierarchy, self.ignore_index)
+            for sample in data_samples:
+                pred = sample["pred_sem_seg"]["data"].reshape(1, *sample["pred_sem_seg"]["data"].shape[-2:])
+                target = sample["gt_sem_seg"]["data"].reshape(1, *sample["gt_sem_seg"]["data"].shape[-2:])
+                batch.update(pred, target.to(pred.device))
+            self.results.append(batch.state())
+
+        def compute_metrics(self, results: list) -> dict[str, float]:
+            total = HierarchicalSegMetrics(self.hierarchy, self.ignore_index)
+            total.load_state(np.sum(np.stack(results), axis=0))
+            return total.scalars()
+
+    return HieraSegMetric
+
+
+HieraSegMetric = _metric_class()
+
+
 def register(force: bool = False) -> Any:
-    """Register the losses in ``mmseg.registry.MODELS`` and return that registry.
+    """Register the losses in ``mmseg.registry.MODELS`` (and :class:`HieraSegMetric` in
+    ``mmseg.registry.METRICS``) and return the models' registry.
 
     Idempotent: a name already bound to the same class is left alone. A name bound to another
     class raises ``KeyError`` unless ``force=True``. Raises ``ImportError`` when mmsegmentation is
     not installed.
     """
     try:
-        from mmseg.registry import MODELS
+        from mmseg.registry import METRICS, MODELS
     except ImportError as exc:
         raise ImportError(
             f"hieraloss.integrations.mmseg.register() needs mmsegmentation>=1.0: {exc}") from exc
@@ -381,6 +433,8 @@ def register(force: bool = False) -> Any:
             raise KeyError(f"mmseg's MODELS already has a different {name!r} ({existing!r}); "
                            f"pass force=True to replace it")
         MODELS.register_module(name=name, module=cls, force=True)
+    if HieraSegMetric is not None and METRICS.module_dict.get("HieraSegMetric") is not HieraSegMetric:
+        METRICS.register_module(name="HieraSegMetric", module=HieraSegMetric, force=True)
     return MODELS
 
 
