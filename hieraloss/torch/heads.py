@@ -149,9 +149,11 @@ def _node_conv(conv: nn.Conv2d, num_nodes: int) -> nn.Conv2d:
 
 def _find_classifier(model: nn.Module, classifier: str | None) -> tuple[str, tuple[str, ...]]:
     if classifier is not None:
-        if not isinstance(_get(model, classifier), nn.Conv2d):
+        found = _get(model, classifier)
+        if not isinstance(found, nn.Conv2d):
+            what = "no such submodule" if found is None else f"a {type(found).__name__}"
             raise ValueError(f"classifier={classifier!r} does not name an nn.Conv2d of {type(model).__name__} "
-                             f"(found {type(_get(model, classifier)).__name__})")
+                             f"(found {what}; see model.named_modules())")
         return classifier, ()
     family = _family(model)
     candidates = CLASSIFIER_PATHS.get(family, [])
