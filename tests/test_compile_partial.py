@@ -207,3 +207,25 @@ def test_modules_compile_fullgraph():
         compiled = torch.compile(lambda a, m=module, c=call: c(m, a), fullgraph=True, backend="aot_eager")(x)
         assert torch.allclose(compiled, eager, rtol=1e-12, atol=1e-12), type(module).__name__
     assert int(cases[1][0].step) == 0  # an explicit step leaves the counter alone
+
+
+def test_hssn_module_counts_its_own_steps_in_the_graph():
+    """HSSNLoss with its stored step under fullgraph: the schedule is computed from the buffer on the
+    device and the buffer advances in the graph; values and the counter follow eager."""
+    from hieraloss.torch import HSSNLoss
+
+    torch._dynamo.reset()
+    x, y = _inputs()
+    emb = torch.randn(2, 4, 5, 6, dtype=torch.float64, requires_grad=True)
+    eager = HSSNLoss(H, total_steps=3, sampling="first")
+    traced = HSSNLoss(H, total_steps=3, sampling="first")
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
+    for _ in range(5):  # past the horizon: the weight stays at 0.5
+        want, want_parts = eager(x, y, emb, return_parts=True)
+        got, got_parts = compiled(x, y, emb, return_parts=True)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert float(got_parts["triplet_weight"]) == pytest.approx(float(want_parts["triplet_weight"]), rel=1e-12)
+    assert int(traced.step) == int(eager.step) == 5
+    traced.eval()
+    compiled(x, y, emb)
+    assert int(traced.step) == 5  # evaluation leaves it alone

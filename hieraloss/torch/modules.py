@@ -7,6 +7,7 @@ follows its inputs' device; ``node_weight`` and the HSSN step counter are buffer
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -164,6 +165,8 @@ class HSSNLoss(nn.Module):
                 return_parts: bool = False):
         use_step = step
         if use_step is None and embeddings is not None and self.triplet_weight is None:
+            if torch.compiler.is_compiling():
+                return self._scheduled_in_graph(logits, labels, embeddings, generator, return_parts)
             use_step = int(self.step)  # an evaluation call reads the schedule where training left it
         out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
                           total_steps=self.total_steps, tree_min_weight=self.tree_min_weight,
@@ -177,6 +180,34 @@ class HSSNLoss(nn.Module):
         if self._counts_step(step, embeddings):
             self.step += 1
         return out
+
+    def _scheduled_in_graph(self, logits, labels, embeddings, generator, return_parts):
+        """The forward under ``torch.compile`` with the stored step: the published schedule computed
+        from the ``step`` buffer on the device (no host read, so no graph break) and the buffer
+        advanced in the graph; the same value as eager up to rounding."""
+        if self.total_steps is None:
+            raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
+        out = F.hssn_loss(logits, labels, self.hierarchy, tree_min_weight=self.tree_min_weight,
+                          focal_gamma=self.focal_gamma, ce_weights=self.ce_weights, ignore_index=self.ignore_index,
+                          node_weight=self.node_weight, return_parts=return_parts, backend=self.backend,
+                          check_labels=self.check_labels, upsample_logits=self.upsample_logits)
+        total, parts = out if return_parts else (out, None)
+        tt = F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
+                                      base_margin=self.base_margin, sampling=self.sampling, generator=generator,
+                                      ignore_index=self.ignore_index, process_group=self.process_group,
+                                      gather_across_ranks=self.gather_across_ranks, check_labels=False,
+                                      backend=self.backend)
+        t, horizon = self.step.to(torch.float64), float(self.total_steps)
+        ramp = 0.25 * (1.0 + torch.cos(math.pi * (t - horizon) / horizon))  # core.rules.triplet_weight
+        weight = torch.where(t >= horizon, torch.full_like(ramp, 0.5), ramp)
+        total = total + weight.to(tt.dtype) * tt
+        if self.training and torch.is_grad_enabled():
+            self.step += 1
+        if parts is None:
+            return total
+        parts["triplet"] = tt.detach()
+        parts["triplet_weight"] = weight.to(total.dtype).detach()
+        return total, parts
 
 
 class HierarchyDecoder(nn.Module):
