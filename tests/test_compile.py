@@ -1,4 +1,4 @@
-"""torch.compile on the torch-ops paths (issue 29 tracks the compiled CPU kernel and the rest): the
+"""torch.compile on the losses, decoders and modules (docs/compile.md says what is left): the
 caches are built outside the trace (``_tables.cached_on``), so cold and warm caches compile alike,
 fullgraph included, and a compiled label check is an assertion in the graph, not a host read."""
 
