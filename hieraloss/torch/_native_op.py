@@ -29,7 +29,7 @@ from .. import _native
 from ..hierarchy import Hierarchy
 from ._ops import _reduction_scales, plan_for, tree_min_op
 
-# Load the kernel (or learn why it cannot load) now, outside any trace: torch.compile then reads
+# Load the kernel (or learn why it cannot load) at import, outside any trace: torch.compile then reads
 # only the loaded state, never the loader's lock.
 _native.available()
 
