@@ -154,6 +154,20 @@ def check_label_shape(shape: Sequence[int], expected: Sequence[int]) -> None:
             + _resolution_hint(shape, expected))
 
 
+INTERPOLATION_MODES = {1: "linear", 2: "bilinear", 3: "trilinear"}  # by number of spatial axes
+
+
+def upsample_target(logits_shape: Sequence[Any], labels: Any) -> tuple[tuple[Any, ...], str] | None:
+    """``upsample_logits=True`` in every backend: the labels' spatial size and the interpolation mode
+    (bilinear for 2 spatial axes, linear / trilinear for 1 / 3) that logits of ``logits_shape`` are
+    resized with, or None when they are at that size already or their layout does not match the
+    labels' (which the label check then names). Sizes are compared as given (traced sizes too)."""
+    size = tuple(getattr(labels, "shape", ())[1:])
+    if size == tuple(logits_shape[2:]) or len(size) != len(logits_shape) - 2 or len(size) not in INTERPOLATION_MODES:
+        return None
+    return size, INTERPOLATION_MODES[len(size)]
+
+
 def _resolution_hint(shape: Sequence[int], expected: Sequence[int]) -> str:
     """The fix for logits at a lower resolution than their labels (SegFormer's 1/4, a stride-8 head)."""
     if len(shape) != len(expected) or len(shape) < 2 or shape[0] != expected[0]:

@@ -210,20 +210,16 @@ def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
 
 
 # ---------------------------------------------------------------------------- losses
-_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
-
 def upsample_to_labels(logits: paddle.Tensor, labels: Any, upsample_logits: bool) -> paddle.Tensor:
     """As :func:`hieraloss.torch.upsample_to_labels`: with ``upsample_logits=True``, logits at
     another resolution than their labels are resized to the labels' spatial size, bilinearly with
     ``align_corners=False``; ``False`` never resizes."""
-    if not upsample_logits:
+    target = _checks.upsample_target(logits.shape, labels) if upsample_logits else None
+    if target is None:
         return logits
-    size = [int(s) for s in getattr(labels, "shape", ())[1:]]
-    if size == list(logits.shape[2:]) or len(size) != logits.ndim - 2 or len(size) not in _INTERPOLATION:
-        return logits
+    size, mode = target
     data_format = {1: "NCW", 2: "NCHW", 3: "NCDHW"}[len(size)]
-    return paddle.nn.functional.interpolate(logits, size=size, mode=_INTERPOLATION[len(size)], align_corners=False,
+    return paddle.nn.functional.interpolate(logits, size=[int(s) for s in size], mode=mode, align_corners=False,
                                             data_format=data_format)
 
 

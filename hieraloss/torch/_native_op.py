@@ -71,35 +71,44 @@ def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
     return scale.contiguous()
 
 
+def _tree_min_values(x, lc, weight, hierarchy, gamma, reduction, want_grad):
+    """One kernel pass over contiguous inputs: ``(value, grad, scale)``. ``value`` is the loss (the map
+    for ``reduction="none"``); for a scalar reduction, ``grad`` the gradient for an upstream gradient
+    of 1 when ``want_grad`` (else None) and ``scale`` the per-channel factors (both None for a map)."""
+    if reduction == "none":
+        out = _fresh_like(x)
+        w = None if weight is None else weight.to(torch.float64).contiguous()
+        _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=w)
+        return out, None, None
+    scale = _scales(lc, hierarchy, reduction, weight)
+    sums = torch.empty(x.shape[1], dtype=torch.float64)
+    grad = _gradient_buffer(x) if want_grad else None
+    _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
+    return (sums * scale).sum().to(x.dtype), grad, scale
+
+
+def _tree_min_map_grad(grad_map, x, lc, weight, hierarchy, gamma) -> torch.Tensor:
+    """The gradient of ``sum(map * grad_map)`` (``reduction="none"``) with respect to ``x``."""
+    grad = _gradient_buffer(x)
+    w = None if weight is None else weight.to(torch.float64).contiguous()
+    _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=w, grad_up=grad_map.to(x.dtype).contiguous())
+    return grad
+
+
 class _NativeTreeMin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lc, weight, hierarchy, gamma, reduction, want_grad):
         ctx.config = (hierarchy, gamma, reduction)
-        ctx.fused_grad = None
         ctx.save_for_backward(x, lc, weight)
-        if reduction == "none":
-            out = _fresh_like(x)
-            w = None if weight is None else weight.to(torch.float64).contiguous()
-            _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=w)
-            return out
-        scale = _scales(lc, hierarchy, reduction, weight)
-        sums = torch.empty(x.shape[1], dtype=torch.float64)
-        grad = _gradient_buffer(x) if want_grad else None
-        _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
-        ctx.fused_grad = grad
-        ctx.scale = scale
-        return (sums * scale).sum().to(x.dtype)
+        value, ctx.fused_grad, ctx.scale = _tree_min_values(x, lc, weight, hierarchy, gamma, reduction, want_grad)
+        return value
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lc, weight = ctx.saved_tensors
         hierarchy, gamma, reduction = ctx.config
         if reduction == "none":
-            grad = _gradient_buffer(x)
-            w = None if weight is None else weight.to(torch.float64).contiguous()
-            up = grad_out.to(x.dtype).contiguous()
-            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=w, grad_up=up)
-            return grad, None, None, None, None, None, None
+            return _tree_min_map_grad(grad_out, x, lc, weight, hierarchy, gamma), None, None, None, None, None, None
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
@@ -130,17 +139,8 @@ def native_tree_min_op(x: torch.Tensor, lc: torch.Tensor, weight: torch.Tensor |
     """``(value, grad)``: the loss (a scalar, or the map for ``reduction="none"``) of contiguous kernel
     inputs, and for a scalar reduction with ``want_grad`` its gradient for an upstream gradient of 1
     (else an empty tensor). ``key``: the hierarchy's fingerprint."""
-    hierarchy = Hierarchy.by_fingerprint(key)
-    if reduction == "none":
-        out = _fresh_like(x)
-        w = None if weight is None else weight.to(torch.float64).contiguous()
-        _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=w)
-        return out, x.new_empty(_EMPTY)
-    scale = _scales(lc, hierarchy, reduction, weight)
-    sums = torch.empty(x.shape[1], dtype=torch.float64)
-    grad = _gradient_buffer(x) if want_grad else None
-    _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
-    return (sums * scale).sum().to(x.dtype), x.new_empty(_EMPTY) if grad is None else grad
+    value, grad, _ = _tree_min_values(x, lc, weight, Hierarchy.by_fingerprint(key), gamma, reduction, want_grad)
+    return value, x.new_empty(_EMPTY) if grad is None else grad
 
 
 @native_tree_min_op.register_fake
@@ -153,12 +153,8 @@ def _(x, lc, weight, key, gamma, reduction, want_grad):
 @torch.library.custom_op("hieraloss::native_tree_min_map_backward", mutates_args=())
 def native_tree_min_map_backward_op(grad_map: torch.Tensor, x: torch.Tensor, lc: torch.Tensor,
                                     weight: torch.Tensor | None, key: str, gamma: float) -> torch.Tensor:
-    """The gradient of ``sum(map * grad_map)`` (``reduction="none"``) with respect to ``x``."""
-    grad = _gradient_buffer(x)
-    w = None if weight is None else weight.to(torch.float64).contiguous()
-    _run(x, lc, Hierarchy.by_fingerprint(key), gamma, grad=grad, grad_scale=w,
-         grad_up=grad_map.to(x.dtype).contiguous())
-    return grad
+    """:func:`_tree_min_map_grad` as the registered op (the backward of ``native_tree_min``'s map)."""
+    return _tree_min_map_grad(grad_map, x, lc, weight, Hierarchy.by_fingerprint(key), gamma)
 
 
 @native_tree_min_map_backward_op.register_fake

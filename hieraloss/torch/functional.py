@@ -63,20 +63,16 @@ def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> to
     return logits
 
 
-_INTERPOLATION = {1: "linear", 2: "bilinear", 3: "trilinear"}
-
-
 def upsample_to_labels(logits: torch.Tensor, labels: Any, upsample_logits: bool) -> torch.Tensor:
     """``upsample_logits=True``: logits at a lower resolution than their labels (SegFormer's 1/4, a
     stride-8 head) resized to the labels' spatial size, bilinearly with ``align_corners=False`` (as
     Hugging Face and mmsegmentation do; linear / trilinear for 1 / 3 spatial axes). Logits already
     at the labels' size pass unchanged; ``False`` never resizes, and a size mismatch is an error."""
-    if not upsample_logits:
+    target = _checks.upsample_target(logits.shape, labels) if upsample_logits else None
+    if target is None:
         return logits
-    size = tuple(getattr(labels, "shape", ())[1:])
-    if size == tuple(logits.shape[2:]) or len(size) != logits.ndim - 2 or len(size) not in _INTERPOLATION:
-        return logits  # same size, or a layout the label check will name
-    return torch.nn.functional.interpolate(logits, size=size, mode=_INTERPOLATION[len(size)], align_corners=False)
+    size, mode = target
+    return torch.nn.functional.interpolate(logits, size=size, mode=mode, align_corners=False)
 
 
 def _check_finite(x: torch.Tensor, name: str = "logits") -> None:
