@@ -115,6 +115,12 @@ class Plan:
         path_real: ``[N, L]`` bool: ``d < depth[c]`` (``ancestor_table[c, d]`` is a real path entry,
             not padding).
         leaf_channels_sorted: ``[K]`` the leaf channels, ascending.
+        internal: channels with children, ascending (LogicSeg's "parent implies a child" clauses).
+        children_by_rank: ``[max_children, len(internal)]``: row r holds the r-th child of each
+            internal channel, padded with its first child (a max over the rows is the max over the
+            children: repeating one is harmless).
+        sibling_groups: the sibling groups of two or more channels: the roots, then the children of
+            each internal channel in channel order (LogicSeg's exclusion clauses).
         channel_runs: maximal runs ``(start, stop, is_leaf)`` of consecutive channels that are all
             leaves or all internal nodes (one of each in the default layout).
 
@@ -154,6 +160,9 @@ class Plan:
     ce_counted: np.ndarray
     path_real: np.ndarray
     leaf_channels_sorted: np.ndarray
+    internal: np.ndarray
+    children_by_rank: np.ndarray
+    sibling_groups: tuple[np.ndarray, ...]
     channel_runs: tuple[tuple[int, int, bool], ...]
     _hierarchy: Hierarchy = field(repr=False)
     _codes: dict = field(default_factory=dict, repr=False)
@@ -276,6 +285,10 @@ def _build(h: Hierarchy) -> Plan:
             runs.append((c, c + 1, leaf))
 
     num_children = [len(c) for c in kids]
+    internal = [v for v in range(n) if kids[v]]
+    most = max((len(kids[v]) for v in internal), default=0)
+    by_rank = [[kids[v][min(r, len(kids[v]) - 1)] for v in internal] for r in range(most)]
+    siblings = [g for g in [roots, *(kids[v] for v in internal)] if len(g) >= 2]
     return Plan(
         fingerprint=h.fingerprint,
         num_nodes=n,
@@ -310,6 +323,9 @@ def _build(h: Hierarchy) -> Plan:
         ce_counted=_ro(ce_counted, np.float64),
         path_real=_ro(np.arange(L)[None, :] < depth[:, None], bool),
         leaf_channels_sorted=_ro(np.sort(np.asarray(h.leaf_channels))),
+        internal=_ro(internal),
+        children_by_rank=_ro(np.array(by_rank, dtype=np.int64).reshape(most, len(internal))),
+        sibling_groups=tuple(_ro(g) for g in siblings),
         channel_runs=tuple(runs),
         _hierarchy=h,
     )

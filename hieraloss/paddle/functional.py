@@ -38,7 +38,8 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, folds_triplet_weight, hssn_weights
+from ..core.objective import compose_hssn
+from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
@@ -518,76 +519,74 @@ def hssn_loss(
                             total_steps)
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
+    w = _check_node_weight(node_weight, hierarchy, x.place)
+    triplet = dict(embeddings=embeddings, max_per_class=max_per_class, base_margin=base_margin, sampling=sampling,
+                   generator=generator, process_group=process_group, gather_across_ranks=gather_across_ranks)
+    terms = _HSSNTerms(x, labels, hierarchy, ignore_index, gamma, w, backend, check_labels, triplet)
+    return compose_hssn(terms, tree_min_weight=tree_min_weight, ce_weights=ce_w, triplet_weight=tw,
+                        return_parts=return_parts)
 
-    if _use_native(backend, x):
-        # The compiled kernel: tree-min and the cross-entropy of every depth in one pass over the
-        # logits (the gradient written in the same pass); the parts are detached values.
-        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
-        w = _check_node_weight(node_weight, hierarchy, x.place)
-        total, tm, ce_all = _native_layer.hssn_objective_native(
-            x, lc, hierarchy, gamma=gamma, node_weight=w, tree_min_weight=float(tree_min_weight), ce_weights=ce_w
-        )
-        parts: dict[str, Any] = {"tree_min": tm}
-        for d, weight in enumerate(ce_w, start=1):
-            if weight != 0:
-                parts[f"ce_depth{d}"] = ce_all[d - 1]
-    elif _use_triton(backend, x, hierarchy):
-        # The Triton kernel through the DLPack bridge: the same one pass, on the GPU.
-        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
-        w = _check_node_weight(node_weight, hierarchy, x.place)
-        total, values = _bridge.fused_objective(x, lc, hierarchy, gamma=gamma,
-                                                tm_weight=float(tree_min_weight) / HSSN_SCALE, ce_weights=ce_w,
-                                                node_weight=w)
-        parts = {"tree_min": values[0] / HSSN_SCALE}
-        for d, weight in enumerate(ce_w, start=1):
-            if weight != 0:
-                parts[f"ce_depth{d}"] = values[d]
-    else:
-        tm = (
-            _tree_min(x, labels, hierarchy, gamma, ignore_index, "hssn", node_weight, False, backend, check_labels)
-            / HSSN_SCALE
-        )
-        parts = {"tree_min": tm.detach()}
-        total = float(tree_min_weight) * tm
-        lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
-        for d, weight in enumerate(ce_w, start=1):
-            if weight != 0:
-                ce = depth_cross_entropy_op(x, lc, hierarchy, d)
-                parts[f"ce_depth{d}"] = ce.detach()
-                total = total + weight * ce
-    if embeddings is not None:
-        # On the fused kernels the weight is folded into the kernel (value and gradient come out
-        # weighted): no multiply here, and the backward takes no pass of its own over the embedding
-        # gradient. A weight 0 (or far from 1: folds_triplet_weight) and the paddle ops keep the
-        # unweighted loss and the multiply.
-        fold = folds_triplet_weight(tw)
-        tt, scaled = _triplet_loss(
-            embeddings,
-            labels,
-            hierarchy,
-            max_per_class=max_per_class,
-            base_margin=base_margin,
-            sampling=sampling,
-            generator=generator,
-            ignore_index=ignore_index,
-            process_group=process_group,
-            gather_across_ranks=gather_across_ranks,
-            check_labels=False,  # the labels were checked above when asked
-            # the paddle ops gather across ranks, the fused kernels do not
-            backend="auto" if backend == "triton" and gather_across_ranks else backend,
-            scale=tw if fold else 1.0,
-        )
-        folded = scaled and fold
-        if not folded:
-            parts["triplet"] = tt.detach()
-        elif return_parts:  # the unweighted value: a division is a launch, only when asked for
-            parts["triplet"] = (tt if tw == 1.0 else tt / tw).detach()
-        if return_parts:  # a host-to-device copy: only when asked for
-            parts["triplet_weight"] = paddle.to_tensor(tw, dtype=total.dtype, place=total.place)
-        if tt.dtype != total.dtype:
-            tt = tt.astype(total.dtype)
-        total = total + (tt if folded else tw * tt)
-    return (total, parts) if return_parts else total
+
+class _HSSNTerms:
+    """:class:`hieraloss.core.objective.HSSNTerms` in paddle: the Triton kernel through the DLPack
+    bridge on the GPU, the compiled kernel on the CPU, else the paddle ops; the labels are mapped
+    (and checked) once."""
+
+    def __init__(self, x, labels, hierarchy, ignore_index, gamma, node_weight, backend, check_labels, triplet):
+        self.x, self.labels, self.h, self.ignore_index = x, labels, hierarchy, ignore_index
+        self.gamma, self.w, self.backend, self.check_labels, self.triplet_args = (
+            gamma, node_weight, backend, check_labels, triplet)
+        self._lc = None
+
+    def _channels(self):
+        if self._lc is None:
+            self._lc = _label_channels(self.labels, self.h, self.ignore_index, self.check_labels)
+        return self._lc
+
+    def fused(self, tree_min_weight, ce_weights, return_parts):
+        x, h = self.x, self.h
+        if _use_triton(self.backend, x, h):
+            total, values = _bridge.fused_objective(x, self._channels()[0], h, gamma=self.gamma,
+                                                    tm_weight=tree_min_weight / HSSN_SCALE, ce_weights=ce_weights,
+                                                    node_weight=self.w)
+            return total, values[0] / HSSN_SCALE, values[1:]
+        if _use_native(self.backend, x):
+            return _native_layer.hssn_objective_native(x, self._channels()[0], h, gamma=self.gamma,
+                                                       node_weight=self.w, tree_min_weight=tree_min_weight,
+                                                       ce_weights=ce_weights)
+        return None
+
+    def tree_min(self):
+        lc, has_partial = self._channels()
+        return tree_min_op(self.x, lc, self.h, gamma=self.gamma, reduction="hssn", node_weight=self.w,
+                           has_partial=has_partial) / HSSN_SCALE
+
+    def depth_cross_entropy(self, depth):
+        return depth_cross_entropy_op(self.x, self._channels()[0], self.h, depth)
+
+    def triplet(self, scale):
+        a, backend = self.triplet_args, self.backend
+        return _triplet_loss(a["embeddings"], self.labels, self.h, max_per_class=a["max_per_class"],
+                             base_margin=a["base_margin"], sampling=a["sampling"], generator=a["generator"],
+                             ignore_index=self.ignore_index, process_group=a["process_group"],
+                             gather_across_ranks=a["gather_across_ranks"],
+                             check_labels=False,  # the labels were checked with the logits' terms
+                             # the paddle ops gather across ranks, the fused kernels do not
+                             backend="auto" if backend == "triton" and a["gather_across_ranks"] else backend,
+                             scale=scale)
+
+    @staticmethod
+    def detach(value):
+        return value.detach()
+
+    @staticmethod
+    def scalar(value, like):
+        return paddle.to_tensor(value, dtype=like.dtype, place=like.place)
+
+    @staticmethod
+    def match(value, like):
+        return value if value.dtype == like.dtype else value.astype(like.dtype)
 
 
 # ---------------------------------------------------------------------------- decoding

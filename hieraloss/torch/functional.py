@@ -26,7 +26,8 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, folds_triplet_weight, hssn_weights
+from ..core.objective import compose_hssn
+from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
@@ -521,56 +522,75 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.device)
-    parts: dict[str, Any] = {}
-    if _use_triton(backend, x, hierarchy):
-        if check_labels:
-            _check_label_values(labels, hierarchy, ignore_index)
-        total, values = _kernels().fused_objective(
-            x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma, reduction="hssn",
-            tm_weight=float(tree_min_weight) / _ops.HSSN_SCALE, ce_weights=ce_w, node_weight=w)
-        if return_parts:  # a division is a launch: only when asked for
-            parts["tree_min"] = values[0] / _ops.HSSN_SCALE
-        parts.update({f"ce_depth{d}": values[d] for d, weight in enumerate(ce_w, start=1) if weight != 0})
-    elif _use_native(backend, x):
-        lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
-        total, tm, ce = _native_op.hssn_objective_native(x, lc, hierarchy, gamma=gamma, node_weight=w,
-                                                         tree_min_weight=float(tree_min_weight), ce_weights=ce_w)
-        parts["tree_min"] = tm
-        parts.update({f"ce_depth{d}": ce[d - 1] for d, weight in enumerate(ce_w, start=1) if weight != 0})
-    else:
-        lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
-        tm = _ops.tree_min_op(x, lc, hierarchy, gamma=gamma, reduction="hssn", node_weight=w,
-                              has_partial=has_partial) / _ops.HSSN_SCALE
-        parts["tree_min"] = tm.detach()
-        total = float(tree_min_weight) * tm
-        for d, weight in enumerate(ce_w, start=1):
-            if weight != 0:
-                ce = _ops.depth_cross_entropy_op(x, lc, hierarchy, d)
-                parts[f"ce_depth{d}"] = ce.detach()
-                total = total + weight * ce
-    if embeddings is not None:
-        # On the fused kernels the weight is folded into the kernel (value and gradient buffer come
-        # out weighted): no multiply here, and the backward sees an upstream gradient of 1, so it takes
-        # no pass over the embedding gradient. A weight 0 (or far from 1: folds_triplet_weight) and
-        # the torch ops keep the unweighted loss and the multiply.
-        fold = folds_triplet_weight(tw)
-        tt, scaled = _triplet_loss(embeddings, labels, hierarchy, max_per_class=max_per_class,
-                                   base_margin=base_margin, sampling=sampling, generator=generator,
-                                   ignore_index=ignore_index, process_group=process_group,
-                                   gather_across_ranks=gather_across_ranks,
-                                   # the torch ops gather across ranks, the fused kernels do not
-                                   backend="auto" if backend == "triton" and gather_across_ranks else backend,
-                                   check_labels=False,  # the labels were checked above when asked
-                                   scale=tw if fold else 1.0)
-        folded = scaled and fold
-        if not folded:
-            parts["triplet"] = tt.detach()
-        elif return_parts:  # the unweighted value: a division is a launch, only when asked for
-            parts["triplet"] = (tt if tw == 1.0 else tt / tw).detach()
-        if return_parts:
-            parts["triplet_weight"] = total.new_full((), tw)
-        total = total + (tt if folded else tw * tt)
-    return (total, parts) if return_parts else total
+    triplet = dict(embeddings=embeddings, max_per_class=max_per_class, base_margin=base_margin, sampling=sampling,
+                   generator=generator, process_group=process_group, gather_across_ranks=gather_across_ranks)
+    terms = _HSSNTerms(x, labels, hierarchy, ignore_index, gamma, w, backend, check_labels, triplet)
+    return compose_hssn(terms, tree_min_weight=tree_min_weight, ce_weights=ce_w, triplet_weight=tw,
+                        return_parts=return_parts)
+
+
+class _HSSNTerms:
+    """:class:`hieraloss.core.objective.HSSNTerms` in torch: the Triton kernel on CUDA, the compiled
+    kernel on the CPU, else the torch ops; the labels are mapped (and checked) once."""
+
+    def __init__(self, x, labels, hierarchy, ignore_index, gamma, node_weight, backend, check_labels, triplet):
+        self.x, self.labels, self.h, self.ignore_index = x, labels, hierarchy, ignore_index
+        self.gamma, self.w, self.backend, self.check_labels, self.triplet_args = (
+            gamma, node_weight, backend, check_labels, triplet)
+        self._lc = None
+
+    def _channels(self):
+        if self._lc is None:
+            self._lc = _label_channels(self.labels, self.h, self.ignore_index, self.check_labels)
+        return self._lc
+
+    def fused(self, tree_min_weight, ce_weights, return_parts):
+        x, h = self.x, self.h
+        if _use_triton(self.backend, x, h):
+            if self.check_labels:
+                _check_label_values(self.labels, h, self.ignore_index)
+            total, values = _kernels().fused_objective(
+                x, self.labels, h, ignore_index=self.ignore_index, gamma=self.gamma, reduction="hssn",
+                tm_weight=tree_min_weight / _ops.HSSN_SCALE, ce_weights=ce_weights, node_weight=self.w)
+            # the unweighted tree-min is a division, so a launch: only when asked for
+            return total, (values[0] / _ops.HSSN_SCALE if return_parts else None), values[1:]
+        if _use_native(self.backend, x):
+            total, tm, ce = _native_op.hssn_objective_native(
+                x, self._channels()[0], h, gamma=self.gamma, node_weight=self.w, tree_min_weight=tree_min_weight,
+                ce_weights=ce_weights)
+            return total, tm, ce
+        return None
+
+    def tree_min(self):
+        lc, has_partial = self._channels()
+        return _ops.tree_min_op(self.x, lc, self.h, gamma=self.gamma, reduction="hssn", node_weight=self.w,
+                                has_partial=has_partial) / _ops.HSSN_SCALE
+
+    def depth_cross_entropy(self, depth):
+        return _ops.depth_cross_entropy_op(self.x, self._channels()[0], self.h, depth)
+
+    def triplet(self, scale):
+        a, backend = self.triplet_args, self.backend
+        return _triplet_loss(a["embeddings"], self.labels, self.h, max_per_class=a["max_per_class"],
+                             base_margin=a["base_margin"], sampling=a["sampling"], generator=a["generator"],
+                             ignore_index=self.ignore_index, process_group=a["process_group"],
+                             gather_across_ranks=a["gather_across_ranks"],
+                             # the torch ops gather across ranks, the fused kernels do not
+                             backend="auto" if backend == "triton" and a["gather_across_ranks"] else backend,
+                             check_labels=False,  # the labels were checked with the logits' terms
+                             scale=scale)
+
+    @staticmethod
+    def detach(value):
+        return value.detach()
+
+    @staticmethod
+    def scalar(value, like):
+        return like.new_full((), value)
+
+    @staticmethod
+    def match(value, like):
+        return value
 
 
 # ---------------------------------------------------------------------------- decoding

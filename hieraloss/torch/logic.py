@@ -1,0 +1,284 @@
+"""LogicSeg (Li et al., ICCV 2023) in torch: the functional form, the module, and logic-guided decoding.
+
+The math is written once in :mod:`hieraloss.core.logic` over :class:`TorchOps`, and composed once in
+:mod:`hieraloss.core.objective`; autograd differentiates it. See ``docs/concepts/logicseg.md``.
+Everything runs as vectorized torch ops on any device; exclusion is one matrix product per group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core import logic as _logic
+from ..core.objective import (
+    LOGICSEG_RAMP,
+    LOGICSEG_RULE_WEIGHT,
+    check_asl_options,
+    check_logicseg_options,
+    check_refine_steps,
+    compose_logicseg,
+    logicseg_rule_factor,
+)
+from ..core.plan import plan_for
+from ..hierarchy import Hierarchy
+from . import _ops
+from . import functional as F
+from ._tables import cached_on
+
+__all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
+           "logicseg_loss", "LogicSegLoss", "logic_refine"]
+
+
+class TorchOps:
+    """:class:`hieraloss.core.logic.ArrayOps` over torch tensors."""
+
+    sigmoid = staticmethod(torch.sigmoid)
+    log = staticmethod(torch.log)
+    maximum = staticmethod(torch.maximum)
+    power = staticmethod(torch.pow)
+
+    @staticmethod
+    def clamp(x, lo=None, hi=None):
+        return torch.clamp(x, min=lo, max=hi)
+
+    @staticmethod
+    def where(cond, a, b):
+        return torch.where(cond, a, b)
+
+    @staticmethod
+    def cols(a, index):
+        return a.index_select(1, index)
+
+    @staticmethod
+    def sum0(a):
+        return a.sum(0)
+
+    @staticmethod
+    def total(a):
+        return a.sum()
+
+    @staticmethod
+    def gram(a):
+        return a.transpose(0, 1) @ a
+
+    @staticmethod
+    def row_count(cond):
+        return cond.sum(1)
+
+    @staticmethod
+    def as_float(cond, like):
+        return cond.to(like.dtype)
+
+
+OPS = TorchOps()
+
+
+def _build_tables(tab, mode: str) -> _logic.LogicTables:
+    t = _logic.logic_tables(plan_for(tab.hierarchy), mode)
+
+    def dev(a):
+        return torch.tensor(a, device=tab.device)
+
+    return t._replace(edge_child=dev(t.edge_child), edge_parent=dev(t.edge_parent), internal=dev(t.internal),
+                      child_ranks=tuple(dev(r) for r in t.child_ranks), groups=tuple(dev(g) for g in t.groups),
+                      off_diagonal=tuple(dev(m) for m in t.off_diagonal))
+
+
+def _tables(hierarchy: Hierarchy, device: torch.device, mode: str) -> _logic.LogicTables:
+    return cached_on(hierarchy, device, ("logic", mode), _build_tables, mode)
+
+
+def _scores(x: torch.Tensor) -> torch.Tensor:
+    """``sigmoid(x)`` as a ``[P, N]`` matrix (pixels x channels) in the compute dtype."""
+    return torch.sigmoid(x.to(_ops.compute_dtype(x.dtype)).movedim(1, -1).reshape(-1, x.shape[1]))
+
+
+def _asl(x, labels, hierarchy, ignore_index, check_labels, gamma_neg, gamma_pos, clip, eps):
+    labels, ignore_index = F._labels_at_door(labels, x, hierarchy, ignore_index)
+    lc, _ = F._label_channels(labels, hierarchy, ignore_index, check_labels)
+    cdt = _ops.compute_dtype(x.dtype)
+    positive, mask = _ops.expand_targets_op(lc, hierarchy)
+    return _logic.asymmetric_bce(OPS, x.to(cdt), positive.to(cdt), mask.to(cdt), (lc >= 0).sum().to(cdt),
+                                 gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+
+
+def asymmetric_bce_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
+                        gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8,
+                        ignore_index: int = 255, check_labels: bool = True,
+                        upsample_logits: bool = False) -> torch.Tensor:
+    """The asymmetric loss (Ridnik et al., ICCV 2021) on the multi-hot node targets, LogicSeg's base
+    term. With ``s = sigmoid(x)`` and ``s_neg = min(1 - s + clip, 1)``, per (pixel, node)::
+
+        positive (v on the label's path):  -(1 - s)^gamma_pos * log(max(s, eps))
+        negative:                          -(1 - s_neg)^gamma_neg * log(max(s_neg, eps))
+
+    (the focusing weights are differentiated), summed over the nodes and averaged over the valid
+    pixels (an exact 0 when there are none). A partial label's strict descendants do not count.
+    ``check_labels`` and ``upsample_logits`` as for :func:`hieraloss.torch.tree_min_loss`."""
+    x = F.upsample_to_labels(F._check_logits(logits, hierarchy), labels, upsample_logits)
+    gn, gp, c, e = check_asl_options(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    return _asl(x, labels, hierarchy, ignore_index, check_labels, gn, gp, c, e)
+
+
+def _rule(logits, hierarchy, p, mode, name):
+    p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=mode, step=None)
+    x = F._check_logits(logits, hierarchy, name)
+    return _scores(x), _tables(hierarchy, x.device, mode), p
+
+
+def child_implies_parent_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0) -> torch.Tensor:
+    """LogicSeg's rule "a node implies its parent": the mean over the nodes v with a parent of the
+    p-mean over all pixels ``(mean_i viol_i^p)^(1/p)`` of ``s_v (1 - s_parent(v))``, ``s = sigmoid``.
+    Uses no labels. A clause whose violations are all 0 is 0 with gradient 0."""
+    s, t, p = _rule(logits, hierarchy, p, "siblings", "logits")
+    return _logic.child_implies_parent(OPS, s, t, p)
+
+
+def parent_implies_child_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0) -> torch.Tensor:
+    """LogicSeg's rule "a node implies one of its children": the mean over the internal nodes v of
+    the p-mean over all pixels of ``s_v (1 - max_{c in children(v)} s_c)``. Uses no labels."""
+    s, t, p = _rule(logits, hierarchy, p, "siblings", "logits")
+    return _logic.parent_implies_child(OPS, s, t, p)
+
+
+def exclusion_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0, exclusion: str = "siblings",
+                   easy_filter: bool = False) -> torch.Tensor:
+    """LogicSeg's rule "siblings exclude each other": for every group (``"siblings"``: the children
+    of one node, the paper's meaning; ``"level"``: all nodes of one depth, the release's form), the
+    p-mean over the pixels of ``s_a s_b`` for each ordered pair a != b, summed and divided by
+    ``sum_g n_g^2``. ``easy_filter=True`` drops, per group, the pixels where exactly one score is
+    above 0.7 and all others below 0.3 (the release).
+
+    Memory: one ``[P, n_g]`` matrix of ``s^p`` per group and its ``[n_g, n_g]`` product with itself
+    (``sum_i s_a^p s_b^p`` for every pair at once), never ``[P, n_g, n_g]``."""
+    s, t, p = _rule(logits, hierarchy, p, exclusion, "logits")
+    return _logic.exclusion(OPS, s, t, p, bool(easy_filter))
+
+
+class _Terms:
+    def __init__(self, asl, rules):
+        self.asymmetric_bce, self.rules = asl, rules
+
+    @staticmethod
+    def detach(value):
+        return value.detach()
+
+    @staticmethod
+    def scalar(value, like):
+        return value.detach().to(like.dtype) if isinstance(value, torch.Tensor) else like.new_full((), value)
+
+
+def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, step: float | None = None,
+                  rule_logits: torch.Tensor | None = None, rule_weight: float = LOGICSEG_RULE_WEIGHT,
+                  ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
+                  easy_filter: bool = False, ignore_index: int = 255, return_parts: bool = False,
+                  check_labels: bool = True, upsample_logits: bool = False, _factor: Any = None) -> Any:
+    """LogicSeg's training objective::
+
+        asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
+
+    ``C``, ``D``, ``E``: :func:`child_implies_parent_loss`, :func:`parent_implies_child_loss` and
+    :func:`exclusion_loss` (``exclusion``, ``easy_filter``, ``p``) on ``rule_logits``, default the
+    ``logits`` as given (the release gives the rules the head's logits before upsampling: pass
+    low-resolution logits with ``upsample_logits=True`` to get exactly that). ``factor`` ramps
+    linearly from 0 at ``ramp[0]`` to 1 at ``ramp[1]`` (the release: steps 20k to 50k);
+    ``step=None`` or ``ramp=None`` gives 1. A rule weight of 0 skips the rules.
+
+    ``return_parts=True`` also returns the unweighted, detached ``asl``, ``child_implies_parent``,
+    ``parent_implies_child``, ``exclusion`` and ``rule_factor``. ``check_labels`` as for
+    :func:`hieraloss.torch.tree_min_loss`. Runs as vectorized torch ops (every backend)."""
+    x0 = F._check_logits(logits, hierarchy)
+    x = F.upsample_to_labels(x0, labels, upsample_logits)
+    p = check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=step)
+    r = x0 if rule_logits is None else F._check_logits(rule_logits, hierarchy, "rule_logits")
+    if r.device != x.device:
+        raise ValueError(f"rule_logits are on {r.device} but the logits are on {x.device}")
+
+    def rules():
+        s, t = _scores(r), _tables(hierarchy, r.device, exclusion)
+        return (_logic.child_implies_parent(OPS, s, t, p), _logic.parent_implies_child(OPS, s, t, p),
+                _logic.exclusion(OPS, s, t, p, bool(easy_filter)))
+
+    terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8), rules)
+    factor = logicseg_rule_factor(step, ramp) if _factor is None else _factor
+    return compose_logicseg(terms, rule_weight=rule_weight, factor=factor, return_parts=return_parts)
+
+
+class LogicSegLoss(nn.Module):
+    """:func:`logicseg_loss` as a module that keeps the training step for the rules' ramp.
+
+    ``step`` is a buffer (saved in ``state_dict``): a call in training mode with gradients enabled
+    and no explicit ``step`` uses it and then advances it by one; evaluation calls never advance it.
+    Pass ``step=trainer.global_step`` to follow a trainer's optimizer steps instead. Under
+    ``torch.compile`` the ramp is computed from the buffer on the device (no host read).
+    """
+
+    def __init__(self, hierarchy: Hierarchy, *, rule_weight: float = LOGICSEG_RULE_WEIGHT,
+                 ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
+                 easy_filter: bool = False, ignore_index: int = 255, check_labels: bool = True,
+                 upsample_logits: bool = False):
+        super().__init__()
+        F._check_hierarchy(hierarchy)
+        check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=None)
+        self.hierarchy = hierarchy
+        self.rule_weight, self.ramp, self.p, self.exclusion = rule_weight, ramp, p, exclusion
+        self.easy_filter, self.ignore_index = bool(easy_filter), ignore_index
+        self.check_labels, self.upsample_logits = bool(check_labels), bool(upsample_logits)
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, rule_logits: torch.Tensor | None = None, *,
+                step: int | None = None, return_parts: bool = False):
+        use_step, factor = step, None
+        if step is None and self.ramp is not None:
+            if torch.compiler.is_compiling():
+                start, end = (float(v) for v in self.ramp)
+                t = self.step.to(torch.float64)
+                factor = ((t - start) / (end - start)).clamp(0.0, 1.0) if end > start else (t >= start).double()
+            else:
+                use_step = int(self.step)
+        out = logicseg_loss(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,
+                            rule_weight=self.rule_weight, ramp=self.ramp, p=self.p, exclusion=self.exclusion,
+                            easy_filter=self.easy_filter, ignore_index=self.ignore_index,
+                            return_parts=return_parts, check_labels=self.check_labels,
+                            upsample_logits=self.upsample_logits, _factor=factor)
+        if step is None and self.training and torch.is_grad_enabled():
+            self.step += 1
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"num_nodes={self.hierarchy.num_nodes}, rule_weight={self.rule_weight}, ramp={self.ramp}, "
+                f"p={self.p}, exclusion={self.exclusion!r}, easy_filter={self.easy_filter}")
+
+
+def logic_refine(logits: torch.Tensor, hierarchy: Hierarchy, *, steps: int = 10, step_size: float = 1.0,
+                 p: float = 5.0, exclusion: str = "siblings") -> torch.Tensor:
+    """Logic-guided reasoning at test time by rule descent: ``steps`` steps of gradient descent on the
+    node logits against ``C + D + E`` (the three rules, :func:`logicseg_loss`'s rule term), starting
+    from ``logits``. Each step subtracts ``step_size`` times the gradient, scaled per image so that
+    the pixel with the largest gradient (root-mean-square over its channels) moves by ``step_size``:
+    the step does not depend on the pixel count. The rules are taken per image, so images in a
+    batch do not steer each other. Returns new logits (the input is not modified); decode them with
+    :func:`hieraloss.torch.decode`, or call ``decode(..., method="logic")``."""
+    x = F._check_logits(logits, hierarchy)
+    p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=exclusion, step=None)
+    steps = check_refine_steps(steps)
+    step_size = float(step_size)
+    if steps == 0 or x.numel() == 0:
+        return x.clone()
+    t = _tables(hierarchy, x.device, exclusion)
+    z = x.detach().to(_ops.compute_dtype(x.dtype)).clone()
+    with torch.enable_grad():
+        for _ in range(steps):
+            z.requires_grad_(True)
+            loss = 0.0
+            for b in range(z.shape[0]):  # per image: one image's violations do not steer another's
+                s = _scores(z[b:b + 1])
+                loss = loss + _logic.all_rules(OPS, s, t, p)
+            (grad,) = torch.autograd.grad(loss, z)
+            scale = grad.pow(2).mean(dim=1, keepdim=True).sqrt().amax(dim=tuple(range(2, z.dim())), keepdim=True)
+            z = (z - step_size * grad / scale.clamp_min(torch.finfo(z.dtype).tiny)).detach()
+    return z.to(x.dtype)
+
