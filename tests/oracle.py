@@ -607,3 +607,69 @@ def decode_leaf_logits(leaf_logits, h, method="argmax"):
         for d, v in enumerate(t.path_of(chosen)):
             depth_out[index(pix, d)] = t.node_id(v)
     return leaf_out, depth_out
+
+
+# ---------------------------------------------------------------------------- LogicSeg
+def _sigmoid(z):
+    return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def _pixels(x):
+    """Per pixel, the list of node logits (channel order), pixels in (batch, spatial) order."""
+    b, n = x.shape[:2]
+    flat = x.reshape(b, n, -1)
+    return [[float(flat[i, v, j]) for v in range(n)] for i in range(b) for j in range(flat.shape[2])]
+
+
+def _pmean(values, p):
+    m = sum(v**p for v in values) / len(values) if values else 0.0
+    return m ** (1.0 / p) if m > 0 else 0.0
+
+
+def logicseg_parts(x, labels, h, p=5.0, exclusion="siblings", easy_filter=False, rule_logits=None,
+                   gamma_neg=4.0, gamma_pos=1.0, clip=0.05, eps=1e-8, ignore_index=IGNORE):
+    """LogicSeg's unweighted parts by loops over pixels and nodes (float64)."""
+    t = Tree(h)
+    # asymmetric loss: positives on the path, strict descendants of a partial label skipped
+    total, valid = 0.0, 0
+    lab = np.asarray(labels).reshape(-1)
+    for pix, lv in zip(_pixels(np.asarray(x, dtype=np.float64)), lab, strict=True):
+        c = t.channel(lv, ignore_index)
+        if c is None:
+            continue
+        valid += 1
+        for v in range(t.n):
+            s = _sigmoid(pix[v])
+            s_neg = min(1.0 - s + clip, 1.0)
+            if v in t.anc[c]:
+                total -= (1.0 - s) ** gamma_pos * math.log(max(s, eps))
+            elif v in t.desc[c]:
+                continue
+            else:
+                total -= (1.0 - s_neg) ** gamma_neg * math.log(max(s_neg, eps))
+    asl = total / max(valid, 1)
+    r = np.asarray(x if rule_logits is None else rule_logits, dtype=np.float64)
+    scores = [[_sigmoid(z) for z in pix] for pix in _pixels(r)]
+    with_parent = [v for v in range(t.n) if t.parent[v] >= 0]
+    c_rule = (sum(_pmean([s[v] * (1 - s[t.parent[v]]) for s in scores], p) for v in with_parent) / len(with_parent)
+              if with_parent else 0.0)
+    internal = [v for v in range(t.n) if t.children[v]]
+    d_rule = (sum(_pmean([s[v] * (1 - max(s[u] for u in t.children[v])) for s in scores], p) for v in internal)
+              / len(internal) if internal else 0.0)
+    if exclusion == "siblings":
+        groups = [g for g in [t.roots, *t.children] if len(g) >= 2]
+    else:
+        groups = [g for g in ([v for v in range(t.n) if t.depth[v] == d] for d in range(1, t.max_depth + 1))
+                  if len(g) >= 2]
+    e_sum = 0.0
+    for g in groups:
+        kept = scores
+        if easy_filter:
+            kept = [s for s in scores
+                    if not (sum(s[v] > 0.7 for v in g) == 1 and sum(s[v] < 0.3 for v in g) == len(g) - 1)]
+        for a in g:
+            for b in g:
+                if a != b:
+                    e_sum += _pmean([s[a] * s[b] for s in kept], p)
+    e_rule = e_sum / sum(len(g) ** 2 for g in groups) if groups else 0.0
+    return {"asl": asl, "child_implies_parent": c_rule, "parent_implies_child": d_rule, "exclusion": e_rule}

@@ -42,8 +42,7 @@ class ArrayOps(Protocol):
     def sigmoid(self, x: Any) -> Any: ...
     def log(self, x: Any) -> Any: ...
     def clamp(self, x: Any, lo: float | None = None, hi: float | None = None) -> Any: ...
-    def where(self, cond: Any, a: Any, b: float) -> Any: ...
-    def maximum(self, a: Any, b: Any) -> Any: ...
+    def where(self, cond: Any, a: Any, b: Any) -> Any: ...       # b an array or a number
     def power(self, a: Any, exponent: float) -> Any: ...         # a ** exponent, exponent in a's dtype
     def cols(self, a: Any, index: np.ndarray) -> Any: ...       # a[:, index]
     def sum0(self, a: Any) -> Any: ...                          # sum over axis 0
@@ -143,8 +142,9 @@ def parent_implies_child(ops: ArrayOps, s: Any, t: LogicTables, p: float) -> Any
     if count == 0:
         return ops.total(s) * 0.0
     best = ops.cols(s, t.child_ranks[0])
-    for row in t.child_ranks[1:]:
-        best = ops.maximum(best, ops.cols(s, row))
+    for row in t.child_ranks[1:]:  # a tie keeps the earlier child (its gradient goes to one child)
+        nxt = ops.cols(s, row)
+        best = ops.where(nxt > best, nxt, best)
     sv = ops.cols(s, t.internal)
     viol = sv - sv * best
     return ops.total(pmean_columns(ops, viol, p, s.shape[0])) / count

@@ -117,7 +117,7 @@ class Plan:
         leaf_channels_sorted: ``[K]`` the leaf channels, ascending.
         internal: channels with children, ascending (LogicSeg's "parent implies a child" clauses).
         children_by_rank: ``[max_children, len(internal)]``: row r holds the r-th child of each
-            internal channel, padded with its first child (a max over the rows is the max over the
+            internal channel, padded with its last child (a max over the rows is the max over the
             children: repeating one is harmless).
         sibling_groups: the sibling groups of two or more channels: the roots, then the children of
             each internal channel in channel order (LogicSeg's exclusion clauses).

@@ -12,6 +12,13 @@ from .leaf_losses import (
     hierarchical_cross_entropy,
     soft_label_cross_entropy,
 )
+from .logic import (
+    asymmetric_bce_loss,
+    child_implies_parent_loss,
+    exclusion_loss,
+    logicseg_loss,
+    parent_implies_child_loss,
+)
 from .losses import REDUCTIONS, expand_targets, focal_tree_min_loss, tree_min_loss
 from .triplet import (
     hierarchy_triplet_loss,
@@ -34,6 +41,11 @@ __all__ = [
     "hierarchical_cross_entropy",
     "soft_label_cross_entropy",
     "decode_leaf_logits",
+    "logicseg_loss",
+    "asymmetric_bce_loss",
+    "child_implies_parent_loss",
+    "parent_implies_child_loss",
+    "exclusion_loss",
     "REDUCTIONS",
     "DECODE_METHODS",
     "LEAF_REDUCTIONS",

@@ -36,7 +36,6 @@ class NumpyOps:
         return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow warning for large |x|
 
     log = staticmethod(np.log)
-    maximum = staticmethod(np.maximum)
     power = staticmethod(np.power)
 
     @staticmethod

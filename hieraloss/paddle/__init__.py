@@ -39,6 +39,15 @@ from .leaf_losses import (
     hierarchical_cross_entropy,
     soft_label_cross_entropy,
 )
+from .logic import (
+    LogicSegLoss,
+    asymmetric_bce_loss,
+    child_implies_parent_loss,
+    exclusion_loss,
+    logic_refine,
+    logicseg_loss,
+    parent_implies_child_loss,
+)
 
 __all__ = [
     "tree_min_loss",
@@ -60,6 +69,13 @@ __all__ = [
     "HierarchyDecoder",
     "HierarchicalCrossEntropyLoss",
     "SoftLabelCrossEntropyLoss",
+    "logicseg_loss",
+    "asymmetric_bce_loss",
+    "child_implies_parent_loss",
+    "parent_implies_child_loss",
+    "exclusion_loss",
+    "logic_refine",
+    "LogicSegLoss",
     "upsample_to_labels",
     "REDUCTIONS",
     "DECODE_METHODS",

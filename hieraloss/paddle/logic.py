@@ -37,7 +37,6 @@ class PaddleOps:
 
     sigmoid = staticmethod(paddle.nn.functional.sigmoid)
     log = staticmethod(paddle.log)
-    maximum = staticmethod(paddle.maximum)
 
     @staticmethod
     def power(a, exponent):
@@ -49,7 +48,7 @@ class PaddleOps:
 
     @staticmethod
     def where(cond, a, b):
-        return paddle.where(cond, a, paddle.full_like(a, b))
+        return paddle.where(cond, a, b if isinstance(b, paddle.Tensor) else paddle.full_like(a, b))
 
     @staticmethod
     def cols(a, index):

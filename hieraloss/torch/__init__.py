@@ -27,6 +27,15 @@ from .leaf_losses import (
     hierarchical_cross_entropy,
     soft_label_cross_entropy,
 )
+from .logic import (
+    LogicSegLoss,
+    asymmetric_bce_loss,
+    child_implies_parent_loss,
+    exclusion_loss,
+    logic_refine,
+    logicseg_loss,
+    parent_implies_child_loss,
+)
 from .modules import (
     FocalTreeMinLoss,
     HierarchicalCrossEntropyLoss,
@@ -57,6 +66,13 @@ __all__ = [
     "HierarchyDecoder",
     "HierarchicalCrossEntropyLoss",
     "SoftLabelCrossEntropyLoss",
+    "logicseg_loss",
+    "asymmetric_bce_loss",
+    "child_implies_parent_loss",
+    "parent_implies_child_loss",
+    "exclusion_loss",
+    "logic_refine",
+    "LogicSegLoss",
     "make_hierarchical",
     "HierarchicalHead",
     "HierarchicalModel",

@@ -37,7 +37,6 @@ class TorchOps:
 
     sigmoid = staticmethod(torch.sigmoid)
     log = staticmethod(torch.log)
-    maximum = staticmethod(torch.maximum)
     power = staticmethod(torch.pow)
 
     @staticmethod
