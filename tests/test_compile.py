@@ -16,6 +16,8 @@ from hieraloss.torch import (  # noqa: E402
     depth_cross_entropy,
     hierarchical_cross_entropy,
     hssn_loss,
+    logic_refine,
+    logicseg_loss,
     soft_label_cross_entropy,
     tree_min_loss,
 )
@@ -43,6 +45,9 @@ CASES = {
     "hierarchical_cross_entropy": lambda x, y: hierarchical_cross_entropy(x[:, :H.num_leaves], y, H, alpha=0.3),
     "soft_label_cross_entropy": lambda x, y: soft_label_cross_entropy(x[:, :H.num_leaves], y, H),
     "decode_path": lambda x, y: decode(x, H)[1].sum().to(x.dtype) + 0 * x.sum(),
+    "logicseg_loss": lambda x, y: logicseg_loss(x, y, H, step=30000),
+    "logicseg_loss_release_form": lambda x, y: logicseg_loss(x, y, H, rule_logits=x[..., ::2, ::2], exclusion="level",
+                                                             easy_filter=True, ramp=None),
 }
 
 
@@ -229,3 +234,28 @@ def test_hssn_module_counts_its_own_steps_in_the_graph():
     traced.eval()
     compiled(x, y, emb)
     assert int(traced.step) == 5  # evaluation leaves it alone
+
+
+def test_logicseg_module_counts_its_own_steps_in_the_graph():
+    """LogicSegLoss with its stored step under fullgraph: the ramp from the buffer on the device."""
+    from hieraloss.torch import LogicSegLoss
+
+    torch._dynamo.reset()
+    x, y = _inputs()
+    eager, traced = LogicSegLoss(H, ramp=(1, 3)), LogicSegLoss(H, ramp=(1, 3))
+    compiled = torch.compile(traced, fullgraph=True, backend="aot_eager")
+    for _ in range(5):
+        want, want_parts = eager(x, y, return_parts=True)
+        got, got_parts = compiled(x, y, return_parts=True)
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
+        assert float(got_parts["rule_factor"]) == pytest.approx(float(want_parts["rule_factor"]), rel=1e-12)
+    assert int(traced.step) == int(eager.step) == 5
+
+
+def test_logic_refine_compiles():
+    """Rule descent takes gradients inside: it compiles (with graph breaks at the inner autograd call)."""
+    torch._dynamo.reset()
+    x, _ = _inputs()
+    eager = logic_refine(x.detach(), H, steps=2)
+    compiled = torch.compile(lambda a: logic_refine(a, H, steps=2), backend="aot_eager")(x.detach())
+    assert torch.allclose(compiled, eager, rtol=1e-10, atol=1e-12)

@@ -162,22 +162,24 @@ def check_asl_options(*, gamma_neg: Any, gamma_pos: Any, clip: Any, eps: Any) ->
     return gn, gp, c, e
 
 
-def compose_logicseg(terms: LogicSegTerms, *, rule_weight: float, factor: float, return_parts: bool) -> Any:
+def compose_logicseg(terms: LogicSegTerms, *, rule_weight: float, factor: Any, return_parts: bool) -> Any:
     """``ASL + rule_weight * factor * (child_implies_parent + parent_implies_child + exclusion)``.
 
-    The rules run only when their weight is not 0 or when the parts are asked for. Parts (detached,
-    unweighted): ``asl``, ``child_implies_parent``, ``parent_implies_child``, ``exclusion`` and
-    ``rule_factor``."""
+    ``factor`` is a number, or a 0-d array (a ramp computed on the device, under a graph
+    compiler). The rules run unless their weight is the number 0 and no parts are asked for.
+    Parts (detached, unweighted): ``asl``, ``child_implies_parent``, ``parent_implies_child``,
+    ``exclusion`` and ``rule_factor``."""
     total = terms.asymmetric_bce()
     parts: dict[str, Any] = {"asl": terms.detach(total)}
-    weight = float(rule_weight) * float(factor)
-    if weight != 0 or return_parts:
+    known = isinstance(factor, (int, float))
+    weight = float(rule_weight) * (float(factor) if known else factor)
+    if not known or weight != 0 or return_parts:
         c, d, e = terms.rules()
-        if weight != 0:
+        if not known or weight != 0:
             total = total + weight * (c + d + e)
         parts.update(child_implies_parent=terms.detach(c), parent_implies_child=terms.detach(d),
                      exclusion=terms.detach(e))
     if not return_parts:
         return total
-    parts["rule_factor"] = terms.scalar(float(factor), total)
+    parts["rule_factor"] = terms.scalar(float(factor) if known else factor, total)
     return total, parts

@@ -236,6 +236,7 @@ class LogicSegLoss(nn.Module):
                 start, end = (float(v) for v in self.ramp)
                 t = self.step.to(torch.float64)
                 factor = ((t - start) / (end - start)).clamp(0.0, 1.0) if end > start else (t >= start).double()
+                factor = factor.to(_ops.compute_dtype(logits.dtype))
             else:
                 use_step = int(self.step)
         out = logicseg_loss(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,
