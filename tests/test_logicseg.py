@@ -409,3 +409,67 @@ def test_asl_options_against_oracle(data):
     assert float(nlogic.asymmetric_bce_loss(x, y, h, **opts)) == pytest.approx(want, rel=1e-9, abs=1e-12)
     got = ht.asymmetric_bce_loss(torch.tensor(x), torch.tensor(y), h, **opts).item()
     assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------- logic-guided decoding
+@settings(max_examples=20, deadline=None)
+@given(data=st.data(), exclusion=st.sampled_from(["siblings", "level"]), p=st.sampled_from([1.0, 2.0, 5.0]))
+def test_rule_gradient_by_hand_equals_autograd(data, exclusion, p):
+    from hieraloss.core import logic as core_logic
+    from hieraloss.torch.logic import OPS, _tables
+
+    h = data.draw(hierarchies(max_depth=4, max_children=3, order=None))
+    x = torch.tensor(data.draw(logit_maps(h, (1, 3, 2), scale=2.0)))
+    s = torch.sigmoid(x.movedim(1, -1).reshape(-1, h.num_nodes)).requires_grad_(True)
+    t = _tables(h, s.device, exclusion)
+    (want,) = torch.autograd.grad(core_logic.all_rules(OPS, s, t, p), s)
+    got = core_logic.all_rules_gradient(OPS, s.detach(), t, p)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-15)
+
+
+@settings(max_examples=10, deadline=None)
+@given(data=st.data())
+def test_logic_decode_every_backend(data):
+    h = data.draw(hierarchies(max_depth=3, max_children=3, order=None))
+    x = data.draw(logit_maps(h, (2, 2, 3), scale=2.0))
+    refined = nlogic.logic_refine(x, h)
+    import hieraloss.numpy as hnp
+
+    want = hnp.decode(refined, h, "path")
+    got = hnp.decode(x, h, "logic")
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(ht.logic_refine(torch.tensor(x), h).numpy(), refined, rtol=1e-9, atol=1e-12)
+    for a, b in zip(ht.decode(torch.tensor(x), h, "logic"), want, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+    for name, mod in _backends().items():
+        if name == "paddle":
+            import paddle
+
+            np.testing.assert_allclose(mod.logic_refine(paddle.to_tensor(x), h).numpy(), refined, rtol=1e-9,
+                                       atol=1e-12)
+            for a, b in zip(mod.decode(paddle.to_tensor(x), h, "logic"), want, strict=True):
+                np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_logic_refine_lowers_the_rules_and_keeps_input():
+    h, x, _, _ = _cityscapes_inputs()
+    xt = torch.tensor(x)
+    before = (ht.child_implies_parent_loss(xt, h) + ht.parent_implies_child_loss(xt, h) + ht.exclusion_loss(xt, h))
+    z = ht.logic_refine(xt, h, steps=20, step_size=0.25)
+    after = ht.child_implies_parent_loss(z, h) + ht.parent_implies_child_loss(z, h) + ht.exclusion_loss(z, h)
+    assert after.item() < 0.9 * before.item()
+    assert np.array_equal(xt.numpy(), x)
+    assert torch.equal(ht.logic_refine(xt, h, steps=0), xt)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        ht.logic_refine(xt, h, steps=-1)
+    with pytest.raises(ValueError, match="steps must be an int >= 0"):
+        nlogic.logic_refine(x, h, steps=1.5)
+
+
+def test_logic_refine_images_are_independent():
+    h, x, _, _ = _cityscapes_inputs()
+    both = ht.logic_refine(torch.tensor(x), h)
+    one = ht.logic_refine(torch.tensor(x[1:]), h)
+    np.testing.assert_allclose(both[1:].numpy(), one.numpy(), rtol=1e-12)
+    assert ht.logic_refine(torch.tensor(x, dtype=torch.float32), h).dtype == torch.float32

@@ -30,7 +30,8 @@ import numpy as np
 from .plan import Plan
 
 __all__ = ["ArrayOps", "LogicTables", "logic_tables", "EXCLUSIONS", "EASY_HIGH", "EASY_LOW", "exclusion_groups",
-           "pmean_columns", "asymmetric_bce", "child_implies_parent", "parent_implies_child", "exclusion", "all_rules"]
+           "pmean_columns", "asymmetric_bce", "child_implies_parent", "parent_implies_child", "exclusion", "all_rules",
+           "all_rules_gradient", "refine_scores_step"]
 
 EXCLUSIONS = ("siblings", "level")
 EASY_HIGH, EASY_LOW = 0.7, 0.3  # the release's "easy pixel": one score above 0.7, the rest below 0.3
@@ -48,6 +49,10 @@ class ArrayOps(Protocol):
     def sum0(self, a: Any) -> Any: ...                          # sum over axis 0
     def total(self, a: Any) -> Any: ...                         # sum of all entries (0-d)
     def gram(self, a: Any) -> Any: ...                          # a^T a
+    def matmul(self, a: Any, b: Any) -> Any: ...
+    def add_cols(self, a: Any, index: Any, values: Any) -> Any: ...  # a copy of a, a[:, index] += values
+    def sum1(self, a: Any) -> Any: ...                          # sum over axis 1
+    def max_all(self, a: Any) -> Any: ...                       # max of all entries (0-d)
     def row_count(self, cond: Any) -> Any: ...                  # per row, how many entries are true
     def as_float(self, cond: Any, like: Any) -> Any: ...        # a boolean array as like's float dtype
 
@@ -177,3 +182,58 @@ def exclusion(ops: ArrayOps, s: Any, t: LogicTables, p: float, easy_filter: bool
 def all_rules(ops: ArrayOps, s: Any, t: LogicTables, p: float) -> Any:
     """``C + D + E`` without the easy-pixel filter: what logic-guided decoding descends on."""
     return child_implies_parent(ops, s, t, p) + parent_implies_child(ops, s, t, p) + exclusion(ops, s, t, p, False)
+
+
+# ---------------------------------------------------------------------------- logic-guided decoding
+def _root_mean_slope(ops: ArrayOps, sums: Any, p: float, count: Any) -> Any:
+    """d/d(sums) of :func:`root_mean`: ``(1/p) m^(1/p - 1) / count``, 0 where ``sums`` is 0."""
+    m = sums / count
+    positive = m > 0
+    return ops.where(positive, ops.power(ops.where(positive, m, 1.0), 1.0 / p - 1.0), 0.0) / (p * count)
+
+
+def all_rules_gradient(ops: ArrayOps, s: Any, t: LogicTables, p: float) -> Any:
+    """The gradient of :func:`all_rules` with respect to the scores ``s`` ``[P, N]`` (derived by
+    hand, so that decoding needs no autograd; tested against it). A max over children sends its
+    gradient to the child that attains it, the earlier one at a tie."""
+    count = float(s.shape[0])
+    grad = s * 0.0
+    n_edges = int(t.edge_child.shape[0])
+    if n_edges:  # C: viol = s_v (1 - s_u), u = parent(v)
+        cv, cu = ops.cols(s, t.edge_child), ops.cols(s, t.edge_parent)
+        viol = cv - cv * cu
+        dv = _root_mean_slope(ops, ops.sum0(ops.power(viol, p)), p, count) * p * ops.power(viol, p - 1.0) / n_edges
+        grad = ops.add_cols(grad, t.edge_child, dv * (1.0 - cu))
+        grad = ops.add_cols(grad, t.edge_parent, -dv * cv)
+    n_internal = int(t.internal.shape[0])
+    if n_internal:  # D: viol = s_v (1 - max_c s_c)
+        best = ops.cols(s, t.child_ranks[0])
+        which = best * 0.0
+        for r, row in enumerate(t.child_ranks[1:], start=1):
+            nxt = ops.cols(s, row)
+            better = nxt > best
+            best = ops.where(better, nxt, best)
+            which = ops.where(better, which * 0.0 + r, which)
+        sv = ops.cols(s, t.internal)
+        viol = sv - sv * best
+        dv = _root_mean_slope(ops, ops.sum0(ops.power(viol, p)), p, count) * p * ops.power(viol, p - 1.0) / n_internal
+        grad = ops.add_cols(grad, t.internal, dv * (1.0 - best))
+        for r, row in enumerate(t.child_ranks):
+            grad = ops.add_cols(grad, row, ops.where(which == r, -dv * sv, 0.0))
+    for g, off_diagonal in zip(t.groups, t.off_diagonal, strict=True):  # E: sum_{a != b} (G_ab / P)^(1/p)
+        sg = ops.cols(s, g)
+        sp = ops.power(sg, p)
+        slope = ops.where(off_diagonal, _root_mean_slope(ops, ops.gram(sp), p, count), 0.0) / float(t.pair_count)
+        d_sp = ops.matmul(sp, slope + slope.T)
+        grad = ops.add_cols(grad, g, d_sp * p * ops.power(sg, p - 1.0))
+    return grad
+
+
+def refine_scores_step(ops: ArrayOps, x: Any, t: LogicTables, p: float, step_size: float) -> Any:
+    """One step of rule descent on the ``[P, N]`` node logits ``x`` of one image: ``x - step_size *
+    g / max_i rms(g_i)`` with ``g`` the gradient of :func:`all_rules` with respect to ``x`` (the
+    pixel with the largest gradient moves by ``step_size``, root-mean-square over its channels)."""
+    s = ops.sigmoid(x)
+    g = all_rules_gradient(ops, s, t, p) * s * (1.0 - s)
+    scale = ops.max_all(ops.power(ops.sum1(g * g) / float(x.shape[1]), 0.5))
+    return x - g * (step_size / ops.clamp(scale, lo=1e-30))

@@ -18,10 +18,12 @@ from .logic import EXCLUSIONS
 from .rules import folds_triplet_weight
 
 __all__ = ["HSSNTerms", "LogicSegTerms", "compose_hssn", "compose_logicseg", "logicseg_rule_factor",
-           "check_logicseg_options", "check_asl_options", "check_refine_steps", "LOGICSEG_RAMP", "LOGICSEG_RULE_WEIGHT"]
+           "check_logicseg_options", "check_asl_options", "check_refine_steps", "LOGICSEG_RAMP", "LOGICSEG_RULE_WEIGHT",
+           "LOGIC_STEPS", "LOGIC_STEP_SIZE"]
 
 LOGICSEG_RAMP = (20000, 50000)  # the release: the rules fade in linearly from step 20k to 50k
 LOGICSEG_RULE_WEIGHT = 0.2
+LOGIC_STEPS, LOGIC_STEP_SIZE = 10, 0.5  # logic-guided decoding's rule descent (docs/concepts/logicseg.md)
 
 
 class HSSNTerms(Protocol):

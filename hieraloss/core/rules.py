@@ -29,7 +29,7 @@ __all__ = ["REDUCTIONS", "HSSN_SCALE", "DECODE_METHODS", "LEAF_REDUCTIONS", "LEA
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 HSSN_SCALE = 5.0
-DECODE_METHODS = ("path", "hssn", "top_down", "independent")
+DECODE_METHODS = ("path", "hssn", "top_down", "independent", "logic")
 LEAF_REDUCTIONS = ("mean", "sum", "none")
 LEAF_DECODE_METHODS = ("argmax", "top_down")
 

@@ -16,6 +16,7 @@ from .logic import (
     asymmetric_bce_loss,
     child_implies_parent_loss,
     exclusion_loss,
+    logic_refine,
     logicseg_loss,
     parent_implies_child_loss,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "child_implies_parent_loss",
     "parent_implies_child_loss",
     "exclusion_loss",
+    "logic_refine",
     "REDUCTIONS",
     "DECODE_METHODS",
     "LEAF_REDUCTIONS",

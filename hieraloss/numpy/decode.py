@@ -55,11 +55,17 @@ def decode(logits: Any, hierarchy: Hierarchy, method: str = "path") -> tuple[np.
 
     ``depth_labels[:, d-1]`` is the node id at depth d of the chosen leaf's path (a leaf shallower
     than d repeats); for ``independent`` it is the per-depth argmax and may not form a path.
+    ``logic``: :func:`hieraloss.numpy.logic_refine` with its defaults (LogicSeg's rule descent),
+    then ``path``.
     """
     x = check_logits(logits, hierarchy)
     if method not in DECODE_METHODS:
         raise ValueError(f"method must be one of {DECODE_METHODS}, got {method!r}")
     h = hierarchy
+    if method == "logic":  # LogicSeg's logic-guided reasoning, then the exact path decoding
+        from .logic import logic_refine
+
+        x, method = logic_refine(x, h), "path"
     x = x.astype(compute_dtype(x.dtype))
     if method == "independent":
         per_depth = [dc[np.argmax(x[:, dc], axis=1)] for dc in h.depth_channels]

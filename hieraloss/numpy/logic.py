@@ -13,10 +13,13 @@ import numpy as np
 
 from ..core import logic as _logic
 from ..core.objective import (
+    LOGIC_STEP_SIZE,
+    LOGIC_STEPS,
     LOGICSEG_RAMP,
     LOGICSEG_RULE_WEIGHT,
     check_asl_options,
     check_logicseg_options,
+    check_refine_steps,
     compose_logicseg,
     logicseg_rule_factor,
 )
@@ -25,7 +28,7 @@ from ..hierarchy import Hierarchy
 from .losses import check_labels, check_logits, compute_dtype, targets_and_mask
 
 __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
-           "logicseg_loss"]
+           "logicseg_loss", "logic_refine"]
 
 
 class NumpyOps:
@@ -61,6 +64,24 @@ class NumpyOps:
     @staticmethod
     def gram(a):
         return a.T @ a
+
+    @staticmethod
+    def matmul(a, b):
+        return a @ b
+
+    @staticmethod
+    def add_cols(a, index, values):
+        out = a.copy()
+        np.add.at(out, (slice(None), index), values)
+        return out
+
+    @staticmethod
+    def sum1(a):
+        return a.sum(axis=1)
+
+    @staticmethod
+    def max_all(a):
+        return a.max()
 
     @staticmethod
     def row_count(cond):
@@ -179,3 +200,22 @@ def logicseg_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, step: float
     terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, 4.0, 1.0, 0.05, 1e-8), rules)
     return compose_logicseg(terms, rule_weight=rule_weight, factor=logicseg_rule_factor(step, ramp),
                             return_parts=return_parts)
+
+
+def logic_refine(logits: Any, hierarchy: Hierarchy, *, steps: int = LOGIC_STEPS, step_size: float = LOGIC_STEP_SIZE,
+                 p: float = 5.0, exclusion: str = "siblings") -> np.ndarray:
+    """Logic-guided reasoning at test time by rule descent (:func:`hieraloss.torch.logic_refine`):
+    ``steps`` steps of gradient descent on each image's node logits against the three rules."""
+    x = check_logits(logits, hierarchy)
+    p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=exclusion, step=None)
+    steps = check_refine_steps(steps)
+    t = _logic.logic_tables(plan_for(hierarchy), exclusion)
+    n = x.shape[1]
+    out = np.moveaxis(x.astype(compute_dtype(x.dtype)), 1, -1).copy()  # [B, *spatial, N]
+    if out.size:
+        for b in range(out.shape[0]):
+            z = out[b].reshape(-1, n)
+            for _ in range(steps):
+                z = _logic.refine_scores_step(OPS, z, t, p, float(step_size))
+            out[b] = z.reshape(out[b].shape)
+    return np.moveaxis(out, -1, 1).astype(x.dtype, copy=False)

@@ -590,6 +590,12 @@ class _HSSNTerms:
 
 
 # ---------------------------------------------------------------------------- decoding
+def _logic_refine(x, hierarchy):
+    from .logic import logic_refine  # the LogicSeg module imports this one
+
+    return logic_refine(x, hierarchy)
+
+
 def decode(
     logits: paddle.Tensor, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -598,10 +604,13 @@ def decode(
     Returns ``(leaf_labels [B, *spatial], depth_labels [B, L, *spatial])`` (int64); ``depth_labels[:, d-1]``
     is the node id at depth d of the chosen leaf's path. ``method``: ``"path"`` (exact MAP: argmax
     over leaves of the sum of logits along the path), ``"hssn"``, ``"top_down"`` or
-    ``"independent"`` (per-depth argmax, may be inconsistent). Ties go to the lowest channel.
+    ``"independent"`` (per-depth argmax, may be inconsistent) or ``"logic"`` (LogicSeg's rule descent,
+    :func:`logic_refine` with its defaults, then ``"path"``). Ties go to the lowest channel.
     """
     x = _check_logits(logits, hierarchy)
     _check_choice(method, DECODE_METHODS, "method")
+    if method == "logic":  # LogicSeg's logic-guided reasoning, then the exact path decoding
+        x, method = _logic_refine(x, hierarchy), "path"
     if method in ("path", "top_down") and _use_triton(backend, x, hierarchy):
         return _bridge.fused_decode(x.detach(), hierarchy, method)
     return decode_op(x, hierarchy, method)

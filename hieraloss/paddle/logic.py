@@ -14,6 +14,8 @@ from paddle import nn
 
 from ..core import logic as _logic
 from ..core.objective import (
+    LOGIC_STEP_SIZE,
+    LOGIC_STEPS,
     LOGICSEG_RAMP,
     LOGICSEG_RULE_WEIGHT,
     check_asl_options,
@@ -65,6 +67,22 @@ class PaddleOps:
     @staticmethod
     def gram(a):
         return paddle.matmul(a, a, transpose_x=True)
+
+    @staticmethod
+    def matmul(a, b):
+        return paddle.matmul(a, b)
+
+    @staticmethod
+    def add_cols(a, index, values):
+        return paddle.index_add(a, index, 1, values.astype(a.dtype))
+
+    @staticmethod
+    def sum1(a):
+        return a.sum(axis=1)
+
+    @staticmethod
+    def max_all(a):
+        return a.max()
 
     @staticmethod
     def row_count(cond):
@@ -212,23 +230,21 @@ class LogicSegLoss(nn.Layer):
         return out
 
 
-def logic_refine(logits: paddle.Tensor, hierarchy: Hierarchy, *, steps: int = 10, step_size: float = 1.0,
-                 p: float = 5.0, exclusion: str = "siblings") -> paddle.Tensor:
+def logic_refine(logits: paddle.Tensor, hierarchy: Hierarchy, *, steps: int = LOGIC_STEPS,
+                 step_size: float = LOGIC_STEP_SIZE, p: float = 5.0, exclusion: str = "siblings") -> paddle.Tensor:
     """Logic-guided reasoning by rule descent (:func:`hieraloss.torch.logic_refine`)."""
     x = F._check_logits(logits, hierarchy)
     p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=exclusion, step=None)
     steps = check_refine_steps(steps)
-    if steps == 0 or x.size == 0:
-        return x.clone()
+    if x.size == 0 or steps == 0:
+        return x.detach().clone()
     t = _tables(hierarchy, x.place, exclusion)
-    z = x.detach().astype(compute_dtype(x.dtype))
-    for _ in range(steps):
-        z.stop_gradient = False
-        loss = 0.0
-        for b in range(z.shape[0]):
-            s = _scores(z[b:b + 1])
-            loss = loss + _logic.all_rules(OPS, s, t, p)
-        (grad,) = paddle.grad(loss, z)
-        scale = grad.pow(2).mean(axis=1, keepdim=True).sqrt().amax(axis=list(range(2, z.ndim)), keepdim=True)
-        z = (z - float(step_size) * grad / scale.clip(min=1e-30)).detach()
-    return z.astype(x.dtype)
+    n = x.shape[1]
+    z = x.detach().astype(compute_dtype(x.dtype)).transpose([0, *range(2, x.ndim), 1])  # [B, *spatial, N]
+    rows = []
+    for b in range(z.shape[0]):
+        zb = z[b].reshape([-1, n])
+        for _ in range(steps):
+            zb = _logic.refine_scores_step(OPS, zb, t, p, float(step_size))
+        rows.append(zb.reshape(z.shape[1:]))
+    return paddle.stack(rows).transpose([0, x.ndim - 1, *range(1, x.ndim - 1)]).astype(x.dtype)

@@ -14,6 +14,8 @@ from torch import nn
 
 from ..core import logic as _logic
 from ..core.objective import (
+    LOGIC_STEP_SIZE,
+    LOGIC_STEPS,
     LOGICSEG_RAMP,
     LOGICSEG_RULE_WEIGHT,
     check_asl_options,
@@ -62,6 +64,22 @@ class TorchOps:
     @staticmethod
     def gram(a):
         return a.transpose(0, 1) @ a
+
+    @staticmethod
+    def matmul(a, b):
+        return a @ b
+
+    @staticmethod
+    def add_cols(a, index, values):
+        return a.index_add(1, index, values.to(a.dtype))
+
+    @staticmethod
+    def sum1(a):
+        return a.sum(1)
+
+    @staticmethod
+    def max_all(a):
+        return a.amax()
 
     @staticmethod
     def row_count(cond):
@@ -253,32 +271,29 @@ class LogicSegLoss(nn.Module):
                 f"p={self.p}, exclusion={self.exclusion!r}, easy_filter={self.easy_filter}")
 
 
-def logic_refine(logits: torch.Tensor, hierarchy: Hierarchy, *, steps: int = 10, step_size: float = 1.0,
-                 p: float = 5.0, exclusion: str = "siblings") -> torch.Tensor:
+def logic_refine(logits: torch.Tensor, hierarchy: Hierarchy, *, steps: int = LOGIC_STEPS,
+                 step_size: float = LOGIC_STEP_SIZE, p: float = 5.0, exclusion: str = "siblings") -> torch.Tensor:
     """Logic-guided reasoning at test time by rule descent: ``steps`` steps of gradient descent on the
-    node logits against ``C + D + E`` (the three rules, :func:`logicseg_loss`'s rule term), starting
-    from ``logits``. Each step subtracts ``step_size`` times the gradient, scaled per image so that
-    the pixel with the largest gradient (root-mean-square over its channels) moves by ``step_size``:
-    the step does not depend on the pixel count. The rules are taken per image, so images in a
-    batch do not steer each other. Returns new logits (the input is not modified); decode them with
-    :func:`hieraloss.torch.decode`, or call ``decode(..., method="logic")``."""
+    node logits against ``C + D + E`` (the three rules of :func:`logicseg_loss`, no easy-pixel
+    filter), starting from ``logits``. Each step subtracts ``step_size`` times the gradient, scaled
+    per image so that the pixel with the largest gradient (root-mean-square over its channels) moves
+    by ``step_size``: the step does not depend on the pixel count. The rules are taken per image, so
+    images in a batch do not steer each other. The gradient is the hand-derived one of
+    :func:`hieraloss.core.logic.all_rules_gradient` (no autograd; works under ``torch.no_grad``).
+
+    Returns new logits (the input is not modified), in the input's dtype; ``decode(...,
+    method="logic")`` refines with the defaults and then decodes by ``"path"``."""
     x = F._check_logits(logits, hierarchy)
     p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=exclusion, step=None)
     steps = check_refine_steps(steps)
-    step_size = float(step_size)
-    if steps == 0 or x.numel() == 0:
-        return x.clone()
     t = _tables(hierarchy, x.device, exclusion)
-    z = x.detach().to(_ops.compute_dtype(x.dtype)).clone()
-    with torch.enable_grad():
+    z = x.detach().to(_ops.compute_dtype(x.dtype)).movedim(1, -1)  # [B, *spatial, N]
+    if x.numel() == 0 or steps == 0:
+        return x.detach().clone()
+    rows = []
+    for b in range(z.shape[0]):
+        zb = z[b].reshape(-1, x.shape[1])
         for _ in range(steps):
-            z.requires_grad_(True)
-            loss = 0.0
-            for b in range(z.shape[0]):  # per image: one image's violations do not steer another's
-                s = _scores(z[b:b + 1])
-                loss = loss + _logic.all_rules(OPS, s, t, p)
-            (grad,) = torch.autograd.grad(loss, z)
-            scale = grad.pow(2).mean(dim=1, keepdim=True).sqrt().amax(dim=tuple(range(2, z.dim())), keepdim=True)
-            z = (z - step_size * grad / scale.clamp_min(torch.finfo(z.dtype).tiny)).detach()
-    return z.to(x.dtype)
-
+            zb = _logic.refine_scores_step(OPS, zb, t, p, float(step_size))
+        rows.append(zb.reshape(z.shape[1:]))
+    return torch.stack(rows).movedim(-1, 1).to(x.dtype)
