@@ -24,7 +24,7 @@ import hieraloss.numpy as hnp  # noqa: E402
 from hieraloss import Hierarchy, presets  # noqa: E402
 from hieraloss.integrations import mmseg as hmm  # noqa: E402
 from hieraloss.testing import hierarchies, label_maps, logits  # noqa: E402
-from hieraloss.torch import decode, focal_tree_min_loss, hssn_loss, tree_min_loss  # noqa: E402
+from hieraloss.torch import decode, focal_tree_min_loss, hssn_loss, logicseg_loss, tree_min_loss  # noqa: E402
 
 
 def _sample(h: Hierarchy, shape=(2, 5, 6), seed=0, ignore=0.2, partial=0.0):
@@ -320,6 +320,8 @@ def test_register_is_idempotent_and_guards_names(models, monkeypatch):
      lambda x, y, h: focal_tree_min_loss(x, y, h, gamma=1.0)),
     (dict(type="HieraHSSNLoss", hierarchy="cityscapes", ce_weights=[1.0, 0.5]),
      lambda x, y, h: hssn_loss(x, y, h, ce_weights=[1.0, 0.5])),
+    (dict(type="HieraLogicSegLoss", hierarchy="cityscapes", ramp=None, exclusion="level", loss_weight=0.5),
+     lambda x, y, h: 0.5 * logicseg_loss(x, y, h, exclusion="level", ramp=None)),
 ])
 def test_build_from_config_and_call(models, cfg, fn):
     h = presets.cityscapes()
@@ -394,3 +396,19 @@ def test_hiera_seg_metric_in_mmseg_evaluator_equals_the_metric():
     assert set(got) == {f"hiera/{k}" for k in want}
     for key, value in want.items():
         assert got[f"hiera/{key}"] == pytest.approx(value, nan_ok=True, abs=0, rel=0)
+
+
+def test_logicseg_loss_counts_steps_and_takes_rule_logits():
+    h = presets.cityscapes()
+    x, y = (torch.tensor(a) for a in _sample(h, seed=7))
+    loss = hmm.HieraLogicSegLoss("cityscapes", ramp=(0, 2))
+    first = loss(x, y)
+    assert torch.allclose(first, logicseg_loss(x, y, h, step=0, ramp=(0, 2)))
+    second = loss(x, y)
+    assert torch.allclose(second, logicseg_loss(x, y, h, step=1, ramp=(0, 2)))
+    low = x[..., ::2, ::2]
+    assert torch.allclose(loss(x, y, rule_logits=low, step=5), logicseg_loss(x, y, h, rule_logits=low, step=5,
+                                                                             ramp=(0, 2)))
+    assert int(loss.loss.step) == 2 and "loss.step" in loss.state_dict()
+    with pytest.raises(ValueError, match="does not take pixel weights"):
+        loss(x, y, weight=torch.ones(x.shape[0], *x.shape[2:]))

@@ -112,6 +112,16 @@ def test_built_from_config_match_functional(manager, tmp_path):
     np.testing.assert_allclose(
         hssn(xt, lt4).numpy(), hp.hssn_loss(xt, lt, h, ce_weights=[1.0, 0.5]).numpy(), rtol=1e-6
     )
+    logic = _build(manager, {"type": "HieraLogicSegLoss", "hierarchy": "cityscapes", "ramp": [0, 2],
+                             "exclusion": "level", "easy_filter": True})
+    for step in range(3):  # its own step count drives the ramp, one per training call
+        want = hnp.logicseg_loss(x, labels, h, step=step, ramp=(0, 2), exclusion="level", easy_filter=True)
+        np.testing.assert_allclose(logic(xt, lt4).numpy(), want, rtol=1e-5)
+    logic.set_step(0)
+    logic.eval()
+    np.testing.assert_allclose(logic(xt, lt).numpy(), hnp.logicseg_loss(x, labels, h, step=0, ramp=(0, 2),
+                                                                       exclusion="level", easy_filter=True), rtol=1e-5)
+    assert int(logic.loss.step) == 0
     with pytest.raises(ValueError, match="neither a preset"):
         _build(manager, {"type": "HieraTreeMinLoss", "hierarchy": "nope"})
     with pytest.raises(ValueError, match="ignore_index"):

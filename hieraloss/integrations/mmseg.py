@@ -1,6 +1,6 @@
 """mmsegmentation (1.x) integration: the hieraloss losses as mmseg loss modules.
 
-Importing this module registers, when mmsegmentation is importable, five losses in
+Importing this module registers, when mmsegmentation is importable, six losses in
 ``mmseg.registry.MODELS`` and the per-depth metric :class:`HieraSegMetric` in
 ``mmseg.registry.METRICS`` (see :func:`register`):
 
@@ -8,6 +8,8 @@ Importing this module registers, when mmsegmentation is importable, five losses 
 * ``HieraFocalTreeMinLoss``: :func:`hieraloss.torch.focal_tree_min_loss`,
 * ``HieraHSSNLoss``: :func:`hieraloss.torch.hssn_loss` (tree-min + per-depth cross-entropy, plus the
   scheduled triplet term when the head passes ``embeddings``),
+* ``HieraLogicSegLoss``: :func:`hieraloss.torch.logicseg_loss` (LogicSeg: asymmetric BCE plus the
+  three logic rules),
 * ``HieraHierarchicalCELoss``: :func:`hieraloss.torch.hierarchical_cross_entropy` and
   ``HieraSoftLabelCELoss``: :func:`hieraloss.torch.soft_label_cross_entropy`, the objectives of
   Bertinetto et al. (CVPR 2020) on a flat head's leaf logits (``num_classes`` = number of leaves).
@@ -42,11 +44,13 @@ from ..hierarchy import Hierarchy
 from ..metrics import HierarchicalSegMetrics
 from ..torch import functional as F
 from ..torch import leaf_losses as _leaf
+from ..torch.logic import LogicSegLoss
 
 __all__ = [
     "HieraTreeMinLoss",
     "HieraFocalTreeMinLoss",
     "HieraHSSNLoss",
+    "HieraLogicSegLoss",
     "HieraHierarchicalCELoss",
     "HieraSoftLabelCELoss",
     "load_hierarchy",
@@ -260,6 +264,42 @@ class HieraHSSNLoss(_HieraLoss):
         return self.loss_weight * loss
 
 
+class HieraLogicSegLoss(_HieraLoss):
+    """LogicSeg's objective (:func:`hieraloss.torch.logicseg_loss`) as an mmseg loss.
+
+    ``asymmetric BCE + rule_weight * factor(step) * (C + D + E)``. mmseg's decode heads resize the
+    logits to the labels before calling a loss, so the rules see those logits unless a custom head
+    passes its pre-upsampling logits as ``rule_logits=`` (what the release does). The ramp reads the
+    step passed as ``step=`` or this module's own counter (a buffer, saved in the state dict), which
+    advances after each training-mode call with gradients enabled and no explicit step.
+
+    Config keys: ``hierarchy``, ``rule_weight`` (0.2), ``ramp`` ((20000, 50000); None = rules at
+    full weight), ``p`` (5.0), ``exclusion`` (``"siblings"`` or ``"level"``), ``easy_filter``
+    (False), ``loss_weight``, ``loss_name`` (default ``"loss_logicseg"``).
+    """
+
+    _default_name = "loss_logicseg"
+
+    def __init__(self, hierarchy: Any = "cityscapes", *, rule_weight: float = 0.2, ramp: Any = (20000, 50000),
+                 p: float = 5.0, exclusion: str = "siblings", easy_filter: bool = False, loss_weight: float = 1.0,
+                 loss_name: str | None = None):
+        super().__init__(hierarchy, loss_weight=loss_weight, loss_name=loss_name)
+        self.loss = LogicSegLoss(self.hierarchy, rule_weight=rule_weight, ramp=None if ramp is None else tuple(ramp),
+                                 p=p, exclusion=exclusion, easy_filter=easy_filter)
+
+    def forward(self, cls_score: torch.Tensor, label: torch.Tensor, weight: torch.Tensor | None = None,
+                ignore_index: int = 255, rule_logits: torch.Tensor | None = None, step: int | None = None,
+                **kwargs: Any) -> torch.Tensor:
+        """``loss_weight`` times :func:`hieraloss.torch.logicseg_loss` of ``cls_score`` against ``label``."""
+        self._check_extra(kwargs)
+        if weight is not None:
+            raise ValueError("HieraLogicSegLoss does not take pixel weights (its rules use no labels); remove the "
+                             "pixel sampler or use HieraTreeMinLoss")
+        self.loss.ignore_index = ignore_index
+        self.loss.train(self.training)
+        return self.loss_weight * self.loss(cls_score, label, rule_logits, step=step)
+
+
 class _LeafCELoss(_HieraLoss):
     """Shared plumbing of the leaf-logit losses: ``cls_score [B, K, H, W]`` (a flat head, K leaves in
     leaf-id order), node-id labels, optional pixel weights, ``reduction`` / ``reduction_override``."""
@@ -351,6 +391,7 @@ _LOSSES: dict[str, type[nn.Module]] = {
     "HieraTreeMinLoss": HieraTreeMinLoss,
     "HieraFocalTreeMinLoss": HieraFocalTreeMinLoss,
     "HieraHSSNLoss": HieraHSSNLoss,
+    "HieraLogicSegLoss": HieraLogicSegLoss,
     "HieraHierarchicalCELoss": HieraHierarchicalCELoss,
     "HieraSoftLabelCELoss": HieraSoftLabelCELoss,
 }

@@ -1,12 +1,14 @@
 """PaddleSeg integration: the hieraloss losses as PaddleSeg loss components.
 
-:func:`register` adds six classes to PaddleSeg's loss manager (``paddleseg.cvlibs.manager.LOSSES``):
+:func:`register` adds seven classes to PaddleSeg's loss manager (``paddleseg.cvlibs.manager.LOSSES``):
 
 * ``HieraTreeMinLoss``: :func:`hieraloss.paddle.tree_min_loss`,
 * ``HieraFocalTreeMinLoss``: :func:`hieraloss.paddle.focal_tree_min_loss`,
 * ``HieraHSSNLoss``: :func:`hieraloss.paddle.hssn_loss` without the triplet term (tree-min with the
   published normalisation plus the per-depth cross-entropies),
 * ``HieraTripletLoss``: the hierarchy-margin triplet term times its published schedule ``w(step)``,
+* ``HieraLogicSegLoss``: :func:`hieraloss.paddle.logicseg_loss` (LogicSeg: asymmetric BCE plus the three
+  logic rules, ramped in by the layer's own step count),
 * ``HieraHierarchicalCELoss`` / ``HieraSoftLabelCELoss``: :func:`hieraloss.paddle.hierarchical_cross_entropy`
   and :func:`hieraloss.paddle.soft_label_cross_entropy` (Bertinetto et al., CVPR 2020) on a flat
   model's leaf logits ``[B, K, H, W]``.
@@ -57,12 +59,14 @@ from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
 from ..paddle import functional as F
 from ..paddle import leaf_losses as _leaf
+from ..paddle.logic import LogicSegLoss
 
 __all__ = [
     "HieraTreeMinLoss",
     "HieraFocalTreeMinLoss",
     "HieraHSSNLoss",
     "HieraTripletLoss",
+    "HieraLogicSegLoss",
     "HieraHierarchicalCELoss",
     "HieraSoftLabelCELoss",
     "LOSS_CLASSES",
@@ -290,7 +294,30 @@ class HieraSoftLabelCELoss(_LeafCELoss):
         )
 
 
-LOSS_CLASSES = (HieraTreeMinLoss, HieraFocalTreeMinLoss, HieraHSSNLoss, HieraTripletLoss,
+class HieraLogicSegLoss(nn.Layer):
+    """LogicSeg's objective (:func:`hieraloss.paddle.logicseg_loss`) for PaddleSeg:
+    ``loss(logits [B, N, H, W], label [B, (1,) H, W])``. The rules' ramp follows the layer's own
+    persistable ``step`` (one per training call; ``set_step`` after a resume); ``ramp=None`` keeps
+    the rules at full weight."""
+
+    def __init__(self, hierarchy: Any = "cityscapes", ignore_index: int = 255, rule_weight: float = 0.2,
+                 ramp: Sequence[float] | None = (20000, 50000), p: float = 5.0, exclusion: str = "siblings",
+                 easy_filter: bool = False):
+        super().__init__()
+        self.hierarchy = load_hierarchy(hierarchy)
+        self.hierarchy.check_ignore_index(ignore_index)
+        self.loss = LogicSegLoss(self.hierarchy, rule_weight=rule_weight, ramp=None if ramp is None else tuple(ramp),
+                                 p=p, exclusion=exclusion, easy_filter=easy_filter, ignore_index=ignore_index)
+
+    def set_step(self, step: int) -> None:
+        self.loss.step.set_value(paddle.full([], int(step), dtype="int64"))
+
+    def forward(self, logits: paddle.Tensor, label: paddle.Tensor) -> paddle.Tensor:
+        self.loss.train() if self.training else self.loss.eval()
+        return self.loss(logits, _label_map(label, logits.ndim))
+
+
+LOSS_CLASSES = (HieraTreeMinLoss, HieraFocalTreeMinLoss, HieraHSSNLoss, HieraTripletLoss, HieraLogicSegLoss,
                 HieraHierarchicalCELoss, HieraSoftLabelCELoss)
 
 
