@@ -11,7 +11,7 @@ MMSEG_PINS := mmcv-lite==2.1.0 mmengine==0.10.7 mmsegmentation==1.2.2 ftfy regex
 .PHONY: venv test test-aot-oldest test-vision test-paddleseg demo example docs bench lint clean gpu-check gpu-ab
 
 # setup.py compiles the CPU kernel (hieraloss/_native) into the source tree on install: re-install when it changes.
-$(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h
+$(BIN)/.installed: pyproject.toml setup.py hieraloss/_native/tree_min.cpp hieraloss/_native/tree_min_kernel.h hieraloss/_native/logicseg_kernel.h
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_PIN) $(PADDLE_PIN)

@@ -25,7 +25,7 @@ setup(
         Extension(
             "hieraloss._native._tree_min",
             sources=["hieraloss/_native/tree_min.cpp"],
-            depends=["hieraloss/_native/tree_min_kernel.h"],
+            depends=["hieraloss/_native/tree_min_kernel.h", "hieraloss/_native/logicseg_kernel.h"],
             language="c++",
             optional=True,
         )

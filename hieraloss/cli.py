@@ -1,6 +1,7 @@
 """The ``hieraloss`` command line: ``demo``, ``inspect`` and ``bench``.
 
-``python -m hieraloss demo``     train flat CE, HSSN, HXE and soft-label models on procedural scenes, compare them.
+``python -m hieraloss demo``     train flat CE, HSSN, HXE, soft-label and LogicSeg models on procedural scenes,
+                                 compare them.
 ``python -m hieraloss inspect``  show a preset or a hierarchy JSON file (tree, channels, layout).
 ``python -m hieraloss bench``    a quick timing run.
 """

@@ -364,9 +364,9 @@ def test_integrations_use_public_names_only(package):
 # The public faces of each backend ("doors": validate, then dispatch) and what lies below them.
 DOORS = {
     "torch": {"hieraloss.torch", "hieraloss.torch.functional", "hieraloss.torch.modules",
-              "hieraloss.torch.leaf_losses", "hieraloss.torch.heads"},
+              "hieraloss.torch.leaf_losses", "hieraloss.torch.heads", "hieraloss.torch.logic"},
     "paddle": {"hieraloss.paddle", "hieraloss.paddle.functional", "hieraloss.paddle.layers",
-               "hieraloss.paddle.leaf_losses", "hieraloss.paddle.distributed"},
+               "hieraloss.paddle.leaf_losses", "hieraloss.paddle.distributed", "hieraloss.paddle.logic"},
 }
 
 

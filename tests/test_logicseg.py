@@ -226,10 +226,12 @@ def test_oracle_on_random_trees_every_backend(data, exclusion, easy_filter, p):
     want_total = want["asl"] + 0.2 * factor * (want["child_implies_parent"] + want["parent_implies_child"]
                                                + want["exclusion"])
     for name, mod in _backends().items():
-        total, parts = _run(name, mod, x, y, h, **kw)
-        for k, v in want.items():
-            assert parts[k] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, k)
-        assert total == pytest.approx(want_total, rel=1e-9, abs=1e-12), name
+        for backend in (["auto"] if name == "numpy" else ["auto", name]):  # auto: the compiled CPU kernel
+            extra = {} if name == "numpy" else {"backend": backend}
+            total, parts = _run(name, mod, x, y, h, **kw, **extra)
+            for k, v in want.items():
+                assert parts[k] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, backend, k)
+            assert total == pytest.approx(want_total, rel=1e-9, abs=1e-12), (name, backend)
 
 
 @settings(max_examples=10, deadline=None)
@@ -416,7 +418,8 @@ def test_asl_options_against_oracle(data):
 @given(data=st.data(), exclusion=st.sampled_from(["siblings", "level"]), p=st.sampled_from([1.0, 2.0, 5.0]))
 def test_rule_gradient_by_hand_equals_autograd(data, exclusion, p):
     from hieraloss.core import logic as core_logic
-    from hieraloss.torch.logic import OPS, _tables
+    from hieraloss.torch._logic_ops import OPS
+    from hieraloss.torch._logic_ops import tables as _tables
 
     h = data.draw(hierarchies(max_depth=4, max_children=3, order=None))
     x = torch.tensor(data.draw(logit_maps(h, (1, 3, 2), scale=2.0)))
@@ -473,3 +476,120 @@ def test_logic_refine_images_are_independent():
     one = ht.logic_refine(torch.tensor(x[1:]), h)
     np.testing.assert_allclose(both[1:].numpy(), one.numpy(), rtol=1e-12)
     assert ht.logic_refine(torch.tensor(x, dtype=torch.float32), h).dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- the compiled CPU kernel
+def _native_or_skip():
+    from hieraloss import _native
+
+    if not _native.available():
+        pytest.skip(f"compiled CPU kernel unavailable: {_native.load_error()}")
+    return _native
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data(), exclusion=st.sampled_from(["siblings", "level"]), easy_filter=st.booleans(),
+       p=st.sampled_from([1.0, 2.0, 3.5, 5.0]), dtype=st.sampled_from(["float64", "float32"]),
+       separate=st.booleans(), grad_x=st.booleans())
+def test_native_equals_torch_ops_values_and_gradients(data, exclusion, easy_filter, p, dtype, separate, grad_x):
+    _native_or_skip()
+    h = data.draw(hierarchies(max_depth=4, max_children=4, order=None))
+    shape = data.draw(st.tuples(st.integers(1, 2), st.integers(1, 9), st.integers(1, 40)))
+    y = torch.tensor(data.draw(label_maps(h, shape, ignore_fraction=None, partial_fraction=None)))
+    dt = getattr(torch, dtype)
+    x = torch.tensor(data.draw(logit_maps(h, shape, scale=3.0)), dtype=dt)
+    r = torch.tensor(data.draw(logit_maps(h, (shape[0], 3, 5), scale=3.0)), dtype=dt) if separate else None
+    weight = data.draw(st.sampled_from([0.0, 0.2, 1.0]))
+    results = []
+    for backend in ("torch", "native"):
+        xx = x.clone().requires_grad_(grad_x)
+        rr = None if r is None else r.clone().requires_grad_(True)
+        total, parts = ht.logicseg_loss(xx, y, h, rule_logits=rr, step=None, rule_weight=weight, p=p,
+                                        exclusion=exclusion, easy_filter=easy_filter, backend=backend,
+                                        return_parts=True)
+        inputs = [t for t in (xx, rr) if t is not None and t.requires_grad]
+        grads = torch.autograd.grad(total, inputs, allow_unused=True) if total.requires_grad else [None] * len(inputs)
+        results.append((total.item(), {k: v.item() for k, v in parts.items()},
+                        [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads, strict=True)]))
+    (ta, pa, ga), (tb, pb, gb) = results
+    rel = 1e-10 if dtype == "float64" else 2e-5
+    assert tb == pytest.approx(ta, rel=rel, abs=rel)
+    for k in pa:
+        assert pb[k] == pytest.approx(pa[k], rel=rel, abs=rel), k
+    for a, b in zip(ga, gb, strict=True):
+        scale = float(a.abs().max()) or 1.0
+        assert float((a - b).abs().max()) <= (1e-10 if dtype == "float64" else 1e-5) * scale
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_native_asymmetric_bce_options(data):
+    _native_or_skip()
+    h = data.draw(hierarchies(max_depth=3, max_children=3))
+    y = torch.tensor(data.draw(label_maps(h, (2, 3, 7), ignore_fraction=None, partial_fraction=None)))
+    x = torch.tensor(data.draw(logit_maps(h, (2, 3, 7), scale=8.0)))
+    opts = dict(gamma_neg=data.draw(st.sampled_from([0.0, 1.0, 2.5, 4.0])),
+                gamma_pos=data.draw(st.sampled_from([0.0, 0.5, 1.0, 2.0])),
+                clip=data.draw(st.sampled_from([0.0, 0.05, 0.3])), eps=data.draw(st.sampled_from([1e-8, 1e-3])))
+    out = []
+    for backend in ("torch", "native"):
+        xx = x.clone().requires_grad_(True)
+        v = ht.asymmetric_bce_loss(xx, y, h, backend=backend, **opts)
+        (g,) = torch.autograd.grad(v, xx)
+        out.append((v.item(), g))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-10, abs=1e-12)
+    torch.testing.assert_close(out[1][1], out[0][1], rtol=1e-9, atol=1e-12)
+
+
+def test_native_every_instruction_set_and_no_grad():
+    native = _native_or_skip()
+    h = presets.mapillary_vistas_v2()
+    rng = np.random.default_rng(5)
+    x = torch.tensor(rng.normal(0, 2, size=(2, h.num_nodes, 7, 33)), dtype=torch.float32)
+    y = torch.tensor(rng.integers(0, h.num_leaves, size=(2, 7, 33)))
+    want = ht.logicseg_loss(x, y, h, step=None, backend="torch", exclusion="level", easy_filter=True)
+    before = native.isa()
+    try:
+        for isa in native.ISAS:
+            native.set_isa(isa)
+            xx = x.clone().requires_grad_(True)
+            got = ht.logicseg_loss(xx, y, h, step=None, backend="native", exclusion="level", easy_filter=True)
+            assert got.item() == pytest.approx(want.item(), rel=2e-5), isa
+            got.backward()
+            assert torch.isfinite(xx.grad).all()
+    finally:
+        native.set_isa(before)
+    with torch.no_grad():
+        assert ht.logicseg_loss(x, y, h, step=None, exclusion="level", easy_filter=True).item() == pytest.approx(
+            want.item(), rel=2e-5)
+
+
+def test_native_backend_refuses_what_it_cannot_run():
+    _native_or_skip()
+    h, x, _, y = _cityscapes_inputs()
+    with pytest.raises(RuntimeError, match="takes float32 or float64"):
+        ht.logicseg_loss(torch.tensor(x, dtype=torch.float16), torch.tensor(y), h, backend="native")
+    with pytest.raises(ValueError, match="backend"):
+        ht.logicseg_loss(torch.tensor(x), torch.tensor(y), h, backend="cuda")
+    # float16 on auto falls to the torch ops, in float32
+    half = ht.logicseg_loss(torch.tensor(x, dtype=torch.float16), torch.tensor(y), h, step=None)
+    assert half.dtype == torch.float32 and torch.isfinite(half)
+
+
+def test_native_paddle_equals_paddle_ops():
+    _native_or_skip()
+    paddle = pytest.importorskip("paddle")
+    import hieraloss.paddle as hp
+
+    h, x, r, y = _cityscapes_inputs(seed=4)
+    out = []
+    for backend in ("paddle", "native"):
+        xx = paddle.to_tensor(x, stop_gradient=False)
+        rr = paddle.to_tensor(r, stop_gradient=False)
+        total = hp.logicseg_loss(xx, paddle.to_tensor(y), h, rule_logits=rr, step=None, exclusion="level",
+                                 easy_filter=True, backend=backend)
+        total.backward()
+        out.append((total.item(), xx.grad.numpy(), rr.grad.numpy()))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-12)
+    np.testing.assert_allclose(out[1][1], out[0][1], rtol=1e-9, atol=1e-15)
+    np.testing.assert_allclose(out[1][2], out[0][2], rtol=1e-9, atol=1e-15)

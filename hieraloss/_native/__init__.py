@@ -29,7 +29,7 @@ from ..hierarchy import Hierarchy
 
 __all__ = ["available", "load_error", "use_for", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
            "release_cpu_buffers", "TreeArrays", "tree_arrays", "hssn_scales", "tile_width", "tree_min", "FLOAT32",
-           "FLOAT64"]
+           "FLOAT64", "LogicArrays", "logic_arrays", "logicseg"]
 
 FLOAT32 = 0
 FLOAT64 = 1
@@ -69,6 +69,11 @@ def _load() -> ctypes.CDLL | None:
                     lib.hieraloss_tree_min_ce.argtypes = [
                         ctypes.c_int, _p, _i64, _i64, _i64, _p, _p, _i64, _p, _p, ctypes.c_double,
                         _p, _p, _p, _p, _p, _p, _i64, _p, _p, _p, _p, _p, _i64, _i64]
+                    lib.hieraloss_logicseg.restype = ctypes.c_int
+                    lib.hieraloss_logicseg.argtypes = [
+                        ctypes.c_int, _p, _i64, _i64, _i64, _p, _i64, _p, _p, _i64, _p, _i64, _p, _i64, _p, _p,
+                        _i64, ctypes.c_int, ctypes.c_double, _p, _p, ctypes.c_double, ctypes.c_double,
+                        ctypes.c_double, ctypes.c_double, ctypes.c_double, _p, _p, _p, _p, _i64, _i64]
                     lib.hieraloss_isa.restype = ctypes.c_char_p
                     lib.hieraloss_set_isa.restype = ctypes.c_int
                     lib.hieraloss_set_isa.argtypes = [ctypes.c_int]
@@ -305,3 +310,95 @@ def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
         status = lib.hieraloss_tree_min(*common, tile_width(N), threads)
     if status != 0:
         raise RuntimeError(f"hieraloss native tree_min failed: {_ERRORS.get(status, status)}")
+
+
+class LogicArrays:
+    """LogicSeg's rule tables for the kernel (:func:`hieraloss.core.logic.logic_tables` as read-only
+    int32 arrays): the (child, parent) clauses, the internal nodes and their children by rank, and the
+    exclusion groups as offsets and members; ``tables`` keeps the core's own for the values."""
+
+    def __init__(self, hierarchy: Hierarchy, mode: str):
+        from ..core.logic import logic_tables
+
+        t = logic_tables(plan_for(hierarchy), mode)
+
+        def i32(a) -> np.ndarray:
+            out = np.ascontiguousarray(a, dtype=np.int32)
+            out.setflags(write=False)
+            return out
+
+        self.tables = t
+        self.edge_child, self.edge_parent, self.internal = i32(t.edge_child), i32(t.edge_parent), i32(t.internal)
+        self.child_ranks = i32(np.stack(t.child_ranks) if t.child_ranks else np.zeros((0, 0)))
+        self.num_ranks = len(t.child_ranks)
+        sizes = [int(g.shape[0]) for g in t.groups]
+        self.group_offsets = i32(np.cumsum([0, *sizes]))
+        self.group_members = i32(np.concatenate(t.groups) if t.groups else np.zeros(0))
+        self.num_pairs = sum(n * (n - 1) // 2 for n in sizes)
+        self.num_clauses = self.edge_child.size + self.internal.size + self.num_pairs + len(sizes)
+
+
+def logic_arrays(hierarchy: Hierarchy, mode: str) -> LogicArrays:
+    """The cached :class:`LogicArrays` of ``hierarchy`` for exclusion ``mode``."""
+    key = f"logic:{mode}:{hierarchy.fingerprint}"
+    arrays = _STATE.get(key)  # a hit takes no lock
+    if arrays is None:
+        with _LOCK:
+            arrays = _STATE.setdefault(key, LogicArrays(hierarchy, mode))
+    return arrays  # type: ignore[return-value]
+
+
+def _logic_call(lib, dtype, x, shape, lc, rules, tree, asl, asl_scale, rule_sums, slopes, asl_sum, grad, threads):
+    B, N, P = shape
+    r = rules
+    rule_args = ((r.edge_child.size, r.edge_child.ctypes.data, r.edge_parent.ctypes.data, r.internal.size,
+                  r.internal.ctypes.data, r.num_ranks, r.child_ranks.ctypes.data, len(r.tables.groups),
+                  r.group_offsets.ctypes.data, r.group_members.ctypes.data, r.num_pairs)
+                 if r is not None else (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+    gn, gp, clip, eps = asl if asl is not None else (0.0, 0.0, 0.0, 1.0)
+    status = lib.hieraloss_logicseg(
+        dtype, x, B, N, P, lc, *rule_args, rules.easy if r is not None else 0, rules.p if r is not None else 1.0,
+        tree.pre.ctypes.data if asl is not None else 0, tree.size.ctypes.data if asl is not None else 0,
+        gn, gp, clip, eps, asl_scale, rule_sums, slopes, asl_sum, grad, tile_width(N), threads)
+    if status != 0:
+        raise RuntimeError(f"hieraloss native logicseg failed: {_ERRORS.get(status, status)}")
+
+
+def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, valid: int, hierarchy: Hierarchy,
+             *, asl: tuple[float, float, float, float], rules_x: int | None, rules_shape: tuple[int, int, int] | None,
+             exclusion: str, easy_filter: bool, p: float, rule_weight: float, grad: int = 0, rules_grad: int = 0,
+             num_threads: int = 1) -> tuple[float, tuple[float, float, float] | None]:
+    """LogicSeg's objective on raw addresses (C-contiguous ``[B, N, P]`` buffers of ``dtype``;
+    ``label_channels`` int64 ``[B, P]``, -1 = ignored; ``valid`` the number of valid pixels).
+
+    ``rules_x`` (None: no rules) are the rule logits, ``x`` itself or another buffer of
+    ``rules_shape``. Writes ``grad`` (the ASL's gradient divided by ``valid``, plus ``rule_weight``
+    times the rules' gradient when ``rules_x`` is ``x``) and ``rules_grad`` (``rule_weight`` times the
+    rules' gradient, when they are another buffer); 0 skips a gradient. Returns the ASL's value and
+    the rules' values ``(C, D, E)`` (None without rules)."""
+    from ..core.logic import rules_from_sums
+
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"the compiled CPU kernel is not available: {load_error()}")
+    threads = max(1, int(num_threads))
+    tree = tree_arrays(hierarchy)
+    values, slopes = None, None
+    if rules_x is not None:
+        rules = logic_arrays(hierarchy, exclusion)
+        rules.easy, rules.p = int(bool(easy_filter)), float(p)
+        sums = np.zeros(rules.num_clauses, dtype=np.float64)
+        _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, None, None, 0.0, sums.ctypes.data, 0, 0, 0, threads)
+        values, slopes = rules_from_sums(sums, rules.tables, p, rules_shape[0] * rules_shape[2])
+        slopes = np.ascontiguousarray(slopes * float(rule_weight))
+    same = rules_x == x and rules_shape == shape
+    with_rule_grad = slopes is not None and rule_weight != 0
+    asl_sum = np.zeros(1, dtype=np.float64)
+    scale = 1.0 / max(valid, 1)
+    _logic_call(lib, dtype, x, shape, label_channels, rules if (same and with_rule_grad and grad) else None, tree, asl,
+                scale, 0, slopes.ctypes.data if (same and with_rule_grad and grad) else 0, asl_sum.ctypes.data, grad,
+                threads)
+    if rules_grad and with_rule_grad and not same:
+        _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, None, None, 0.0, 0, slopes.ctypes.data, 0, rules_grad,
+                    threads)
+    return float(asl_sum[0]) * scale, values

@@ -24,6 +24,7 @@
 
 #define HIERALOSS_ISA generic
 #include "tree_min_kernel.h"
+#include "logicseg_kernel.h"
 #undef HIERALOSS_ISA
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
@@ -32,12 +33,14 @@
 #pragma GCC target("avx2,fma")
 #define HIERALOSS_ISA avx2
 #include "tree_min_kernel.h"
+#include "logicseg_kernel.h"
 #undef HIERALOSS_ISA
 #pragma GCC pop_options
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,prefer-vector-width=512")
 #define HIERALOSS_ISA avx512
 #include "tree_min_kernel.h"
+#include "logicseg_kernel.h"
 #undef HIERALOSS_ISA
 #pragma GCC pop_options
 #endif
@@ -168,6 +171,83 @@ int dispatch_dtype(int dtype, const void* x, void* loss_map, void* grad, const v
   return 2;
 }
 
+// LogicSeg: stats (rule_sums non-null: per-clause sums) or apply (ASL sum and/or the gradient).
+template <typename T>
+int logic_launch(const T* x, int64_t B, int64_t N, int64_t P, const int64_t* lc, const LogicTables* lt,
+                 double* rule_sums, const double* slopes, const AslOptions* asl, double* asl_sum, T* grad,
+                 int64_t tile, int64_t num_threads) {
+  if (B < 0 || N < 1 || P < 0 || tile < 1) return 1;
+  const bool stats = rule_sums != nullptr;
+  if (stats ? (lt == nullptr || asl != nullptr || grad != nullptr) : (asl == nullptr && grad == nullptr)) return 3;
+  if (!stats && asl != nullptr && (asl_sum == nullptr || lc == nullptr)) return 3;
+  if (slopes != nullptr && (lt == nullptr || grad == nullptr)) return 3;
+  if (lt != nullptr) {  // indices in range, groups well formed
+    auto bad = [N](int32_t c) { return c < 0 || c >= N; };
+    for (int64_t e = 0; e < lt->num_edges; ++e)
+      if (bad(lt->edge_child[e]) || bad(lt->edge_parent[e])) return 1;
+    for (int64_t i = 0; i < lt->num_internal; ++i) {
+      if (bad(lt->internal[i])) return 1;
+      for (int64_t r = 0; r < lt->num_ranks; ++r)
+        if (bad(lt->child_ranks[r * lt->num_internal + i])) return 1;
+    }
+    if (lt->num_internal > 0 && lt->num_ranks < 1) return 1;
+    int64_t pairs = 0;
+    if (lt->num_groups > 0 && lt->group_offsets[0] != 0) return 1;
+    for (int64_t g = 0; g < lt->num_groups; ++g) {
+      const int64_t n = static_cast<int64_t>(lt->group_offsets[g + 1]) - lt->group_offsets[g];
+      if (n < 2) return 1;
+      pairs += n * (n - 1) / 2;
+      for (int64_t k = 0; k < n; ++k)
+        if (bad(lt->group_members[lt->group_offsets[g] + k])) return 1;
+    }
+    if (pairs != lt->num_pairs || !(lt->p >= 1.0)) return 1;
+  }
+  if (asl != nullptr)
+    for (int64_t v = 0; v < N; ++v)
+      if (asl->pre[v] < 0 || asl->pre[v] >= N || asl->size[v] < 1) return 1;
+  const int64_t clauses = stats ? lt->num_edges + lt->num_internal + lt->num_pairs + lt->num_groups : 1;
+  if (rule_sums) std::fill(rule_sums, rule_sums + clauses, 0.0);
+  if (asl_sum) *asl_sum = 0.0;
+  const int64_t tiles_per_image = (P + tile - 1) / tile;
+  const int64_t items = B * tiles_per_image;
+  if (items == 0) return 0;
+  const int64_t threads = std::max<int64_t>(1, std::min(num_threads, items));
+  std::vector<double> sums(threads * clauses, 0.0);
+  std::atomic<bool> failed{false};
+  auto work = [&](int64_t id) {
+    try {
+      const int64_t first = items * id / threads, last = items * (id + 1) / threads;
+      double* mine = sums.data() + id * clauses;
+#ifdef HIERALOSS_HAVE_AVX2
+      if (isa_level() == 2)
+        return avx512::logic_run<T>(x, lc, N, P, tile, tiles_per_image, first, last, lt, stats, slopes, asl, grad,
+                                    mine, clauses);
+      if (isa_level() == 1)
+        return avx2::logic_run<T>(x, lc, N, P, tile, tiles_per_image, first, last, lt, stats, slopes, asl, grad,
+                                  mine, clauses);
+#endif
+      generic::logic_run<T>(x, lc, N, P, tile, tiles_per_image, first, last, lt, stats, slopes, asl, grad, mine,
+                            clauses);
+    } catch (...) {
+      failed = true;
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (int64_t id = 1; id < threads; ++id) pool.emplace_back(work, id);
+  } catch (...) {
+    failed = true;
+  }
+  if (!failed) work(0);
+  for (auto& th : pool) th.join();
+  if (failed) return 4;
+  double* out = stats ? rule_sums : asl_sum;
+  if (out != nullptr)
+    for (int64_t id = 0; id < threads; ++id)  // fixed order: the result does not depend on scheduling
+      for (int64_t c = 0; c < clauses; ++c) out[c] += sums[id * clauses + c];
+  return 0;
+}
+
 }  // namespace
 
 extern "C" {
@@ -210,6 +290,41 @@ HIERALOSS_EXPORT int hieraloss_tree_min_ce(int dtype, const void* x, int64_t B, 
     const Classes cls{num_depths, class_offsets, class_channels, ce_target};
     return dispatch_dtype(dtype, x, loss_map, grad, grad_up, B, N, P, lc, edges, num_edges, pre, size, gamma,
                           channel_sums, map_scale, grad_scale, cls, ce_sums, ce_grad_scale, tile, num_threads);
+  } catch (...) {
+    return 4;
+  }
+}
+
+// LogicSeg's objective (logicseg_kernel.h). Rules: num_edges, edge_child, edge_parent,
+// num_internal, internal, num_ranks, child_ranks [num_ranks, num_internal], num_groups,
+// group_offsets [G + 1], group_members, num_pairs, easy_filter, p (edge_child null: no rules).
+// ASL: pre, size (null: no ASL), gamma_neg, gamma_pos, clip, eps, asl_scale; lc [B, P].
+// Either stats (rule_sums [E + I + pairs + G] non-null: per-clause sums of viol^p, then the groups'
+// hard-pixel counts) or apply: asl_sum (the ASL's sum over its counted entries) and/or grad
+// ([B, N, P]: asl_scale times the ASL's gradient plus the rules' gradient from rule_slopes
+// [E + I + pairs], d objective / d sum times p). Same return codes as hieraloss_tree_min.
+HIERALOSS_EXPORT int hieraloss_logicseg(int dtype, const void* x, int64_t B, int64_t N, int64_t P, const int64_t* lc,
+                                        int64_t num_edges, const int32_t* edge_child, const int32_t* edge_parent,
+                                        int64_t num_internal, const int32_t* internal, int64_t num_ranks,
+                                        const int32_t* child_ranks, int64_t num_groups, const int32_t* group_offsets,
+                                        const int32_t* group_members, int64_t num_pairs, int easy_filter, double p,
+                                        const int32_t* pre, const int32_t* size, double gamma_neg, double gamma_pos,
+                                        double clip, double eps, double asl_scale, double* rule_sums,
+                                        const double* rule_slopes, double* asl_sum, void* grad, int64_t tile,
+                                        int64_t num_threads) {
+  try {
+    const LogicTables tables{num_edges, edge_child,    edge_parent,   num_internal, internal,    num_ranks,
+                             child_ranks, num_groups, group_offsets, group_members, num_pairs, easy_filter, p};
+    const LogicTables* lt = edge_child != nullptr ? &tables : nullptr;
+    const AslOptions options{pre, size, gamma_neg, gamma_pos, clip, eps, asl_scale, 0};
+    const AslOptions* asl = pre != nullptr ? &options : nullptr;
+    if (dtype == 0)
+      return logic_launch<float>(static_cast<const float*>(x), B, N, P, lc, lt, rule_sums, rule_slopes, asl, asl_sum,
+                                 static_cast<float*>(grad), tile, num_threads);
+    if (dtype == 1)
+      return logic_launch<double>(static_cast<const double*>(x), B, N, P, lc, lt, rule_sums, rule_slopes, asl,
+                                  asl_sum, static_cast<double*>(grad), tile, num_threads);
+    return 2;
   } catch (...) {
     return 4;
   }

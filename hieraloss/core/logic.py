@@ -237,3 +237,37 @@ def refine_scores_step(ops: ArrayOps, x: Any, t: LogicTables, p: float, step_siz
     g = all_rules_gradient(ops, s, t, p) * s * (1.0 - s)
     scale = ops.max_all(ops.power(ops.sum1(g * g) / float(x.shape[1]), 0.5))
     return x - g * (step_size / ops.clamp(scale, lo=1e-30))
+
+
+# ---------------------------------------------------------------------------- the compiled kernel's sums
+def rules_from_sums(sums: np.ndarray, t: LogicTables, p: float, pixels: int) -> tuple[tuple[float, float, float],
+                                                                                       np.ndarray]:
+    """The rules' values and the kernel's slopes from its per-clause sums (float64, in the order
+    edges, internal nodes, unordered pairs group by group, then each group's hard-pixel count).
+
+    Returns ``((C, D, E), slopes)``: ``slopes`` float64 ``[E + I + pairs]`` is ``p`` times the
+    derivative of ``C + D + E`` with respect to each clause's sum (0 where the sum is 0)."""
+    n_e, n_i = int(t.edge_child.shape[0]), int(t.internal.shape[0])
+    sizes = [int(g.shape[0]) for g in t.groups]
+    n_pairs = sum(n * (n - 1) // 2 for n in sizes)
+    sums = np.asarray(sums, dtype=np.float64)
+    slopes = np.zeros(n_e + n_i + n_pairs, dtype=np.float64)
+
+    def part(lo: int, hi: int, count, clauses: float, factor: float) -> float:
+        m = sums[lo:hi] / count
+        positive = m > 0
+        safe = np.where(positive, m, 1.0)
+        slopes[lo:hi] = np.where(positive, factor * safe ** (1.0 / p - 1.0) / (count * clauses), 0.0)
+        return float(factor * np.where(positive, safe ** (1.0 / p), 0.0).sum() / clauses)
+
+    pixels = float(max(pixels, 1))
+    c = part(0, n_e, pixels, float(max(n_e, 1)), 1.0)
+    d = part(n_e, n_e + n_i, pixels, float(max(n_i, 1)), 1.0)
+    e, start = 0.0, n_e + n_i
+    hard = sums[n_e + n_i + n_pairs:]
+    for g, n in enumerate(sizes):
+        k = n * (n - 1) // 2
+        # each unordered pair stands for the two ordered ones: twice its root, over sum_g n_g^2
+        e += part(start, start + k, max(float(hard[g]), 1.0), float(t.pair_count), 2.0)
+        start += k
+    return (c, d, e), slopes

@@ -98,6 +98,10 @@ def compose_hssn(terms: HSSNTerms, *, tree_min_weight: float, ce_weights: list[f
 class LogicSegTerms(Protocol):
     """One LogicSeg call's terms in a framework, over already-checked inputs."""
 
+    def fused(self, rule_weight: float, with_rules: bool) -> tuple[Any, Any, tuple[Any, Any, Any] | None] | None:
+        """``(total, asl, rules)`` from one fused computation (``asl`` and the rules ``(C, D, E)``
+        detached; ``rules`` None when ``with_rules`` is False), or None where none runs."""
+
     def asymmetric_bce(self) -> Any: ...
 
     def rules(self) -> tuple[Any, Any, Any]:
@@ -171,16 +175,24 @@ def compose_logicseg(terms: LogicSegTerms, *, rule_weight: float, factor: Any, r
     compiler). The rules run unless their weight is the number 0 and no parts are asked for.
     Parts (detached, unweighted): ``asl``, ``child_implies_parent``, ``parent_implies_child``,
     ``exclusion`` and ``rule_factor``."""
-    total = terms.asymmetric_bce()
-    parts: dict[str, Any] = {"asl": terms.detach(total)}
     known = isinstance(factor, (int, float))
     weight = float(rule_weight) * (float(factor) if known else factor)
-    if not known or weight != 0 or return_parts:
-        c, d, e = terms.rules()
-        if not known or weight != 0:
-            total = total + weight * (c + d + e)
-        parts.update(child_implies_parent=terms.detach(c), parent_implies_child=terms.detach(d),
-                     exclusion=terms.detach(e))
+    with_rules = not known or weight != 0 or return_parts
+    fused = terms.fused(weight, with_rules) if known else None
+    if fused is not None:
+        total, asl, rules = fused
+        parts: dict[str, Any] = {"asl": asl}
+    else:
+        total = terms.asymmetric_bce()
+        parts = {"asl": terms.detach(total)}
+        rules = None
+        if with_rules:
+            c, d, e = terms.rules()
+            if not known or weight != 0:
+                total = total + weight * (c + d + e)
+            rules = tuple(terms.detach(v) for v in (c, d, e))
+    if rules is not None:
+        parts.update(zip(("child_implies_parent", "parent_implies_child", "exclusion"), rules, strict=True))
     if not return_parts:
         return total
     parts["rule_factor"] = terms.scalar(float(factor) if known else factor, total)

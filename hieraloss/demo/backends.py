@@ -15,9 +15,12 @@ Objectives:
 * ``hssn``: ``hssn_loss`` with the published weights (5 x tree-min + CE per depth + scheduled
   triplet) on N node logits and an embedding head.
 * ``hssn_tm1``: the same with ``tree_min_weight=1``.
+* ``logicseg``: ``logicseg_loss`` (LogicSeg: asymmetric BCE on the node targets plus the three logic
+  rules, ramped in as the release does, scaled to the demo's length) on N node logits.
 
 Flat heads are decoded with ``decode_leaf_logits(..., "top_down")`` (alternative: ``"argmax"``),
-HSSN heads with ``decode(..., "path")`` (alternative: ``"top_down"``).
+node heads with ``decode(..., "path")`` (alternative: ``"top_down"``; ``logic``: ``decode(...,
+"logic")``, LogicSeg's logic-guided reasoning, reported against ``path``).
 """
 
 from __future__ import annotations
@@ -57,7 +60,10 @@ OBJECTIVES: dict[str, Objective] = {o.name: o for o in (
               ("hierarchical_cross_entropy", "decode_leaf_logits")),
     Objective("soft", "soft labels", "leaf", "soft-label cross-entropy on the leaf logits (beta)",
               ("soft_label_cross_entropy", "decode_leaf_logits")),
+    Objective("logicseg", "LogicSeg", "node", "logicseg_loss: asymmetric BCE + 0.2 x the logic rules, ramped in "
+              "over 25% to 62.5% of training (the release's 20k..50k of 80k)", ("logicseg_loss", "decode")),
 )}
+LOGICSEG_RAMP = (0.25, 0.625)  # the release's ramp, 20k..50k steps, as fractions of its 80k-step schedule
 MODELS = tuple(OBJECTIVES)
 
 FLAT_DECODE, FLAT_ALTERNATIVE = "top_down", "argmax"
@@ -96,6 +102,11 @@ class _Runner:
         if mode == "soft":
             return {"loss": hl.soft_label_cross_entropy(logits, y, h, beta=self.config.soft_beta,
                                                         ignore_index=IGNORE_INDEX)}
+        if mode == "logicseg":
+            ramp = (LOGICSEG_RAMP[0] * total_steps, LOGICSEG_RAMP[1] * total_steps)
+            total, parts = hl.logicseg_loss(logits, y, h, step=step, ramp=ramp, ignore_index=IGNORE_INDEX,
+                                            return_parts=True)
+            return {"loss": total, **parts}
         total, parts = hl.hssn_loss(logits, y, h, embeddings=embeddings, step=step, total_steps=total_steps,
                                     tree_min_weight=_tree_min_weight(mode), generator=self.generator,
                                     ignore_index=IGNORE_INDEX, return_parts=True)
@@ -155,7 +166,8 @@ class TorchRunner(_Runner):
             else:
                 out = {"decoded": hl.decode(logits, h, method=HSSN_DECODE)[1],
                        "alternative": hl.decode(logits, h, method=HSSN_ALTERNATIVE)[1],
-                       "independent": hl.decode(logits, h, method="independent")[1]}
+                       "independent": hl.decode(logits, h, method="independent")[1],
+                       "logic": hl.decode(logits, h, method="logic")[1]}
         return {"logits": logits.numpy(), **{k: v.numpy() for k, v in out.items()}}
 
 
@@ -205,5 +217,6 @@ class PaddleRunner(_Runner):
             else:
                 out = {"decoded": hl.decode(logits, h, method=HSSN_DECODE)[1],
                        "alternative": hl.decode(logits, h, method=HSSN_ALTERNATIVE)[1],
-                       "independent": hl.decode(logits, h, method="independent")[1]}
+                       "independent": hl.decode(logits, h, method="independent")[1],
+                       "logic": hl.decode(logits, h, method="logic")[1]}
         return {"logits": logits.numpy(), **{k: v.numpy() for k, v in out.items()}}

@@ -1,5 +1,5 @@
-"""The demo: flat cross-entropy, HSSN and the leaf-logit hierarchical objectives on the same
-procedural scenes and budget.
+"""The demo: flat cross-entropy, HSSN, LogicSeg and the leaf-logit hierarchical objectives on the
+same procedural scenes and budget.
 
 Every model is the same tiny FCN (:mod:`hieraloss.demo.model`) with the same initial trunk weights
 (one seed), batches, steps, optimiser and learning-rate schedule. They differ only in the output
@@ -13,8 +13,10 @@ head and the objective (:data:`hieraloss.demo.backends.OBJECTIVES`):
   per-depth argmax of the summed leaf probabilities.
 * HSSN heads (N node logits plus a 1/4-resolution embedding head): ``hssn`` (``hssn_loss`` with the
   published weights: 5 x tree-min + CE per depth + the triplet loss on its ramp) and ``hssn_tm1``
-  (``tree_min_weight=1``). Decoded with ``decode(..., "path")``; their "independent" prediction is
-  ``decode(..., "independent")``.
+  (``tree_min_weight=1``), and ``logicseg`` (``logicseg_loss``: asymmetric BCE plus the three logic
+  rules, ramped in; its embedding head is unused). Decoded with ``decode(..., "path")``; their
+  "independent" prediction is ``decode(..., "independent")``, and ``decode(..., "logic")`` (LogicSeg's
+  logic-guided reasoning) is scored beside ``path``.
 
 Each model is also decoded with a second decoder (flat heads: ``"argmax"``; HSSN heads:
 ``"top_down"``), kept in ``results.json`` to show whether the decoder matters.
@@ -264,6 +266,7 @@ def _evaluate(runner, images: np.ndarray, labels: np.ndarray, hierarchy: Hierarc
     leaf_head = OBJECTIVES[mode].head == "leaf"
     main, indep, alt = _metrics(hierarchy), _metrics(hierarchy), _metrics(hierarchy)
     path_min = None if leaf_head else _metrics(hierarchy)
+    logic, changed, counted = (None if leaf_head else _metrics(hierarchy)), 0, 0
     kept = []
     for s in range(0, len(images), batch_size):
         out = runner.predict(images[s:s + batch_size])
@@ -276,6 +279,9 @@ def _evaluate(runner, images: np.ndarray, labels: np.ndarray, hierarchy: Hierarc
             confidence = node_confidence(out["logits"], decoded, hierarchy, "softmax")
             path_min.update(decoded, target, node_confidence(out["logits"], decoded, hierarchy, "path_min"))
             independent = out["independent"]
+            logic.update(out["logic"], target)
+            changed += int(np.count_nonzero((out["logic"] != decoded).any(axis=1)))
+            counted += int(np.prod(target.shape))
         main.update(decoded, target, confidence)
         indep.update(independent, target)
         alt.update(out["alternative"], target)
@@ -296,6 +302,10 @@ def _evaluate(runner, images: np.ndarray, labels: np.ndarray, hierarchy: Hierarc
         "consistency_rate": a["consistency_rate"],
         "mistake_severity": a["mistake_severity"],
     }
+    if logic is not None:
+        g = logic.to_dict()
+        result["logic_decoder"] = {"miou_per_depth": [r["miou"] for r in g["per_depth"]],
+                                   "changed_pixels": changed / max(counted, 1)}
     if path_min is not None:
         result["ece_path_min_per_depth"] = [r["ece"] for r in path_min.to_dict()["per_depth"]]
     return result, np.concatenate(kept)[:keep]
@@ -333,6 +343,11 @@ def format_comparison(results: dict[str, Any], hierarchy: Hierarchy) -> str:
     rows.append(row("hierarchical F1 %", lambda m: _pct(m["hierarchical_f1"])))
     for d in range(L):
         rows.append(row(f"ECE % depth {d + 1} (15 bins)", lambda m, d=d: _pct(m["per_depth"][d]["ece"])))
+    if any("logic_decoder" in m for m in trained):
+        rows.append(row(f"mIoU % depth {L}, decode 'logic'",
+                        lambda m: _pct(m["logic_decoder"]["miou_per_depth"][-1]) if "logic_decoder" in m else "-"))
+        rows.append(row("pixels 'logic' changes %",
+                        lambda m: _pct(m["logic_decoder"]["changed_pixels"]) if "logic_decoder" in m else "-"))
     rows.append(row("train time s", lambda m: f"{m['train_seconds']:.1f}"))
     first = max(len(r[0]) for r in rows)
     widths = [max(9, *(len(r[i]) for r in rows)) for i in range(1, len(rows[0]))]
@@ -352,10 +367,15 @@ def format_comparison(results: dict[str, Any], hierarchy: Hierarchy) -> str:
     cfg = results["config"]
     settings = {"hssn": "HSSN = hssn_loss, published weights (5 x tree-min + CE per depth + triplet)",
                 "hssn_tm1": "HSSN tm=1 = the same with tree_min_weight=1",
-                "hxe": f"HXE alpha={cfg['hxe_alpha']:g}", "soft": f"soft labels beta={cfg['soft_beta']:g}"}
+                "hxe": f"HXE alpha={cfg['hxe_alpha']:g}", "soft": f"soft labels beta={cfg['soft_beta']:g}",
+                "logicseg": "LogicSeg = logicseg_loss (asymmetric BCE + 0.2 x rules, ramped in over 25%..62.5% "
+                            "of training)"}
     shown = [settings[n] for n, m in zip(names, models, strict=True) if n in settings and "skipped" not in m]
     if shown:
         notes.append("; ".join(shown) + ".")
+    if node_names:
+        notes.append("decode 'logic': LogicSeg's logic-guided reasoning (rule descent, then 'path'), scored "
+                     "against the same labels; 'changes' counts pixels whose path differs from 'path'.")
     if trained:
         notes.append("independent: argmax at each depth on its own (flat heads: leaf probabilities summed "
                      "per class), scored only for consistency.")

@@ -161,8 +161,12 @@ def exclusion_loss(logits: Any, hierarchy: Hierarchy, *, p: float = 5.0, exclusi
 
 
 class _Terms:
-    def __init__(self, asl, rules):
+    def __init__(self, asl, rules, fused=None):
         self.asymmetric_bce, self.rules = asl, rules
+        self._fused = fused
+
+    def fused(self, rule_weight, with_rules):
+        return None if self._fused is None else self._fused(rule_weight, with_rules)
 
     @staticmethod
     def detach(value):

@@ -591,9 +591,10 @@ class _HSSNTerms:
 
 # ---------------------------------------------------------------------------- decoding
 def _logic_refine(x, hierarchy):
-    from .logic import logic_refine  # the LogicSeg module imports this one
+    from ..core.objective import LOGIC_STEP_SIZE, LOGIC_STEPS
+    from ._logic_ops import refine
 
-    return logic_refine(x, hierarchy)
+    return refine(x, hierarchy, LOGIC_STEPS, LOGIC_STEP_SIZE, 5.0, "siblings")
 
 
 def decode(

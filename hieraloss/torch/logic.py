@@ -24,108 +24,25 @@ from ..core.objective import (
     compose_logicseg,
     logicseg_rule_factor,
 )
-from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
+from . import _logic_ops as _lo
 from . import _ops
 from . import functional as F
-from ._tables import cached_on
 
 __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
            "logicseg_loss", "LogicSegLoss", "logic_refine"]
 
 
-class TorchOps:
-    """:class:`hieraloss.core.logic.ArrayOps` over torch tensors."""
-
-    sigmoid = staticmethod(torch.sigmoid)
-    log = staticmethod(torch.log)
-    power = staticmethod(torch.pow)
-
-    @staticmethod
-    def clamp(x, lo=None, hi=None):
-        return torch.clamp(x, min=lo, max=hi)
-
-    @staticmethod
-    def where(cond, a, b):
-        return torch.where(cond, a, b)
-
-    @staticmethod
-    def cols(a, index):
-        return a.index_select(1, index)
-
-    @staticmethod
-    def sum0(a):
-        return a.sum(0)
-
-    @staticmethod
-    def total(a):
-        return a.sum()
-
-    @staticmethod
-    def gram(a):
-        return a.transpose(0, 1) @ a
-
-    @staticmethod
-    def matmul(a, b):
-        return a @ b
-
-    @staticmethod
-    def add_cols(a, index, values):
-        return a.index_add(1, index, values.to(a.dtype))
-
-    @staticmethod
-    def sum1(a):
-        return a.sum(1)
-
-    @staticmethod
-    def max_all(a):
-        return a.amax()
-
-    @staticmethod
-    def row_count(cond):
-        return cond.sum(1)
-
-    @staticmethod
-    def as_float(cond, like):
-        return cond.to(like.dtype)
-
-
-OPS = TorchOps()
-
-
-def _build_tables(tab, mode: str) -> _logic.LogicTables:
-    t = _logic.logic_tables(plan_for(tab.hierarchy), mode)
-
-    def dev(a):
-        return torch.tensor(a, device=tab.device)
-
-    return t._replace(edge_child=dev(t.edge_child), edge_parent=dev(t.edge_parent), internal=dev(t.internal),
-                      child_ranks=tuple(dev(r) for r in t.child_ranks), groups=tuple(dev(g) for g in t.groups),
-                      off_diagonal=tuple(dev(m) for m in t.off_diagonal))
-
-
-def _tables(hierarchy: Hierarchy, device: torch.device, mode: str) -> _logic.LogicTables:
-    return cached_on(hierarchy, device, ("logic", mode), _build_tables, mode)
-
-
-def _scores(x: torch.Tensor) -> torch.Tensor:
-    """``sigmoid(x)`` as a ``[P, N]`` matrix (pixels x channels) in the compute dtype."""
-    return torch.sigmoid(x.to(_ops.compute_dtype(x.dtype)).movedim(1, -1).reshape(-1, x.shape[1]))
-
-
 def _asl(x, labels, hierarchy, ignore_index, check_labels, gamma_neg, gamma_pos, clip, eps):
     labels, ignore_index = F._labels_at_door(labels, x, hierarchy, ignore_index)
     lc, _ = F._label_channels(labels, hierarchy, ignore_index, check_labels)
-    cdt = _ops.compute_dtype(x.dtype)
-    positive, mask = _ops.expand_targets_op(lc, hierarchy)
-    return _logic.asymmetric_bce(OPS, x.to(cdt), positive.to(cdt), mask.to(cdt), (lc >= 0).sum().to(cdt),
-                                 gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    return _lo.asl(x, lc, hierarchy, gamma_neg, gamma_pos, clip, eps)
 
 
 def asymmetric_bce_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                         gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8,
-                        ignore_index: int = 255, check_labels: bool = True,
-                        upsample_logits: bool = False) -> torch.Tensor:
+                        ignore_index: int = 255, check_labels: bool = True, upsample_logits: bool = False,
+                        backend: str = "auto") -> torch.Tensor:
     """The asymmetric loss (Ridnik et al., ICCV 2021) on the multi-hot node targets, LogicSeg's base
     term. With ``s = sigmoid(x)`` and ``s_neg = min(1 - s + clip, 1)``, per (pixel, node)::
 
@@ -134,16 +51,23 @@ def asymmetric_bce_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
 
     (the focusing weights are differentiated), summed over the nodes and averaged over the valid
     pixels (an exact 0 when there are none). A partial label's strict descendants do not count.
-    ``check_labels`` and ``upsample_logits`` as for :func:`hieraloss.torch.tree_min_loss`."""
+    ``check_labels`` and ``upsample_logits`` as for :func:`hieraloss.torch.tree_min_loss`;
+    ``backend`` as for :func:`logicseg_loss`."""
+    F._check_choice(backend, F.BACKENDS, "backend")
     x = F.upsample_to_labels(F._check_logits(logits, hierarchy), labels, upsample_logits)
     gn, gp, c, e = check_asl_options(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    if _lo.native_runs(backend, x, x):
+        lab, ii = F._labels_at_door(labels, x, hierarchy, ignore_index)
+        lc, _ = F._label_channels(lab, hierarchy, ii, check_labels)
+        return _lo.native_objective(x, None, lc, hierarchy, p=5.0, exclusion="siblings", easy_filter=False, weight=0.0,
+                                 with_rules=False, asl=(gn, gp, c, e))[0]
     return _asl(x, labels, hierarchy, ignore_index, check_labels, gn, gp, c, e)
 
 
 def _rule(logits, hierarchy, p, mode, name):
     p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=mode, step=None)
     x = F._check_logits(logits, hierarchy, name)
-    return _scores(x), _tables(hierarchy, x.device, mode), p
+    return _lo.scores(x), _lo.tables(hierarchy, x.device, mode), p
 
 
 def child_implies_parent_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0) -> torch.Tensor:
@@ -151,14 +75,14 @@ def child_implies_parent_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: 
     p-mean over all pixels ``(mean_i viol_i^p)^(1/p)`` of ``s_v (1 - s_parent(v))``, ``s = sigmoid``.
     Uses no labels. A clause whose violations are all 0 is 0 with gradient 0."""
     s, t, p = _rule(logits, hierarchy, p, "siblings", "logits")
-    return _logic.child_implies_parent(OPS, s, t, p)
+    return _logic.child_implies_parent(_lo.OPS, s, t, p)
 
 
 def parent_implies_child_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0) -> torch.Tensor:
     """LogicSeg's rule "a node implies one of its children": the mean over the internal nodes v of
     the p-mean over all pixels of ``s_v (1 - max_{c in children(v)} s_c)``. Uses no labels."""
     s, t, p = _rule(logits, hierarchy, p, "siblings", "logits")
-    return _logic.parent_implies_child(OPS, s, t, p)
+    return _logic.parent_implies_child(_lo.OPS, s, t, p)
 
 
 def exclusion_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0, exclusion: str = "siblings",
@@ -172,12 +96,16 @@ def exclusion_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0
     Memory: one ``[P, n_g]`` matrix of ``s^p`` per group and its ``[n_g, n_g]`` product with itself
     (``sum_i s_a^p s_b^p`` for every pair at once), never ``[P, n_g, n_g]``."""
     s, t, p = _rule(logits, hierarchy, p, exclusion, "logits")
-    return _logic.exclusion(OPS, s, t, p, bool(easy_filter))
+    return _logic.exclusion(_lo.OPS, s, t, p, bool(easy_filter))
 
 
 class _Terms:
-    def __init__(self, asl, rules):
+    def __init__(self, asl, rules, fused=None):
         self.asymmetric_bce, self.rules = asl, rules
+        self._fused = fused
+
+    def fused(self, rule_weight, with_rules):
+        return None if self._fused is None else self._fused(rule_weight, with_rules)
 
     @staticmethod
     def detach(value):
@@ -192,7 +120,8 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
                   rule_logits: torch.Tensor | None = None, rule_weight: float = LOGICSEG_RULE_WEIGHT,
                   ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
                   easy_filter: bool = False, ignore_index: int = 255, return_parts: bool = False,
-                  check_labels: bool = True, upsample_logits: bool = False, _factor: Any = None) -> Any:
+                  check_labels: bool = True, upsample_logits: bool = False, backend: str = "auto",
+                  _factor: Any = None) -> Any:
     """LogicSeg's training objective::
 
         asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
@@ -206,7 +135,14 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
 
     ``return_parts=True`` also returns the unweighted, detached ``asl``, ``child_implies_parent``,
     ``parent_implies_child``, ``exclusion`` and ``rule_factor``. ``check_labels`` as for
-    :func:`hieraloss.torch.tree_min_loss`. Runs as vectorized torch ops (every backend)."""
+    :func:`hieraloss.torch.tree_min_loss`.
+
+    ``backend``: ``"auto"`` runs the compiled CPU kernel for float32/float64 CPU tensors when it is
+    built (two passes over the logits: the rules' sums, then the loss and the whole gradient,
+    written in the forward pass and scaled in the backward), else the vectorized torch ops
+    (``"torch"``; every device, and under ``torch.compile``); ``"native"`` requires the kernel.
+    ``"triton"`` runs the torch ops (there is no Triton kernel for LogicSeg)."""
+    F._check_choice(backend, F.BACKENDS, "backend")
     x0 = F._check_logits(logits, hierarchy)
     x = F.upsample_to_labels(x0, labels, upsample_logits)
     p = check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=step)
@@ -215,11 +151,19 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
         raise ValueError(f"rule_logits are on {r.device} but the logits are on {x.device}")
 
     def rules():
-        s, t = _scores(r), _tables(hierarchy, r.device, exclusion)
-        return (_logic.child_implies_parent(OPS, s, t, p), _logic.parent_implies_child(OPS, s, t, p),
-                _logic.exclusion(OPS, s, t, p, bool(easy_filter)))
+        s, t = _lo.scores(r), _lo.tables(hierarchy, r.device, exclusion)
+        return (_logic.child_implies_parent(_lo.OPS, s, t, p), _logic.parent_implies_child(_lo.OPS, s, t, p),
+                _logic.exclusion(_lo.OPS, s, t, p, bool(easy_filter)))
 
-    terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8), rules)
+    def fused(weight, with_rules):
+        if not _lo.native_runs(backend, x, r):
+            return None
+        lab, ii = F._labels_at_door(labels, x, hierarchy, ignore_index)
+        lc, _ = F._label_channels(lab, hierarchy, ii, check_labels)
+        return _lo.native_objective(x, None if r is x else r, lc, hierarchy, p=p, exclusion=exclusion,
+                                 easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
+
+    terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8), rules, fused)
     factor = logicseg_rule_factor(step, ramp) if _factor is None else _factor
     return compose_logicseg(terms, rule_weight=rule_weight, factor=factor, return_parts=return_parts)
 
@@ -285,15 +229,4 @@ def logic_refine(logits: torch.Tensor, hierarchy: Hierarchy, *, steps: int = LOG
     method="logic")`` refines with the defaults and then decodes by ``"path"``."""
     x = F._check_logits(logits, hierarchy)
     p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=exclusion, step=None)
-    steps = check_refine_steps(steps)
-    t = _tables(hierarchy, x.device, exclusion)
-    z = x.detach().to(_ops.compute_dtype(x.dtype)).movedim(1, -1)  # [B, *spatial, N]
-    if x.numel() == 0 or steps == 0:
-        return x.detach().clone()
-    rows = []
-    for b in range(z.shape[0]):
-        zb = z[b].reshape(-1, x.shape[1])
-        for _ in range(steps):
-            zb = _logic.refine_scores_step(OPS, zb, t, p, float(step_size))
-        rows.append(zb.reshape(z.shape[1:]))
-    return torch.stack(rows).movedim(-1, 1).to(x.dtype)
+    return _lo.refine(x, hierarchy, check_refine_steps(steps), float(step_size), p, exclusion)
