@@ -17,9 +17,9 @@ from typing import Any, Protocol
 from .logic import EXCLUSIONS
 from .rules import folds_triplet_weight
 
-__all__ = ["HSSNTerms", "LogicSegTerms", "compose_hssn", "compose_logicseg", "logicseg_rule_factor",
-           "check_logicseg_options", "check_asl_options", "check_refine_steps", "LOGICSEG_RAMP", "LOGICSEG_RULE_WEIGHT",
-           "LOGIC_STEPS", "LOGIC_STEP_SIZE"]
+__all__ = ["HSSNTerms", "HSSNTermsBase", "LogicSegTerms", "CallableTerms", "compose_hssn", "compose_logicseg",
+           "logicseg_rule_factor", "check_logicseg_options", "check_asl_options", "check_refine_steps",
+           "LOGICSEG_RAMP", "LOGICSEG_RULE_WEIGHT", "LOGIC_STEPS", "LOGIC_STEP_SIZE"]
 
 LOGICSEG_RAMP = (20000, 50000)  # the release: the rules fade in linearly from step 20k to 50k
 LOGICSEG_RULE_WEIGHT = 0.2
@@ -50,6 +50,54 @@ class HSSNTerms(Protocol):
 
     def match(self, value: Any, like: Any) -> Any:
         """``value`` in ``like``'s dtype (where the framework does not promote on its own)."""
+
+
+class HSSNTermsBase:
+    """What the frameworks' :class:`HSSNTerms` share: the inputs, the label channels mapped (and
+    checked) once, and the separate terms through the framework's ops. A subclass sets the ops as
+    static methods (``label_channels``, ``tree_min_op``, ``depth_cross_entropy_op``,
+    ``triplet_loss``, ``scale``: ``HSSN_SCALE``) and adds ``fused``, ``scalar`` and ``match``."""
+
+    label_channels: Any
+    tree_min_op: Any
+    depth_cross_entropy_op: Any
+    triplet_loss: Any
+    scale: float
+
+    def __init__(self, x, labels, hierarchy, ignore_index, gamma, node_weight, backend, check_labels, triplet):
+        self.x, self.labels, self.h, self.ignore_index = x, labels, hierarchy, ignore_index
+        self.gamma, self.w, self.backend, self.check_labels, self.triplet_args = (
+            gamma, node_weight, backend, check_labels, triplet)
+        self._lc = None
+
+    def channels(self):
+        """``(label channels, has_partial)``, mapped once."""
+        if self._lc is None:
+            self._lc = self.label_channels(self.labels, self.h, self.ignore_index, self.check_labels)
+        return self._lc
+
+    def tree_min(self):
+        lc, has_partial = self.channels()
+        return self.tree_min_op(self.x, lc, self.h, gamma=self.gamma, reduction="hssn", node_weight=self.w,
+                                has_partial=has_partial) / self.scale
+
+    def depth_cross_entropy(self, depth):
+        return self.depth_cross_entropy_op(self.x, self.channels()[0], self.h, depth)
+
+    def triplet(self, scale):
+        a = self.triplet_args
+        # the framework ops gather across ranks, the fused kernels do not
+        backend = "auto" if self.backend == "triton" and a["gather_across_ranks"] else self.backend
+        return self.triplet_loss(a["embeddings"], self.labels, self.h, max_per_class=a["max_per_class"],
+                                 base_margin=a["base_margin"], sampling=a["sampling"], generator=a["generator"],
+                                 ignore_index=self.ignore_index, process_group=a["process_group"],
+                                 gather_across_ranks=a["gather_across_ranks"], backend=backend,
+                                 check_labels=False,  # the labels were checked with the logits' terms
+                                 scale=scale)
+
+    @staticmethod
+    def detach(value):
+        return value.detach()
 
 
 def compose_hssn(terms: HSSNTerms, *, tree_min_weight: float, ce_weights: list[float],
@@ -110,6 +158,22 @@ class LogicSegTerms(Protocol):
     def detach(self, value: Any) -> Any: ...
 
     def scalar(self, value: float, like: Any) -> Any: ...
+
+
+class CallableTerms:
+    """:class:`LogicSegTerms` from callables: ``asl()`` and ``rules()`` compute the terms, ``fused(weight,
+    with_rules)`` the fused path or None, ``scalar(value, like)`` a 0-d array; ``detach`` is the
+    arrays' own ``.detach()`` (numpy arrays pass through)."""
+
+    def __init__(self, asl, rules, scalar, fused=None):
+        self.asymmetric_bce, self.rules, self.scalar, self._fused = asl, rules, scalar, fused
+
+    def fused(self, rule_weight: float, with_rules: bool):
+        return None if self._fused is None else self._fused(rule_weight, with_rules)
+
+    @staticmethod
+    def detach(value):
+        return value.detach() if hasattr(value, "detach") else value
 
 
 def logicseg_rule_factor(step: Any, ramp: Any) -> float:

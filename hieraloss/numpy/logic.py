@@ -17,6 +17,7 @@ from ..core.objective import (
     LOGIC_STEPS,
     LOGICSEG_RAMP,
     LOGICSEG_RULE_WEIGHT,
+    CallableTerms,
     check_asl_options,
     check_logicseg_options,
     check_refine_steps,
@@ -160,21 +161,8 @@ def exclusion_loss(logits: Any, hierarchy: Hierarchy, *, p: float = 5.0, exclusi
     return s.dtype.type(_logic.exclusion(OPS, s, t, p, bool(easy_filter)))
 
 
-class _Terms:
-    def __init__(self, asl, rules, fused=None):
-        self.asymmetric_bce, self.rules = asl, rules
-        self._fused = fused
-
-    def fused(self, rule_weight, with_rules):
-        return None if self._fused is None else self._fused(rule_weight, with_rules)
-
-    @staticmethod
-    def detach(value):
-        return value
-
-    @staticmethod
-    def scalar(value, like):
-        return np.asarray(like).dtype.type(value)
+def _scalar(value, like):
+    return np.asarray(like).dtype.type(value)
 
 
 def logicseg_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, step: float | None = None,
@@ -201,7 +189,7 @@ def logicseg_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, step: float
         return (_logic.child_implies_parent(OPS, s, t, p), _logic.parent_implies_child(OPS, s, t, p),
                 _logic.exclusion(OPS, s, t, p, bool(easy_filter)))
 
-    terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, 4.0, 1.0, 0.05, 1e-8), rules)
+    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, 4.0, 1.0, 0.05, 1e-8), rules, _scalar)
     return compose_logicseg(terms, rule_weight=rule_weight, factor=logicseg_rule_factor(step, ramp),
                             return_parts=return_parts)
 

@@ -38,7 +38,7 @@ from ..core.checks import REDUCTIONS, check_max_per_class
 from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
-from ..core.objective import compose_hssn
+from ..core.objective import HSSNTermsBase, compose_hssn
 from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
@@ -528,57 +528,28 @@ def hssn_loss(
                         return_parts=return_parts)
 
 
-class _HSSNTerms:
+class _HSSNTerms(HSSNTermsBase):
     """:class:`hieraloss.core.objective.HSSNTerms` in paddle: the Triton kernel through the DLPack
-    bridge on the GPU, the compiled kernel on the CPU, else the paddle ops; the labels are mapped
-    (and checked) once."""
+    bridge on the GPU, the compiled kernel on the CPU, else the paddle ops."""
 
-    def __init__(self, x, labels, hierarchy, ignore_index, gamma, node_weight, backend, check_labels, triplet):
-        self.x, self.labels, self.h, self.ignore_index = x, labels, hierarchy, ignore_index
-        self.gamma, self.w, self.backend, self.check_labels, self.triplet_args = (
-            gamma, node_weight, backend, check_labels, triplet)
-        self._lc = None
-
-    def _channels(self):
-        if self._lc is None:
-            self._lc = _label_channels(self.labels, self.h, self.ignore_index, self.check_labels)
-        return self._lc
+    label_channels = staticmethod(lambda *a: _label_channels(*a))
+    tree_min_op = staticmethod(tree_min_op)
+    depth_cross_entropy_op = staticmethod(depth_cross_entropy_op)
+    triplet_loss = staticmethod(lambda *a, **k: _triplet_loss(*a, **k))
+    scale = HSSN_SCALE
 
     def fused(self, tree_min_weight, ce_weights, return_parts):
         x, h = self.x, self.h
         if _use_triton(self.backend, x, h):
-            total, values = _bridge.fused_objective(x, self._channels()[0], h, gamma=self.gamma,
+            total, values = _bridge.fused_objective(x, self.channels()[0], h, gamma=self.gamma,
                                                     tm_weight=tree_min_weight / HSSN_SCALE, ce_weights=ce_weights,
                                                     node_weight=self.w)
             return total, values[0] / HSSN_SCALE, values[1:]
         if _use_native(self.backend, x):
-            return _native_layer.hssn_objective_native(x, self._channels()[0], h, gamma=self.gamma,
+            return _native_layer.hssn_objective_native(x, self.channels()[0], h, gamma=self.gamma,
                                                        node_weight=self.w, tree_min_weight=tree_min_weight,
                                                        ce_weights=ce_weights)
         return None
-
-    def tree_min(self):
-        lc, has_partial = self._channels()
-        return tree_min_op(self.x, lc, self.h, gamma=self.gamma, reduction="hssn", node_weight=self.w,
-                           has_partial=has_partial) / HSSN_SCALE
-
-    def depth_cross_entropy(self, depth):
-        return depth_cross_entropy_op(self.x, self._channels()[0], self.h, depth)
-
-    def triplet(self, scale):
-        a, backend = self.triplet_args, self.backend
-        return _triplet_loss(a["embeddings"], self.labels, self.h, max_per_class=a["max_per_class"],
-                             base_margin=a["base_margin"], sampling=a["sampling"], generator=a["generator"],
-                             ignore_index=self.ignore_index, process_group=a["process_group"],
-                             gather_across_ranks=a["gather_across_ranks"],
-                             check_labels=False,  # the labels were checked with the logits' terms
-                             # the paddle ops gather across ranks, the fused kernels do not
-                             backend="auto" if backend == "triton" and a["gather_across_ranks"] else backend,
-                             scale=scale)
-
-    @staticmethod
-    def detach(value):
-        return value.detach()
 
     @staticmethod
     def scalar(value, like):

@@ -18,6 +18,7 @@ from ..core.objective import (
     LOGIC_STEPS,
     LOGICSEG_RAMP,
     LOGICSEG_RULE_WEIGHT,
+    CallableTerms,
     check_asl_options,
     check_logicseg_options,
     check_refine_steps,
@@ -80,23 +81,10 @@ def exclusion_loss(logits: paddle.Tensor, hierarchy: Hierarchy, *, p: float = 5.
     return _logic.exclusion(_lo.OPS, s, t, p, bool(easy_filter))
 
 
-class _Terms:
-    def __init__(self, asl, rules, fused=None):
-        self.asymmetric_bce, self.rules = asl, rules
-        self._fused = fused
-
-    def fused(self, rule_weight, with_rules):
-        return None if self._fused is None else self._fused(rule_weight, with_rules)
-
-    @staticmethod
-    def detach(value):
-        return value.detach()
-
-    @staticmethod
-    def scalar(value, like):
-        if isinstance(value, paddle.Tensor):
-            return value.detach().astype(like.dtype)
-        return paddle.to_tensor(value, dtype=like.dtype, place=like.place)
+def _scalar(value, like):
+    if isinstance(value, paddle.Tensor):
+        return value.detach().astype(like.dtype)
+    return paddle.to_tensor(value, dtype=like.dtype, place=like.place)
 
 
 def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
@@ -131,7 +119,8 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
         return _lo.native_objective(x, None if r is x else r, lc, hierarchy, p=p, exclusion=exclusion,
                                  easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
 
-    terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8), rules, fused)
+    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8),
+                          rules, _scalar, fused)
     return compose_logicseg(terms, rule_weight=rule_weight, factor=logicseg_rule_factor(step, ramp),
                             return_parts=return_parts)
 

@@ -18,6 +18,7 @@ from ..core.objective import (
     LOGIC_STEPS,
     LOGICSEG_RAMP,
     LOGICSEG_RULE_WEIGHT,
+    CallableTerms,
     check_asl_options,
     check_logicseg_options,
     check_refine_steps,
@@ -99,21 +100,8 @@ def exclusion_loss(logits: torch.Tensor, hierarchy: Hierarchy, *, p: float = 5.0
     return _logic.exclusion(_lo.OPS, s, t, p, bool(easy_filter))
 
 
-class _Terms:
-    def __init__(self, asl, rules, fused=None):
-        self.asymmetric_bce, self.rules = asl, rules
-        self._fused = fused
-
-    def fused(self, rule_weight, with_rules):
-        return None if self._fused is None else self._fused(rule_weight, with_rules)
-
-    @staticmethod
-    def detach(value):
-        return value.detach()
-
-    @staticmethod
-    def scalar(value, like):
-        return value.detach().to(like.dtype) if isinstance(value, torch.Tensor) else like.new_full((), value)
+def _scalar(value, like):
+    return value.detach().to(like.dtype) if isinstance(value, torch.Tensor) else like.new_full((), value)
 
 
 def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, step: float | None = None,
@@ -163,7 +151,8 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
         return _lo.native_objective(x, None if r is x else r, lc, hierarchy, p=p, exclusion=exclusion,
                                  easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
 
-    terms = _Terms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8), rules, fused)
+    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8),
+                          rules, _scalar, fused)
     factor = logicseg_rule_factor(step, ramp) if _factor is None else _factor
     return compose_logicseg(terms, rule_weight=rule_weight, factor=factor, return_parts=return_parts)
 
