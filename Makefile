@@ -81,12 +81,12 @@ example: venv
 # On a machine with an NVIDIA GPU: the GPU tests and the training-step table, from the checkout
 # (no venv, no network, nothing installed).
 gpu-check:
-	PYTHONPATH=. $(PY) benchmarks/gpu_check.py
+	HIERALOSS_REQUIRE_TRITON=1 PYTHONPATH=. $(PY) benchmarks/gpu_check.py
 
 # The open GPU comparisons (kernel variants against the default, in the same run), in at most 5 minutes:
 # with `make gpu-check` first and last, a session fits the 15 minutes of device time it is lent.
 gpu-ab:
-	PYTHONPATH=. $(PY) benchmarks/gpu_ab.py
+	HIERALOSS_REQUIRE_TRITON=1 PYTHONPATH=. $(PY) benchmarks/gpu_ab.py
 
 demo: venv
 	$(BIN)/python -m hieraloss demo --out demo_out

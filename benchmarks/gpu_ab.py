@@ -37,9 +37,12 @@ VARIANTS = (
     ("plain math", ("--plain-math",), (CS, MV, MV_FOCAL), "tl.exp and a division against the ftz MUFU ops"),
     ("small-tree maxnreg 80", ("--small-maxnreg", "80"), (CS, CS_HSSN, CS_FOCAL_HSSN),
      "no spill at 80 registers against a few spilled values at 72"),
-    ("count apart", ("--count-apart",), (CS, CS_HSSN, MV), "the label count in the objective launch or before it"),
-    ("count chunk 2048", ("--count-chunk", "2048"), (CS, MV), "labels per chunk of the in-kernel count (4096)"),
-    ("count chunk 8192", ("--count-chunk", "8192"), (CS, MV), "labels per chunk of the in-kernel count (4096)"),
+    ("count in kernel", ("--count-in-kernel",), (CS, CS_HSSN, MV),
+     "the label count inside the objective launch (spin-wait) against a launch of its own (the default)"),
+    ("count in kernel, chunk 2048", ("--count-in-kernel", "--count-chunk", "2048"), (CS, MV),
+     "labels per chunk of the in-kernel count (4096)"),
+    ("count in kernel, chunk 8192", ("--count-in-kernel", "--count-chunk", "8192"), (CS, MV),
+     "labels per chunk of the in-kernel count (4096)"),
     ("default, again", (), DEFAULT_STEPS, "the drift of the run"),
 )
 

@@ -236,16 +236,19 @@ def table(args) -> None:
         return t
 
     def count_apart_row(what, loss_fn, x, copy, g_in):
-        """The A/B of the label count inside the objective's launch: the same step with the count as
-        a launch of its own before it (objective.SEPARATE_COUNT, the same bits)."""
-        from hieraloss.torch.kernels import objective
-
-        objective.SEPARATE_COUNT = True
+        """The A/B of the label count: the same step with the count inside the objective's launch
+        (HIERALOSS_LABEL_COUNT=in-kernel, its spin-wait; the same bits) against the default, a launch
+        of its own before it."""
+        previous = os.environ.get("HIERALOSS_LABEL_COUNT")
+        os.environ["HIERALOSS_LABEL_COUNT"] = "in-kernel"
         try:
-            graph_row(what + ", label count as a launch of its own", loss_fn, x, copy,
-                      note=lambda t: f" (count inside the objective's launch: {g_in * 1e3:.3f} ms)" if g_in else "")
+            graph_row(what + ", label count inside the objective's launch", loss_fn, x, copy,
+                      note=lambda t: f" (count as a launch of its own: {g_in * 1e3:.3f} ms)" if g_in else "")
         finally:
-            objective.SEPARATE_COUNT = False
+            if previous is None:
+                os.environ.pop("HIERALOSS_LABEL_COUNT")
+            else:
+                os.environ["HIERALOSS_LABEL_COUNT"] = previous
 
     # ------------------------------------------------------------------ Cityscapes
     h = presets.cityscapes()

@@ -16,6 +16,7 @@ complements ``gpu_check.py``, which gives the totals.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -158,15 +159,13 @@ def main(argv=None) -> int:
                          "and _terms.reciprocal)")
     ap.add_argument("--count-chunk", type=int,
                     help="labels per chunk of the objective kernel's label count (_reduce.COUNT_CHUNK; a power of 2)")
-    ap.add_argument("--count-apart", action="store_true",
-                    help="count the labels in a launch of their own before the objective kernel (A/B of the count "
-                         "inside it)")
+    ap.add_argument("--count-in-kernel", action="store_true",
+                    help="count the labels inside the objective kernel's launch (its spin-wait), not in a launch "
+                         "of their own before it (the default)")
     args = ap.parse_args(argv)
-    if args.count_apart:
-        from hieraloss.torch.kernels import objective
-
-        objective.SEPARATE_COUNT = True
-        print("label count: a launch of its own before the objective kernel")
+    if args.count_in_kernel:
+        os.environ["HIERALOSS_LABEL_COUNT"] = "in-kernel"
+        print("label count: inside the objective kernel's launch (spin-wait)")
     if args.count_chunk:
         from hieraloss.torch.kernels import _reduce
 

@@ -69,12 +69,16 @@ def _launch_every_specialisation(h) -> None:
     points = x[:, :, 0, 0].clone().requires_grad_(True)  # one pixel per image: the pixels of one image
     hlt.hssn_loss(points, y[:, 0, 0], h, **kw).backward()
     hlt.decode(points.detach(), h, "top_down", backend="triton")
-    objective.SEPARATE_COUNT = True
-    try:
+    previous = os.environ.get(objective.LABEL_COUNT_ENV)
+    os.environ[objective.LABEL_COUNT_ENV] = "in-kernel" if objective.separate_label_count() else "separate"
+    try:  # the other label count too
         for labels in (y, y.int()):
             hlt.hssn_loss(x.clone().requires_grad_(True), labels, h, **kw).backward()
     finally:
-        objective.SEPARATE_COUNT = False
+        if previous is None:
+            os.environ.pop(objective.LABEL_COUNT_ENV)
+        else:
+            os.environ[objective.LABEL_COUNT_ENV] = previous
     with torch.no_grad():
         hlt.tree_min_loss(x, y, h, **kw)
         hlt.hssn_loss(x, y, h, **kw)

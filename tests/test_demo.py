@@ -193,10 +193,10 @@ def test_batch_order_and_learning_rate():
 
 
 def test_models_and_their_parsing():
-    assert MODELS == ("flat", "hssn", "hssn_tm1", "hxe", "soft")
+    assert MODELS == ("flat", "hssn", "hssn_tm1", "hxe", "soft", "logicseg")
     assert DemoConfig().models == MODELS and DemoConfig().threads == 1
     assert {OBJECTIVES[m].head for m in ("flat", "hxe", "soft")} == {"leaf"}
-    assert {OBJECTIVES[m].head for m in ("hssn", "hssn_tm1")} == {"node"}
+    assert {OBJECTIVES[m].head for m in ("hssn", "hssn_tm1", "logicseg")} == {"node"}
     assert parse_models(["hxe,flat", "hxe", " soft "]) == ("hxe", "flat", "soft")  # order kept, no duplicates
     assert parse_models("all") == MODELS
     assert DemoConfig(models=["soft", "flat"]).models == ("soft", "flat")
@@ -366,7 +366,11 @@ def _check_outputs(out, stdout, backend, models=MODELS):
             assert m["decoder"] == "top_down" and set(m["loss_per_epoch"][0]) == {"loss"}
         else:
             assert m["decoder"] == "path" and len(m["ece_path_min_per_depth"]) == 2
-            assert {"tree_min", "ce_depth1", "ce_depth2", "triplet"} <= set(m["loss_per_epoch"][0])
+            logic = m["logic_decoder"]  # decode(..., "logic") scored beside "path"
+            assert len(logic["miou_per_depth"]) == 2 and 0 <= logic["changed_pixels"] <= 1
+            parts = ({"asl", "child_implies_parent", "parent_implies_child", "exclusion", "rule_factor"}
+                     if name == "logicseg" else {"tree_min", "ce_depth1", "ce_depth2", "triplet"})
+            assert parts <= set(m["loss_per_epoch"][0])
     assert (out / "demo.png").read_bytes()[:8] == PNG_MAGIC
     assert (out / "miou.png").read_bytes()[:8] == PNG_MAGIC
     assert "mIoU % depth 1 (7 classes)" in stdout and "consistency" in stdout and "ECE % depth 2" in stdout

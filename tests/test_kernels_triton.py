@@ -26,7 +26,9 @@ from hieraloss.torch.kernels import _common, fused_decode, fused_objective, fuse
 pytestmark = pytest.mark.triton
 
 if not kernels.triton_available():
-    pytest.skip("triton kernels unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
+    _why = (f"the kernels failed to import: {kernels.import_error()!r}" if kernels.import_error() is not None
+            else "no CUDA device and TRITON_INTERPRET is not 1")
+    pytest.skip(f"triton kernels unavailable: {_why}", allow_module_level=True)
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -490,7 +492,7 @@ def test_every_launch_runs_on_its_tensors_device(monkeypatch):
     tree_min_loss(x, y, h, reduction="none", backend="triton").sum().backward()
     hssn_loss(x, y, h, embeddings=emb, triplet_weight=0.5, sampling="first", backend="triton").backward()
     fused_decode(x.detach(), h, "top_down")
-    monkeypatch.setattr(objective, "SEPARATE_COUNT", True)
+    monkeypatch.setenv("HIERALOSS_LABEL_COUNT", "separate")
     tree_min_loss(x, y, h, backend="triton").backward()
     assert not current
     names = set(launches)
@@ -986,7 +988,6 @@ def test_objective_gives_the_same_bits_for_any_chunking_and_run(monkeypatch, red
     the count in a launch of its own (the benchmarks' A/B), or from one run to the next (on a GPU,
     where programs count and finish in a different order every time, this is a check of that
     order-independence; partial labels make the per-depth counts differ)."""
-    from hieraloss.torch.kernels import objective
 
     h = presets.pascal_person_part()
     rng = np.random.default_rng(3)
@@ -997,7 +998,7 @@ def test_objective_gives_the_same_bits_for_any_chunking_and_run(monkeypatch, red
 
     def step(chunk, separate=False):
         monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", chunk)
-        monkeypatch.setattr(objective, "SEPARATE_COUNT", separate)
+        monkeypatch.setenv("HIERALOSS_LABEL_COUNT", "separate" if separate else "in-kernel")
         xt = x.clone().requires_grad_(True)
         total, parts = fused_objective(xt, y, h, ignore_index=255, reduction=reduction, ce_weights=[1.0, 0.5, 0.25])
         total.backward()

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from collections.abc import Sequence
 
 import torch
 
 from ...hierarchy import Hierarchy
 
-__all__ = ["triton_available", "fused_objective", "fused_tree_min_loss", "fused_decode", "triplet_codes",
-           "fused_triplet_loss", "batch_unsupported_reason", "unsupported_reason", "SUPPORTED_DTYPES"]
+__all__ = ["triton_available", "import_error", "REQUIRE_ENV", "fused_objective", "fused_tree_min_loss", "fused_decode",
+           "triplet_codes", "fused_triplet_loss", "batch_unsupported_reason", "unsupported_reason",
+           "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+# HIERALOSS_REQUIRE_TRITON=1 (make gpu-check sets it): a kernel that cannot be imported is an error,
+# not a quiet fall back to the framework ops.
+REQUIRE_ENV = "HIERALOSS_REQUIRE_TRITON"
 _IMPORT_ERROR: BaseException | None = None
 if importlib.util.find_spec("triton") is not None:
     try:
@@ -35,10 +40,23 @@ if importlib.util.find_spec("triton") is not None:
         from . import objective as _objective
         from . import triplet as _triplet
         from ._common import batch_unsupported_reason, unsupported_reason  # noqa: F401 - exported
-    except Exception as exc:  # noqa: BLE001 - a broken triton install means "not available"
+    except Exception as exc:  # noqa: BLE001 - any failure of the kernels' import is reported below
+        if os.environ.get(REQUIRE_ENV) == "1":
+            raise ImportError(f"{REQUIRE_ENV}=1, but the fused Triton kernels failed to import: {exc!r}") from exc
         _IMPORT_ERROR = exc
+        # triton is installed, so this is a broken install or a bug: say so (backend="auto" then runs the
+        # framework ops, backend="triton" raises with this reason)
+        warnings.warn(f"hieraloss: the fused Triton kernels failed to import ({exc!r}); backend='auto' runs the "
+                      f"framework ops. Set {REQUIRE_ENV}=1 to make this an error.", RuntimeWarning, stacklevel=2)
 else:
     _IMPORT_ERROR = ImportError("triton is not installed")
+    if os.environ.get(REQUIRE_ENV) == "1":
+        raise ImportError(f"{REQUIRE_ENV}=1, but triton is not installed (pip install 'hieraloss[triton]')")
+
+
+def import_error() -> BaseException | None:
+    """Why the kernels could not be imported (None when they were)."""
+    return _IMPORT_ERROR
 
 
 def _interpreting() -> bool:

@@ -183,8 +183,8 @@ def compile_label_count(arch: int, **spec):
 
 def label_count_source(*, label_dtype: str = "int64", num_nodes: int = 26, depth: int = 2, dtype: str = "float32",
                        aligned: bool = True, wide: bool = False) -> tuple[ASTSource, dict]:
-    """``(source, options)`` of the label count as a launch of its own (``objective.SEPARATE_COUNT``, the
-    benchmarks' A/B), for a tree of ``num_nodes`` nodes and ``depth`` levels and logits of ``dtype``
+    """``(source, options)`` of the label count as a launch of its own (``HIERALOSS_LABEL_COUNT=separate``,
+    the default), for a tree of ``num_nodes`` nodes and ``depth`` levels and logits of ``dtype``
     (``aligned``, ``wide``: as :func:`objective_source`'s)."""
     from .objective import _label_count_kernel, label_count_constants
 

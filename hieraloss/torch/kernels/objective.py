@@ -31,6 +31,7 @@ import functools
 import importlib.util
 import linecache
 import math
+import os
 import sys
 import threading
 
@@ -148,10 +149,22 @@ def _coefficients(device: torch.device, L: int, tm_weight: float, ce_weights: tu
     return torch.tensor((tm_weight,) * L + ce, dtype=torch.float64, device=device)
 
 
-# For benchmarks (profile_gpu_step.py --count-apart): count the labels in a launch of their own before
-# the objective kernel, whose programs then find the flag up; the same results to the bit.
-SEPARATE_COUNT = False
+# Where the per-depth label count runs (HIERALOSS_LABEL_COUNT): "separate" (the default), a launch of its
+# own before the objective kernel, whose programs then find the ready flag up; or "in-kernel", counted
+# by the objective kernel's first programs while the others spin-wait for them (one launch, but a
+# wait that needs every program resident; a variant in make gpu-ab until a GPU run shows it pays).
+# The same results to the bit either way.
+LABEL_COUNT_ENV = "HIERALOSS_LABEL_COUNT"
+LABEL_COUNTS = ("separate", "in-kernel")
 _COUNT_PROGRAMS = 1024
+
+
+def separate_label_count() -> bool:
+    """Whether the label count runs as a launch of its own (``HIERALOSS_LABEL_COUNT``, read per call)."""
+    mode = os.environ.get(LABEL_COUNT_ENV, "separate")
+    if mode not in LABEL_COUNTS:
+        raise ValueError(f"{LABEL_COUNT_ENV} must be one of {LABEL_COUNTS}, got {mode!r}")
+    return mode == "separate"
 
 
 @triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P", "chunks", "reduction"])
@@ -216,7 +229,7 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
         sync = counter = gsum = rows = denom = scales = coef = total = parts = dummy
         group, factor, chunks, reduction = 1, 1.0, 0, 0
     with on_device(dev):
-        if sums is not None and SEPARATE_COUNT:
+        if sums is not None and separate_label_count():
             _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
                 lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
                 denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4, **FP_FUSION)
