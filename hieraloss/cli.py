@@ -4,6 +4,7 @@
                                  compare them.
 ``python -m hieraloss inspect``  show a preset or a hierarchy JSON file (tree, channels, layout).
 ``python -m hieraloss bench``    a quick timing run.
+``python -m hieraloss kernels dump <preset or json>``  write the Triton source generated for that tree.
 """
 
 from __future__ import annotations
@@ -123,9 +124,25 @@ def _cmd_bench(args: argparse.Namespace) -> int:
                      scripts=[] if args.builtin else None)
 
 
+def _cmd_kernels_dump(args: argparse.Namespace) -> int:
+    h = load_hierarchy(args.source)
+    from .torch.kernels import _codegen  # needs torch and triton (an optional dependency)
+
+    source = _codegen.objective_source(h) if args.kernel == "objective" else _codegen.decode_source(h)
+    header = (f"# hieraloss {args.kernel} kernel generated for {args.source} ({h.num_nodes} nodes, depth "
+              f"{h.max_depth}, fingerprint {h.fingerprint[:16]}): the source that runs, as compiled\n")
+    if args.out in (None, "-"):
+        sys.stdout.write(header + source)
+    else:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.write(header + source)
+        print(f"wrote {args.out}: {len(source.splitlines())} lines", file=sys.stderr)
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hieraloss", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{demo,inspect,bench,kernels}")
 
     demo = sub.add_parser("demo", help="train flat CE, HSSN, HXE, soft labels on procedural scenes and "
                           "compare (CPU, minutes)",
@@ -172,6 +189,19 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--shape", type=int, nargs=3, default=[2, 128, 256], metavar=("B", "H", "W"),
                        help="logits size of the built-in timing (default: 2 128 256)")
     bench.set_defaults(run=_cmd_bench)
+
+    kernels = sub.add_parser("kernels", help="the Triton kernels generated per hierarchy",
+                             description="Tools for the fused Triton kernels, which are generated per hierarchy.")
+    ksub = kernels.add_subparsers(dest="kernels_command", required=True, metavar="{dump}")
+    dump = ksub.add_parser("dump", help="write the generated Triton source for a tree",
+                           description="Write the Triton source that hieraloss generates and compiles for a "
+                           "hierarchy (needs torch and triton; nothing runs on a GPU).")
+    dump.add_argument("source", help=f"a preset ({', '.join(presets.names())}) or a hierarchy JSON file")
+    dump.add_argument("--kernel", choices=["objective", "decode"], default="objective",
+                      help="which kernel: the objective (tree-min + cross-entropy, value and gradient) or "
+                      "decoding (default: objective)")
+    dump.add_argument("--out", default=None, help="output file (default: standard output)")
+    dump.set_defaults(run=_cmd_kernels_dump)
     return parser
 
 

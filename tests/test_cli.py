@@ -179,3 +179,20 @@ def test_bench_runs_checkout_scripts_with_quick(tmp_path, capsys):
     (bench / "bench_zfail.py").write_text("raise SystemExit(4)\n")
     assert run_bench(scripts=benchmark_scripts(bench)) == 1
     assert "bench_zfail.py exited with status 4" in capsys.readouterr().err
+
+
+def test_kernels_dump_writes_the_source_that_runs(tmp_path, capsys):
+    pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from hieraloss.torch.kernels import _codegen
+
+    h = presets.lip()
+    out = tmp_path / "lip_objective.py"
+    assert main(["kernels", "dump", "lip", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert text.splitlines()[0].startswith("# hieraloss objective kernel generated for lip (25 nodes")
+    assert text.split("\n", 1)[1] == _codegen.objective_source(h)
+    compile(text, str(out), "exec")  # it parses as Python
+    assert main(["kernels", "dump", "lip", "--kernel", "decode"]) == 0
+    assert capsys.readouterr().out.split("\n", 1)[1] == _codegen.decode_source(h)
+    assert main(["kernels", "dump", "no_such_tree"]) == 2

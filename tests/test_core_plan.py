@@ -228,15 +228,14 @@ def test_plan_is_frozen_and_its_arrays_read_only():
 
 
 def test_consumers_read_the_plan():
-    """The older names are views of the plan (numpy counts, the compiled kernel's int32 tables)."""
+    """The count tables and the compiled kernel's int32 tables are views of the plan."""
     from hieraloss import _native
-    from hieraloss.numpy import losses
+    from hieraloss.core import plan as core_plan
 
     h = hieraloss.presets.lip()
     p = plan_for(h)
-    assert losses.counted_entries_per_depth(h) is p.tree_min_counted
-    assert losses.ce_counted_per_depth(h) is p.ce_counted
-    assert losses.level_plan(h) is p
+    assert core_plan.counted_entries_per_depth(h) is p.tree_min_counted
+    assert core_plan.ce_counted_per_depth(h) is p.ce_counted
     tree = _native.tree_arrays(h)
     for name in ("edges", "pre", "size", "class_offsets", "class_channels", "ce_target"):
         arr = getattr(tree, name)
@@ -251,14 +250,13 @@ def test_core_imports_no_backend():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_rules_live_in_core_and_keep_their_old_names():
+def test_rules_live_in_core():
+    import hieraloss.numpy as hnp
     from hieraloss.core import checks as _checks
     from hieraloss.core import rules
-    from hieraloss.numpy import losses
 
     assert rules.REDUCTIONS == ("mean", "sum", "none", "hssn") and rules.HSSN_SCALE == 5.0
-    assert _checks.REDUCTIONS is rules.REDUCTIONS and losses.REDUCTIONS is rules.REDUCTIONS
-    assert losses.HSSN_SCALE is rules.HSSN_SCALE
+    assert _checks.REDUCTIONS is rules.REDUCTIONS and hnp.REDUCTIONS is rules.REDUCTIONS
 
 
 @settings(max_examples=30)

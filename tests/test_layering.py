@@ -1,4 +1,4 @@
-"""The import graph of the hieraloss package keeps its layers (issue 13; DEVELOPING.md, "Layout and rules").
+"""The import graph of the hieraloss package keeps its layers (DEVELOPING.md, "Rules of the house").
 
 The graph is read from the source with ``ast`` (nothing is imported): every ``import`` and
 ``from ... import`` of a hieraloss module, at module level and inside functions alike, is an edge

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import hieraloss
 from hieraloss import _native
-from hieraloss.numpy.losses import ce_counted_per_depth
+from hieraloss.core.plan import ce_counted_per_depth
 from hieraloss.testing import hierarchies, label_maps, logits
 from hieraloss.torch import _native_op, _ops
 

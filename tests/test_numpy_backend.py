@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import hieraloss.numpy as hnp
 from hieraloss import LabelError, presets
-from hieraloss.numpy.losses import level_plan, zmin_zmax
+from hieraloss.core.plan import plan_for
+from hieraloss.numpy.losses import zmin_zmax
 from hieraloss.testing import hierarchies, label_maps, logits
 
 
@@ -29,7 +30,7 @@ def cases(draw, max_depth=3):
 @given(data=st.data())
 def test_level_sweeps_equal_padded_tables(data):
     h, x, _ = data.draw(cases())
-    zmin, zmax = zmin_zmax(x, level_plan(h))
+    zmin, zmax = zmin_zmax(x, plan_for(h))
     np.testing.assert_array_equal(zmin, x[:, h.ancestor_table].min(axis=2))
     np.testing.assert_array_equal(zmax, x[:, h.descendant_table].max(axis=2))
 

@@ -190,20 +190,25 @@ def logicseg_rule_factor(step: Any, ramp: Any) -> float:
     return (step - start) / (end - start)
 
 
+def _finite(v: Any) -> bool:
+    """``math.isfinite`` by comparisons, which a graph tracer can also evaluate on a symbolic number."""
+    return v == v and v != math.inf and v != -math.inf
+
+
 def check_logicseg_options(*, p: Any, rule_weight: Any, ramp: Any, exclusion: Any, step: Any) -> float:
     """Check LogicSeg's options at the door (the same message in every backend); returns ``p``."""
     from .checks import check_choice
 
-    if isinstance(p, bool) or not isinstance(p, (int, float)) or not math.isfinite(p) or p < 1:
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not _finite(p) or p < 1:
         raise ValueError(f"p must be a finite number >= 1 (the p-mean's exponent; the release uses 5), got {p!r}")
-    if isinstance(rule_weight, bool) or not isinstance(rule_weight, (int, float)) or not math.isfinite(rule_weight):
+    if isinstance(rule_weight, bool) or not isinstance(rule_weight, (int, float)) or not _finite(rule_weight):
         raise ValueError(f"rule_weight must be a finite number, got {rule_weight!r}")
     if ramp is not None:
         try:
             start, end = (float(r) for r in ramp)
         except (TypeError, ValueError):
             raise ValueError(f"ramp must be None or (start, end) steps, got {ramp!r}") from None
-        if not (0 <= start <= end and math.isfinite(end)):
+        if not (0 <= start <= end and _finite(end)):
             raise ValueError(f"ramp must be (start, end) with 0 <= start <= end, got {ramp!r}")
     if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or not step >= 0):
         raise ValueError(f"step must be None or a number >= 0, got {step!r}")

@@ -9,7 +9,7 @@ outside ``hieraloss.core`` walks the tree. The Hierarchy keeps its own tables (`
 them where it needs them and adds the derived ones.
 
 Everything is in channel space (see DEVELOPING.md "Index spaces"); "channel order" means ascending
-channel, which is the order that decides ``zmax`` ties (DEVELOPING.md "Losses").
+channel, which is the order that decides ``zmax`` ties (DEVELOPING.md "Targets, losses, ties").
 
 numpy only: this module imports no backend and not ``hieraloss.numpy``.
 """

@@ -1,6 +1,6 @@
 """The loss rules every backend shares (plain constants and pure-Python schedules, numpy-free).
 
-* :data:`REDUCTIONS`: the reductions of the tree-min losses (DEVELOPING.md "Losses"); the door's
+* :data:`REDUCTIONS`: the reductions of the tree-min losses (DEVELOPING.md "Targets, losses, ties"); the door's
   ``check_choice`` in :mod:`hieraloss.core.checks` lists them in this order in its message.
 * :data:`HSSN_SCALE`: the ``hssn`` reduction multiplies its per-depth normalised sum by 5 (the
   published code's factor); the HSSN objective divides its tree-min weight by it.
@@ -12,11 +12,6 @@
   whether ``hssn_loss`` hands the triplet weight to the fused triplet kernels as their scale.
 * :data:`AUTO_FUSED_MAX_NODES`: the largest tree that ``backend="auto"`` gives the fused GPU
   kernels.
-
-Re-exported under their old names by :mod:`hieraloss.core.checks` (``REDUCTIONS``),
-:mod:`hieraloss.numpy.losses` (``REDUCTIONS``, ``HSSN_SCALE``), :mod:`hieraloss.numpy.decode`
-(``DECODE_METHODS``), :mod:`hieraloss.numpy.leaf_losses` (``LEAF_REDUCTIONS``,
-``LEAF_DECODE_METHODS``) and :mod:`hieraloss.numpy.triplet` (``triplet_weight``, ``hssn_weights``).
 """
 
 from __future__ import annotations

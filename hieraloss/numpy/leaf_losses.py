@@ -27,7 +27,7 @@ probabilities under v`` (``p(root) = 1``); in log space ``log p(v) = LSE(v) - LS
 The framework-free rules live in the core and every backend imports them from there: the argument
 checks and their messages in :mod:`hieraloss.core.checks`, the reductions and decoders in
 :mod:`hieraloss.core.rules`, the bottom-up plan, the HXE coefficients and the soft targets in
-:mod:`hieraloss.core.leaf`. This module re-exports them under their old names.
+:mod:`hieraloss.core.leaf`.
 """
 
 from __future__ import annotations
@@ -37,19 +37,15 @@ from typing import Any
 
 import numpy as np
 
-# The shared rules, checks and tables live in the core; re-exported here under their old names.
-from ..core.checks import LEAF_LOGIT_DTYPES as LEAF_LOGIT_DTYPES
-from ..core.checks import check_hierarchy
-from ..core.checks import check_leaf_decode_method as check_leaf_decode_method
-from ..core.checks import check_leaf_logits as check_leaf_logits
-from ..core.checks import check_leaf_reduction as check_leaf_reduction
-from ..core.checks import check_nonnegative as check_nonnegative
-from ..core.leaf import LeafPlan as LeafPlan
-from ..core.leaf import check_hxe_weighting
-from ..core.leaf import hxe_coefficients as hxe_coefficients
-from ..core.leaf import leaf_plan as leaf_plan
-from ..core.leaf import soft_targets as soft_targets
-from ..core.rules import LEAF_DECODE_METHODS as LEAF_DECODE_METHODS
+from ..core.checks import (
+    check_hierarchy,
+    check_leaf_decode_method,
+    check_leaf_logits,
+    check_leaf_reduction,
+    check_nonnegative,
+)
+from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
+from ..core.rules import LEAF_DECODE_METHODS as LEAF_DECODE_METHODS  # public: hieraloss.numpy.LEAF_*
 from ..core.rules import LEAF_REDUCTIONS as LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from .decode import decode as _decode_nodes

@@ -18,12 +18,8 @@ import numpy as np
 from ..core import checks as _checks
 from ..core.checks import check_hierarchy
 from ..core.plan import Plan, plan_for
-
-# Re-exported: the count tables moved to the plan (hieraloss.core.plan); older code imports them from here.
-from ..core.plan import ce_counted_per_depth as ce_counted_per_depth
-from ..core.plan import counted_entries_per_depth as counted_entries_per_depth
-from ..core.rules import HSSN_SCALE as HSSN_SCALE  # the rules live in hieraloss.core.rules
-from ..core.rules import REDUCTIONS as REDUCTIONS
+from ..core.rules import HSSN_SCALE
+from ..core.rules import REDUCTIONS as REDUCTIONS  # public: hieraloss.numpy.REDUCTIONS
 from ..hierarchy import Hierarchy
 
 __all__ = ["tree_min_loss", "focal_tree_min_loss", "expand_targets"]
@@ -77,13 +73,6 @@ def check_node_weight(node_weight: Any, hierarchy: Hierarchy) -> np.ndarray | No
         raise _checks.node_weight_dtype_error(_checks.dtype_name(w.dtype))
     _checks.check_node_weight_shape(w.shape, hierarchy)
     return w
-
-
-# ---------------------------------------------------------------------------- level plans
-# The depth-by-depth schedules live in the one plan per hierarchy (hieraloss.core.plan); these names
-# stay for callers that imported them from here.
-LevelPlan = Plan
-level_plan = plan_for
 
 
 def zmin_zmax(x: np.ndarray, plan: Plan) -> tuple[np.ndarray, np.ndarray]:

@@ -31,7 +31,7 @@ class Plan:
     """
 
     def __init__(self, h: Hierarchy):
-        # Every table that needs a walk comes from the core plan (DEVELOPING.md "Layout and rules");
+        # Every table that needs a walk comes from the core plan (DEVELOPING.md "Rules of the house");
         # this class only reshapes them into the depth-block form of the paddle sweeps.
         core = plan_for(h)
         L = core.max_depth
