@@ -79,12 +79,12 @@ static inline T pow_pm1(T v, T p) {  // v^(p - 1); p >= 1
 
 template <typename T>
 struct LogicScratch {
-  std::vector<T> s, sp, gs, best, which, hard, partial;
+  std::vector<T> s, ex, sp, gs, best, which, hard, partial;
   std::vector<double> sums;
   std::vector<int32_t> pc, lo, hi;
   int pending = 0;
   LogicScratch(int64_t N, int64_t clauses, int64_t tile)
-      : s(N * tile), sp(N * tile), gs(N * tile), best(tile), which(tile), hard(tile), partial(clauses * tile),
+      : s(N * tile), ex(N * tile), sp(N * tile), gs(N * tile), best(tile), which(tile), hard(tile), partial(clauses * tile),
         sums(clauses * tile), pc(tile), lo(tile), hi(tile) {}
   void flush() {
     for (size_t j = 0; j < partial.size(); ++j) {
@@ -95,18 +95,20 @@ struct LogicScratch {
   }
 };
 
-// Scores of the tile: s = sigmoid(x) per channel row.
+// Scores of the tile: s = sigmoid(x) per channel row, and e = exp(-|x|) (the asymmetric loss's log s).
 template <typename T>
 static inline void tile_scores(const T* __restrict x, int64_t N, int64_t P, int64_t m, LogicScratch<T>& sc,
                                int64_t tile) {
   for (int64_t v = 0; v < N; ++v) {
     const T* __restrict xv = x + v * P;
     T* __restrict sv = sc.s.data() + v * tile;
+    T* __restrict ev = sc.ex.data() + v * tile;
     for (int64_t t = 0; t < m; ++t) {
       const T z = xv[t];
       const T e = Math<T>::exp_nonpos(z < T(0) ? z : -z);
       const T inv = T(1) / (T(1) + e);
       sv[t] = z >= T(0) ? inv : e * inv;
+      ev[t] = e;
     }
   }
 }
@@ -203,8 +205,9 @@ static void stats_tile(const T* __restrict x, int64_t N, int64_t P, int64_t m, c
 
 // The asymmetric loss's entries of node v over the tile: their sum into acc, d/dx times scale into g.
 template <typename T, bool FAST, bool GRAD>
-static inline void asl_node(const T* __restrict xv, const T* __restrict sv, int32_t pre_v, const AslOptions& o,
-                            int64_t m, const LogicScratch<T>& sc, T* __restrict acc, T* __restrict g) {
+static inline void asl_node(const T* __restrict xv, const T* __restrict sv, const T* __restrict ev, int32_t pre_v,
+                            const AslOptions& o, int64_t m, const LogicScratch<T>& sc, T* __restrict acc,
+                            T* __restrict g) {
   const T gp = static_cast<T>(o.gamma_pos), gn = static_cast<T>(o.gamma_neg);
   const T clip = static_cast<T>(o.clip), eps = static_cast<T>(o.eps), scale = static_cast<T>(o.scale);
   const int32_t end_v = pre_v + o.size_v;
@@ -217,7 +220,7 @@ static inline void asl_node(const T* __restrict xv, const T* __restrict sv, int3
     const T s = sv[t];
     const T z = xv[t];
     // positive: -(1 - s)^gp log(max(s, eps)), with log s = -(max(-z, 0) + log1p(exp(-|z|)))
-    const T e = Math<T>::exp_nonpos(z < T(0) ? z : -z);
+    const T e = ev[t];
     const T log_s = -((z < T(0) ? -z : T(0)) + Math<T>::log1p_unit(e, e / (T(2) + e)));
     const bool s_ok = s > eps;
     const T ls = s_ok ? log_s : log_unit(eps);
@@ -356,14 +359,16 @@ static void apply_tile(const T* __restrict x, const int64_t* __restrict lc, int6
       AslOptions o = *asl;
       o.size_v = asl->size[v];
       if (grad) {
-        asl_node<T, FAST, true>(x + base + v * P, sc.s.data() + v * tile, asl->pre[v], o, m, sc, acc, tmp);
+        asl_node<T, FAST, true>(x + base + v * P, sc.s.data() + v * tile, sc.ex.data() + v * tile, asl->pre[v], o,
+                                m, sc, acc, tmp);
         T* __restrict gv = gs + v * tile;
         if (rules)
           for (int64_t t = 0; t < m; ++t) gv[t] += tmp[t];
         else
           for (int64_t t = 0; t < m; ++t) gv[t] = tmp[t];
       } else {
-        asl_node<T, FAST, false>(x + base + v * P, sc.s.data() + v * tile, asl->pre[v], o, m, sc, acc, tmp);
+        asl_node<T, FAST, false>(x + base + v * P, sc.s.data() + v * tile, sc.ex.data() + v * tile, asl->pre[v],
+                                 o, m, sc, acc, tmp);
       }
     }
   }

@@ -130,41 +130,54 @@ def native_runs(backend: str, x: torch.Tensor, r: torch.Tensor) -> bool:
 
 
 class _AttachGradients(torch.autograd.Function):
-    """The objective's value with its gradients written in the forward pass: backward scales them."""
+    """The objective's value with its gradients written in the forward pass: backward scales them in
+    place and hands them over (no pass of its own for an upstream gradient of 1), once; a second
+    backward through a retained graph recomputes them."""
 
     @staticmethod
-    def forward(ctx, value, x, r, grad_x, grad_r):
-        ctx.grads = (grad_x, grad_r)
+    def forward(ctx, value, x, r, grad_x, grad_r, recompute):
+        ctx.grads, ctx.recompute = (grad_x, grad_r), recompute
         return value.clone()
 
     @staticmethod
     def backward(ctx, g):
-        gx, gr = ctx.grads
-        return (None, None if gx is None else gx * g.to(gx.dtype), None if gr is None else gr * g.to(gr.dtype),
-                None, None)
+        grads, ctx.grads = ctx.grads, None
+        if grads is None:
+            grads = ctx.recompute()
+        factor = float(g)
+        out = tuple(None if t is None else (t if factor == 1.0 else t.mul_(factor)) for t in grads)
+        return None, out[0], out[1], None, None, None
 
 
 def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, with_rules,
-                      asl=(4.0, 1.0, 0.05, 1e-8)):
+                     asl=(4.0, 1.0, 0.05, 1e-8)):
     """LogicSeg on the compiled CPU kernel: ``(total, asl, (C, D, E) or None)``. ``r`` None: the rules
     see ``x``. Gradients are written in the forward pass when an input needs one."""
     rr = x if r is None else r
     need = torch.is_grad_enabled() and (x.requires_grad or rr.requires_grad)
     xc = x.detach().contiguous()
     rc = xc if r is None else r.detach().contiguous()
-    gx = _gradient_buffer(xc) if need and (x.requires_grad or r is None) else None
-    gr = _gradient_buffer(rc) if need and r is not None and r.requires_grad and with_rules and weight != 0 else None
+    want_x = need and (x.requires_grad or r is None)
+    want_r = need and r is not None and r.requires_grad and with_rules and weight != 0
     B, N = x.shape[:2]
     lcf = lc.reshape(B, -1).contiguous()
     valid = int((lcf >= 0).sum())
-    asl, rules = _native.logicseg(
-        _native.FLOAT64 if x.dtype == torch.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, lcf.shape[1]),
-        lcf.data_ptr(), valid, hierarchy, asl=asl, rules_x=rc.data_ptr() if with_rules else None,
-        rules_shape=(rc.shape[0], N, rc[0, 0].numel()) if with_rules else None, exclusion=exclusion,
-        easy_filter=easy_filter, p=p, rule_weight=weight, grad=0 if gx is None else gx.data_ptr(),
-        rules_grad=0 if gr is None else gr.data_ptr(), num_threads=torch.get_num_threads())
-    total_value = asl + (weight * sum(rules) if rules is not None and weight != 0 else 0.0)
+
+    def run(grads: bool):
+        gx = _gradient_buffer(xc) if grads and want_x else None
+        gr = _gradient_buffer(rc) if grads and want_r else None
+        values = _native.logicseg(
+            _native.FLOAT64 if x.dtype == torch.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, lcf.shape[1]),
+            lcf.data_ptr(), valid, hierarchy, asl=asl, rules_x=rc.data_ptr() if with_rules else None,
+            rules_shape=(rc.shape[0], N, rc[0, 0].numel()) if with_rules else None, exclusion=exclusion,
+            easy_filter=easy_filter, p=p, rule_weight=weight, grad=0 if gx is None else gx.data_ptr(),
+            rules_grad=0 if gr is None else gr.data_ptr(), num_threads=torch.get_num_threads())
+        return values, gx, gr
+
+    (asl_value, rules), gx, gr = run(need)
+    total_value = asl_value + (weight * sum(rules) if rules is not None and weight != 0 else 0.0)
     value = torch.tensor(total_value, dtype=x.dtype)
-    total = _AttachGradients.apply(value, x, rr if r is not None else None, gx, gr) if need else value
+    if need:
+        value = _AttachGradients.apply(value, x, rr if r is not None else None, gx, gr, lambda: run(True)[1:])
     parts = None if rules is None else tuple(torch.tensor(v, dtype=x.dtype) for v in rules)
-    return total, torch.tensor(asl, dtype=x.dtype), parts
+    return value, torch.tensor(asl_value, dtype=x.dtype), parts
