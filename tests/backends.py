@@ -193,6 +193,8 @@ class Direct:
 
     def call(self, fn: str, *args, **kw):
         f = getattr(self.lib, fn)
+        if "rule_logits" in kw:  # a tensor argument given by keyword
+            kw["rule_logits"] = self.tensor(kw["rule_logits"])
         if self.backend is not None and "backend" in inspect.signature(f).parameters:
             kw.setdefault("backend", self.backend)
         return f(*(self.tensor(a) for a in args), **kw)

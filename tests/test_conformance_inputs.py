@@ -24,7 +24,8 @@ from hieraloss.metrics import HierarchicalSegMetrics
 H = presets.cityscapes()
 N, L = H.num_nodes, H.max_depth
 LOSSES = ("tree_min_loss", "focal_tree_min_loss")
-ALL_LOSSES = (*LOSSES, "hssn_loss", "depth_cross_entropy")  # the last two: torch and paddle only
+LOGIC_LOSSES = ("logicseg_loss", "asymmetric_bce_loss")  # LogicSeg: no node_weight, no reduction
+ALL_LOSSES = (*LOSSES, "hssn_loss", "depth_cross_entropy", *LOGIC_LOSSES)  # hssn, depth CE: torch and paddle only
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 METHODS = ("path", "hssn", "top_down", "independent")
 
@@ -79,7 +80,7 @@ def _bad_cases():
             (f"{fn}-ignore-float", fn, _loss_args(fn), {"ignore_index": 255.0}, TypeError, "ignore_index"),
             (f"{fn}-ignore-bool", fn, _loss_args(fn), {"ignore_index": True}, TypeError, "ignore_index"),
         ]
-        if fn != "depth_cross_entropy":
+        if fn not in ("depth_cross_entropy", *LOGIC_LOSSES):
             cases += [
                 (f"{fn}-node-weight-shape", fn, _loss_args(fn), {"node_weight": np.ones(5)}, ValueError, "(5,)"),
                 (f"{fn}-node-weight-2d", fn, _loss_args(fn), {"node_weight": np.ones((1, N))}, ValueError,
@@ -100,6 +101,25 @@ def _bad_cases():
     for gamma in (math.inf, -1.0, True, "two"):
         cases.append((f"hssn-focal-gamma-{gamma!r}", "hssn_loss", _loss_args("hssn_loss"), {"focal_gamma": gamma},
                       ValueError, "gamma must be a finite number >= 0"))
+    for p, needle in ((0.5, "p must be a finite number >= 1"), (math.nan, "p must be a finite number >= 1"),
+                      (True, "p must be a finite number >= 1")):
+        cases.append((f"logicseg-p-{p!r}", "logicseg_loss", _loss_args("logicseg_loss"), {"p": p}, ValueError, needle))
+    cases += [
+        ("logicseg-exclusion", "logicseg_loss", _loss_args("logicseg_loss"), {"exclusion": "pairs"}, ValueError,
+         "exclusion must be one of ('siblings', 'level'), got 'pairs'"),
+        ("logicseg-ramp", "logicseg_loss", _loss_args("logicseg_loss"), {"ramp": (3, 1)}, ValueError,
+         "ramp must be (start, end) with 0 <= start <= end"),
+        ("logicseg-step", "logicseg_loss", _loss_args("logicseg_loss"), {"step": -2}, ValueError,
+         "step must be None or a number >= 0"),
+        ("logicseg-rule-logits-channels", "logicseg_loss", _loss_args("logicseg_loss"),
+         {"rule_logits": _x((2, N - 1, 3))}, ValueError, "25 channels"),
+        ("asl-clip", "asymmetric_bce_loss", _loss_args("asymmetric_bce_loss"), {"clip": 1.5}, ValueError,
+         "clip must be in [0, 1)"),
+        ("asl-gamma", "asymmetric_bce_loss", _loss_args("asymmetric_bce_loss"), {"gamma_neg": -1}, ValueError,
+         "gamma_neg must be a finite number >= 0"),
+        ("exclusion-loss-mode", "exclusion_loss", (_x(), H), {"exclusion": "all"}, ValueError, "exclusion"),
+        ("logic-refine-steps", "logic_refine", (_x(), H), {"steps": -1}, ValueError, "steps must be an int >= 0"),
+    ]
     for depth in (0, L + 1, -1, 1.0, 1.5, True, "1"):
         cases.append((f"depth-{depth!r}", "depth_cross_entropy", (_x(), _labels(), H, depth), {}, ValueError,
                       f"depth must be in 1..{L}, got {depth!r}"))

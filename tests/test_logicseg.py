@@ -564,16 +564,24 @@ def test_native_every_instruction_set_and_no_grad():
             want.item(), rel=2e-5)
 
 
-def test_native_backend_refuses_what_it_cannot_run():
+def test_native_backend_refuses_what_it_cannot_run_and_computes_halves_in_float32():
     _native_or_skip()
-    h, x, _, y = _cityscapes_inputs()
-    with pytest.raises(RuntimeError, match="takes float32 or float64"):
-        ht.logicseg_loss(torch.tensor(x, dtype=torch.float16), torch.tensor(y), h, backend="native")
+    h, x, r, y = _cityscapes_inputs()
+    with pytest.raises(RuntimeError, match="logits and rule logits of one dtype"):
+        ht.logicseg_loss(torch.tensor(x), torch.tensor(y), h, rule_logits=torch.tensor(r, dtype=torch.float32),
+                         backend="native")
     with pytest.raises(ValueError, match="backend"):
         ht.logicseg_loss(torch.tensor(x), torch.tensor(y), h, backend="cuda")
-    # float16 on auto falls to the torch ops, in float32
-    half = ht.logicseg_loss(torch.tensor(x, dtype=torch.float16), torch.tensor(y), h, step=None)
-    assert half.dtype == torch.float32 and torch.isfinite(half)
+    for dtype in (torch.float16, torch.bfloat16):  # computed in float32 on the kernel, as on the torch ops
+        xs = [torch.tensor(x, dtype=dtype, requires_grad=True) for _ in range(2)]
+        vals = [ht.logicseg_loss(xi, torch.tensor(y), h, step=None, backend=b)
+                for xi, b in zip(xs, ("torch", "native"), strict=True)]
+        for v in vals:
+            v.backward()
+        assert vals[1].dtype == vals[0].dtype == torch.float32
+        assert vals[1].item() == pytest.approx(vals[0].item(), rel=1e-5)
+        assert xs[1].grad.dtype == dtype
+        torch.testing.assert_close(xs[1].grad.float(), xs[0].grad.float(), rtol=2e-2, atol=1e-4)
 
 
 def test_native_paddle_equals_paddle_ops():

@@ -384,6 +384,10 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     threads = max(1, int(num_threads))
     tree = tree_arrays(hierarchy)
     values, slopes = None, None
+    if rules_x is not None and rules_shape[0] * rules_shape[2] == 0:  # no pixels: no violation (and a null buffer)
+        values, rules_x = (0.0, 0.0, 0.0), None
+    if shape[0] * shape[2] == 0:
+        grad = 0
     if rules_x is not None:
         rules = logic_arrays(hierarchy, exclusion)
         rules.easy, rules.p = int(bool(easy_filter)), float(p)
@@ -395,9 +399,10 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     with_rule_grad = slopes is not None and rule_weight != 0
     asl_sum = np.zeros(1, dtype=np.float64)
     scale = 1.0 / max(valid, 1)
-    _logic_call(lib, dtype, x, shape, label_channels, rules if (same and with_rule_grad and grad) else None, tree, asl,
-                scale, 0, slopes.ctypes.data if (same and with_rule_grad and grad) else 0, asl_sum.ctypes.data, grad,
-                threads)
+    if shape[0] * shape[2] > 0:
+        _logic_call(lib, dtype, x, shape, label_channels, rules if (same and with_rule_grad and grad) else None, tree,
+                    asl, scale, 0, slopes.ctypes.data if (same and with_rule_grad and grad) else 0,
+                    asl_sum.ctypes.data, grad, threads)
     if rules_grad and with_rule_grad and not same:
         _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, None, None, 0.0, 0, slopes.ctypes.data, 0, rules_grad,
                     threads)

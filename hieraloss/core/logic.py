@@ -101,8 +101,9 @@ def pmean_columns(ops: ArrayOps, viol: Any, p: float, count: Any) -> Any:
 
 
 def root_mean(ops: ArrayOps, sums: Any, p: float, count: Any) -> Any:
-    """``(sums / count)^(1/p)``, and 0 (gradient 0, never NaN) where ``sums`` is 0."""
-    m = sums / count
+    """``(sums / count)^(1/p)``, and 0 (gradient 0, never NaN) where ``sums`` is 0 (``count`` at least
+    1: no pixels means no violation)."""
+    m = sums / (count if not isinstance(count, (int, float)) else max(float(count), 1.0))
     positive = m > 0
     return ops.where(positive, ops.power(ops.where(positive, m, 1.0), 1.0 / p), 0.0)
 

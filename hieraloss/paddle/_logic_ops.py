@@ -4,6 +4,7 @@ compiled CPU kernel's glue and the rule descent of logic-guided decoding."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import paddle
@@ -129,10 +130,10 @@ def refine(x: paddle.Tensor, hierarchy: Hierarchy, steps: int, step_size: float,
 def native_runs(backend: str, x: paddle.Tensor, r: paddle.Tensor) -> bool:
     if backend not in ("auto", "native"):
         return False
-    dtypes_ok = x.dtype in (paddle.float32, paddle.float64) and r.dtype == x.dtype
+    dtypes_ok = r.dtype == x.dtype  # float16 / bfloat16 run in float32, as on the paddle ops
     if backend == "native" and not dtypes_ok:
-        raise RuntimeError("backend='native' was asked for, but the compiled CPU kernel takes float32 or float64 "
-                           f"logits (and rule logits of the same dtype), got {x.dtype} and {r.dtype}")
+        raise RuntimeError("backend='native' was asked for, but the compiled CPU kernel takes logits and rule "
+                           f"logits of one dtype, got {x.dtype} and {r.dtype}")
     return dtypes_ok and _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(x.place))
 
 
@@ -141,23 +142,24 @@ class _AttachOne(PyLayer):
 
     @staticmethod
     def forward(ctx, x, value, grad):  # value: a Python float
-        ctx.grad = grad
-        return paddle.to_tensor(value, dtype=x.dtype, place=x.place)
+        ctx.grad, ctx.dtype = grad, x.dtype
+        return paddle.to_tensor(value, dtype=grad.dtype, place=x.place)
 
     @staticmethod
     def backward(ctx, g):
-        return ctx.grad * g.astype(ctx.grad.dtype)
+        return (ctx.grad * g.astype(ctx.grad.dtype)).astype(ctx.dtype)
 
 
 class _AttachTwo(PyLayer):
     @staticmethod
     def forward(ctx, x, r, value, grad_x, grad_r):
-        ctx.grads = (grad_x, grad_r)
-        return paddle.to_tensor(value, dtype=x.dtype, place=x.place)
+        ctx.grads, ctx.dtypes = (grad_x, grad_r), (x.dtype, r.dtype)
+        return paddle.to_tensor(value, dtype=grad_x.dtype, place=x.place)
 
     @staticmethod
     def backward(ctx, g):
-        return tuple(None if gr is None else gr * g.astype(gr.dtype) for gr in ctx.grads)
+        return tuple(None if t is None else (t * g.astype(t.dtype)).astype(dt)
+                     for t, dt in zip(ctx.grads, ctx.dtypes, strict=True))
 
 
 def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, with_rules,
@@ -165,28 +167,30 @@ def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, 
     """LogicSeg on the compiled CPU kernel (:func:`hieraloss.torch.logic._native_objective`)."""
     rr = x if r is None else r
     need = paddle.is_grad_enabled() and (not x.stop_gradient or not rr.stop_gradient)
-    xc = x.detach().contiguous()
-    rc = xc if r is None else r.detach().contiguous()
+    cdt = compute_dtype(x.dtype)
+    xc = x.detach().astype(cdt).contiguous()
+    rc = xc if r is None else r.detach().astype(cdt).contiguous()
     gx = _gradient_buffer(xc) if need and (not x.stop_gradient or r is None) else None
     gr = (_gradient_buffer(rc) if need and r is not None and not r.stop_gradient and with_rules and weight != 0
           else None)
     B, N = x.shape[:2]
-    lcf = lc.reshape([B, -1]).astype("int64").contiguous()
+    P = math.prod(x.shape[2:])
+    lcf = lc.reshape([B, P]).astype("int64").contiguous()
     valid = int((lcf >= 0).astype("int64").sum())
     asl_value, rules = _native.logicseg(
-        _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, lcf.shape[1]),
+        _native.FLOAT64 if cdt == paddle.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, P),
         lcf.data_ptr(), valid, hierarchy, asl=asl, rules_x=rc.data_ptr() if with_rules else None,
-        rules_shape=(rc.shape[0], N, int(rc[0, 0].size)) if with_rules else None, exclusion=exclusion,
+        rules_shape=(rc.shape[0], N, math.prod(rc.shape[2:])) if with_rules else None, exclusion=exclusion,
         easy_filter=easy_filter, p=p, rule_weight=weight, grad=0 if gx is None else gx.data_ptr(),
         rules_grad=0 if gr is None else gr.data_ptr(), num_threads=num_threads())
     total_value = asl_value + (weight * sum(rules) if rules is not None and weight != 0 else 0.0)
     if need and r is None:
         value = _AttachOne.apply(x, total_value, gx)
     elif need:
-        gx = gx if gx is not None else paddle.zeros_like(x)
-        gr = gr if gr is not None else paddle.zeros_like(r)
+        gx = gx if gx is not None else paddle.zeros_like(xc)
+        gr = gr if gr is not None else paddle.zeros_like(rc)
         value = _AttachTwo.apply(x, r, total_value, gx, gr)
     else:
-        value = paddle.to_tensor(total_value, dtype=x.dtype, place=x.place)
-    parts = None if rules is None else tuple(paddle.to_tensor(v, dtype=x.dtype, place=x.place) for v in rules)
-    return value, paddle.to_tensor(asl_value, dtype=x.dtype, place=x.place), parts
+        value = paddle.to_tensor(total_value, dtype=cdt, place=x.place)
+    parts = None if rules is None else tuple(paddle.to_tensor(v, dtype=cdt, place=x.place) for v in rules)
+    return value, paddle.to_tensor(asl_value, dtype=cdt, place=x.place), parts

@@ -4,6 +4,8 @@ compiled CPU kernel's glue and the rule descent of logic-guided decoding."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import _native
@@ -121,10 +123,10 @@ def refine(x: torch.Tensor, hierarchy: Hierarchy, steps: int, step_size: float, 
 def native_runs(backend: str, x: torch.Tensor, r: torch.Tensor) -> bool:
     if backend not in ("auto", "native") or torch.compiler.is_compiling():
         return False
-    dtypes_ok = x.dtype in (torch.float32, torch.float64) and r.dtype == x.dtype
+    dtypes_ok = r.dtype == x.dtype  # float16 / bfloat16 run in float32, as on the torch ops
     if backend == "native" and not dtypes_ok:
-        raise RuntimeError("backend='native' was asked for, but the compiled CPU kernel takes float32 or float64 "
-                           f"logits (and rule logits of the same dtype), got {x.dtype} and {r.dtype}")
+        raise RuntimeError("backend='native' was asked for, but the compiled CPU kernel takes logits and rule "
+                           f"logits of one dtype, got {x.dtype} and {r.dtype}")
     on_cpu = x.device.type == "cpu"
     return dtypes_ok and _native.use_for(backend, on_cpu=on_cpu, device=str(x.device)) and r.device == x.device
 
@@ -137,6 +139,7 @@ class _AttachGradients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, value, x, r, grad_x, grad_r, recompute):
         ctx.grads, ctx.recompute = (grad_x, grad_r), recompute
+        ctx.dtypes = (x.dtype, None if r is None else r.dtype)
         return value.clone()
 
     @staticmethod
@@ -145,7 +148,8 @@ class _AttachGradients(torch.autograd.Function):
         if grads is None:
             grads = ctx.recompute()
         factor = float(g)
-        out = tuple(None if t is None else (t if factor == 1.0 else t.mul_(factor)) for t in grads)
+        out = tuple(None if t is None else (t if factor == 1.0 else t.mul_(factor)).to(dt)
+                    for t, dt in zip(grads, ctx.dtypes, strict=True))
         return None, out[0], out[1], None, None, None
 
 
@@ -155,29 +159,31 @@ def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, 
     see ``x``. Gradients are written in the forward pass when an input needs one."""
     rr = x if r is None else r
     need = torch.is_grad_enabled() and (x.requires_grad or rr.requires_grad)
-    xc = x.detach().contiguous()
-    rc = xc if r is None else r.detach().contiguous()
+    cdt = _ops.compute_dtype(x.dtype)
+    xc = x.detach().to(cdt).contiguous()
+    rc = xc if r is None else r.detach().to(cdt).contiguous()
     want_x = need and (x.requires_grad or r is None)
     want_r = need and r is not None and r.requires_grad and with_rules and weight != 0
     B, N = x.shape[:2]
-    lcf = lc.reshape(B, -1).contiguous()
+    P = math.prod(x.shape[2:])
+    lcf = lc.reshape(B, P).contiguous()
     valid = int((lcf >= 0).sum())
 
     def run(grads: bool):
         gx = _gradient_buffer(xc) if grads and want_x else None
         gr = _gradient_buffer(rc) if grads and want_r else None
         values = _native.logicseg(
-            _native.FLOAT64 if x.dtype == torch.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, lcf.shape[1]),
+            _native.FLOAT64 if cdt == torch.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, P),
             lcf.data_ptr(), valid, hierarchy, asl=asl, rules_x=rc.data_ptr() if with_rules else None,
-            rules_shape=(rc.shape[0], N, rc[0, 0].numel()) if with_rules else None, exclusion=exclusion,
+            rules_shape=(rc.shape[0], N, math.prod(rc.shape[2:])) if with_rules else None, exclusion=exclusion,
             easy_filter=easy_filter, p=p, rule_weight=weight, grad=0 if gx is None else gx.data_ptr(),
             rules_grad=0 if gr is None else gr.data_ptr(), num_threads=torch.get_num_threads())
         return values, gx, gr
 
     (asl_value, rules), gx, gr = run(need)
     total_value = asl_value + (weight * sum(rules) if rules is not None and weight != 0 else 0.0)
-    value = torch.tensor(total_value, dtype=x.dtype)
+    value = torch.tensor(total_value, dtype=cdt)
     if need:
         value = _AttachGradients.apply(value, x, rr if r is not None else None, gx, gr, lambda: run(True)[1:])
-    parts = None if rules is None else tuple(torch.tensor(v, dtype=x.dtype) for v in rules)
-    return value, torch.tensor(asl_value, dtype=x.dtype), parts
+    parts = None if rules is None else tuple(torch.tensor(v, dtype=cdt) for v in rules)
+    return value, torch.tensor(asl_value, dtype=cdt), parts
