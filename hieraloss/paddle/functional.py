@@ -532,10 +532,10 @@ class _HSSNTerms(HSSNTermsBase):
     """:class:`hieraloss.core.objective.HSSNTerms` in paddle: the Triton kernel through the DLPack
     bridge on the GPU, the compiled kernel on the CPU, else the paddle ops."""
 
-    label_channels = staticmethod(lambda *a: _label_channels(*a))
+    label_channels = staticmethod(_label_channels)
     tree_min_op = staticmethod(tree_min_op)
     depth_cross_entropy_op = staticmethod(depth_cross_entropy_op)
-    triplet_loss = staticmethod(lambda *a, **k: _triplet_loss(*a, **k))
+    triplet_loss = staticmethod(_triplet_loss)
     scale = HSSN_SCALE
 
     def fused(self, tree_min_weight, ce_weights, return_parts):
