@@ -97,8 +97,8 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
 
         asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
 
-    ``backend``: ``"auto"`` runs the compiled CPU kernel for float32/float64 CPU tensors when it is
-    built, else the paddle ops (``"paddle"``); ``"native"`` requires the kernel.
+    ``backend``: ``"auto"`` runs the compiled CPU kernel for CPU tensors when it is built (as in
+    torch), else the paddle ops (``"paddle"``); ``"native"`` requires the kernel.
     """
     F._check_choice(backend, F.BACKENDS, "backend")
     x0 = F._check_logits(logits, hierarchy)

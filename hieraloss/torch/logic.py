@@ -125,11 +125,12 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     ``parent_implies_child``, ``exclusion`` and ``rule_factor``. ``check_labels`` as for
     :func:`hieraloss.torch.tree_min_loss`.
 
-    ``backend``: ``"auto"`` runs the compiled CPU kernel for float32/float64 CPU tensors when it is
-    built (two passes over the logits: the rules' sums, then the loss and the whole gradient,
-    written in the forward pass and scaled in the backward), else the vectorized torch ops
-    (``"torch"``; every device, and under ``torch.compile``); ``"native"`` requires the kernel.
-    ``"triton"`` runs the torch ops (there is no Triton kernel for LogicSeg)."""
+    ``backend``: ``"auto"`` runs the compiled CPU kernel for CPU tensors when it is built (logits and
+    rule logits of one dtype; float16/bfloat16 computed in float32; two passes over the logits: the
+    rules' sums, then the loss and the whole gradient, written in the forward pass and scaled in the
+    backward), else the vectorized torch ops (``"torch"``; every device, and under
+    ``torch.compile``); ``"native"`` requires the kernel. ``"triton"`` runs the torch ops (there is
+    no Triton kernel for LogicSeg)."""
     F._check_choice(backend, F.BACKENDS, "backend")
     x0 = F._check_logits(logits, hierarchy)
     x = F.upsample_to_labels(x0, labels, upsample_logits)
