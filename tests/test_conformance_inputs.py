@@ -95,6 +95,16 @@ def _bad_cases():
                 (f"{fn}-not-finite", fn, _loss_args(fn, x=np.array([[[math.nan] * 3] * N, [[math.inf] * 3] * N])),
                  {"check_finite": True}, ValueError, f"{6 * N} non-finite"),
             ]
+    K = H.num_leaves
+    leaf_x = np.zeros((2, K, 3))
+    leaf_x[0, 1, 2], leaf_x[1, 0, 0], leaf_x[1, 3, 1] = math.nan, math.inf, -math.inf
+    for fn in ("hierarchical_cross_entropy", "soft_label_cross_entropy"):
+        cases += [
+            (f"{fn}-not-finite", fn, (leaf_x, _labels(), H), {"check_finite": True}, ValueError,
+             "leaf_logits hold 3 non-finite values (nan or inf)"),
+            (f"{fn}-labels-before-finite", fn, (leaf_x, _labels(dtype=np.float32), H), {"check_finite": True},
+             LabelError, "float32"),
+        ]
     for gamma in (math.inf, -math.inf, math.nan, -1.0, True, False, "two", None):
         cases.append((f"focal-gamma-{gamma!r}", "focal_tree_min_loss", _loss_args("focal_tree_min_loss"),
                       {"gamma": gamma}, ValueError, f"gamma must be a finite number >= 0, got {gamma!r}"))

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from ..core import checks as _checks
 from ..core.checks import (
     check_hierarchy,
     check_leaf_decode_method,
@@ -49,7 +50,7 @@ from ..core.rules import LEAF_DECODE_METHODS as LEAF_DECODE_METHODS  # public: h
 from ..core.rules import LEAF_REDUCTIONS as LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from .decode import decode as _decode_nodes
-from .losses import check_labels, compute_dtype
+from .losses import check_finite_values, check_label_dtype, compute_dtype
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -98,6 +99,18 @@ def _checked_logits(leaf_logits: Any, hierarchy: Hierarchy) -> np.ndarray:
     return x
 
 
+def _checked_labels(labels: Any, x: np.ndarray, hierarchy: Hierarchy, ignore_index: Any, check_finite: bool
+                    ) -> np.ndarray:
+    """Label channels after the label checks, in the door order of the tree-min losses (dtype,
+    shape, ``ignore_index``, then ``check_finite`` on the logits, then the label values)."""
+    lab = check_label_dtype(labels)
+    _checks.check_label_shape(lab.shape, (x.shape[0], *x.shape[2:]))
+    ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
+    if check_finite:
+        check_finite_values(x, "leaf_logits")
+    return hierarchy.label_channels(lab, ignore_index)
+
+
 def _flat(x: np.ndarray, ch: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.dtype]:
     cdt = compute_dtype(x.dtype)
     B, K = x.shape[:2]
@@ -115,6 +128,7 @@ def hierarchical_cross_entropy(
     reduction: str = "mean",
     weighting: str = "depth",
     normalize: bool = False,
+    check_finite: bool = False,
 ) -> np.ndarray:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
@@ -126,12 +140,13 @@ def hierarchical_cross_entropy(
     label (internal node c) takes the edges from the root down to c. ``alpha = 0`` is the flat
     cross-entropy. ``reduction``: ``"mean"`` over counted (not ignored) pixels, ``"sum"`` or
     ``"none"`` (``[B, *spatial]``, 0 where ignored). float64 logits give float64, others float32.
+    ``check_finite=True`` raises a ``ValueError`` saying how many logits are not finite.
     """
     x = _checked_logits(leaf_logits, hierarchy)
     a = check_nonnegative(alpha, "alpha")
     check_hxe_weighting(weighting, normalize)
     check_leaf_reduction(reduction)
-    ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
+    ch = _checked_labels(labels, x, hierarchy, ignore_index, check_finite)
     xf, lc, cdt = _flat(x, ch)
     h = hierarchy
     valid = lc >= 0
@@ -153,6 +168,7 @@ def soft_label_cross_entropy(
     beta: float = 1.0,
     ignore_index: int = 255,
     reduction: str = "mean",
+    check_finite: bool = False,
 ) -> np.ndarray:
     """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
@@ -161,12 +177,12 @@ def soft_label_cross_entropy(
     height of the lowest common ancestor over the tree height instead of psi: on a balanced tree of
     depth L, psi is twice that height, so its ``beta_paper`` is ``beta = beta_paper / (2 * L)`` here.
     Loss ``-sum_l q(l) log p(l)``. A partial label c measures the distances from the node c. Large beta tends to the
-    flat cross-entropy. Reductions and dtypes as :func:`hierarchical_cross_entropy`.
+    flat cross-entropy. Reductions, dtypes and ``check_finite`` as :func:`hierarchical_cross_entropy`.
     """
     x = _checked_logits(leaf_logits, hierarchy)
     b = check_nonnegative(beta, "beta")
     check_leaf_reduction(reduction)
-    ch = check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
+    ch = _checked_labels(labels, x, hierarchy, ignore_index, check_finite)
     xf, lc, cdt = _flat(x, ch)
     valid = lc >= 0
     safe = np.where(valid, lc, 0)

@@ -32,7 +32,7 @@ from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from ._ops import compute_dtype, decode_op
 from ._tables import tables_for, vec
-from .functional import _checked_labels, upsample_to_labels
+from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -194,12 +194,16 @@ def _reduce(loss: paddle.Tensor, valid: paddle.Tensor, reduction: str, B: int, s
     return total / paddle.clip(valid.astype("int64").sum(), min=1).astype(loss.dtype)
 
 
-def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reduction, value, name, upsample_logits):
+def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reduction, value, name, upsample_logits,
+               check_finite):
     """Check the arguments, then ``op`` (a PyLayer) on ``[B, K, P]`` logits and label channels."""
     x = upsample_to_labels(_checked_leaf_logits(leaf_logits, hierarchy), labels, upsample_logits)
     v = check_nonnegative(value, name)
     check_leaf_reduction(reduction)
-    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
+    if check_finite:
+        _check_finite(x, "leaf_logits")
+    lc, _ = _label_channels(labels, hierarchy, ignore_index)
     B, spatial = x.shape[0], list(x.shape[2:])
     if x.size == 0:
         return _empty_result(x, B, spatial, reduction)
@@ -212,7 +216,7 @@ def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reductio
 def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
                                alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
                                upsample_logits: bool = False, weighting: str = "depth",
-                               normalize: bool = False) -> paddle.Tensor:
+                               normalize: bool = False, check_finite: bool = False) -> paddle.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     ``-sum over the edges of the label's path of w(C) * log p(C | parent(C))``, with the published
@@ -232,12 +236,12 @@ def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor
         return hxe_coefficients(h, a, weighting, bool(normalize))
 
     return _leaf_loss(_HierarchicalCE, table, leaf_logits, labels, hierarchy, ignore_index, reduction,
-                      alpha, "alpha", upsample_logits)
+                      alpha, "alpha", upsample_logits, check_finite)
 
 
 def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
                              beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
-                             upsample_logits: bool = False) -> paddle.Tensor:
+                             upsample_logits: bool = False, check_finite: bool = False) -> paddle.Tensor:
     """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     Target over leaves ``q(l) = softmax_l(-beta * psi(c, l))`` for a pixel labelled c (psi =
@@ -248,7 +252,7 @@ def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, 
     flat cross-entropy. Reductions and ``upsample_logits`` as :func:`hierarchical_cross_entropy`.
     """
     return _leaf_loss(_SoftLabelCE, soft_targets, leaf_logits, labels, hierarchy, ignore_index, reduction,
-                      beta, "beta", upsample_logits)
+                      beta, "beta", upsample_logits, check_finite)
 
 
 def decode_leaf_logits(leaf_logits: paddle.Tensor, hierarchy: Hierarchy, method: str = "argmax"

@@ -30,7 +30,7 @@ from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from . import _ops
 from ._tables import cached_on
-from .functional import _checked_labels, upsample_to_labels
+from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -212,11 +212,14 @@ def _reduce(loss: torch.Tensor, valid: torch.Tensor, reduction: str, B: int, spa
     return total / valid.sum().clamp(min=1).to(loss.dtype)
 
 
-def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, name, upsample_logits):
+def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, name, upsample_logits, check_finite):
     x = upsample_to_labels(_checked_leaf_logits(leaf_logits, hierarchy), labels, upsample_logits)
     v = check_nonnegative(value, name)
     check_leaf_reduction(reduction)
-    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index)
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
+    if check_finite:
+        _check_finite(x, "leaf_logits")
+    lc, _ = _label_channels(labels, hierarchy, ignore_index)
     xf, B, spatial = _flat(x)
     lc = lc.reshape(B, xf.shape[2])
     return xf, lc, B, spatial, v
@@ -225,7 +228,7 @@ def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, nam
 def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                                alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
                                upsample_logits: bool = False, weighting: str = "depth",
-                               normalize: bool = False) -> torch.Tensor:
+                               normalize: bool = False, check_finite: bool = False) -> torch.Tensor:
     """Hierarchical cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     ``-sum over the edges of the label's path of w(C) * log p(C | parent(C))``, with the published
@@ -241,7 +244,7 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
     """
     check_hxe_weighting(weighting, normalize)
     xf, lc, B, spatial, a = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, alpha, "alpha",
-                                       upsample_logits)
+                                       upsample_logits, check_finite)
     valid = lc >= 0
     safe = lc.clamp(min=0)
     key = ("hxe", a, weighting, bool(normalize), xf.dtype)
@@ -252,7 +255,7 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
 
 def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                              beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
-                             upsample_logits: bool = False) -> torch.Tensor:
+                             upsample_logits: bool = False, check_finite: bool = False) -> torch.Tensor:
     """Soft-label cross-entropy (Bertinetto et al. 2020) of ``leaf_logits [B, K, *spatial]``.
 
     Target over leaves ``q(l) = softmax_l(-beta * psi(c, l))`` for a pixel labelled c (psi =
@@ -263,7 +266,7 @@ def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hi
     flat cross-entropy. Reductions and ``upsample_logits`` as :func:`hierarchical_cross_entropy`.
     """
     xf, lc, B, spatial, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta",
-                                       upsample_logits)
+                                       upsample_logits, check_finite)
     valid = lc >= 0
     (targets_t,) = cached_on(hierarchy, xf.device, ("soft", b, xf.dtype), _soft_table, b, xf.dtype)
     loss = _SoftLabelCE.apply(xf, lc.clamp(min=0), targets_t)
