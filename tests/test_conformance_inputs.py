@@ -286,3 +286,58 @@ def test_bool_labels_are_rejected_everywhere(adapter):
     metrics = HierarchicalSegMetrics(H)
     with pytest.raises(LabelError, match="bool"):
         metrics.update(direct.tensor(np.zeros((2, 3), dtype=np.int64)), direct.tensor(labels))
+
+
+# ---------------------------------------------------------------------------- non-finite logits
+def _nonfinite_leaf_cases():
+    K = H.num_leaves
+    road, building, wall = 0, 2, 3  # road: flat; building and wall: construction (Cityscapes train ids)
+
+    def logits(**at):
+        x = np.zeros((1, K, 1))
+        for leaf, v in at.items():
+            x[0, int(leaf.removeprefix("l")), 0] = v
+        return x
+
+    y = np.array([[building]])
+    return [
+        # +inf on a leaf of another category: p(label) = 0, the loss is +inf (as F.cross_entropy)
+        ("hxe-inf-other-category", "hierarchical_cross_entropy", logits(**{f"l{road}": math.inf}), y, {}, math.inf),
+        ("hxe-alpha0-minus-inf-label", "hierarchical_cross_entropy", logits(**{f"l{building}": -math.inf}), y,
+         {"alpha": 0.0}, math.inf),
+        ("hxe-minus-inf-label", "hierarchical_cross_entropy", logits(**{f"l{building}": -math.inf}), y, {},
+         math.inf),
+        # +inf on a sibling: log p(category | root) is inf - inf in any log-sum-exp form
+        ("hxe-inf-sibling", "hierarchical_cross_entropy", logits(**{f"l{wall}": math.inf}), y, {}, math.nan),
+        ("soft-inf-other", "soft_label_cross_entropy", logits(**{f"l{road}": math.inf}), y, {}, math.nan),
+    ]
+
+
+NONFINITE = _nonfinite_leaf_cases()
+
+
+@pytest.mark.parametrize("case", NONFINITE, ids=[c[0] for c in NONFINITE])
+def test_non_finite_leaf_logits_one_answer(case):
+    """The same non-finite input gives the same value in every backend (inf where the math says so)."""
+    _, fn, x, y, kw, want = case
+    for direct in DIRECTS:
+        got = float(direct.numpy(direct.call(fn, x, y, H, **kw)))
+        assert (math.isnan(got) and math.isnan(want)) or got == want, (direct.name, fn, got, want)
+
+
+@pytest.mark.parametrize("method", ["argmax", "top_down"])
+def test_nan_leaf_logit_decodes_the_same_everywhere(method):
+    """A NaN leaf logit: numpy's and torch's argmax rule (the first NaN wins) in every backend."""
+    K = H.num_leaves
+    x = np.zeros((2, K, 2))
+    x[0, 3, 0] = math.nan
+    x[0, 5, 0] = 2.0
+    x[1, 7, 1] = math.nan
+    x[1, 1, 1] = math.nan
+    seen = {}
+    for direct in DIRECTS:
+        leaf, depth = (direct.numpy(t) for t in direct.call("decode_leaf_logits", x, H, method))
+        seen[direct.name] = (leaf.tolist(), depth.tolist())
+    assert len({repr(v) for v in seen.values()}) == 1, seen
+    if method == "argmax":
+        assert seen[DIRECTS[0].name][0][0][0] == 3 and seen[DIRECTS[0].name][0][1][1] == 1

@@ -39,6 +39,14 @@ NORM_EPS = 1e-12
 
 
 # ---------------------------------------------------------------------------- elementwise pieces
+def argmax_nan_first(x: paddle.Tensor, axis: int, keepdim: bool = False) -> paddle.Tensor:
+    """``argmax`` with numpy's and torch's NaN rule: the first NaN wins where there is one
+    (``paddle.argmax`` skips NaN), else the first maximum."""
+    nan = paddle.isnan(x)
+    first_nan = paddle.argmax(nan.astype("int32"), axis=axis, keepdim=keepdim)
+    return paddle.where(nan.any(axis=axis, keepdim=keepdim), first_nan, paddle.argmax(x, axis=axis, keepdim=keepdim))
+
+
 def compute_dtype(dtype: Any) -> Any:
     """float64 for float64, else float32 (float16/bfloat16 accumulate in float32)."""
     return paddle.float64 if dtype == paddle.float64 else paddle.float32
@@ -579,7 +587,7 @@ def _top_down(x, tab):
     plan = tab.plan
     top = vec(tab, "levels", 0)
     chosen = paddle.index_select(
-        top, paddle.argmax(paddle.index_select(x, top, axis=1), axis=1).reshape([-1])
+        top, argmax_nan_first(paddle.index_select(x, top, axis=1), axis=1).reshape([-1])
     )
     B, P = x.shape[0], x.shape[2]
     chosen = chosen.reshape([B, P])
@@ -595,7 +603,7 @@ def _top_down(x, tab):
         vals = paddle.take_along_axis(x, cand, axis=1)
         real = slots < paddle.index_select(nkids, flat).reshape([B, 1, P])
         vals = paddle.where(real, vals, neg_inf)
-        step = paddle.take_along_axis(cand, paddle.argmax(vals, axis=1, keepdim=True), axis=1).squeeze(1)
+        step = paddle.take_along_axis(cand, argmax_nan_first(vals, axis=1, keepdim=True), axis=1).squeeze(1)
         chosen = paddle.where(paddle.index_select(leaf, flat).reshape([B, P]), chosen, step)
     return chosen
 
@@ -617,7 +625,7 @@ def decode_op(logits, hierarchy, method):
             per_depth = []
             for d in range(L):
                 dc = vec(tab, "depth_channels", d)
-                best = paddle.argmax(paddle.index_select(x, dc, axis=1), axis=1)
+                best = argmax_nan_first(paddle.index_select(x, dc, axis=1), axis=1)
                 per_depth.append(paddle.index_select(dc, best.reshape([-1])).reshape([B, P]))
             depth_ch = paddle.stack(per_depth, axis=1)
             leaf = per_depth[-1]
@@ -626,7 +634,7 @@ def decode_op(logits, hierarchy, method):
                 leaf = _top_down(x, tab)
             else:
                 scores = x if method == "path" else F.softmax(x, axis=1)
-                best = paddle.argmax(_path_scores(scores, tab), axis=1)  # first max = lowest leaf channel
+                best = argmax_nan_first(_path_scores(scores, tab), axis=1)  # first max = lowest leaf channel
                 leaf = paddle.index_select(vec(tab, "leaf_sorted"), best.reshape([-1])).reshape([B, P])
             depth_ch = (
                 paddle.index_select(vec(tab, "ancestor_table"), leaf.reshape([-1]))

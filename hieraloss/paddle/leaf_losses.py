@@ -30,7 +30,7 @@ from ..core.checks import (
 from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
-from ._ops import compute_dtype, decode_op
+from ._ops import argmax_nan_first, compute_dtype, decode_op
 from ._tables import tables_for, vec
 from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
 
@@ -98,6 +98,17 @@ def _common_depth(hierarchy: Hierarchy, safe: paddle.Tensor) -> paddle.Tensor:
     return _rows_from_t(table_t, safe)
 
 
+def _exp(t: paddle.Tensor) -> paddle.Tensor:
+    """``exp``, exactly 0 at -inf (paddle's CPU ``exp`` can return a subnormal there)."""
+    return paddle.where(t == -math.inf, paddle.zeros_like(t), paddle.exp(t))
+
+
+def _finite_shift(top: paddle.Tensor) -> paddle.Tensor:
+    """The shift of a log-sum-exp: the maximum, or 0 where it is infinite (a +inf or an all -inf
+    row gives +inf or -inf, not NaN from ``inf - inf``), as in the torch backend."""
+    return paddle.where(paddle.isinf(top), paddle.zeros_like(top), top)
+
+
 class _HierarchicalCE(PyLayer):
     """Per-pixel hierarchical cross-entropy; the same algorithm as the torch backend's
     ``_HierarchicalCE`` (see there): leaves bucketed by ``common_depth`` with one scatter-add of
@@ -111,8 +122,8 @@ class _HierarchicalCE(PyLayer):
         name = dtype_name(xf.dtype)
         tab = tables_for(hierarchy, xf.place)
         m = _common_depth(hierarchy, safe)  # [B, K, P]
-        top = xf.max(axis=1, keepdim=True)  # [B, 1, P]
-        buckets = paddle.put_along_axis(paddle.zeros([B, L + 1, P], dtype=xf.dtype), m, paddle.exp(xf - top),
+        top = _finite_shift(xf.max(axis=1, keepdim=True))  # [B, 1, P]
+        buckets = paddle.put_along_axis(paddle.zeros([B, L + 1, P], dtype=xf.dtype), m, _exp(xf - top),
                                         axis=1, reduce="add")
         sums = paddle.flip(paddle.cumsum(paddle.flip(buckets, [1]), axis=1), [1])
         depth = paddle.index_select(vec(tab, "depth"), safe.reshape([-1])).reshape([B, 1, P])
@@ -128,8 +139,8 @@ class _HierarchicalCE(PyLayer):
             for d in range(L + 1):
                 if d in redo:
                     masked = paddle.where(m >= paddle.clip(label_depth, max=d), xf, neg_inf)
-                    best = masked.max(axis=1, keepdim=True)
-                    columns.append(best + paddle.log(paddle.exp(masked - best).sum(axis=1, keepdim=True)))
+                    best = _finite_shift(masked.max(axis=1, keepdim=True))
+                    columns.append(best + paddle.log(_exp(masked - best).sum(axis=1, keepdim=True)))
                 else:
                     columns.append(path[:, d: d + 1])
             path = paddle.concat(columns, axis=1)
@@ -137,7 +148,8 @@ class _HierarchicalCE(PyLayer):
         coef = paddle.index_select(coef_t, safe.reshape([-1])).reshape([B, P, L + 1]).transpose([0, 2, 1])
         ctx.save_for_backward(xf, safe, path, top, coef)
         ctx.config = (hierarchy, redo)
-        return (coef * path).sum(axis=1)
+        # a 0 coefficient contributes 0 even where its LSE is infinite (a -inf label logit)
+        return paddle.where(coef != 0, coef * path, paddle.zeros([1], dtype=path.dtype)).sum(axis=1)
 
     @staticmethod
     def backward(ctx, grad):
@@ -277,7 +289,7 @@ def decode_leaf_logits(leaf_logits: paddle.Tensor, hierarchy: Hierarchy, method:
             lse = node_log_sum_exp(xf, hierarchy)
             return decode_op(lse.reshape([B, hierarchy.num_nodes, *spatial]), hierarchy, "top_down")
         tab = tables_for(hierarchy, xf.place)
-        leaf = paddle.argmax(xf, axis=1).reshape([-1])  # first maximum: lowest leaf id
+        leaf = argmax_nan_first(xf, axis=1).reshape([-1])  # first maximum (a NaN first): lowest leaf id
         paths = tab.get("leaf_path_ids", lambda: leaf_plan(hierarchy).leaf_path_ids)
         depth = paddle.index_select(paths, leaf).reshape([B, -1, L]).transpose([0, 2, 1])
         return leaf.reshape([B, *spatial]), depth.reshape([B, L, *spatial])

@@ -68,6 +68,12 @@ def _soft_table(tab, beta: float, dtype: torch.dtype) -> tuple[torch.Tensor]:
     return (torch.tensor(soft_targets(tab.hierarchy, beta).T, dtype=dtype, device=tab.device),)
 
 
+def _finite_shift(top: torch.Tensor) -> torch.Tensor:
+    """The shift of a log-sum-exp: the maximum, or 0 where it is infinite, so that a +inf (or an
+    all -inf) row gives +inf (-inf) as ``torch.logsumexp`` does, not NaN from ``inf - inf``."""
+    return torch.where(torch.isinf(top), torch.zeros((), dtype=top.dtype, device=top.device), top)
+
+
 def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
     """``table[safe]`` laid out as ``[B, K, P]`` for a transposed table ``table_t [K, N]`` and label
     channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits')."""
@@ -144,7 +150,7 @@ class _HierarchicalCE(torch.autograd.Function):
         L = hierarchy.max_depth
         B, _, P = xf.shape
         m = _rows_by_label(_device_plan(hierarchy, xf.device).common_depth_t, safe)  # [B, K, P]
-        top = xf.amax(dim=1, keepdim=True)  # [B, 1, P]
+        top = _finite_shift(xf.amax(dim=1, keepdim=True))  # [B, 1, P]
         buckets = xf.new_zeros((B, L + 1, P)).scatter_add_(1, m, torch.exp(xf - top))
         sums = buckets.flip(1).cumsum(dim=1).flip(1)  # [B, L+1, P]: sum of e over the leaves under C_d
         # Depths below the label's own take the label's value (their coefficient is 0).
@@ -161,12 +167,13 @@ class _HierarchicalCE(torch.autograd.Function):
             label_depth = m.amax(dim=1, keepdim=True)  # [B, 1, P]: the leaves under c have m = depth(c)
             for d in redo:
                 masked = torch.where(m >= label_depth.clamp(max=d), xf, neg_inf)
-                best = masked.amax(dim=1, keepdim=True)
+                best = _finite_shift(masked.amax(dim=1, keepdim=True))
                 path[:, d] = (best + torch.log(torch.exp(masked - best).sum(dim=1, keepdim=True))).squeeze(1)
         coef = coef_table[safe].permute(0, 2, 1)  # [B, L+1, P]
         ctx.save_for_backward(xf, safe, path, coef_table, top)
         ctx.hierarchy, ctx.redo = hierarchy, redo
-        return (coef * path).sum(dim=1)
+        # a 0 coefficient contributes 0 even where its LSE is infinite (a -inf label logit)
+        return torch.where(coef != 0, coef * path, torch.zeros((), dtype=path.dtype, device=path.device)).sum(dim=1)
 
     @staticmethod
     @once_differentiable
