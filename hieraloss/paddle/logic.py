@@ -117,7 +117,7 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
         lab, ii = F._labels_at_door(labels, x, hierarchy, ignore_index)
         lc, _ = F._label_channels(lab, hierarchy, ii, check_labels)
         return _lo.native_objective(x, None if r is x else r, lc, hierarchy, p=p, exclusion=exclusion,
-                                 easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
+                                    easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
 
     terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8),
                           rules, _scalar, fused)

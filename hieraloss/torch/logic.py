@@ -108,8 +108,7 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
                   rule_logits: torch.Tensor | None = None, rule_weight: float = LOGICSEG_RULE_WEIGHT,
                   ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
                   easy_filter: bool = False, ignore_index: int = 255, return_parts: bool = False,
-                  check_labels: bool = True, upsample_logits: bool = False, backend: str = "auto",
-                  _factor: Any = None) -> Any:
+                  check_labels: bool = True, upsample_logits: bool = False, backend: str = "auto") -> Any:
     """LogicSeg's training objective::
 
         asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
@@ -131,6 +130,16 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     backward), else the vectorized torch ops (``"torch"``; every device, and under
     ``torch.compile``); ``"native"`` requires the kernel. ``"triton"`` runs the torch ops (there is
     no Triton kernel for LogicSeg)."""
+    return _logicseg(logits, labels, hierarchy, step=step, rule_logits=rule_logits, rule_weight=rule_weight,
+                     ramp=ramp, p=p, exclusion=exclusion, easy_filter=easy_filter, ignore_index=ignore_index,
+                     return_parts=return_parts, check_labels=check_labels, upsample_logits=upsample_logits,
+                     backend=backend, factor=None)
+
+
+def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp, p, exclusion, easy_filter,
+              ignore_index, return_parts, check_labels, upsample_logits, backend, factor):
+    """:func:`logicseg_loss`, with ``factor`` the ramp's value when the caller computed it (a 0-d
+    tensor under ``torch.compile``, from :class:`LogicSegLoss`'s step buffer), else None."""
     F._check_choice(backend, F.BACKENDS, "backend")
     x0 = F._check_logits(logits, hierarchy)
     x = F.upsample_to_labels(x0, labels, upsample_logits)
@@ -150,11 +159,11 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
         lab, ii = F._labels_at_door(labels, x, hierarchy, ignore_index)
         lc, _ = F._label_channels(lab, hierarchy, ii, check_labels)
         return _lo.native_objective(x, None if r is x else r, lc, hierarchy, p=p, exclusion=exclusion,
-                                 easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
+                                    easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
 
     terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8),
                           rules, _scalar, fused)
-    factor = logicseg_rule_factor(step, ramp) if _factor is None else _factor
+    factor = logicseg_rule_factor(step, ramp) if factor is None else factor
     return compose_logicseg(terms, rule_weight=rule_weight, factor=factor, return_parts=return_parts)
 
 
@@ -191,11 +200,11 @@ class LogicSegLoss(nn.Module):
                 factor = factor.to(_ops.compute_dtype(logits.dtype))
             else:
                 use_step = int(self.step)
-        out = logicseg_loss(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,
-                            rule_weight=self.rule_weight, ramp=self.ramp, p=self.p, exclusion=self.exclusion,
-                            easy_filter=self.easy_filter, ignore_index=self.ignore_index,
-                            return_parts=return_parts, check_labels=self.check_labels,
-                            upsample_logits=self.upsample_logits, _factor=factor)
+        out = _logicseg(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,
+                        rule_weight=self.rule_weight, ramp=self.ramp, p=self.p, exclusion=self.exclusion,
+                        easy_filter=self.easy_filter, ignore_index=self.ignore_index,
+                        return_parts=return_parts, check_labels=self.check_labels,
+                        upsample_logits=self.upsample_logits, backend="auto", factor=factor)
         if step is None and self.training and torch.is_grad_enabled():
             self.step += 1
         return out
