@@ -105,6 +105,9 @@ def _bad_cases():
             (f"{fn}-labels-before-finite", fn, (leaf_x, _labels(dtype=np.float32), H), {"check_finite": True},
              LabelError, "float32"),
         ]
+    cases.append(("hssn_loss-not-finite", "hssn_loss",
+                  _loss_args("hssn_loss", x=np.array([[[math.nan] * 3] * N, [[math.inf] * 3] * N])),
+                  {"check_finite": True}, ValueError, f"{6 * N} non-finite"))
     for gamma in (math.inf, -math.inf, math.nan, -1.0, True, False, "two", None):
         cases.append((f"focal-gamma-{gamma!r}", "focal_tree_min_loss", _loss_args("focal_tree_min_loss"),
                       {"gamma": gamma}, ValueError, f"gamma must be a finite number >= 0, got {gamma!r}"))

@@ -494,6 +494,7 @@ def hssn_loss(
     gather_across_ranks: bool = False,
     check_labels: bool = True,
     upsample_logits: bool = False,
+    check_finite: bool = False,
 ) -> paddle.Tensor | tuple[paddle.Tensor, dict[str, paddle.Tensor]]:
     """The published HSSN training loss::
 
@@ -512,7 +513,7 @@ def hssn_loss(
     every depth's cross-entropy take one pass over the logits. The parts are detached values in
     every path (the total carries the gradient). The triplet term takes ``backend`` as
     :func:`hierarchy_triplet_loss` does (``"auto"`` on a GPU: the fused triplet kernels).
-    ``check_labels`` and ``upsample_logits`` as for :func:`tree_min_loss`.
+    ``check_labels``, ``upsample_logits`` and ``check_finite`` as for :func:`tree_min_loss`.
     """
     x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     ce_w, tw = hssn_weights(hierarchy.max_depth, ce_weights, embeddings is not None, triplet_weight, step,
@@ -521,6 +522,8 @@ def hssn_loss(
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.place)
+    if check_finite:
+        _check_finite(x)
     triplet = dict(embeddings=embeddings, max_per_class=max_per_class, base_margin=base_margin, sampling=sampling,
                    generator=generator, process_group=process_group, gather_across_ranks=gather_across_ranks)
     terms = _HSSNTerms(x, labels, hierarchy, ignore_index, gamma, w, backend, check_labels, triplet)

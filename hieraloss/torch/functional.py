@@ -491,7 +491,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
               generator: Any = None, return_parts: bool = False,
               backend: str = "auto", process_group: Any = None,
               gather_across_ranks: bool = False, check_labels: bool = True,
-              upsample_logits: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              upsample_logits: bool = False, check_finite: bool = False
+              ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The published HSSN training loss::
 
         tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d + w * TT
@@ -506,8 +507,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     unweighted parts (``tree_min``, ``ce_depth{d}``, ``triplet``) and ``triplet_weight``, as
     detached values for logging: differentiate the total.
     ``process_group`` and ``gather_across_ranks`` go to :func:`hierarchy_triplet_loss` (cross-rank
-    triplets; a collective, so every rank must pass embeddings). ``check_labels`` as for
-    :func:`tree_min_loss`. ``upsample_logits=True`` resizes logits at a lower resolution than the
+    triplets; a collective, so every rank must pass embeddings). ``check_labels`` and ``check_finite``
+    as for :func:`tree_min_loss`. ``upsample_logits=True`` resizes logits at a lower resolution than the
     labels to the labels' size first (:func:`upsample_to_labels`); the embeddings need no resizing
     (the triplet term samples the labels at their resolution).
 
@@ -522,6 +523,8 @@ def hssn_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, 
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     w = _check_node_weight(node_weight, hierarchy, x.device)
+    if check_finite:
+        _check_finite(x)
     triplet = dict(embeddings=embeddings, max_per_class=max_per_class, base_margin=base_margin, sampling=sampling,
                    generator=generator, process_group=process_group, gather_across_ranks=gather_across_ranks)
     terms = _HSSNTerms(x, labels, hierarchy, ignore_index, gamma, w, backend, check_labels, triplet)
