@@ -348,16 +348,18 @@ def logic_arrays(hierarchy: Hierarchy, mode: str) -> LogicArrays:
     return arrays  # type: ignore[return-value]
 
 
-def _logic_call(lib, dtype, x, shape, lc, rules, tree, asl, asl_scale, rule_sums, slopes, asl_sum, grad, threads):
+def _logic_call(lib, dtype, x, shape, lc, rules, easy_filter, p, tree, asl, asl_scale, rule_sums, slopes, asl_sum,
+                grad, threads):
     B, N, P = shape
     r = rules
     rule_args = ((r.edge_child.size, r.edge_child.ctypes.data, r.edge_parent.ctypes.data, r.internal.size,
                   r.internal.ctypes.data, r.num_ranks, r.child_ranks.ctypes.data, len(r.tables.groups),
-                  r.group_offsets.ctypes.data, r.group_members.ctypes.data, r.num_pairs)
-                 if r is not None else (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0))
+                  r.group_offsets.ctypes.data, r.group_members.ctypes.data, r.num_pairs, int(bool(easy_filter)),
+                  float(p))
+                 if r is not None else (0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1.0))
     gn, gp, clip, eps = asl if asl is not None else (0.0, 0.0, 0.0, 1.0)
     status = lib.hieraloss_logicseg(
-        dtype, x, B, N, P, lc, *rule_args, rules.easy if r is not None else 0, rules.p if r is not None else 1.0,
+        dtype, x, B, N, P, lc, *rule_args,
         tree.pre.ctypes.data if asl is not None else 0, tree.size.ctypes.data if asl is not None else 0,
         gn, gp, clip, eps, asl_scale, rule_sums, slopes, asl_sum, grad, tile_width(N), threads)
     if status != 0:
@@ -388,11 +390,11 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
         values, rules_x = (0.0, 0.0, 0.0), None
     if shape[0] * shape[2] == 0:
         grad = 0
-    if rules_x is not None:
-        rules = logic_arrays(hierarchy, exclusion)
-        rules.easy, rules.p = int(bool(easy_filter)), float(p)
+    rules = logic_arrays(hierarchy, exclusion) if rules_x is not None else None
+    if rules is not None:
         sums = np.zeros(rules.num_clauses, dtype=np.float64)
-        _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, None, None, 0.0, sums.ctypes.data, 0, 0, 0, threads)
+        _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, easy_filter, p, None, None, 0.0, sums.ctypes.data, 0,
+                    0, 0, threads)
         values, slopes = rules_from_sums(sums, rules.tables, p, rules_shape[0] * rules_shape[2])
         slopes = np.ascontiguousarray(slopes * float(rule_weight))
     same = rules_x == x and rules_shape == shape
@@ -400,10 +402,10 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     asl_sum = np.zeros(1, dtype=np.float64)
     scale = 1.0 / max(valid, 1)
     if shape[0] * shape[2] > 0:
-        _logic_call(lib, dtype, x, shape, label_channels, rules if (same and with_rule_grad and grad) else None, tree,
-                    asl, scale, 0, slopes.ctypes.data if (same and with_rule_grad and grad) else 0,
-                    asl_sum.ctypes.data, grad, threads)
+        fused_rules = same and with_rule_grad and bool(grad)  # the rules' gradient in the ASL's pass
+        _logic_call(lib, dtype, x, shape, label_channels, rules if fused_rules else None, easy_filter, p, tree, asl,
+                    scale, 0, slopes.ctypes.data if fused_rules else 0, asl_sum.ctypes.data, grad, threads)
     if rules_grad and with_rule_grad and not same:
-        _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, None, None, 0.0, 0, slopes.ctypes.data, 0, rules_grad,
-                    threads)
+        _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, easy_filter, p, None, None, 0.0, 0, slopes.ctypes.data,
+                    0, rules_grad, threads)
     return float(asl_sum[0]) * scale, values

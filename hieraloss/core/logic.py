@@ -23,17 +23,19 @@ with ``S = s[:, g]^p``, one matrix product per group (memory ``P * n_g`` for ``S
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from .plan import Plan
 
-__all__ = ["ArrayOps", "LogicTables", "logic_tables", "EXCLUSIONS", "EASY_HIGH", "EASY_LOW", "exclusion_groups",
-           "pmean_columns", "asymmetric_bce", "child_implies_parent", "parent_implies_child", "exclusion", "all_rules",
-           "all_rules_gradient", "refine_scores_step"]
+__all__ = ["ArrayOps", "LogicTables", "logic_tables", "EXCLUSIONS", "EASY_HIGH", "EASY_LOW", "ASL_DEFAULTS",
+           "exclusion_groups", "pmean_columns", "asymmetric_bce", "child_implies_parent", "parent_implies_child",
+           "exclusion", "rule_parts", "all_rules", "all_rules_gradient", "refine_scores_step", "rules_from_sums"]
 
 EXCLUSIONS = ("siblings", "level")
+ASL_DEFAULTS = (4.0, 1.0, 0.05, 1e-8)  # the release's gamma_neg, gamma_pos, clip, eps
 EASY_HIGH, EASY_LOW = 0.7, 0.3  # the release's "easy pixel": one score above 0.7, the rest below 0.3
 
 
@@ -84,13 +86,20 @@ def exclusion_groups(plan: Plan, mode: str) -> tuple[np.ndarray, ...]:
     return tuple(lv for lv in plan.levels if lv.size >= 2)
 
 
+@functools.lru_cache(maxsize=128)  # plans are cached per hierarchy, so this is once per (tree, mode)
 def logic_tables(plan: Plan, mode: str) -> LogicTables:
-    """The :class:`LogicTables` of ``plan`` with exclusion over ``mode`` groups."""
+    """The :class:`LogicTables` of ``plan`` with exclusion over ``mode`` groups (read-only arrays)."""
+
+    def ro(a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        a.setflags(write=False)
+        return a
+
     groups = exclusion_groups(plan, mode)
     return LogicTables(
-        edge_child=np.ascontiguousarray(plan.edges[:, 0]), edge_parent=np.ascontiguousarray(plan.edges[:, 1]),
-        internal=plan.internal, child_ranks=tuple(np.ascontiguousarray(r) for r in plan.children_by_rank),
-        groups=groups, off_diagonal=tuple(~np.eye(g.size, dtype=bool) for g in groups),
+        edge_child=ro(plan.edges[:, 0]), edge_parent=ro(plan.edges[:, 1]), internal=plan.internal,
+        child_ranks=tuple(ro(r) for r in plan.children_by_rank), groups=groups,
+        off_diagonal=tuple(ro(~np.eye(g.size, dtype=bool)) for g in groups),
         pair_count=int(sum(int(g.size) ** 2 for g in groups)))
 
 
@@ -180,9 +189,16 @@ def exclusion(ops: ArrayOps, s: Any, t: LogicTables, p: float, easy_filter: bool
     return acc / float(t.pair_count)
 
 
+def rule_parts(ops: ArrayOps, s: Any, t: LogicTables, p: float, easy_filter: bool) -> tuple[Any, Any, Any]:
+    """``(C, D, E)``: :func:`child_implies_parent`, :func:`parent_implies_child`, :func:`exclusion`."""
+    return (child_implies_parent(ops, s, t, p), parent_implies_child(ops, s, t, p),
+            exclusion(ops, s, t, p, easy_filter))
+
+
 def all_rules(ops: ArrayOps, s: Any, t: LogicTables, p: float) -> Any:
     """``C + D + E`` without the easy-pixel filter: what logic-guided decoding descends on."""
-    return child_implies_parent(ops, s, t, p) + parent_implies_child(ops, s, t, p) + exclusion(ops, s, t, p, False)
+    c, d, e = rule_parts(ops, s, t, p, False)
+    return c + d + e
 
 
 # ---------------------------------------------------------------------------- logic-guided decoding

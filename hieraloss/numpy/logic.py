@@ -185,11 +185,9 @@ def logicseg_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, step: float
     t = _logic.logic_tables(plan_for(hierarchy), exclusion)
 
     def rules():
-        s = _scores(r)
-        return (_logic.child_implies_parent(OPS, s, t, p), _logic.parent_implies_child(OPS, s, t, p),
-                _logic.exclusion(OPS, s, t, p, bool(easy_filter)))
+        return _logic.rule_parts(OPS, _scores(r), t, p, bool(easy_filter))
 
-    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, 4.0, 1.0, 0.05, 1e-8), rules, _scalar)
+    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, *_logic.ASL_DEFAULTS), rules, _scalar)
     return compose_logicseg(terms, rule_weight=rule_weight, factor=logicseg_rule_factor(step, ramp),
                             return_parts=return_parts)
 

@@ -163,7 +163,7 @@ class _AttachTwo(PyLayer):
 
 
 def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, with_rules,
-                      asl=(4.0, 1.0, 0.05, 1e-8)):
+                      asl=_logic.ASL_DEFAULTS):
     """LogicSeg on the compiled CPU kernel (:func:`hieraloss.torch.logic._native_objective`)."""
     rr = x if r is None else r
     need = paddle.is_grad_enabled() and (not x.stop_gradient or not rr.stop_gradient)

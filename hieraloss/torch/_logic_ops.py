@@ -154,7 +154,7 @@ class _AttachGradients(torch.autograd.Function):
 
 
 def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, with_rules,
-                     asl=(4.0, 1.0, 0.05, 1e-8)):
+                     asl=_logic.ASL_DEFAULTS):
     """LogicSeg on the compiled CPU kernel: ``(total, asl, (C, D, E) or None)``. ``r`` None: the rules
     see ``x``. Gradients are written in the forward pass when an input needs one."""
     rr = x if r is None else r

@@ -35,8 +35,7 @@ __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_c
 
 
 def _asl(x, labels, hierarchy, ignore_index, check_labels, gamma_neg, gamma_pos, clip, eps):
-    labels, ignore_index = F._labels_at_door(labels, x, hierarchy, ignore_index)
-    lc, _ = F._label_channels(labels, hierarchy, ignore_index, check_labels)
+    lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index, check_labels)
     return _lo.asl(x, lc, hierarchy, gamma_neg, gamma_pos, clip, eps)
 
 
@@ -58,10 +57,9 @@ def asymmetric_bce_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
     x = F.upsample_to_labels(F._check_logits(logits, hierarchy), labels, upsample_logits)
     gn, gp, c, e = check_asl_options(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
     if _lo.native_runs(backend, x, x):
-        lab, ii = F._labels_at_door(labels, x, hierarchy, ignore_index)
-        lc, _ = F._label_channels(lab, hierarchy, ii, check_labels)
-        return _lo.native_objective(x, None, lc, hierarchy, p=5.0, exclusion="siblings", easy_filter=False, weight=0.0,
-                                 with_rules=False, asl=(gn, gp, c, e))[0]
+        lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index, check_labels)
+        return _lo.native_objective(x, None, lc, hierarchy, p=5.0, exclusion="siblings", easy_filter=False,
+                                    weight=0.0, with_rules=False, asl=(gn, gp, c, e))[0]
     return _asl(x, labels, hierarchy, ignore_index, check_labels, gn, gp, c, e)
 
 
@@ -149,19 +147,17 @@ def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp
         raise ValueError(f"rule_logits are on {r.device} but the logits are on {x.device}")
 
     def rules():
-        s, t = _lo.scores(r), _lo.tables(hierarchy, r.device, exclusion)
-        return (_logic.child_implies_parent(_lo.OPS, s, t, p), _logic.parent_implies_child(_lo.OPS, s, t, p),
-                _logic.exclusion(_lo.OPS, s, t, p, bool(easy_filter)))
+        return _logic.rule_parts(_lo.OPS, _lo.scores(r), _lo.tables(hierarchy, r.device, exclusion), p,
+                                 bool(easy_filter))
 
     def fused(weight, with_rules):
         if not _lo.native_runs(backend, x, r):
             return None
-        lab, ii = F._labels_at_door(labels, x, hierarchy, ignore_index)
-        lc, _ = F._label_channels(lab, hierarchy, ii, check_labels)
+        lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         return _lo.native_objective(x, None if r is x else r, lc, hierarchy, p=p, exclusion=exclusion,
                                     easy_filter=bool(easy_filter), weight=weight, with_rules=with_rules)
 
-    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, 4.0, 1.0, 0.05, 1e-8),
+    terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, *_logic.ASL_DEFAULTS),
                           rules, _scalar, fused)
     factor = logicseg_rule_factor(step, ramp) if factor is None else factor
     return compose_logicseg(terms, rule_weight=rule_weight, factor=factor, return_parts=return_parts)
