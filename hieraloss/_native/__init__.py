@@ -369,15 +369,16 @@ def _logic_call(lib, dtype, x, shape, lc, rules, easy_filter, p, tree, asl, asl_
 def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, valid: int, hierarchy: Hierarchy,
              *, asl: tuple[float, float, float, float], rules_x: int | None, rules_shape: tuple[int, int, int] | None,
              exclusion: str, easy_filter: bool, p: float, rule_weight: float, grad: int = 0, rules_grad: int = 0,
-             num_threads: int = 1) -> tuple[float, tuple[float, float, float] | None]:
+             num_threads: int = 1) -> tuple[float, float, tuple[float, float, float] | None]:
     """LogicSeg's objective on raw addresses (C-contiguous ``[B, N, P]`` buffers of ``dtype``;
     ``label_channels`` int64 ``[B, P]``, -1 = ignored; ``valid`` the number of valid pixels).
 
     ``rules_x`` (None: no rules) are the rule logits, ``x`` itself or another buffer of
     ``rules_shape``. Writes ``grad`` (the ASL's gradient divided by ``valid``, plus ``rule_weight``
     times the rules' gradient when ``rules_x`` is ``x``) and ``rules_grad`` (``rule_weight`` times the
-    rules' gradient, when they are another buffer); 0 skips a gradient. Returns the ASL's value and
-    the rules' values ``(C, D, E)`` (None without rules)."""
+    rules' gradient, when they are another buffer); 0 skips a gradient. Returns the objective
+    ``ASL + rule_weight * (C + D + E)``, the ASL's value and the rules' values ``(C, D, E)`` (None
+    without rules)."""
     from ..core.logic import rules_from_sums
 
     lib = _load()
@@ -408,4 +409,6 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     if rules_grad and with_rule_grad and not same:
         _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, easy_filter, p, None, None, 0.0, 0, slopes.ctypes.data,
                     0, rules_grad, threads)
-    return float(asl_sum[0]) * scale, values
+    asl_value = float(asl_sum[0]) * scale
+    total = asl_value + (rule_weight * sum(values) if values is not None and rule_weight != 0 else 0.0)
+    return total, asl_value, values

@@ -164,7 +164,7 @@ class _AttachTwo(PyLayer):
 
 def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, with_rules,
                       asl=_logic.ASL_DEFAULTS):
-    """LogicSeg on the compiled CPU kernel (:func:`hieraloss.torch.logic._native_objective`)."""
+    """LogicSeg on the compiled CPU kernel (:func:`hieraloss.torch._logic_ops.native_objective`)."""
     rr = x if r is None else r
     need = paddle.is_grad_enabled() and (not x.stop_gradient or not rr.stop_gradient)
     cdt = compute_dtype(x.dtype)
@@ -177,13 +177,12 @@ def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, 
     P = math.prod(x.shape[2:])
     lcf = lc.reshape([B, P]).astype("int64").contiguous()
     valid = int((lcf >= 0).astype("int64").sum())
-    asl_value, rules = _native.logicseg(
+    total_value, asl_value, rules = _native.logicseg(
         _native.FLOAT64 if cdt == paddle.float64 else _native.FLOAT32, xc.data_ptr(), (B, N, P),
         lcf.data_ptr(), valid, hierarchy, asl=asl, rules_x=rc.data_ptr() if with_rules else None,
         rules_shape=(rc.shape[0], N, math.prod(rc.shape[2:])) if with_rules else None, exclusion=exclusion,
         easy_filter=easy_filter, p=p, rule_weight=weight, grad=0 if gx is None else gx.data_ptr(),
         rules_grad=0 if gr is None else gr.data_ptr(), num_threads=num_threads())
-    total_value = asl_value + (weight * sum(rules) if rules is not None and weight != 0 else 0.0)
     if need and r is None:
         value = _AttachOne.apply(x, total_value, gx)
     elif need:

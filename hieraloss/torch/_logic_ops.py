@@ -180,8 +180,7 @@ def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, 
             rules_grad=0 if gr is None else gr.data_ptr(), num_threads=torch.get_num_threads())
         return values, gx, gr
 
-    (asl_value, rules), gx, gr = run(need)
-    total_value = asl_value + (weight * sum(rules) if rules is not None and weight != 0 else 0.0)
+    (total_value, asl_value, rules), gx, gr = run(need)
     value = torch.tensor(total_value, dtype=cdt)
     if need:
         value = _AttachGradients.apply(value, x, rr if r is not None else None, gx, gr, lambda: run(True)[1:])
