@@ -230,6 +230,9 @@ def test_hssn_module_counts_its_own_steps_in_the_graph():
         got, got_parts = compiled(x, y, emb, return_parts=True)
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
         assert float(got_parts["triplet_weight"]) == pytest.approx(float(want_parts["triplet_weight"]), rel=1e-12)
+        # the backward uses this step's weight, not the advanced counter's
+        for g_got, g_want in zip(torch.autograd.grad(got, emb), torch.autograd.grad(want, emb), strict=True):
+            assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-12)
     assert int(traced.step) == int(eager.step) == 5
     traced.eval()
     compiled(x, y, emb)
@@ -249,6 +252,8 @@ def test_logicseg_module_counts_its_own_steps_in_the_graph():
         got, got_parts = compiled(x, y, return_parts=True)
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-12)
         assert float(got_parts["rule_factor"]) == pytest.approx(float(want_parts["rule_factor"]), rel=1e-12)
+        (g_got,), (g_want,) = torch.autograd.grad(got, x), torch.autograd.grad(want, x)
+        assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-12)  # this step's factor in backward
     assert int(traced.step) == int(eager.step) == 5
 
 
@@ -259,3 +264,87 @@ def test_logic_refine_compiles():
     eager = logic_refine(x.detach(), H, steps=2)
     compiled = torch.compile(lambda a: logic_refine(a, H, steps=2), backend="aot_eager")(x.detach())
     assert torch.allclose(compiled, eager, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ dynamic shapes
+# Two batch sizes and two resolutions (no size 1: dynamo always specializes 0 and 1).
+DYNAMIC_SHAPES = [(2, 5, 6), (3, 5, 6), (2, 7, 9)]
+
+
+def _module_cases():
+    from hieraloss.torch import (
+        FocalTreeMinLoss,
+        HierarchicalCrossEntropyLoss,
+        HierarchyDecoder,
+        HierarchyTripletLoss,
+        HSSNLoss,
+        LogicSegLoss,
+        SoftLabelCrossEntropyLoss,
+        TreeMinLoss,
+    )
+
+    k = H.num_leaves
+    # Module attributes (alpha, beta, gamma, the ramp) become symbolic floats under dynamic=True.
+    return {
+        "TreeMinLoss": (lambda: TreeMinLoss(H, reduction="hssn"), lambda m, a, b: m(a, b)),
+        "FocalTreeMinLoss_torch": (lambda: FocalTreeMinLoss(H, gamma=1.5, backend="torch"), lambda m, a, b: m(a, b)),
+        "HierarchyTripletLoss": (lambda: HierarchyTripletLoss(H, sampling="first"), lambda m, a, b: m(a[:, :4], b)),
+        "HSSNLoss_own_step": (lambda: HSSNLoss(H, total_steps=3, sampling="first"), lambda m, a, b: m(a, b, a[:, :4])),
+        "HSSNLoss_torch": (lambda: HSSNLoss(H, total_steps=9, sampling="first", backend="torch"),
+                           lambda m, a, b: m(a, b, a[:, :4], step=4)),
+        "HierarchyDecoder": (lambda: HierarchyDecoder(H), lambda m, a, b: m(a)[1].sum().to(a.dtype) + 0 * a.sum()),
+        "HierarchicalCrossEntropyLoss": (lambda: HierarchicalCrossEntropyLoss(H, alpha=0.2, weighting="height",
+                                                                              normalize=True),
+                                         lambda m, a, b: m(a[:, :k], b)),
+        "SoftLabelCrossEntropyLoss": (lambda: SoftLabelCrossEntropyLoss(H, beta=2.0), lambda m, a, b: m(a[:, :k], b)),
+        "LogicSegLoss_own_step": (lambda: LogicSegLoss(H, ramp=(1, 3)), lambda m, a, b: m(a, b)),
+    }
+
+
+DYNAMIC_CASES = {
+    **CASES,
+    "tree_min_native": lambda x, y: tree_min_loss(x, y, H, backend="native"),
+    "hssn_loss_native_triplet": lambda x, y: hssn_loss(x, y, H, backend="native", embeddings=x[:, :4],
+                                                       triplet_weight=1.0, sampling="first"),
+    **{name: None for name in _module_cases()},
+}
+
+
+def _dynamic_inputs(shape):
+    b, hh, w = shape
+    g = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(b, H.num_nodes, hh, w, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, H.num_nodes, (b, hh, w), generator=g)
+    y[:, 0] = 255
+    return x, y
+
+
+@pytest.mark.parametrize("name", list(DYNAMIC_CASES))
+def test_dynamic_shapes_compile_once_and_match_eager(name):
+    """``dynamic=True``, fullgraph: one graph for every batch size and resolution (no recompile
+    after the first call), with eager's values and gradients; modules count their steps alike."""
+    if "native" in name:
+        _needs_native()
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    if DYNAMIC_CASES[name] is None:
+        make, call = _module_cases()[name]
+        eager_module, compiled_module = make(), make()
+        eager_fn = lambda a, b: call(eager_module, a, b)  # noqa: E731
+        traced_fn = lambda a, b: call(compiled_module, a, b)  # noqa: E731
+    else:
+        eager_fn = traced_fn = DYNAMIC_CASES[name]
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(traced_fn, fullgraph=True, backend=counter, dynamic=True)
+    graphs_after_first = None
+    for shape in DYNAMIC_SHAPES:
+        x, y = _dynamic_inputs(shape)
+        want = eager_fn(x, y)
+        got = compiled(x, y)
+        graphs_after_first = graphs_after_first or counter.frame_count
+        assert torch.allclose(got, want, rtol=1e-12, atol=1e-12), shape
+        (g_want,) = torch.autograd.grad(want, x)
+        (g_got,) = torch.autograd.grad(got, x, allow_unused=True) if got.requires_grad else (torch.zeros_like(x),)
+        assert torch.allclose(g_got, g_want, rtol=1e-10, atol=1e-12), shape
+    assert counter.frame_count == graphs_after_first, "a new input size compiled a new graph"

@@ -95,7 +95,10 @@ def test_page_examples_run(page: Path, tmp_path, monkeypatch):
             continue
         for package in optional_imports(code):
             pytest.importorskip(package, reason=f"{page.name}:{line} (and later blocks) need {package}")
-        compiled = compile(code, f"{page.relative_to(ROOT)}:{line}", "exec")
+        # from a file, so that code which reads its own source (paddle.jit.to_static) finds it
+        source = tmp_path / f"{page.stem}_line{line}.py"
+        source.write_text(code)
+        compiled = compile(code, str(source), "exec")
         try:
             exec(compiled, namespace)
         except Exception as exc:  # re-raise with the block's location in the message

@@ -1,6 +1,8 @@
-"""paddle.jit.to_static (SOT mode, paddle's default) on the paddle API: the same values and gradients
-as eager. full_graph=True (AST transcription) is not supported yet (issue 29): the losses check
-their inputs' types and read label checks back on the host."""
+"""paddle.jit.to_static on the paddle API, in both modes: SOT (paddle's default, bytecode capture)
+and ``full_graph=True`` (a static program). Values and gradients equal eager's; cold caches
+(tables built while paddle builds the program) behave as warm ones. In a program the library runs
+the paddle ops (no kernel enters it), checks labels with an assertion of the program, and takes
+the program's own gradient of the forward ops (docs/compile.md says what that changes)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,10 @@ paddle = pytest.importorskip("paddle")
 
 import hieraloss  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
+import hieraloss.paddle._tables as place_tables  # noqa: E402
 
 H = hieraloss.presets.cityscapes()
+K = H.num_leaves
 
 
 # Functions traced by to_static must live in a file (SOT reads their source).
@@ -24,30 +28,159 @@ def tree_min_paddle(x, y):
     return hp.tree_min_loss(x, y, H, backend="paddle", reduction="hssn")
 
 
+def tree_min_none(x, y):
+    return (hp.tree_min_loss(x, y, H, reduction="none") * paddle.linspace(0, 1, x.shape[-1])).sum()
+
+
+def focal_tree_min(x, y):
+    return hp.focal_tree_min_loss(x, y, H, gamma=2.0, reduction="hssn", node_weight=np.linspace(0.5, 2, H.num_nodes))
+
+
 def hssn(x, y):
     return hp.hssn_loss(x, y, H)
 
 
+def hssn_checked(x, y):
+    return hp.hssn_loss(x, y, H, check_finite=True, ce_weights=[1.0, 0.5])
+
+
+def depth_cross_entropy(x, y):
+    return hp.depth_cross_entropy(x, y, H, 2)
+
+
 def hxe(x, y):
-    return hp.hierarchical_cross_entropy(x[:, : H.num_leaves], y, H, alpha=0.3)
+    return hp.hierarchical_cross_entropy(x[:, :K], y, H, alpha=0.3, weighting="height", normalize=True)
+
+
+def soft(x, y):
+    return hp.soft_label_cross_entropy(x[:, :K], y, H, beta=2.0)
 
 
 def decode_path(x, y):
     return hp.decode(x, H)[0].astype("float32").sum() + 0 * x.sum()
 
 
-@pytest.mark.parametrize("fn", [tree_min_auto, tree_min_paddle, hssn, hxe, decode_path], ids=lambda f: f.__name__)
-def test_sot_matches_eager(fn):
+def decode_top_down(x, y):
+    return hp.decode(x, H, "top_down")[1].astype("float32").sum() + 0 * x.sum()
+
+
+def decode_leaf(x, y):
+    return hp.decode_leaf_logits(x[:, :K], H, "top_down")[1].astype("float32").sum() + 0 * x.sum()
+
+
+def path_scores(x, y):
+    return (hp.path_scores(x, H) * 0.01).sum()
+
+
+def logicseg(x, y):
+    return hp.logicseg_loss(x, y, H, step=30000)
+
+
+def logicseg_release_form(x, y):
+    return hp.logicseg_loss(x, y, H, exclusion="level", easy_filter=True, ramp=None)
+
+
+FUNCTIONS = [tree_min_auto, tree_min_paddle, tree_min_none, focal_tree_min, hssn, hssn_checked, depth_cross_entropy,
+             hxe, soft, decode_path, decode_top_down, decode_leaf, path_scores, logicseg, logicseg_release_form]
+
+
+def _inputs():
     rng = np.random.default_rng(0)
     x_np = rng.normal(size=(2, H.num_nodes, 6, 7)).astype("float32")
-    y = paddle.to_tensor(rng.integers(0, H.num_leaves, size=(2, 6, 7)))
-    grads = []
-    values = []
-    for f in (fn, paddle.jit.to_static(fn)):
-        x = paddle.to_tensor(x_np, stop_gradient=False)
-        value = f(x, y)
-        value.backward()
-        values.append(float(value))
-        grads.append(x.grad.numpy())
-    assert values[1] == pytest.approx(values[0], rel=1e-5)
-    np.testing.assert_allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+    y_np = rng.integers(0, H.num_nodes, size=(2, 6, 7))  # partial labels included
+    y_np[:, 0] = 255
+    return x_np, y_np
+
+
+def _value_and_grad(f, x_np, y_np):
+    x = paddle.to_tensor(x_np, stop_gradient=False)
+    value = f(x, paddle.to_tensor(y_np))
+    value.backward()
+    return float(value), x.grad.numpy()
+
+
+@pytest.mark.parametrize("full_graph", [False, True], ids=["sot", "full_graph"])
+@pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
+def test_to_static_matches_eager(fn, full_graph):
+    x_np, y_np = _inputs()
+    want, g_want = _value_and_grad(fn, x_np, y_np)
+    place_tables._TABLES.clear()  # cold: the program builds its tables itself
+    place_tables._PLANS.clear()
+    static = paddle.jit.to_static(fn, full_graph=full_graph)
+    for _ in range(2):  # the first call builds the program, the second runs it again
+        got, g_got = _value_and_grad(static, x_np, y_np)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
+    for tab in place_tables._TABLES.values():  # nothing of a program leaks into the cache of eager tensors
+        assert all(isinstance(t, paddle.Tensor) for t in tab._cache.values())
+
+
+class _Call(paddle.nn.Layer):
+    def __init__(self, layer, call):
+        super().__init__()
+        self.layer, self.call = layer, call
+
+    def forward(self, x, y):
+        return self.call(self.layer, x, y)
+
+
+def _layers():
+    return {
+        "TreeMinLoss": (lambda: hp.TreeMinLoss(H, reduction="hssn"), lambda m, x, y: m(x, y)),
+        "FocalTreeMinLoss": (lambda: hp.FocalTreeMinLoss(H, gamma=1.5), lambda m, x, y: m(x, y)),
+        "HSSNLoss": (lambda: hp.HSSNLoss(H), lambda m, x, y: m(x, y)),
+        "HierarchicalCrossEntropyLoss": (lambda: hp.HierarchicalCrossEntropyLoss(H, alpha=0.2),
+                                         lambda m, x, y: m(x[:, :K], y)),
+        "SoftLabelCrossEntropyLoss": (lambda: hp.SoftLabelCrossEntropyLoss(H, beta=2.0), lambda m, x, y: m(x[:, :K], y)),
+        "HierarchyDecoder": (lambda: hp.HierarchyDecoder(H), lambda m, x, y: m(x)[1].astype("float32").sum() + 0 * x.sum()),
+        "LogicSegLoss": (lambda: hp.LogicSegLoss(H, ramp=(1, 3)), lambda m, x, y: m(x, y)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_layers()))
+def test_layers_in_a_full_graph_program(name):
+    """The layers in a program; LogicSegLoss advances its step buffer in the program, and each
+    call's gradient uses that call's ramp (steps 0..3 cross the ramp (1, 3))."""
+    make, call = _layers()[name]
+    eager, static = _Call(make(), call), paddle.jit.to_static(_Call(make(), call), full_graph=True)
+    x_np, y_np = _inputs()
+    for _ in range(4):
+        want, g_want = _value_and_grad(eager, x_np, y_np)
+        got, g_got = _value_and_grad(static, x_np, y_np)
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+        np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
+    if hasattr(eager.layer, "step"):
+        assert int(static.layer.step) == int(eager.layer.step)
+
+
+def bad_label_program(x, y):
+    return hp.tree_min_loss(x, y, H)
+
+
+def test_a_bad_label_fails_the_programs_assertion():
+    x_np, y_np = _inputs()
+    static = paddle.jit.to_static(bad_label_program, full_graph=True)
+    _value_and_grad(static, x_np, y_np)
+    y_np[0, 1, 1] = 1000  # neither a node id nor ignore_index
+    with pytest.raises(ValueError, match="AssertOp must be true"):
+        _value_and_grad(static, x_np, y_np)
+    with pytest.raises(hieraloss.LabelError):  # eagerly, the library's own message
+        _value_and_grad(bad_label_program, x_np, y_np)
+
+
+def triplet_program(x, y):
+    return hp.hssn_loss(x, y, H, embeddings=x[:, :4], triplet_weight=1.0, sampling="first")
+
+
+def native_program(x, y):
+    return hp.tree_min_loss(x, y, H, backend="native")
+
+
+@pytest.mark.parametrize("fn, error, match", [
+    (triplet_program, NotImplementedError, "chooses its triplets on the host"),
+    (native_program, RuntimeError, "backend='native' was asked for inside paddle.jit.to_static"),
+], ids=["triplet", "native"])
+def test_what_a_program_cannot_hold_says_why(fn, error, match):
+    x_np, y_np = _inputs()
+    with pytest.raises(error, match=match):
+        _value_and_grad(paddle.jit.to_static(fn, full_graph=True), x_np, y_np)

@@ -69,15 +69,14 @@ def check_reduction(reduction: Any) -> None:
 
 def check_gamma(gamma: Any) -> float:
     """The focal exponent as a float: a finite number >= 0, else a ``ValueError`` naming it."""
-    message = f"gamma must be a finite number >= 0, got {gamma!r}"
     if isinstance(gamma, bool):
-        raise NumberExpectedError(message)
+        raise NumberExpectedError(f"gamma must be a finite number >= 0, got {gamma!r}")
     try:
         g = float(gamma)
     except (TypeError, ValueError):
-        raise NumberExpectedError(message) from None
-    if not g >= 0 or math.isinf(g):
-        raise ValueError(message)
+        raise NumberExpectedError(f"gamma must be a finite number >= 0, got {gamma!r}") from None
+    if not g >= 0 or g == math.inf:  # comparisons only: a symbolic float under torch.compile guards
+        raise ValueError(f"gamma must be a finite number >= 0, got {gamma!r}")
     return g
 
 
@@ -236,7 +235,7 @@ def check_nonnegative(value: Any, name: str) -> float:
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number, got {value!r}") from None
-    if not v >= 0 or math.isinf(v):
+    if not v >= 0 or v == math.inf:  # comparisons only: a symbolic float under torch.compile guards
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return v
 

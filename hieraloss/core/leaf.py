@@ -11,6 +11,7 @@ from :mod:`hieraloss.numpy.leaf_losses` under the same names.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
@@ -99,6 +100,16 @@ def hxe_edge_weights(h: Hierarchy, alpha: float, weighting: str = "depth", norma
     return w
 
 
+def coefficients_from_path_weights(path_weights: Any, concatenate: Callable) -> Any:
+    """``[N, L+1]`` HXE coefficients from ``path_weights [N, L]``, the weight ``w_{d+1}`` of the
+    d-th node of each path and 0 past its end: ``coef[:, d] = W[:, d] - W[:, d-1]`` (``W[:, -1] =
+    W[:, L] = 0``), which is ``w_1``, ``w_{d+1} - w_d``, ``-w_D`` and then 0, as
+    :func:`hxe_coefficients` states. Written over ``concatenate`` (``np.concatenate``,
+    ``torch.cat``) so the torch backend can build the table inside a graph for a symbolic ``alpha``."""
+    zero = path_weights[:, :1] * 0
+    return concatenate([path_weights, zero], 1) - concatenate([zero, path_weights], 1)
+
+
 @lru_cache(maxsize=64)
 def hxe_coefficients(h: Hierarchy, alpha: float, weighting: str = "depth", normalize: bool = False) -> np.ndarray:
     """``[N, L+1]`` float64: the hierarchical cross-entropy of a pixel labelled with channel c is
@@ -109,17 +120,8 @@ def hxe_coefficients(h: Hierarchy, alpha: float, weighting: str = "depth", norma
     regrouped per node: ``coef[c, 0] = w_1``, ``coef[c, d] = w_{d+1} - w_d`` for d < D,
     ``coef[c, D] = -w_D`` and 0 beyond. With ``alpha = 0`` and no normalisation the middle
     coefficients are exact zeros, so the value is exactly ``LSE(root) - LSE(c)``."""
-    n, L = h.num_nodes, h.max_depth
     w = hxe_edge_weights(h, alpha, weighting, normalize)[h.ancestor_table]  # [N, L]: w of the path nodes
-    coef = np.zeros((n, L + 1), dtype=np.float64)
-    coef[:, 0] = w[:, 0]
-    depth = h.depth
-    for d in range(1, L + 1):
-        if d < L:
-            inner = depth > d
-            coef[inner, d] = w[inner, d] - w[inner, d - 1]
-        last = depth == d
-        coef[last, d] = -w[last, d - 1]
+    coef = coefficients_from_path_weights(np.where(plan_for(h).path_real, w, 0.0), np.concatenate)
     coef.setflags(write=False)
     return coef
 

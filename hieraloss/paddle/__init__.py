@@ -6,7 +6,17 @@ routes the tree-min losses and the path/top-down decoders through the fused Trit
 ``hieraloss.torch.kernels`` with zero-copy DLPack views (:mod:`hieraloss.paddle._bridge`). On the
 CPU, ``backend="auto"`` runs the tree-min losses on the compiled kernel of ``hieraloss._native``
 when it was built (:mod:`hieraloss.paddle._native_layer`).
+
+Under ``paddle.jit.to_static(full_graph=True)`` the library's own code runs as Python while paddle
+builds the program (it is registered with ``paddle.jit.ignore_module``: its control flow depends on
+shapes and options, never on tensor values, so there is nothing to transcribe); the losses then
+take the paddle ops, check labels with an assertion of the program, and hold their tables as
+constants of it.
 """
+
+import paddle as _paddle
+
+import hieraloss as _hieraloss
 
 from .functional import (
     BACKENDS,
@@ -83,3 +93,5 @@ __all__ = [
     "LEAF_REDUCTIONS",
     "LEAF_DECODE_METHODS",
 ]
+
+_paddle.jit.ignore_module([_hieraloss])

@@ -16,7 +16,7 @@ from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
 from ._native_layer import _gradient_buffer, num_threads
 from ._ops import compute_dtype, expand_targets_op
-from ._tables import tables_for
+from ._tables import TENSOR_TYPES, building_program, no_kernel_in_program, place_of, tables_for
 
 
 class PaddleOps:
@@ -27,7 +27,7 @@ class PaddleOps:
 
     @staticmethod
     def power(a, exponent):
-        return paddle.pow(a, paddle.to_tensor(exponent, dtype=a.dtype, place=a.place))  # a float is cast to float32
+        return paddle.pow(a, paddle.to_tensor(exponent, dtype=a.dtype, place=place_of(a)))  # a float is cast to float32
 
     @staticmethod
     def clamp(x, lo=None, hi=None):
@@ -35,7 +35,7 @@ class PaddleOps:
 
     @staticmethod
     def where(cond, a, b):
-        return paddle.where(cond, a, b if isinstance(b, paddle.Tensor) else paddle.full_like(a, b))
+        return paddle.where(cond, a, b if isinstance(b, TENSOR_TYPES) else paddle.full_like(a, b))
 
     @staticmethod
     def cols(a, index):
@@ -115,7 +115,7 @@ def refine(x: paddle.Tensor, hierarchy: Hierarchy, steps: int, step_size: float,
     """Rule descent on checked logits (:func:`hieraloss.paddle.logic_refine`): new logits, per image."""
     if x.size == 0 or steps == 0:
         return x.detach().clone()
-    t = tables(hierarchy, x.place, exclusion)
+    t = tables(hierarchy, place_of(x), exclusion)
     n = x.shape[1]
     z = x.detach().astype(compute_dtype(x.dtype)).transpose([0, *range(2, x.ndim), 1])  # [B, *spatial, N]
     rows = []
@@ -130,11 +130,13 @@ def refine(x: paddle.Tensor, hierarchy: Hierarchy, steps: int, step_size: float,
 def native_runs(backend: str, x: paddle.Tensor, r: paddle.Tensor) -> bool:
     if backend not in ("auto", "native"):
         return False
+    if building_program():
+        return no_kernel_in_program(backend, "native")
     dtypes_ok = r.dtype == x.dtype  # float16 / bfloat16 run in float32, as on the paddle ops
     if backend == "native" and not dtypes_ok:
         raise RuntimeError("backend='native' was asked for, but the compiled CPU kernel takes logits and rule "
                            f"logits of one dtype, got {x.dtype} and {r.dtype}")
-    return dtypes_ok and _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(x.place))
+    return dtypes_ok and _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(place_of(x)))
 
 
 class _AttachOne(PyLayer):
@@ -143,7 +145,7 @@ class _AttachOne(PyLayer):
     @staticmethod
     def forward(ctx, x, value, grad):  # value: a Python float
         ctx.grad, ctx.dtype = grad, x.dtype
-        return paddle.to_tensor(value, dtype=grad.dtype, place=x.place)
+        return paddle.to_tensor(value, dtype=grad.dtype, place=place_of(x))
 
     @staticmethod
     def backward(ctx, g):
@@ -154,7 +156,7 @@ class _AttachTwo(PyLayer):
     @staticmethod
     def forward(ctx, x, r, value, grad_x, grad_r):
         ctx.grads, ctx.dtypes = (grad_x, grad_r), (x.dtype, r.dtype)
-        return paddle.to_tensor(value, dtype=grad_x.dtype, place=x.place)
+        return paddle.to_tensor(value, dtype=grad_x.dtype, place=place_of(x))
 
     @staticmethod
     def backward(ctx, g):
@@ -190,6 +192,6 @@ def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, 
         gr = gr if gr is not None else paddle.zeros_like(rc)
         value = _AttachTwo.apply(x, r, total_value, gx, gr)
     else:
-        value = paddle.to_tensor(total_value, dtype=cdt, place=x.place)
-    parts = None if rules is None else tuple(paddle.to_tensor(v, dtype=cdt, place=x.place) for v in rules)
-    return value, paddle.to_tensor(asl_value, dtype=cdt, place=x.place), parts
+        value = paddle.to_tensor(total_value, dtype=cdt, place=place_of(x))
+    parts = None if rules is None else tuple(paddle.to_tensor(v, dtype=cdt, place=place_of(x)) for v in rules)
+    return value, paddle.to_tensor(asl_value, dtype=cdt, place=place_of(x)), parts

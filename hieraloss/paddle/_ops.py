@@ -21,6 +21,7 @@ ranks only when one occurs.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from ..core import checks as _checks
 from ..core import triplets as _triplets
 from ..core.rules import HSSN_SCALE
 from ..hierarchy import Hierarchy
-from ._tables import PlaceTables, col, tables_for, vec
+from ._tables import PlaceTables, building_program, col, place_of, tables_for, vec
 
 NORM_EPS = 1e-12
 
@@ -65,7 +66,7 @@ def _loss_of_z(z: paddle.Tensor, gamma: float) -> paddle.Tensor:
     tail = _log1p_exp_neg_abs(z)
     loss = F.relu(z).add_(tail)
     if gamma != 0:
-        loss.multiply_(F.relu(-z).add_(tail).scale_(-gamma).exp_())
+        loss = loss.multiply_(F.relu(-z).add_(tail).scale_(-gamma).exp_())
     return loss
 
 
@@ -197,7 +198,7 @@ def _first_attaining(below, zmax_d, itself_d, tab, d, ct):
     "attaining" is the answer; otherwise ranks are walked last to first so that the first hit wins."""
     attains = paddle.index_select(zmax_d, vec(tab, "parent_pos", d + 1), axis=1) == below
     surplus = attains.astype("int64").sum() - (itself_d == 0).astype("int64").sum()
-    if int(surplus) == 0:  # one host sync per depth and chunk
+    if not building_program() and int(surplus) == 0:  # one host sync per depth and chunk (none in a program)
         return attains.astype(ct)
     plan = tab.plan
     first = paddle.full(zmax_d.shape, -1, dtype="int32")
@@ -212,9 +213,10 @@ def _first_attaining(below, zmax_d, itself_d, tab, d, ct):
 
 def _block_z(labels, d, zmin_d, zmax_d):
     """``(positive mask, z)``: ``z = -zmin`` on positives, ``zmax`` elsewhere; negates ``zmin_d`` in
-    place (the sweeps' own copy, dropped by the callers right after)."""
+    place (the sweeps' own copy, dropped by the callers right after; a static program has no
+    in-place op on it)."""
     pos = labels.positive(d)
-    return pos, paddle.where(pos, zmin_d.neg_(), zmax_d)
+    return pos, paddle.where(pos, -zmin_d if building_program() else zmin_d.neg_(), zmax_d)
 
 
 def _forward_chunk(x, lc, tab, gamma, reduction, weight, has_partial):
@@ -246,10 +248,10 @@ def _forward_chunk(x, lc, tab, gamma, reduction, weight, has_partial):
         loss = _loss_of_z(z, gamma)
         del z
         if ws[d] is not None:
-            loss.multiply_(ws[d].expand(loss.shape))
+            loss = loss.multiply_(ws[d].expand(loss.shape))
         m = labels.mask(d)
         keep = m.astype(ct)  # 0/1: selects exactly (the loss is finite)
-        loss.multiply_(keep.expand(loss.shape) if keep.shape != loss.shape else keep)
+        loss = loss.multiply_(keep.expand(loss.shape) if keep.shape != loss.shape else keep)
         del keep
         if reduction == "none":
             losses[d] = loss
@@ -378,11 +380,11 @@ def _backward_chunk(x, lc, tab, gamma, weight, has_partial, coefs, grad_out):
         del z
         keep = labels.mask(d).astype(ct)
         if coefs[d] is None:
-            gz.multiply_(paddle.index_select(up, vec(tab, "levels", d), axis=1))
+            gz = gz.multiply_(paddle.index_select(up, vec(tab, "levels", d), axis=1))
         else:
             keep = keep * coefs[d]  # 0 or the coefficient, exactly
         if ws[d] is not None:
-            gz.multiply_(ws[d].expand(gz.shape))
+            gz = gz.multiply_(ws[d].expand(gz.shape))
         g[d] = gz.multiply_(keep.expand(gz.shape) if keep.shape != gz.shape else keep)
         del keep
         del gz
@@ -398,7 +400,7 @@ def _backward_chunk(x, lc, tab, gamma, weight, has_partial, coefs, grad_out):
     for d in range(L):
         c = g[d] - g[d] * pos[d]
         if down is not None:
-            c.add_(paddle.index_select(down, vec(tab, "parent_pos", d), axis=1).multiply_(chosen[d]))
+            c = c.add_(paddle.index_select(down, vec(tab, "parent_pos", d), axis=1).multiply_(chosen[d]))
             chosen[d] = None
         dx[d] = c * itself[d]
         down = c.subtract_(dx[d]) if d < L - 1 else None
@@ -416,7 +418,7 @@ def _backward_chunk(x, lc, tab, gamma, weight, has_partial, coefs, grad_out):
             if _any_missing_rank(tab, d):
                 handed = _padded(handed, 0.0)
             for r in range(len(plan.child_ranks[d])):
-                c.add_(paddle.index_select(handed, _rank_index_padded(tab, d, r), axis=1))
+                c = c.add_(paddle.index_select(handed, _rank_index_padded(tab, d, r), axis=1))
             del handed
         dx[d].add_(c if d == 0 else c - c * took[d])
         carry = c
@@ -464,11 +466,21 @@ def tree_min_op(logits, label_channels, hierarchy, *, gamma, reduction, node_wei
     P = math.prod(spatial)
     x = logits.reshape([B, N, P])
     lc = label_channels.reshape([B, P])
-    tab = tables_for(hierarchy, logits.place)
+    tab = tables_for(hierarchy, place_of(logits))
     weight = None
     if node_weight is not None:
         weight = node_weight.astype(compute_dtype(logits.dtype))
-    out = _TreeMinFunction.apply(x, lc, tab, float(gamma), reduction, weight, bool(has_partial))
+    if building_program():
+        # A static program differentiates the forward's ops itself (a PyLayer that the library
+        # does not transcribe cannot enter it): the same gradient, except at exact ties of zmin
+        # or zmax, which paddle's max/min gradients may route to another node than the tie rule.
+        # The in-place ops of the eager forward are plain ops in a program (their results are
+        # always rebound): paddle's warning that says so is silenced here.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="In static graph mode, .* does not perform inplace")
+            out = _tree_min_forward(x, lc, tab, float(gamma), reduction, weight, bool(has_partial))
+    else:
+        out = _TreeMinFunction.apply(x, lc, tab, float(gamma), reduction, weight, bool(has_partial))
     return out.reshape([B, N, *spatial]) if reduction == "none" else out
 
 
@@ -482,7 +494,7 @@ def expand_targets_op(
     if _checks.is_empty(label_channels.shape):
         return paddle.zeros([B, N, *spatial], dtype="uint8"), paddle.zeros([B, N, *spatial], dtype="bool")
     lc = label_channels.reshape([B, math.prod(spatial)])
-    tab = tables_for(hierarchy, lc.place)
+    tab = tables_for(hierarchy, place_of(lc))
     labels = _Labels(lc, tab, True)
     pos, masks = [], []
     for d in range(hierarchy.max_depth):
@@ -500,7 +512,7 @@ def depth_cross_entropy_op(logits, label_channels, hierarchy, depth):
     """Mean cross-entropy over the classes at ``depth``; see :func:`depth_cross_entropy`."""
     if no_pixel(logits.shape):
         return empty_loss(logits, "mean")
-    tab = tables_for(hierarchy, logits.place)
+    tab = tables_for(hierarchy, place_of(logits))
     plan = tab.plan
     B, N = logits.shape[:2]
     P = math.prod(logits.shape[2:])
@@ -530,7 +542,7 @@ def resize_labels_nearest(labels: paddle.Tensor, size: Sequence[int]) -> paddle.
         if n_in == n_out:
             continue
         src = np.floor(np.arange(n_out, dtype=np.float32) * (np.float32(n_in) / np.float32(n_out)))
-        index = paddle.to_tensor(np.minimum(src.astype(np.int64), n_in - 1), place=labels.place)
+        index = paddle.to_tensor(np.minimum(src.astype(np.int64), n_in - 1), place=place_of(labels))
         out = paddle.index_select(out, index, axis=axis)
     return out
 
@@ -555,7 +567,7 @@ def triplet_op(embeddings, leaf, hierarchy, *, max_per_class, base_margin, sampl
             .astype(ct)
         )
     emb = embeddings.astype(ct).reshape([B, C, -1]).transpose([0, 2, 1]).reshape([-1, C])
-    place = embeddings.place
+    place = place_of(embeddings)
     index = paddle.to_tensor(np.concatenate([ai, pi, ni]), place=place)
     rows = paddle.index_select(emb, index)
     rows = rows / paddle.clip(paddle.sqrt((rows * rows).sum(axis=1, keepdim=True)), min=NORM_EPS)
@@ -610,7 +622,7 @@ def _top_down(x, tab):
 
 def decode_op(logits, hierarchy, method):
     """``(leaf node ids [B, *spatial], depth node ids [B, L, *spatial])`` (int64)."""
-    tab = tables_for(hierarchy, logits.place)
+    tab = tables_for(hierarchy, place_of(logits))
     plan = tab.plan
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
@@ -651,7 +663,7 @@ def path_scores_op(logits, hierarchy):
     """Leaf scores ``[B, K, *spatial]`` in leaf-id order: the sum of ``logits`` along each leaf's path
     (root first, in the compute dtype; differentiable). Their argmax over axis 1 is the leaf that
     ``decode_op(logits, hierarchy, "path")`` picks (as a position in leaf-id order)."""
-    tab = tables_for(hierarchy, logits.place)
+    tab = tables_for(hierarchy, place_of(logits))
     B, N = logits.shape[:2]
     spatial = list(logits.shape[2:])
     x = logits.astype(compute_dtype(logits.dtype))

@@ -17,7 +17,33 @@ import paddle
 from ..core import plan_for
 from ..hierarchy import Hierarchy
 
-__all__ = ["Plan", "PlaceTables", "tables_for", "col", "vec"]
+__all__ = ["Plan", "PlaceTables", "tables_for", "col", "vec", "TENSOR_TYPES", "building_program",
+           "no_kernel_in_program", "place_of"]
+
+# What a tensor argument may be: an eager tensor, or a value of the program that
+# ``paddle.jit.to_static(full_graph=True)`` builds.
+TENSOR_TYPES = (paddle.Tensor, paddle.pir.Value)
+
+
+def building_program() -> bool:
+    """Whether paddle is building a static program (``paddle.jit.to_static(full_graph=True)``):
+    tensors are then values of the program, with no place and nothing to read back."""
+    return not paddle.in_dynamic_mode()
+
+
+def place_of(t: Any) -> Any:
+    """``t.place``, or None in a program (a program's values have no place; asking warns)."""
+    return None if building_program() else t.place
+
+
+def no_kernel_in_program(backend: str, kernel: str) -> bool:
+    """False (the paddle ops build the program), or an error where ``backend`` asks for ``kernel``:
+    the compiled CPU kernel and the Triton kernels have no static-graph operator in paddle."""
+    if backend == kernel:
+        raise RuntimeError(f"backend={kernel!r} was asked for inside paddle.jit.to_static(full_graph=True), "
+                           "but that kernel has no paddle static-graph operator; use backend='auto' or "
+                           "'paddle' there, or the default SOT mode (full_graph=False)")
+    return False
 
 
 class Plan:
@@ -104,6 +130,8 @@ class PlaceTables:
         self._cache: dict[Any, paddle.Tensor] = {}
 
     def get(self, key: Any, make) -> paddle.Tensor:
+        if building_program():  # a constant of the program being built; the cache holds eager tensors only
+            return paddle.to_tensor(np.asarray(make()))
         t = self._cache.get(key)
         if t is None:
             t = self._cache[key] = paddle.to_tensor(np.asarray(make()), place=self.place)

@@ -56,6 +56,7 @@ from ._ops import (  # noqa: F401 - the ops and constants stay importable from h
     tree_min_op,
     triplet_op,
 )
+from ._tables import TENSOR_TYPES, building_program, no_kernel_in_program, place_of
 from ._tables import tables_for as _tables
 from ._tables import vec as _vec
 
@@ -88,7 +89,7 @@ def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> pa
     """Type, dtype and layout ``[B, N, *spatial]``; any B and spatial size (0 included: an empty
     input gives an exact 0, or an empty map)."""
     _check_hierarchy(hierarchy)
-    if not isinstance(logits, paddle.Tensor):
+    if not isinstance(logits, TENSOR_TYPES):
         raise TypeError(f"{name} must be a paddle.Tensor, got {type(logits).__name__}")
     if logits.dtype not in _FLOATS:
         raise _checks.logits_dtype_error(_dtype_name(logits.dtype), name)
@@ -97,7 +98,19 @@ def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> pa
 
 
 def _check_finite(x: paddle.Tensor, name: str = "logits") -> None:
+    if building_program():
+        _assert_in_program(paddle.isfinite(x).all(), f"{name} hold a non-finite value")
+        return
     _checks.check_finite_count(int(paddle.logical_not(paddle.isfinite(x)).astype("int64").sum()), name)
+
+
+def _assert_in_program(condition: paddle.Tensor, what: str) -> None:
+    """A check of a static program (``to_static(full_graph=True)``), which has nothing to read back:
+    an assertion op that fails the run when ``condition`` (that ``what`` holds) is false. Paddle's
+    error says only that an assertion failed; the same step run eagerly gives the library's message."""
+    from paddle.static.nn.control_flow import Assert
+
+    Assert(condition, name=what.replace(" ", "_"))
 
 
 def _label_tensor(labels: Any, place: Any) -> paddle.Tensor:
@@ -105,12 +118,12 @@ def _label_tensor(labels: Any, place: Any) -> paddle.Tensor:
         if not np.issubdtype(labels.dtype, np.integer):  # bool is not an integer dtype in numpy
             raise _checks.label_dtype_error(_dtype_name(labels.dtype))
         labels = paddle.to_tensor(labels, place=place)
-    if not isinstance(labels, paddle.Tensor):
+    if not isinstance(labels, TENSOR_TYPES):
         raise TypeError(f"labels must be a paddle.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INTS:
         raise _checks.label_dtype_error(_dtype_name(labels.dtype))
-    if str(labels.place) != str(place):
-        raise ValueError(f"labels are on {labels.place} but the logits are on {place}")
+    if str(place_of(labels)) != str(place):
+        raise ValueError(f"labels are on {place_of(labels)} but the logits are on {place}")
     return labels
 
 
@@ -123,7 +136,7 @@ def _label_channels(
     ``check=False`` reads nothing back: bad values count as ignored, partial labels are assumed.
     """
     ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
-    tab = _tables(hierarchy, labels.place)
+    tab = _tables(hierarchy, place_of(labels))
     lab = labels.astype("int64")
     if max(hierarchy.num_nodes, abs(ignore_index) + 1) <= LABEL_TABLE_MAX:
         # a lookup table indexed by the clamped label value: a few passes over the labels
@@ -135,6 +148,9 @@ def _label_channels(
         seen = paddle.bincount(slot, minlength=table.size) > 0
         bad_t = tab.get(("label_bad", ignore_index), lambda: bad)
         partial_t = tab.get(("label_partial", ignore_index), lambda: partial)
+        if building_program():
+            _assert_in_program(paddle.logical_not((seen & bad_t).any()), "labels are node ids or ignore_index")
+            return paddle.gather(table_t, slot).reshape(lab.shape), True
         any_bad, any_partial = paddle.stack([(seen & bad_t).any(), (seen & partial_t).any()]).numpy().tolist()
         if any_bad:
             raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
@@ -142,7 +158,10 @@ def _label_channels(
     ignored = lab == ignore_index
     bad = paddle.logical_not(ignored) & ((lab < 0) | (lab >= hierarchy.num_nodes))
     partial = paddle.logical_not(ignored) & (lab >= hierarchy.num_leaves)
-    if check:
+    if check and building_program():
+        _assert_in_program(paddle.logical_not(bad.any()), "labels are node ids or ignore_index")
+        any_partial = True
+    elif check:
         any_bad, any_partial = paddle.stack([bad.any(), partial.any()]).numpy().tolist()
         if any_bad:
             raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
@@ -157,7 +176,7 @@ def _labels_at_door(
     labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: Any
 ) -> tuple[paddle.Tensor, int]:
     """The label tensor (type, dtype, place and shape checked) and ``ignore_index`` checked; values not yet."""
-    labels = _label_tensor(labels, logits.place)
+    labels = _label_tensor(labels, place_of(logits))
     _checks.check_label_shape(tuple(labels.shape), (logits.shape[0], *logits.shape[2:]))
     return labels, _checks.check_ignore_index(hierarchy, ignore_index)
 
@@ -172,12 +191,12 @@ def _checked_labels(
 def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> paddle.Tensor | None:
     if node_weight is None:
         return None
-    if isinstance(node_weight, paddle.Tensor):
+    if isinstance(node_weight, TENSOR_TYPES):
         w = node_weight.detach()
         if w.dtype == paddle.bool or w.dtype not in _FLOATS + _INTS:
             raise _checks.node_weight_dtype_error(_dtype_name(w.dtype))
         _checks.check_node_weight_shape(tuple(w.shape), hierarchy)
-        return w if str(w.place) == str(place) else w.to(place)
+        return w if str(place_of(w)) == str(place) else w.to(place)
     arr = np.asarray(node_weight)
     if arr.dtype == bool or not (
         np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)
@@ -188,15 +207,19 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> pa
 
 
 def _use_native(backend: str, x: paddle.Tensor) -> bool:
-    return _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(x.place))
+    if building_program():
+        return no_kernel_in_program(backend, "native")
+    return _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(place_of(x)))
 
 
 def _is_gpu(x: paddle.Tensor) -> bool:
-    return bool(x.place.is_gpu_place())
+    return paddle.device.get_device().startswith("gpu") if building_program() else bool(x.place.is_gpu_place())
 
 
 def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
     _check_choice(backend, BACKENDS, "backend")
+    if building_program():
+        return no_kernel_in_program(backend, "triton")
     if backend == "triton":
         reason = _bridge.unavailable_reason(x)
         if reason:
@@ -229,7 +252,7 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
     x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     _check_choice(reduction, REDUCTIONS, "reduction")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
-    w = _check_node_weight(node_weight, hierarchy, x.place)
+    w = _check_node_weight(node_weight, hierarchy, place_of(x))
     if check_finite:
         _check_finite(x)
     lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
@@ -307,7 +330,7 @@ def expand_targets(
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
     """``(targets uint8, mask bool)``, both ``[B, N, *spatial]`` in channel order (DEVELOPING.md)."""
     _check_hierarchy(hierarchy)
-    place = labels.place if isinstance(labels, paddle.Tensor) else paddle.CPUPlace()
+    place = place_of(labels) if isinstance(labels, TENSOR_TYPES) else paddle.CPUPlace()
     labels = _label_tensor(labels, place)
     _checks.check_label_batch(labels.ndim)
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
@@ -395,12 +418,17 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     kernels (``scaled`` True: the kernels apply the scale to the value and to the gradient they write);
     on the paddle ops the loss comes unscaled (``scaled`` False) and the caller multiplies."""
     _check_hierarchy(hierarchy)
-    if not isinstance(embeddings, paddle.Tensor):
+    if not isinstance(embeddings, TENSOR_TYPES):
         raise TypeError(f"embeddings must be a paddle.Tensor, got {type(embeddings).__name__}")
     if embeddings.dtype not in _FLOATS:
         raise _checks.logits_dtype_error(_dtype_name(embeddings.dtype), "embeddings")
     _checks.check_embeddings_shape(embeddings.shape)
-    labels = _label_tensor(labels, embeddings.place)
+    if building_program():
+        raise NotImplementedError(
+            "the triplet term chooses its triplets on the host (numpy) in the paddle backend, which a static "
+            "program cannot do: under paddle.jit.to_static use the default SOT mode (full_graph=False), or "
+            "compute hssn_loss without embeddings in the program and the triplet term outside it")
+    labels = _label_tensor(labels, place_of(embeddings))
     _checks.check_triplet_label_shape(labels.shape, embeddings.shape)
     _check_choice(sampling, SAMPLING, "sampling")
     check_max_per_class(max_per_class)
@@ -521,7 +549,7 @@ def hssn_loss(
     gamma = 0.0 if focal_gamma is None else _check_gamma(focal_gamma)
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
-    w = _check_node_weight(node_weight, hierarchy, x.place)
+    w = _check_node_weight(node_weight, hierarchy, place_of(x))
     if check_finite:
         _check_finite(x)
     triplet = dict(embeddings=embeddings, max_per_class=max_per_class, base_margin=base_margin, sampling=sampling,
@@ -556,7 +584,7 @@ class _HSSNTerms(HSSNTermsBase):
 
     @staticmethod
     def scalar(value, like):
-        return paddle.to_tensor(value, dtype=like.dtype, place=like.place)
+        return paddle.to_tensor(value, dtype=like.dtype, place=place_of(like))
 
     @staticmethod
     def match(value, like):

@@ -18,6 +18,7 @@ from ..core.leaf import check_hxe_weighting
 from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
+from ._tables import place_of
 
 __all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss", "HierarchyDecoder",
            "HierarchicalCrossEntropyLoss", "SoftLabelCrossEntropyLoss"]
@@ -32,9 +33,9 @@ def _weight_buffer(layer: nn.Layer, node_weight: Any, hierarchy: Hierarchy) -> N
 
 def _weight_on(w: paddle.Tensor | None, x: paddle.Tensor) -> paddle.Tensor | None:
     """The weight buffer on the logits' place (buffers stay where they were created)."""
-    if w is None or str(w.place) == str(x.place):
+    if w is None or str(place_of(w)) == str(place_of(x)):
         return w
-    return w.to(x.place)
+    return w.to(place_of(x))
 
 
 class TreeMinLoss(nn.Layer):

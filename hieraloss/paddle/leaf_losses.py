@@ -26,12 +26,13 @@ from ..core.checks import (
     check_leaf_reduction,
     check_nonnegative,
     dtype_name,
+    is_empty,
 )
 from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from ._ops import argmax_nan_first, compute_dtype, decode_op
-from ._tables import tables_for, vec
+from ._tables import TENSOR_TYPES, building_program, place_of, tables_for, vec
 from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
 
 __all__ = [
@@ -45,7 +46,7 @@ __all__ = [
 
 def _checked_leaf_logits(leaf_logits: Any, hierarchy: Hierarchy) -> paddle.Tensor:
     check_hierarchy(hierarchy)
-    if not isinstance(leaf_logits, paddle.Tensor):
+    if not isinstance(leaf_logits, TENSOR_TYPES):
         raise TypeError(f"leaf_logits must be a paddle.Tensor, got {type(leaf_logits).__name__}")
     check_leaf_logits(tuple(leaf_logits.shape), dtype_name(leaf_logits.dtype), hierarchy)
     return leaf_logits
@@ -63,7 +64,7 @@ def node_log_sum_exp(x: paddle.Tensor, hierarchy: Hierarchy) -> paddle.Tensor:
     """``[B, N, P]`` (channel order, no autograd): the log-sum-exp of the leaf logits ``x [B, K, P]``
     under each node, built bottom-up with ``logaddexp`` one child rank at a time (``LeafPlan``).
     Works on ``[N, B, P]`` rows so that every fill is a row scatter."""
-    tab = tables_for(hierarchy, x.place)
+    tab = tables_for(hierarchy, place_of(x))
     plan = leaf_plan(hierarchy)
     B, K, P = x.shape
     with paddle.no_grad():
@@ -93,7 +94,7 @@ def _rows_from_t(table_t: paddle.Tensor, safe: paddle.Tensor) -> paddle.Tensor:
 
 def _common_depth(hierarchy: Hierarchy, safe: paddle.Tensor) -> paddle.Tensor:
     """``[B, K, P]``: how many nodes of each pixel's label path each leaf is under (``LeafPlan``)."""
-    tab = tables_for(hierarchy, safe.place)
+    tab = tables_for(hierarchy, place_of(safe))
     table_t = tab.get("leaf_common_depth_t", lambda: np.ascontiguousarray(leaf_plan(hierarchy).common_depth.T))
     return _rows_from_t(table_t, safe)
 
@@ -120,7 +121,7 @@ class _HierarchicalCE(PyLayer):
         L = hierarchy.max_depth
         B, _, P = xf.shape
         name = dtype_name(xf.dtype)
-        tab = tables_for(hierarchy, xf.place)
+        tab = tables_for(hierarchy, place_of(xf))
         m = _common_depth(hierarchy, safe)  # [B, K, P]
         top = _finite_shift(xf.max(axis=1, keepdim=True))  # [B, 1, P]
         buckets = paddle.put_along_axis(paddle.zeros([B, L + 1, P], dtype=xf.dtype), m, _exp(xf - top),
@@ -130,8 +131,11 @@ class _HierarchicalCE(PyLayer):
         d_index = paddle.minimum(paddle.arange(L + 1, dtype="int64").reshape([1, -1, 1]), depth)
         sums = paddle.take_along_axis(sums, d_index, axis=1)
         path = top + paddle.log(sums)
-        small = (sums < _TINY[name]).astype("int32").sum(axis=[0, 2]).numpy()  # one read-back
-        redo = [int(d) for d in np.flatnonzero(small)]
+        if building_program():  # nothing to read back: redo every depth below the root
+            redo = list(range(1, L + 1))
+        else:
+            small = (sums < _TINY[name]).astype("int32").sum(axis=[0, 2]).numpy()  # one read-back
+            redo = [int(d) for d in np.flatnonzero(small)]
         if redo:  # rare: LSE of the subtree with the subtree's own maximum
             label_depth = m.max(axis=1, keepdim=True)
             neg_inf = paddle.full([1], -math.inf, dtype=xf.dtype)
@@ -144,7 +148,7 @@ class _HierarchicalCE(PyLayer):
                 else:
                     columns.append(path[:, d: d + 1])
             path = paddle.concat(columns, axis=1)
-        coef_t = paddle.to_tensor(coef_np, place=xf.place).astype(xf.dtype)
+        coef_t = paddle.to_tensor(coef_np, place=place_of(xf)).astype(xf.dtype)
         coef = paddle.index_select(coef_t, safe.reshape([-1])).reshape([B, P, L + 1]).transpose([0, 2, 1])
         ctx.save_for_backward(xf, safe, path, top, coef)
         ctx.config = (hierarchy, redo)
@@ -162,7 +166,7 @@ class _HierarchicalCE(PyLayer):
         if redo:
             keep = np.ones(path.shape[1], dtype=np.float32)
             keep[redo] = 0  # those depths take the direct route below
-            k = k * paddle.to_tensor(keep, place=xf.place).astype(k.dtype).reshape([1, -1, 1])
+            k = k * paddle.to_tensor(keep, place=place_of(xf)).astype(k.dtype).reshape([1, -1, 1])
         dx = paddle.exp(xf - top) * paddle.take_along_axis(paddle.cumsum(k, axis=1), m, axis=1)
         for d in redo:
             part = paddle.exp(xf - path[:, d: d + 1]) * (m >= d).astype(xf.dtype)
@@ -176,7 +180,7 @@ class _SoftLabelCE(PyLayer):
     @staticmethod
     def forward(ctx, xf, safe, targets_np, hierarchy):
         root = paddle.logsumexp(xf, axis=1)  # [B, P]
-        targets_t = paddle.to_tensor(np.ascontiguousarray(targets_np.T), place=xf.place).astype(xf.dtype)
+        targets_t = paddle.to_tensor(np.ascontiguousarray(targets_np.T), place=place_of(xf)).astype(xf.dtype)
         q = _rows_from_t(targets_t, safe)
         ctx.save_for_backward(xf, safe, root, targets_t)
         return root - (q * xf).sum(axis=1)
@@ -186,6 +190,14 @@ class _SoftLabelCE(PyLayer):
         xf, safe, root, targets_t = ctx.saved_tensor()
         dx = (paddle.exp(xf - root.unsqueeze(1)) - _rows_from_t(targets_t, safe)) * grad.unsqueeze(1)
         return dx, None
+
+
+class _ProgramContext:
+    """The ``ctx`` of a PyLayer's forward called directly while paddle builds a static program: the
+    program's own autodiff takes the gradient, so nothing is saved for a backward."""
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        pass
 
 
 def _empty_result(x: paddle.Tensor, B: int, spatial: list[int], reduction: str) -> paddle.Tensor:
@@ -217,11 +229,14 @@ def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reductio
         _check_finite(x, "leaf_logits")
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
     B, spatial = x.shape[0], list(x.shape[2:])
-    if x.size == 0:
+    if is_empty(x.shape):
         return _empty_result(x, B, spatial, reduction)
     xf, B, spatial = _flat(x)
     lc = lc.reshape([B, xf.shape[2]])
-    loss = op.apply(xf, paddle.clip(lc, min=0), table(hierarchy, v), hierarchy)
+    if building_program():  # the program differentiates the forward's ops (no PyLayer enters it)
+        loss = op.forward(_ProgramContext(), xf, paddle.clip(lc, min=0), table(hierarchy, v), hierarchy)
+    else:
+        loss = op.apply(xf, paddle.clip(lc, min=0), table(hierarchy, v), hierarchy)
     return _reduce(loss, lc >= 0, reduction, B, spatial)
 
 
@@ -281,14 +296,14 @@ def decode_leaf_logits(leaf_logits: paddle.Tensor, hierarchy: Hierarchy, method:
     x = _checked_leaf_logits(leaf_logits, hierarchy)
     check_leaf_decode_method(method)
     B, spatial, L = x.shape[0], list(x.shape[2:]), hierarchy.max_depth
-    if x.size == 0:
+    if is_empty(x.shape):
         return paddle.zeros([B, *spatial], dtype="int64"), paddle.zeros([B, L, *spatial], dtype="int64")
     with paddle.no_grad():
         xf, B, spatial = _flat(x.detach())
         if method == "top_down":
             lse = node_log_sum_exp(xf, hierarchy)
             return decode_op(lse.reshape([B, hierarchy.num_nodes, *spatial]), hierarchy, "top_down")
-        tab = tables_for(hierarchy, xf.place)
+        tab = tables_for(hierarchy, place_of(xf))
         leaf = argmax_nan_first(xf, axis=1).reshape([-1])  # first maximum (a NaN first): lowest leaf id
         paths = tab.get("leaf_path_ids", lambda: leaf_plan(hierarchy).leaf_path_ids)
         depth = paddle.index_select(paths, leaf).reshape([B, -1, L]).transpose([0, 2, 1])

@@ -28,6 +28,8 @@ from ..core.objective import (
 from ..hierarchy import Hierarchy
 from . import _logic_ops as _lo
 from . import functional as F
+from ._ops import compute_dtype
+from ._tables import TENSOR_TYPES, building_program, place_of
 
 __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
            "logicseg_loss", "LogicSegLoss", "logic_refine"]
@@ -56,7 +58,7 @@ def asymmetric_bce_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy:
 def _rule(logits, hierarchy, p, mode):
     p = check_logicseg_options(p=p, rule_weight=0.0, ramp=None, exclusion=mode, step=None)
     x = F._check_logits(logits, hierarchy)
-    return _lo.scores(x), _lo.tables(hierarchy, x.place, mode), p
+    return _lo.scores(x), _lo.tables(hierarchy, place_of(x), mode), p
 
 
 def child_implies_parent_loss(logits: paddle.Tensor, hierarchy: Hierarchy, *, p: float = 5.0) -> paddle.Tensor:
@@ -80,9 +82,9 @@ def exclusion_loss(logits: paddle.Tensor, hierarchy: Hierarchy, *, p: float = 5.
 
 
 def _scalar(value, like):
-    if isinstance(value, paddle.Tensor):
+    if isinstance(value, TENSOR_TYPES):
         return value.detach().astype(like.dtype)
-    return paddle.to_tensor(value, dtype=like.dtype, place=like.place)
+    return paddle.to_tensor(value, dtype=like.dtype, place=place_of(like))
 
 
 def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
@@ -98,6 +100,16 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
     ``backend``: ``"auto"`` runs the compiled CPU kernel for CPU tensors when it is built (as in
     torch), else the paddle ops (``"paddle"``); ``"native"`` requires the kernel.
     """
+    return _logicseg(logits, labels, hierarchy, step=step, rule_logits=rule_logits, rule_weight=rule_weight,
+                     ramp=ramp, p=p, exclusion=exclusion, easy_filter=easy_filter, ignore_index=ignore_index,
+                     return_parts=return_parts, check_labels=check_labels, upsample_logits=upsample_logits,
+                     backend=backend)
+
+
+def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp, p, exclusion, easy_filter,
+              ignore_index, return_parts, check_labels, upsample_logits, backend, factor=None):
+    """:func:`logicseg_loss`, with the ramp's ``factor`` given as a tensor where ``LogicSegLoss``
+    computes it from its step buffer inside a static program."""
     F._check_choice(backend, F.BACKENDS, "backend")
     x0 = F._check_logits(logits, hierarchy)
     x = F.upsample_to_labels(x0, labels, upsample_logits)
@@ -105,7 +117,7 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
     r = x0 if rule_logits is None else F._check_logits(rule_logits, hierarchy, "rule_logits")
 
     def rules():
-        return _logic.rule_parts(_lo.OPS, _lo.scores(r), _lo.tables(hierarchy, r.place, exclusion), p,
+        return _logic.rule_parts(_lo.OPS, _lo.scores(r), _lo.tables(hierarchy, place_of(r), exclusion), p,
                                  bool(easy_filter))
 
     def fused(weight, with_rules):
@@ -117,8 +129,8 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
 
     terms = CallableTerms(lambda: _asl(x, labels, hierarchy, ignore_index, check_labels, *_logic.ASL_DEFAULTS),
                           rules, _scalar, fused)
-    return compose_logicseg(terms, rule_weight=rule_weight, factor=logicseg_rule_factor(step, ramp),
-                            return_parts=return_parts)
+    factor = logicseg_rule_factor(step, ramp) if factor is None else factor
+    return compose_logicseg(terms, rule_weight=rule_weight, factor=factor, return_parts=return_parts)
 
 
 class LogicSegLoss(nn.Layer):
@@ -140,13 +152,23 @@ class LogicSegLoss(nn.Layer):
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
     def forward(self, logits, labels, rule_logits=None, *, step=None, return_parts=False):
-        use_step = step
+        use_step, factor = step, None
         if step is None and self.options["ramp"] is not None:
-            use_step = int(self.step)
-        out = logicseg_loss(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,
-                            return_parts=return_parts, **self.options)
+            if building_program():  # no host read in a program: the ramp from the buffer, in it
+                start, end = (float(v) for v in self.options["ramp"])
+                t = self.step.astype("float64")
+                factor = (paddle.clip((t - start) / (end - start), 0.0, 1.0) if end > start
+                          else (t >= start).astype("float64"))
+                factor = factor.astype(compute_dtype(logits.dtype))
+            else:
+                use_step = int(self.step)
+        out = _logicseg(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,
+                        return_parts=return_parts, backend="auto", factor=factor, **self.options)
         if step is None and self.training and paddle.is_grad_enabled():
-            self.step.set_value(self.step + 1)
+            if building_program():
+                paddle.assign(self.step + 1, output=self.step)  # the program writes the buffer back
+            else:
+                self.step.set_value(self.step + 1)
         return out
 
 

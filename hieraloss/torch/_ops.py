@@ -185,6 +185,7 @@ def _reduction_scales(lc: torch.Tensor, plan: Plan, reduction: str, dtype) -> to
 TILE_ELEMENTS = 1 << 23  # CPU: a cap on the (pixel, node) entries of a tile (32 MB of float32) ...
 TILE_PIXELS = 1 << 16  # ... and on its pixels: the fastest measured on 2 cores (26 and 149 nodes)
 TILE_ELEMENTS_GPU = 1 << 26  # GPU: no cache to fit, only a cap on temporaries (and few launches)
+TILE_ELEMENTS_COMPILED = 1 << 26  # compiled: one tile for the whole batch up to this many entries (_one_tile)
 
 
 def _tile_pixels(N: int, device: torch.device) -> int:
@@ -415,21 +416,47 @@ def _forward_tile(x, lc, plan, gamma, has_partial, s, out_map, weight):
     return neg.sum(dim=1).index_add_(0, tp.path.reshape(-1), swap.reshape(-1))
 
 
+def _one_tile(x: torch.Tensor) -> bool:
+    """Whether a compiled graph walks the whole batch as one tile ``[N, B*P]``: Python loops over
+    images and pixel tiles would pin B and H*W in the graph's guards (a new graph per size), while
+    one tile guards only on the size bound, so ``torch.compile(dynamic=True)`` compiles once for
+    every input up to ``TILE_ELEMENTS_COMPILED`` entries. Eager mode keeps its cache-sized tiles."""
+    B, N, P = x.shape
+    return torch.compiler.is_compiling() and B * N * P <= TILE_ELEMENTS_COMPILED
+
+
+def _batch_as_tile(t: torch.Tensor) -> torch.Tensor:
+    """``[B, N, P]`` as ``[N, B*P]`` (a copy)."""
+    return t.transpose(0, 1).reshape(t.shape[1], -1)
+
+
 def _forward(x, lc, plan, gamma, reduction, weight, has_partial):
     B, N, P = x.shape
     ct = compute_dtype(x.dtype)
-    step = _tile_pixels(N, x.device)
-    scratch = _Scratch(N, plan.max_kids, min(step, P), ct, x.device)
+    if _one_tile(x):
+        tiles = [(_batch_as_tile(x), lc.reshape(-1))]
+        step = B * P
+    else:
+        step = _tile_pixels(N, x.device)
+        tiles = None
+    scratch = _Scratch(N, plan.max_kids, min(step, B * P if tiles else P), ct, x.device)
     if reduction == "none":
+        if tiles:
+            out = torch.empty(N, B * P, dtype=ct, device=x.device)
+            _forward_tile(*tiles[0], plan, gamma, has_partial, scratch, out, weight)
+            return out.view(N, B, P).transpose(0, 1)
         out = torch.empty(B, N, P, dtype=ct, device=x.device)
         for b, p in _tiles(B, P, step):
             _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial, scratch.cut(p.stop - p.start),
                           out[b, :, p], weight)
         return out
-    per_channel = torch.zeros(N, dtype=ct, device=x.device)
-    for b, p in _tiles(B, P, step):
-        per_channel += _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial,
-                                     scratch.cut(p.stop - p.start), None, None)
+    if tiles:
+        per_channel = _forward_tile(*tiles[0], plan, gamma, has_partial, scratch, None, None)
+    else:
+        per_channel = torch.zeros(N, dtype=ct, device=x.device)
+        for b, p in _tiles(B, P, step):
+            per_channel += _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial,
+                                         scratch.cut(p.stop - p.start), None, None)
     scale = _reduction_scales(lc, plan, reduction, ct)
     if weight is not None:
         scale = scale * weight.to(ct)
@@ -477,14 +504,24 @@ def _backward_tile(x, lc, plan, gamma, has_partial, up_map, per_channel, s, out)
 def _backward(x, lc, plan, gamma, reduction, weight, has_partial, grad_out):
     B, N, P = x.shape
     ct = compute_dtype(x.dtype)
-    grad = torch.empty(B, N, P, dtype=x.dtype, device=x.device)
-    step = _tile_pixels(N, x.device)
-    scratch = _Scratch(N, plan.max_kids, min(step, P), ct, x.device)
     per_channel = None
     if reduction != "none":
         per_channel = _reduction_scales(lc, plan, reduction, ct) * grad_out.to(ct)
         if weight is not None:
             per_channel = per_channel * weight.to(ct)
+    if _one_tile(x):
+        up = None
+        if reduction == "none":
+            up = _batch_as_tile(grad_out).to(ct)
+            if weight is not None:
+                up = up * weight.to(ct).view(N, 1)
+        grad = torch.empty(N, B * P, dtype=x.dtype, device=x.device)
+        _backward_tile(_batch_as_tile(x), lc.reshape(-1), plan, gamma, has_partial, up, per_channel,
+                       _Scratch(N, plan.max_kids, B * P, ct, x.device), grad)
+        return grad.view(N, B, P).transpose(0, 1).contiguous()
+    grad = torch.empty(B, N, P, dtype=x.dtype, device=x.device)
+    step = _tile_pixels(N, x.device)
+    scratch = _Scratch(N, plan.max_kids, min(step, P), ct, x.device)
     for b, p in _tiles(B, P, step):
         up = None
         if reduction == "none":

@@ -71,5 +71,27 @@ def cached_on(hierarchy: Hierarchy, device: torch.device | str, name: Any, build
 
     Under ``torch.compile`` this runs outside the trace (``assume_constant_result``), its result a
     constant of the graph guarded on ``hierarchy`` and ``device``: cold and warm caches compile alike.
+    Its tensors are held as parameters without gradient (:func:`_static_shaped`).
     """
-    return tables_for(hierarchy, device).get(name, lambda tab: build(tab, *args))
+    return tables_for(hierarchy, device).get(name, lambda tab: _static_shaped(build(tab, *args)))
+
+
+def _static_shaped(value: Any) -> Any:
+    """``value`` with every tensor it holds (in tuples, lists, dicts and the attributes of this
+    package's table objects) replaced by a ``torch.nn.Parameter`` without gradient on the same
+    storage. Dynamo gives a constant tensor symbolic sizes under ``torch.compile(dynamic=True)``,
+    and duck sizing then ties them to the inputs' (a table with 2 rows would pin a batch of 2);
+    a parameter's shape is always static. Operations on a parameter return plain tensors."""
+    if isinstance(value, torch.Tensor):
+        return value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+    if isinstance(value, tuple):
+        items = [_static_shaped(v) for v in value]
+        return type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, list):
+        return [_static_shaped(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _static_shaped(v) for k, v in value.items()}
+    if type(value).__module__.startswith(__package__) and hasattr(value, "__dict__"):
+        for key, item in vars(value).items():
+            setattr(value, key, _static_shaped(item))
+    return value

@@ -25,7 +25,14 @@ from ..core.checks import (
     check_leaf_reduction,
     check_nonnegative,
 )
-from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
+from ..core.leaf import (
+    check_hxe_weighting,
+    coefficients_from_path_weights,
+    hxe_coefficients,
+    leaf_plan,
+    soft_targets,
+)
+from ..core.plan import plan_for
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from . import _ops
@@ -57,6 +64,25 @@ class _DevicePlan:
         self.leaf_path_ids = t(plan.leaf_path_ids)
         self.common_depth_t = t(plan.common_depth.T)  # [K, N]
         self.depth = tab.depth  # [N]
+        self.num_leaves = tab.hierarchy.num_leaves
+        # For the tables a compiled graph builds itself (see hierarchical_cross_entropy):
+        h = tab.hierarchy
+        f64 = dict(dtype=torch.float64, device=dev)
+        self.edge_level = {"depth": torch.tensor(h.depth, **f64), "height": torch.tensor(h.height, **f64)}
+        self.root_level = {"depth": torch.zeros((), **f64), "height": torch.tensor(float(h.height.max()) + 1.0, **f64)}
+        self.ancestor_table = tab.ancestor_table  # [N, L]
+        self.path_real = torch.tensor(plan_for(h).path_real, device=dev)  # [N, L] bool
+        self.leaf_distance_t = torch.tensor(h.node_leaf_distance.T, **f64)  # [K, N]
+
+
+def _hxe_table_in_graph(plan: _DevicePlan, alpha: Any, weighting: str, normalize: bool,
+                        dtype: torch.dtype) -> torch.Tensor:
+    """:func:`hieraloss.core.leaf.hxe_coefficients` as torch ops (``alpha`` may be symbolic)."""
+    w = torch.exp(plan.edge_level[weighting] * -alpha)
+    if normalize:
+        w = w / (w.sum() + torch.exp(plan.root_level[weighting] * -alpha))
+    path = torch.where(plan.path_real, w[plan.ancestor_table], torch.zeros((), dtype=w.dtype, device=w.device))
+    return coefficients_from_path_weights(path, torch.cat).to(dtype)
 
 
 def _hxe_table(tab, alpha: float, weighting: str, normalize: bool, dtype: torch.dtype) -> tuple[torch.Tensor]:
@@ -74,11 +100,12 @@ def _finite_shift(top: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(top), torch.zeros((), dtype=top.dtype, device=top.device), top)
 
 
-def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
+def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor, K: int) -> torch.Tensor:
     """``table[safe]`` laid out as ``[B, K, P]`` for a transposed table ``table_t [K, N]`` and label
-    channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits')."""
+    channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits'). ``K`` comes as a
+    number: a cached table's shape is not read in a graph (dynamo cannot size a constant tensor
+    under ``dynamic=True``)."""
     B, P = safe.shape
-    K = table_t.shape[0]
     rows = torch.gather(table_t, 1, safe.reshape(1, -1).expand(K, -1))  # faster than index_select on dim 1
     return rows.view(K, B, P).permute(1, 0, 2)
 
@@ -149,13 +176,14 @@ class _HierarchicalCE(torch.autograd.Function):
     def forward(ctx, xf, safe, coef_table, hierarchy):
         L = hierarchy.max_depth
         B, _, P = xf.shape
-        m = _rows_by_label(_device_plan(hierarchy, xf.device).common_depth_t, safe)  # [B, K, P]
+        plan = _device_plan(hierarchy, xf.device)
+        m = _rows_by_label(plan.common_depth_t, safe, plan.num_leaves)  # [B, K, P]
         top = _finite_shift(xf.amax(dim=1, keepdim=True))  # [B, 1, P]
         buckets = xf.new_zeros((B, L + 1, P)).scatter_add_(1, m, torch.exp(xf - top))
         sums = buckets.flip(1).cumsum(dim=1).flip(1)  # [B, L+1, P]: sum of e over the leaves under C_d
         # Depths below the label's own take the label's value (their coefficient is 0).
         d_index = torch.minimum(torch.arange(L + 1, device=xf.device).view(1, -1, 1),
-                                _device_plan(hierarchy, xf.device).depth[safe].unsqueeze(1))
+                                plan.depth[safe].unsqueeze(1))
         sums = torch.gather(sums, 1, d_index)
         path = top + torch.log(sums)
         if torch.compiler.is_compiling():  # no data-dependent branch in a graph: redo every depth below the root
@@ -179,7 +207,8 @@ class _HierarchicalCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         xf, safe, path, coef_table, top = ctx.saved_tensors
-        m = _rows_by_label(_device_plan(ctx.hierarchy, xf.device).common_depth_t, safe)
+        plan = _device_plan(ctx.hierarchy, xf.device)
+        m = _rows_by_label(plan.common_depth_t, safe, plan.num_leaves)
         coef = coef_table[safe].permute(0, 2, 1) * grad.unsqueeze(1)  # [B, L+1, P]
         k = coef * torch.exp((top - path).clamp(max=_EXP_CAP[xf.dtype]))  # 0 wherever coef is 0
         for d in ctx.redo:
@@ -197,7 +226,7 @@ class _SoftLabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xf, safe, targets_t):
         root = torch.logsumexp(xf, dim=1)  # [B, P]
-        loss = root - (_rows_by_label(targets_t, safe) * xf).sum(dim=1)
+        loss = root - (_rows_by_label(targets_t, safe, xf.shape[1]) * xf).sum(dim=1)
         ctx.save_for_backward(xf, safe, targets_t, root)
         return loss
 
@@ -205,7 +234,7 @@ class _SoftLabelCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         xf, safe, targets_t, root = ctx.saved_tensors
-        dx = torch.exp(xf - root.unsqueeze(1)).sub_(_rows_by_label(targets_t, safe))
+        dx = torch.exp(xf - root.unsqueeze(1)).sub_(_rows_by_label(targets_t, safe, xf.shape[1]))
         return dx.mul_(grad.unsqueeze(1)), None, None
 
 
@@ -254,8 +283,13 @@ def hierarchical_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, 
                                        upsample_logits, check_finite)
     valid = lc >= 0
     safe = lc.clamp(min=0)
-    key = ("hxe", a, weighting, bool(normalize), xf.dtype)
-    (coef,) = cached_on(hierarchy, xf.device, key, _hxe_table, a, weighting, bool(normalize), xf.dtype)
+    if torch.compiler.is_compiling():
+        # In the graph, from alpha: torch.compile(dynamic=True) makes a float read from a module
+        # attribute or a default symbolic, and no cache can be keyed on a symbolic number.
+        coef = _hxe_table_in_graph(_device_plan(hierarchy, xf.device), a, weighting, bool(normalize), xf.dtype)
+    else:
+        key = ("hxe", a, weighting, bool(normalize), xf.dtype)
+        (coef,) = cached_on(hierarchy, xf.device, key, _hxe_table, a, weighting, bool(normalize), xf.dtype)
     loss = _HierarchicalCE.apply(xf, safe, coef, hierarchy)
     return _reduce(loss, valid, reduction, B, spatial)
 
@@ -275,7 +309,10 @@ def soft_label_cross_entropy(leaf_logits: torch.Tensor, labels: torch.Tensor, hi
     xf, lc, B, spatial, b = _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, beta, "beta",
                                        upsample_logits, check_finite)
     valid = lc >= 0
-    (targets_t,) = cached_on(hierarchy, xf.device, ("soft", b, xf.dtype), _soft_table, b, xf.dtype)
+    if torch.compiler.is_compiling():  # core.leaf.soft_targets (transposed) in the graph, as for HXE
+        targets_t = torch.softmax(_device_plan(hierarchy, xf.device).leaf_distance_t * -b, dim=0).to(xf.dtype)
+    else:
+        (targets_t,) = cached_on(hierarchy, xf.device, ("soft", b, xf.dtype), _soft_table, b, xf.dtype)
     loss = _SoftLabelCE.apply(xf, lc.clamp(min=0), targets_t)
     return _reduce(loss, valid, reduction, B, spatial)
 

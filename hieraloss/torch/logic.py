@@ -202,7 +202,12 @@ class LogicSegLoss(nn.Module):
                         return_parts=return_parts, check_labels=self.check_labels,
                         upsample_logits=self.upsample_logits, backend="auto", factor=factor)
         if step is None and self.training and torch.is_grad_enabled():
-            self.step += 1
+            if torch.compiler.is_compiling():
+                # A new tensor, not an in-place add: compiled backwards rebuild the ramp from the
+                # buffer they saved, and would read it advanced (tested in test_compile.py).
+                self.step = self.step + 1
+            else:
+                self.step += 1
         return out
 
     def extra_repr(self) -> str:

@@ -202,7 +202,9 @@ class HSSNLoss(nn.Module):
         weight = torch.where(t >= horizon, torch.full_like(ramp, 0.5), ramp)
         total = total + weight.to(tt.dtype) * tt
         if self.training and torch.is_grad_enabled():
-            self.step += 1
+            # A new tensor, not an in-place add: compiled backwards rebuild the weight from the
+            # buffer they saved, and would read it advanced (tested in test_compile.py).
+            self.step = self.step + 1
         if parts is None:
             return total
         parts["triplet"] = tt.detach()
