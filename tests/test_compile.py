@@ -164,6 +164,45 @@ def test_native_custom_ops_pass_opcheck():
     key = H.fingerprint
     torch.library.opcheck(_native_op.native_tree_min_op, (x, lc, None, key, 0.0, "mean", True))
     torch.library.opcheck(_native_op.native_hssn_objective_op, (x, lc, None, key, 0.0, 5.0, [1.0, 1.0], True))
+    from hieraloss.torch import _logic_ops
+
+    r = torch.randn(2, H.num_nodes, 3, 3, dtype=torch.float64, requires_grad=True)
+    for rules, want_r in ((None, False), (r, True)):
+        torch.library.opcheck(_logic_ops.native_logicseg_op, (x, rules, lc, key),
+                              dict(p=5.0, exclusion="siblings", easy_filter=False, weight=0.2, with_rules=True,
+                                   asl=[4.0, 1.0, 0.05, 1e-8], want_x=True, want_r=want_r))
+
+
+@pytest.mark.parametrize("name", ["default", "release_form", "asymmetric_bce", "parts"])
+def test_native_logicseg_compiles_fullgraph_on_the_kernel(name, monkeypatch):
+    """LogicSeg on the compiled CPU kernel as the custom op ``hieraloss::native_logicseg``: one
+    kernel call per compiled step, eager's values and gradients (rule logits included)."""
+    _needs_native()
+    from hieraloss.torch import _logic_ops, asymmetric_bce_loss
+
+    torch._dynamo.reset()
+    x, y = _inputs()
+    r = torch.randn(2, H.num_nodes, 3, 3, dtype=torch.float64, requires_grad=True)
+    fn = {
+        "default": lambda a, b: logicseg_loss(a, b, H, step=30000, backend="native"),
+        "release_form": lambda a, b: logicseg_loss(a, b, H, rule_logits=r, exclusion="level", easy_filter=True,
+                                                   ramp=None, backend="native"),
+        "asymmetric_bce": lambda a, b: asymmetric_bce_loss(a, b, H, backend="native"),
+        "parts": lambda a, b: logicseg_loss(a, b, H, backend="native", return_parts=True)[1]["exclusion"] + 0 * a.sum(),
+    }[name]
+    eager = fn(x, y)
+    g_eager = torch.autograd.grad(eager, (x, r), allow_unused=True)
+    calls = []
+    kernel = _logic_ops._kernel_pass
+    monkeypatch.setattr(_logic_ops, "_kernel_pass", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    device_tables._CACHE.clear()
+    core_plan._PLANS.clear()
+    value = torch.compile(fn, fullgraph=True, backend="aot_eager")(x, y)
+    g_value = torch.autograd.grad(value, (x, r), allow_unused=True)
+    assert calls == [1]
+    assert torch.allclose(value, eager, rtol=1e-12, atol=1e-12)
+    for got, want in zip(g_value, g_eager, strict=True):
+        assert (got is None) == (want is None) and (got is None or torch.allclose(got, want, rtol=1e-12, atol=1e-12))
 
 
 def test_one_training_step_compiles_with_inductor():
