@@ -225,6 +225,30 @@ def test_one_training_step_compiles_with_inductor():
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
 
 
+def test_every_other_op_compiles_with_inductor():
+    """Inductor on the ops the training-step case leaves out: the leaf losses (their tables built in
+    the graph), LogicSeg on the kernel's custom op, tree-min and the cross-entropy on the vectorized
+    ops, top-down decoding; values and gradients as eager."""
+    torch._dynamo.reset()
+    x, y = _inputs()
+    x = x.detach().float().requires_grad_()
+    k = H.num_leaves
+
+    def step(logits, labels):
+        loss = (hierarchical_cross_entropy(logits[:, :k], labels, H, alpha=0.3, normalize=True)
+                + soft_label_cross_entropy(logits[:, :k], labels, H, beta=2.0)
+                + logicseg_loss(logits, labels, H, step=30000)
+                + tree_min_loss(logits, labels, H, backend="torch", reduction="hssn")
+                + depth_cross_entropy(logits, labels, H, 2))
+        return loss, decode(logits.detach(), H, "top_down")[1]
+
+    compiled = torch.compile(step, fullgraph=True)(x, y)
+    eager = step(x, y)
+    assert torch.allclose(compiled[0], eager[0], rtol=1e-5) and torch.equal(compiled[1], eager[1])
+    (g_compiled,), (g_eager,) = torch.autograd.grad(compiled[0], x), torch.autograd.grad(eager[0], x)
+    assert torch.allclose(g_compiled, g_eager, rtol=1e-4, atol=1e-6)
+
+
 def test_modules_compile_fullgraph():
     """The module forms delegate to the functionals and compile the same way (HSSNLoss with the
     trainer's step: its own counter is a host read, see docs/compile.md)."""

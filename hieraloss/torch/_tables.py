@@ -82,8 +82,10 @@ def _static_shaped(value: Any) -> Any:
     storage. Dynamo gives a constant tensor symbolic sizes under ``torch.compile(dynamic=True)``,
     and duck sizing then ties them to the inputs' (a table with 2 rows would pin a batch of 2);
     a parameter's shape is always static. Operations on a parameter return plain tensors."""
-    if isinstance(value, torch.Tensor):
-        return value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+    if isinstance(value, torch.Tensor):  # a 0-d tensor has no size to pin (and inductor mishandles 0-d parameters)
+        if value.dim() == 0 or isinstance(value, torch.nn.Parameter):
+            return value
+        return torch.nn.Parameter(value, requires_grad=False)
     if isinstance(value, tuple):
         items = [_static_shaped(v) for v in value]
         return type(value)(*items) if hasattr(value, "_fields") else tuple(items)

@@ -69,7 +69,7 @@ class _DevicePlan:
         h = tab.hierarchy
         f64 = dict(dtype=torch.float64, device=dev)
         self.edge_level = {"depth": torch.tensor(h.depth, **f64), "height": torch.tensor(h.height, **f64)}
-        self.root_level = {"depth": torch.zeros((), **f64), "height": torch.tensor(float(h.height.max()) + 1.0, **f64)}
+        self.root_level = {"depth": 0.0, "height": float(h.height.max()) + 1.0}
         self.ancestor_table = tab.ancestor_table  # [N, L]
         self.path_real = torch.tensor(plan_for(h).path_real, device=dev)  # [N, L] bool
         self.leaf_distance_t = torch.tensor(h.node_leaf_distance.T, **f64)  # [K, N]
@@ -80,7 +80,8 @@ def _hxe_table_in_graph(plan: _DevicePlan, alpha: Any, weighting: str, normalize
     """:func:`hieraloss.core.leaf.hxe_coefficients` as torch ops (``alpha`` may be symbolic)."""
     w = torch.exp(plan.edge_level[weighting] * -alpha)
     if normalize:
-        w = w / (w.sum() + torch.exp(plan.root_level[weighting] * -alpha))
+        root = torch.full((), plan.root_level[weighting], dtype=w.dtype, device=w.device)
+        w = w / (w.sum() + torch.exp(root * -alpha))
     path = torch.where(plan.path_real, w[plan.ancestor_table], torch.zeros((), dtype=w.dtype, device=w.device))
     return coefficients_from_path_weights(path, torch.cat).to(dtype)
 
