@@ -131,8 +131,10 @@ def _layers():
         "HSSNLoss": (lambda: hp.HSSNLoss(H), lambda m, x, y: m(x, y)),
         "HierarchicalCrossEntropyLoss": (lambda: hp.HierarchicalCrossEntropyLoss(H, alpha=0.2),
                                          lambda m, x, y: m(x[:, :K], y)),
-        "SoftLabelCrossEntropyLoss": (lambda: hp.SoftLabelCrossEntropyLoss(H, beta=2.0), lambda m, x, y: m(x[:, :K], y)),
-        "HierarchyDecoder": (lambda: hp.HierarchyDecoder(H), lambda m, x, y: m(x)[1].astype("float32").sum() + 0 * x.sum()),
+        "SoftLabelCrossEntropyLoss": (lambda: hp.SoftLabelCrossEntropyLoss(H, beta=2.0),
+                                      lambda m, x, y: m(x[:, :K], y)),
+        "HierarchyDecoder": (lambda: hp.HierarchyDecoder(H),
+                             lambda m, x, y: m(x)[1].astype("float32").sum() + 0 * x.sum()),
         "LogicSegLoss": (lambda: hp.LogicSegLoss(H, ramp=(1, 3)), lambda m, x, y: m(x, y)),
     }
 
