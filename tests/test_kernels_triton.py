@@ -7,6 +7,7 @@ small, and BLOCK_P is forced to 16 so that every case spans several programs and
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import numpy as np
 import pytest
@@ -389,6 +390,28 @@ def test_decode_matches_torch_backend():
     for method in ("path", "top_down"):
         for a, b in zip(fused_decode(x, h, method), torch_decode(x, h, method), strict=True):
             assert torch.equal(a.cpu(), b.cpu())
+
+
+def test_the_kernel_signature_is_written_once():
+    """The generated def lists _codegen.OBJECTIVE_PARAMS in order (then the constexprs), the launch
+    names each of them (a missing or unknown one is a TypeError naming it), and the AOT compile types
+    every pointer from the same table."""
+    from hieraloss.torch.kernels import _codegen
+    from hieraloss.torch.kernels import objective as objective_module
+
+    names = _codegen.objective_param_names()
+    kernel = objective_module.kernel_for(presets.pascal_person_part())
+    assert kernel.arg_names[:len(names)] == names
+    constexprs = {name for name, p in inspect.signature(kernel.fn).parameters.items() if "constexpr" in str(p)}
+    assert set(kernel.arg_names[len(names):]) == constexprs
+    arguments = dict.fromkeys(names, 0)
+    assert objective_module._objective_arguments(**arguments) == arguments
+    del arguments["scale_ptr"]
+    with pytest.raises(TypeError, match=r"missing \['scale_ptr'\]"):
+        objective_module._objective_arguments(**arguments, extra=1)
+    for _, row in _codegen.OBJECTIVE_PARAMS:
+        for param in row:
+            assert param.name.endswith("_ptr") == param.aot.startswith("*"), param
 
 
 def test_ops_are_registered_with_torch_library():

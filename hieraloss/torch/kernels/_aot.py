@@ -21,19 +21,20 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from ...hierarchy import Hierarchy
+from ._codegen import OBJECTIVE_PARAMS, Mode
 from ._common import FP_FUSION, NUM_STAGES, launch_sizes, register_cap
 
 _TRITON = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
 
 # The specialisations the library launches: (mode, tree-min, cross-entropy) per public function.
 OBJECTIVE_MODES = {
-    "value": (0, True, False),          # tree-min value without gradient (eval)
-    "value+grad": (1, True, False),     # tree_min_loss training step
-    "objective": (1, True, True),       # hssn_loss training step (tree-min + CE per depth)
-    "ce": (1, False, True),             # depth_cross_entropy
-    "objective value": (0, True, True),
-    "loss map": (2, True, False),       # reduction="none" forward
-    "map grad": (3, True, False),       # reduction="none" backward
+    "value": (Mode.VALUE, True, False),             # tree-min value without gradient (eval)
+    "value+grad": (Mode.VALUE_GRAD, True, False),   # tree_min_loss training step
+    "objective": (Mode.VALUE_GRAD, True, True),     # hssn_loss training step (tree-min + CE per depth)
+    "ce": (Mode.VALUE_GRAD, False, True),           # depth_cross_entropy
+    "objective value": (Mode.VALUE, True, True),
+    "loss map": (Mode.LOSS_MAP, True, False),       # reduction="none" forward
+    "map grad": (Mode.MAP_GRAD, True, False),       # reduction="none" backward
 }
 
 
@@ -133,19 +134,16 @@ def objective_source(h: Hierarchy, *, dtype: str = "float32", mode: str = "objec
     bp, warps = launch_sizes(h.num_nodes, 1 << 20)
     acc = "fp64" if dtype == "float64" else "fp32"
     x = _TRITON[dtype]
-    sums = mode_id in (0, 1)  # the label count's and the reduction's buffers; else they are the sums' buffer
-    sig = {name: "i32" for name in kernel.arg_names}
-    big = "i64" if wide else "i32"
-    sig.update(x_ptr="*" + x, sxb=big, lab_ptr="*" + _label_type(label_dtype), slb=big, code_ptr="*i32",
-               shift=big, table_ptr="*fp64", w_ptr="*" + acc, go_ptr="*" + (acc if mode_id == 3 else x), sgb=big,
-               sync_ptr="*i32" if sums else "*" + acc, rows_ptr="*fp64" if sums else "*" + acc, scale_ptr="*" + acc,
-               out_ptr="*" + (x if mode_id in (1, 3) else acc), sob=big, part_ptr="*" + acc,
-               counter_ptr="*i32" if sums else "*" + acc, gsum_ptr="*fp64" if sums else "*" + acc,
-               denom_ptr="*fp64" if sums else "*" + acc, coef_ptr="*fp64" if sums else "*" + acc, factor="fp32",
-               total_ptr="*" + acc, parts_ptr="*" + acc, gamma="fp32")
+    counts = mode_id in (Mode.VALUE, Mode.VALUE_GRAD)  # the label count's buffers; else any buffer of acc
+    fields = dict(x=x, acc=acc, label=_label_type(label_dtype), big="i64" if wide else "i32",
+                  go=acc if mode_id == Mode.MAP_GRAD else x,
+                  out=x if mode_id in (Mode.VALUE_GRAD, Mode.MAP_GRAD) else acc,
+                  count_i32="i32" if counts else acc, count_f64="fp64" if counts else acc)
+    sig = {p.name: p.aot.format(**fields) for _, row in OBJECTIVE_PARAMS for p in row}  # the kernel's own table
+    sig.update({name: "i32" for name in kernel.arg_names if name not in sig})
     gamma = 2.0 if focal is True else float(focal)
     const = dict(BLOCK_P=block_p or bp, CB=_reduce.count_chunk(),
-                 F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm, CE=ce, MODE=mode_id,
+                 F64=dtype == "float64", FOCAL=focal_code(gamma), HAS_W=weighted, TM=tm, CE=ce, MODE=int(mode_id),
                  **({"sop": 1} if contiguous_out else {}))
     sig.update({k: "constexpr" for k in const})
     # A channels_last output's pixel stride is the node count.

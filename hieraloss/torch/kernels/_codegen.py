@@ -29,19 +29,95 @@ Before step 1, in modes 0 and 1, every program takes its part in the label count
 per-depth denominators and gradient scales (``_reduce.shared_depth_scales``; see ``COUNT_LOOPS``),
 so a training step is one launch.
 
-Modes (constexpr ``MODE``): 0 reduced value; 1 reduced value and the gradient of the weighted
-total (per-depth scales counted first); 2 tree-min loss map; 3 gradient of ``sum(map * upstream)``.
+Modes (constexpr ``MODE``, :class:`Mode`): 0 reduced value; 1 reduced value and the gradient of
+the weighted total (per-depth scales counted first); 2 tree-min loss map; 3 gradient of
+``sum(map * upstream)``. The run-time parameters are written once, in :data:`OBJECTIVE_PARAMS`: the
+generated signature, the launch (by keyword) and the ahead-of-time compile read them there.
 """
 
 from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
 
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
 from ._common import WIDE_TREE_NODES
 from ._reduce import padded_width, rows_per_step
 
+
+class Mode(IntEnum):
+    """What one launch of the objective kernel computes (its constexpr ``MODE``)."""
+
+    VALUE = 0  # the reduced value, no gradient (evaluation)
+    VALUE_GRAD = 1  # the reduced value and the gradient of the weighted total (a training step)
+    LOSS_MAP = 2  # the tree-min loss map (reduction="none")
+    MAP_GRAD = 3  # the gradient of sum(map * upstream) (the loss map's backward)
+
+
+class Param(NamedTuple):
+    """One run-time parameter of the objective kernel. ``aot``: its type for the ahead-of-time
+    compile, a Triton type name with fields filled per specialisation (``kernels._aot``): ``{x}`` the
+    logits' type, ``{acc}`` the accumulator's, ``{label}`` the labels', ``{big}`` i32 or i64 (strides
+    past int32), ``{go}`` / ``{out}`` the upstream and output maps', ``{count_i32}`` /
+    ``{count_f64}`` the label count's buffers (modes 0 and 1; any buffer of ``{acc}`` otherwise).
+    ``specialize``: whether Triton may specialise an integer on its value (1, or divisibility by 16)."""
+
+    name: str
+    aot: str
+    specialize: bool = True
+
+
+# The objective kernel's run-time parameters, in order, one line of its signature per row: (comment,
+# parameters). The generated def, the launch (objective._launch, by keyword) and the AOT compile read it.
+OBJECTIVE_PARAMS: tuple[tuple[str, tuple[Param, ...]], ...] = (
+    ("logits [B, N, P], any strides",
+     (Param("x_ptr", "*{x}"), Param("sxb", "{big}", False), Param("sxn", "i32", False), Param("sxp", "i32", False))),
+    ("labels [B, P], any integer dtype",
+     (Param("lab_ptr", "*{label}"), Param("slb", "{big}", False), Param("slp", "i32", False))),
+    ("int32 label codes: slot clamp(label + shift) -> pre | end << 16, -1 ignored",
+     (Param("code_ptr", "*i32"), Param("shift", "{big}", False), Param("ncode", "i32", False))),
+    ("float64 [ncode, L2]: the entries per depth of each label slot (MODE 0, 1)", (Param("table_ptr", "*fp64"),)),
+    ("node weights [N] (HAS_W)", (Param("w_ptr", "*{acc}"),)),
+    ("upstream map [B, N, P] (MODE 3)",
+     (Param("go_ptr", "*{go}"), Param("sgb", "{big}", False), Param("sgn", "i32", False), Param("sgp", "i32", False))),
+    ("the label count (MODE 0, 1): _reduce.shared_depth_scales",
+     (Param("chunks", "i32", False), Param("sync_ptr", "*{count_i32}"), Param("rows_ptr", "*{count_f64}"),
+      Param("reduction", "i32", False), Param("spin_limit", "i32", False))),
+    ("per-depth gradient scales [L2], written by the label count (MODE 0, 1)", (Param("scale_ptr", "*{acc}"),)),
+    ("gradient (MODE 1, 3) or loss map (MODE 2) [B, N, P], any strides",
+     (Param("out_ptr", "*{out}"), Param("sob", "{big}", False), Param("son", "i32", False), Param("sop", "i32"))),
+    ("per-program sums [B * programs, 2 L]: tree-min then cross-entropy", (Param("part_ptr", "*{acc}"),)),
+    ("the reduction of the sums (MODE 0, 1): programs per group, counters, group sums",
+     (Param("group", "i32", False), Param("counter_ptr", "*{count_i32}"), Param("gsum_ptr", "*{count_f64}"))),
+    ("per-depth denominators and coefficients, the loss's factor; the outputs",
+     (Param("denom_ptr", "*{count_f64}"), Param("coef_ptr", "*{count_f64}"), Param("factor", "fp32"),
+      Param("total_ptr", "*{acc}"), Param("parts_ptr", "*{acc}"))),
+    ("pixels per image; FOCAL: 0 none, 1..4 the integer gamma, -1 any other gamma",
+     (Param("P", "i32", False), Param("gamma", "fp32"))),
+)
+
+
+def objective_param_names() -> list[str]:
+    """The objective kernel's run-time parameters in signature order."""
+    return [p.name for _, row in OBJECTIVE_PARAMS for p in row]
+
+
+def _signature_lines() -> str:
+    """The run-time parameters as the generated def lists them, one commented row per line."""
+    rows = [(", ".join(p.name for p in row) + ",", comment) for comment, row in OBJECTIVE_PARAMS]
+    width = max(len(names) for names, _ in rows)
+    return "\n".join(f"    {names:<{width}}  # {comment}" for names, comment in rows)
+
+
+def _not_specialized() -> str:
+    names = [f'"{p.name}"' for _, row in OBJECTIVE_PARAMS for p in row if not p.specialize]
+    return "[" + ",\n                             ".join(
+        ", ".join(names[i:i + 9]) for i in range(0, len(names), 9)) + "]"
+
+
 # Bumped whenever the generated code changes meaning, so cached kernels are never stale.
-CODEGEN_VERSION = 13
+CODEGEN_VERSION = 14
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
 # the loop): one load per loop left a warp one load in flight, too little to cover memory latency
@@ -153,22 +229,9 @@ COUNT_RB = tl.constexpr({count_rb})
 
 # sop is left to Triton's specialisation of 1: a contiguous output (the usual one) costs no multiply
 # and no register for it; channels_last logits get a compile of their own.
-@triton.jit(do_not_specialize=["sxb", "sxn", "sxp", "slb", "slp", "shift", "ncode", "sgb", "sgn", "sgp",
-                             "chunks", "reduction", "spin_limit", "sob", "son", "P", "group"])
+@triton.jit(do_not_specialize={do_not_specialize})
 def objective_kernel(
-    x_ptr, sxb, sxn, sxp,             # logits [B, N, P], any strides
-    lab_ptr, slb, slp,                # labels [B, P], any integer dtype
-    code_ptr, shift, ncode,           # int32 label codes: slot clamp(label + shift) -> pre | end << 16, -1 ignored
-    table_ptr,                        # float64 [ncode, L2]: the entries per depth of each label slot (MODE 0, 1)
-    w_ptr,                            # node weights [N] (HAS_W)
-    go_ptr, sgb, sgn, sgp,            # upstream map [B, N, P] (MODE 3)
-    chunks, sync_ptr, rows_ptr, reduction, spin_limit,  # the label count (MODE 0, 1): _reduce.shared_depth_scales
-    scale_ptr,                        # per-depth gradient scales [L2], written by the label count (MODE 0, 1)
-    out_ptr, sob, son, sop,           # gradient (MODE 1, 3) or loss map (MODE 2) [B, N, P], any strides
-    part_ptr,                         # per-program sums [B * programs, 2 L]: tree-min then cross-entropy
-    group, counter_ptr, gsum_ptr,     # the reduction of the sums (MODE 0, 1): programs per group, counters, group sums
-    denom_ptr, coef_ptr, factor, total_ptr, parts_ptr,
-    P, gamma,                         # FOCAL: 0 none, 1..4 the integer gamma, -1 any other gamma
+{params}
     # CB: labels per chunk of the label count
     BLOCK_P: tl.constexpr, CB: tl.constexpr, F64: tl.constexpr, FOCAL: tl.constexpr, HAS_W: tl.constexpr,
     TM: tl.constexpr, CE: tl.constexpr, MODE: tl.constexpr,
@@ -247,7 +310,8 @@ def objective_source(h: Hierarchy) -> str:
     d2 = padded_width(2 * L)
     count, step, count_rb = count_loop(t.n, L)
     lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
-                            count=count, count_step=step, count_rb=count_rb, one_wide=_one_wide(t.n))]
+                            count=count, count_step=step, count_rb=count_rb, one_wide=_one_wide(t.n),
+                            params=_signature_lines(), do_not_specialize=_not_specialized())]
     emit = lines.append
     I1, I2, I3 = " " * 4, " " * 8, " " * 12
     groups = load_groups(t.n)

@@ -46,6 +46,7 @@ from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import cached_on
 from . import _codegen, _reduce
+from ._codegen import Mode
 from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, launch_sizes, on_device, register_cap
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import shared_depth_scales
@@ -183,7 +184,17 @@ def label_count_constants(num_nodes: int, depth: int) -> dict:
     return dict(L2=2 * depth, D2=_reduce.padded_width(2 * depth), CB=_reduce.count_chunk(), STEP=step, RB=rb)
 
 
-def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sums=None, out_dtype=None,
+def _objective_arguments(**arguments):
+    """The objective kernel's run-time arguments by name, checked against its one parameter table
+    (``_codegen.OBJECTIVE_PARAMS``): a parameter added there and not here fails at once, by name."""
+    names = _codegen.objective_param_names()
+    if list(arguments) != names:
+        missing, unknown = sorted(set(names) - set(arguments)), sorted(set(arguments) - set(names))
+        raise TypeError(f"objective kernel arguments: missing {missing}, unknown {unknown} (or out of order)")
+    return arguments
+
+
+def _launch(mode: Mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, sums=None, out_dtype=None,
             upstream=None):
     """The objective kernel in ``mode``; ``sums`` (modes 0 and 1): ``(reduction, coefficients, factor,
     total, parts)``: the kernel counts the labels for the per-depth denominators and gradient scales,
@@ -192,27 +203,28 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
     L = hierarchy.max_depth
     acc = _acc_dtype(x)
     dev = x.device
-    out = _like_logits(x, out_dtype) if mode else None
+    writes_map = mode != Mode.VALUE  # a gradient or a loss map [B, N, P]
+    out = _like_logits(x, out_dtype) if writes_map else None
     lab = labels.reshape(B, P)
     go = upstream if upstream is not None else x
     kout = out
     if images_as_pixels(B, P):
         # The label count then takes whole chunks too, not one label per image.
         x, go, lab = x.transpose(0, 2), go.transpose(0, 2), lab.t()
-        kout = out.transpose(0, 2) if mode else None
+        kout = out.transpose(0, 2) if writes_map else None
         B, P = 1, B
     block_p, warps = launch_sizes(N, P)
     tiles = triton.cdiv(P, block_p)
     # Every program writes its row of the sums it computes (tree-min with tm, cross-entropy with ce),
     # and the reduction reads only those.
     part = torch.empty((B * tiles, 2 * L), dtype=acc, device=dev)
-    if not mode:
+    if not writes_map:
         out = kout = part
     if B * P == 0:
         if sums is not None:
             sums[3].zero_()
             sums[4].zero_()
-        return (out.zero_() if mode else out)
+        return (out.zero_() if writes_map else out)
     code, shift, table = codes
     dummy = part
     d2 = _reduce.padded_width(2 * L)
@@ -234,16 +246,21 @@ def _launch(mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce, *, su
                 lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
                 denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4, **FP_FUSION)
         kernel_for(hierarchy)[(tiles, B)](
-            x, x.stride(0), x.stride(1), x.stride(2),
-            lab, lab.stride(0), lab.stride(1),
-            code, shift, code.numel(), table,
-            node_weight if node_weight is not None else dummy,
-            go, go.stride(0), go.stride(1), go.stride(2),
-            chunks, sync, rows, reduction, _reduce.spin_limit(), scales,
-            kout, *(kout.stride() if mode else (0, 0, 1)), part, group, counter, gsum, denom, coef, float(factor),
-            total, parts, P, float(gamma),
+            **_objective_arguments(
+                x_ptr=x, sxb=x.stride(0), sxn=x.stride(1), sxp=x.stride(2),
+                lab_ptr=lab, slb=lab.stride(0), slp=lab.stride(1),
+                code_ptr=code, shift=shift, ncode=code.numel(), table_ptr=table,
+                w_ptr=node_weight if node_weight is not None else dummy,
+                go_ptr=go, sgb=go.stride(0), sgn=go.stride(1), sgp=go.stride(2),
+                chunks=chunks, sync_ptr=sync, rows_ptr=rows, reduction=reduction, spin_limit=_reduce.spin_limit(),
+                scale_ptr=scales,
+                out_ptr=kout, **dict(zip(("sob", "son", "sop"), kout.stride() if writes_map else (0, 0, 1),
+                                  strict=True)),
+                part_ptr=part, group=group, counter_ptr=counter, gsum_ptr=gsum,
+                denom_ptr=denom, coef_ptr=coef, factor=float(factor), total_ptr=total, parts_ptr=parts,
+                P=P, gamma=float(gamma)),
             BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
-            HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=mode,
+            HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=int(mode),
             num_warps=warps, num_stages=NUM_STAGES, **register_cap(N), **FP_FUSION,
         )
     return out
@@ -262,17 +279,17 @@ def _objective(logits: torch.Tensor, labels: torch.Tensor, key: str, ignore_inde
     ce = any(w != 0.0 for w in ce_weights)
     weight = None if node_weight is None else node_weight.to(device=logits.device, dtype=acc).contiguous()
     if reduction == "none":
-        out = _launch(2, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
+        out = _launch(Mode.LOSS_MAP, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=acc)
         return out.view(logits.shape), logits.new_zeros((1 + L,), dtype=acc), logits.new_empty((0,))
     factor = HSSN_SCALE if reduction == "hssn" else 1.0
     coef = _coefficients(logits.device, L, float(tm_weight) * factor, tuple(float(w) for w in ce_weights))
     total, parts = logits.new_empty((), dtype=acc), logits.new_empty((1 + L,), dtype=acc)
     sums = (reduction, coef, factor, total, parts)
     if want_grad:
-        grad = _launch(1, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums,
+        grad = _launch(Mode.VALUE_GRAD, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums,
                        out_dtype=logits.dtype).view(logits.shape)
     else:
-        _launch(0, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums)
+        _launch(Mode.VALUE, x, labels, codes, hierarchy, weight, gamma, tm, ce, sums=sums)
         grad = logits.new_empty((0,))
     return total, parts, grad
 
@@ -300,7 +317,7 @@ def objective_map_backward_op(grad_map: torch.Tensor, logits: torch.Tensor, labe
     acc = _acc_dtype(logits)
     codes = label_codes(hierarchy, ignore_index, logits.device)
     weight = None if node_weight is None else node_weight.to(device=logits.device, dtype=acc).contiguous()
-    grad = _launch(3, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=logits.dtype,
+    grad = _launch(Mode.MAP_GRAD, x, labels, codes, hierarchy, weight, gamma, True, False, out_dtype=logits.dtype,
                    upstream=_as_bnp(grad_map.to(acc)))
     return grad.view(logits.shape)
 
