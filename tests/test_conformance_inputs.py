@@ -105,9 +105,19 @@ def _bad_cases():
             (f"{fn}-labels-before-finite", fn, (leaf_x, _labels(dtype=np.float32), H), {"check_finite": True},
              LabelError, "float32"),
         ]
-    cases.append(("hssn_loss-not-finite", "hssn_loss",
-                  _loss_args("hssn_loss", x=np.array([[[math.nan] * 3] * N, [[math.inf] * 3] * N])),
-                  {"check_finite": True}, ValueError, f"{6 * N} non-finite"))
+    for fn in ("hssn_loss", "depth_cross_entropy", *LOGIC_LOSSES):
+        cases += [
+            (f"{fn}-not-finite", fn, _loss_args(fn, x=np.array([[[math.nan] * 3] * N, [[math.inf] * 3] * N])),
+             {"check_finite": True}, ValueError, f"{6 * N} non-finite"),
+            (f"{fn}-labels-before-finite", fn, _loss_args(fn, x=np.full((2, N, 3), math.nan),
+                                                          labels=_labels(dtype=np.float32)),
+             {"check_finite": True}, LabelError, "float32"),
+        ]
+    rule_x = np.zeros((2, N, 2))
+    rule_x[1, 3, 1] = -math.inf
+    cases.append(("logicseg_loss-rule-logits-not-finite", "logicseg_loss", _loss_args("logicseg_loss"),
+                  {"check_finite": True, "rule_logits": rule_x}, ValueError,
+                  "rule_logits hold 1 non-finite value"))
     for gamma in (math.inf, -math.inf, math.nan, -1.0, True, False, "two", None):
         cases.append((f"focal-gamma-{gamma!r}", "focal_tree_min_loss", _loss_args("focal_tree_min_loss"),
                       {"gamma": gamma}, ValueError, f"gamma must be a finite number >= 0, got {gamma!r}"))
@@ -344,3 +354,30 @@ def test_nan_leaf_logit_decodes_the_same_everywhere(method):
     assert len({repr(v) for v in seen.values()}) == 1, seen
     if method == "argmax":
         assert seen[DIRECTS[0].name][0][0][0] == 3 and seen[DIRECTS[0].name][0][1][1] == 1
+
+
+MODULES_WITH_CHECK_FINITE = {  # name: (constructor keywords, call on (node logits, leaf logits, labels))
+    "TreeMinLoss": ({}, lambda m, x, leaf, y: m(x, y)),
+    "HSSNLoss": ({}, lambda m, x, leaf, y: m(x, y)),
+    "HierarchicalCrossEntropyLoss": ({"alpha": 0.2}, lambda m, x, leaf, y: m(leaf, y)),
+    "SoftLabelCrossEntropyLoss": ({"beta": 2.0}, lambda m, x, leaf, y: m(leaf, y)),
+    "LogicSegLoss": ({}, lambda m, x, leaf, y: m(x, y)),
+}
+
+
+@pytest.mark.parametrize("framework", ["torch", "paddle"])
+@pytest.mark.parametrize("name", list(MODULES_WITH_CHECK_FINITE))
+def test_modules_take_check_finite(name, framework):
+    """The module and layer forms take ``check_finite`` and pass it on: the functional's message."""
+    lib = pytest.importorskip(f"hieraloss.{framework}")
+    module = pytest.importorskip(framework)
+    to_tensor = module.tensor if framework == "torch" else module.to_tensor
+    kwargs, call = MODULES_WITH_CHECK_FINITE[name]
+    x = np.zeros((2, N, 3))
+    x[1, 4, 2] = math.nan
+    leaf = np.zeros((2, H.num_leaves, 3))
+    leaf[0, 2, 0] = math.inf
+    y = to_tensor(_labels())
+    call(getattr(lib, name)(H, **kwargs), to_tensor(x), to_tensor(leaf), y)  # unchecked: no error, a non-finite loss
+    with pytest.raises(ValueError, match=r"logits hold 1 non-finite values \(nan or inf\)"):
+        call(getattr(lib, name)(H, check_finite=True, **kwargs), to_tensor(x), to_tensor(leaf), y)

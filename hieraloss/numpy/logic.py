@@ -26,7 +26,7 @@ from ..core.objective import (
 )
 from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
-from .losses import check_labels, check_logits, compute_dtype, targets_and_mask
+from .losses import check_finite_values, check_labels, check_logits, compute_dtype, targets_and_mask
 
 __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
            "logicseg_loss", "logic_refine"]
@@ -115,9 +115,17 @@ def _asl(x, labels, hierarchy, ignore_index, gamma_neg, gamma_pos, clip, eps):
         gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps))
 
 
+def _check_finite_at_door(x, labels, hierarchy, ignore_index, rule_logits):
+    """``check_finite=True`` of the LogicSeg losses, as in torch: the labels first, then the values."""
+    check_labels(labels, (x.shape[0], *x.shape[2:]), hierarchy, ignore_index)
+    check_finite_values(x)
+    if rule_logits is not None:
+        check_finite_values(rule_logits, "rule_logits")
+
+
 def asymmetric_bce_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, gamma_neg: float = 4.0,
                         gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8,
-                        ignore_index: int = 255) -> np.floating:
+                        ignore_index: int = 255, check_finite: bool = False) -> np.floating:
     """The asymmetric loss (Ridnik et al., ICCV 2021) on the multi-hot node targets, LogicSeg's base
     term. With ``s = sigmoid(x)`` and ``s_neg = min(1 - s + clip, 1)``, per (pixel, node)::
 
@@ -125,9 +133,12 @@ def asymmetric_bce_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, gamma
         negative:                          -(1 - s_neg)^gamma_neg * log(max(s_neg, eps))
 
     summed over the nodes and averaged over the valid pixels (an exact 0 when there are none). A
-    partial label's strict descendants are unknown and do not count."""
+    partial label's strict descendants are unknown and do not count. ``check_finite=True`` raises a
+    ``ValueError`` for a non-finite logit."""
     x = check_logits(logits, hierarchy)
     gn, gp, c, e = check_asl_options(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    if check_finite:
+        _check_finite_at_door(x, labels, hierarchy, ignore_index, None)
     return _asl(x, labels, hierarchy, ignore_index, gn, gp, c, e)
 
 
@@ -168,7 +179,8 @@ def _scalar(value, like):
 def logicseg_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, step: float | None = None,
                   rule_logits: Any = None, rule_weight: float = LOGICSEG_RULE_WEIGHT,
                   ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
-                  easy_filter: bool = False, ignore_index: int = 255, return_parts: bool = False) -> Any:
+                  easy_filter: bool = False, ignore_index: int = 255, return_parts: bool = False,
+                  check_finite: bool = False) -> Any:
     """LogicSeg's training objective::
 
         asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
@@ -178,10 +190,13 @@ def logicseg_loss(logits: Any, labels: Any, hierarchy: Hierarchy, *, step: float
     ``logits``; the release gives the rules the head's logits before upsampling). ``factor`` ramps
     linearly from 0 at ``ramp[0]`` to 1 at ``ramp[1]``; ``step=None`` or ``ramp=None`` is 1.
     ``return_parts=True`` also returns the unweighted ``asl``, ``child_implies_parent``,
-    ``parent_implies_child``, ``exclusion`` and ``rule_factor``."""
+    ``parent_implies_child``, ``exclusion`` and ``rule_factor``. ``check_finite=True`` raises a
+    ``ValueError`` for a non-finite value in ``logits`` or ``rule_logits``."""
     x = check_logits(logits, hierarchy)
     p = check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=step)
     r = x if rule_logits is None else check_logits(rule_logits, hierarchy, "rule_logits")
+    if check_finite:
+        _check_finite_at_door(x, labels, hierarchy, ignore_index, None if rule_logits is None else r)
     t = _logic.logic_tables(plan_for(hierarchy), exclusion)
 
     def rules():

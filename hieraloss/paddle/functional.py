@@ -340,17 +340,21 @@ def expand_targets(
 
 def depth_cross_entropy(
     logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, depth: int, *, ignore_index: int = 255,
-    backend: str = "auto", check_labels: bool = True, upsample_logits: bool = False,
+    backend: str = "auto", check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False,
 ) -> paddle.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
     not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
     ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the paddle op; ``"triton"`` and
-    ``"auto"`` on a GPU run the fused kernel's cross-entropy alone); ``upsample_logits`` as there."""
+    ``"auto"`` on a GPU run the fused kernel's cross-entropy alone); ``upsample_logits`` and
+    ``check_finite`` as there."""
     x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
-    lc, _ = _checked_labels(labels, x, hierarchy, ignore_index, check_labels)
+    labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
+    if check_finite:
+        _check_finite(x)
+    lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
     if _use_triton(backend, x, hierarchy):
         ce_w = [0.0] * hierarchy.max_depth
         ce_w[depth - 1] = 1.0

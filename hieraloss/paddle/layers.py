@@ -193,6 +193,7 @@ class HSSNLoss(nn.Layer):
         gather_across_ranks: bool = False,
         check_labels: bool = True,
         upsample_logits: bool = False,
+        check_finite: bool = False,
     ):
         super().__init__()
         F._check_hierarchy(hierarchy)
@@ -215,6 +216,7 @@ class HSSNLoss(nn.Layer):
         self.gather_across_ranks = gather_across_ranks
         self.check_labels = bool(check_labels)
         self.upsample_logits = bool(upsample_logits)
+        self.check_finite = bool(check_finite)
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
@@ -255,6 +257,7 @@ class HSSNLoss(nn.Layer):
             gather_across_ranks=self.gather_across_ranks,
             check_labels=self.check_labels,
             upsample_logits=self.upsample_logits,
+            check_finite=self.check_finite,
         )
         if self.training and paddle.is_grad_enabled() and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
@@ -283,10 +286,11 @@ class _LeafLoss(nn.Layer):
     _param = ""
 
     def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean",
-                 upsample_logits: bool = False):
+                 upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         self.upsample_logits = bool(upsample_logits)
+        self.check_finite = bool(check_finite)
         setattr(self, self._param, check_nonnegative(value, self._param))
         check_leaf_reduction(reduction)
         hierarchy.check_ignore_index(ignore_index)
@@ -309,10 +313,10 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
 
     def __init__(
         self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
-        upsample_logits: bool = False, weighting: str = "depth", normalize: bool = False,
+        upsample_logits: bool = False, weighting: str = "depth", normalize: bool = False, check_finite: bool = False,
     ):
         super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits)
+                         upsample_logits=upsample_logits, check_finite=check_finite)
         check_hxe_weighting(weighting, normalize)
         self.weighting = weighting
         self.normalize = bool(normalize)
@@ -328,6 +332,7 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
             upsample_logits=self.upsample_logits,
             weighting=self.weighting,
             normalize=self.normalize,
+            check_finite=self.check_finite,
         )
 
 
@@ -339,10 +344,10 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
 
     def __init__(
         self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
-        upsample_logits: bool = False,
+        upsample_logits: bool = False, check_finite: bool = False,
     ):
         super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits)
+                         upsample_logits=upsample_logits, check_finite=check_finite)
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return _leaf.soft_label_cross_entropy(
@@ -353,4 +358,5 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
             ignore_index=self.ignore_index,
             reduction=self.reduction,
             upsample_logits=self.upsample_logits,
+            check_finite=self.check_finite,
         )

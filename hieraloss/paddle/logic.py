@@ -43,11 +43,14 @@ def _asl(x, labels, hierarchy, ignore_index, check_labels, gamma_neg, gamma_pos,
 def asymmetric_bce_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,
                         gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8,
                         ignore_index: int = 255, check_labels: bool = True, upsample_logits: bool = False,
-                        backend: str = "auto") -> paddle.Tensor:
+                        backend: str = "auto", check_finite: bool = False) -> paddle.Tensor:
     """The asymmetric loss on node targets (:func:`hieraloss.torch.asymmetric_bce_loss`)."""
     F._check_choice(backend, F.BACKENDS, "backend")
-    x = F.upsample_to_labels(F._check_logits(logits, hierarchy), labels, upsample_logits)
+    x0 = F._check_logits(logits, hierarchy)
+    x = F.upsample_to_labels(x0, labels, upsample_logits)
     gn, gp, c, e = check_asl_options(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    if check_finite:
+        _check_finite_at_door(x, labels, hierarchy, ignore_index, x0, None)
     if _lo.native_runs(backend, x, x):
         lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         return _lo.native_objective(x, None, lc, hierarchy, p=5.0, exclusion="siblings", easy_filter=False,
@@ -92,7 +95,7 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
                   rule_weight: float = LOGICSEG_RULE_WEIGHT, ramp: tuple[float, float] | None = LOGICSEG_RAMP,
                   p: float = 5.0, exclusion: str = "siblings", easy_filter: bool = False, ignore_index: int = 255,
                   return_parts: bool = False, check_labels: bool = True, upsample_logits: bool = False,
-                  backend: str = "auto") -> Any:
+                  backend: str = "auto", check_finite: bool = False) -> Any:
     """LogicSeg's training objective (:func:`hieraloss.torch.logicseg_loss`)::
 
         asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
@@ -103,11 +106,19 @@ def logicseg_loss(logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hiera
     return _logicseg(logits, labels, hierarchy, step=step, rule_logits=rule_logits, rule_weight=rule_weight,
                      ramp=ramp, p=p, exclusion=exclusion, easy_filter=easy_filter, ignore_index=ignore_index,
                      return_parts=return_parts, check_labels=check_labels, upsample_logits=upsample_logits,
-                     backend=backend)
+                     backend=backend, check_finite=check_finite)
+
+
+def _check_finite_at_door(x, labels, hierarchy, ignore_index, logits, rule_logits):
+    """``check_finite=True`` of the LogicSeg losses, as in torch: labels' type and shape, then values."""
+    F._labels_at_door(labels, x, hierarchy, ignore_index)
+    F._check_finite(logits)
+    if rule_logits is not None:
+        F._check_finite(rule_logits, "rule_logits")
 
 
 def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp, p, exclusion, easy_filter,
-              ignore_index, return_parts, check_labels, upsample_logits, backend, factor=None):
+              ignore_index, return_parts, check_labels, upsample_logits, backend, factor=None, check_finite=False):
     """:func:`logicseg_loss`, with the ramp's ``factor`` given as a tensor where ``LogicSegLoss``
     computes it from its step buffer inside a static program."""
     F._check_choice(backend, F.BACKENDS, "backend")
@@ -115,6 +126,8 @@ def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp
     x = F.upsample_to_labels(x0, labels, upsample_logits)
     p = check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=step)
     r = x0 if rule_logits is None else F._check_logits(rule_logits, hierarchy, "rule_logits")
+    if check_finite:
+        _check_finite_at_door(x, labels, hierarchy, ignore_index, x0, None if rule_logits is None else r)
 
     def rules():
         return _logic.rule_parts(_lo.OPS, _lo.scores(r), _lo.tables(hierarchy, place_of(r), exclusion), p,
@@ -141,14 +154,15 @@ class LogicSegLoss(nn.Layer):
     def __init__(self, hierarchy: Hierarchy, *, rule_weight: float = LOGICSEG_RULE_WEIGHT,
                  ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
                  easy_filter: bool = False, ignore_index: int = 255, check_labels: bool = True,
-                 upsample_logits: bool = False):
+                 upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=None)
         self.hierarchy = hierarchy
         self.options = dict(rule_weight=rule_weight, ramp=ramp, p=p, exclusion=exclusion,
                             easy_filter=bool(easy_filter), ignore_index=ignore_index,
-                            check_labels=bool(check_labels), upsample_logits=bool(upsample_logits))
+                            check_labels=bool(check_labels), upsample_logits=bool(upsample_logits),
+                            check_finite=bool(check_finite))
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
     def forward(self, logits, labels, rule_logits=None, *, step=None, return_parts=False):

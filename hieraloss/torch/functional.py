@@ -334,15 +334,17 @@ def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int
 
 def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, depth: int, *,
                         ignore_index: int = 255, backend: str = "auto", check_labels: bool = True,
-                        upsample_logits: bool = False) -> torch.Tensor:
+                        upsample_logits: bool = False, check_finite: bool = False) -> torch.Tensor:
     """Cross-entropy over the classes at ``depth`` (``hierarchy.depth_channels[depth-1]``), targets the
     labelled node's class at that depth; ignored pixels and partial labels coarser than ``depth`` do
     not count. Mean over the counted pixels (an exact 0 if there are none). ``backend`` and
-    ``check_labels`` as for :func:`tree_min_loss` (``"native"`` runs the torch ops)."""
+    ``check_labels`` and ``check_finite`` as for :func:`tree_min_loss` (``"native"`` runs the torch ops)."""
     x = upsample_to_labels(_check_logits(logits, hierarchy), labels, upsample_logits)
     depth = _checks.check_depth(depth, hierarchy)
     _check_choice(backend, BACKENDS, "backend")
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
+    if check_finite:
+        _check_finite(x)
     if _use_triton(backend, x, hierarchy):
         if check_labels:
             _check_label_values(labels, hierarchy, ignore_index)

@@ -42,7 +42,7 @@ def _asl(x, labels, hierarchy, ignore_index, check_labels, gamma_neg, gamma_pos,
 def asymmetric_bce_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *,
                         gamma_neg: float = 4.0, gamma_pos: float = 1.0, clip: float = 0.05, eps: float = 1e-8,
                         ignore_index: int = 255, check_labels: bool = True, upsample_logits: bool = False,
-                        backend: str = "auto") -> torch.Tensor:
+                        backend: str = "auto", check_finite: bool = False) -> torch.Tensor:
     """The asymmetric loss (Ridnik et al., ICCV 2021) on the multi-hot node targets, LogicSeg's base
     term. With ``s = sigmoid(x)`` and ``s_neg = min(1 - s + clip, 1)``, per (pixel, node)::
 
@@ -51,11 +51,14 @@ def asymmetric_bce_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
 
     (the focusing weights are differentiated), summed over the nodes and averaged over the valid
     pixels (an exact 0 when there are none). A partial label's strict descendants do not count.
-    ``check_labels`` and ``upsample_logits`` as for :func:`hieraloss.torch.tree_min_loss`;
-    ``backend`` as for :func:`logicseg_loss`."""
+    ``check_labels``, ``check_finite`` and ``upsample_logits`` as for
+    :func:`hieraloss.torch.tree_min_loss`; ``backend`` as for :func:`logicseg_loss`."""
     F._check_choice(backend, F.BACKENDS, "backend")
-    x = F.upsample_to_labels(F._check_logits(logits, hierarchy), labels, upsample_logits)
+    x0 = F._check_logits(logits, hierarchy)
+    x = F.upsample_to_labels(x0, labels, upsample_logits)
     gn, gp, c, e = check_asl_options(gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
+    if check_finite:
+        _check_finite_at_door(x, labels, hierarchy, ignore_index, x0, None)
     if _lo.native_runs(backend, x, x):
         lc, _ = F._checked_labels(labels, x, hierarchy, ignore_index, check_labels)
         return _lo.native_objective(x, None, lc, hierarchy, p=5.0, exclusion="siblings", easy_filter=False,
@@ -106,7 +109,8 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
                   rule_logits: torch.Tensor | None = None, rule_weight: float = LOGICSEG_RULE_WEIGHT,
                   ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
                   easy_filter: bool = False, ignore_index: int = 255, return_parts: bool = False,
-                  check_labels: bool = True, upsample_logits: bool = False, backend: str = "auto") -> Any:
+                  check_labels: bool = True, upsample_logits: bool = False, backend: str = "auto",
+                  check_finite: bool = False) -> Any:
     """LogicSeg's training objective::
 
         asymmetric_bce(logits) + rule_weight * factor(step) * (C + D + E)(rule_logits)
@@ -120,7 +124,8 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
 
     ``return_parts=True`` also returns the unweighted, detached ``asl``, ``child_implies_parent``,
     ``parent_implies_child``, ``exclusion`` and ``rule_factor``. ``check_labels`` as for
-    :func:`hieraloss.torch.tree_min_loss`.
+    :func:`hieraloss.torch.tree_min_loss`; ``check_finite=True`` raises a ``ValueError`` for a
+    non-finite value in ``logits`` or ``rule_logits`` (one device sync each).
 
     ``backend``: ``"auto"`` runs the compiled CPU kernel for CPU tensors when it is built (logits and
     rule logits of one dtype; float16/bfloat16 computed in float32; two passes over the logits: the
@@ -131,11 +136,20 @@ def logicseg_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarc
     return _logicseg(logits, labels, hierarchy, step=step, rule_logits=rule_logits, rule_weight=rule_weight,
                      ramp=ramp, p=p, exclusion=exclusion, easy_filter=easy_filter, ignore_index=ignore_index,
                      return_parts=return_parts, check_labels=check_labels, upsample_logits=upsample_logits,
-                     backend=backend, factor=None)
+                     backend=backend, factor=None, check_finite=check_finite)
+
+
+def _check_finite_at_door(x, labels, hierarchy, ignore_index, logits, rule_logits):
+    """``check_finite=True`` of the LogicSeg losses: the labels' type and shape first (as every
+    loss's door), then ``logits`` and ``rule_logits`` (None: none given)."""
+    F._labels_at_door(labels, x, hierarchy, ignore_index)
+    F._check_finite(logits)
+    if rule_logits is not None:
+        F._check_finite(rule_logits, "rule_logits")
 
 
 def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp, p, exclusion, easy_filter,
-              ignore_index, return_parts, check_labels, upsample_logits, backend, factor):
+              ignore_index, return_parts, check_labels, upsample_logits, backend, factor, check_finite=False):
     """:func:`logicseg_loss`, with ``factor`` the ramp's value when the caller computed it (a 0-d
     tensor under ``torch.compile``, from :class:`LogicSegLoss`'s step buffer), else None."""
     F._check_choice(backend, F.BACKENDS, "backend")
@@ -145,6 +159,8 @@ def _logicseg(logits, labels, hierarchy, *, step, rule_logits, rule_weight, ramp
     r = x0 if rule_logits is None else F._check_logits(rule_logits, hierarchy, "rule_logits")
     if r.device != x.device:
         raise ValueError(f"rule_logits are on {r.device} but the logits are on {x.device}")
+    if check_finite:
+        _check_finite_at_door(x, labels, hierarchy, ignore_index, x0, None if rule_logits is None else r)
 
     def rules():
         return _logic.rule_parts(_lo.OPS, _lo.scores(r), _lo.tables(hierarchy, r.device, exclusion), p,
@@ -175,7 +191,7 @@ class LogicSegLoss(nn.Module):
     def __init__(self, hierarchy: Hierarchy, *, rule_weight: float = LOGICSEG_RULE_WEIGHT,
                  ramp: tuple[float, float] | None = LOGICSEG_RAMP, p: float = 5.0, exclusion: str = "siblings",
                  easy_filter: bool = False, ignore_index: int = 255, check_labels: bool = True,
-                 upsample_logits: bool = False):
+                 upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         check_logicseg_options(p=p, rule_weight=rule_weight, ramp=ramp, exclusion=exclusion, step=None)
@@ -183,6 +199,7 @@ class LogicSegLoss(nn.Module):
         self.rule_weight, self.ramp, self.p, self.exclusion = rule_weight, ramp, p, exclusion
         self.easy_filter, self.ignore_index = bool(easy_filter), ignore_index
         self.check_labels, self.upsample_logits = bool(check_labels), bool(upsample_logits)
+        self.check_finite = bool(check_finite)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor, rule_logits: torch.Tensor | None = None, *,
@@ -200,7 +217,8 @@ class LogicSegLoss(nn.Module):
                         rule_weight=self.rule_weight, ramp=self.ramp, p=self.p, exclusion=self.exclusion,
                         easy_filter=self.easy_filter, ignore_index=self.ignore_index,
                         return_parts=return_parts, check_labels=self.check_labels,
-                        upsample_logits=self.upsample_logits, backend="auto", factor=factor)
+                        upsample_logits=self.upsample_logits, backend="auto", factor=factor,
+                        check_finite=self.check_finite)
         if step is None and self.training and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # A new tensor, not an in-place add: compiled backwards rebuild the ramp from the

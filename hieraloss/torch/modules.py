@@ -133,7 +133,7 @@ class HSSNLoss(nn.Module):
                  triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
                  max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
                  backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
-                 check_labels: bool = True, upsample_logits: bool = False):
+                 check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
         F._check_hierarchy(hierarchy)
         if triplet_weight is None and total_steps is not None and not total_steps > 0:
@@ -153,6 +153,7 @@ class HSSNLoss(nn.Module):
         self.gather_across_ranks = gather_across_ranks
         self.check_labels = bool(check_labels)
         self.upsample_logits = bool(upsample_logits)
+        self.check_finite = bool(check_finite)
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -176,7 +177,8 @@ class HSSNLoss(nn.Module):
                           base_margin=self.base_margin, sampling=self.sampling, generator=generator,
                           return_parts=return_parts, backend=self.backend,
                           process_group=self.process_group, gather_across_ranks=self.gather_across_ranks,
-                          check_labels=self.check_labels, upsample_logits=self.upsample_logits)
+                          check_labels=self.check_labels, upsample_logits=self.upsample_logits,
+                          check_finite=self.check_finite)
         if self._counts_step(step, embeddings):
             self.step += 1
         return out
@@ -190,7 +192,8 @@ class HSSNLoss(nn.Module):
         out = F.hssn_loss(logits, labels, self.hierarchy, tree_min_weight=self.tree_min_weight,
                           focal_gamma=self.focal_gamma, ce_weights=self.ce_weights, ignore_index=self.ignore_index,
                           node_weight=self.node_weight, return_parts=return_parts, backend=self.backend,
-                          check_labels=self.check_labels, upsample_logits=self.upsample_logits)
+                          check_labels=self.check_labels, upsample_logits=self.upsample_logits,
+                          check_finite=self.check_finite)
         total, parts = out if return_parts else (out, None)
         tt = F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
                                       base_margin=self.base_margin, sampling=self.sampling, generator=generator,
@@ -233,9 +236,10 @@ class _LeafLoss(nn.Module):
     _param = ""
 
     def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean",
-                 upsample_logits: bool = False):
+                 upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
         self.upsample_logits = bool(upsample_logits)
+        self.check_finite = bool(check_finite)
         F._check_hierarchy(hierarchy)
         setattr(self, self._param, check_nonnegative(value, self._param))
         check_leaf_reduction(reduction)
@@ -257,9 +261,9 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
 
     def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
                  reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
-                 normalize: bool = False):
+                 normalize: bool = False, check_finite: bool = False):
         super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits)
+                         upsample_logits=upsample_logits, check_finite=check_finite)
         check_hxe_weighting(weighting, normalize)
         self.weighting = weighting
         self.normalize = bool(normalize)
@@ -268,7 +272,7 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
         return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, alpha=self.alpha,
                                                 ignore_index=self.ignore_index, reduction=self.reduction,
                                                 upsample_logits=self.upsample_logits, weighting=self.weighting,
-                                                normalize=self.normalize)
+                                                normalize=self.normalize, check_finite=self.check_finite)
 
 
 class SoftLabelCrossEntropyLoss(_LeafLoss):
@@ -278,11 +282,11 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
     _param = "beta"
 
     def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
-                 reduction: str = "mean", upsample_logits: bool = False):
+                 reduction: str = "mean", upsample_logits: bool = False, check_finite: bool = False):
         super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits)
+                         upsample_logits=upsample_logits, check_finite=check_finite)
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, beta=self.beta,
                                               ignore_index=self.ignore_index, reduction=self.reduction,
-                                              upsample_logits=self.upsample_logits)
+                                              upsample_logits=self.upsample_logits, check_finite=self.check_finite)
