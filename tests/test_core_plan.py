@@ -261,12 +261,12 @@ def test_rules_live_in_core():
 
 @settings(max_examples=30)
 @given(h=hierarchies(max_depth=4, max_children=4, order=None))
-def test_paddle_block_plan_reads_the_core_plan(h):
-    """paddle's depth-block tables (built from the plan) against plain loops over the parent pointers."""
-    pytest.importorskip("paddle")
-    from hieraloss.paddle._tables import Plan as BlockPlan
+def test_depth_blocks_read_the_core_plan(h):
+    """The depth-block layout (core.blocks, built from the plan; the paddle and torch ops read it)
+    against plain loops over the parent pointers."""
+    from hieraloss.core.blocks import DepthBlocks
 
-    b, p, t = BlockPlan(h), plan_for(h), oracle.tree(h)
+    b, p, t = DepthBlocks(h), plan_for(h), oracle.tree(h)
     L = t.max_depth
     at = [[v for v in range(t.n) if t.depth[v] == d] for d in range(1, L + 1)]
     pos = {v: i for lv in at for i, v in enumerate(lv)}
@@ -292,6 +292,15 @@ def test_paddle_block_plan_reads_the_core_plan(h):
         want = None if d == L - 1 or None in spans else spans
         assert b.child_slices[d] == want
         assert want is None or all(type(x) is int for s in want for x in s)
+    # The node-at-a-time sweep: every internal node once, deepest first, children in channel order,
+    # a channel range exactly when they are consecutive leaves.
+    internal = [v for v in range(t.n) if t.children[v]]
+    assert sorted(v for v, *_ in b.bottom_up) == internal
+    assert [t.depth[v] for v, *_ in b.bottom_up] == sorted((t.depth[v] for v in internal), reverse=True)
+    for v, kids, kid_is_leaf, run in b.bottom_up:
+        assert kids == sorted(t.children[v]) and kid_is_leaf == [not t.children[c] for c in kids]
+        consecutive = all(kid_is_leaf) and kids == list(range(kids[0], kids[0] + len(kids)))
+        assert run == ((kids[0], kids[-1] + 1) if consecutive else None)
 
 
 def test_a_large_taxonomy_plans_in_linear_memory():

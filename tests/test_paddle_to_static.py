@@ -14,6 +14,7 @@ paddle = pytest.importorskip("paddle")
 import hieraloss  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
 import hieraloss.paddle._tables as place_tables  # noqa: E402
+from hieraloss.core.blocks import depth_blocks  # noqa: E402
 
 H = hieraloss.presets.cityscapes()
 K = H.num_leaves
@@ -105,7 +106,7 @@ def test_to_static_matches_eager(fn, full_graph):
     x_np, y_np = _inputs()
     want, g_want = _value_and_grad(fn, x_np, y_np)
     place_tables._TABLES.clear()  # cold: the program builds its tables itself
-    place_tables._PLANS.clear()
+    depth_blocks.cache_clear()
     static = paddle.jit.to_static(fn, full_graph=full_graph)
     for _ in range(2):  # the first call builds the program, the second runs it again
         got, g_got = _value_and_grad(static, x_np, y_np)

@@ -2,6 +2,8 @@
 
 * :mod:`hieraloss.core.plan`: :func:`plan_for`, the one :class:`Plan` per hierarchy holding every
   integer table an op or kernel reads (cached by fingerprint). Nothing outside the core walks the tree.
+* :mod:`hieraloss.core.blocks`: :func:`depth_blocks`, the plan reshaped into depth blocks and the
+  node-at-a-time sweep that the paddle and torch ops read.
 * :mod:`hieraloss.core.rules`: the shared loss rules (``REDUCTIONS``, ``HSSN_SCALE``,
   ``DECODE_METHODS``, ``LEAF_REDUCTIONS``, ``LEAF_DECODE_METHODS``, the triplet-weight schedule
   ``triplet_weight`` and ``hssn_weights``).

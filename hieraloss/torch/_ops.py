@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..core import triplets as core_triplets
+from ..core.blocks import depth_blocks
 from ..core.plan import plan_for as core_plan_for
 from ..core.rules import HSSN_SCALE
 from ..hierarchy import Hierarchy
@@ -47,28 +48,24 @@ class Plan:
     def __init__(self, tab: DeviceTables):
         h: Hierarchy = tab.hierarchy
         core = core_plan_for(h)
+        blocks = depth_blocks(h)
         dev = tab.device
         long = dict(dtype=torch.int64, device=dev)
         self.num_nodes = core.num_nodes
         self.max_depth = core.max_depth
         self.levels = [torch.tensor(lv, **long) for lv in core.levels]
         self.level_parents = [torch.tensor(par, **long) for par in core.level_parents]
-        # Tree-min schedule: internal nodes deepest first, each with its children in channel order
-        # (the zmax tie order) and, when they are leaves with consecutive channels, that slice.
-        self.bottom_up = []
-        for v in core.bottom_up.tolist():
-            kids = core.children[v].tolist()
-            kid_is_leaf = core.is_leaf[kids].tolist()
-            consecutive = all(kid_is_leaf) and kids == list(range(kids[0], kids[-1] + 1))
-            self.bottom_up.append((v, kids, kid_is_leaf, slice(kids[0], kids[-1] + 1) if consecutive else None))
+        # Tree-min schedule (core.blocks): internal nodes deepest first, each with its children in
+        # channel order (the zmax tie order) and, when they are consecutive leaves, that slice.
+        self.bottom_up = [(v, kids, leaf, None if run is None else slice(*run))
+                          for v, kids, leaf, run in blocks.bottom_up]
         self.top_down = self.bottom_up[::-1]
         # The same sweeps one depth at a time (see _by_level): for the nodes at depth d + 1
         # (levels[d]), their parents' positions in levels[d - 1] and their own positions in levels[d]
         # (channel order, so siblings come in channel order: the tie order).
         gathered = sum(len(kids) for _, kids, _, block in self.bottom_up if block is None)
         self.by_level = gathered >= BY_LEVEL_MIN_GATHERED * max(1, core.max_depth - 1)
-        self.parent_position = [None] + [torch.tensor(core.level_position[par], **long)
-                                         for par in core.level_parents[1:]]
+        self.parent_position = [None] + [torch.tensor(pos, **long) for pos in blocks.parent_pos[1:]]
         self.level_rank = [torch.arange(len(lv), dtype=torch.int32, device=dev).unsqueeze(1) for lv in core.levels]
         self.max_kids = core.max_children
         # Runs of consecutive channels that are all leaves or all internal (one run each by default).
