@@ -13,8 +13,15 @@ from typing import Any
 import paddle
 from paddle import nn
 
-from ..core.checks import check_leaf_reduction, check_nonnegative
-from ..core.leaf import check_hxe_weighting
+from ..core.checks import check_gamma
+from ..core.modules import (
+    HeldOptions,
+    decoder_options,
+    hssn_options,
+    leaf_options,
+    tree_min_options,
+    triplet_options,
+)
 from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
@@ -38,48 +45,21 @@ def _weight_on(w: paddle.Tensor | None, x: paddle.Tensor) -> paddle.Tensor | Non
     return w.to(place_of(x))
 
 
-class TreeMinLoss(nn.Layer):
+class TreeMinLoss(HeldOptions, nn.Layer):
     """:func:`hieraloss.paddle.tree_min_loss` as a layer: ``loss = TreeMinLoss(h)(logits, labels)``."""
 
-    def __init__(
-        self,
-        hierarchy: Hierarchy,
-        *,
-        ignore_index: int = 255,
-        reduction: str = "mean",
-        node_weight: Any = None,
-        check_finite: bool = False,
-        backend: str = "auto",
-        check_labels: bool = True,
-        upsample_logits: bool = False,
-    ):
+    def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
+                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
+                 check_labels: bool = True, upsample_logits: bool = False):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        F._check_choice(reduction, F.REDUCTIONS, "reduction")
-        F._check_choice(backend, F.BACKENDS, "backend")
-        hierarchy.check_ignore_index(ignore_index)
-        self.hierarchy = hierarchy
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.check_finite = check_finite
-        self.backend = backend
-        self.check_labels = bool(check_labels)
-        self.upsample_logits = bool(upsample_logits)
+        self._hold(hierarchy, tree_min_options(hierarchy, F.BACKENDS, ignore_index=ignore_index, reduction=reduction,
+                                               check_finite=check_finite, backend=backend, check_labels=check_labels,
+                                               upsample_logits=upsample_logits))
         _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        return F.tree_min_loss(
-            logits,
-            labels,
-            self.hierarchy,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            node_weight=_weight_on(self.node_weight, logits),
-            check_finite=self.check_finite,
-            backend=self.backend,
-            check_labels=self.check_labels,
-            upsample_logits=self.upsample_logits,
-        )
+        return F.tree_min_loss(logits, labels, self.hierarchy, node_weight=_weight_on(self.node_weight, logits),
+                               **self._options())
 
     def extra_repr(self) -> str:
         return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
@@ -90,28 +70,17 @@ class FocalTreeMinLoss(TreeMinLoss):
 
     def __init__(self, hierarchy: Hierarchy, *, gamma: float = 2.0, **kwargs: Any):
         super().__init__(hierarchy, **kwargs)
-        self.gamma = F._check_gamma(gamma)
+        self._hold(hierarchy, {"gamma": check_gamma(gamma), **self._options()})
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        return F.focal_tree_min_loss(
-            logits,
-            labels,
-            self.hierarchy,
-            gamma=self.gamma,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            node_weight=_weight_on(self.node_weight, logits),
-            check_finite=self.check_finite,
-            backend=self.backend,
-            check_labels=self.check_labels,
-            upsample_logits=self.upsample_logits,
-        )
+        return F.focal_tree_min_loss(logits, labels, self.hierarchy, node_weight=_weight_on(self.node_weight, logits),
+                                     **self._options())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma}"
 
 
-class HierarchyTripletLoss(nn.Layer):
+class HierarchyTripletLoss(HeldOptions, nn.Layer):
     """:func:`hieraloss.paddle.hierarchy_triplet_loss` as a layer.
 
     ``forward(embeddings, labels, generator=None)``; ``generator``: a numpy Generator or an int seed.
@@ -119,53 +88,20 @@ class HierarchyTripletLoss(nn.Layer):
     ``backend``: as for the function (``"auto"`` on a GPU: the fused Triton triplet kernels).
     """
 
-    def __init__(
-        self,
-        hierarchy: Hierarchy,
-        *,
-        max_per_class: int = 200,
-        base_margin: float = 0.1,
-        sampling: str = "random",
-        ignore_index: int = 255,
-        process_group: Any = None,
-        gather_across_ranks: bool = False,
-        check_labels: bool = True,
-        backend: str = "auto",
-    ):
+    def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
+                 sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
+                 gather_across_ranks: bool = False, check_labels: bool = True, backend: str = "auto"):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        F._check_choice(sampling, F.SAMPLING, "sampling")
-        F._check_choice(backend, F.BACKENDS, "backend")
-        self.hierarchy = hierarchy
-        self.max_per_class = max_per_class
-        self.base_margin = base_margin
-        self.sampling = sampling
-        self.ignore_index = ignore_index
-        self.process_group = process_group
-        self.gather_across_ranks = gather_across_ranks
-        self.check_labels = check_labels
-        self.backend = backend
+        self._hold(hierarchy, triplet_options(hierarchy, F.BACKENDS, max_per_class=max_per_class,
+                                              base_margin=base_margin, sampling=sampling, ignore_index=ignore_index,
+                                              process_group=process_group, gather_across_ranks=gather_across_ranks,
+                                              check_labels=check_labels, backend=backend))
 
-    def forward(
-        self, embeddings: paddle.Tensor, labels: paddle.Tensor, generator: Any = None
-    ) -> paddle.Tensor:
-        return F.hierarchy_triplet_loss(
-            embeddings,
-            labels,
-            self.hierarchy,
-            max_per_class=self.max_per_class,
-            base_margin=self.base_margin,
-            sampling=self.sampling,
-            generator=generator,
-            ignore_index=self.ignore_index,
-            process_group=self.process_group,
-            gather_across_ranks=self.gather_across_ranks,
-            check_labels=self.check_labels,
-            backend=self.backend,
-        )
+    def forward(self, embeddings: paddle.Tensor, labels: paddle.Tensor, generator: Any = None) -> paddle.Tensor:
+        return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, generator=generator, **self._options())
 
 
-class HSSNLoss(nn.Layer):
+class HSSNLoss(HeldOptions, nn.Layer):
     """:func:`hieraloss.paddle.hssn_loss` as a layer that keeps the training step for the triplet schedule.
 
     ``step`` is a persistable buffer (saved in ``state_dict``); each call in training mode, with
@@ -174,135 +110,54 @@ class HSSNLoss(nn.Layer):
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group``.
     """
 
-    def __init__(
-        self,
-        hierarchy: Hierarchy,
-        *,
-        total_steps: int | None = None,
-        tree_min_weight: float = 5.0,
-        focal_gamma: float | None = None,
-        ce_weights: float | Sequence[float] | None = None,
-        triplet_weight: float | None = None,
-        ignore_index: int = 255,
-        node_weight: Any = None,
-        max_per_class: int = 200,
-        base_margin: float = 0.1,
-        sampling: str = "random",
-        backend: str = "auto",
-        process_group: Any = None,
-        gather_across_ranks: bool = False,
-        check_labels: bool = True,
-        upsample_logits: bool = False,
-        check_finite: bool = False,
-    ):
+    def __init__(self, hierarchy: Hierarchy, *, total_steps: int | None = None, tree_min_weight: float = 5.0,
+                 focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
+                 triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
+                 max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
+                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
+                 check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        if triplet_weight is None and total_steps is not None and not total_steps > 0:
-            raise ValueError(f"total_steps must be > 0, got {total_steps}")
-        F._check_choice(sampling, F.SAMPLING, "sampling")
-        F._check_choice(backend, F.BACKENDS, "backend")
-        self.hierarchy = hierarchy
-        self.total_steps = total_steps
-        self.tree_min_weight = tree_min_weight
-        self.focal_gamma = focal_gamma
-        self.ce_weights = ce_weights
-        self.triplet_weight = triplet_weight
-        self.ignore_index = ignore_index
-        self.max_per_class = max_per_class
-        self.base_margin = base_margin
-        self.sampling = sampling
-        self.backend = backend
-        self.process_group = process_group
-        self.gather_across_ranks = gather_across_ranks
-        self.check_labels = bool(check_labels)
-        self.upsample_logits = bool(upsample_logits)
-        self.check_finite = bool(check_finite)
+        self._hold(hierarchy, hssn_options(
+            hierarchy, F.BACKENDS, total_steps=total_steps, tree_min_weight=tree_min_weight, focal_gamma=focal_gamma,
+            ce_weights=ce_weights, triplet_weight=triplet_weight, ignore_index=ignore_index,
+            max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, backend=backend,
+            process_group=process_group, gather_across_ranks=gather_across_ranks, check_labels=check_labels,
+            upsample_logits=upsample_logits, check_finite=check_finite))
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
-    def forward(
-        self,
-        logits: paddle.Tensor,
-        labels: paddle.Tensor,
-        embeddings: paddle.Tensor | None = None,
-        *,
-        step: int | None = None,
-        generator: Any = None,
-        return_parts: bool = False,
-    ):
+    def forward(self, logits: paddle.Tensor, labels: paddle.Tensor, embeddings: paddle.Tensor | None = None, *,
+                step: int | None = None, generator: Any = None, return_parts: bool = False):
         use_step = step
         if use_step is None and embeddings is not None and self.triplet_weight is None:
             use_step = int(self.step)
-        weight = _weight_on(self.node_weight, logits)
-        out = F.hssn_loss(
-            logits,
-            labels,
-            self.hierarchy,
-            embeddings=embeddings,
-            step=use_step,
-            total_steps=self.total_steps,
-            tree_min_weight=self.tree_min_weight,
-            focal_gamma=self.focal_gamma,
-            ce_weights=self.ce_weights,
-            triplet_weight=self.triplet_weight,
-            ignore_index=self.ignore_index,
-            node_weight=weight,
-            max_per_class=self.max_per_class,
-            base_margin=self.base_margin,
-            sampling=self.sampling,
-            generator=generator,
-            return_parts=return_parts,
-            backend=self.backend,
-            process_group=self.process_group,
-            gather_across_ranks=self.gather_across_ranks,
-            check_labels=self.check_labels,
-            upsample_logits=self.upsample_logits,
-            check_finite=self.check_finite,
-        )
+        out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
+                          node_weight=_weight_on(self.node_weight, logits), generator=generator,
+                          return_parts=return_parts, **self._options())
         if self.training and paddle.is_grad_enabled() and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
         return out
 
 
-class HierarchyDecoder(nn.Layer):
+class HierarchyDecoder(HeldOptions, nn.Layer):
     """:func:`hieraloss.paddle.decode` as a layer: ``leaf, depth_labels = HierarchyDecoder(h)(logits)``."""
 
     def __init__(self, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        F._check_choice(method, F.DECODE_METHODS, "method")
-        F._check_choice(backend, F.BACKENDS, "backend")
-        self.hierarchy = hierarchy
-        self.method = method
-        self.backend = backend
+        self._hold(hierarchy, decoder_options(hierarchy, F.BACKENDS, method=method, backend=backend))
 
     def forward(self, logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         return F.decode(logits, self.hierarchy, self.method, backend=self.backend)
 
 
-class _LeafLoss(nn.Layer):
+class _LeafLoss(HeldOptions, nn.Layer):
     """Shared configuration of the leaf-logit losses (checked here, once)."""
 
     _param = ""
 
-    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean",
-                 upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__()
-        F._check_hierarchy(hierarchy)
-        self.upsample_logits = bool(upsample_logits)
-        self.check_finite = bool(check_finite)
-        setattr(self, self._param, check_nonnegative(value, self._param))
-        check_leaf_reduction(reduction)
-        hierarchy.check_ignore_index(ignore_index)
-        self.hierarchy = hierarchy
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-
     def extra_repr(self) -> str:
-        return (
-            f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
-            f"reduction={self.reduction!r}, ignore_index={self.ignore_index}"
-        )
+        return (f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
 
 
 class HierarchicalCrossEntropyLoss(_LeafLoss):
@@ -311,29 +166,16 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
 
     _param = "alpha"
 
-    def __init__(
-        self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255, reduction: str = "mean",
-        upsample_logits: bool = False, weighting: str = "depth", normalize: bool = False, check_finite: bool = False,
-    ):
-        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits, check_finite=check_finite)
-        check_hxe_weighting(weighting, normalize)
-        self.weighting = weighting
-        self.normalize = bool(normalize)
+    def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
+                 reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
+                 normalize: bool = False, check_finite: bool = False):
+        super().__init__()
+        self._hold(hierarchy, leaf_options(hierarchy, "alpha", alpha, ignore_index=ignore_index, reduction=reduction,
+                                           upsample_logits=upsample_logits, check_finite=check_finite,
+                                           weighting=weighting, normalize=normalize))
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        return _leaf.hierarchical_cross_entropy(
-            leaf_logits,
-            labels,
-            self.hierarchy,
-            alpha=self.alpha,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            upsample_logits=self.upsample_logits,
-            weighting=self.weighting,
-            normalize=self.normalize,
-            check_finite=self.check_finite,
-        )
+        return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())
 
 
 class SoftLabelCrossEntropyLoss(_LeafLoss):
@@ -342,21 +184,11 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
 
     _param = "beta"
 
-    def __init__(
-        self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255, reduction: str = "mean",
-        upsample_logits: bool = False, check_finite: bool = False,
-    ):
-        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits, check_finite=check_finite)
+    def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
+                 reduction: str = "mean", upsample_logits: bool = False, check_finite: bool = False):
+        super().__init__()
+        self._hold(hierarchy, leaf_options(hierarchy, "beta", beta, ignore_index=ignore_index, reduction=reduction,
+                                           upsample_logits=upsample_logits, check_finite=check_finite))
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
-        return _leaf.soft_label_cross_entropy(
-            leaf_logits,
-            labels,
-            self.hierarchy,
-            beta=self.beta,
-            ignore_index=self.ignore_index,
-            reduction=self.reduction,
-            upsample_logits=self.upsample_logits,
-            check_finite=self.check_finite,
-        )
+        return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())

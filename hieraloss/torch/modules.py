@@ -14,8 +14,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core.checks import check_leaf_reduction, check_nonnegative
-from ..core.leaf import check_hxe_weighting
+from ..core.checks import check_gamma
+from ..core.modules import (
+    HeldOptions,
+    decoder_options,
+    hssn_options,
+    leaf_options,
+    tree_min_options,
+    triplet_options,
+)
 from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
@@ -31,31 +38,20 @@ def _weight_buffer(module: nn.Module, node_weight: Any, hierarchy: Hierarchy) ->
     module.register_buffer("node_weight", w)
 
 
-class TreeMinLoss(nn.Module):
+class TreeMinLoss(HeldOptions, nn.Module):
     """:func:`hieraloss.torch.tree_min_loss` as a module: ``loss = TreeMinLoss(h)(logits, labels)``."""
 
     def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
                  node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
                  check_labels: bool = True, upsample_logits: bool = False):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        F._check_choice(reduction, F.REDUCTIONS, "reduction")
-        F._check_choice(backend, F.BACKENDS, "backend")
-        hierarchy.check_ignore_index(ignore_index)
-        self.hierarchy = hierarchy
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.check_finite = check_finite
-        self.backend = backend
-        self.check_labels = bool(check_labels)
-        self.upsample_logits = bool(upsample_logits)
+        self._hold(hierarchy, tree_min_options(hierarchy, F.BACKENDS, ignore_index=ignore_index, reduction=reduction,
+                                               check_finite=check_finite, backend=backend, check_labels=check_labels,
+                                               upsample_logits=upsample_logits))
         _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.tree_min_loss(logits, labels, self.hierarchy, ignore_index=self.ignore_index,
-                               reduction=self.reduction, node_weight=self.node_weight,
-                               check_finite=self.check_finite, backend=self.backend,
-                               check_labels=self.check_labels, upsample_logits=self.upsample_logits)
+        return F.tree_min_loss(logits, labels, self.hierarchy, node_weight=self.node_weight, **self._options())
 
     def extra_repr(self) -> str:
         return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
@@ -66,20 +62,16 @@ class FocalTreeMinLoss(TreeMinLoss):
 
     def __init__(self, hierarchy: Hierarchy, *, gamma: float = 2.0, **kwargs: Any):
         super().__init__(hierarchy, **kwargs)
-        self.gamma = F._check_gamma(gamma)
+        self._hold(hierarchy, {"gamma": check_gamma(gamma), **self._options()})
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return F.focal_tree_min_loss(logits, labels, self.hierarchy, gamma=self.gamma,
-                                     ignore_index=self.ignore_index, reduction=self.reduction,
-                                     node_weight=self.node_weight, check_finite=self.check_finite,
-                                     backend=self.backend, check_labels=self.check_labels,
-                                     upsample_logits=self.upsample_logits)
+        return F.focal_tree_min_loss(logits, labels, self.hierarchy, node_weight=self.node_weight, **self._options())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", gamma={self.gamma}"
 
 
-class HierarchyTripletLoss(nn.Module):
+class HierarchyTripletLoss(HeldOptions, nn.Module):
     """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``
     (``generator``: an int seed or a numpy Generator, the triplets of every backend; or a ``torch.Generator``).
 
@@ -90,30 +82,17 @@ class HierarchyTripletLoss(nn.Module):
                  sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
                  gather_across_ranks: bool = False, check_labels: bool = True, backend: str = "auto"):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        F._check_choice(sampling, F.SAMPLING, "sampling")
-        F._check_choice(backend, F.BACKENDS, "backend")
-        self.hierarchy = hierarchy
-        self.backend = backend
-        self.max_per_class = max_per_class
-        self.base_margin = base_margin
-        self.sampling = sampling
-        self.ignore_index = ignore_index
-        self.process_group = process_group
-        self.gather_across_ranks = gather_across_ranks
-        self.check_labels = check_labels
+        self._hold(hierarchy, triplet_options(hierarchy, F.BACKENDS, max_per_class=max_per_class,
+                                              base_margin=base_margin, sampling=sampling, ignore_index=ignore_index,
+                                              process_group=process_group, gather_across_ranks=gather_across_ranks,
+                                              check_labels=check_labels, backend=backend))
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 generator: Any = None) -> torch.Tensor:
-        return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
-                                        base_margin=self.base_margin, sampling=self.sampling,
-                                        generator=generator, ignore_index=self.ignore_index,
-                                        process_group=self.process_group,
-                                        gather_across_ranks=self.gather_across_ranks,
-                                        check_labels=self.check_labels, backend=self.backend)
+        return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, generator=generator, **self._options())
 
 
-class HSSNLoss(nn.Module):
+class HSSNLoss(HeldOptions, nn.Module):
     """:func:`hieraloss.torch.hssn_loss` as a module that keeps the training step for the triplet schedule.
 
     ``step`` is a buffer (saved in ``state_dict``); each call in training mode, with gradients
@@ -135,25 +114,12 @@ class HSSNLoss(nn.Module):
                  backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
                  check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        if triplet_weight is None and total_steps is not None and not total_steps > 0:
-            raise ValueError(f"total_steps must be > 0, got {total_steps}")
-        self.hierarchy = hierarchy
-        self.total_steps = total_steps
-        self.tree_min_weight = tree_min_weight
-        self.focal_gamma = focal_gamma
-        self.ce_weights = ce_weights
-        self.triplet_weight = triplet_weight
-        self.ignore_index = ignore_index
-        self.max_per_class = max_per_class
-        self.base_margin = base_margin
-        self.sampling = sampling
-        self.backend = backend
-        self.process_group = process_group
-        self.gather_across_ranks = gather_across_ranks
-        self.check_labels = bool(check_labels)
-        self.upsample_logits = bool(upsample_logits)
-        self.check_finite = bool(check_finite)
+        self._hold(hierarchy, hssn_options(
+            hierarchy, F.BACKENDS, total_steps=total_steps, tree_min_weight=tree_min_weight, focal_gamma=focal_gamma,
+            ce_weights=ce_weights, triplet_weight=triplet_weight, ignore_index=ignore_index,
+            max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, backend=backend,
+            process_group=process_group, gather_across_ranks=gather_across_ranks, check_labels=check_labels,
+            upsample_logits=upsample_logits, check_finite=check_finite))
         _weight_buffer(self, node_weight, hierarchy)
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
@@ -170,15 +136,8 @@ class HSSNLoss(nn.Module):
                 return self._scheduled_in_graph(logits, labels, embeddings, generator, return_parts)
             use_step = int(self.step)  # an evaluation call reads the schedule where training left it
         out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
-                          total_steps=self.total_steps, tree_min_weight=self.tree_min_weight,
-                          focal_gamma=self.focal_gamma, ce_weights=self.ce_weights,
-                          triplet_weight=self.triplet_weight, ignore_index=self.ignore_index,
-                          node_weight=self.node_weight, max_per_class=self.max_per_class,
-                          base_margin=self.base_margin, sampling=self.sampling, generator=generator,
-                          return_parts=return_parts, backend=self.backend,
-                          process_group=self.process_group, gather_across_ranks=self.gather_across_ranks,
-                          check_labels=self.check_labels, upsample_logits=self.upsample_logits,
-                          check_finite=self.check_finite)
+                          node_weight=self.node_weight, generator=generator, return_parts=return_parts,
+                          **self._options())
         if self._counts_step(step, embeddings):
             self.step += 1
         return out
@@ -189,11 +148,9 @@ class HSSNLoss(nn.Module):
         advanced in the graph; the same value as eager up to rounding."""
         if self.total_steps is None:
             raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
-        out = F.hssn_loss(logits, labels, self.hierarchy, tree_min_weight=self.tree_min_weight,
-                          focal_gamma=self.focal_gamma, ce_weights=self.ce_weights, ignore_index=self.ignore_index,
-                          node_weight=self.node_weight, return_parts=return_parts, backend=self.backend,
-                          check_labels=self.check_labels, upsample_logits=self.upsample_logits,
-                          check_finite=self.check_finite)
+        out = F.hssn_loss(logits, labels, self.hierarchy, node_weight=self.node_weight, return_parts=return_parts,
+                          **self._options("total_steps", "triplet_weight", "max_per_class", "base_margin", "sampling",
+                                          "process_group", "gather_across_ranks"))
         total, parts = out if return_parts else (out, None)
         tt = F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
                                       base_margin=self.base_margin, sampling=self.sampling, generator=generator,
@@ -215,38 +172,21 @@ class HSSNLoss(nn.Module):
         return total, parts
 
 
-class HierarchyDecoder(nn.Module):
+class HierarchyDecoder(HeldOptions, nn.Module):
     """:func:`hieraloss.torch.decode` as a module: ``leaf, depth_labels = HierarchyDecoder(h)(logits)``."""
 
     def __init__(self, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"):
         super().__init__()
-        F._check_hierarchy(hierarchy)
-        F._check_choice(method, F.DECODE_METHODS, "method")
-        self.hierarchy = hierarchy
-        self.method = method
-        self.backend = backend
+        self._hold(hierarchy, decoder_options(hierarchy, F.BACKENDS, method=method, backend=backend))
 
     def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.decode(logits, self.hierarchy, self.method, backend=self.backend)
 
 
-class _LeafLoss(nn.Module):
+class _LeafLoss(HeldOptions, nn.Module):
     """Shared configuration of the leaf-logit losses (checked here, once)."""
 
     _param = ""
-
-    def __init__(self, hierarchy: Hierarchy, value: float, *, ignore_index: int = 255, reduction: str = "mean",
-                 upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__()
-        self.upsample_logits = bool(upsample_logits)
-        self.check_finite = bool(check_finite)
-        F._check_hierarchy(hierarchy)
-        setattr(self, self._param, check_nonnegative(value, self._param))
-        check_leaf_reduction(reduction)
-        hierarchy.check_ignore_index(ignore_index)
-        self.hierarchy = hierarchy
-        self.ignore_index = ignore_index
-        self.reduction = reduction
 
     def extra_repr(self) -> str:
         return (f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
@@ -262,17 +202,13 @@ class HierarchicalCrossEntropyLoss(_LeafLoss):
     def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
                  reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
                  normalize: bool = False, check_finite: bool = False):
-        super().__init__(hierarchy, alpha, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits, check_finite=check_finite)
-        check_hxe_weighting(weighting, normalize)
-        self.weighting = weighting
-        self.normalize = bool(normalize)
+        super().__init__()
+        self._hold(hierarchy, leaf_options(hierarchy, "alpha", alpha, ignore_index=ignore_index, reduction=reduction,
+                                           upsample_logits=upsample_logits, check_finite=check_finite,
+                                           weighting=weighting, normalize=normalize))
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, alpha=self.alpha,
-                                                ignore_index=self.ignore_index, reduction=self.reduction,
-                                                upsample_logits=self.upsample_logits, weighting=self.weighting,
-                                                normalize=self.normalize, check_finite=self.check_finite)
+        return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())
 
 
 class SoftLabelCrossEntropyLoss(_LeafLoss):
@@ -283,10 +219,9 @@ class SoftLabelCrossEntropyLoss(_LeafLoss):
 
     def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
                  reduction: str = "mean", upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__(hierarchy, beta, ignore_index=ignore_index, reduction=reduction,
-                         upsample_logits=upsample_logits, check_finite=check_finite)
+        super().__init__()
+        self._hold(hierarchy, leaf_options(hierarchy, "beta", beta, ignore_index=ignore_index, reduction=reduction,
+                                           upsample_logits=upsample_logits, check_finite=check_finite))
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, beta=self.beta,
-                                              ignore_index=self.ignore_index, reduction=self.reduction,
-                                              upsample_logits=self.upsample_logits, check_finite=self.check_finite)
+        return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())

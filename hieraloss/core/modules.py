@@ -1,0 +1,102 @@
+"""The configuration of the module forms, written once for torch's ``nn.Module`` and paddle's
+``nn.Layer`` (numpy only; imports no backend).
+
+A module checks its options when it is built (the same checks and messages as the functional),
+holds them as plain attributes (``loss.reduction = "sum"`` changes the next call), and hands them
+to its functional by name. The framework classes add only what differs: buffers (node weights,
+the step counter) and ``forward``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..hierarchy import Hierarchy
+from .checks import REDUCTIONS, check_choice, check_hierarchy, check_leaf_reduction, check_nonnegative
+from .leaf import check_hxe_weighting
+from .rules import DECODE_METHODS
+from .triplets import SAMPLING
+
+__all__ = ["HeldOptions", "tree_min_options", "triplet_options", "hssn_options", "decoder_options",
+           "leaf_options"]
+
+
+class HeldOptions:
+    """Mixin of the module forms: :meth:`_hold` sets the checked options as attributes, and
+    :meth:`_options` reads them back as the functional's keyword arguments."""
+
+    def _hold(self, hierarchy: Hierarchy, options: dict[str, Any]) -> None:
+        self.hierarchy = hierarchy
+        for name, value in options.items():
+            setattr(self, name, value)
+        self._option_names = tuple(options)
+
+    def _options(self, *leave_out: str) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._option_names if name not in leave_out}
+
+
+def tree_min_options(hierarchy: Hierarchy, backends: Sequence[str], *, ignore_index: int, reduction: str,
+                     check_finite: bool, backend: str, check_labels: bool, upsample_logits: bool) -> dict[str, Any]:
+    """``TreeMinLoss`` and ``FocalTreeMinLoss`` (which adds its checked ``gamma``)."""
+    check_hierarchy(hierarchy)
+    check_choice(reduction, REDUCTIONS, "reduction")
+    check_choice(backend, backends, "backend")
+    hierarchy.check_ignore_index(ignore_index)
+    return dict(ignore_index=ignore_index, reduction=reduction, check_finite=bool(check_finite), backend=backend,
+                check_labels=bool(check_labels), upsample_logits=bool(upsample_logits))
+
+
+def triplet_options(hierarchy: Hierarchy, backends: Sequence[str], *, max_per_class: int, base_margin: float,
+                    sampling: str, ignore_index: int, process_group: Any, gather_across_ranks: bool,
+                    check_labels: bool, backend: str) -> dict[str, Any]:
+    """``HierarchyTripletLoss``."""
+    check_hierarchy(hierarchy)
+    check_choice(sampling, SAMPLING, "sampling")
+    check_choice(backend, backends, "backend")
+    return dict(max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, ignore_index=ignore_index,
+                process_group=process_group, gather_across_ranks=gather_across_ranks, check_labels=check_labels,
+                backend=backend)
+
+
+def hssn_options(hierarchy: Hierarchy, backends: Sequence[str], *, total_steps: int | None, tree_min_weight: float,
+                 focal_gamma: float | None, ce_weights: float | Sequence[float] | None,
+                 triplet_weight: float | None, ignore_index: int, max_per_class: int, base_margin: float,
+                 sampling: str, backend: str, process_group: Any, gather_across_ranks: bool, check_labels: bool,
+                 upsample_logits: bool, check_finite: bool) -> dict[str, Any]:
+    """``HSSNLoss`` (the schedule's ``total_steps`` is kept apart from the step buffer)."""
+    check_hierarchy(hierarchy)
+    check_choice(backend, backends, "backend")
+    if triplet_weight is None and total_steps is not None and not total_steps > 0:
+        raise ValueError(f"total_steps must be > 0, got {total_steps}")
+    return dict(total_steps=total_steps, tree_min_weight=tree_min_weight, focal_gamma=focal_gamma,
+                ce_weights=ce_weights, triplet_weight=triplet_weight, ignore_index=ignore_index,
+                max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, backend=backend,
+                process_group=process_group, gather_across_ranks=gather_across_ranks,
+                check_labels=bool(check_labels), upsample_logits=bool(upsample_logits),
+                check_finite=bool(check_finite))
+
+
+def decoder_options(hierarchy: Hierarchy, backends: Sequence[str], *, method: str, backend: str) -> dict[str, Any]:
+    """``HierarchyDecoder``."""
+    check_hierarchy(hierarchy)
+    check_choice(method, DECODE_METHODS, "method")
+    check_choice(backend, backends, "backend")
+    return dict(method=method, backend=backend)
+
+
+def leaf_options(hierarchy: Hierarchy, param: str, value: float, *, ignore_index: int, reduction: str,
+                 upsample_logits: bool, check_finite: bool, weighting: str | None = None,
+                 normalize: bool | None = None) -> dict[str, Any]:
+    """``HierarchicalCrossEntropyLoss`` (``param="alpha"``, with ``weighting`` and ``normalize``) and
+    ``SoftLabelCrossEntropyLoss`` (``param="beta"``)."""
+    check_hierarchy(hierarchy)
+    out = {param: check_nonnegative(value, param)}
+    check_leaf_reduction(reduction)
+    hierarchy.check_ignore_index(ignore_index)
+    out.update(ignore_index=ignore_index, reduction=reduction, upsample_logits=bool(upsample_logits),
+               check_finite=bool(check_finite))
+    if weighting is not None:
+        check_hxe_weighting(weighting, normalize)
+        out.update(weighting=weighting, normalize=bool(normalize))
+    return out
