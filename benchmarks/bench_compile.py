@@ -5,8 +5,8 @@ paddle.jit.to_static (SOT and full_graph), time and peak memory, forward+backwar
     python benchmarks/bench_compile.py --quick    # B=2, 26 x 32 x 64, fewer repeats
 
 Each case runs in a fresh subprocess: the first call (which compiles) is timed apart, then the best
-and median of ``--repeats`` steps; the peak extra memory is ``VmHWM - VmRSS`` read before the first
-call (Linux), as a multiple of the logits' size. Ratios are to the eager step of the same backend,
+and median of ``--repeats`` steps; the peak extra memory of those steps is ``VmHWM - VmRSS`` read
+after the first call (Linux; the compiler's own memory left out), as a multiple of the logits' size. Ratios are to the eager step of the same backend,
 measured in the same run. ``dynamic=True`` runs the vectorized torch ops as one tile for the
 whole batch (``_ops.TILE_ELEMENTS_COMPILED``) and the compiled CPU kernels as custom ops.
 """
@@ -108,11 +108,11 @@ def _step_torch(objective, backend, mode, shape):
 def _child(name: str, shape: tuple[int, ...], repeats: int) -> dict:
     framework, objective, backend, mode = CASES[name]
     step, logits_bytes = (_step_torch if framework == "torch" else _step_paddle)(objective, backend, mode, shape)
-    _reset_peak()
-    base = _peak_extra()[1]
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0
+    _reset_peak()  # the steps' own memory, not the compiler's
+    base = _peak_extra()[1]
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
