@@ -867,23 +867,11 @@ def test_backward_scales_the_forward_gradient_once(dtype):
             loss.backward()
 
 
-def test_wide_trees_load_fewer_rows_at_once_and_cap_registers(monkeypatch):
-    """Trees of more than WIDE_TREE_NODES nodes: 8 node loads per group in the generated kernel, and
-    the register cap at launch where the triton version needs it (never under the interpreter)."""
-    import re
-
-    from hieraloss.torch.kernels import _codegen
-
+def test_wide_trees_cap_registers(monkeypatch):
+    """The register cap at launch for trees of more than WIDE_TREE_NODES nodes, where the triton
+    version needs it (never under the interpreter). (How many rows the generated kernel loads at once
+    is tuning, left to the AOT checks and the GPU A/B, not asserted here.)"""
     small, wide = _common.WIDE_TREE_NODES, _common.WIDE_TREE_NODES + 1
-    assert _codegen.load_groups(small) == (_codegen.LOAD_GROUP, _codegen.FOCAL_LOAD_GROUP)
-    assert _codegen.load_groups(wide) == (_codegen.WIDE_TREE_LOAD_GROUP, _codegen.FOCAL_LOAD_GROUP)
-
-    def largest_group(h):
-        src = _codegen.objective_source(h)
-        return max(len(re.findall(r"tl\.load\(lp", block)) for block in src.split("for _ in range(0, one):")[1:])
-    assert largest_group(presets.mapillary_vistas_v2()) == _codegen.WIDE_TREE_LOAD_GROUP
-    assert largest_group(presets.cityscapes()) == _codegen.LOAD_GROUP
-
     # the interpreter has no ptxas; a GPU under triton < 3.9 gets the cap
     expected = {"maxnreg": _common.MAX_REGISTERS} if _common._CAP_REGISTERS and not _common.interpreting() else {}
     assert _common.register_cap(149) == expected
