@@ -171,6 +171,17 @@ def test_a_bad_label_fails_the_programs_assertion():
         _value_and_grad(bad_label_program, x_np, y_np)
 
 
+def test_check_finite_fails_the_programs_assertion():
+    x_np, y_np = _inputs()
+    static = paddle.jit.to_static(hssn_checked, full_graph=True)
+    _value_and_grad(static, x_np, y_np)
+    x_np[1, 3, 2, 2] = np.nan
+    with pytest.raises(ValueError, match="AssertOp must be true"):
+        _value_and_grad(static, x_np, y_np)
+    with pytest.raises(ValueError, match="logits hold 1 non-finite values"):  # eagerly, the library's message
+        _value_and_grad(hssn_checked, x_np, y_np)
+
+
 def triplet_program(x, y):
     return hp.hssn_loss(x, y, H, embeddings=x[:, :4], triplet_weight=1.0, sampling="first")
 

@@ -64,7 +64,6 @@ class _DevicePlan:
         self.leaf_path_ids = t(plan.leaf_path_ids)
         self.common_depth_t = t(plan.common_depth.T)  # [K, N]
         self.depth = tab.depth  # [N]
-        self.num_leaves = tab.hierarchy.num_leaves
         # For the tables a compiled graph builds itself (see hierarchical_cross_entropy):
         h = tab.hierarchy
         f64 = dict(dtype=torch.float64, device=dev)
@@ -101,12 +100,11 @@ def _finite_shift(top: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isinf(top), torch.zeros((), dtype=top.dtype, device=top.device), top)
 
 
-def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor, K: int) -> torch.Tensor:
+def _rows_by_label(table_t: torch.Tensor, safe: torch.Tensor) -> torch.Tensor:
     """``table[safe]`` laid out as ``[B, K, P]`` for a transposed table ``table_t [K, N]`` and label
-    channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits'). ``K`` comes as a
-    number: a cached table's shape is not read in a graph (dynamo cannot size a constant tensor
-    under ``dynamic=True``)."""
+    channels ``safe [B, P]`` (pixels stay the contiguous axis, like the logits')."""
     B, P = safe.shape
+    K = table_t.shape[0]
     rows = torch.gather(table_t, 1, safe.reshape(1, -1).expand(K, -1))  # faster than index_select on dim 1
     return rows.view(K, B, P).permute(1, 0, 2)
 
@@ -178,7 +176,7 @@ class _HierarchicalCE(torch.autograd.Function):
         L = hierarchy.max_depth
         B, _, P = xf.shape
         plan = _device_plan(hierarchy, xf.device)
-        m = _rows_by_label(plan.common_depth_t, safe, plan.num_leaves)  # [B, K, P]
+        m = _rows_by_label(plan.common_depth_t, safe)  # [B, K, P]
         top = _finite_shift(xf.amax(dim=1, keepdim=True))  # [B, 1, P]
         buckets = xf.new_zeros((B, L + 1, P)).scatter_add_(1, m, torch.exp(xf - top))
         sums = buckets.flip(1).cumsum(dim=1).flip(1)  # [B, L+1, P]: sum of e over the leaves under C_d
@@ -209,7 +207,7 @@ class _HierarchicalCE(torch.autograd.Function):
     def backward(ctx, grad):
         xf, safe, path, coef_table, top = ctx.saved_tensors
         plan = _device_plan(ctx.hierarchy, xf.device)
-        m = _rows_by_label(plan.common_depth_t, safe, plan.num_leaves)
+        m = _rows_by_label(plan.common_depth_t, safe)
         coef = coef_table[safe].permute(0, 2, 1) * grad.unsqueeze(1)  # [B, L+1, P]
         k = coef * torch.exp((top - path).clamp(max=_EXP_CAP[xf.dtype]))  # 0 wherever coef is 0
         for d in ctx.redo:
@@ -227,7 +225,7 @@ class _SoftLabelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xf, safe, targets_t):
         root = torch.logsumexp(xf, dim=1)  # [B, P]
-        loss = root - (_rows_by_label(targets_t, safe, xf.shape[1]) * xf).sum(dim=1)
+        loss = root - (_rows_by_label(targets_t, safe) * xf).sum(dim=1)
         ctx.save_for_backward(xf, safe, targets_t, root)
         return loss
 
@@ -235,7 +233,7 @@ class _SoftLabelCE(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         xf, safe, targets_t, root = ctx.saved_tensors
-        dx = torch.exp(xf - root.unsqueeze(1)).sub_(_rows_by_label(targets_t, safe, xf.shape[1]))
+        dx = torch.exp(xf - root.unsqueeze(1)).sub_(_rows_by_label(targets_t, safe))
         return dx.mul_(grad.unsqueeze(1)), None, None
 
 
