@@ -81,8 +81,17 @@ def logicseg_release_form(x, y):
     return hp.logicseg_loss(x, y, H, exclusion="level", easy_filter=True, ramp=None)
 
 
+def hssn_with_triplets(x, y):
+    return hp.hssn_loss(x, y, H, embeddings=x[:, :4], triplet_weight=1.0, sampling="first")
+
+
+def triplet_low_resolution(x, y):
+    return hp.hierarchy_triplet_loss(x[:, :5, ::2, ::2], y, H, sampling="first", max_per_class=3)
+
+
 FUNCTIONS = [tree_min_auto, tree_min_paddle, tree_min_none, focal_tree_min, hssn, hssn_checked, depth_cross_entropy,
-             hxe, soft, decode_path, decode_top_down, decode_leaf, path_scores, logicseg, logicseg_release_form]
+             hxe, soft, decode_path, decode_top_down, decode_leaf, path_scores, logicseg, logicseg_release_form,
+             hssn_with_triplets, triplet_low_resolution]
 
 
 def _inputs():
@@ -182,8 +191,33 @@ def test_check_finite_fails_the_programs_assertion():
         _value_and_grad(hssn_checked, x_np, y_np)
 
 
-def triplet_program(x, y):
-    return hp.hssn_loss(x, y, H, embeddings=x[:, :4], triplet_weight=1.0, sampling="first")
+def random_triplets(e, y):
+    return hp.hierarchy_triplet_loss(e, y, H, max_per_class=4)
+
+
+def test_random_triplets_in_a_program_are_valid_triplets():
+    """``sampling="random"`` in a program draws its order from paddle's generator, so its triplets
+    differ from eager's. With embeddings that depend only on a pixel's sibling group (a shared
+    direction plus a one-hot of the group) every valid triplet has the same loss on Cityscapes (all
+    leaves at depth 2: psi is 2 within a group, 4 across), so any valid choice gives eager's value;
+    a positive from another group, or a negative from the anchor's, would not."""
+    from hieraloss.core.triplets import sibling_groups
+
+    _, y_np = _inputs()
+    y_np = np.where(y_np < H.num_leaves, y_np, 255)  # leaves take part; partial labels would not
+    group = sibling_groups(H)
+    per_group = np.eye(group.max() + 1, dtype="float32") + 2.0
+    leaf_row = np.zeros((H.num_nodes + 1, per_group.shape[1]), dtype="float32")
+    leaf_row[:H.num_leaves] = per_group[group]  # by leaf id (labels are node ids; leaves are 0..K-1)
+    e_np = np.moveaxis(leaf_row[np.where(y_np == 255, H.num_nodes, y_np)], -1, 1).copy()
+    want = float(random_triplets(paddle.to_tensor(e_np), paddle.to_tensor(y_np)))
+    static = paddle.jit.to_static(random_triplets, full_graph=True)
+    got = [float(static(paddle.to_tensor(e_np), paddle.to_tensor(y_np))) for _ in range(3)]
+    assert want > 0 and got == pytest.approx([want] * 3, rel=1e-5)
+
+
+def seeded_triplets(x, y):
+    return hp.hierarchy_triplet_loss(x[:, :4], y, H, generator=7)
 
 
 def native_program(x, y):
@@ -191,9 +225,9 @@ def native_program(x, y):
 
 
 @pytest.mark.parametrize("fn, error, match", [
-    (triplet_program, NotImplementedError, "chooses its triplets on the host"),
+    (seeded_triplets, NotImplementedError, "draws its random order with paddle's generator"),
     (native_program, RuntimeError, "backend='native' was asked for inside paddle.jit.to_static"),
-], ids=["triplet", "native"])
+], ids=["seeded-triplets", "native"])
 def test_what_a_program_cannot_hold_says_why(fn, error, match):
     x_np, y_np = _inputs()
     with pytest.raises(error, match=match):

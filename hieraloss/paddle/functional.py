@@ -55,6 +55,7 @@ from ._ops import (  # noqa: F401 - the ops and constants stay importable from h
     resize_labels_nearest,
     tree_min_op,
     triplet_op,
+    triplet_program_op,
 )
 from ._tables import TENSOR_TYPES, building_program, no_kernel_in_program, place_of
 from ._tables import tables_for as _tables
@@ -427,11 +428,6 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     if embeddings.dtype not in _FLOATS:
         raise _checks.logits_dtype_error(_dtype_name(embeddings.dtype), "embeddings")
     _checks.check_embeddings_shape(embeddings.shape)
-    if building_program():
-        raise NotImplementedError(
-            "the triplet term chooses its triplets on the host (numpy) in the paddle backend, which a static "
-            "program cannot do: under paddle.jit.to_static use the default SOT mode (full_graph=False), or "
-            "compute hssn_loss without embeddings in the program and the triplet term outside it")
     labels = _label_tensor(labels, place_of(embeddings))
     _checks.check_triplet_label_shape(labels.shape, embeddings.shape)
     _check_choice(sampling, SAMPLING, "sampling")
@@ -442,6 +438,15 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
     gathered = gather_across_ranks and _collective.is_distributed(process_group)
+    if building_program():
+        if gathered or (sampling == "random" and generator is not None):
+            raise NotImplementedError(
+                "inside paddle.jit.to_static(full_graph=True) the triplet term draws its random order with "
+                "paddle's generator and does not gather across ranks: pass generator=None and "
+                "gather_across_ranks=False there, or use the default SOT mode (full_graph=False)")
+        lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
+        return triplet_program_op(embeddings, lc, hierarchy, max_per_class=int(max_per_class),
+                                  base_margin=float(base_margin), sampling=sampling), False
     if _fused_triplet(backend, embeddings, hierarchy, gathered) and embeddings.size > 0:
         ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
         if check_labels:  # raises LabelError for a bad value (one read-back); the channels are not needed
