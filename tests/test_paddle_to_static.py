@@ -139,6 +139,8 @@ def _layers():
         "TreeMinLoss": (lambda: hp.TreeMinLoss(H, reduction="hssn"), lambda m, x, y: m(x, y)),
         "FocalTreeMinLoss": (lambda: hp.FocalTreeMinLoss(H, gamma=1.5), lambda m, x, y: m(x, y)),
         "HSSNLoss": (lambda: hp.HSSNLoss(H), lambda m, x, y: m(x, y)),
+        "HSSNLoss_own_step": (lambda: hp.HSSNLoss(H, total_steps=3, sampling="first"),
+                              lambda m, x, y: m(x, y, x[:, :4])),
         "HierarchicalCrossEntropyLoss": (lambda: hp.HierarchicalCrossEntropyLoss(H, alpha=0.2),
                                          lambda m, x, y: m(x[:, :K], y)),
         "SoftLabelCrossEntropyLoss": (lambda: hp.SoftLabelCrossEntropyLoss(H, beta=2.0),
@@ -151,8 +153,9 @@ def _layers():
 
 @pytest.mark.parametrize("name", list(_layers()))
 def test_layers_in_a_full_graph_program(name):
-    """The layers in a program; LogicSegLoss advances its step buffer in the program, and each
-    call's gradient uses that call's ramp (steps 0..3 cross the ramp (1, 3))."""
+    """The layers in a program; LogicSegLoss and HSSNLoss (with embeddings) advance their step buffer
+    in the program, and each call's gradient uses that call's ramp or triplet weight (steps 0..3
+    cross the ramp (1, 3) and the schedule's horizon 3)."""
     make, call = _layers()[name]
     eager, static = _Call(make(), call), paddle.jit.to_static(_Call(make(), call), full_graph=True)
     x_np, y_np = _inputs()
@@ -161,8 +164,8 @@ def test_layers_in_a_full_graph_program(name):
         got, g_got = _value_and_grad(static, x_np, y_np)
         assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
         np.testing.assert_allclose(g_got, g_want, rtol=1e-4, atol=1e-6)
-    if hasattr(eager.layer, "step"):
-        assert int(static.layer.step) == int(eager.layer.step)
+    if name.endswith("own_step") or name == "LogicSegLoss":
+        assert int(static.layer.step) == int(eager.layer.step) == 4
 
 
 def bad_label_program(x, y):

@@ -7,6 +7,7 @@ The hierarchy's index tables are cached per place, so a layer follows its inputs
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,7 +26,7 @@ from ..core.modules import (
 from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
-from ._tables import place_of
+from ._tables import building_program, place_of
 
 __all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss", "HierarchyDecoder",
            "HierarchicalCrossEntropyLoss", "SoftLabelCrossEntropyLoss"]
@@ -130,6 +131,8 @@ class HSSNLoss(HeldOptions, nn.Layer):
                 step: int | None = None, generator: Any = None, return_parts: bool = False):
         use_step = step
         if use_step is None and embeddings is not None and self.triplet_weight is None:
+            if building_program():  # no host read in a program: the schedule from the buffer, in it
+                return self._scheduled_in_program(logits, labels, embeddings, return_parts)
             use_step = int(self.step)
         out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
                           node_weight=_weight_on(self.node_weight, logits), generator=generator,
@@ -137,6 +140,34 @@ class HSSNLoss(HeldOptions, nn.Layer):
         if self.training and paddle.is_grad_enabled() and step is None and embeddings is not None:
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
         return out
+
+    def _scheduled_in_program(self, logits, labels, embeddings, return_parts):
+        """The forward inside a static program with the stored step (as torch's compiled
+        ``HSSNLoss``): the published schedule computed from the ``step`` buffer in the program, which
+        writes the advanced buffer back."""
+        if self.total_steps is None:
+            raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
+        out = F.hssn_loss(logits, labels, self.hierarchy, node_weight=_weight_on(self.node_weight, logits),
+                          return_parts=return_parts,
+                          **self._options("total_steps", "triplet_weight", "max_per_class", "base_margin", "sampling",
+                                          "process_group", "gather_across_ranks"))
+        total, parts = out if return_parts else (out, None)
+        tt = F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
+                                      base_margin=self.base_margin, sampling=self.sampling,
+                                      ignore_index=self.ignore_index, process_group=self.process_group,
+                                      gather_across_ranks=self.gather_across_ranks, check_labels=False,
+                                      backend=self.backend)
+        t, horizon = self.step.astype("float64"), float(self.total_steps)
+        ramp = 0.25 * (1.0 + paddle.cos(math.pi * (t - horizon) / horizon))  # core.rules.triplet_weight
+        weight = paddle.where(t >= horizon, paddle.full_like(ramp, 0.5), ramp)
+        total = total + weight.astype(tt.dtype) * tt
+        if self.training and paddle.is_grad_enabled():
+            paddle.assign(self.step + 1, output=self.step)
+        if parts is None:
+            return total
+        parts["triplet"] = tt.detach()
+        parts["triplet_weight"] = weight.astype(total.dtype).detach()
+        return total, parts
 
 
 class HierarchyDecoder(HeldOptions, nn.Layer):
