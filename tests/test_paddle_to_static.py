@@ -109,6 +109,16 @@ def _value_and_grad(f, x_np, y_np):
     return float(value), x.grad.numpy()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _sot_translated_once():
+    """paddle 3.3.1's SOT mode fails the first function it translates in a process when that one
+    breaks its graph at ``tensor.place`` inside the library (``decode``, ``logicseg_loss``, the triplet
+    loss: "cannot access local variable '___graph_fn_saved_orig_1'"); any translation before it
+    avoids it (docs/compile.md). One SOT step first, so every case below passes in any order."""
+    x_np, y_np = _inputs()
+    _value_and_grad(paddle.jit.to_static(tree_min_auto), x_np, y_np)
+
+
 @pytest.mark.parametrize("full_graph", [False, True], ids=["sot", "full_graph"])
 @pytest.mark.parametrize("fn", FUNCTIONS, ids=lambda f: f.__name__)
 def test_to_static_matches_eager(fn, full_graph):

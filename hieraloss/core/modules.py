@@ -35,6 +35,35 @@ class HeldOptions:
     def _options(self, *leave_out: str) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self._option_names if name not in leave_out}
 
+    def _hssn_with_stored_step(self, functional: Any, logits: Any, labels: Any, embeddings: Any, *,
+                               node_weight: Any, generator: Any, return_parts: bool, schedule: Any,
+                               cast: Any, advance: Any) -> Any:
+        """``HSSNLoss``'s forward where its stored step cannot be read on the host (inside
+        ``torch.compile`` or a paddle static program): the objective without embeddings, plus the
+        triplet term times the published schedule computed from the ``step`` buffer on the device.
+        The framework gives ``schedule(step, total_steps)`` (the weight as a float64 tensor),
+        ``cast(t, like)`` (``t`` in ``like``'s dtype) and ``advance()`` (moves the buffer on, where
+        the call is a training step)."""
+        if self.total_steps is None:
+            raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
+        out = functional.hssn_loss(logits, labels, self.hierarchy, node_weight=node_weight, return_parts=return_parts,
+                                   **self._options("total_steps", "triplet_weight", "max_per_class", "base_margin",
+                                                   "sampling", "process_group", "gather_across_ranks"))
+        total, parts = out if return_parts else (out, None)
+        tt = functional.hierarchy_triplet_loss(
+            embeddings, labels, self.hierarchy, max_per_class=self.max_per_class, base_margin=self.base_margin,
+            sampling=self.sampling, generator=generator, ignore_index=self.ignore_index,
+            process_group=self.process_group, gather_across_ranks=self.gather_across_ranks, check_labels=False,
+            backend=self.backend)
+        weight = schedule(self.step, float(self.total_steps))
+        total = total + cast(weight, tt) * tt
+        advance()
+        if parts is None:
+            return total
+        parts["triplet"] = tt.detach()
+        parts["triplet_weight"] = cast(weight, total).detach()
+        return total, parts
+
 
 def tree_min_options(hierarchy: Hierarchy, backends: Sequence[str], *, ignore_index: int, reduction: str,
                      check_finite: bool, backend: str, check_labels: bool, upsample_logits: bool) -> dict[str, Any]:

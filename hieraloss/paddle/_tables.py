@@ -8,6 +8,7 @@ as a broadcastable column or as a flat index vector. Imports no other module of 
 
 from __future__ import annotations
 
+import functools
 import threading
 from typing import Any
 
@@ -78,24 +79,24 @@ def tables_for(hierarchy: Hierarchy, place: Any) -> PlaceTables:
     return tab
 
 
+def _entry(plan: Any, name: str, d: int | None, e: int | None) -> Any:
+    arr = getattr(plan, name)
+    arr = arr if d is None else arr[d]
+    return arr if e is None else arr[e]
+
+
+def _column(plan: Any, name: str, d: int, e: int | None, dtype: str | None) -> np.ndarray:
+    arr = np.asarray(_entry(plan, name, d, e)).reshape(1, -1, 1)
+    return arr.astype(dtype) if dtype else arr
+
+
+# The builders are partials, not closures: paddle's SOT mode mishandles a closure's cells on the
+# cold path ("'cell' object has no attribute 'get'").
 def col(tab: PlaceTables, name: str, d: int, e: int | None = None, dtype: str | None = None) -> paddle.Tensor:
     """A per-block table as a ``[1, n, 1]`` tensor (for broadcasting against ``[B, n, P]``)."""
-
-    def make():
-        arr = getattr(tab.plan, name)[d]
-        arr = arr if e is None else arr[e]
-        arr = np.asarray(arr).reshape(1, -1, 1)
-        return arr.astype(dtype) if dtype else arr
-
-    return tab.get((name, d, e, dtype, "col"), make)
+    return tab.get((name, d, e, dtype, "col"), functools.partial(_column, tab.plan, name, d, e, dtype))
 
 
 def vec(tab: PlaceTables, name: str, d: int | None = None, e: int | None = None) -> paddle.Tensor:
     """A plan table (``name``, entry ``d``, sub-entry ``e``) as it is, e.g. an index vector."""
-
-    def make():
-        arr = getattr(tab.plan, name)
-        arr = arr if d is None else arr[d]
-        return arr if e is None else arr[e]
-
-    return tab.get((name, d, e), make)
+    return tab.get((name, d, e), functools.partial(_entry, tab.plan, name, d, e))

@@ -214,7 +214,9 @@ def _use_native(backend: str, x: paddle.Tensor) -> bool:
 
 
 def _is_gpu(x: paddle.Tensor) -> bool:
-    return paddle.device.get_device().startswith("gpu") if building_program() else bool(x.place.is_gpu_place())
+    if building_program():
+        return paddle.device.get_device().startswith("gpu")
+    return bool(x.place.is_gpu_place())
 
 
 def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:

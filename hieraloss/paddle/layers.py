@@ -132,7 +132,7 @@ class HSSNLoss(HeldOptions, nn.Layer):
         use_step = step
         if use_step is None and embeddings is not None and self.triplet_weight is None:
             if building_program():  # no host read in a program: the schedule from the buffer, in it
-                return self._scheduled_in_program(logits, labels, embeddings, return_parts)
+                return self._scheduled_in_program(logits, labels, embeddings, generator, return_parts)
             use_step = int(self.step)
         out = F.hssn_loss(logits, labels, self.hierarchy, embeddings=embeddings, step=use_step,
                           node_weight=_weight_on(self.node_weight, logits), generator=generator,
@@ -141,33 +141,24 @@ class HSSNLoss(HeldOptions, nn.Layer):
             self.step.set_value(self.step + 1)  # in place: the buffer object stays registered
         return out
 
-    def _scheduled_in_program(self, logits, labels, embeddings, return_parts):
+    def _scheduled_in_program(self, logits, labels, embeddings, generator, return_parts):
         """The forward inside a static program with the stored step (as torch's compiled
         ``HSSNLoss``): the published schedule computed from the ``step`` buffer in the program, which
         writes the advanced buffer back."""
-        if self.total_steps is None:
-            raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
-        out = F.hssn_loss(logits, labels, self.hierarchy, node_weight=_weight_on(self.node_weight, logits),
-                          return_parts=return_parts,
-                          **self._options("total_steps", "triplet_weight", "max_per_class", "base_margin", "sampling",
-                                          "process_group", "gather_across_ranks"))
-        total, parts = out if return_parts else (out, None)
-        tt = F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
-                                      base_margin=self.base_margin, sampling=self.sampling,
-                                      ignore_index=self.ignore_index, process_group=self.process_group,
-                                      gather_across_ranks=self.gather_across_ranks, check_labels=False,
-                                      backend=self.backend)
-        t, horizon = self.step.astype("float64"), float(self.total_steps)
-        ramp = 0.25 * (1.0 + paddle.cos(math.pi * (t - horizon) / horizon))  # core.rules.triplet_weight
-        weight = paddle.where(t >= horizon, paddle.full_like(ramp, 0.5), ramp)
-        total = total + weight.astype(tt.dtype) * tt
-        if self.training and paddle.is_grad_enabled():
-            paddle.assign(self.step + 1, output=self.step)
-        if parts is None:
-            return total
-        parts["triplet"] = tt.detach()
-        parts["triplet_weight"] = weight.astype(total.dtype).detach()
-        return total, parts
+
+        def schedule(step, horizon):  # core.rules.triplet_weight
+            t = step.astype("float64")
+            ramp = 0.25 * (1.0 + paddle.cos(math.pi * (t - horizon) / horizon))
+            return paddle.where(t >= horizon, paddle.full_like(ramp, 0.5), ramp)
+
+        def advance():
+            if self.training and paddle.is_grad_enabled():
+                paddle.assign(self.step + 1, output=self.step)
+
+        return self._hssn_with_stored_step(F, logits, labels, embeddings,
+                                           node_weight=_weight_on(self.node_weight, logits), generator=generator,
+                                           return_parts=return_parts, schedule=schedule,
+                                           cast=lambda t, like: t.astype(like.dtype), advance=advance)
 
 
 class HierarchyDecoder(HeldOptions, nn.Layer):

@@ -12,6 +12,7 @@ logits' dtype through autograd. Inputs are never modified.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -258,12 +259,14 @@ def hierarchical_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor
     logits at a lower resolution than the labels first, as for :func:`~hieraloss.paddle.tree_min_loss`.
     """
     check_hxe_weighting(weighting, normalize)
-
-    def table(h: Hierarchy, a: float) -> np.ndarray:
-        return hxe_coefficients(h, a, weighting, bool(normalize))
-
+    # a partial, not a closure: paddle's SOT mode passes a closure's cells for their values
+    table = functools.partial(_hxe_table, weighting=weighting, normalize=bool(normalize))
     return _leaf_loss(_HierarchicalCE, table, leaf_logits, labels, hierarchy, ignore_index, reduction,
                       alpha, "alpha", upsample_logits, check_finite)
+
+
+def _hxe_table(h: Hierarchy, a: float, *, weighting: str, normalize: bool) -> np.ndarray:
+    return hxe_coefficients(h, a, weighting, normalize)
 
 
 def soft_label_cross_entropy(leaf_logits: paddle.Tensor, labels: paddle.Tensor, hierarchy: Hierarchy, *,

@@ -146,30 +146,21 @@ class HSSNLoss(HeldOptions, nn.Module):
         """The forward under ``torch.compile`` with the stored step: the published schedule computed
         from the ``step`` buffer on the device (no host read, so no graph break) and the buffer
         advanced in the graph; the same value as eager up to rounding."""
-        if self.total_steps is None:
-            raise ValueError("with embeddings, give triplet_weight or both step and total_steps (for the schedule)")
-        out = F.hssn_loss(logits, labels, self.hierarchy, node_weight=self.node_weight, return_parts=return_parts,
-                          **self._options("total_steps", "triplet_weight", "max_per_class", "base_margin", "sampling",
-                                          "process_group", "gather_across_ranks"))
-        total, parts = out if return_parts else (out, None)
-        tt = F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, max_per_class=self.max_per_class,
-                                      base_margin=self.base_margin, sampling=self.sampling, generator=generator,
-                                      ignore_index=self.ignore_index, process_group=self.process_group,
-                                      gather_across_ranks=self.gather_across_ranks, check_labels=False,
-                                      backend=self.backend)
-        t, horizon = self.step.to(torch.float64), float(self.total_steps)
-        ramp = 0.25 * (1.0 + torch.cos(math.pi * (t - horizon) / horizon))  # core.rules.triplet_weight
-        weight = torch.where(t >= horizon, torch.full_like(ramp, 0.5), ramp)
-        total = total + weight.to(tt.dtype) * tt
-        if self.training and torch.is_grad_enabled():
-            # A new tensor, not an in-place add: compiled backwards rebuild the weight from the
-            # buffer they saved, and would read it advanced (tested in test_compile.py).
-            self.step = self.step + 1
-        if parts is None:
-            return total
-        parts["triplet"] = tt.detach()
-        parts["triplet_weight"] = weight.to(total.dtype).detach()
-        return total, parts
+
+        def schedule(step, horizon):  # core.rules.triplet_weight
+            t = step.to(torch.float64)
+            ramp = 0.25 * (1.0 + torch.cos(math.pi * (t - horizon) / horizon))
+            return torch.where(t >= horizon, torch.full_like(ramp, 0.5), ramp)
+
+        def advance():
+            if self.training and torch.is_grad_enabled():
+                # A new tensor, not an in-place add: compiled backwards rebuild the weight from the
+                # buffer they saved, and would read it advanced (tested in test_compile.py).
+                self.step = self.step + 1
+
+        return self._hssn_with_stored_step(F, logits, labels, embeddings, node_weight=self.node_weight,
+                                           generator=generator, return_parts=return_parts, schedule=schedule,
+                                           cast=lambda t, like: t.to(like.dtype), advance=advance)
 
 
 class HierarchyDecoder(HeldOptions, nn.Module):
