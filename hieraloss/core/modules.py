@@ -13,13 +13,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..hierarchy import Hierarchy
-from .checks import REDUCTIONS, check_choice, check_hierarchy, check_leaf_reduction, check_nonnegative
+from .checks import REDUCTIONS, check_choice, check_gamma, check_hierarchy, check_leaf_reduction, check_nonnegative
 from .leaf import check_hxe_weighting
 from .rules import DECODE_METHODS
 from .triplets import SAMPLING
 
-__all__ = ["HeldOptions", "tree_min_options", "triplet_options", "hssn_options", "decoder_options",
-           "leaf_options"]
+__all__ = ["HeldOptions", "TreeMinOptions", "FocalOptions", "TripletOptions", "HSSNOptions", "DecoderOptions",
+           "HXEOptions", "SoftLabelOptions", "tree_min_options", "triplet_options", "hssn_options",
+           "decoder_options", "leaf_options"]
 
 
 class HeldOptions:
@@ -129,3 +130,98 @@ def leaf_options(hierarchy: Hierarchy, param: str, value: float, *, ignore_index
         check_hxe_weighting(weighting, normalize)
         out.update(weighting=weighting, normalize=bool(normalize))
     return out
+
+
+# ---------------------------------------------------------------------------- the module forms' constructors
+# Written once: each framework class derives from one of these and from its framework base, which
+# gives ``BACKENDS``, ``_hold_node_weight(node_weight)`` (a buffer) and ``_hold_step()`` (the step
+# buffer), and adds ``forward``. The signatures, defaults and checks are therefore the same in torch
+# and paddle by construction.
+class TreeMinOptions(HeldOptions):
+    def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
+                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
+                 check_labels: bool = True, upsample_logits: bool = False):
+        super().__init__()
+        self._hold(hierarchy, tree_min_options(hierarchy, self.BACKENDS, ignore_index=ignore_index,
+                                               reduction=reduction, check_finite=check_finite, backend=backend,
+                                               check_labels=check_labels, upsample_logits=upsample_logits))
+        self._hold_node_weight(node_weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+
+
+class FocalOptions(HeldOptions):
+    """Adds the checked focal ``gamma`` to a tree-min module's options."""
+
+    def __init__(self, hierarchy: Hierarchy, *, gamma: float = 2.0, **kwargs: Any):
+        super().__init__(hierarchy, **kwargs)
+        self._hold(hierarchy, {"gamma": check_gamma(gamma), **self._options()})
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", gamma={self.gamma}"
+
+
+class TripletOptions(HeldOptions):
+    def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
+                 sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
+                 gather_across_ranks: bool = False, check_labels: bool = True, backend: str = "auto"):
+        super().__init__()
+        self._hold(hierarchy, triplet_options(hierarchy, self.BACKENDS, max_per_class=max_per_class,
+                                              base_margin=base_margin, sampling=sampling, ignore_index=ignore_index,
+                                              process_group=process_group, gather_across_ranks=gather_across_ranks,
+                                              check_labels=check_labels, backend=backend))
+
+
+class HSSNOptions(HeldOptions):
+    def __init__(self, hierarchy: Hierarchy, *, total_steps: int | None = None, tree_min_weight: float = 5.0,
+                 focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
+                 triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
+                 max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
+                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
+                 check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False):
+        super().__init__()
+        self._hold(hierarchy, hssn_options(
+            hierarchy, self.BACKENDS, total_steps=total_steps, tree_min_weight=tree_min_weight,
+            focal_gamma=focal_gamma, ce_weights=ce_weights, triplet_weight=triplet_weight, ignore_index=ignore_index,
+            max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, backend=backend,
+            process_group=process_group, gather_across_ranks=gather_across_ranks, check_labels=check_labels,
+            upsample_logits=upsample_logits, check_finite=check_finite))
+        self._hold_node_weight(node_weight)
+        self._hold_step()
+
+
+class DecoderOptions(HeldOptions):
+    def __init__(self, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"):
+        super().__init__()
+        self._hold(hierarchy, decoder_options(hierarchy, self.BACKENDS, method=method, backend=backend))
+
+
+class _LeafOptions(HeldOptions):
+    _param = ""
+
+    def extra_repr(self) -> str:
+        return (f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
+                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
+
+
+class HXEOptions(_LeafOptions):
+    _param = "alpha"
+
+    def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
+                 reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
+                 normalize: bool = False, check_finite: bool = False):
+        super().__init__()
+        self._hold(hierarchy, leaf_options(hierarchy, "alpha", alpha, ignore_index=ignore_index, reduction=reduction,
+                                           upsample_logits=upsample_logits, check_finite=check_finite,
+                                           weighting=weighting, normalize=normalize))
+
+
+class SoftLabelOptions(_LeafOptions):
+    _param = "beta"
+
+    def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
+                 reduction: str = "mean", upsample_logits: bool = False, check_finite: bool = False):
+        super().__init__()
+        self._hold(hierarchy, leaf_options(hierarchy, "beta", beta, ignore_index=ignore_index, reduction=reduction,
+                                           upsample_logits=upsample_logits, check_finite=check_finite))

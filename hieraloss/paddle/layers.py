@@ -8,22 +8,20 @@ The hierarchy's index tables are cached per place, so a layer follows its inputs
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import paddle
 from paddle import nn
 
-from ..core.checks import check_gamma
 from ..core.modules import (
-    HeldOptions,
-    decoder_options,
-    hssn_options,
-    leaf_options,
-    tree_min_options,
-    triplet_options,
+    DecoderOptions,
+    FocalOptions,
+    HSSNOptions,
+    HXEOptions,
+    SoftLabelOptions,
+    TreeMinOptions,
+    TripletOptions,
 )
-from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
 from ._tables import building_program, place_of
@@ -32,11 +30,19 @@ __all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss"
            "HierarchicalCrossEntropyLoss", "SoftLabelCrossEntropyLoss"]
 
 
-def _weight_buffer(layer: nn.Layer, node_weight: Any, hierarchy: Hierarchy) -> None:
-    w = None
-    if node_weight is not None:
-        w = F._check_node_weight(node_weight, hierarchy, paddle.CPUPlace()).astype("float32")
-    layer.register_buffer("node_weight", w, persistable=True)
+class _Layer(nn.Layer):
+    """The paddle side of the module forms' constructors (:mod:`hieraloss.core.modules`)."""
+
+    BACKENDS = F.BACKENDS
+
+    def _hold_node_weight(self, node_weight: Any) -> None:
+        w = None
+        if node_weight is not None:
+            w = F._check_node_weight(node_weight, self.hierarchy, paddle.CPUPlace()).astype("float32")
+        self.register_buffer("node_weight", w, persistable=True)
+
+    def _hold_step(self) -> None:
+        self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
 
 def _weight_on(w: paddle.Tensor | None, x: paddle.Tensor) -> paddle.Tensor | None:
@@ -46,42 +52,23 @@ def _weight_on(w: paddle.Tensor | None, x: paddle.Tensor) -> paddle.Tensor | Non
     return w.to(place_of(x))
 
 
-class TreeMinLoss(HeldOptions, nn.Layer):
+class TreeMinLoss(TreeMinOptions, _Layer):
     """:func:`hieraloss.paddle.tree_min_loss` as a layer: ``loss = TreeMinLoss(h)(logits, labels)``."""
-
-    def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
-                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
-                 check_labels: bool = True, upsample_logits: bool = False):
-        super().__init__()
-        self._hold(hierarchy, tree_min_options(hierarchy, F.BACKENDS, ignore_index=ignore_index, reduction=reduction,
-                                               check_finite=check_finite, backend=backend, check_labels=check_labels,
-                                               upsample_logits=upsample_logits))
-        _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return F.tree_min_loss(logits, labels, self.hierarchy, node_weight=_weight_on(self.node_weight, logits),
                                **self._options())
 
-    def extra_repr(self) -> str:
-        return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
-
-class FocalTreeMinLoss(TreeMinLoss):
+class FocalTreeMinLoss(FocalOptions, TreeMinLoss):
     """:func:`hieraloss.paddle.focal_tree_min_loss` as a layer."""
-
-    def __init__(self, hierarchy: Hierarchy, *, gamma: float = 2.0, **kwargs: Any):
-        super().__init__(hierarchy, **kwargs)
-        self._hold(hierarchy, {"gamma": check_gamma(gamma), **self._options()})
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return F.focal_tree_min_loss(logits, labels, self.hierarchy, node_weight=_weight_on(self.node_weight, logits),
                                      **self._options())
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", gamma={self.gamma}"
 
-
-class HierarchyTripletLoss(HeldOptions, nn.Layer):
+class HierarchyTripletLoss(TripletOptions, _Layer):
     """:func:`hieraloss.paddle.hierarchy_triplet_loss` as a layer.
 
     ``forward(embeddings, labels, generator=None)``; ``generator``: a numpy Generator or an int seed.
@@ -89,20 +76,11 @@ class HierarchyTripletLoss(HeldOptions, nn.Layer):
     ``backend``: as for the function (``"auto"`` on a GPU: the fused Triton triplet kernels).
     """
 
-    def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
-                 sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
-                 gather_across_ranks: bool = False, check_labels: bool = True, backend: str = "auto"):
-        super().__init__()
-        self._hold(hierarchy, triplet_options(hierarchy, F.BACKENDS, max_per_class=max_per_class,
-                                              base_margin=base_margin, sampling=sampling, ignore_index=ignore_index,
-                                              process_group=process_group, gather_across_ranks=gather_across_ranks,
-                                              check_labels=check_labels, backend=backend))
-
     def forward(self, embeddings: paddle.Tensor, labels: paddle.Tensor, generator: Any = None) -> paddle.Tensor:
         return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, generator=generator, **self._options())
 
 
-class HSSNLoss(HeldOptions, nn.Layer):
+class HSSNLoss(HSSNOptions, _Layer):
     """:func:`hieraloss.paddle.hssn_loss` as a layer that keeps the training step for the triplet schedule.
 
     ``step`` is a persistable buffer (saved in ``state_dict``); each call in training mode, with
@@ -110,22 +88,6 @@ class HSSNLoss(HeldOptions, nn.Layer):
     advances it by one; evaluation calls (``.eval()`` or under ``paddle.no_grad()``) never do.
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group``.
     """
-
-    def __init__(self, hierarchy: Hierarchy, *, total_steps: int | None = None, tree_min_weight: float = 5.0,
-                 focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
-                 triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
-                 max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
-                 check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__()
-        self._hold(hierarchy, hssn_options(
-            hierarchy, F.BACKENDS, total_steps=total_steps, tree_min_weight=tree_min_weight, focal_gamma=focal_gamma,
-            ce_weights=ce_weights, triplet_weight=triplet_weight, ignore_index=ignore_index,
-            max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, backend=backend,
-            process_group=process_group, gather_across_ranks=gather_across_ranks, check_labels=check_labels,
-            upsample_logits=upsample_logits, check_finite=check_finite))
-        _weight_buffer(self, node_weight, hierarchy)
-        self.register_buffer("step", paddle.zeros([], dtype="int64"), persistable=True)
 
     def forward(self, logits: paddle.Tensor, labels: paddle.Tensor, embeddings: paddle.Tensor | None = None, *,
                 step: int | None = None, generator: Any = None, return_parts: bool = False):
@@ -161,56 +123,24 @@ class HSSNLoss(HeldOptions, nn.Layer):
                                            cast=lambda t, like: t.astype(like.dtype), advance=advance)
 
 
-class HierarchyDecoder(HeldOptions, nn.Layer):
+class HierarchyDecoder(DecoderOptions, _Layer):
     """:func:`hieraloss.paddle.decode` as a layer: ``leaf, depth_labels = HierarchyDecoder(h)(logits)``."""
-
-    def __init__(self, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"):
-        super().__init__()
-        self._hold(hierarchy, decoder_options(hierarchy, F.BACKENDS, method=method, backend=backend))
 
     def forward(self, logits: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
         return F.decode(logits, self.hierarchy, self.method, backend=self.backend)
 
 
-class _LeafLoss(HeldOptions, nn.Layer):
-    """Shared configuration of the leaf-logit losses (checked here, once)."""
-
-    _param = ""
-
-    def extra_repr(self) -> str:
-        return (f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
-                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
-
-
-class HierarchicalCrossEntropyLoss(_LeafLoss):
+class HierarchicalCrossEntropyLoss(HXEOptions, _Layer):
     """:func:`hieraloss.paddle.hierarchical_cross_entropy` as a layer:
     ``loss = HierarchicalCrossEntropyLoss(h, alpha=0.1)(leaf_logits, labels)``."""
-
-    _param = "alpha"
-
-    def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
-                 reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
-                 normalize: bool = False, check_finite: bool = False):
-        super().__init__()
-        self._hold(hierarchy, leaf_options(hierarchy, "alpha", alpha, ignore_index=ignore_index, reduction=reduction,
-                                           upsample_logits=upsample_logits, check_finite=check_finite,
-                                           weighting=weighting, normalize=normalize))
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())
 
 
-class SoftLabelCrossEntropyLoss(_LeafLoss):
+class SoftLabelCrossEntropyLoss(SoftLabelOptions, _Layer):
     """:func:`hieraloss.paddle.soft_label_cross_entropy` as a layer:
     ``loss = SoftLabelCrossEntropyLoss(h, beta=1.0)(leaf_logits, labels)``."""
-
-    _param = "beta"
-
-    def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
-                 reduction: str = "mean", upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__()
-        self._hold(hierarchy, leaf_options(hierarchy, "beta", beta, ignore_index=ignore_index, reduction=reduction,
-                                           upsample_logits=upsample_logits, check_finite=check_finite))
 
     def forward(self, leaf_logits: paddle.Tensor, labels: paddle.Tensor) -> paddle.Tensor:
         return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())

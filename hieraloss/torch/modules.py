@@ -8,22 +8,20 @@ follows its inputs' device; ``node_weight`` and the HSSN step counter are buffer
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..core.checks import check_gamma
 from ..core.modules import (
-    HeldOptions,
-    decoder_options,
-    hssn_options,
-    leaf_options,
-    tree_min_options,
-    triplet_options,
+    DecoderOptions,
+    FocalOptions,
+    HSSNOptions,
+    HXEOptions,
+    SoftLabelOptions,
+    TreeMinOptions,
+    TripletOptions,
 )
-from ..hierarchy import Hierarchy
 from . import functional as F
 from . import leaf_losses as _leaf
 
@@ -31,68 +29,48 @@ __all__ = ["TreeMinLoss", "FocalTreeMinLoss", "HierarchyTripletLoss", "HSSNLoss"
            "HierarchicalCrossEntropyLoss", "SoftLabelCrossEntropyLoss"]
 
 
-def _weight_buffer(module: nn.Module, node_weight: Any, hierarchy: Hierarchy) -> None:
-    w = None
-    if node_weight is not None:
-        w = F._check_node_weight(node_weight, hierarchy, torch.device("cpu")).to(torch.float32)
-    module.register_buffer("node_weight", w)
+class _Module(nn.Module):
+    """The torch side of the module forms' constructors (:mod:`hieraloss.core.modules`)."""
+
+    BACKENDS = F.BACKENDS
+
+    def _hold_node_weight(self, node_weight: Any) -> None:
+        w = None
+        if node_weight is not None:
+            w = F._check_node_weight(node_weight, self.hierarchy, torch.device("cpu")).to(torch.float32)
+        self.register_buffer("node_weight", w)
+
+    def _hold_step(self) -> None:
+        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
 
-class TreeMinLoss(HeldOptions, nn.Module):
+class TreeMinLoss(TreeMinOptions, _Module):
     """:func:`hieraloss.torch.tree_min_loss` as a module: ``loss = TreeMinLoss(h)(logits, labels)``."""
-
-    def __init__(self, hierarchy: Hierarchy, *, ignore_index: int = 255, reduction: str = "mean",
-                 node_weight: Any = None, check_finite: bool = False, backend: str = "auto",
-                 check_labels: bool = True, upsample_logits: bool = False):
-        super().__init__()
-        self._hold(hierarchy, tree_min_options(hierarchy, F.BACKENDS, ignore_index=ignore_index, reduction=reduction,
-                                               check_finite=check_finite, backend=backend, check_labels=check_labels,
-                                               upsample_logits=upsample_logits))
-        _weight_buffer(self, node_weight, hierarchy)
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.tree_min_loss(logits, labels, self.hierarchy, node_weight=self.node_weight, **self._options())
 
-    def extra_repr(self) -> str:
-        return f"{self.hierarchy!r}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
 
-
-class FocalTreeMinLoss(TreeMinLoss):
+class FocalTreeMinLoss(FocalOptions, TreeMinLoss):
     """:func:`hieraloss.torch.focal_tree_min_loss` as a module."""
-
-    def __init__(self, hierarchy: Hierarchy, *, gamma: float = 2.0, **kwargs: Any):
-        super().__init__(hierarchy, **kwargs)
-        self._hold(hierarchy, {"gamma": check_gamma(gamma), **self._options()})
 
     def forward(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.focal_tree_min_loss(logits, labels, self.hierarchy, node_weight=self.node_weight, **self._options())
 
-    def extra_repr(self) -> str:
-        return super().extra_repr() + f", gamma={self.gamma}"
 
-
-class HierarchyTripletLoss(HeldOptions, nn.Module):
+class HierarchyTripletLoss(TripletOptions, _Module):
     """:func:`hieraloss.torch.hierarchy_triplet_loss` as a module; ``forward(embeddings, labels, generator=None)``
     (``generator``: an int seed or a numpy Generator, the triplets of every backend; or a ``torch.Generator``).
 
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group`` (a collective).
     """
 
-    def __init__(self, hierarchy: Hierarchy, *, max_per_class: int = 200, base_margin: float = 0.1,
-                 sampling: str = "random", ignore_index: int = 255, process_group: Any = None,
-                 gather_across_ranks: bool = False, check_labels: bool = True, backend: str = "auto"):
-        super().__init__()
-        self._hold(hierarchy, triplet_options(hierarchy, F.BACKENDS, max_per_class=max_per_class,
-                                              base_margin=base_margin, sampling=sampling, ignore_index=ignore_index,
-                                              process_group=process_group, gather_across_ranks=gather_across_ranks,
-                                              check_labels=check_labels, backend=backend))
-
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,
                 generator: Any = None) -> torch.Tensor:
         return F.hierarchy_triplet_loss(embeddings, labels, self.hierarchy, generator=generator, **self._options())
 
 
-class HSSNLoss(HeldOptions, nn.Module):
+class HSSNLoss(HSSNOptions, _Module):
     """:func:`hieraloss.torch.hssn_loss` as a module that keeps the training step for the triplet schedule.
 
     ``step`` is a buffer (saved in ``state_dict``); each call in training mode, with gradients
@@ -106,22 +84,6 @@ class HSSNLoss(HeldOptions, nn.Module):
     embeddings on a rank without triplets, so ``find_unused_parameters=False`` works;
     ``gather_across_ranks=True`` draws triplets across the ranks of ``process_group``.
     """
-
-    def __init__(self, hierarchy: Hierarchy, *, total_steps: int | None = None, tree_min_weight: float = 5.0,
-                 focal_gamma: float | None = None, ce_weights: float | Sequence[float] | None = None,
-                 triplet_weight: float | None = None, ignore_index: int = 255, node_weight: Any = None,
-                 max_per_class: int = 200, base_margin: float = 0.1, sampling: str = "random",
-                 backend: str = "auto", process_group: Any = None, gather_across_ranks: bool = False,
-                 check_labels: bool = True, upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__()
-        self._hold(hierarchy, hssn_options(
-            hierarchy, F.BACKENDS, total_steps=total_steps, tree_min_weight=tree_min_weight, focal_gamma=focal_gamma,
-            ce_weights=ce_weights, triplet_weight=triplet_weight, ignore_index=ignore_index,
-            max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, backend=backend,
-            process_group=process_group, gather_across_ranks=gather_across_ranks, check_labels=check_labels,
-            upsample_logits=upsample_logits, check_finite=check_finite))
-        _weight_buffer(self, node_weight, hierarchy)
-        self.register_buffer("step", torch.zeros((), dtype=torch.int64))
 
     def _counts_step(self, step: int | None, embeddings: torch.Tensor | None) -> bool:
         """Whether this call is a training step that the stored step drives (and then advances)."""
@@ -163,56 +125,24 @@ class HSSNLoss(HeldOptions, nn.Module):
                                            cast=lambda t, like: t.to(like.dtype), advance=advance)
 
 
-class HierarchyDecoder(HeldOptions, nn.Module):
+class HierarchyDecoder(DecoderOptions, _Module):
     """:func:`hieraloss.torch.decode` as a module: ``leaf, depth_labels = HierarchyDecoder(h)(logits)``."""
-
-    def __init__(self, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"):
-        super().__init__()
-        self._hold(hierarchy, decoder_options(hierarchy, F.BACKENDS, method=method, backend=backend))
 
     def forward(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return F.decode(logits, self.hierarchy, self.method, backend=self.backend)
 
 
-class _LeafLoss(HeldOptions, nn.Module):
-    """Shared configuration of the leaf-logit losses (checked here, once)."""
-
-    _param = ""
-
-    def extra_repr(self) -> str:
-        return (f"{self.hierarchy!r}, {self._param}={getattr(self, self._param)}, "
-                f"reduction={self.reduction!r}, ignore_index={self.ignore_index}")
-
-
-class HierarchicalCrossEntropyLoss(_LeafLoss):
+class HierarchicalCrossEntropyLoss(HXEOptions, _Module):
     """:func:`hieraloss.torch.hierarchical_cross_entropy` as a module:
     ``loss = HierarchicalCrossEntropyLoss(h, alpha=0.1)(leaf_logits, labels)``."""
-
-    _param = "alpha"
-
-    def __init__(self, hierarchy: Hierarchy, *, alpha: float = 0.1, ignore_index: int = 255,
-                 reduction: str = "mean", upsample_logits: bool = False, weighting: str = "depth",
-                 normalize: bool = False, check_finite: bool = False):
-        super().__init__()
-        self._hold(hierarchy, leaf_options(hierarchy, "alpha", alpha, ignore_index=ignore_index, reduction=reduction,
-                                           upsample_logits=upsample_logits, check_finite=check_finite,
-                                           weighting=weighting, normalize=normalize))
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _leaf.hierarchical_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())
 
 
-class SoftLabelCrossEntropyLoss(_LeafLoss):
+class SoftLabelCrossEntropyLoss(SoftLabelOptions, _Module):
     """:func:`hieraloss.torch.soft_label_cross_entropy` as a module:
     ``loss = SoftLabelCrossEntropyLoss(h, beta=1.0)(leaf_logits, labels)``."""
-
-    _param = "beta"
-
-    def __init__(self, hierarchy: Hierarchy, *, beta: float = 1.0, ignore_index: int = 255,
-                 reduction: str = "mean", upsample_logits: bool = False, check_finite: bool = False):
-        super().__init__()
-        self._hold(hierarchy, leaf_options(hierarchy, "beta", beta, ignore_index=ignore_index, reduction=reduction,
-                                           upsample_logits=upsample_logits, check_finite=check_finite))
 
     def forward(self, leaf_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _leaf.soft_label_cross_entropy(leaf_logits, labels, self.hierarchy, **self._options())
