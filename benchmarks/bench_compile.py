@@ -8,7 +8,7 @@ Each case runs in a fresh subprocess: the first call (which compiles) is timed a
 and median of ``--repeats`` steps; the peak extra memory of those steps is ``VmHWM - VmRSS`` read
 after the first call (Linux; the compiler's own memory left out), as a multiple of the logits'
 size. Ratios are to the eager step of the same backend, measured in the same run. ``dynamic=True``
-runs the vectorized torch ops as one tile for the whole batch (``_ops.TILE_ELEMENTS_COMPILED``)
+runs the vectorized torch ops as one tile for the whole batch (``hieraloss.torch.ops.tree_min.TILE_ELEMENTS_COMPILED``)
 and the compiled CPU kernels as custom ops.
 """
 

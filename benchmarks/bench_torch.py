@@ -11,9 +11,9 @@ Per configuration, all in the same run:
   per-class loop (``benchmarks/published_hssn.py``), and of one read+write pass over the logits
   (``dst.copy_(src)``); printed as ratios, per statistic;
 * the ``hssn_loss`` objective without embeddings (``5 * TM(hssn) + sum_d CE_d``, every depth): the
-  unfused path (the compiled tree-min kernel, then ``_ops.depth_cross_entropy_op`` per depth: an
+  unfused path (the compiled tree-min kernel, then ``depth_cross_entropy_op`` per depth: an
   index_select + cross_entropy each, several more passes over the logits) against the fused kernel
-  call (``_native_op.hssn_objective_native``: tree-min and every depth's cross-entropy in one pass),
+  call (``hssn_objective_native``: tree-min and every depth's cross-entropy in one pass),
   forward+backward from label channels, as ratios to the same copy, with the compiled tree-min loss
   alone for scale; ``--objective-only`` runs just this row (and its memory);
 * peak extra memory of one forward+backward / logits size. Measured honestly as resident memory:
@@ -46,7 +46,8 @@ from published_hssn import published_tree_min_loss  # noqa: E402
 import hieraloss  # noqa: E402
 import hieraloss.torch as ht  # noqa: E402
 from hieraloss import _native  # noqa: E402
-from hieraloss.torch import _native_op, _ops  # noqa: E402
+from hieraloss.torch.ops.cross_entropy import depth_cross_entropy_op  # noqa: E402
+from hieraloss.torch.ops.native import hssn_objective_native, tree_min_native  # noqa: E402
 
 CONFIGS = {
     "cityscapes": dict(preset="cityscapes", batch=2),
@@ -78,12 +79,12 @@ def objective(impl: str, h, x, lc):
     then one ``depth_cross_entropy_op`` per depth (what ``hssn_loss`` runs today); fused = one kernel pass."""
     L = h.max_depth
     if impl == "fused":
-        return _native_op.hssn_objective_native(x, lc, h, gamma=0.0, node_weight=None, tree_min_weight=5.0,
+        return hssn_objective_native(x, lc, h, gamma=0.0, node_weight=None, tree_min_weight=5.0,
                                                 ce_weights=[1.0] * L)[0]
-    tm = _native_op.tree_min_native(x, lc, h, gamma=0.0, reduction="hssn", node_weight=None) / 5.0
+    tm = tree_min_native(x, lc, h, gamma=0.0, reduction="hssn", node_weight=None) / 5.0
     total = 5.0 * tm
     for d in range(1, L + 1):
-        total = total + _ops.depth_cross_entropy_op(x, lc, h, d)
+        total = total + depth_cross_entropy_op(x, lc, h, d)
     return total
 
 
@@ -210,7 +211,7 @@ def bench_objective(name: str, height: int, width: int, args: argparse.Namespace
 
     def tree_min_only() -> None:  # the fused call's tree-min part alone, for scale
         x.grad = None
-        _native_op.tree_min_native(x, lc, h, gamma=0.0, reduction="hssn", node_weight=None).backward()
+        tree_min_native(x, lc, h, gamma=0.0, reduction="hssn", node_weight=None).backward()
 
     times = {}
     for impl in OBJECTIVE_IMPLS:

@@ -9,7 +9,7 @@ Per ``sampling`` ("first", "random") and implementation ("before": the selection
 with nonzero, unique, ``int(max)``, ``int(T.sum())`` and boolean indexing, normalising the whole
 embedding map; "after": the fixed-size, sync-free one of ``hieraloss.torch._ops``), in the same run:
 
-* ``op``: ``_ops.triplet_op`` alone on a prepared leaf map (what the change is about);
+* ``op``: ``triplet_op`` alone on a prepared leaf map (what the change is about);
 * ``loss``: the whole ``hierarchy_triplet_loss`` (label mapping and its one sync included), with the
   baseline op swapped in for "before";
 * ``syncs``: host reads inside the op during one forward+backward, counted as
@@ -46,9 +46,11 @@ from _sync_counter import CountSyncs  # noqa: E402 - the tests' host-sync counte
 
 import hieraloss  # noqa: E402
 import hieraloss.torch as ht  # noqa: E402
-from hieraloss.torch import _ops  # noqa: E402
 from hieraloss.torch import functional as HF  # noqa: E402
+from hieraloss.torch import functional as torch_functional  # noqa: E402
 from hieraloss.torch._tables import tables_for  # noqa: E402
+from hieraloss.torch.ops.device import compute_dtype  # noqa: E402
+from hieraloss.torch.ops.triplet import key_order, resize_labels_nearest, triplet_op  # noqa: E402
 
 
 # ---------------------------------------------------------------------------- baseline (before)
@@ -63,13 +65,13 @@ def _legacy_ith_outside(members_pos, seg_start, seg_of_query, i, stride):
 def legacy_triplet_op(embeddings, leaf, hierarchy, *, max_per_class, base_margin, sampling, generator):
     """The selection before this change: nonzero, unique, int(max), int(T.sum()), boolean indexing."""
     C = embeddings.shape[1]
-    ct = _ops.compute_dtype(embeddings.dtype)
+    ct = compute_dtype(embeddings.dtype)
     emb = torch.nn.functional.normalize(embeddings.to(ct), dim=1, eps=1e-12)
     emb = emb.permute(0, 2, 3, 1).reshape(-1, C)
     flat = leaf.reshape(-1)
     pixels = torch.nonzero(flat >= 0).squeeze(1)
     if sampling == "random":
-        pixels = _ops.key_order(flat, sampling, generator)[:pixels.numel()]  # the same draw as "after"
+        pixels = key_order(flat, sampling, generator)[:pixels.numel()]  # the same draw as "after"
     chosen = legacy_triplet_select(flat, pixels, hierarchy, max_per_class=max_per_class)
     if chosen is None:
         return embeddings.reshape(-1)[:0].sum().to(ct)
@@ -126,18 +128,18 @@ def legacy_triplet_score(e_a, e_p, e_n, slot_cls, cls_p, cls_n, T, hierarchy, ba
     return (per_class[has] / T[has].to(ct)).sum() / has.sum().to(ct)
 
 
-OPS = {"before": legacy_triplet_op, "after": _ops.triplet_op}
+OPS = {"before": legacy_triplet_op, "after": triplet_op}
 
 
 @contextlib.contextmanager
 def op_swapped(impl: str):
     """``hierarchy_triplet_loss`` with the triplet op of ``impl``."""
-    saved = _ops.triplet_op
-    _ops.triplet_op = OPS[impl]
+    saved = torch_functional.triplet_op
+    torch_functional.triplet_op = OPS[impl]
     try:
         yield
     finally:
-        _ops.triplet_op = saved
+        torch_functional.triplet_op = saved
 
 
 # ---------------------------------------------------------------------------- inputs and timing
@@ -156,7 +158,7 @@ def make_inputs(batch, channels, height, width, label_size, device, seed=0):
 
 def leaf_map(emb, labels, h):
     lc, _ = HF._label_channels(labels, h, 255)
-    small = _ops.resize_labels_nearest(lc, tuple(emb.shape[2:]))
+    small = resize_labels_nearest(lc, tuple(emb.shape[2:]))
     tab = tables_for(h, emb.device)
     leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     return torch.where(leaf < h.num_leaves, leaf, torch.full_like(leaf, -1))

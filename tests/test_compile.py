@@ -155,7 +155,7 @@ def test_native_hssn_objective_compiles_fullgraph():
 def test_native_custom_ops_pass_opcheck():
     """torch.library's own checks of the registrations: schema, fake (meta) implementation, autograd."""
     _needs_native()
-    from hieraloss.torch import _native_op
+    from hieraloss.torch.ops import native as _native_op
 
     x, y = _inputs()
     x = x.detach().reshape(2, H.num_nodes, -1).contiguous().requires_grad_()
@@ -164,7 +164,7 @@ def test_native_custom_ops_pass_opcheck():
     key = H.fingerprint
     torch.library.opcheck(_native_op.native_tree_min_op, (x, lc, None, key, 0.0, "mean", True))
     torch.library.opcheck(_native_op.native_hssn_objective_op, (x, lc, None, key, 0.0, 5.0, [1.0, 1.0], True))
-    from hieraloss.torch import _logic_ops
+    from hieraloss.torch.ops import logicseg as _logic_ops
 
     r = torch.randn(2, H.num_nodes, 3, 3, dtype=torch.float64, requires_grad=True)
     for rules, want_r in ((None, False), (r, True)):
@@ -178,7 +178,8 @@ def test_native_logicseg_compiles_fullgraph_on_the_kernel(name, monkeypatch):
     """LogicSeg on the compiled CPU kernel as the custom op ``hieraloss::native_logicseg``: one
     kernel call per compiled step, eager's values and gradients (rule logits included)."""
     _needs_native()
-    from hieraloss.torch import _logic_ops, asymmetric_bce_loss
+    from hieraloss.torch import asymmetric_bce_loss
+    from hieraloss.torch.ops import logicseg as _logic_ops
 
     torch._dynamo.reset()
     x, y = _inputs()

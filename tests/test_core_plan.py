@@ -229,16 +229,15 @@ def test_plan_is_frozen_and_its_arrays_read_only():
 
 def test_consumers_read_the_plan():
     """The count tables and the compiled kernel's int32 tables are views of the plan."""
-    from hieraloss import _native
     from hieraloss.core import plan as core_plan
 
     h = hieraloss.presets.lip()
     p = plan_for(h)
     assert core_plan.counted_entries_per_depth(h) is p.tree_min_counted
     assert core_plan.ce_counted_per_depth(h) is p.ce_counted
-    tree = _native.tree_arrays(h)
     for name in ("edges", "pre", "size", "class_offsets", "class_channels", "ce_target"):
-        arr = getattr(tree, name)
+        arr = p.int32(name)
+        assert arr is p.int32(name), name  # made once
         assert arr.dtype == np.int32 and arr.flags.c_contiguous and not arr.flags.writeable, name
         assert np.array_equal(arr, getattr(p, name)), name
 

@@ -6,7 +6,6 @@ small, and BLOCK_P is forced to 16 so that every case spans several programs and
 
 from __future__ import annotations
 
-import importlib
 import inspect
 
 import numpy as np
@@ -19,9 +18,10 @@ import oracle  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+import hieraloss.numpy as hnp  # noqa: E402
 from hieraloss import presets  # noqa: E402
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
-from hieraloss.torch import _ops, kernels  # noqa: E402
+from hieraloss.torch import kernels  # noqa: E402
 from hieraloss.torch.kernels import _common, fused_decode, fused_objective, fused_tree_min_loss  # noqa: E402
 
 pytestmark = pytest.mark.triton
@@ -35,6 +35,9 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from hieraloss.torch.kernels._reduce import finalize_sums, shared_depth_scales, shared_depth_scales_apart  # noqa: E402,E501
+from hieraloss.torch.ops.cross_entropy import depth_cross_entropy_op  # noqa: E402
+from hieraloss.torch.ops.decode import decode_op  # noqa: E402
+from hieraloss.torch.ops.tree_min import tree_min_op  # noqa: E402
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -348,47 +351,32 @@ def test_decode_matches_oracle(data):
         assert_consistent(depth, h)
 
 
-def _optional(module, name):
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
-
-
 @small_settings
 @given(case=loss_cases(dtype="float64"))
 def test_matches_other_backends(case):
-    """Same numbers as hieraloss.numpy and the vectorized torch ops, where those exist."""
+    """Same numbers as hieraloss.numpy and the vectorized torch ops."""
     h, labels, x, kw, dtype = case
     value, grad, xt = _run(x, labels, h, dtype, **kw)
     np_name = "focal_tree_min_loss" if kw["gamma"] is not None else "tree_min_loss"
-    np_fn = _optional("hieraloss.numpy", np_name)
-    torch_op = _optional("hieraloss.torch._ops", "tree_min_op")
-    if np_fn is None and torch_op is None:
-        pytest.skip("neither hieraloss.numpy nor hieraloss.torch._ops is available")
-    if np_fn is not None:
-        extra = {} if kw["gamma"] is None else {"gamma": kw["gamma"]}
-        ref = np_fn(x, labels, h, reduction=kw["reduction"], node_weight=kw["node_weight"], **extra)
-        np.testing.assert_allclose(value, np.asarray(ref, dtype=np.float64), **VALUE_TOL[dtype])
-    if torch_op is not None:
-        xr = xt.detach().clone().requires_grad_(True)
-        lc = torch.tensor(h.label_channels(labels), device=DEVICE)
-        w = None if kw["node_weight"] is None else torch.tensor(kw["node_weight"], device=DEVICE)
-        ref = torch_op(xr, lc, h, gamma=kw["gamma"] or 0.0, reduction=kw["reduction"], node_weight=w)
-        up = 1.0 if kw["upstream"] is None else torch.tensor(kw["upstream"], device=DEVICE)
-        (ref * up).sum().backward()
-        np.testing.assert_allclose(value, ref.detach().cpu().numpy(), **VALUE_TOL[dtype])
-        np.testing.assert_allclose(grad, xr.grad.cpu().numpy(), **GRAD_TOL[dtype])
+    np_fn = getattr(hnp, np_name)
+    extra = {} if kw["gamma"] is None else {"gamma": kw["gamma"]}
+    ref = np_fn(x, labels, h, reduction=kw["reduction"], node_weight=kw["node_weight"], **extra)
+    np.testing.assert_allclose(value, np.asarray(ref, dtype=np.float64), **VALUE_TOL[dtype])
+    xr = xt.detach().clone().requires_grad_(True)
+    lc = torch.tensor(h.label_channels(labels), device=DEVICE)
+    w = None if kw["node_weight"] is None else torch.tensor(kw["node_weight"], device=DEVICE)
+    ref = tree_min_op(xr, lc, h, gamma=kw["gamma"] or 0.0, reduction=kw["reduction"], node_weight=w)
+    up = 1.0 if kw["upstream"] is None else torch.tensor(kw["upstream"], device=DEVICE)
+    (ref * up).sum().backward()
+    np.testing.assert_allclose(value, ref.detach().cpu().numpy(), **VALUE_TOL[dtype])
+    np.testing.assert_allclose(grad, xr.grad.cpu().numpy(), **GRAD_TOL[dtype])
 
 
 def test_decode_matches_torch_backend():
-    torch_decode = _optional("hieraloss.torch._ops", "decode_op")
-    if torch_decode is None:
-        pytest.skip("hieraloss.torch._ops is not available")
     h = presets.mapillary_vistas_v2()
     x = torch.tensor(np.round(np.random.default_rng(5).normal(size=(1, h.num_nodes, 3, 11))), device=DEVICE)
     for method in ("path", "top_down"):
-        for a, b in zip(fused_decode(x, h, method), torch_decode(x, h, method), strict=True):
+        for a, b in zip(fused_decode(x, h, method), decode_op(x, h, method), strict=True):
             assert torch.equal(a.cpu(), b.cpu())
 
 
@@ -752,10 +740,10 @@ def test_fused_objective_matches_parts(case, data):
     # gradient: the eager torch ops on the same rounded logits
     xr = xt.detach().double().requires_grad_(True)
     lc = torch.tensor(h.label_channels(labels), device=DEVICE)
-    ref = tm_w * _ops.tree_min_op(xr, lc, h, gamma=gamma, reduction="hssn", node_weight=w, has_partial=True)
+    ref = tm_w * tree_min_op(xr, lc, h, gamma=gamma, reduction="hssn", node_weight=w, has_partial=True)
     for d, wd in enumerate(ce_w, start=1):
         if wd:
-            ref = ref + wd * _ops.depth_cross_entropy_op(xr, lc, h, d)
+            ref = ref + wd * depth_cross_entropy_op(xr, lc, h, d)
     (gref,) = torch.autograd.grad(ref * 1.5, xr)
     np.testing.assert_allclose(grad.double().cpu().numpy(), _rounded(gref.cpu().numpy(), dtype), **GRAD_TOL[dtype])
 

@@ -418,8 +418,8 @@ def test_asl_options_against_oracle(data):
 @given(data=st.data(), exclusion=st.sampled_from(["siblings", "level"]), p=st.sampled_from([1.0, 2.0, 5.0]))
 def test_rule_gradient_by_hand_equals_autograd(data, exclusion, p):
     from hieraloss.core import logic as core_logic
-    from hieraloss.torch._logic_ops import OPS
-    from hieraloss.torch._logic_ops import tables as _tables
+    from hieraloss.torch.ops.logicseg import OPS
+    from hieraloss.torch.ops.logicseg import tables as _tables
 
     h = data.draw(hierarchies(max_depth=4, max_children=3, order=None))
     x = torch.tensor(data.draw(logit_maps(h, (1, 3, 2), scale=2.0)))

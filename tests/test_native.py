@@ -1,4 +1,4 @@
-"""The compiled CPU tree-min kernel (hieraloss._native, torch glue in hieraloss.torch._native_op).
+"""The compiled CPU tree-min kernel (hieraloss._native, torch glue in hieraloss.torch.ops.native).
 
 Values and gradients against the loop oracle for every instruction set compiled in and supported
 here (baseline, AVX2, AVX-512), over random hierarchies, tile-spanning shapes, ignore masks, partial
@@ -25,6 +25,7 @@ import hieraloss
 import hieraloss.numpy as hnp
 import hieraloss.torch as ht
 from hieraloss import _native
+from hieraloss.core.plan import plan_for
 from hieraloss.testing import hierarchies, label_maps, logits
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel unavailable: {_native.load_error()}")
@@ -56,24 +57,24 @@ def _value_and_grad(x, labels, h, *, gamma, reduction, weight=None, upstream=Non
     return value.detach(), grad
 
 
-# ---------------------------------------------------------------------------- tree arrays
+# ---------------------------------------------------------------------------- the kernel's tables
 @given(h=hierarchies(max_depth=4, max_children=4, order=None))
-def test_tree_arrays_describe_the_hierarchy(h):
-    arrays = _native.tree_arrays(h)
-    pre, size = arrays.pre.astype(int), arrays.size.astype(int)
+def test_the_kernel_tables_describe_the_hierarchy(h):
+    plan = plan_for(h)
+    pre, size, edges = plan.int32("pre").astype(int), plan.int32("size").astype(int), plan.int32("edges")
     assert sorted(pre.tolist()) == list(range(h.num_nodes))
     for v in range(h.num_nodes):
         for u in range(h.num_nodes):
             below = pre[v] <= pre[u] < pre[v] + size[v]
             assert below == bool(h.is_ancestor[v, u]), (v, u)
-    kids = [int(k) for k, _ in arrays.edges]
+    kids = [int(k) for k, _ in edges]
     assert sorted(kids) == [v for v in range(h.num_nodes) if h.parent[v] >= 0]
-    for k, p in arrays.edges:
+    for k, p in edges:
         assert h.parent[k] == p
     depths = [int(h.depth[k]) for k in kids]
     assert depths == sorted(depths, reverse=True)  # deepest first
-    for p in set(int(p) for _, p in arrays.edges):  # siblings keep channel order (the zmax tie order)
-        assert [int(k) for k, q in arrays.edges if q == p] == sorted(int(c) for c in h.children[p])
+    for p in set(int(p) for _, p in edges):  # siblings keep channel order (the zmax tie order)
+        assert [int(k) for k, q in edges if q == p] == sorted(int(c) for c in h.children[p])
 
 
 # ---------------------------------------------------------------------------- against the loop oracle

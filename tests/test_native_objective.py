@@ -1,6 +1,6 @@
 """The compiled kernel's HSSN objective: tree-min and the cross-entropy of every depth in one pass
 (hieraloss._native with ``ce_sums`` / ``ce_grad_scale``; torch glue ``hssn_objective_native`` in
-hieraloss.torch._native_op, paddle twin in tests/test_paddle_native.py).
+hieraloss.torch.ops.native, paddle twin in tests/test_paddle_native.py).
 
 Values (total, tree-min part, per-depth cross-entropies) and gradients against a plain-loop float64
 reference written here (tree-min from tests/oracle.py, the cross-entropy by its own loop over pixels
@@ -12,7 +12,7 @@ inputs left untouched; the class tables and counts; unsupported output sets.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -25,9 +25,11 @@ from hypothesis import strategies as st
 
 import hieraloss
 from hieraloss import _native
-from hieraloss.core.plan import ce_counted_per_depth
+from hieraloss.core.plan import ce_counted_per_depth, plan_for
 from hieraloss.testing import hierarchies, label_maps, logits
-from hieraloss.torch import _native_op, _ops
+from hieraloss.torch.ops.cross_entropy import depth_cross_entropy_op
+from hieraloss.torch.ops.native import hssn_objective_native
+from hieraloss.torch.ops.tree_min import tree_min_op
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel unavailable: {_native.load_error()}")
 
@@ -91,7 +93,7 @@ def run_native(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0
     xt = (x.detach().clone() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x))).requires_grad_(True)
     w = None if node_weight is None else torch.as_tensor(np.asarray(node_weight, dtype=np.float64))
     ce_weights = [1.0] * h.max_depth if ce_weights is None else ce_weights
-    total, tm, ce = _native_op.hssn_objective_native(xt, _channels(labels, h), h, gamma=gamma, node_weight=w,
+    total, tm, ce = hssn_objective_native(xt, _channels(labels, h), h, gamma=gamma, node_weight=w,
                                                      tree_min_weight=tree_min_weight, ce_weights=ce_weights)
     assert tm.grad_fn is None and not tm.requires_grad and not ce.requires_grad
     (grad,) = torch.autograd.grad(total * upstream, xt)
@@ -187,8 +189,8 @@ def test_matches_eager_ops_over_many_tiles_and_threads(isa, preset, batch):
     lc = _channels(labels.numpy(), h)
     ce_weights = [1.0, 0.5, 0.0, 2.0][: h.max_depth]
     xr = x.double().requires_grad_(True)
-    tm_want = _ops.tree_min_op(xr, lc, h, gamma=0.0, reduction="hssn", node_weight=None) / 5
-    ce_want = torch.stack([_ops.depth_cross_entropy_op(xr, lc, h, d) for d in range(1, h.max_depth + 1)])
+    tm_want = tree_min_op(xr, lc, h, gamma=0.0, reduction="hssn", node_weight=None) / 5
+    ce_want = torch.stack([depth_cross_entropy_op(xr, lc, h, d) for d in range(1, h.max_depth + 1)])
     total_want = 5.0 * tm_want + (torch.tensor(ce_weights, dtype=torch.float64) * ce_want).sum()
     (grad_want,) = torch.autograd.grad(total_want, xr)
     before = torch.get_num_threads()
@@ -217,7 +219,7 @@ def test_gradcheck_float64(data):
     w = None if kw["node_weight"] is None else torch.from_numpy(kw["node_weight"])
 
     def f(t):
-        return _native_op.hssn_objective_native(t, lc, h, gamma=kw["gamma"], node_weight=w,
+        return hssn_objective_native(t, lc, h, gamma=kw["gamma"], node_weight=w,
                                                 tree_min_weight=kw["tree_min_weight"], ce_weights=kw["ce_weights"])[0]
 
     assert torch.autograd.gradcheck(f, (torch.from_numpy(x).requires_grad_(True),))
@@ -249,7 +251,7 @@ def test_zero_ce_weights_add_nothing_to_the_tree_min_gradient():
     """The kernel with every CE gradient scale 0 writes the tree-min-only gradient bit for bit (the CE
     sums are still computed); through the torch glue, the objective with CE weights 0 is tree-min."""
     h, x, labels = _setup(2)
-    tree = _native.tree_arrays(h)
+    tree = plan_for(h)
     xn = x.numpy()
     lc = _channels(labels.numpy(), h)
     scale = np.random.default_rng(0).uniform(0.1, 1.0, h.num_nodes)
@@ -262,7 +264,7 @@ def test_zero_ce_weights_add_nothing_to_the_tree_min_gradient():
     _native.tree_min(*args, channel_sums=sums2.ctypes.data, grad=fused.ctypes.data, grad_scale=scale.ctypes.data,
                      ce_sums=ce_sums.ctypes.data, ce_grad_scale=zero.ctypes.data)
     assert np.array_equal(plain, fused) and np.array_equal(sums, sums2)
-    want = torch.stack([_ops.depth_cross_entropy_op(x.double(), lc, h, d) for d in range(1, h.max_depth + 1)])
+    want = torch.stack([depth_cross_entropy_op(x.double(), lc, h, d) for d in range(1, h.max_depth + 1)])
     counts = np.bincount(lc.numpy().ravel() + 1, minlength=h.num_nodes + 1)[1:] @ ce_counted_per_depth(h)
     np.testing.assert_allclose(ce_sums / counts, want.numpy(), rtol=2e-6)
     import hieraloss.torch as ht
@@ -306,7 +308,7 @@ def test_upstream_scaling_retained_graph_and_no_grad():
     lc = _channels(labels.numpy(), h)
     kw = dict(gamma=2.0, node_weight=None, tree_min_weight=5.0, ce_weights=[1.0, 0.0, 0.5, 1.0])
     xt = x.clone().requires_grad_(True)
-    total, tm, ce = _native_op.hssn_objective_native(xt, lc, h, **kw)
+    total, tm, ce = hssn_objective_native(xt, lc, h, **kw)
     (3.0 * total).backward(retain_graph=True)  # the gradient the forward pass wrote, scaled
     first = xt.grad.clone()
     xt.grad = None
@@ -315,10 +317,10 @@ def test_upstream_scaling_retained_graph_and_no_grad():
     _, _, _, want = run_native(x.double(), labels.numpy(), h, **kw)
     np.testing.assert_allclose(first.numpy(), 3.0 * want.numpy(), rtol=1e-5, atol=1e-7)
     with torch.no_grad():
-        t2, tm2, ce2 = _native_op.hssn_objective_native(xt, lc, h, **kw)
+        t2, tm2, ce2 = hssn_objective_native(xt, lc, h, **kw)
     assert t2.grad_fn is None
     assert t2.item() == total.item() and tm2.item() == tm.item() and torch.equal(ce2, ce)
-    t3, _, _ = _native_op.hssn_objective_native(x, lc, h, **kw)  # logits without requires_grad
+    t3, _, _ = hssn_objective_native(x, lc, h, **kw)  # logits without requires_grad
     assert t3.grad_fn is None and t3.item() == total.item()
 
 
@@ -329,23 +331,23 @@ def test_inputs_are_not_modified_and_halves_and_views_work():
     x0, lc0, w0 = x.clone(), lc.clone(), w.clone()
     kw = dict(gamma=0.5, node_weight=w, tree_min_weight=5.0, ce_weights=[1.0, 0.5])
     xt = x.clone().requires_grad_(True)
-    _native_op.hssn_objective_native(xt, lc, h, **kw)[0].backward()
+    hssn_objective_native(xt, lc, h, **kw)[0].backward()
     assert torch.equal(xt.detach(), x0) and torch.equal(lc, lc0) and torch.equal(w, w0)
-    want_total, _, want_ce = _native_op.hssn_objective_native(x.double(), lc, h, **kw)
+    want_total, _, want_ce = hssn_objective_native(x.double(), lc, h, **kw)
     for view in (x.to(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
         vt = view.clone().requires_grad_(True)
-        total, _, ce = _native_op.hssn_objective_native(vt, lc, h, **kw)
+        total, _, ce = hssn_objective_native(vt, lc, h, **kw)
         total.backward()
         np.testing.assert_allclose(total.item(), want_total.item(), rtol=2e-6)
         np.testing.assert_allclose(vt.grad.numpy(), xt.grad.numpy(), rtol=1e-6, atol=1e-9)
     for dtype, tol in ((torch.float16, 1e-3), (torch.bfloat16, 8e-3)):
         xh = x.to(dtype).requires_grad_(True)
-        total, tm, ce = _native_op.hssn_objective_native(xh, lc, h, **kw)
+        total, tm, ce = hssn_objective_native(xh, lc, h, **kw)
         assert total.dtype == tm.dtype == ce.dtype == torch.float32
         total.backward()
         assert xh.grad.dtype == dtype
         xd = xh.detach().double().requires_grad_(True)  # the inputs the kernel saw, in float64
-        ref_total, _, ref_ce = _native_op.hssn_objective_native(xd, lc, h, **kw)
+        ref_total, _, ref_ce = hssn_objective_native(xd, lc, h, **kw)
         ref_total.backward()
         np.testing.assert_allclose(total.item(), ref_total.item(), rtol=1e-5)
         np.testing.assert_allclose(ce.numpy(), ref_ce.numpy(), rtol=1e-5)
@@ -357,15 +359,19 @@ def test_inputs_are_not_modified_and_halves_and_views_work():
 @settings(max_examples=30)
 @given(h=hierarchies(max_depth=4, max_children=3, order=None))
 def test_class_tables_and_ce_counts_describe_the_hierarchy(h):
-    tree = _native.tree_arrays(h)
+    plan = plan_for(h)
     t = oracle.tree(h)
     L = h.max_depth
-    assert tree.num_depths == L and tree.class_offsets[0] == 0 and tree.class_offsets.size == L + 1
+    offsets, channels, target = (plan.int32(name) for name in ("class_offsets", "class_channels", "ce_target"))
+    assert all(a.dtype == np.int32 and a.flags.c_contiguous and not a.flags.writeable
+               for a in (offsets, channels, target))
+    assert plan.int32("class_offsets") is offsets  # made once per plan
+    assert plan.max_depth == L and offsets[0] == 0 and offsets.size == L + 1
     counted = ce_counted_per_depth(h)
     assert counted.shape == (h.num_nodes, L)
-    pre, size = tree.pre.astype(int), tree.size.astype(int)
+    pre, size = plan.int32("pre").astype(int), plan.int32("size").astype(int)
     for d in range(1, L + 1):
-        cls = tree.class_channels[tree.class_offsets[d - 1]:tree.class_offsets[d]].tolist()
+        cls = channels[offsets[d - 1]:offsets[d]].tolist()
         assert cls == depth_classes(t, d) == h.depth_channels[d - 1].tolist()
         for c in range(h.num_nodes):
             counts = not t.children[c] or t.depth[c] >= d
@@ -373,12 +379,12 @@ def test_class_tables_and_ce_counts_describe_the_hierarchy(h):
             # the kernel's target: the one class that is c or above c, -1 where the pixel does not count
             hits = [v for v in cls if pre[v] <= pre[c] < pre[v] + size[v]]
             assert hits == ([t.path_of(c)[d - 1]] if counts else [])
-            assert tree.ce_target[c, d - 1] == (hits[0] if counts else -1)
+            assert target[c, d - 1] == (hits[0] if counts else -1)
 
 
 def test_unsupported_output_sets_and_bad_tables_are_refused():
     h = hieraloss.presets.cityscapes()
-    tree = _native.tree_arrays(h)
+    tree = plan_for(h)
     x = np.zeros((1, h.num_nodes, 8), dtype=np.float32)
     lc = np.zeros((1, 8), dtype=np.int64)
     sums = np.zeros(h.num_nodes)
@@ -394,8 +400,9 @@ def test_unsupported_output_sets_and_bad_tables_are_refused():
             _native.tree_min(*args, **kw)
     _native.tree_min(*args, channel_sums=sums.ctypes.data, ce_sums=ce_sums.ctypes.data)  # supported
     np.testing.assert_allclose(ce_sums, [8 * math.log(7), 8 * math.log(19)], rtol=1e-6)  # uniform logits
-    broken = copy.copy(tree)
-    broken.class_channels = tree.class_channels.copy()
-    broken.class_channels[3] = h.num_nodes  # a channel out of range
+    bad_channels = tree.class_channels.copy()
+    bad_channels[3] = h.num_nodes  # a channel out of range
+    broken = dataclasses.replace(tree, class_channels=bad_channels)
+    assert broken.int32("class_channels")[3] == h.num_nodes  # the copy's own int32 table, not the cached one
     with pytest.raises(RuntimeError, match="bad sizes"):
         _native.tree_min(*args[:4], broken, 0.0, channel_sums=sums.ctypes.data, ce_sums=ce_sums.ctypes.data)

@@ -4,6 +4,7 @@ and hieraloss.numpy, float64 gradcheck, half precision, validation, modules, tor
 from __future__ import annotations
 
 import math
+import os
 import types
 
 import numpy as np
@@ -78,10 +79,10 @@ def test_values_and_grads_match_loop_reference_with_ties(backend, data):
 @settings(max_examples=40)
 @given(data=st.data())
 def test_depth_at_a_time_sweeps_give_the_node_at_a_time_bits(data):
-    """The torch op sweeps the tree one node at a time or one depth at a time (``_ops.BY_LEVEL_*``
-    picks by tree shape): the same value and gradient bits either way, ties routed to the same child,
-    NaN carried alike, and the loop reference's numbers."""
-    from hieraloss.torch import _ops
+    """The torch op sweeps the tree one node at a time or one depth at a time (chosen by tree shape, or
+    by ``HIERALOSS_TORCH_SWEEP``): the same value and gradient bits either way, ties routed to the
+    same child, NaN carried alike, and the loop reference's numbers."""
+    from hieraloss.torch.ops.device import SWEEP_ENV
 
     h, x, labels = data.draw(cases(ties=True, partial=None, max_depth=4))
     reduction = data.draw(st.sampled_from(REDUCTIONS))
@@ -92,14 +93,14 @@ def test_depth_at_a_time_sweeps_give_the_node_at_a_time_bits(data):
     upstream = _t(np.random.default_rng(3).normal(size=(x.shape[0], h.num_nodes, *x.shape[2:])))
     got = []
     try:
-        for by_level in (False, True):
-            _ops.BY_LEVEL_OVERRIDE = by_level
+        for sweep in ("node", "depth"):
+            os.environ[SWEEP_ENV] = sweep
             xt = _t(x).requires_grad_(True)
             value = ht.focal_tree_min_loss(xt, _t(labels), h, gamma=gamma, reduction=reduction, backend="torch")
             (grad,) = torch.autograd.grad((value * upstream).sum() if reduction == "none" else value, xt)
             got.append((value.detach(), grad))
     finally:
-        _ops.BY_LEVEL_OVERRIDE = None
+        del os.environ[SWEEP_ENV]
     (v0, g0), (v1, g1) = got
     torch.testing.assert_close(v1, v0, rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(g1, g0, rtol=0, atol=0, equal_nan=True)
@@ -115,17 +116,31 @@ def test_the_sweep_follows_the_tree_shape():
     """Node at a time for the presets and for trees whose children are slices of leaves; depth at a
     time for deep trees whose children must be gathered one by one."""
     from hieraloss import Hierarchy
-    from hieraloss.torch import _ops
+    from hieraloss.torch.ops.device import SWEEP_ENV, device_plan, sweep_by_depth
 
     cpu = torch.device("cpu")
     for h in (hieraloss.presets.cityscapes(), hieraloss.presets.mapillary_vistas_v2(),
               Hierarchy.from_parents(oracle.taxonomy_parents(30))):
-        assert not _ops.plan_for(h, cpu).by_level
+        assert not device_plan(h, cpu).by_level
     # 100 leaves in 10 groups under 2 roots: slices of leaves in the default layout, gathered when shuffled
     wide = Hierarchy.from_parents([100 + i // 10 for i in range(100)] + [110 + i // 5 for i in range(10)] + [-1, -1])
-    assert not _ops.plan_for(wide, cpu).by_level
+    assert not device_plan(wide, cpu).by_level
     order = [int(v) for v in np.random.default_rng(0).permutation(wide.num_nodes)]
-    assert _ops.plan_for(Hierarchy.from_parents(wide._parent_ids.tolist(), order=order), cpu).by_level
+    shuffled = device_plan(Hierarchy.from_parents(wide._parent_ids.tolist(), order=order), cpu)
+    assert shuffled.by_level
+    # the switch overrides the shape's choice, and a wrong value names the choices
+    for sweep, want in (("auto", True), ("node", False), ("depth", True)):
+        os.environ[SWEEP_ENV] = sweep
+        try:
+            assert sweep_by_depth(shuffled) is want
+        finally:
+            del os.environ[SWEEP_ENV]
+    os.environ[SWEEP_ENV] = "levels"
+    try:
+        with pytest.raises(ValueError, match="HIERALOSS_TORCH_SWEEP must be one of"):
+            sweep_by_depth(shuffled)
+    finally:
+        del os.environ[SWEEP_ENV]
 
 
 @LOSS_BACKENDS
@@ -557,7 +572,7 @@ def test_backend_dispatch(monkeypatch):
 @given(data=st.data())
 def test_tiled_pixels_match_untiled(data):
     """The op walks pixels in tiles; force many small tiles and compare with one tile per image."""
-    from hieraloss.torch import _ops
+    from hieraloss.torch.ops import tree_min as _ops
 
     h = data.draw(hierarchies(max_depth=3, max_children=3, order=None))
     labels = data.draw(label_maps(h, (2, 5, 7), ignore_fraction=None, partial_fraction=None))

@@ -24,6 +24,7 @@ from hieraloss.testing import hierarchies, label_maps  # noqa: E402
 from hieraloss.torch import functional as F  # noqa: E402
 from hieraloss.torch import hierarchy_triplet_loss, hssn_loss, kernels  # noqa: E402
 from hieraloss.torch.kernels import _common  # noqa: E402
+from hieraloss.torch.ops.triplet import triplet_op  # noqa: E402
 
 pytestmark = pytest.mark.triton
 
@@ -278,11 +279,11 @@ def test_hssn_loss_folds_the_triplet_weight_into_the_kernels(monkeypatch, weight
 def test_hssn_loss_gathered_triplets_keep_the_multiply(monkeypatch):
     """Across ranks the triplet term runs on the torch ops (which do not take the scale): hssn_loss
     multiplies it by the weight itself, as before."""
-    from hieraloss.torch import _ops, distributed
+    from hieraloss.torch import distributed
 
     monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
     monkeypatch.setattr(distributed, "gathered_triplet_op",
-                        lambda emb, leaf, hh, process_group=None, **k: _ops.triplet_op(emb, leaf, hh, **k))
+                        lambda emb, leaf, hh, process_group=None, **k: triplet_op(emb, leaf, hh, **k))
     h, x, e, y = _hssn_inputs("float64")
     kw = dict(triplet_weight=2.5, return_parts=True)
     want = _hssn_run(h, x, e, y, "torch", **kw)

@@ -3,7 +3,7 @@
 ``hierarchy_triplet_loss(..., generator=seed)`` with an int seed (or a numpy Generator) draws the
 key order by :mod:`hieraloss.core.triplets` in numpy, torch and paddle, so the chosen triplets are
 identical and the loss values equal. The chosen triplets are recorded where each backend selects
-them (numpy: ``sample_triplets``; torch: ``_ops.triplet_select``, on the public path; paddle: the
+them (numpy: ``sample_triplets``; torch: ``triplet_select``, on the public path; paddle: the
 core's ``select_triplets`` as its op calls it). ``sampling="first"`` is checked the same way.
 A ``torch.Generator`` keeps torch's own draw (random sort keys, drawn on the device).
 """
@@ -24,7 +24,8 @@ from hieraloss.testing import hierarchies, label_maps
 
 torch = pytest.importorskip("torch")
 import hieraloss.torch as ht  # noqa: E402
-from hieraloss.torch import _ops as torch_ops  # noqa: E402
+from hieraloss.torch.ops import triplet as triplet_ops  # noqa: E402
+from hieraloss.torch.ops.triplet import key_order, triplet_select  # noqa: E402
 
 try:
     import paddle
@@ -66,7 +67,7 @@ def _numpy_run(emb, labels, h, **kw):
 
 def _torch_run(emb, labels, h, monkeypatch, **kw):
     seen = []
-    select = torch_ops.triplet_select
+    select = triplet_select
 
     def recording(flat, pixels, hierarchy, *, max_per_class):
         chosen = select(flat, pixels, hierarchy, max_per_class=max_per_class)
@@ -77,7 +78,7 @@ def _torch_run(emb, labels, h, monkeypatch, **kw):
         return chosen
 
     with monkeypatch.context() as m:
-        m.setattr(torch_ops, "triplet_select", recording)
+        m.setattr(triplet_ops, "triplet_select", recording)
         value = float(ht.hierarchy_triplet_loss(torch.from_numpy(emb), torch.from_numpy(labels), h, **_fresh(kw)))
     return (seen[0] if seen else None), value
 
@@ -154,11 +155,11 @@ def test_torch_generator_keeps_torch_draws():
     """A torch.Generator draws torch's own random keys (framework generators give framework draws); a
     numpy Generator gives the core's permutation of the taking-part pixels."""
     flat = torch.tensor([3, -1, 0, 1, -1, 2, 2, 0])
-    got = torch_ops.key_order(flat, "random", torch.Generator().manual_seed(4))
+    got = key_order(flat, "random", torch.Generator().manual_seed(4))
     keys = torch.randint(0, 2**62, (flat.numel(),), generator=torch.Generator().manual_seed(4))
     taking = torch.nonzero(flat >= 0).squeeze(1)
     assert got[:taking.numel()].tolist() == taking[torch.argsort(keys[taking])].tolist()
-    seeded = torch_ops.key_order(flat, "random", np.random.default_rng(4))
+    seeded = key_order(flat, "random", np.random.default_rng(4))
     assert seeded[:taking.numel()].tolist() == taking[torch.from_numpy(core_triplets.random_order(6, 4))].tolist()
     assert seeded[taking.numel():].tolist() == [1, 4]
 

@@ -1,4 +1,4 @@
-"""hieraloss.torch triplet loss: the sync-free selection (hieraloss.torch._ops).
+"""hieraloss.torch triplet loss: the sync-free selection (hieraloss.torch.ops.triplet).
 
 * no host sync inside the op for ``sampling="first"``, nor for ``"random"`` with a torch.Generator
   (one, the permutation's count, with a numpy Generator, i.e. an int seed), counted the way
@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import hieraloss
 from hieraloss.testing import hierarchies
-from hieraloss.torch import _ops
+from hieraloss.torch.ops.device import compute_dtype
+from hieraloss.torch.ops.triplet import key_order, taking_part_first, triplet_op, triplet_select, unit_rows
 
 
 def _cityscapes_inputs(dtype=torch.float32, channels_last=False):
@@ -36,7 +37,7 @@ def _cityscapes_inputs(dtype=torch.float32, channels_last=False):
 
 
 def _op(emb, leaf, h, sampling, seed=0, max_per_class=200):
-    return _ops.triplet_op(emb, leaf, h, max_per_class=max_per_class, base_margin=0.1, sampling=sampling,
+    return triplet_op(emb, leaf, h, max_per_class=max_per_class, base_margin=0.1, sampling=sampling,
                            generator=torch.Generator().manual_seed(seed))
 
 
@@ -65,12 +66,12 @@ def test_int_seed_path_keeps_the_syncs():
     permutation is drawn on the host and copied in), "first" reads nothing back."""
     h, emb, leaf = _cityscapes_inputs()
     kw = dict(max_per_class=200, base_margin=0.1)
-    _ops.triplet_op(emb, leaf, h, sampling="first", generator=np.random.default_rng(0), **kw).backward()
+    triplet_op(emb, leaf, h, sampling="first", generator=np.random.default_rng(0), **kw).backward()
     with CountSyncs() as counter:
-        _ops.triplet_op(emb, leaf, h, sampling="first", generator=np.random.default_rng(0), **kw).backward()
+        triplet_op(emb, leaf, h, sampling="first", generator=np.random.default_rng(0), **kw).backward()
     assert counter.events == []
     with CountSyncs() as counter:
-        _ops.triplet_op(emb, leaf, h, sampling="random", generator=np.random.default_rng(0), **kw).backward()
+        triplet_op(emb, leaf, h, sampling="random", generator=np.random.default_rng(0), **kw).backward()
     assert counter.events == ["__int__", "_local_scalar_dense"]  # int(n) for the permutation
 
 
@@ -132,10 +133,10 @@ def _check_classes(chosen, flat):
 def test_first_selection_is_the_oracles(case):
     h, leaf, max_per_class = case
     flat = torch.from_numpy(leaf).reshape(-1)
-    pixels, n = _ops.taking_part_first(flat)
+    pixels, n = taking_part_first(flat)
     assert int(n) == int((flat >= 0).sum())
     assert torch.equal(pixels[: int(n)], torch.nonzero(flat >= 0).squeeze(1))
-    chosen = _ops.triplet_select(flat, pixels, h, max_per_class=max_per_class)
+    chosen = triplet_select(flat, pixels, h, max_per_class=max_per_class)
     assert chosen.anchor.numel() == min(h.num_leaves * max_per_class, flat.numel())
     labels = np.where(leaf < 0, 255, leaf)
     want = [(c, list(t)) for c, t in oracle.first_triplets(labels, h, max_per_class=max_per_class)]
@@ -161,14 +162,14 @@ def _first_rule_on(order, flat, h, max_per_class):
 def test_random_selection_sorts_by_the_generators_keys(case, seed):
     h, leaf, max_per_class = case
     flat = torch.from_numpy(leaf).reshape(-1)
-    pixels = _ops.key_order(flat, "random", torch.Generator().manual_seed(seed))
+    pixels = key_order(flat, "random", torch.Generator().manual_seed(seed))
     # The rule with plain Python: one key per pixel from the generator, taking-part pixels by key.
     keys = torch.randint(0, 2**62, (flat.numel(),), generator=torch.Generator().manual_seed(seed)).tolist()
     taking = [p for p in range(flat.numel()) if flat[p] >= 0]
     want_order = sorted(taking, key=lambda p: (keys[p], p))
     assert pixels[: len(taking)].tolist() == want_order
     assert pixels[len(taking):].tolist() == [p for p in range(flat.numel()) if flat[p] < 0]
-    chosen = _ops.triplet_select(flat, pixels, h, max_per_class=max_per_class)
+    chosen = triplet_select(flat, pixels, h, max_per_class=max_per_class)
     want = _first_rule_on(want_order, flat.tolist(), h, max_per_class)
     assert _slots_by_class(chosen, h.num_leaves) == want
     _check_classes(chosen, flat)
@@ -179,7 +180,7 @@ def test_random_order_is_uniform_enough():
     uniform permutation; this catches a biased or constant order)."""
     flat = torch.arange(6)
     gen = torch.Generator().manual_seed(0)
-    firsts = torch.stack([_ops.key_order(flat, "random", gen)[0] for _ in range(3000)])
+    firsts = torch.stack([key_order(flat, "random", gen)[0] for _ in range(3000)])
     counts = torch.bincount(firsts, minlength=6)
     assert counts.min() > 400 and counts.max() < 600, counts
 
@@ -198,15 +199,15 @@ def test_unit_rows_are_bitwise_the_whole_map_normalised(dtype, shape, layout):
         x = torch.cat([x, x + 1], dim=1)
     P = shape[0] * shape[2] * shape[3]
     at = tuple(torch.randint(0, P, (n,), generator=gen) for n in (9, 9, 4))  # repeats across and within
-    up = [torch.randn(a.numel(), shape[1], generator=gen, dtype=_ops.compute_dtype(dtype)) for a in at]
-    ct = _ops.compute_dtype(dtype)
+    up = [torch.randn(a.numel(), shape[1], generator=gen, dtype=compute_dtype(dtype)) for a in at]
+    ct = compute_dtype(dtype)
 
     def whole(e):
         rows = torch.nn.functional.normalize(e.to(ct), dim=1, eps=1e-12).permute(0, 2, 3, 1).reshape(-1, shape[1])
         return [rows.index_select(0, a) for a in at]
 
     results = []
-    for fn in (whole, lambda e: _ops.unit_rows(e, at, ct)):
+    for fn in (whole, lambda e: unit_rows(e, at, ct)):
         leaf = x.clone(memory_format=torch.preserve_format).requires_grad_()
         e = leaf[:, ::2] if layout == "sliced" else leaf
         rows = fn(e)

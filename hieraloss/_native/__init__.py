@@ -24,11 +24,11 @@ import threading
 
 import numpy as np
 
-from ..core.plan import plan_for
+from ..core.plan import Plan, plan_for
 from ..hierarchy import Hierarchy
 
 __all__ = ["available", "load_error", "use_for", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
-           "release_cpu_buffers", "TreeArrays", "tree_arrays", "hssn_scales", "tile_width", "tree_min", "FLOAT32",
+           "release_cpu_buffers", "hssn_scales", "tile_width", "tree_min", "FLOAT32",
            "FLOAT64", "LogicArrays", "logic_arrays", "logicseg"]
 
 FLOAT32 = 0
@@ -210,67 +210,18 @@ def release_cpu_buffers() -> None:
     BUFFERS.release()
 
 
-class TreeArrays:
-    """The kernel's view of a hierarchy: the tables of its :class:`hieraloss.core.plan.Plan` that the
-    C ABI reads, as read-only C-contiguous int32 copies (channel space):
-
-    * ``edges`` ``[N - roots, 2]``: (child, parent) pairs, deepest children first and the children of
-      a parent in channel order (the order that decides zmax ties) = ``plan.edges``;
-    * ``pre``: position in a depth-first pre-order walk (children by channel), ``size``: subtree size,
-      so ``u`` is ``v`` or below it iff ``pre[v] <= pre[u] < pre[v] + size[v]`` = ``plan.pre`` / ``plan.size``;
-    * the cross-entropy classes per depth (HSSN objective): ``class_offsets`` ``[L + 1]`` and
-      ``class_channels``, depth d's classes being ``class_channels[class_offsets[d-1]:class_offsets[d]]``
-      = ``hierarchy.depth_channels[d-1]`` (the nodes at depth d and the leaves shallower than d), and
-      ``ce_target`` ``[N, L]``: the target class at depth d of a pixel labelled c,
-      ``ancestor_table[c, d-1]`` (c itself for a leaf shallower than d), or -1 where such a pixel does
-      not count (a partial label coarser than d) = ``plan.ce_target``;
-    * for the glue's per-depth counts (float64 ``[N, L]``, rows by label channel, the plan's own
-      read-only arrays): ``tree_min_counted`` and ``ce_counted``, with ``depth`` ``[N]`` int64.
-    """
-
-    def __init__(self, hierarchy: Hierarchy):
-        plan = plan_for(hierarchy)
-
-        def i32(a: np.ndarray) -> np.ndarray:
-            out = np.ascontiguousarray(a, dtype=np.int32)
-            out.setflags(write=False)  # the kernel only reads them
-            return out
-
-        self.edges = i32(plan.edges).reshape(-1, 2)
-        self.pre = i32(plan.pre)
-        self.size = i32(plan.size)
-        self.num_nodes = plan.num_nodes
-        self.num_depths = plan.max_depth
-        self.class_offsets = i32(plan.class_offsets)
-        self.class_channels = i32(plan.class_channels)
-        self.depth = plan.depth
-        self.tree_min_counted = plan.tree_min_counted
-        self.ce_counted = plan.ce_counted
-        self.ce_target = i32(plan.ce_target)
-
-
-def tree_arrays(hierarchy: Hierarchy) -> TreeArrays:
-    """The cached :class:`TreeArrays` of ``hierarchy``."""
-    key = "tree:" + hierarchy.fingerprint
-    with _LOCK:
-        arrays = _STATE.get(key)
-        if arrays is None:
-            arrays = _STATE[key] = TreeArrays(hierarchy)
-    return arrays  # type: ignore[return-value]
-
-
-def hssn_scales(tree: TreeArrays, hist: np.ndarray, node_weight: np.ndarray | None = None
+def hssn_scales(plan: Plan, hist: np.ndarray, node_weight: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The HSSN objective's normalisation from ``hist`` (float64 ``[N]``: valid pixels per label
     channel): ``(tm_scale [N], ce_scale [L])``, float64, such that the tree-min part (``reduction="hssn"``
     without its factor 5, node weights included) is ``sum_v tm_scale[v] * channel_sums[v]`` and the
     cross-entropy at depth d is ``ce_scale[d-1] * ce_sums[d-1]`` (1 / counted pixels; with none counted
     the sum is 0 and so is the part)."""
-    tm_counts = hist @ tree.tree_min_counted  # [L] unmasked (pixel, node) entries per depth
-    tm_scale = (1.0 / np.maximum(tm_counts, 1.0))[tree.depth - 1]
+    tm_counts = hist @ plan.tree_min_counted  # [L] unmasked (pixel, node) entries per depth
+    tm_scale = (1.0 / np.maximum(tm_counts, 1.0))[plan.depth - 1]
     if node_weight is not None:
         tm_scale = tm_scale * node_weight
-    ce_scale = 1.0 / np.maximum(hist @ tree.ce_counted, 1.0)
+    ce_scale = 1.0 / np.maximum(hist @ plan.ce_counted, 1.0)
     return np.ascontiguousarray(tm_scale, dtype=np.float64), np.ascontiguousarray(ce_scale, dtype=np.float64)
 
 
@@ -280,7 +231,7 @@ def tile_width(num_nodes: int) -> int:
     return int(min(256, max(64, (TILE_ENTRIES // max(1, num_nodes)) // 16 * 16)))
 
 
-def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, tree: TreeArrays, gamma: float, *,
+def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, plan: Plan, gamma: float, *,
              channel_sums: int = 0, loss_map: int = 0, map_scale: int = 0, grad: int = 0, grad_scale: int = 0,
              grad_up: int = 0, ce_sums: int = 0, ce_grad_scale: int = 0, num_threads: int = 1) -> None:
     """Run the kernel on raw addresses (0 = absent). The caller guarantees C-contiguous buffers:
@@ -288,24 +239,27 @@ def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     ``[B, P]`` (-1 = ignored, else a channel < N); ``channel_sums``, ``map_scale``, ``grad_scale``
     float64 ``[N]``. Output sets: sums, sums + grad, map, grad, grad + grad_up.
 
-    The HSSN objective adds the cross-entropy of every depth (``tree``'s class tables) to the same
-    pass: ``ce_sums`` float64 ``[L]`` receives the per-depth sums of ``-log softmax(target)`` over the
-    counted pixels, and ``ce_grad_scale`` float64 ``[L]`` adds ``sum_d ce_grad_scale[d] * d ce_sums[d] / d x``
-    to ``grad``. Output sets with them: sums + ce_sums, sums + grad + ce_sums + ce_grad_scale,
-    grad + ce_grad_scale."""
+    The HSSN objective adds the cross-entropy of every depth (``plan``'s class tables: ``class_offsets``,
+    ``class_channels``, ``ce_target``) to the same pass: ``ce_sums`` float64 ``[L]`` receives the
+    per-depth sums of ``-log softmax(target)`` over the counted pixels, and ``ce_grad_scale`` float64
+    ``[L]`` adds ``sum_d ce_grad_scale[d] * d ce_sums[d] / d x`` to ``grad``. Output sets with them:
+    sums + ce_sums, sums + grad + ce_sums + ce_grad_scale, grad + ce_grad_scale."""
     lib = _load()
     if lib is None:
         raise RuntimeError(f"the compiled CPU kernel is not available: {load_error()}")
     B, N, P = shape
-    if N != tree.num_nodes:
-        raise ValueError(f"logits have {N} channels, the hierarchy {tree.num_nodes}")
-    common = (dtype, x, B, N, P, label_channels, tree.edges.ctypes.data, tree.edges.shape[0], tree.pre.ctypes.data,
-              tree.size.ctypes.data, float(gamma), channel_sums, loss_map, map_scale, grad, grad_scale, grad_up)
+    if N != plan.num_nodes:
+        raise ValueError(f"logits have {N} channels, the hierarchy {plan.num_nodes}")
+    edges = plan.int32("edges")  # [E, 2] (child, parent), deepest children first
+    pre, size = plan.int32("pre"), plan.int32("size")
+    common = (dtype, x, B, N, P, label_channels, edges.ctypes.data, edges.shape[0], pre.ctypes.data, size.ctypes.data,
+              float(gamma), channel_sums, loss_map, map_scale, grad, grad_scale, grad_up)
     threads = max(1, int(num_threads))
     if ce_sums or ce_grad_scale:
         status = lib.hieraloss_tree_min_ce(
-            *common, tree.num_depths, tree.class_offsets.ctypes.data, tree.class_channels.ctypes.data,
-            tree.ce_target.ctypes.data, ce_sums, ce_grad_scale, tile_width(N), threads)
+            *common, plan.max_depth, plan.int32("class_offsets").ctypes.data,
+            plan.int32("class_channels").ctypes.data, plan.int32("ce_target").ctypes.data, ce_sums, ce_grad_scale,
+            tile_width(N), threads)
     else:
         status = lib.hieraloss_tree_min(*common, tile_width(N), threads)
     if status != 0:
@@ -348,7 +302,7 @@ def logic_arrays(hierarchy: Hierarchy, mode: str) -> LogicArrays:
     return arrays  # type: ignore[return-value]
 
 
-def _logic_call(lib, dtype, x, shape, lc, rules, easy_filter, p, tree, asl, asl_scale, rule_sums, slopes, asl_sum,
+def _logic_call(lib, dtype, x, shape, lc, rules, easy_filter, p, plan, asl, asl_scale, rule_sums, slopes, asl_sum,
                 grad, threads):
     B, N, P = shape
     r = rules
@@ -360,7 +314,8 @@ def _logic_call(lib, dtype, x, shape, lc, rules, easy_filter, p, tree, asl, asl_
     gn, gp, clip, eps = asl if asl is not None else (0.0, 0.0, 0.0, 1.0)
     status = lib.hieraloss_logicseg(
         dtype, x, B, N, P, lc, *rule_args,
-        tree.pre.ctypes.data if asl is not None else 0, tree.size.ctypes.data if asl is not None else 0,
+        plan.int32("pre").ctypes.data if asl is not None else 0,
+        plan.int32("size").ctypes.data if asl is not None else 0,
         gn, gp, clip, eps, asl_scale, rule_sums, slopes, asl_sum, grad, tile_width(N), threads)
     if status != 0:
         raise RuntimeError(f"hieraloss native logicseg failed: {_ERRORS.get(status, status)}")
@@ -385,7 +340,7 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     if lib is None:
         raise RuntimeError(f"the compiled CPU kernel is not available: {load_error()}")
     threads = max(1, int(num_threads))
-    tree = tree_arrays(hierarchy)
+    plan = plan_for(hierarchy)
     values, slopes = None, None
     if rules_x is not None and rules_shape[0] * rules_shape[2] == 0:  # no pixels: no violation (and a null buffer)
         values, rules_x = (0.0, 0.0, 0.0), None
@@ -404,7 +359,7 @@ def logicseg(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
     scale = 1.0 / max(valid, 1)
     if shape[0] * shape[2] > 0:
         fused_rules = same and with_rule_grad and bool(grad)  # the rules' gradient in the ASL's pass
-        _logic_call(lib, dtype, x, shape, label_channels, rules if fused_rules else None, easy_filter, p, tree, asl,
+        _logic_call(lib, dtype, x, shape, label_channels, rules if fused_rules else None, easy_filter, p, plan, asl,
                     scale, 0, slopes.ctypes.data if fused_rules else 0, asl_sum.ctypes.data, grad, threads)
     if rules_grad and with_rule_grad and not same:
         _logic_call(lib, dtype, rules_x, rules_shape, 0, rules, easy_filter, p, None, None, 0.0, 0, slopes.ctypes.data,

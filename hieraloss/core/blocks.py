@@ -14,7 +14,13 @@ import numpy as np
 from ..hierarchy import Hierarchy
 from .plan import plan_for
 
-__all__ = ["DepthBlocks", "depth_blocks"]
+__all__ = ["DepthBlocks", "depth_blocks", "SWEEP_BY_DEPTH_MIN_GATHERED"]
+
+# The torch ops' tree-min sweeps go one node at a time (a few ops per internal node, plus one per
+# child that is not in a slice of consecutive leaves and so is gathered row by row) or one depth at
+# a time (a dozen ops per depth over all rows). Trees with at least this many gathered children per
+# depth below the top take the depth at a time sweep (the measurements: docs/performance.md).
+SWEEP_BY_DEPTH_MIN_GATHERED = 24
 
 
 class DepthBlocks:
@@ -24,7 +30,12 @@ class DepthBlocks:
     ``parent_pos[d]``: position of each block-d node's parent in block d-1. ``slot[d]``: rank of
     each block-d node among its parent's children (channel order). ``child_ranks[d]``: list over
     rank r of ``(positions in block d+1 of the r-th child of each block-d node, valid mask)``,
-    the mask False (and the position 0) where a node has fewer than r+1 children.
+    the mask False (and the position 0) where a node has fewer than r+1 children. ``level_rank[d]``:
+    ``[n_d, 1]`` int32 positions 0..n_d-1 of block d.
+
+    The node-at-a-time sweep of the torch ops: ``bottom_up`` (every internal node deepest first,
+    see below), and ``sweep_by_depth``, whether the tree is better swept one depth at a time
+    (:data:`SWEEP_BY_DEPTH_MIN_GATHERED`).
     """
 
     def __init__(self, h: Hierarchy):
@@ -98,6 +109,9 @@ class DepthBlocks:
             kid_is_leaf = core.is_leaf[kids].tolist()
             consecutive = all(kid_is_leaf) and kids == list(range(kids[0], kids[-1] + 1))
             self.bottom_up.append((v, kids, kid_is_leaf, (kids[0], kids[-1] + 1) if consecutive else None))
+        gathered = sum(len(kids) for _, kids, _, run in self.bottom_up if run is None)
+        self.sweep_by_depth = gathered >= SWEEP_BY_DEPTH_MIN_GATHERED * max(1, L - 1)
+        self.level_rank = [np.arange(len(lv), dtype=np.int32)[:, None] for lv in self.levels]
 
 
 @lru_cache(maxsize=64)

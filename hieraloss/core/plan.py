@@ -2,8 +2,8 @@
 
 :func:`plan_for` walks the tree of a :class:`~hieraloss.hierarchy.Hierarchy` once and returns a
 frozen :class:`Plan` of read-only numpy arrays, cached by ``Hierarchy.fingerprint``. Every backend
-(the numpy reference, the torch and paddle sweeps, the compiled CPU kernel's ``TreeArrays``, the
-Triton code generator and its label codes) reads its schedules and tables from here; nothing
+(the numpy reference, the torch and paddle sweeps, the compiled CPU kernel through
+:meth:`Plan.int32`, the Triton code generator and its label codes) reads its schedules and tables from here; nothing
 outside ``hieraloss.core`` walks the tree. The Hierarchy keeps its own tables (``parent``,
 ``depth``, ``ancestor_table``, ``descendant_table``, ``depth_channels``, ...); the plan refers to
 them where it needs them and adds the derived ones.
@@ -124,7 +124,8 @@ class Plan:
         channel_runs: maximal runs ``(start, stop, is_leaf)`` of consecutive channels that are all
             leaves or all internal nodes (one of each in the default layout).
 
-    Methods: :meth:`label_codes` (the per-slot code and count tables for raw labels).
+    Methods: :meth:`label_codes` (the per-slot code and count tables for raw labels), :meth:`int32`
+    (a table as the int32 copy that the compiled CPU kernel reads).
     """
 
     fingerprint: str
@@ -167,6 +168,17 @@ class Plan:
     _hierarchy: Hierarchy = field(repr=False)
     _codes: dict = field(default_factory=dict, repr=False)
     _codes_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _int32: dict = field(default_factory=dict, init=False, repr=False)
+
+    def int32(self, name: str) -> np.ndarray:
+        """The integer table ``name`` as a read-only C-contiguous int32 copy, made once per plan: what
+        the compiled CPU kernel's C ABI reads (``edges`` ``[E, 2]``, ``pre``, ``size``,
+        ``class_offsets``, ``class_channels``, ``ce_target``, ...)."""
+        with self._codes_lock:
+            arr = self._int32.get(name)
+            if arr is None:
+                arr = self._int32[name] = _ro(getattr(self, name), np.int32)
+        return arr
 
     def label_codes(self, ignore_index: int | None) -> LabelCodes:
         """The :class:`LabelCodes` of raw labels holding node ids and ``ignore_index`` (which must

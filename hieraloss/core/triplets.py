@@ -16,7 +16,7 @@ triplets in numpy, torch and paddle. A framework's own generator (a ``torch.Gene
 framework's draw instead (``torch.randperm``), with the same selection on the permuted order.
 
 :func:`select_triplets` is the selection on the host (the numpy and paddle backends use it); the
-torch op implements the same rule with tensors and no host sync (``hieraloss.torch._ops``), and the
+torch op implements the same rule with tensors and no host sync (``hieraloss.torch.ops.triplet``), and the
 tests compare the chosen triplets of all three.
 """
 

@@ -19,6 +19,7 @@ import paddle
 from paddle.autograd import PyLayer
 
 from .. import _native
+from ..core.plan import plan_for
 from ..hierarchy import Hierarchy
 from ._ops import compute_dtype, depth_coefs, empty_loss, no_pixel
 from ._tables import tables_for
@@ -47,7 +48,7 @@ def _ptr(buf) -> int:
 def _run(x, lc, hierarchy, gamma, *, channel_sums=None, loss_map=None, map_scale=None, grad=None,
          grad_scale=None, grad_up=None) -> None:
     dtype = _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32
-    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy), gamma,
+    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy), gamma,
                      channel_sums=_ptr(channel_sums), loss_map=_ptr(loss_map), map_scale=_ptr(map_scale),
                      grad=_ptr(grad), grad_scale=_ptr(grad_scale), grad_up=_ptr(grad_up),
                      num_threads=num_threads())
@@ -196,7 +197,7 @@ class _NativeObjective(PyLayer):
 def _run_objective(x, lc, hierarchy, gamma, *, channel_sums=None, ce_sums=None, grad=None, grad_scale=None,
                    ce_grad_scale=None) -> None:
     dtype = _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32
-    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy), gamma,
+    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy), gamma,
                      channel_sums=_ptr(channel_sums), ce_sums=_ptr(ce_sums), grad=_ptr(grad),
                      grad_scale=_ptr(grad_scale), ce_grad_scale=_ptr(ce_grad_scale), num_threads=num_threads())
 
@@ -220,7 +221,7 @@ def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, 
     x, lc = _kernel_inputs(logits, label_channels)
     hist = paddle.bincount(lc.reshape([-1]) + 1, minlength=N + 1)[1:].numpy().astype(np.float64)
     weight = None if node_weight is None else node_weight.astype(paddle.float64).numpy()
-    tm_scale, ce_scale = _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)
+    tm_scale, ce_scale = _native.hssn_scales(plan_for(hierarchy), hist, weight)
     needs_grad = not x.stop_gradient and paddle.is_grad_enabled()
     parts: dict = {}
     total = _NativeObjective.apply(x, lc, hierarchy, float(gamma), tm_scale, ce_scale, float(tree_min_weight), ce_w,

@@ -30,7 +30,8 @@ from typing import Any
 import torch
 
 from ..hierarchy import Hierarchy
-from . import _ops
+from .ops.device import compute_dtype
+from .ops.triplet import key_order, triplet_score, triplet_select, unit_rows
 
 __all__ = ["is_distributed", "gathered_triplet_op"]
 
@@ -77,7 +78,7 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     dev = embeddings.device
     comm = _comm_device(dist, group)
     C = embeddings.shape[1]
-    ct = _ops.compute_dtype(embeddings.dtype)
+    ct = compute_dtype(embeddings.dtype)
     flat = leaf.reshape(-1)
     n_local = flat.numel()
 
@@ -104,14 +105,14 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     pieces = _all_gather_padded(dist, group, flat.to(torch.int64).unsqueeze(1), sizes, comm)
     global_flat = torch.cat(pieces).squeeze(1).to(dev)
     if sampling == "random":  # rank 0's key order, so every rank selects the same triplets
-        pixels = (_ops.key_order(global_flat, sampling, generator) if rank == 0
+        pixels = (key_order(global_flat, sampling, generator) if rank == 0
                   else torch.empty(global_flat.numel(), dtype=torch.int64, device=dev))
         pixels_comm = pixels.to(comm)
         dist.broadcast(pixels_comm, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
         pixels = pixels_comm.to(dev)
     else:
-        pixels = _ops.key_order(global_flat, sampling, generator)
-    chosen = _ops.triplet_select(global_flat, pixels, hierarchy, max_per_class=int(max_per_class))
+        pixels = key_order(global_flat, sampling, generator)
+    chosen = triplet_select(global_flat, pixels, hierarchy, max_per_class=int(max_per_class))
     total = int(chosen.T.sum())
     if total == 0:
         return zero
@@ -124,7 +125,7 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     owner_counts = (torch.searchsorted(needed, bounds[1:]) - torch.searchsorted(needed, bounds[:-1])).tolist()
     start = sum(owner_counts[:rank])
     mine = needed[start:start + owner_counts[rank]] - offsets[rank]
-    own = _ops.unit_rows(embeddings, (mine,), ct)[0]  # normalised along C, only the rows needed
+    own = unit_rows(embeddings, (mine,), ct)[0]  # normalised along C, only the rows needed
     rows = _all_gather_padded(dist, group, own, owner_counts, comm)
     rows = [own if r == rank else rows[r].to(dev) for r in range(world)]
     table = torch.cat(rows)  # row k = unit embedding of global pixel needed[k]
@@ -132,7 +133,7 @@ def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy:
     def at(positions: torch.Tensor) -> torch.Tensor:
         return table[torch.searchsorted(needed, positions)]
 
-    loss = _ops.triplet_score(at(anchor), at(positive), at(negative), chosen, hierarchy, base_margin)
+    loss = triplet_score(at(anchor), at(positive), at(negative), chosen, hierarchy, base_margin)
     # Plus an exact 0 connected to the local embeddings: DDP then sees every parameter of the
     # embedding head used even where none of this rank's pixels is in a triplet.
     return loss + zero

@@ -27,12 +27,17 @@ from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
 from ..core.objective import HSSNTermsBase, compose_hssn
-from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, hssn_weights
+from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
-from . import _native_op, _ops
 from ._tables import cached_on
+from .ops.cross_entropy import depth_cross_entropy_op
+from .ops.decode import decode_op, path_scores_op
+from .ops.device import device_plan
+from .ops.native import hssn_objective_native, tree_min_native
+from .ops.tree_min import expand_targets_op, tree_min_op
+from .ops.triplet import key_order, resize_labels_nearest, triplet_op
 
 __all__ = [
     "tree_min_loss",
@@ -165,7 +170,7 @@ def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: in
         if any_bad:
             raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
     safe = torch.where(ignored, torch.zeros_like(lab), lab)
-    channel_of = _ops.plan_for(hierarchy, labels.device).channel_of
+    channel_of = device_plan(hierarchy, labels.device).channel_of
     return torch.where(ignored, torch.full_like(lab, -1), channel_of[safe]), bool(any_partial)
 
 
@@ -276,8 +281,8 @@ def _use_native(backend: str, x: torch.Tensor) -> bool:
 def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend):
     """Tree-min of label channels on the CPU paths (compiled kernel or vectorized ops)."""
     if _use_native(backend, x):
-        return _native_op.tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
-    return _ops.tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w,
+        return tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
+    return tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w,
                             has_partial=has_partial)
 
 
@@ -329,7 +334,7 @@ def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int
     labels = _label_tensor(labels, labels.device if isinstance(labels, torch.Tensor) else torch.device("cpu"))
     _checks.check_label_batch(labels.dim())
     lc, _ = _label_channels(labels, hierarchy, ignore_index)
-    return _ops.expand_targets_op(lc, hierarchy)
+    return expand_targets_op(lc, hierarchy)
 
 
 def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, depth: int, *,
@@ -354,7 +359,7 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
                                               ce_weights=weights)
         return total
     lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    return _ops.depth_cross_entropy_op(x, lc, hierarchy, int(depth))
+    return depth_cross_entropy_op(x, lc, hierarchy, int(depth))
 
 
 # ---------------------------------------------------------------------------- triplet loss
@@ -438,14 +443,14 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
         kernels = _kernels()
         codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index,
                                       size=tuple(embeddings.shape[2:]))
-        order = _ops.key_order(codes, sampling, generator) if sampling == "random" else None
+        order = key_order(codes, sampling, generator) if sampling == "random" else None
         return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=int(max_per_class),
                                           base_margin=float(base_margin), order=order, scale=scale), True
     # Nearest resampling is a gather, so it commutes with the label mapping: map only the
     # embedding-sized labels.
-    small, _ = _label_channels(_ops.resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
+    small, _ = _label_channels(resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
                                ignore_index, check=False)
-    node_ids = _ops.plan_for(hierarchy, embeddings.device).node_ids
+    node_ids = device_plan(hierarchy, embeddings.device).node_ids
     leaf = torch.where(small >= 0, node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
     if gathered:
@@ -454,7 +459,7 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
         return distributed.gathered_triplet_op(
             embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
             sampling=sampling, generator=generator, process_group=process_group), False
-    return _ops.triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
+    return triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
                            base_margin=float(base_margin), sampling=sampling, generator=generator), False
 
 
@@ -539,10 +544,10 @@ class _HSSNTerms(HSSNTermsBase):
     kernel on the CPU, else the torch ops."""
 
     label_channels = staticmethod(_label_channels)
-    tree_min_op = staticmethod(_ops.tree_min_op)
-    depth_cross_entropy_op = staticmethod(_ops.depth_cross_entropy_op)
+    tree_min_op = staticmethod(tree_min_op)
+    depth_cross_entropy_op = staticmethod(depth_cross_entropy_op)
     triplet_loss = staticmethod(_triplet_loss)
-    scale = _ops.HSSN_SCALE
+    scale = HSSN_SCALE
 
     def fused(self, tree_min_weight, ce_weights, return_parts):
         x, h = self.x, self.h
@@ -551,11 +556,11 @@ class _HSSNTerms(HSSNTermsBase):
                 _check_label_values(self.labels, h, self.ignore_index)
             total, values = _kernels().fused_objective(
                 x, self.labels, h, ignore_index=self.ignore_index, gamma=self.gamma, reduction="hssn",
-                tm_weight=tree_min_weight / _ops.HSSN_SCALE, ce_weights=ce_weights, node_weight=self.w)
+                tm_weight=tree_min_weight / HSSN_SCALE, ce_weights=ce_weights, node_weight=self.w)
             # the unweighted tree-min is a division, so a launch: only when asked for
-            return total, (values[0] / _ops.HSSN_SCALE if return_parts else None), values[1:]
+            return total, (values[0] / HSSN_SCALE if return_parts else None), values[1:]
         if _use_native(self.backend, x):
-            return _native_op.hssn_objective_native(x, self.channels()[0], h, gamma=self.gamma, node_weight=self.w,
+            return hssn_objective_native(x, self.channels()[0], h, gamma=self.gamma, node_weight=self.w,
                                                     tree_min_weight=tree_min_weight, ce_weights=ce_weights)
         return None
 
@@ -571,7 +576,7 @@ class _HSSNTerms(HSSNTermsBase):
 # ---------------------------------------------------------------------------- decoding
 def _logic_refine(x, hierarchy):
     from ..core.objective import LOGIC_STEP_SIZE, LOGIC_STEPS
-    from ._logic_ops import refine
+    from .ops.logicseg import refine
 
     return refine(x, hierarchy, LOGIC_STEPS, LOGIC_STEP_SIZE, 5.0, "siblings")
 
@@ -594,7 +599,7 @@ def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", bac
         x, method = _logic_refine(x, hierarchy), "path"
     if method in ("path", "top_down") and _use_triton(backend, x, hierarchy):
         return _kernels().fused_decode(x.detach(), hierarchy, method)
-    return _ops.decode_op(x, hierarchy, method)
+    return decode_op(x, hierarchy, method)
 
 
 def path_scores(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
@@ -607,4 +612,4 @@ def path_scores(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
     differentiable. Empty inputs give the empty ``[B, K, *spatial]`` map.
     """
     x = _check_logits(logits, hierarchy)
-    return _ops.path_scores_op(x, hierarchy)
+    return path_scores_op(x, hierarchy)

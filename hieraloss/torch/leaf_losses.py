@@ -35,9 +35,9 @@ from ..core.leaf import (
 from ..core.plan import plan_for
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
-from . import _ops
 from ._tables import cached_on
 from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
+from .ops.decode import decode_op
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -333,7 +333,7 @@ def decode_leaf_logits(leaf_logits: torch.Tensor, hierarchy: Hierarchy, method: 
         xf, B, spatial = _flat(x.detach())
         if method == "top_down" and xf.numel():
             lse = node_log_sum_exp(xf, hierarchy)
-            return _ops.decode_op(lse.reshape(B, hierarchy.num_nodes, *spatial), hierarchy, "top_down")
+            return decode_op(lse.reshape(B, hierarchy.num_nodes, *spatial), hierarchy, "top_down")
         leaf = xf.argmax(dim=1)  # first maximum: lowest leaf id
         depth = _device_plan(hierarchy, x.device).leaf_path_ids[leaf].permute(0, 2, 1)
         return leaf.reshape(B, *spatial), depth.reshape(B, hierarchy.max_depth, *spatial)

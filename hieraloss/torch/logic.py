@@ -26,9 +26,9 @@ from ..core.objective import (
     logicseg_rule_factor,
 )
 from ..hierarchy import Hierarchy
-from . import _logic_ops as _lo
-from . import _ops
 from . import functional as F
+from .ops import logicseg as _lo
+from .ops.device import compute_dtype
 
 __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
            "logicseg_loss", "LogicSegLoss", "logic_refine"]
@@ -210,7 +210,7 @@ class LogicSegLoss(nn.Module):
                 start, end = (float(v) for v in self.ramp)
                 t = self.step.to(torch.float64)
                 factor = ((t - start) / (end - start)).clamp(0.0, 1.0) if end > start else (t >= start).double()
-                factor = factor.to(_ops.compute_dtype(logits.dtype))
+                factor = factor.to(compute_dtype(logits.dtype))
             else:
                 use_step = int(self.step)
         out = _logicseg(logits, labels, self.hierarchy, step=use_step, rule_logits=rule_logits,

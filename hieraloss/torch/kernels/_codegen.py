@@ -275,46 +275,19 @@ def objective_kernel(
 '''
 
 
-class _Tree:
-    """The hierarchy as the generator walks it (channel space): plain-int views of the tables of its
-    :class:`hieraloss.core.plan.Plan` (the generator emits their values into the source)."""
-
-    def __init__(self, h: Hierarchy):
-        plan = plan_for(h)
-        self.n = plan.num_nodes
-        self.L = plan.max_depth
-        self.parent = plan.parent
-        self.depth = plan.depth
-        self.is_leaf = plan.is_leaf
-        self.children = [c.tolist() for c in plan.children]  # channel order
-        self.child_rank = plan.child_rank.tolist()  # position among the parent's children
-        self.roots = plan.roots.tolist()
-        self.pre = plan.pre.tolist()
-        self.end = plan.end.tolist()
-        self._post = plan.postorder.tolist()
-        self._pre_order = plan.preorder.tolist()
-        # Depth sets of the cross-entropy: depth_channels[d] holds depth-(d+1) nodes and shallower leaves.
-        self.ce_sets = [set(chans.tolist()) for chans in plan.depth_channels]
-
-    def post_order(self) -> list[int]:
-        return list(self._post)
-
-    def pre_order(self) -> list[int]:
-        return list(self._pre_order)
-
-
 def objective_source(h: Hierarchy) -> str:
     """Python source of a module holding ``objective_kernel`` specialised for ``h``."""
-    t = _Tree(h)
-    L = t.L
+    t = plan_for(h)  # the tree as the generator walks it (channel space); its values go into the source
+    L = t.max_depth
+    ce_sets = [set(chans.tolist()) for chans in t.depth_channels]  # depth d+1: its nodes and shallower leaves
     d2 = padded_width(2 * L)
-    count, step, count_rb = count_loop(t.n, L)
-    lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.n, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
-                            count=count, count_step=step, count_rb=count_rb, one_wide=_one_wide(t.n),
+    count, step, count_rb = count_loop(t.num_nodes, L)
+    lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.num_nodes, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
+                            count=count, count_step=step, count_rb=count_rb, one_wide=_one_wide(t.num_nodes),
                             params=_signature_lines(), do_not_specialize=_not_specialized())]
     emit = lines.append
     I1, I2, I3 = " " * 4, " " * 8, " " * 12
-    groups = load_groups(t.n)
+    groups = load_groups(t.num_nodes)
 
     def on_path(v: int, pc: str = "pc") -> str:
         return f"({pc} >= {t.pre[v]}) & ({pc} < {t.end[v]})"
@@ -346,7 +319,7 @@ def objective_source(h: Hierarchy) -> str:
     # ---------------------------------------------------------------- 1. post-order walk
     ce_started = [False] * L
     open_nodes: set[int] = set()  # internal nodes with some children folded, not yet complete
-    post = t.post_order()
+    post = t.postorder.tolist()
     # The winner ranks (0..fan-out) of the internal nodes, kept from walk 1 to walk 3, are packed
     # several to an int32 word (below the sign bit): node v's rank is bits [sh, sh + bits) of word
     # ``sw{w}``, (w, sh) = slot[v], and every constant it is compared with is shifted to match.
@@ -414,7 +387,7 @@ def objective_source(h: Hierarchy) -> str:
             emit(f"{I2}if MODE == 3:")
             emit(f"{I3}gov = load_rows(gob + {v} * gn, pmask, one).to(CT)")
             emit(f"{I3}g{v} = pin(tl.where(ng, term_grad(zm{v}, gamma, FOCAL) * wv * gov, 0.0))")
-        members = [d for d in range(L) if v in t.ce_sets[d]]
+        members = [d for d in range(L) if v in ce_sets[d]]
         if members:
             emit(f"{I1}if CE:")
             for d in members:
@@ -481,13 +454,13 @@ def objective_source(h: Hierarchy) -> str:
     # The cross-entropy's softmax exp: _terms.exp (one MUFU op) for small trees, tl.exp for wide ones,
     # where the ftz exp made ptxas spill 88 B in Mapillary's objective kernel (sm_90, triton 3.6 with
     # the register cap; 8 B with tl.exp).
-    ce_exp = "exp" if t.n <= WIDE_TREE_NODES else "tl.exp"
+    ce_exp = "exp" if t.num_nodes <= WIDE_TREE_NODES else "tl.exp"
     emit(f"{I1}if MODE != 0:")
-    reload = [v for v in t.pre_order() if t.is_leaf[v] or any(v in t.ce_sets[d] for d in range(L))]
-    for v in t.pre_order():
+    reload = [v for v in t.preorder.tolist() if t.is_leaf[v] or any(v in ce_sets[d] for d in range(L))]
+    for v in t.preorder.tolist():
         dv = int(t.depth[v]) - 1
         p = int(t.parent[v])
-        members = [d for d in range(L) if v in t.ce_sets[d]]
+        members = [d for d in range(L) if v in ce_sets[d]]
         if v in reload:
             _loads_starting_at(emit, I2, reload, reload.index(v), "xb3", "xl", groups)
         emit(f"{I2}# node {v}")
@@ -565,7 +538,7 @@ def decode_source(h: Hierarchy) -> str:
     """Source of ``decode_kernel`` for ``h``: ``path`` (argmax over leaves of the sum of logits along
     the path, ties to the lowest leaf channel) or ``top_down`` (the best child of the node chosen so
     far, ties to the lowest channel), as straight-line code over ``[BLOCK_P]`` vectors."""
-    t = _Tree(h)
+    t = plan_for(h)
     lines = [_DECODE_HEADER]
     emit = lines.append
     I1, I2 = " " * 4, " " * 8
@@ -575,7 +548,7 @@ def decode_source(h: Hierarchy) -> str:
 
     emit(f"{I1}if TOP_DOWN:")
     # The best child of every parent (the implicit root included), children in channel order.
-    parents = [-1] + [v for v in range(t.n) if not t.is_leaf[v]]
+    parents = [-1] + [v for v in range(t.num_nodes) if not t.is_leaf[v]]
     for u in parents:
         kids = t.roots if u < 0 else t.children[u]
         name = "root" if u < 0 else str(u)
@@ -587,7 +560,7 @@ def decode_source(h: Hierarchy) -> str:
             emit(f"{I2}bx = tl.where(bt, xc, bx)")
             emit(f"{I2}ch_{name} = tl.where(bt, {c}, ch_{name})")
     emit(f"{I2}cur = ch_root")
-    for _ in range(t.L - 1):
+    for _ in range(t.max_depth - 1):
         emit(f"{I2}nxt = cur")
         for u in parents[1:]:
             emit(f"{I2}nxt = tl.where(cur == {u}, ch_{u}, nxt)")
@@ -615,11 +588,11 @@ def decode_source(h: Hierarchy) -> str:
     for r in t.roots:
         walk(r, None)
     emit(f"{I1}leaf = tl.where(pmask, leaf, 0)")
-    emit(f"{I1}one_wide = {_one_wide(t.n)}")
+    emit(f"{I1}one_wide = {_one_wide(t.num_nodes)}")
     emit(f"{I1}store_rows(leaf_out_ptr + b * P + o64, load_rows(ids_ptr + leaf, pmask, one_wide), pmask, one)")
-    for d in range(t.L):
-        emit(f"{I1}node = load_rows(anc_ptr + leaf * {t.L} + {d}, pmask, one_wide)")
-        emit(f"{I1}store_rows(depth_out_ptr + (b * {t.L} + {d}) * P + o64, load_rows(ids_ptr + node, pmask, "
+    for d in range(t.max_depth):
+        emit(f"{I1}node = load_rows(anc_ptr + leaf * {t.max_depth} + {d}, pmask, one_wide)")
+        emit(f"{I1}store_rows(depth_out_ptr + (b * {t.max_depth} + {d}) * P + o64, load_rows(ids_ptr + node, pmask, "
              "one_wide), pmask, one)")
     emit("")
     return "\n".join(lines)

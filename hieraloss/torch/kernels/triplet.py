@@ -1,7 +1,7 @@
 """The hierarchy triplet loss in three Triton launches, value and gradient together.
 
 The rule is :mod:`hieraloss.core.triplets`' (the same triplets as the torch ops of
-``hieraloss.torch._ops``); the loss is SPEC section 6:
+``hieraloss.torch.ops.triplet``); the loss is SPEC section 6:
 
     loss = mean over classes c with T_c > 0 of  mean_i relu(d(a_i, p_i) - d(a_i, n_i) + m_i),
     d(u, v) = 1 - <u, v> of L2-normalised embeddings, m_i = base + (psi(c, n_i) - psi(c, p_i)) / (2 L).

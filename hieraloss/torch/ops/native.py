@@ -4,7 +4,7 @@ One pass over the logits per call. With a scalar reduction and logits that need 
 forward pass writes the gradient too (the kernel has every term in registers already) and backward
 only scales it by the upstream gradient: one pass over memory per training step instead of two.
 The cost is a logits-sized buffer held from the loss's forward to its backward; the eager op
-(:mod:`._ops`) holds nothing but recomputes. ``reduction="none"`` recomputes in backward (the
+(:mod:`.tree_min`) holds nothing but recomputes. ``reduction="none"`` recomputes in backward (the
 upstream map is only known there), as does a second backward through a retained graph.
 
 Eager calls run through :class:`torch.autograd.Function`s (the cheapest dispatch). Traced calls
@@ -25,9 +25,11 @@ import math
 import numpy as np
 import torch
 
-from .. import _native
-from ..hierarchy import Hierarchy
-from ._ops import _reduction_scales, plan_for, tree_min_op
+from ... import _native
+from ...core.plan import plan_for
+from ...hierarchy import Hierarchy
+from .device import device_plan
+from .tree_min import _reduction_scales, tree_min_op
 
 # Load the kernel (or learn why it cannot load) at import, outside any trace: torch.compile then reads
 # only the loaded state, never the loader's lock.
@@ -43,7 +45,7 @@ def _run(x, lc, hierarchy, gamma, *, channel_sums=None, loss_map=None, map_scale
     def ptr(t):
         return 0 if t is None else t.data_ptr()
 
-    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy),
+    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy),
                      gamma, channel_sums=ptr(channel_sums), loss_map=ptr(loss_map), map_scale=ptr(map_scale),
                      grad=ptr(grad), grad_scale=ptr(grad_scale), grad_up=ptr(grad_up),
                      num_threads=torch.get_num_threads())
@@ -65,7 +67,7 @@ def _gradient_buffer(x: torch.Tensor) -> torch.Tensor:
 
 def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
     """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries)."""
-    scale = _reduction_scales(lc, plan_for(hierarchy, lc.device), reduction, torch.float64)
+    scale = _reduction_scales(lc, device_plan(hierarchy, lc.device), reduction, torch.float64)
     if weight is not None:
         scale = scale * weight.to(torch.float64)
     return scale.contiguous()
@@ -189,7 +191,7 @@ native_tree_min_op.register_autograd(_tree_min_backward, setup_context=_tree_min
 
 def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float,
                     reduction: str, node_weight: torch.Tensor | None) -> torch.Tensor:
-    """Same contract as :func:`._ops.tree_min_op` (validated inputs, label channels with -1 = ignored)
+    """Same contract as :func:`.tree_min.tree_min_op` (validated inputs, label channels with -1 = ignored)
     for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
@@ -232,7 +234,7 @@ class _NativeObjective(torch.autograd.Function):
             grad_scale, ce_grad_scale = (np.ascontiguousarray(s * factor) for s in ctx.scales)
             grad = _gradient_buffer(x)
             _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(),
-                             _native.tree_arrays(hierarchy), gamma, grad=grad.data_ptr(),
+                             plan_for(hierarchy), gamma, grad=grad.data_ptr(),
                              grad_scale=grad_scale.ctypes.data, ce_grad_scale=ce_grad_scale.ctypes.data,
                              num_threads=torch.get_num_threads())
         elif factor != 1.0:
@@ -291,7 +293,7 @@ def _objective_scales(x: torch.Tensor, lc: torch.Tensor, hierarchy: Hierarchy, n
     N = x.shape[1]
     hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64).numpy()
     weight = None if node_weight is None else node_weight.detach().to(torch.float64).cpu().numpy()
-    return _native.hssn_scales(_native.tree_arrays(hierarchy), hist, weight)
+    return _native.hssn_scales(plan_for(hierarchy), hist, weight)
 
 
 def _objective_pass(x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight, ce_w, want_grad):
@@ -301,7 +303,7 @@ def _objective_pass(x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight
     sums = np.empty(x.shape[1], dtype=np.float64)
     ce_sums = np.empty(ce_scale.size, dtype=np.float64)
     grad = _gradient_buffer(x) if want_grad else None
-    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), _native.tree_arrays(hierarchy),
+    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy),
                      gamma, channel_sums=sums.ctypes.data, ce_sums=ce_sums.ctypes.data,
                      grad=0 if grad is None else grad.data_ptr(),
                      grad_scale=0 if grad is None else grad_scale.ctypes.data,
@@ -322,7 +324,7 @@ def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hi
 
     ``TM``: the (focal, with ``gamma``) tree-min loss with the per-depth normalisation of
     ``reduction="hssn"`` without its factor 5, times ``node_weight``; ``CE_d``: the mean cross-entropy
-    over ``hierarchy.depth_channels[d-1]`` (as :func:`._ops.depth_cross_entropy_op`). Validated
+    over ``hierarchy.depth_channels[d-1]`` (as :func:`.cross_entropy.depth_cross_entropy_op`). Validated
     inputs as for :func:`tree_min_native` (label channels, -1 = ignored); ``ce_weights``: L floats
     (already resolved, e.g. by ``hieraloss.core.rules.hssn_weights``; a weight 0 only drops that
     depth from the total and the gradient). Returns ``(total, tree_min, ce)``: ``total`` the

@@ -8,13 +8,14 @@ import math
 
 import torch
 
-from .. import _native
-from ..core import logic as _logic
-from ..core.plan import plan_for
-from ..hierarchy import Hierarchy
-from . import _ops
-from ._native_op import _gradient_buffer
-from ._tables import cached_on
+from ... import _native
+from ...core import logic as _logic
+from ...core.plan import plan_for
+from ...hierarchy import Hierarchy
+from .._tables import cached_on
+from .device import compute_dtype
+from .native import _gradient_buffer
+from .tree_min import expand_targets_op
 
 
 class TorchOps:
@@ -93,13 +94,13 @@ def tables(hierarchy: Hierarchy, device: torch.device, mode: str) -> _logic.Logi
 
 def scores(x: torch.Tensor) -> torch.Tensor:
     """``sigmoid(x)`` as a ``[P, N]`` matrix (pixels x channels) in the compute dtype."""
-    return torch.sigmoid(x.to(_ops.compute_dtype(x.dtype)).movedim(1, -1).reshape(-1, x.shape[1]))
+    return torch.sigmoid(x.to(compute_dtype(x.dtype)).movedim(1, -1).reshape(-1, x.shape[1]))
 
 
 def asl(x, lc, hierarchy, gamma_neg, gamma_pos, clip, eps):
     """The asymmetric loss of checked logits and label channels, as vectorized torch ops."""
-    cdt = _ops.compute_dtype(x.dtype)
-    positive, mask = _ops.expand_targets_op(lc, hierarchy)
+    cdt = compute_dtype(x.dtype)
+    positive, mask = expand_targets_op(lc, hierarchy)
     return _logic.asymmetric_bce(OPS, x.to(cdt), positive.to(cdt), mask.to(cdt), (lc >= 0).sum().to(cdt),
                                  gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip, eps=eps)
 
@@ -110,7 +111,7 @@ def refine(x: torch.Tensor, hierarchy: Hierarchy, steps: int, step_size: float, 
     if x.numel() == 0 or steps == 0:
         return x.detach().clone()
     t = tables(hierarchy, x.device, exclusion)
-    z = x.detach().to(_ops.compute_dtype(x.dtype)).movedim(1, -1)  # [B, *spatial, N]
+    z = x.detach().to(compute_dtype(x.dtype)).movedim(1, -1)  # [B, *spatial, N]
     rows = []
     for b in range(z.shape[0]):
         zb = z[b].reshape(-1, x.shape[1])
@@ -178,7 +179,7 @@ def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, 
     ``torch.compile`` the kernel runs as the custom op ``hieraloss::native_logicseg``."""
     rr = x if r is None else r
     need = torch.is_grad_enabled() and (x.requires_grad or rr.requires_grad)
-    cdt = _ops.compute_dtype(x.dtype)
+    cdt = compute_dtype(x.dtype)
     want_x = need and (x.requires_grad or r is None)
     want_r = need and r is not None and r.requires_grad and with_rules and weight != 0
     B = x.shape[0]
