@@ -42,7 +42,7 @@ $(VENV_OLD)/bin/.installed: pyproject.toml Makefile
 	touch $@
 
 test-aot-oldest: $(VENV_OLD)/bin/.installed
-	$(VENV_OLD)/bin/python -m pytest -q -n 2 tests/test_kernels_aot.py
+	$(VENV_OLD)/bin/python -m pytest -q -n 2 tests/kernels/test_kernels_aot.py
 
 # segmentation_models_pytorch needs timm, which needs torchvision, and PyPI's torchvision needs the full torch
 # build it was made for (not the CPU-only torch of .venv): a venv of its own for the smp / torchvision
@@ -56,8 +56,8 @@ $(VENV_VISION)/bin/.installed: pyproject.toml Makefile
 	touch $@
 
 test-vision: $(VENV_VISION)/bin/.installed
-	$(VENV_VISION)/bin/python -m pytest -q -p no:cacheprovider tests/test_integration_vision.py \
-		tests/test_docs.py -k "vision or smp or pytorch"
+	$(VENV_VISION)/bin/python -m pytest -q -p no:cacheprovider tests/integrations/test_integrations_vision.py \
+		tests/package/test_package_docs.py -k "vision or smp or pytorch"
 
 # The real PaddleSeg 2.8.0 imports only beside numpy<2 (its opencv pin): its registry, its
 # loss_computation and its guide page run in a venv of their own.
@@ -71,8 +71,8 @@ $(VENV_PADDLESEG)/bin/.installed: pyproject.toml Makefile
 
 test-paddleseg: $(VENV_PADDLESEG)/bin/.installed
 	$(VENV_PADDLESEG)/bin/python -c "import paddleseg.models"  # the real package, not the stand-in
-	$(VENV_PADDLESEG)/bin/python -m pytest -q -p no:cacheprovider tests/test_paddle_paddleseg.py \
-		tests/test_docs.py -k "paddleseg"
+	$(VENV_PADDLESEG)/bin/python -m pytest -q -p no:cacheprovider tests/integrations/test_integrations_paddleseg.py \
+		tests/package/test_package_docs.py -k "paddleseg"
 
 # The end-to-end example: a Hugging Face SegFormer trained with HSSN on the demo scenes (CPU, about a minute).
 example: venv

@@ -40,7 +40,7 @@ def _weight(kw):
 
 
 class PaddleAdapter:
-    """backend="auto": on the CPU that is the compiled kernel when it is built (tests/test_paddle_native.py
+    """backend="auto": on the CPU that is the compiled kernel when it is built (tests/paddle/test_paddle_native.py
     covers it directly); ``_adapter_paddle_eager.py`` runs the same suite on the vectorized paddle ops."""
 
     name = "paddle"

@@ -39,7 +39,7 @@ def _kw(kw: dict) -> dict:
 
 
 class TorchAdapter:
-    """backend="auto": on the CPU that is the compiled kernel when it is built (tests/test_native.py
+    """backend="auto": on the CPU that is the compiled kernel when it is built (tests/native/test_native_tree_min.py
     covers it directly); ``_adapter_torch_eager.py`` runs the same suite on the vectorized torch ops."""
 
     name = "torch"

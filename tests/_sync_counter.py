@@ -1,6 +1,6 @@
 """Counting host syncs of a torch step, as ../shared/tools/step_profile.py counts them: patched
 ``Tensor`` methods that read values back, and dispatcher ops whose output size or value the host
-must wait for. Used by tests/test_triplet_torch.py and benchmarks/bench_triplet.py."""
+must wait for. Used by tests/torch/test_torch_triplet.py and benchmarks/bench_triplet.py."""
 
 from __future__ import annotations
 

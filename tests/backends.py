@@ -1,4 +1,4 @@
-"""Backend adapters for the conformance suite (tests/test_conformance.py).
+"""Backend adapters for the conformance suite (tests/conformance/test_conformance_backends.py).
 
 An adapter exposes one backend through numpy in / numpy out::
 
@@ -140,7 +140,7 @@ def _framework_adapter(name: str, framework: str):
 
 class Direct:
     """An adapter's library called directly, for the input-conformance tests
-    (tests/test_conformance_inputs.py): numpy arrays become the framework's tensors of the *same*
+    (tests/conformance/test_conformance_inputs.py): numpy arrays become the framework's tensors of the *same*
     dtype (int, bool or complex logits and labels included: nothing is cast, so the backends' own
     checks see the bad input), other arguments pass unchanged, and the adapter's ``loss_backend``
     (torch: ``"auto"`` = the compiled kernel where built, ``"torch"``; paddle likewise) goes to every
@@ -215,6 +215,18 @@ class Direct:
             if grad is None:
                 raise AssertionError(f"{self.name}: {fn}'s value is not connected to the logits")
         return self.numpy(value), self.numpy(grad)
+
+
+def triton_adapters() -> list:
+    """The fused Triton kernels' adapters, with the generated and with the table-driven objective kernel
+    (tests/conformance/test_conformance_triton.py runs the suite on them with fewer examples: on a CPU
+    the kernels run under the interpreter)."""
+    param = _framework_adapter("torch_triton", "triton")
+    adapter = param.values[0]
+    if adapter is None or not hasattr(adapter, "objective"):  # skipped, or failed to import
+        return [param, pytest.param(adapter, id="torch_triton_table", marks=param.marks)]
+    table = importlib.import_module("_adapter_torch_triton").TABLE_ADAPTER
+    return [param, pytest.param(table, id="torch_triton_table")]
 
 
 BACKENDS = [

@@ -673,3 +673,50 @@ def logicseg_parts(x, labels, h, p=5.0, exclusion="siblings", easy_filter=False,
                     e_sum += _pmean([s[a] * s[b] for s in kept], p)
     e_rule = e_sum / sum(len(g) ** 2 for g in groups) if groups else 0.0
     return {"asl": asl, "child_implies_parent": c_rule, "parent_implies_child": d_rule, "exclusion": e_rule}
+
+
+# ---------------------------------------------------------------------------- the HSSN objective
+def depth_classes(t: Tree, d: int) -> list[int]:
+    """The classes at depth d: the nodes at depth d and the leaves shallower than d (channel order)."""
+    return [v for v in range(t.n) if t.depth[v] == d or (not t.children[v] and t.depth[v] < d)]
+
+
+def objective_reference(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0, ce_weights=None,
+                        ignore_index=255):
+    """``(total, tm, ce [L], grad)`` in float64 by plain loops: ``tm`` = the oracle's hssn tree-min / 5,
+    ``ce[d-1]`` = mean over counted pixels of ``logsumexp(x[classes]) - x[target]`` (0 if none count),
+    ``grad`` = d total / d x with ``total = tree_min_weight * tm + sum_d ce_weights[d-1] * ce[d-1]``."""
+    x = np.asarray(x, dtype=np.float64)
+    labels = np.asarray(labels)
+    t = tree(h)
+    L = t.max_depth
+    ce_weights = [1.0] * L if ce_weights is None else list(ce_weights)
+    tm = tree_min_loss(x, labels, h, gamma=gamma, reduction="hssn", node_weight=node_weight,
+                              ignore_index=ignore_index) / 5.0
+    tm_grad = tree_min_grad(x, labels, h, gamma=gamma, reduction="hssn", node_weight=node_weight,
+                                   ignore_index=ignore_index) / 5.0
+    classes = [depth_classes(t, d) for d in range(1, L + 1)]
+    sums, counts = np.zeros(L), np.zeros(L)
+    raw = np.zeros((L, *x.shape))  # per depth: sum over counted pixels of d ce / d x
+    for pix in pixels(labels.shape):
+        c = t.channel(labels[pix], ignore_index)
+        if c is None:
+            continue
+        for d in range(1, L + 1):
+            if t.children[c] and t.depth[c] < d:
+                continue  # a partial label coarser than d
+            target = t.path_of(c)[d - 1]
+            z = {v: float(at(x, pix, v)) for v in classes[d - 1]}
+            top = max(z.values())
+            lse = top + math.log(sum(math.exp(zv - top) for zv in z.values()))
+            sums[d - 1] += lse - z[target]
+            counts[d - 1] += 1
+            for v, zv in z.items():
+                raw[(d - 1, *index(pix, v))] += math.exp(zv - lse) - (1.0 if v == target else 0.0)
+    ce = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
+    total = tree_min_weight * tm + float(np.dot(ce_weights, ce))
+    grad = tree_min_weight * tm_grad
+    for d in range(L):
+        if counts[d]:
+            grad = grad + ce_weights[d] / counts[d] * raw[d]
+    return total, tm, ce, grad

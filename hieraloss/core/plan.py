@@ -61,12 +61,14 @@ class LabelCodes(NamedTuple):
     iff ``pre[v] <= pc < end[v]`` and a strict descendant of a partial label iff ``pc < pre[v] <
     ec``), -1 where the slot is ignored or not a node; ``tree_min_counts`` / ``ce_counts`` float64
     ``[S, L]``: the slot's row of :attr:`Plan.tree_min_counted` / :attr:`Plan.ce_counted` (0 where
-    ignored), so a histogram of slots times them gives the per-depth counts."""
+    ignored), so a histogram of slots times them gives the per-depth counts; ``channels`` int32
+    ``[S]``: the slot's channel, -1 where ignored (for kernels that read the plan's tables by channel)."""
 
     codes: np.ndarray
     shift: int
     tree_min_counts: np.ndarray
     ce_counts: np.ndarray
+    channels: np.ndarray
 
 
 @dataclass(frozen=True, eq=False)
@@ -211,6 +213,7 @@ class Plan:
             shift=int(shift),
             tree_min_counts=_ro(np.where(valid[:, None], self.tree_min_counted[safe], 0.0), np.float64),
             ce_counts=_ro(np.where(valid[:, None], self.ce_counted[safe], 0.0), np.float64),
+            channels=_ro(np.where(valid, channel, -1), np.int32),
         )
 
 

@@ -282,7 +282,7 @@ def fused_triplet_loss(
     are neither leaf ids nor ``ignore_index`` do not take part (no check here).
     """
     from ..core import triplets as core_triplets
-    from ..torch import _ops as torch_ops
+    from ..torch.ops.triplet import key_order
 
     kernels = _kernels()
     size = tuple(int(n) for n in embeddings.shape[2:])
@@ -291,7 +291,7 @@ def fused_triplet_loss(
         order = None
         if sampling == "random":
             if codes.numel():
-                order = torch_ops.key_order(codes, sampling, generator)
+                order = key_order(codes, sampling, generator)
             else:  # no pixel: nothing to order, but the draw is made as in every backend
                 core_triplets.random_order(0, generator)
     want_grad = bool(paddle.is_grad_enabled() and not embeddings.stop_gradient)

@@ -166,7 +166,7 @@ class _AttachTwo(PyLayer):
 
 def native_objective(x, r, lc, hierarchy, *, p, exclusion, easy_filter, weight, with_rules,
                       asl=_logic.ASL_DEFAULTS):
-    """LogicSeg on the compiled CPU kernel (:func:`hieraloss.torch._logic_ops.native_objective`)."""
+    """LogicSeg on the compiled CPU kernel (:func:`hieraloss.torch.ops.logicseg.native_objective`)."""
     rr = x if r is None else r
     need = paddle.is_grad_enabled() and (not x.stop_gradient or not rr.stop_gradient)
     cdt = compute_dtype(x.dtype)

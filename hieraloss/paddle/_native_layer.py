@@ -1,6 +1,6 @@
 """Tree-min loss on CPU paddle tensors through the compiled kernel (``hieraloss._native``).
 
-The paddle twin of :mod:`hieraloss.torch._native_op`. One pass over the logits per call. With a
+The paddle twin of :mod:`hieraloss.torch.ops.native`. One pass over the logits per call. With a
 scalar reduction and logits that need a gradient, the forward pass writes the gradient too and
 backward only scales it by the upstream gradient: one pass over memory per training step instead
 of two, at the cost of a logits-sized buffer held from forward to backward. ``reduction="none"``
@@ -205,7 +205,7 @@ def _run_objective(x, lc, hierarchy, gamma, *, channel_sums=None, ce_sums=None, 
 def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *,
                           gamma: float, node_weight: paddle.Tensor | None, tree_min_weight: float,
                           ce_weights) -> tuple[paddle.Tensor, paddle.Tensor, paddle.Tensor]:
-    """The paddle twin of :func:`hieraloss.torch._native_op.hssn_objective_native`: the per-pixel HSSN
+    """The paddle twin of :func:`hieraloss.torch.ops.native.hssn_objective_native`: the per-pixel HSSN
     objective ``tree_min_weight * TM + sum_d ce_weights[d-1] * CE_d`` on CPU logits in one pass of the
     compiled kernel. Returns ``(total, tree_min, ce)``: ``total`` differentiable (float64 for float64
     logits, else float32), ``tree_min`` (hssn normalisation without the 5) and ``ce`` ``[L]`` detached.

@@ -222,7 +222,7 @@ class LogicSegLoss(nn.Module):
         if step is None and self.training and torch.is_grad_enabled():
             if torch.compiler.is_compiling():
                 # A new tensor, not an in-place add: compiled backwards rebuild the ramp from the
-                # buffer they saved, and would read it advanced (tested in test_compile.py).
+                # buffer they saved, and would read it advanced (tested in test_torch_compile.py).
                 self.step = self.step + 1
             else:
                 self.step += 1

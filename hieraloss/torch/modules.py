@@ -117,7 +117,7 @@ class HSSNLoss(HSSNOptions, _Module):
         def advance():
             if self.training and torch.is_grad_enabled():
                 # A new tensor, not an in-place add: compiled backwards rebuild the weight from the
-                # buffer they saved, and would read it advanced (tested in test_compile.py).
+                # buffer they saved, and would read it advanced (tested in test_torch_compile.py).
                 self.step = self.step + 1
 
         return self._hssn_with_stored_step(F, logits, labels, embeddings, node_weight=self.node_weight,

@@ -2,7 +2,7 @@
 
 Triton lowers a kernel to PTX and ``ptxas`` (shipped in the triton wheel) assembles it for
 ``sm_<arch>``; a specialisation that fails to compile on a GPU fails here the same way. Used by
-``tests/test_kernels_aot.py`` (every specialisation the library can launch) and by
+``tests/kernels/test_kernels_aot.py`` (every specialisation the library can launch) and by
 ``benchmarks/bench_kernels.py --compile-check`` (registers and spills). The interpreter must be off
 (``TRITON_INTERPRET`` unset) when triton is imported.
 """

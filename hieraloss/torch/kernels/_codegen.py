@@ -275,241 +275,311 @@ def objective_kernel(
 '''
 
 
-def objective_source(h: Hierarchy) -> str:
-    """Python source of a module holding ``objective_kernel`` specialised for ``h``."""
-    t = plan_for(h)  # the tree as the generator walks it (channel space); its values go into the source
-    L = t.max_depth
-    ce_sets = [set(chans.tolist()) for chans in t.depth_channels]  # depth d+1: its nodes and shallower leaves
-    d2 = padded_width(2 * L)
-    count, step, count_rb = count_loop(t.num_nodes, L)
-    lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.num_nodes, L=L, l2=2 * L, d2=d2, rb=rows_per_step(d2),
-                            count=count, count_step=step, count_rb=count_rb, one_wide=_one_wide(t.num_nodes),
-                            params=_signature_lines(), do_not_specialize=_not_specialized())]
-    emit = lines.append
-    I1, I2, I3 = " " * 4, " " * 8, " " * 12
-    groups = load_groups(t.num_nodes)
+I1, I2, I3 = " " * 4, " " * 8, " " * 12  # the indents of the kernel body and of its `if` blocks
 
-    def on_path(v: int, pc: str = "pc") -> str:
-        return f"({pc} >= {t.pre[v]}) & ({pc} < {t.end[v]})"
 
-    def counted_negative(v: int, y: str, pc: str = "pc", ec: str = "ec") -> str:
-        # valid (pc >= 0), not a strict descendant of a partial label, not on the path
-        return f"({pc} >= 0) & ~(({pc} < {t.pre[v]}) & ({ec} > {t.pre[v]})) & ~{y}"
+class _ObjectiveWriter:
+    """Writes the objective kernel for one tree: one method per part of the walk (the module
+    docstring's steps), each emitting straight-line code with the tree's values as constants.
 
+    Names in the kernel, per node v and depth d (0-based): ``x{v}`` its logits, ``y{v}`` "on the
+    labelled path", ``zm{v}`` its zmax, ``zr{v}`` / ``sr{v}`` the running maximum over the children
+    folded so far and the winner's rank; ``xp{d}`` / ``pn{d}`` / ``on{d}`` the logits, channel and
+    presence of the path node at depth d; ``tms{d}`` the tree-min sums; ``m{d}`` / ``s{d}`` the
+    online log-sum-exp of depth d's classes and ``xt{d}`` / ``kn{d}`` the target's logit and whether
+    the pixel counts; ``g{v}`` an internal node's negative gradient, ``dp{d}`` the path gradient
+    delivered to depth d, ``r{v}`` the gradient routed down from v's zmax, ``sw{w}`` the packed ranks.
+    """
+
+    def __init__(self, h: Hierarchy):
+        self.tree = t = plan_for(h)  # its values go into the source
+        self.L = L = t.max_depth
+        self.ce_sets = [set(chans.tolist()) for chans in t.depth_channels]  # depth d+1: its nodes, shallower leaves
+        d2 = padded_width(2 * L)
+        count, step, count_rb = count_loop(t.num_nodes, L)
+        self.lines = [_HEADER.format(fingerprint=h.fingerprint[:16], n=t.num_nodes, L=L, l2=2 * L, d2=d2,
+                                     rb=rows_per_step(d2), count=count, count_step=step, count_rb=count_rb,
+                                     one_wide=_one_wide(t.num_nodes), params=_signature_lines(),
+                                     do_not_specialize=_not_specialized())]
+        self.emit = self.lines.append
+        self.groups = load_groups(t.num_nodes)
+        self.post = t.postorder.tolist()
+        self.pre = t.preorder.tolist()
+        # The winner ranks (0..fan-out) of the internal nodes, kept from walk 1 to walk 3, are packed
+        # several to an int32 word (below the sign bit): node v's rank is bits [sh, sh + bits) of word
+        # ``sw{w}``, (w, sh) = slot[v], and every constant it is compared with is shifted to match.
+        bits = max(1, max((len(c) for c in t.children), default=0).bit_length())
+        per_word = 31 // bits
+        internal = [v for v in self.post if not t.is_leaf[v]]
+        self.slot = {v: (j // per_word, (j % per_word) * bits) for j, v in enumerate(internal)}
+        self.rank_mask = (1 << bits) - 1
+
+    def source(self) -> str:
+        self.declare_running_values()
+        self.post_order_walk()
+        self.labelled_path()
+        self.cross_entropy_sums()
+        self.pre_order_walk()
+        self.totals()
+        self.emit("")
+        return "\n".join(self.lines)
+
+    # ------------------------------------------------------------ expressions
+    def on_path(self, v: int, pc: str = "pc") -> str:
+        return f"({pc} >= {self.tree.pre[v]}) & ({pc} < {self.tree.end[v]})"
+
+    def counted_negative(self, v: int, y: str, pc: str = "pc", ec: str = "ec") -> str:
+        """Valid (pc >= 0), not a strict descendant of a partial label, not on the path."""
+        return f"({pc} >= 0) & ~(({pc} < {self.tree.pre[v]}) & ({ec} > {self.tree.pre[v]})) & ~{y}"
+
+    @staticmethod
     def weight(v: int) -> str:
         return f"tl.load(w_ptr + {v}).to(CT)"
 
-    # ---------------------------------------------------------------- setup per depth
-    for d in range(L):
-        emit(f"{I1}xp{d} = zero")
-        emit(f"{I1}pn{d} = tl.zeros([BLOCK_P], tl.int32)")
-        emit(f"{I1}on{d} = tl.zeros([BLOCK_P], tl.int1)")
-    emit(f"{I1}if TM:")
-    for d in range(L):
-        emit(f"{I2}tms{d} = zero")
-        emit(f"{I2}if MODE == 1:")
-        emit(f"{I3}tsc{d} = tl.load(scale_ptr + {d}, cache_modifier=\".cg\").to(CT)")
-    emit(f"{I1}if CE:")
-    for d in range(L):
-        emit(f"{I2}xt{d} = zero")
-        emit(f"{I2}kn{d} = tl.zeros([BLOCK_P], tl.int1)")
-        emit(f"{I2}if MODE == 1:")
-        emit(f"{I3}csc{d} = tl.load(scale_ptr + {L + d}, cache_modifier=\".cg\").to(CT)")
+    def ce_depths(self, v: int) -> list[int]:
+        """The depths whose cross-entropy classes hold v."""
+        return [d for d in range(self.L) if v in self.ce_sets[d]]
 
-    # ---------------------------------------------------------------- 1. post-order walk
-    ce_started = [False] * L
-    open_nodes: set[int] = set()  # internal nodes with some children folded, not yet complete
-    post = t.postorder.tolist()
-    # The winner ranks (0..fan-out) of the internal nodes, kept from walk 1 to walk 3, are packed
-    # several to an int32 word (below the sign bit): node v's rank is bits [sh, sh + bits) of word
-    # ``sw{w}``, (w, sh) = slot[v], and every constant it is compared with is shifted to match.
-    bits = max(1, max((len(c) for c in t.children), default=0).bit_length())
-    per_word = 31 // bits
-    internal = [v for v in post if not t.is_leaf[v]]
-    slot = {v: (j // per_word, (j % per_word) * bits) for j, v in enumerate(internal)}
-    rank_mask = (1 << bits) - 1
-    for i, v in enumerate(post):
-        dv = int(t.depth[v]) - 1
-        if i and i % PIN_EVERY == 0:
-            # The running values, computed by now (see PIN_EVERY).
-            for d in range(L):
-                emit(f"{I1}xp{d} = pin(xp{d})")
-                emit(f"{I1}pn{d} = pin(pn{d})")
-                emit(f"{I1}on{d} = pin(on{d})")
-            emit(f"{I1}if TM:")
-            for d in range(L):
-                emit(f"{I2}tms{d} = pin(tms{d})")
-            emit(f"{I1}if CE:")
-            for d in range(L):
-                if ce_started[d]:
-                    emit(f"{I2}m{d} = pin(m{d})")
-                    emit(f"{I2}s{d} = pin(s{d})")
-                emit(f"{I2}xt{d} = pin(xt{d})")
-                emit(f"{I2}kn{d} = pin(kn{d})")
-            for u in sorted(open_nodes):
-                emit(f"{I1}zr{u} = pin(zr{u})")
-                emit(f"{I1}sr{u} = pin(sr{u})")
-        _loads_starting_at(emit, I1, post, i, "xb", "x", groups)
-        emit(f"{I1}# node {v} (depth {dv + 1}{', leaf' if t.is_leaf[v] else ''})")
-        emit(f"{I1}y{v} = {on_path(v)}")
-        emit(f"{I1}xp{dv} = tl.where(y{v}, x{v}, xp{dv})")
-        emit(f"{I1}pn{dv} = tl.where(y{v}, {v}, pn{dv})")
-        emit(f"{I1}on{dv} = on{dv} | y{v}")
-        if not t.is_leaf[v]:
-            # The children were folded into (zr, sr) as each completed (see below). In the order v
-            # (rank 0), children 1..k, v wins unless a child is NaN (the last NaN is taken), if it
-            # ties or beats the children's maximum or is NaN itself.
-            emit(f"{I1}pw = (x{v} >= zr{v}) | ((x{v} != x{v}) & (zr{v} == zr{v}))")
-            emit(f"{I1}zm{v} = tl.where(pw, x{v}, zr{v})")
-            w, sh = slot[v]
-            rank = f"tl.where(pw, 0, sr{v})"  # already shifted to its place in the word
-            emit(f"{I1}sw{w} = {rank}" if sh == 0 else f"{I1}sw{w} = sw{w} | {rank}")
-            open_nodes.discard(v)
-        else:
-            emit(f"{I1}zm{v} = x{v}")
+    # ------------------------------------------------------------ the parts
+    def declare_running_values(self) -> None:
+        emit, L = self.emit, self.L
+        for d in range(L):
+            emit(f"{I1}xp{d} = zero")
+            emit(f"{I1}pn{d} = tl.zeros([BLOCK_P], tl.int32)")
+            emit(f"{I1}on{d} = tl.zeros([BLOCK_P], tl.int1)")
         emit(f"{I1}if TM:")
-        emit(f"{I2}ng = {counted_negative(v, f'y{v}')}")
-        emit(f"{I2}wv = {weight(v)} if HAS_W else 1.0")
-        if t.is_leaf[v]:
-            # Leaves: the value now only without a gradient; otherwise value and gradient come from one
-            # term_loss_grad in the pre-order walk, which reloads the leaf's logit anyway.
-            emit(f"{I2}if MODE == 0:")
-            emit(f"{I3}tms{dv} += tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0)")
-        else:
-            emit(f"{I2}if MODE == 0:")
-            emit(f"{I3}tms{dv} += tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0)")
+        for d in range(L):
+            emit(f"{I2}tms{d} = zero")
             emit(f"{I2}if MODE == 1:")
-            emit(f"{I3}lv, dv_ = term_loss_grad(zm{v}, gamma, FOCAL)")
-            emit(f"{I3}tms{dv} += tl.where(ng, lv * wv, 0.0)")
-            emit(f"{I3}g{v} = pin(tl.where(ng, dv_ * (wv * tsc{dv}), 0.0))")
-            emit(f"{I2}if MODE == 2:")
-            emit(f"{I3}g{v} = pin(tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0))")
-            emit(f"{I2}if MODE == 3:")
-            emit(f"{I3}gov = load_rows(gob + {v} * gn, pmask, one).to(CT)")
-            emit(f"{I3}g{v} = pin(tl.where(ng, term_grad(zm{v}, gamma, FOCAL) * wv * gov, 0.0))")
-        members = [d for d in range(L) if v in ce_sets[d]]
-        if members:
-            emit(f"{I1}if CE:")
-            for d in members:
-                if not ce_started[d]:
-                    emit(f"{I2}m{d} = x{v}")
-                    emit(f"{I2}s{d} = zero + 1.0")
-                    ce_started[d] = True
-                else:
-                    emit(f"{I2}m{d}, s{d} = lse_update(m{d}, s{d}, x{v})")
-                emit(f"{I2}xt{d} = tl.where(y{v}, x{v}, xt{d})")
-                emit(f"{I2}kn{d} = kn{d} | y{v}")
-        p = int(t.parent[v])
-        if p >= 0:
-            # Fold v into its parent's running maximum over the children as soon as v is complete
-            # (in order; the earlier wins ties, a NaN is taken), so no child's value waits for the
-            # parent: a 21-child node kept 21 values alive.
-            k = t.child_rank[v] + 1
-            if k == 1:
-                emit(f"{I1}zr{p} = zm{v}")
-                emit(f"{I1}sr{p} = tl.zeros([BLOCK_P], tl.int32) + {1 << slot[p][1]}")
-                open_nodes.add(p)
-            else:
-                emit(f"{I1}bt = (zm{v} > zr{p}) | (zm{v} != zm{v})")
-                emit(f"{I1}zr{p} = tl.where(bt, zm{v}, zr{p})")
-                emit(f"{I1}sr{p} = tl.where(bt, {k << slot[p][1]}, sr{p})")
+            emit(f"{I3}tsc{d} = tl.load(scale_ptr + {d}, cache_modifier=\".cg\").to(CT)")
+        emit(f"{I1}if CE:")
+        for d in range(L):
+            emit(f"{I2}xt{d} = zero")
+            emit(f"{I2}kn{d} = tl.zeros([BLOCK_P], tl.int1)")
+            emit(f"{I2}if MODE == 1:")
+            emit(f"{I3}csc{d} = tl.load(scale_ptr + {L + d}, cache_modifier=\".cg\").to(CT)")
 
-    # ---------------------------------------------------------------- 2. the labelled path
-    emit(f"{I1}if TM:")
-    emit(f"{I2}zmin = xp0")
-    emit(f"{I2}am = tl.zeros([BLOCK_P], tl.int32)")
-    for d in range(L):
-        emit(f"{I2}dp{d} = zero")
-    for d in range(L):
-        if d:
-            emit(f"{I2}lw = (xp{d} < zmin) | (xp{d} != xp{d})")
-            emit(f"{I2}zmin = tl.where(lw, xp{d}, zmin)")
-            emit(f"{I2}am = tl.where(lw, {d}, am)")
-        emit(f"{I2}wp = load_rows(w_ptr + pn{d}, on{d}, one_wide).to(CT) if HAS_W else 1.0")
+    def post_order_walk(self) -> None:
+        """Step 1: zmax and the winner's rank, the negative entries, the path nodes, the softmax sums."""
+        t, emit = self.tree, self.emit
+        self.ce_started = [False] * self.L
+        self.open_nodes: set[int] = set()  # internal nodes with some children folded, not yet complete
+        for i, v in enumerate(self.post):
+            dv = int(t.depth[v]) - 1
+            if i and i % PIN_EVERY == 0:
+                self.pin_running_values()
+            _loads_starting_at(emit, I1, self.post, i, "xb", "x", self.groups)
+            emit(f"{I1}# node {v} (depth {dv + 1}{', leaf' if t.is_leaf[v] else ''})")
+            emit(f"{I1}y{v} = {self.on_path(v)}")
+            emit(f"{I1}xp{dv} = tl.where(y{v}, x{v}, xp{dv})")
+            emit(f"{I1}pn{dv} = tl.where(y{v}, {v}, pn{dv})")
+            emit(f"{I1}on{dv} = on{dv} | y{v}")
+            self.zmax(v)
+            self.negative_entry(v, dv)
+            self.softmax_sums(v)
+            self.fold_into_parent(v)
+
+    def pin_running_values(self) -> None:
+        """The running values, computed by now (see PIN_EVERY)."""
+        emit, L = self.emit, self.L
+        for d in range(L):
+            emit(f"{I1}xp{d} = pin(xp{d})")
+            emit(f"{I1}pn{d} = pin(pn{d})")
+            emit(f"{I1}on{d} = pin(on{d})")
+        emit(f"{I1}if TM:")
+        for d in range(L):
+            emit(f"{I2}tms{d} = pin(tms{d})")
+        emit(f"{I1}if CE:")
+        for d in range(L):
+            if self.ce_started[d]:
+                emit(f"{I2}m{d} = pin(m{d})")
+                emit(f"{I2}s{d} = pin(s{d})")
+            emit(f"{I2}xt{d} = pin(xt{d})")
+            emit(f"{I2}kn{d} = pin(kn{d})")
+        for u in sorted(self.open_nodes):
+            emit(f"{I1}zr{u} = pin(zr{u})")
+            emit(f"{I1}sr{u} = pin(sr{u})")
+
+    def zmax(self, v: int) -> None:
+        emit = self.emit
+        if self.tree.is_leaf[v]:
+            emit(f"{I1}zm{v} = x{v}")
+            return
+        # The children were folded into (zr, sr) as each completed (fold_into_parent). In the order v
+        # (rank 0), children 1..k, v wins unless a child is NaN (the last NaN is taken), if it ties or
+        # beats the children's maximum or is NaN itself.
+        emit(f"{I1}pw = (x{v} >= zr{v}) | ((x{v} != x{v}) & (zr{v} == zr{v}))")
+        emit(f"{I1}zm{v} = tl.where(pw, x{v}, zr{v})")
+        w, sh = self.slot[v]
+        rank = f"tl.where(pw, 0, sr{v})"  # already shifted to its place in the word
+        emit(f"{I1}sw{w} = {rank}" if sh == 0 else f"{I1}sw{w} = sw{w} | {rank}")
+        self.open_nodes.discard(v)
+
+    def negative_entry(self, v: int, dv: int) -> None:
+        emit = self.emit
+        emit(f"{I1}if TM:")
+        emit(f"{I2}ng = {self.counted_negative(v, f'y{v}')}")
+        emit(f"{I2}wv = {self.weight(v)} if HAS_W else 1.0")
         emit(f"{I2}if MODE == 0:")
-        emit(f"{I3}tms{d} += tl.where(on{d}, term_loss(-zmin, gamma, FOCAL) * wp, 0.0)")
+        emit(f"{I3}tms{dv} += tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0)")
+        if self.tree.is_leaf[v]:
+            # A leaf's value and gradient come from one term_loss_grad in the pre-order walk, which
+            # reloads its logit anyway: here only the value without a gradient.
+            return
+        emit(f"{I2}if MODE == 1:")
+        emit(f"{I3}lv, dv_ = term_loss_grad(zm{v}, gamma, FOCAL)")
+        emit(f"{I3}tms{dv} += tl.where(ng, lv * wv, 0.0)")
+        emit(f"{I3}g{v} = pin(tl.where(ng, dv_ * (wv * tsc{dv}), 0.0))")
         emit(f"{I2}if MODE == 2:")
-        emit(f"{I3}pl{d} = tl.where(on{d}, term_loss(-zmin, gamma, FOCAL) * wp, 0.0)")
-        emit(f"{I2}if GRAD:")
-        emit(f"{I3}if MODE == 1:")
-        emit(f"{I3}    lp, dl = term_loss_grad(-zmin, gamma, FOCAL)")
-        emit(f"{I3}    tms{d} += tl.where(on{d}, lp * wp, 0.0)")
-        emit(f"{I3}    up = wp * tsc{d}")
-        emit(f"{I3}else:")
-        emit(f"{I3}    dl = term_grad(-zmin, gamma, FOCAL)")
-        emit(f"{I3}    up = wp * load_rows(gob + pn{d}.to(tl.int64) * gn, on{d}, one_wide).to(CT)")
-        emit(f"{I3}gp = tl.where(on{d}, -dl * up, 0.0)")
-        for k in range(d + 1):
-            emit(f"{I3}dp{k} += tl.where(am == {k}, gp, 0.0)")
+        emit(f"{I3}g{v} = pin(tl.where(ng, term_loss(zm{v}, gamma, FOCAL) * wv, 0.0))")
+        emit(f"{I2}if MODE == 3:")
+        emit(f"{I3}gov = load_rows(gob + {v} * gn, pmask, one).to(CT)")
+        emit(f"{I3}g{v} = pin(tl.where(ng, term_grad(zm{v}, gamma, FOCAL) * wv * gov, 0.0))")
 
-    # ---------------------------------------------------------------- cross-entropy sums per program
-    emit(f"{I1}if VALUE:")
-    emit(f"{I2}part = part_ptr + (b * tl.num_programs(0) + pid) * {2 * L}")
-    emit(f"{I2}if CE:")
-    for d in range(L):
-        emit(f"{I3}lse{d} = m{d} + log(s{d})")
-        emit(f"{I3}tl.store(part + {L + d}, tl.sum(tl.where(kn{d}, lse{d} - xt{d}, 0.0), axis=0))")
+    def softmax_sums(self, v: int) -> None:
+        """v's logit into the online log-sum-exp of every depth whose classes hold it."""
+        emit, members = self.emit, self.ce_depths(v)
+        if not members:
+            return
+        emit(f"{I1}if CE:")
+        for d in members:
+            if not self.ce_started[d]:
+                emit(f"{I2}m{d} = x{v}")
+                emit(f"{I2}s{d} = zero + 1.0")
+                self.ce_started[d] = True
+            else:
+                emit(f"{I2}m{d}, s{d} = lse_update(m{d}, s{d}, x{v})")
+            emit(f"{I2}xt{d} = tl.where(y{v}, x{v}, xt{d})")
+            emit(f"{I2}kn{d} = kn{d} | y{v}")
 
-    # ---------------------------------------------------------------- 3. pre-order walk
-    # The cross-entropy's softmax exp: _terms.exp (one MUFU op) for small trees, tl.exp for wide ones,
-    # where the ftz exp made ptxas spill 88 B in Mapillary's objective kernel (sm_90, triton 3.6 with
-    # the register cap; 8 B with tl.exp).
-    ce_exp = "exp" if t.num_nodes <= WIDE_TREE_NODES else "tl.exp"
-    emit(f"{I1}if MODE != 0:")
-    reload = [v for v in t.preorder.tolist() if t.is_leaf[v] or any(v in ce_sets[d] for d in range(L))]
-    for v in t.preorder.tolist():
-        dv = int(t.depth[v]) - 1
-        p = int(t.parent[v])
-        members = [d for d in range(L) if v in ce_sets[d]]
-        if v in reload:
-            _loads_starting_at(emit, I2, reload, reload.index(v), "xb3", "xl", groups)
-        emit(f"{I2}# node {v}")
-        emit(f"{I2}y = {on_path(v, 'pc3')}")
-        if t.is_leaf[v] or members:
-            emit(f"{I2}xv = xl{v}")
-        emit(f"{I2}gr = zero")
-        emit(f"{I2}if TM:")
-        if not t.is_leaf[v]:
-            w, sh = slot[v]
-            emit(f"{I3}sl{v} = sw{w} & {rank_mask << sh}")  # v's winner rank, shifted by sh
-        rin = f"tl.where(sl{p} == {(t.child_rank[v] + 1) << slot[p][1]}, r{p}, 0.0)" if p >= 0 else "zero"
-        if t.is_leaf[v]:
-            emit(f"{I3}ng = {counted_negative(v, 'y', 'pc3', 'ec3')}")
-            emit(f"{I3}wv = {weight(v)} if HAS_W else 1.0")
-            emit(f"{I3}if MODE == 1:")
-            emit(f"{I3}    lv, dv_ = term_loss_grad(xv, gamma, FOCAL)")
-            emit(f"{I3}    tms{dv} = pin(tms{dv} + tl.where(ng, lv * wv, 0.0))")
-            emit(f"{I3}    gv = tl.where(ng, dv_ * (wv * tsc{dv}), 0.0)")
-            emit(f"{I3}if MODE == 2:")
-            emit(f"{I3}    gv = tl.where(ng, term_loss(xv, gamma, FOCAL) * wv, 0.0)")
-            emit(f"{I3}if MODE == 3:")
-            emit(f"{I3}    gov = load_rows(gob + {v} * gn, pmask, one).to(CT)")
-            emit(f"{I3}    gv = tl.where(ng, term_grad(xv, gamma, FOCAL) * wv * gov, 0.0)")
-            emit(f"{I3}if MODE == 2:")
-            emit(f"{I3}    gr = tl.where(y, pl{dv}, gv)")
-            emit(f"{I3}else:")
-            emit(f"{I3}    gr = {rin} + gv + tl.where(y, dp{dv}, 0.0)")
+    def fold_into_parent(self, v: int) -> None:
+        """v into its parent's running maximum over the children, as soon as v is complete (in order;
+        the earlier wins ties, a NaN is taken): no child's value waits for the parent."""
+        emit, p = self.emit, int(self.tree.parent[v])
+        if p < 0:
+            return
+        k = self.tree.child_rank[v] + 1
+        if k == 1:
+            emit(f"{I1}zr{p} = zm{v}")
+            emit(f"{I1}sr{p} = tl.zeros([BLOCK_P], tl.int32) + {1 << self.slot[p][1]}")
+            self.open_nodes.add(p)
         else:
-            emit(f"{I3}if MODE == 2:")
-            emit(f"{I3}    gr = tl.where(y, pl{dv}, g{v})")
-            emit(f"{I3}else:")
-            emit(f"{I3}    r{v} = {rin} + g{v}")
-            emit(f"{I3}    gr = tl.where(sl{v} == 0, r{v}, 0.0) + tl.where(y, dp{dv}, 0.0)")
-        if members:
-            emit(f"{I2}if CE:")
-            for d in members:
-                emit(f"{I3}gr += tl.where(kn{d}, csc{d} * ({ce_exp}(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
-        emit(f"{I2}store_rows(ob + {v} * on, gr.to(out_ptr.dtype.element_ty), pmask, one)")
+            emit(f"{I1}bt = (zm{v} > zr{p}) | (zm{v} != zm{v})")
+            emit(f"{I1}zr{p} = tl.where(bt, zm{v}, zr{p})")
+            emit(f"{I1}sr{p} = tl.where(bt, {k << self.slot[p][1]}, sr{p})")
 
-    # ---------------------------------------------------------------- 4. total and parts (last programs)
-    emit(f"{I1}if VALUE:")
-    emit(f"{I2}if TM:")
-    for d in range(L):
-        emit(f"{I3}tl.store(part + {d}, tl.sum(tms{d}, axis=0))")
-    emit(f"{I2}finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr,")
-    emit(f"{I2}              parts_ptr, one_wide, L2, D2, RB, TM, CE, F64)")
-    emit("")
-    return "\n".join(lines)
+    def labelled_path(self) -> None:
+        """Step 2: the running minimum down the path, the positive entries and their gradients."""
+        emit = self.emit
+        emit(f"{I1}if TM:")
+        emit(f"{I2}zmin = xp0")
+        emit(f"{I2}am = tl.zeros([BLOCK_P], tl.int32)")
+        for d in range(self.L):
+            emit(f"{I2}dp{d} = zero")
+        for d in range(self.L):
+            if d:
+                emit(f"{I2}lw = (xp{d} < zmin) | (xp{d} != xp{d})")
+                emit(f"{I2}zmin = tl.where(lw, xp{d}, zmin)")
+                emit(f"{I2}am = tl.where(lw, {d}, am)")
+            emit(f"{I2}wp = load_rows(w_ptr + pn{d}, on{d}, one_wide).to(CT) if HAS_W else 1.0")
+            emit(f"{I2}if MODE == 0:")
+            emit(f"{I3}tms{d} += tl.where(on{d}, term_loss(-zmin, gamma, FOCAL) * wp, 0.0)")
+            emit(f"{I2}if MODE == 2:")
+            emit(f"{I3}pl{d} = tl.where(on{d}, term_loss(-zmin, gamma, FOCAL) * wp, 0.0)")
+            emit(f"{I2}if GRAD:")
+            emit(f"{I3}if MODE == 1:")
+            emit(f"{I3}    lp, dl = term_loss_grad(-zmin, gamma, FOCAL)")
+            emit(f"{I3}    tms{d} += tl.where(on{d}, lp * wp, 0.0)")
+            emit(f"{I3}    up = wp * tsc{d}")
+            emit(f"{I3}else:")
+            emit(f"{I3}    dl = term_grad(-zmin, gamma, FOCAL)")
+            emit(f"{I3}    up = wp * load_rows(gob + pn{d}.to(tl.int64) * gn, on{d}, one_wide).to(CT)")
+            emit(f"{I3}gp = tl.where(on{d}, -dl * up, 0.0)")
+            for k in range(d + 1):
+                emit(f"{I3}dp{k} += tl.where(am == {k}, gp, 0.0)")
+
+    def cross_entropy_sums(self) -> None:
+        """Each depth's cross-entropy summed over the program's pixels, into its row of part_ptr."""
+        emit, L = self.emit, self.L
+        emit(f"{I1}if VALUE:")
+        emit(f"{I2}part = part_ptr + (b * tl.num_programs(0) + pid) * {2 * L}")
+        emit(f"{I2}if CE:")
+        for d in range(L):
+            emit(f"{I3}lse{d} = m{d} + log(s{d})")
+            emit(f"{I3}tl.store(part + {L + d}, tl.sum(tl.where(kn{d}, lse{d} - xt{d}, 0.0), axis=0))")
+
+    def pre_order_walk(self) -> None:
+        """Step 3 (modes 1-3): every node's gradient (or loss map entry), routed down from the zmax."""
+        t, emit = self.tree, self.emit
+        # The cross-entropy's softmax exp: _terms.exp (one MUFU op) for small trees, tl.exp for wide
+        # ones (the ftz exp made ptxas spill in wide trees' kernels: docs/kernels.md).
+        ce_exp = "exp" if t.num_nodes <= WIDE_TREE_NODES else "tl.exp"
+        emit(f"{I1}if MODE != 0:")
+        reload = [v for v in self.pre if t.is_leaf[v] or self.ce_depths(v)]
+        for v in self.pre:
+            dv = int(t.depth[v]) - 1
+            p = int(t.parent[v])
+            members = self.ce_depths(v)
+            if v in reload:
+                _loads_starting_at(emit, I2, reload, reload.index(v), "xb3", "xl", self.groups)
+            emit(f"{I2}# node {v}")
+            emit(f"{I2}y = {self.on_path(v, 'pc3')}")
+            if t.is_leaf[v] or members:
+                emit(f"{I2}xv = xl{v}")
+            emit(f"{I2}gr = zero")
+            emit(f"{I2}if TM:")
+            if not t.is_leaf[v]:
+                w, sh = self.slot[v]
+                emit(f"{I3}sl{v} = sw{w} & {self.rank_mask << sh}")  # v's winner rank, shifted by sh
+            rin = f"tl.where(sl{p} == {(t.child_rank[v] + 1) << self.slot[p][1]}, r{p}, 0.0)" if p >= 0 else "zero"
+            if t.is_leaf[v]:
+                self.leaf_gradient(v, dv, rin)
+            else:
+                emit(f"{I3}if MODE == 2:")
+                emit(f"{I3}    gr = tl.where(y, pl{dv}, g{v})")
+                emit(f"{I3}else:")
+                emit(f"{I3}    r{v} = {rin} + g{v}")
+                emit(f"{I3}    gr = tl.where(sl{v} == 0, r{v}, 0.0) + tl.where(y, dp{dv}, 0.0)")
+            if members:
+                emit(f"{I2}if CE:")
+                for d in members:
+                    emit(f"{I3}gr += tl.where(kn{d}, csc{d} * ({ce_exp}(xv - lse{d}) - tl.where(y, 1.0, 0.0)), 0.0)")
+            emit(f"{I2}store_rows(ob + {v} * on, gr.to(out_ptr.dtype.element_ty), pmask, one)")
+
+    def leaf_gradient(self, v: int, dv: int, rin: str) -> None:
+        """A leaf's negative entry (value and gradient from one term_loss_grad), what its parent routes
+        to it, and its path delivery."""
+        emit = self.emit
+        emit(f"{I3}ng = {self.counted_negative(v, 'y', 'pc3', 'ec3')}")
+        emit(f"{I3}wv = {self.weight(v)} if HAS_W else 1.0")
+        emit(f"{I3}if MODE == 1:")
+        emit(f"{I3}    lv, dv_ = term_loss_grad(xv, gamma, FOCAL)")
+        emit(f"{I3}    tms{dv} = pin(tms{dv} + tl.where(ng, lv * wv, 0.0))")
+        emit(f"{I3}    gv = tl.where(ng, dv_ * (wv * tsc{dv}), 0.0)")
+        emit(f"{I3}if MODE == 2:")
+        emit(f"{I3}    gv = tl.where(ng, term_loss(xv, gamma, FOCAL) * wv, 0.0)")
+        emit(f"{I3}if MODE == 3:")
+        emit(f"{I3}    gov = load_rows(gob + {v} * gn, pmask, one).to(CT)")
+        emit(f"{I3}    gv = tl.where(ng, term_grad(xv, gamma, FOCAL) * wv * gov, 0.0)")
+        emit(f"{I3}if MODE == 2:")
+        emit(f"{I3}    gr = tl.where(y, pl{dv}, gv)")
+        emit(f"{I3}else:")
+        emit(f"{I3}    gr = {rin} + gv + tl.where(y, dp{dv}, 0.0)")
+
+    def totals(self) -> None:
+        """Step 4: the tree-min sums into part_ptr; the last programs reduce every part to the total."""
+        emit = self.emit
+        emit(f"{I1}if VALUE:")
+        emit(f"{I2}if TM:")
+        for d in range(self.L):
+            emit(f"{I3}tl.store(part + {d}, tl.sum(tms{d}, axis=0))")
+        emit(f"{I2}finalize_sums(part_ptr, group, counter_ptr, gsum_ptr, denom_ptr, coef_ptr, factor, total_ptr,")
+        emit(f"{I2}              parts_ptr, one_wide, L2, D2, RB, TM, CE, F64)")
+
+
+def objective_source(h: Hierarchy) -> str:
+    """Python source of a module holding ``objective_kernel`` specialised for ``h``."""
+    return _ObjectiveWriter(h).source()
 
 
 _DECODE_HEADER = '''
@@ -541,7 +611,6 @@ def decode_source(h: Hierarchy) -> str:
     t = plan_for(h)
     lines = [_DECODE_HEADER]
     emit = lines.append
-    I1, I2 = " " * 4, " " * 8
 
     def load(v: int) -> str:
         return f"load_rows(xb + {v} * sn, pmask, one).to(CT)"

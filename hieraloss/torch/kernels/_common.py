@@ -14,10 +14,22 @@ from ...core.plan import code_node_limit_reason
 from ...hierarchy import Hierarchy
 from .._tables import cached_on
 
-# Tests set these to small powers of two to force several programs per image and several chunks of
-# the objective kernel's label count (_reduce.shared_depth_scales); None = automatic.
-BLOCK_P_OVERRIDE: int | None = None
-LABELS_PER_CHUNK_OVERRIDE: int | None = None
+# Launch sizes are automatic; these documented switches (docs/kernels.md) fix them, read per launch.
+# The interpreter tests set small powers of two to force several programs per image, several chunks
+# of the objective kernel's label count and several blocks per program of the gradient scaling.
+BLOCK_P_ENV = "HIERALOSS_TRITON_BLOCK_P"  # pixels per program of the generated kernels
+LABEL_CHUNK_ENV = "HIERALOSS_TRITON_LABEL_CHUNK"  # labels per chunk of the label count
+SCALE_PROGRAMS_ENV = "HIERALOSS_TRITON_SCALE_PROGRAMS"  # programs of the gradient scaling
+
+
+def launch_switch(name: str) -> int | None:
+    """The positive power of two that the environment variable ``name`` fixes, None when unset."""
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    if not value.isdigit() or int(value) < 1 or int(value) & (int(value) - 1):
+        raise ValueError(f"{name} must be a positive power of two, got {value!r}; unset it for the automatic size")
+    return int(value)
 
 
 def interpreting() -> bool:
@@ -105,8 +117,9 @@ def launch_sizes(num_nodes: int, num_pixels: int) -> tuple[int, int]:
     """(BLOCK_P, num_warps) of the generated kernels (objective and decode): one pixel per lane, since
     every node is a ``[BLOCK_P]`` vector held in registers."""
     warps = 4
-    if BLOCK_P_OVERRIDE is not None:
-        return int(BLOCK_P_OVERRIDE), warps
+    fixed = launch_switch(BLOCK_P_ENV)
+    if fixed is not None:
+        return fixed, warps
     block_p = 32 * warps
     return min(block_p, max(16, triton.next_power_of_2(max(num_pixels, 1)))), warps
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FP_FUSION, on_device
+from ._common import FP_FUSION, SCALE_PROGRAMS_ENV, launch_switch, on_device
 
 
 @triton.jit
@@ -44,8 +44,6 @@ _SCALE_BLOCK = 4096
 # upstream gradient of 1 (``loss.backward()``), is one short wave of programs that read the scale
 # and stop (one program per block would be about 27000 of them for a Cityscapes step).
 _SCALE_PROGRAMS_PER_SM = 8
-# Tests set this to force several blocks per program; None = automatic.
-SCALE_PROGRAMS_OVERRIDE: int | None = None
 
 
 @functools.lru_cache(maxsize=16)
@@ -60,7 +58,8 @@ def scale_in_place(grad: torch.Tensor, scale: torch.Tensor) -> None:
     the scale itself."""
     n = grad.numel()
     if n:
-        programs = SCALE_PROGRAMS_OVERRIDE or _multiprocessors(grad.device) * _SCALE_PROGRAMS_PER_SM
+        programs = (launch_switch(SCALE_PROGRAMS_ENV)
+                    or _multiprocessors(grad.device) * _SCALE_PROGRAMS_PER_SM)
         with on_device(grad.device):
             _scale_kernel[(min(triton.cdiv(n, _SCALE_BLOCK), programs),)](
                 grad, scale.reshape(1), n, BLOCK=_SCALE_BLOCK, F64=grad.dtype == torch.float64, num_warps=4,

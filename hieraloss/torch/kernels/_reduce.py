@@ -49,8 +49,8 @@ def spin_limit() -> int:
 
 
 def count_chunk() -> int:
-    """Labels per chunk of the label count (``_common.LABELS_PER_CHUNK_OVERRIDE`` in tests)."""
-    return int(_common.LABELS_PER_CHUNK_OVERRIDE or COUNT_CHUNK)
+    """Labels per chunk of the label count (``HIERALOSS_TRITON_LABEL_CHUNK`` fixes it)."""
+    return _common.launch_switch(_common.LABEL_CHUNK_ENV) or COUNT_CHUNK
 
 
 def count_chunks(images: int, pixels: int) -> int:

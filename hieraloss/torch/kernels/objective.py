@@ -51,6 +51,7 @@ from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, launch_sizes, on_d
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import shared_depth_scales
 from ._terms import focal_code
+from .objective_table import table_arguments, table_constants, table_driven, table_objective_kernel
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
 
@@ -95,8 +96,9 @@ def decode_kernel_for(hierarchy: Hierarchy):
 
 
 def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
-    """``(codes int32 [S], shift, counts float64 [S, 2 L])`` on ``device``: ``plan_for(hierarchy).label_codes``
-    (:class:`hieraloss.core.plan.LabelCodes`) as tensors, ``counts`` = tree-min counts then CE counts.
+    """``(codes int32 [S], shift, counts float64 [S, 2 L], channels int32 [S])`` on ``device``:
+    ``plan_for(hierarchy).label_codes`` (:class:`hieraloss.core.plan.LabelCodes`) as tensors, ``counts`` =
+    tree-min counts then CE counts.
 
     Slot ``clamp(label + shift, 0, S - 1)`` of a label value holds its code for the kernel and how
     many entries per depth it adds to the tree-min and cross-entropy counts. For
@@ -106,11 +108,12 @@ def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
     return cached_on(hierarchy, device, ("objective_codes", ignore_index), _build_label_codes, ignore_index)
 
 
-def _build_label_codes(tab, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor]:
+def _build_label_codes(tab, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     codes = plan_for(tab.hierarchy).label_codes(None if ignore_index == CHANNEL_LABELS else ignore_index)
     return (torch.tensor(codes.codes, device=tab.device), codes.shift,
             torch.tensor(np.concatenate([codes.tree_min_counts, codes.ce_counts], axis=1), dtype=torch.float64,
-                         device=tab.device))
+                         device=tab.device),
+            torch.tensor(codes.channels, device=tab.device))
 
 
 def _acc_dtype(logits: torch.Tensor) -> torch.dtype:
@@ -225,7 +228,7 @@ def _launch(mode: Mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce,
             sums[3].zero_()
             sums[4].zero_()
         return (out.zero_() if writes_map else out)
-    code, shift, table = codes
+    code, shift, table, channels = codes
     dummy = part
     d2 = _reduce.padded_width(2 * L)
     if sums is not None:
@@ -245,24 +248,27 @@ def _launch(mode: Mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce,
             _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
                 lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
                 denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4, **FP_FUSION)
-        kernel_for(hierarchy)[(tiles, B)](
-            **_objective_arguments(
-                x_ptr=x, sxb=x.stride(0), sxn=x.stride(1), sxp=x.stride(2),
-                lab_ptr=lab, slb=lab.stride(0), slp=lab.stride(1),
-                code_ptr=code, shift=shift, ncode=code.numel(), table_ptr=table,
-                w_ptr=node_weight if node_weight is not None else dummy,
-                go_ptr=go, sgb=go.stride(0), sgn=go.stride(1), sgp=go.stride(2),
-                chunks=chunks, sync_ptr=sync, rows_ptr=rows, reduction=reduction, spin_limit=_reduce.spin_limit(),
-                scale_ptr=scales,
-                out_ptr=kout, **dict(zip(("sob", "son", "sop"), kout.stride() if writes_map else (0, 0, 1),
-                                  strict=True)),
-                part_ptr=part, group=group, counter_ptr=counter, gsum_ptr=gsum,
-                denom_ptr=denom, coef_ptr=coef, factor=float(factor), total_ptr=total, parts_ptr=parts,
-                P=P, gamma=float(gamma)),
-            BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64, FOCAL=focal_code(gamma),
-            HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=int(mode),
-            num_warps=warps, num_stages=NUM_STAGES, **register_cap(N), **FP_FUSION,
-        )
+        arguments = _objective_arguments(
+            x_ptr=x, sxb=x.stride(0), sxn=x.stride(1), sxp=x.stride(2),
+            lab_ptr=lab, slb=lab.stride(0), slp=lab.stride(1),
+            code_ptr=code, shift=shift, ncode=code.numel(), table_ptr=table,
+            w_ptr=node_weight if node_weight is not None else dummy,
+            go_ptr=go, sgb=go.stride(0), sgn=go.stride(1), sgp=go.stride(2),
+            chunks=chunks, sync_ptr=sync, rows_ptr=rows, reduction=reduction, spin_limit=_reduce.spin_limit(),
+            scale_ptr=scales,
+            out_ptr=kout, **dict(zip(("sob", "son", "sop"), kout.stride() if writes_map else (0, 0, 1), strict=True)),
+            part_ptr=part, group=group, counter_ptr=counter, gsum_ptr=gsum,
+            denom_ptr=denom, coef_ptr=coef, factor=float(factor), total_ptr=total, parts_ptr=parts,
+            P=P, gamma=float(gamma))
+        constants = dict(BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64,
+                         FOCAL=focal_code(gamma), HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=int(mode),
+                         num_warps=warps, num_stages=NUM_STAGES, **FP_FUSION)
+        if table_driven():
+            table_objective_kernel[(tiles, B)](
+                **arguments, **table_arguments(hierarchy, channels, B, P, acc, tm, dev), **constants,
+                **table_constants(L))
+        else:
+            kernel_for(hierarchy)[(tiles, B)](**arguments, **constants, **register_cap(N))
     return out
 
 

@@ -4,7 +4,7 @@ Values and gradients against the loop oracle (float64 exact to rounding, float32
 over random hierarchies, tile-spanning shapes, ignore masks, partial labels, ties, reductions, node
 weights and gammas; against the vectorized paddle op on presets; a float64 finite-difference check;
 the fused-gradient bookkeeping (upstream scaling, retained graph); dispatch, dtypes, immutability and
-the disabled-kernel error path. The kernel itself (instruction sets, threads) is tests/test_native.py.
+the disabled-kernel error path. The kernel itself (instruction sets, threads) is tests/native/test_native_tree_min.py.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hieraloss.paddle import _native_layer  # noqa: E402
 from hieraloss.paddle import functional as pf  # noqa: E402
 from hieraloss.testing import hierarchies, label_maps, logits  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helpers in tests/
 import oracle  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel unavailable: {_native.load_error()}")
@@ -345,9 +345,9 @@ def test_gradient_buffers_are_pooled_and_never_shared_while_in_use():
 
 # ---------------------------------------------------------------------------- the HSSN objective
 # (tree-min and every depth's cross-entropy in one kernel pass: _native_layer.hssn_objective_native,
-# behind hssn_loss; the kernel itself is covered by tests/test_native_objective.py)
-from test_native_objective import cases as objective_cases  # noqa: E402
-from test_native_objective import objective_reference  # noqa: E402
+# behind hssn_loss; the kernel itself is covered by tests/native/test_native_objective.py)
+from _objective_cases import cases as objective_cases  # noqa: E402
+from oracle import objective_reference  # noqa: E402
 
 
 def _objective(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0, ce_weights=None):

@@ -32,7 +32,7 @@ from hieraloss.demo.train import (
 )
 from hieraloss.testing import hierarchies
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "hieraloss"
 
 # Cycles tolerated for now: each entry is (predicate on a module name, reason). A cycle passes when

@@ -365,7 +365,7 @@ def test_inputs_not_mutated(adapter):
 
 
 def _raises(call, *needles, types=(ValueError, TypeError)):
-    """Raises one of ``types`` naming every needle (tests/test_conformance_inputs.py checks that
+    """Raises one of ``types`` naming every needle (tests/conformance/test_conformance_inputs.py checks that
     every backend raises the same type and message)."""
     with pytest.raises(types) as info:
         call()

@@ -54,8 +54,8 @@ small_settings = settings(max_examples=8)
 
 @pytest.fixture(autouse=True)
 def _small_tiles(monkeypatch):
-    monkeypatch.setattr(_common, "BLOCK_P_OVERRIDE", 16)
-    monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", 8)
+    monkeypatch.setenv(_common.BLOCK_P_ENV, "16")
+    monkeypatch.setenv(_common.LABEL_CHUNK_ENV, "8")
 
 
 def _run(x_np, labels, h, dtype="float32", *, gamma=None, reduction="mean", node_weight=None,
@@ -800,7 +800,7 @@ def test_scale_in_place_takes_every_block_once(monkeypatch, dtype):
     buffer untouched."""
     from hieraloss.torch.kernels import _grad_buffer
 
-    monkeypatch.setattr(_grad_buffer, "SCALE_PROGRAMS_OVERRIDE", 2)
+    monkeypatch.setenv(_common.SCALE_PROGRAMS_ENV, "2")
     ct = torch.float64 if dtype == "float64" else torch.float32
     rng = np.random.default_rng(12)
     for n in (5, 4096, 5 * 4096 + 7):
@@ -905,13 +905,13 @@ def test_label_count_in_the_objective_launch_matches_bincount(monkeypatch, reduc
     from hieraloss import Hierarchy
     from hieraloss.torch.kernels import _reduce, objective
 
-    monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", 256)
+    monkeypatch.setenv(_common.LABEL_CHUNK_ENV, "256")
     h = Hierarchy([-1] * 600)
     rng = np.random.default_rng(7)
     labels = rng.integers(-3, 605, size=(20, 4097))
     labels[3, :50] = 1000
     codes = objective.label_codes(h, 1000, torch.device(DEVICE))
-    code, shift, table = codes
+    code, shift, table, _ = codes
     L = h.max_depth
     L2, D2 = 2 * L, _reduce.padded_width(2 * L)
     B, P = labels.shape
@@ -996,7 +996,7 @@ def test_objective_gives_the_same_bits_for_any_chunking_and_run(monkeypatch, red
     y = torch.tensor(labels, device=DEVICE)
 
     def step(chunk, separate=False):
-        monkeypatch.setattr(_common, "LABELS_PER_CHUNK_OVERRIDE", chunk)
+        monkeypatch.setenv(_common.LABEL_CHUNK_ENV, str(chunk))
         monkeypatch.setenv("HIERALOSS_LABEL_COUNT", "separate" if separate else "in-kernel")
         xt = x.clone().requires_grad_(True)
         total, parts = fused_objective(xt, y, h, ignore_index=255, reduction=reduction, ce_weights=[1.0, 0.5, 0.25])
@@ -1093,3 +1093,20 @@ def test_eager_is_off_while_traced():
     seen = []
     torch.func.vmap(lambda r: seen.append(eager(r)) or r)(torch.zeros(2, 3))
     assert seen == [False]
+
+
+@pytest.mark.parametrize("name", ["BLOCK_P_ENV", "LABEL_CHUNK_ENV", "SCALE_PROGRAMS_ENV"])
+def test_launch_switches_take_powers_of_two(monkeypatch, name):
+    """The launch-size switches: unset or empty is automatic, a power of two is taken, anything else
+    raises a ValueError that names the variable and the fix."""
+    env = getattr(_common, name)
+    monkeypatch.delenv(env, raising=False)
+    assert _common.launch_switch(env) is None
+    monkeypatch.setenv(env, "")
+    assert _common.launch_switch(env) is None
+    monkeypatch.setenv(env, "32")
+    assert _common.launch_switch(env) == 32
+    for bad in ("12", "0", "-4", "x"):
+        monkeypatch.setenv(env, bad)
+        with pytest.raises(ValueError, match=f"{env} must be a positive power of two.*unset it"):
+            _common.launch_switch(env)

@@ -29,7 +29,7 @@ paddle.set_device("cpu")
 
 
 # Both paths compute in float32 (float64 for float64 embeddings) and differ only in the order of
-# additions (the kernels add the gradient with atomic adds); as in test_triplet_kernels.py.
+# additions (the kernels add the gradient with atomic adds); as in test_kernels_triplet.py.
 VALUE_TOL = {"float64": dict(rtol=1e-12, atol=1e-14), "float32": dict(rtol=2e-5, atol=2e-6)}
 GRAD_TOL = {"float64": dict(rtol=1e-10, atol=1e-13), "float32": dict(rtol=1e-4, atol=2e-6)}
 

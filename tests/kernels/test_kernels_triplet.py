@@ -2,7 +2,7 @@
 
 Runs on the CPU under TRITON_INTERPRET=1 (set by conftest.py), on CUDA where there is one. The torch
 ops (``backend="torch"``) are themselves checked against the oracle's triplets in
-test_triplet_torch.py; here the kernels must choose the same triplets (sampling "first" and
+test_torch_triplet.py; here the kernels must choose the same triplets (sampling "first" and
 "random" on the same generator) and give the same value and gradient, per dtype and layout.
 """
 

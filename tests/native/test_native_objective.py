@@ -1,6 +1,6 @@
 """The compiled kernel's HSSN objective: tree-min and the cross-entropy of every depth in one pass
 (hieraloss._native with ``ce_sums`` / ``ce_grad_scale``; torch glue ``hssn_objective_native`` in
-hieraloss.torch.ops.native, paddle twin in tests/test_paddle_native.py).
+hieraloss.torch.ops.native, paddle twin in tests/paddle/test_paddle_native.py).
 
 Values (total, tree-min part, per-depth cross-entropies) and gradients against a plain-loop float64
 reference written here (tree-min from tests/oracle.py, the cross-entropy by its own loop over pixels
@@ -20,13 +20,15 @@ import oracle
 import pytest
 import torch
 from _native_utils import isa_capped
+from _objective_cases import cases
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracle import depth_classes, objective_reference
 
 import hieraloss
 from hieraloss import _native
 from hieraloss.core.plan import ce_counted_per_depth, plan_for
-from hieraloss.testing import hierarchies, label_maps, logits
+from hieraloss.testing import hierarchies
 from hieraloss.torch.ops.cross_entropy import depth_cross_entropy_op
 from hieraloss.torch.ops.native import hssn_objective_native
 from hieraloss.torch.ops.tree_min import tree_min_op
@@ -34,53 +36,6 @@ from hieraloss.torch.ops.tree_min import tree_min_op
 pytestmark = pytest.mark.skipif(not _native.available(), reason=f"native kernel unavailable: {_native.load_error()}")
 
 ISA = pytest.mark.parametrize("isa", _native.ISAS)
-
-
-# ---------------------------------------------------------------------------- the loop reference
-def depth_classes(t: oracle.Tree, d: int) -> list[int]:
-    """The classes at depth d: the nodes at depth d and the leaves shallower than d (channel order)."""
-    return [v for v in range(t.n) if t.depth[v] == d or (not t.children[v] and t.depth[v] < d)]
-
-
-def objective_reference(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0, ce_weights=None,
-                        ignore_index=255):
-    """``(total, tm, ce [L], grad)`` in float64 by plain loops: ``tm`` = the oracle's hssn tree-min / 5,
-    ``ce[d-1]`` = mean over counted pixels of ``logsumexp(x[classes]) - x[target]`` (0 if none count),
-    ``grad`` = d total / d x with ``total = tree_min_weight * tm + sum_d ce_weights[d-1] * ce[d-1]``."""
-    x = np.asarray(x, dtype=np.float64)
-    labels = np.asarray(labels)
-    t = oracle.tree(h)
-    L = t.max_depth
-    ce_weights = [1.0] * L if ce_weights is None else list(ce_weights)
-    tm = oracle.tree_min_loss(x, labels, h, gamma=gamma, reduction="hssn", node_weight=node_weight,
-                              ignore_index=ignore_index) / 5.0
-    tm_grad = oracle.tree_min_grad(x, labels, h, gamma=gamma, reduction="hssn", node_weight=node_weight,
-                                   ignore_index=ignore_index) / 5.0
-    classes = [depth_classes(t, d) for d in range(1, L + 1)]
-    sums, counts = np.zeros(L), np.zeros(L)
-    raw = np.zeros((L, *x.shape))  # per depth: sum over counted pixels of d ce / d x
-    for pix in oracle.pixels(labels.shape):
-        c = t.channel(labels[pix], ignore_index)
-        if c is None:
-            continue
-        for d in range(1, L + 1):
-            if t.children[c] and t.depth[c] < d:
-                continue  # a partial label coarser than d
-            target = t.path_of(c)[d - 1]
-            z = {v: float(oracle.at(x, pix, v)) for v in classes[d - 1]}
-            top = max(z.values())
-            lse = top + math.log(sum(math.exp(zv - top) for zv in z.values()))
-            sums[d - 1] += lse - z[target]
-            counts[d - 1] += 1
-            for v, zv in z.items():
-                raw[(d - 1, *oracle.index(pix, v))] += math.exp(zv - lse) - (1.0 if v == target else 0.0)
-    ce = np.where(counts > 0, sums / np.maximum(counts, 1), 0.0)
-    total = tree_min_weight * tm + float(np.dot(ce_weights, ce))
-    grad = tree_min_weight * tm_grad
-    for d in range(L):
-        if counts[d]:
-            grad = grad + ce_weights[d] / counts[d] * raw[d]
-    return total, tm, ce, grad
 
 
 # ---------------------------------------------------------------------------- helpers
@@ -98,23 +53,6 @@ def run_native(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0
     assert tm.grad_fn is None and not tm.requires_grad and not ce.requires_grad
     (grad,) = torch.autograd.grad(total * upstream, xt)
     return total.detach(), tm, ce, grad
-
-
-SHAPES = ((1, 5), (2, 64), (1, 3, 47), (1, 2, 2, 33), (1, 3, 200))  # tile width 256 here: the last spans 3
-
-
-@st.composite
-def cases(draw, ties=True, shapes=SHAPES):
-    h = draw(hierarchies(max_depth=3, max_children=3, order=None))
-    shape = draw(st.sampled_from(shapes))
-    labels = draw(label_maps(h, shape, ignore_fraction=None, partial_fraction=None))
-    x = draw(logits(h, shape, ties=ties))
-    gamma = draw(st.sampled_from([0.0, 2.0, 0.5]))
-    weight = np.random.default_rng(0).uniform(0.5, 2.0, h.num_nodes) if draw(st.booleans()) else None
-    ce_weights = draw(st.lists(st.sampled_from([0.0, 0.4, 1.0, 2.0]), min_size=h.max_depth, max_size=h.max_depth))
-    tree_min_weight = draw(st.sampled_from([5.0, 1.0, 0.0]))
-    kw = dict(gamma=gamma, node_weight=weight, tree_min_weight=tree_min_weight, ce_weights=ce_weights)
-    return h, x, labels, kw
 
 
 def _check(got, want, *, rtol, atol, grad_atol):

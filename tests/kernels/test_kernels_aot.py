@@ -4,7 +4,7 @@ that fails here fails the same way on a GPU: this is how CI, which has no GPU, c
 failures such as triton 3.6's MLIR pass crash on the old gather-based kernel at small tiles.
 
 CI runs this file under the newest triton and again under the oldest one the package admits for
-current torch releases (3.6.0; see .ci/run). The compiles run in one subprocess (tests/aot_compile.py),
+current torch releases (3.6.0; see .ci/run). The compiles run in one subprocess (tests/kernels/aot_compile.py),
 because this session runs Triton under the interpreter. Registers and spills are reported by
 ``benchmarks/bench_kernels.py --compile-check``, not asserted here; the float32 training kernel's
 exp, log and reciprocal instructions are counted in its PTX.
@@ -115,6 +115,21 @@ def test_ahead_of_time_compiles_what_the_jit_launches():
         # gradients of 2 x n x 16 x 16 and 2 x n x 15 x 15 entries
         assert {d["numel"] % 16 == 0 for d in checked if d["kernel"] == "scale"} == {True, n % 8 == 0}
         assert {d["ordered"] for d in checked if d["kernel"] == "select"} == {True, False}
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_table_driven_objective_compiles_once_per_depth(arch):
+    """The table-driven objective kernel (HIERALOSS_TRITON_OBJECTIVE=table) compiles for every
+    specialisation the losses launch (modes, dtypes, focal, weights, channels_last), and a second tree
+    of the same depth (Cityscapes, then a 60-node two-level forest) compiles nothing new; a deeper tree
+    (Mapillary, 149 nodes) adds its own. Registers and spills: docs/performance.md."""
+    trees = ["cityscapes", {"parents": [50 + i // 5 for i in range(50)] + [-1] * 10}, "mapillary_vistas_v2"]
+    (result,) = _compile([dict(kernel="table", trees=trees, arch=arch)])
+    assert result["ok"], result.get("trace") or result.get("error")
+    first, same_depth, deeper = result["counts"]
+    assert first >= 8 and same_depth == first and deeper > same_depth, result["counts"]
+    assert {u["MODE"] for u in result["usage"]} == {0, 1, 2, 3}
+    assert {u["L"] for u in result["usage"]} == {2, 4}
 
 
 def test_wide_trees_give_the_coalescing_pass_no_pointer_to_search():

@@ -136,7 +136,7 @@ def test_mapillary_matches_oracle():
                 else hnp.focal_tree_min_loss(x, labels, h, gamma=gamma, reduction=reduction)
             )
             np.testing.assert_allclose(got, want, rtol=1e-12)
-    for method in [m for m in hnp.DECODE_METHODS if m != "logic"]:  # logic: tests/test_logicseg.py
+    for method in [m for m in hnp.DECODE_METHODS if m != "logic"]:  # logic: the conformance suite
         got = hnp.decode(x, h, method)
         want = oracle.decode(x, h, method)
         np.testing.assert_array_equal(got[0], want[0])

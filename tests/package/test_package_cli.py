@@ -1,4 +1,4 @@
-"""The ``hieraloss`` command line: inspect, errors, bench (demo end to end is in test_demo.py)."""
+"""The ``hieraloss`` command line: inspect, errors, bench (demo end to end is in test_package_demo.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from hieraloss.cli import hierarchy_facts, main
 from hieraloss.demo.bench import benchmark_scripts, run_bench
 from hieraloss.testing import hierarchies
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_inspect_cityscapes_prints_the_preset_facts(capsys):

@@ -1,12 +1,13 @@
 """Compile kernel specialisations ahead of time for an NVIDIA target (no GPU needed) and print one
-JSON line per specialisation. Run by tests/test_kernels_aot.py in a subprocess, because the test
+JSON line per specialisation. Run by tests/kernels/test_kernels_aot.py in a subprocess, because the test
 session runs Triton under the interpreter (TRITON_INTERPRET=1), which cannot compile.
 
-    python tests/aot_compile.py '<json list of specs>'
+    python tests/kernels/aot_compile.py '<json list of specs>'
 
 A spec: {"tree": <preset name> | {"parents": [...], "names": [...], "order": ...},
 "kernel": "objective" | "decode" | "scale" (with "numel") | "count" (with "num_nodes", "depth") |
-"jit-match" (see _jit_match) | "triplet" (with "part": "codes" | "select" | "score", "channels", "grad",
+"jit-match" (see _jit_match) | "table" (with "trees": [...], see _table) |
+"triplet" (with "part": "codes" | "select" | "score", "channels", "grad",
 "ordered", "num_leaves"), "arch": 90, "dtype": "float32", "mode": <_aot.OBJECTIVE_MODES key>,
 "focal": bool | gamma, "weighted": bool, "block_p": int | null, "top_down": bool, "label_dtype": "int64",
 "contiguous_out": bool, "aligned": bool, "wide": bool,
@@ -20,7 +21,7 @@ import sys
 import traceback
 
 os.environ.pop("TRITON_INTERPRET", None)
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from hieraloss import Hierarchy, presets  # noqa: E402
 from hieraloss.torch.kernels import _aot  # noqa: E402
@@ -206,6 +207,58 @@ def _jit_match(h) -> dict:
     return {"ok": not mismatches and len(checked) >= 10, "checked": checked, "mismatches": mismatches[:3]}
 
 
+def _launch_objective_specialisations(h) -> None:
+    """The public losses' objective launches for ``h`` on small CPU tensors: every mode, float dtype,
+    focal (products and exp), node weights, int32 labels, channels_last logits, the cross-entropy
+    alone, one pixel per image."""
+    import torch
+
+    import hieraloss.torch as hlt
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, h.num_nodes, 16, 16, generator=gen)
+    y = torch.tensor(h.node_ids)[torch.randint(0, h.num_nodes, (2, 16, 16), generator=gen)]
+    kw = dict(backend="triton", check_labels=False)
+    for logits in (x, x.bfloat16(), x.double(), x.contiguous(memory_format=torch.channels_last)):
+        leaf = logits.clone().requires_grad_(True)
+        hlt.tree_min_loss(leaf, y, h, reduction="hssn", **kw).backward()
+        hlt.hssn_loss(leaf, y, h, **kw).backward()
+    leaf = x.clone().requires_grad_(True)
+    hlt.focal_tree_min_loss(leaf, y.int(), h, gamma=2.0, **kw).backward()
+    hlt.focal_tree_min_loss(leaf, y, h, gamma=1.5, node_weight=torch.rand(h.num_nodes, generator=gen),
+                            **kw).backward()
+    hlt.depth_cross_entropy(leaf, y, h, 1, **kw).backward()
+    (hlt.tree_min_loss(leaf, y, h, reduction="none", **kw) * x).sum().backward()
+    points = x[:, :, 0, 0].clone().requires_grad_(True)
+    hlt.hssn_loss(points, y[:, 0, 0], h, **kw).backward()
+    with torch.no_grad():
+        hlt.hssn_loss(x, y, h, **kw)
+
+
+def _table(trees: list, arch: int) -> dict:
+    """The table-driven objective kernel (``HIERALOSS_TRITON_OBJECTIVE=table``) compiled as the JIT
+    launches it for each tree in turn, under a mocked ``sm_<arch>`` driver: how many specialisations
+    it holds after each tree (a tree of a depth seen before should add none), and the registers and
+    spills of each."""
+    from hieraloss.torch.kernels.objective_table import OBJECTIVE_ENV, table_objective_kernel
+
+    os.environ[OBJECTIVE_ENV] = "table"
+    table_objective_kernel.device_caches.clear()
+    counts = []
+    with _aot.compile_only(arch):
+        for tree in trees:
+            _launch_objective_specialisations(_tree(tree))
+            counts.append(sum(len(caches[0]) for caches in table_objective_kernel.device_caches.values()))
+    usage = []
+    for caches in table_objective_kernel.device_caches.values():
+        for compiled in caches[0].values():
+            const = {table_objective_kernel.arg_names[i[0]]: v for i, v in compiled.src.constants.items()}
+            use = _aot.usage(compiled)
+            usage.append({"MODE": const.get("MODE"), "L": const.get("L"), "x": compiled.src.signature["x_ptr"],
+                          "registers": use and use.registers, "spill": use and use.spill_bytes})
+    return {"ok": True, "counts": counts, "usage": usage}
+
+
 def searched_pointers(ttir: str) -> int:
     """Tensor loads and stores in the kernel function of ``ttir`` (not in the functions it calls, whose
     slices stay inside them) whose pointer is an op's result, not a block argument: Triton's coalescing
@@ -238,6 +291,10 @@ def main() -> int:
         try:
             if spec["kernel"] == "jit-match":
                 print(json.dumps({"spec": spec, **_jit_match(h)}, default=str), flush=True)
+                continue
+            if spec["kernel"] == "table":
+                print(json.dumps({"spec": spec, **_table(spec["trees"], spec.get("arch", 90))}, default=str),
+                      flush=True)
                 continue
             extra = {k: spec[k] for k in ("aligned", "wide") if k in spec}
             if spec["kernel"] == "count":

@@ -1,11 +1,11 @@
-"""hieraloss.paddle beyond the shared conformance suite (tests/test_conformance.py covers the values,
-gradients, tie rule, decoding and triplet loss against tests/oracle.py).
+"""hieraloss.paddle beyond the shared conformance suite (tests/conformance/test_conformance_backends.py
+covers the values, gradients, tie rule, decoding and triplet loss against tests/oracle.py).
 
 Here: paddle against torch on identical inputs, layers against functional, state_dict round trips,
 what the PyLayer saves for backward, input immutability, dtypes, errors and the table cache.
 Tests about the vectorized paddle op itself (chunking, what it saves) pass ``backend="paddle"``;
 tests of the loss contract run on both CPU backends (``"paddle"`` and the compiled ``"native"``
-kernel, which tests/test_paddle_native.py covers in depth).
+kernel, which tests/paddle/test_paddle_native.py covers in depth).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from hieraloss.paddle import _ops as pops  # noqa: E402
 from hieraloss.paddle import functional as pf  # noqa: E402
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helpers in tests/
 import oracle  # noqa: E402
 
 paddle.set_device("cpu")
@@ -427,7 +427,7 @@ def test_errors_name_the_problem():
         hp.tree_min_loss(bad, lab, h, check_finite=True)
     with pytest.raises(TypeError, match="ignore_index"):
         hp.tree_min_loss(x, lab, h, ignore_index=255.0)
-    # empty logits are valid: an exact 0 (tests/test_conformance_inputs.py covers every backend)
+    # empty logits are valid: an exact 0 (tests/conformance/test_conformance_inputs.py covers every backend)
     assert float(hp.tree_min_loss(paddle.zeros([0, h.num_nodes, 3]), paddle.zeros([0, 3], dtype="int64"), h)) == 0.0
     with pytest.raises(TypeError, match="generator"):
         hp.hierarchy_triplet_loss(paddle.zeros([2, 3, 3, 4]), lab, h, generator="seed")
