@@ -37,6 +37,8 @@ VARIANTS = (
     ("plain math", ("--plain-math",), (CS, MV, MV_FOCAL), "tl.exp and a division against the ftz MUFU ops"),
     ("small-tree maxnreg 80", ("--small-maxnreg", "80"), (CS, CS_HSSN, CS_FOCAL_HSSN),
      "no spill at 80 registers against a few spilled values at 72"),
+    ("table-driven objective", ("--table-objective",), DEFAULT_STEPS,
+     "the table-driven objective kernel (one per tree depth, zmax in a scratch buffer) against the generated one"),
     ("count in kernel", ("--count-in-kernel",), (CS, CS_HSSN, MV),
      "the label count inside the objective launch (spin-wait) against a launch of its own (the default)"),
     ("count in kernel, chunk 2048", ("--count-in-kernel", "--count-chunk", "2048"), (CS, MV),

@@ -40,7 +40,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 def run_gpu_tests() -> int:
     env = dict(os.environ, HIERALOSS_GPU_TESTS="1", PYTHONPATH=str(ROOT))
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--durations=5",
-           "tests/kernels/test_kernels_triton.py", "tests/kernels/test_kernels_triplet.py"]
+           "tests/kernels/test_kernels_triton.py", "tests/kernels/test_kernels_triplet.py",
+           "tests/kernels/test_kernels_table.py", "tests/conformance/test_conformance_triton.py"]
     try:
         import xdist  # noqa: F401 - compiles run in parallel workers
 

@@ -159,6 +159,8 @@ def main(argv=None) -> int:
                          "and _terms.reciprocal)")
     ap.add_argument("--count-chunk", type=int,
                     help="labels per chunk of the objective kernel's label count (_reduce.COUNT_CHUNK; a power of 2)")
+    ap.add_argument("--table-objective", action="store_true",
+                    help="the table-driven objective kernel (HIERALOSS_TRITON_OBJECTIVE=table), not the generated one")
     ap.add_argument("--count-in-kernel", action="store_true",
                     help="count the labels inside the objective kernel's launch (its spin-wait), not in a launch "
                          "of their own before it (the default)")
@@ -166,10 +168,11 @@ def main(argv=None) -> int:
     if args.count_in_kernel:
         os.environ["HIERALOSS_LABEL_COUNT"] = "in-kernel"
         print("label count: inside the objective kernel's launch (spin-wait)")
+    if args.table_objective:
+        os.environ["HIERALOSS_TRITON_OBJECTIVE"] = "table"
+        print("objective kernel: the table-driven one (one kernel per tree depth)")
     if args.count_chunk:
-        from hieraloss.torch.kernels import _reduce
-
-        _reduce.COUNT_CHUNK = args.count_chunk
+        os.environ["HIERALOSS_TRITON_LABEL_CHUNK"] = str(args.count_chunk)
         print(f"objective kernel: label count in chunks of {args.count_chunk} labels")
     if args.plain_math:
         from hieraloss.torch.kernels import _terms

@@ -138,9 +138,8 @@ def advise_hugepages(address: int, nbytes: int) -> bool:
     """With ``HIERALOSS_HUGEPAGES=1``: ask for transparent huge pages on a fresh, untouched buffer
     (Linux; whole 2 MiB pages inside it only), so that its first touch costs far fewer page faults.
     Off by default: where the kernel compacts memory to find huge pages on a fault (THP defrag
-    "madvise", a common default), some calls stall; measured on the development machine, the best
-    Cityscapes step got faster (58 -> 47 ms) but a quarter of the steps took 3x longer, and the mean
-    got worse (61 -> 83 ms). No-op for small buffers and off Linux; returns whether advice was given."""
+    "madvise", a common default), some calls stall, and the mean step got slower (docs/performance.md).
+    No-op for small buffers and off Linux; returns whether advice was given."""
     lib = _load()
     if lib is None or nbytes < HUGEPAGE_MIN_BYTES or os.environ.get("HIERALOSS_HUGEPAGES", "0") != "1":
         return False
@@ -227,7 +226,7 @@ def hssn_scales(plan: Plan, hist: np.ndarray, node_weight: np.ndarray | None = N
 
 def tile_width(num_nodes: int) -> int:
     """Pixels per tile: a multiple of 16 with at most about :data:`TILE_ENTRIES` entries, within [64, 256]
-    (measured on a 2-core Sapphire Rapids: 256 was best or near it for 26 and 149 nodes)."""
+    (256 was best or near it for 26 and 149 nodes: docs/performance.md)."""
     return int(min(256, max(64, (TILE_ENTRIES // max(1, num_nodes)) // 16 * 16)))
 
 

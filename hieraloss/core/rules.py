@@ -29,10 +29,9 @@ LEAF_REDUCTIONS = ("mean", "sum", "none")
 LEAF_DECODE_METHODS = ("argmax", "top_down")
 
 # backend="auto" leaves larger trees to the framework ops: the fused kernels are generated for the
-# tree as straight-line code, and their first compile grows about as N**1.9 (sm_90, triton 3.6, a
-# 2-core CPU: 59 s at 584 nodes, 195 s at 1110, docs/faq.md; two-level taxonomies, the objective
-# kernel: 47 s at 552 nodes, 165 s at 1056), so a 4000-class taxonomy would stall its first step
-# for half an hour. backend="triton" still takes them, up to CODE_NODE_LIMIT.
+# tree as straight-line code, and their first compile grows about as N**1.9 (docs/performance.md,
+# "Compile time of the generated kernels"), so a 4000-class taxonomy would stall its first step for
+# about half an hour. backend="triton" still takes them, up to CODE_NODE_LIMIT.
 AUTO_FUSED_MAX_NODES = 1200
 
 

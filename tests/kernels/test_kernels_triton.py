@@ -996,7 +996,10 @@ def test_objective_gives_the_same_bits_for_any_chunking_and_run(monkeypatch, red
     y = torch.tensor(labels, device=DEVICE)
 
     def step(chunk, separate=False):
-        monkeypatch.setenv(_common.LABEL_CHUNK_ENV, str(chunk))
+        if chunk is None:  # the automatic chunk
+            monkeypatch.delenv(_common.LABEL_CHUNK_ENV, raising=False)
+        else:
+            monkeypatch.setenv(_common.LABEL_CHUNK_ENV, str(chunk))
         monkeypatch.setenv("HIERALOSS_LABEL_COUNT", "separate" if separate else "in-kernel")
         xt = x.clone().requires_grad_(True)
         total, parts = fused_objective(xt, y, h, ignore_index=255, reduction=reduction, ce_weights=[1.0, 0.5, 0.25])

@@ -94,9 +94,9 @@ def _source(kernel, sig: dict, const: dict, aligned: bool, int_attrs: dict | Non
             unaligned: tuple[str, ...] = ()) -> ASTSource:
     """``kernel``'s specialisation as Triton's JIT makes it for a launch: with ``aligned``, every
     pointer argument 16-byte aligned but those named in ``unaligned`` (``tt.divisibility``, as the JIT
-    marks tensors from torch's allocator; a view at an odd offset is not). Without it the code differs:
-    triton 3.9 gave the Cityscapes training kernel 90 registers unaligned and 64 aligned, the JIT's
-    figure. ``int_attrs``: the attributes of the int arguments the JIT specialises (divisible by 16 or not)."""
+    marks tensors from torch's allocator; a view at an odd offset is not). Without it the code differs
+    (more registers unaligned, not the JIT's figure). ``int_attrs``: the attributes of the int
+    arguments the JIT specialises (divisible by 16 or not)."""
     attrs = {}
     for name in kernel.arg_names:
         if aligned and sig.get(name, "").startswith("*") and name not in unaligned:
@@ -236,8 +236,7 @@ def usage(compiled) -> Usage | None:
 def instruction_counts(compiled) -> dict[str, int]:
     """SASS instructions of a compiled kernel by opcode (``nvdisasm`` from the triton wheel), plus
     ``"total"``. The generated objective kernel is straight-line and compute-bound, so its static
-    count tracks its time: on the H100 (triton 3.6) the Mapillary focal / plain value+grad kernels
-    took 1.24x the time for 1.27x the instructions."""
+    count tracks its time (the H100 check: docs/performance.md)."""
     counts: dict[str, int] = {}
     for line in _cubin_tool(compiled, "nvdisasm", "-c").splitlines():
         m = re.match(r"\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", line)

@@ -120,12 +120,9 @@ def _not_specialized() -> str:
 CODEGEN_VERSION = 14
 
 # Node logits are loaded this many at a time, all in one one-trip loop (see _terms.load_rows for why
-# the loop): one load per loop left a warp one load in flight, too little to cover memory latency
-# (H100, Cityscapes B=8 objective kernel: 1.04 ms with 1, 0.64 ms with 4, 0.46 ms with 16). The focal
-# variant is slower with 16 than with 8 (focal / plain step time 1.47 against 1.01), so it loads 8.
-# Trees of more than WIDE_TREE_NODES nodes load 8 at a time in the plain variant too (H100, triton 3.6,
-# value+grad kernel: Mapillary's 149 nodes 3.80 ms with 8 against 4.54 ms with 16; Cityscapes' 26
-# nodes 0.55 ms with 8 against 0.48 ms with 16).
+# the loop): one load per loop leaves a warp one load in flight, too little to cover memory latency.
+# The focal variant, and the plain one in trees of more than WIDE_TREE_NODES nodes, are faster with 8
+# (the measurements: docs/performance.md, "The kernels' constants").
 LOAD_GROUP = 16
 FOCAL_LOAD_GROUP = 8
 WIDE_TREE_LOAD_GROUP = 8
@@ -134,15 +131,9 @@ WIDE_TREE_LOAD_GROUP = 8
 # How the objective kernel's label count (_reduce.shared_depth_scales, run once per program before
 # the tree walk) is compiled: (function, labels per loop step, row entries per loop step of the sum).
 # The count needs few registers of its own, but sharing the kernel moves ptxas's allocation of the
-# tree walk. Small trees inline it: sm_90 as launched, triton 3.6, the Cityscapes / PPP / LIP
-# tree_min_loss kernels (plain, focal) take 72-80 registers without spill and the hssn_loss ones
-# (plain, focal, bf16 weighted focal) 72-80 with 16-40 B of spill, single values stored once and
-# reloaded a few times per program; as a call of its own (256 labels a step) 80-96 registers, spill
-# only in Cityscapes' bf16 objective (24 B): one or two blocks fewer per SM for no spill, so inlined.
-# Wide trees call it as a function of its own with shorter steps: inlined, Mapillary's bf16 weighted
-# focal objective spilled 56 B instead of 24 (figures of the unaligned variant _aot compiled before;
-# as launched its training kernels take 127-128 registers, spill 0 except that one's 24 B).
-# `python benchmarks/bench_kernels.py --compile-check`, both tritons.
+# tree walk: small trees inline it (a call of its own costs more registers than the few values it
+# spills inlined), wide trees call it as a function of its own with shorter steps (inlined, it spills
+# more there). Registers and spills: docs/performance.md, "The kernels' constants".
 COUNT_LOOPS = {"small": ("shared_depth_scales", 512, 512), "wide": ("shared_depth_scales_apart", 256, 512)}
 
 
@@ -156,9 +147,8 @@ def count_loop(num_nodes: int, depth: int) -> tuple[str, int, int]:
 def _one_wide(num_nodes: int) -> str:
     """The trip count the generated kernels give load_rows / store_rows for the loads and stores other
     than the node rows: a run-time 1 in wide trees, where Triton's coalescing pass would otherwise
-    spend minutes on them (a 258-node tree's training kernel: 7.3 of 19 s, triton 3.6); a constant 1,
-    the plain load, in small trees, where they compile in seconds and the plain loads keep ptxas's
-    allocation (Cityscapes value+grad 72 registers, 95 with the run-time 1)."""
+    spend minutes on them; a constant 1, the plain load, in small trees, where they compile in seconds
+    and the plain loads keep ptxas's allocation (fewer registers; docs/performance.md)."""
     return "one" if num_nodes > WIDE_TREE_NODES else "1"
 
 
@@ -169,9 +159,8 @@ def load_groups(num_nodes: int) -> tuple[int, int]:
 
 # Walk 1's running values are pinned (_terms.pin) every this many nodes. Without pins LLVM sinks the
 # per-node terms to their first use at the end of the walk and ptxas keeps every node's inputs alive
-# until then (sm_90, Mapillary: value 241 registers, focal value 255 + spills; value+grad 184). With
-# pins every 8 nodes: value 56, value+grad 128 (plain) and 104 (focal), Cityscapes lower too. 4 and 12
-# were worse on one of the two presets (ptxas's allocation is sensitive to where the pins fall).
+# until then. 8 took the fewest registers on both presets; ptxas's allocation is sensitive to where
+# the pins fall (the figures: docs/performance.md, "The kernels' constants").
 PIN_EVERY = 8
 
 

@@ -46,12 +46,10 @@ FP_FUSION = {"enable_fp_fusion": True}
 
 # Register cap of the objective kernel for trees of more than WIDE_TREE_NODES nodes under triton
 # older than 3.9 (ptxas ``maxnreg``): 4 blocks of 128 threads per SM. Left to itself, triton 3.6's
-# ptxas gives Mapillary's value+grad kernels 168 registers (3 blocks) and 72 bytes of spill; with the
-# cap, 127 and no spill, plain and focal (sm_90, as launched: _aot.objective_source). H100, triton
-# 3.6, B=4 x 512 x 1024: plain 3.83 -> 3.20 ms, focal 6.12 -> 3.88 ms. Triton 3.9 stays at or
-# below 128 by itself, and the cap makes its ptxas take all 128 (value+grad 96 -> 128) and spill more
-# (bf16 weighted focal objective 16 -> 48 B). A cap also makes ptxas use more registers for small
-# trees (Cityscapes value+grad 72 -> 96 with 128, triton 3.6; docs/performance.md has a cap of 80).
+# ptxas takes more registers (3 blocks) and spills; with the cap it does neither and the kernels run
+# faster. Triton 3.9 stays within the cap by itself, and there the cap only makes ptxas take all of it
+# and spill more; small trees are not capped either (a cap makes ptxas use more registers there).
+# The figures: docs/performance.md, "The kernels' constants".
 MAX_REGISTERS = 128
 WIDE_TREE_NODES = 64
 _CAP_REGISTERS = tuple(int(p) for p in triton.__version__.split(".")[:2]) < (3, 9)

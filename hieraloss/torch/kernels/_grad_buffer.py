@@ -6,9 +6,9 @@ module is that backward, shared so that both ops treat a second backward, tracin
 ``create_graph=True`` the same way.
 
 In eager mode the ops' implementations run through :class:`EagerFusedLoss` instead of
-``torch.library``'s dispatcher: on the H100 host a call through the registered op cost 0.57 ms of
-Python against 0.26 ms for the implementation itself (0.1 ms dispatch, 0.2 ms its autograd
-wrapper), more than the whole Cityscapes kernel on the device. Traced (``torch.compile``,
+``torch.library``'s dispatcher: a call through the registered op costs about twice the host time of
+the implementation itself, more than the whole Cityscapes kernel on the device (docs/performance.md,
+"The kernels' constants"). Traced (``torch.compile``,
 AOTAutograd, dispatch modes, functorch transforms), the registered op is what runs, so compilers
 see one opaque operator.
 """

@@ -11,8 +11,8 @@ For the second, each program stores its row of partial sums, then counts itself 
 counter (zeroed per call). Rows come in groups of ``group`` consecutive programs: the last program
 of a group sums the group's rows into one float64 row, and the last group to finish sums those rows
 and finishes (``.cg`` loads: from L2, where the other programs' stores are). Two levels keep the
-serial tail short: one program reducing the 32768 rows of a Cityscapes step added 0.13 ms on the
-H100 to a 0.62 ms step.
+serial tail short (one program reducing every row would add a fifth to a Cityscapes step on the H100:
+docs/performance.md).
 
 Both sum in a fixed order, so the result does not depend on which program finishes last.
 """

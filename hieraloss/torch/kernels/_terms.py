@@ -188,10 +188,9 @@ def load_rows(ptr, mask, one, other=0, CG: tl.constexpr = False):
     """``tl.load(ptr, mask, other)`` (from L2 with ``CG``: ``.cg``) with ``ptr`` carried through a one-trip
     loop (``one`` is a run-time 1), so it reaches the load as a block argument. Triton's coalescing
     pass searches the whole connected slice of every load or store whose pointer has a defining op,
-    and that search alone is quadratic in the length of straight-line code: 26 s for a 72-node tree,
-    370 s for Mapillary's objective, before the node rows took this path; 7.3 of 19 s for a 258-node
-    tree's training kernel while its label loads and closing sums did not (triton 3.6). A
-    block-argument pointer skips that search. The loop costs a compare and a branch, and the pointer's
+    and that search alone is quadratic in the length of straight-line code (minutes for wide trees:
+    docs/performance.md, "Compile time of the generated kernels"). A block-argument pointer skips
+    that search. The loop costs a compare and a branch, and the pointer's
     alignment is lost to it (which matters only where a thread loads several consecutive entries); a
     constant ``one`` gives the plain load."""
     val = tl.zeros(ptr.shape, ptr.dtype.element_ty)

@@ -119,7 +119,7 @@ def _reduction_scales(lc: torch.Tensor, plan: DevicePlan, reduction: str, dtype)
 # over nodes use dense float ops only (min/max/eq/mul/addcmul): on CPU, masked_fill/where on bool
 # masks and gather/scatter cost several times more per element.
 TILE_ELEMENTS = 1 << 23  # CPU: a cap on the (pixel, node) entries of a tile (32 MB of float32) ...
-TILE_PIXELS = 1 << 16  # ... and on its pixels: the fastest measured on 2 cores (26 and 149 nodes)
+TILE_PIXELS = 1 << 16  # ... and on its pixels: the fastest on 2 cores for 26 and 149 nodes
 TILE_ELEMENTS_GPU = 1 << 26  # GPU: no cache to fit, only a cap on temporaries (and few launches)
 TILE_ELEMENTS_COMPILED = 1 << 26  # compiled: one tile for the whole batch up to this many entries (_one_tile)
 
