@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -30,8 +31,11 @@ import numpy as np
 __all__ = ["Hierarchy", "HierarchyError", "LabelError"]
 
 _FORMAT = "hieraloss.hierarchy"
-# Every hierarchy alive, by fingerprint (equal hierarchies share one; see Hierarchy.by_fingerprint).
-_LIVE: weakref.WeakValueDictionary[str, Hierarchy] = weakref.WeakValueDictionary()
+# Every hierarchy alive, by fingerprint and then by identity: equal hierarchies are distinct objects, and
+# any one that is still alive answers Hierarchy.by_fingerprint (registering only the first would lose
+# the fingerprint when that one dies while an equal one lives on).
+_LIVE: dict[str, weakref.WeakValueDictionary[int, Hierarchy]] = {}
+_LIVE_LOCK = threading.Lock()
 _FORMAT_VERSION = 1
 
 
@@ -146,16 +150,16 @@ class Hierarchy:
         self._names_by_id = tuple(names)
         self._set_order(order, depth_by_id, k)
         self._build_tables(depth_by_id, k)
-        _LIVE.setdefault(self.fingerprint, self)
+        with _LIVE_LOCK:
+            _LIVE.setdefault(self.fingerprint, weakref.WeakValueDictionary())[id(self)] = self
 
     @staticmethod
     def by_fingerprint(fingerprint: str) -> Hierarchy:
         """A live hierarchy with this :attr:`fingerprint` (compiled ops receive the fingerprint, a
         plain string, instead of the object). Raises ``KeyError`` if none is alive."""
-        try:
-            return _LIVE[fingerprint]
-        except KeyError:
-            raise KeyError(f"no live Hierarchy has fingerprint {fingerprint!r}") from None
+        for hierarchy in list(_LIVE.get(fingerprint, {}).values()):
+            return hierarchy
+        raise KeyError(f"no live Hierarchy has fingerprint {fingerprint!r}")
 
     @staticmethod
     def _check_parents(parents: Sequence[int]) -> np.ndarray:

@@ -64,7 +64,7 @@ class LabelCodes(NamedTuple):
     ignored), so a histogram of slots times them gives the per-depth counts; ``channels`` int32
     ``[S]``: the slot's channel, -1 where ignored (for kernels that read the plan's tables by channel)."""
 
-    codes: np.ndarray
+    codes: np.ndarray | None
     shift: int
     tree_min_counts: np.ndarray
     ce_counts: np.ndarray
@@ -186,8 +186,9 @@ class Plan:
         """The :class:`LabelCodes` of raw labels holding node ids and ``ignore_index`` (which must
         not be a node id: ``Hierarchy.label_table`` raises the ``LabelError``), or, with
         ``ignore_index=None``, of labels that are already channels (-1 = ignored; any other value
-        out of range counts as ignored too). Cached per ``ignore_index``; raises a ``ValueError``
-        for hierarchies of ``CODE_NODE_LIMIT`` nodes or more (the codes pack 16-bit positions)."""
+        out of range counts as ignored too). Cached per ``ignore_index``. For hierarchies of
+        ``CODE_NODE_LIMIT`` nodes or more ``codes`` is None (they pack 16-bit positions); the other
+        tables are there."""
         key = None if ignore_index is None else int(ignore_index)
         with self._codes_lock:
             codes = self._codes.get(key)
@@ -202,14 +203,12 @@ class Plan:
         else:
             table, shift, _, _ = self._hierarchy.label_table(ignore_index)
             channel = np.where(table >= 0, table, -1)
-        reason = code_node_limit_reason(self.num_nodes)
-        if reason:
-            raise ValueError(reason)
         valid = channel >= 0
         safe = np.where(valid, channel, 0)
         code = self.pre[safe].astype(np.int64) | (self.end[safe].astype(np.int64) << 16)
+        packs = code_node_limit_reason(self.num_nodes) is None
         return LabelCodes(
-            codes=_ro(np.where(valid, code, -1), np.int32),
+            codes=_ro(np.where(valid, code, -1), np.int32) if packs else None,
             shift=int(shift),
             tree_min_counts=_ro(np.where(valid[:, None], self.tree_min_counted[safe], 0.0), np.float64),
             ce_counts=_ro(np.where(valid[:, None], self.ce_counted[safe], 0.0), np.float64),

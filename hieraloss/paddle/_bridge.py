@@ -204,10 +204,10 @@ def fused_decode(
         return to_paddle(leaf), to_paddle(depth)
 
 
-def unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | None:
-    """Why the fused objective and decode kernels cannot take these logits of ``hierarchy`` (None
-    when they can); assumes :func:`unavailable_reason` is None."""
-    return _kernels().unsupported_reason(tuple(x.shape), hierarchy)
+def unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy, op: str = "objective") -> str | None:
+    """Why the fused objective (``op="objective"``) or decode kernel cannot take these logits of
+    ``hierarchy`` (None when it can); assumes :func:`unavailable_reason` is None."""
+    return _kernels().unsupported_reason(tuple(x.shape), hierarchy, op)
 
 
 def triplet_unsupported_reason(x: paddle.Tensor, hierarchy: Hierarchy) -> str | None:

@@ -219,7 +219,7 @@ def _is_gpu(x: paddle.Tensor) -> bool:
     return bool(x.place.is_gpu_place())
 
 
-def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
+def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy, op: str = "objective") -> bool:
     _check_choice(backend, BACKENDS, "backend")
     if building_program():
         return no_kernel_in_program(backend, "triton")
@@ -227,12 +227,12 @@ def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy) -> bool:
         reason = _bridge.unavailable_reason(x)
         if reason:
             raise RuntimeError(f"backend='triton' was asked for, but {reason}")
-        reason = _bridge.unsupported_reason(x, hierarchy)
+        reason = _bridge.unsupported_reason(x, hierarchy, op)
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
     if backend == "auto" and _is_gpu(x) and hierarchy.num_nodes <= AUTO_FUSED_MAX_NODES:
-        return _bridge.unavailable_reason(x) is None and _bridge.unsupported_reason(x, hierarchy) is None
+        return _bridge.unavailable_reason(x) is None and _bridge.unsupported_reason(x, hierarchy, op) is None
     return False
 
 
@@ -625,7 +625,7 @@ def decode(
     _check_choice(method, DECODE_METHODS, "method")
     if method == "logic":  # LogicSeg's logic-guided reasoning, then the exact path decoding
         x, method = _logic_refine(x, hierarchy), "path"
-    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy):
+    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy, "decode"):
         return _bridge.fused_decode(x.detach(), hierarchy, method)
     return decode_op(x, hierarchy, method)
 

@@ -235,13 +235,13 @@ def _kernels():
     return kernels
 
 
-def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = None) -> bool:
+def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = None, op: str = "objective") -> bool:
     """Whether ``x`` (logits of ``hierarchy``, or embeddings without it) goes to the fused kernels:
     asked for, or ``"auto"`` on a CUDA device where they run and take its batch and tree, for trees
     of at most ``AUTO_FUSED_MAX_NODES`` nodes (the compile time of larger ones)."""
     _check_choice(backend, BACKENDS, "backend")
     if backend == "triton":
-        reason = _kernels().unsupported_reason(x.shape, hierarchy)
+        reason = _kernels().unsupported_reason(x.shape, hierarchy, op)
         if reason:
             raise ValueError(f"backend='triton': {reason}")
         return True
@@ -250,7 +250,7 @@ def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = Non
             from . import kernels
         except ImportError:
             return False
-        return bool(kernels.triton_available()) and kernels.unsupported_reason(x.shape, hierarchy) is None
+        return bool(kernels.triton_available()) and kernels.unsupported_reason(x.shape, hierarchy, op) is None
     return False
 
 
@@ -597,7 +597,7 @@ def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", bac
     _check_choice(method, DECODE_METHODS, "method")
     if method == "logic":  # LogicSeg's logic-guided reasoning, then the exact path decoding
         x, method = _logic_refine(x, hierarchy), "path"
-    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy):
+    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy, "decode"):
         return _kernels().fused_decode(x.detach(), hierarchy, method)
     return decode_op(x, hierarchy, method)
 

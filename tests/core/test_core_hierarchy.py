@@ -387,3 +387,23 @@ def test_label_table_maps_like_label_channels(h, ignore_index):
         assert partial[slot] == (h.num_leaves <= v < h.num_nodes)
         if valid:
             assert table[slot] == h.label_channels(np.array([v]), ignore_index=ignore_index)[0]
+
+
+def test_by_fingerprint_finds_any_live_equal_hierarchy():
+    """Compiled ops receive a hierarchy's fingerprint and look the object up: while any hierarchy with
+    that fingerprint lives, the lookup finds one, even after the first of several equal ones died
+    (registering only the first lost the fingerprint then, and a kernel call on the survivor failed)."""
+    import gc
+
+    parents = [5, 5, 6, 6, 6, -1, -1]
+    first, second = Hierarchy(parents), Hierarchy(parents)
+    assert first == second and first is not second
+    key = first.fingerprint
+    assert Hierarchy.by_fingerprint(key) in (first, second)
+    del first
+    gc.collect()
+    assert Hierarchy.by_fingerprint(key) is second
+    del second
+    gc.collect()
+    with pytest.raises(KeyError, match="no live Hierarchy has fingerprint"):
+        Hierarchy.by_fingerprint(key)

@@ -187,3 +187,32 @@ def test_one_kernel_for_every_tree(monkeypatch):
         x = torch.zeros(1, h.num_nodes, 4, device=DEVICE, requires_grad=True)
         ht.hssn_loss(x, torch.tensor([[0, 1, 255, 0]], device=DEVICE), h, backend="triton").backward()
     assert len(launched) == 2 and launched[0] is launched[1]
+
+
+def test_the_table_kernel_takes_trees_past_the_label_codes(monkeypatch):
+    """The table-driven objective reads the labels' channels, not the packed 16-bit codes, so it takes
+    trees of CODE_NODE_LIMIT nodes or more, which the generated kernel, the decoder and the triplet
+    kernels refuse by name. The limit is lowered to 16 here (the rule reads only the node count): a
+    19-node tree of this test's own (the plan caches its codes per tree) is then past it, and the
+    table kernel still gives the loop oracle's value and gradient; decoding with the fused kernel is
+    still refused."""
+    import hieraloss.core.plan as core_plan
+    from hieraloss import Hierarchy
+    from hieraloss.torch.functional import _use_triton
+
+    h = Hierarchy([16] * 8 + [17] * 7 + [18] + [18, 18, -1])
+    monkeypatch.setattr(core_plan, "CODE_NODE_LIMIT", 16)
+    assert core_plan.plan_for(h).label_codes(255).codes is None  # too many nodes to pack (cached per tree)
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(2, h.num_nodes, 9))
+    labels = rng.choice(np.append(h.node_ids, 255), size=(2, 9))
+    x_t = torch.tensor(x, device=DEVICE)
+    monkeypatch.setenv(OBJECTIVE_ENV, "generated")
+    with pytest.raises(ValueError, match="the fused kernels take hierarchies below 16 nodes"):
+        ht.tree_min_loss(x_t, torch.tensor(labels, device=DEVICE), h, backend="triton")
+    monkeypatch.setenv(OBJECTIVE_ENV, "table")
+    value, grad = _run(h, x, labels, "tree_min", {"reduction": "hssn"}, "float64")
+    np.testing.assert_allclose(value, oracle.tree_min_loss(x, labels, h, reduction="hssn"), rtol=1e-12)
+    np.testing.assert_allclose(grad, oracle.tree_min_grad(x, labels, h, reduction="hssn"), rtol=1e-10, atol=1e-14)
+    with pytest.raises(ValueError, match="below 16 nodes"):
+        _use_triton("triton", x_t, h, "decode")

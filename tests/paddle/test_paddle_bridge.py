@@ -57,7 +57,7 @@ def test_auto_leaves_trees_too_slow_to_compile_to_the_paddle_ops(monkeypatch):
 
     monkeypatch.setattr(hp.functional, "_is_gpu", lambda x: True)
     monkeypatch.setattr(_bridge, "unavailable_reason", lambda x: None)
-    monkeypatch.setattr(_bridge, "unsupported_reason", lambda x, hierarchy: None)
+    monkeypatch.setattr(_bridge, "unsupported_reason", lambda x, hierarchy, op="objective": None)
     x = paddle.zeros([1, 3, 2])
     assert hp.functional._use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES))
     assert not hp.functional._use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))

@@ -96,11 +96,29 @@ def batch_unsupported_reason(shape) -> str | None:
     return None
 
 
-def unsupported_reason(shape, hierarchy: Hierarchy | None = None) -> str | None:
+# HIERALOSS_TRITON_OBJECTIVE chooses the Triton objective kernel: "generated" (the default, one kernel
+# per tree, the tree unrolled: _codegen) or "table" (objective_table: one kernel per tree depth, looping
+# over the plan's tables). Read per call.
+OBJECTIVE_ENV = "HIERALOSS_TRITON_OBJECTIVE"
+OBJECTIVES = ("generated", "table")
+
+
+def table_driven() -> bool:
+    """Whether the Triton objective runs the table-driven kernel (``HIERALOSS_TRITON_OBJECTIVE``)."""
+    choice = os.environ.get(OBJECTIVE_ENV, "generated")
+    if choice not in OBJECTIVES:
+        raise ValueError(f"{OBJECTIVE_ENV} must be one of {OBJECTIVES}, got {choice!r}")
+    return choice == "table"
+
+
+def unsupported_reason(shape, hierarchy: Hierarchy | None = None, op: str = "objective") -> str | None:
     """Why the fused kernels cannot take logits of shape ``shape`` for ``hierarchy`` (or embeddings,
     without one), None when they can: :func:`batch_unsupported_reason`, and trees too big for the
-    label codes."""
-    return (hierarchy is not None and code_node_limit_reason(hierarchy.num_nodes)) or batch_unsupported_reason(shape)
+    packed label codes, which every kernel reads but the table-driven objective (``op="objective"``
+    with ``HIERALOSS_TRITON_OBJECTIVE=table``: it reads the labels' channels); ``op``: ``"objective"``
+    or ``"decode"``."""
+    packed = hierarchy is not None and not (op == "objective" and table_driven())
+    return (packed and code_node_limit_reason(hierarchy.num_nodes)) or batch_unsupported_reason(shape)
 
 
 def on_device(device: torch.device):

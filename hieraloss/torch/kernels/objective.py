@@ -41,17 +41,17 @@ import triton
 import triton.language as tl
 
 from ...core.checks import check_reduction
-from ...core.plan import plan_for
+from ...core.plan import code_node_limit_reason, plan_for
 from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import cached_on
 from . import _codegen, _reduce
 from ._codegen import Mode
-from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, launch_sizes, on_device, register_cap
+from ._common import FP_FUSION, NUM_STAGES, images_as_pixels, launch_sizes, on_device, register_cap, table_driven
 from ._grad_buffer import EagerFusedLoss, eager, saved_buffer_gradient
 from ._reduce import shared_depth_scales
 from ._terms import focal_code
-from .objective_table import table_arguments, table_constants, table_driven, table_objective_kernel
+from .objective_table import table_arguments, table_constants, table_objective_kernel
 
 __all__ = ["objective", "kernel_for", "decode_kernel_for", "label_codes", "CHANNEL_LABELS"]
 
@@ -110,7 +110,8 @@ def label_codes(hierarchy: Hierarchy, ignore_index: int, device: torch.device):
 
 def _build_label_codes(tab, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
     codes = plan_for(tab.hierarchy).label_codes(None if ignore_index == CHANNEL_LABELS else ignore_index)
-    return (torch.tensor(codes.codes, device=tab.device), codes.shift,
+    packed = codes.codes if codes.codes is not None else np.zeros(0, dtype=np.int32)  # None: too many nodes
+    return (torch.tensor(packed, device=tab.device), codes.shift,
             torch.tensor(np.concatenate([codes.tree_min_counts, codes.ce_counts], axis=1), dtype=torch.float64,
                          device=tab.device),
             torch.tensor(codes.channels, device=tab.device))
@@ -229,6 +230,10 @@ def _launch(mode: Mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce,
             sums[4].zero_()
         return (out.zero_() if writes_map else out)
     code, shift, table, channels = codes
+    table_kernel = table_driven()
+    if not table_kernel and code.numel() == 0:
+        raise ValueError(code_node_limit_reason(N))
+    ncode = channels.numel()  # label slots
     dummy = part
     d2 = _reduce.padded_width(2 * L)
     if sums is not None:
@@ -246,12 +251,12 @@ def _launch(mode: Mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce,
     with on_device(dev):
         if sums is not None and separate_label_count():
             _label_count_kernel[(min(chunks, _COUNT_PROGRAMS),)](
-                lab, lab.stride(0), lab.stride(1), shift, code.numel(), table, P, chunks, sync, rows, reduction, coef,
+                lab, lab.stride(0), lab.stride(1), shift, ncode, table, P, chunks, sync, rows, reduction, coef,
                 denom, scales, **label_count_constants(N, L), F64=acc == torch.float64, num_warps=4, **FP_FUSION)
         arguments = _objective_arguments(
             x_ptr=x, sxb=x.stride(0), sxn=x.stride(1), sxp=x.stride(2),
             lab_ptr=lab, slb=lab.stride(0), slp=lab.stride(1),
-            code_ptr=code, shift=shift, ncode=code.numel(), table_ptr=table,
+            code_ptr=code if code.numel() else channels, shift=shift, ncode=ncode, table_ptr=table,
             w_ptr=node_weight if node_weight is not None else dummy,
             go_ptr=go, sgb=go.stride(0), sgn=go.stride(1), sgp=go.stride(2),
             chunks=chunks, sync_ptr=sync, rows_ptr=rows, reduction=reduction, spin_limit=_reduce.spin_limit(),
@@ -263,7 +268,7 @@ def _launch(mode: Mode, x, labels, codes, hierarchy, node_weight, gamma, tm, ce,
         constants = dict(BLOCK_P=block_p, CB=_reduce.count_chunk(), F64=x.dtype == torch.float64,
                          FOCAL=focal_code(gamma), HAS_W=node_weight is not None, TM=tm, CE=ce, MODE=int(mode),
                          num_warps=warps, num_stages=NUM_STAGES, **FP_FUSION)
-        if table_driven():
+        if table_kernel:
             table_objective_kernel[(tiles, B)](
                 **arguments, **table_arguments(hierarchy, channels, B, P, acc, tm, dev), **constants,
                 **table_constants(L))

@@ -6,7 +6,9 @@ new hierarchy costs no compile and the kernel's size does not grow with the tree
 in registers: zmax and the node attaining it live in a scratch buffer (two ``[B, N, P]`` arrays,
 the compute dtype's and int32), so a step reads and writes more memory than the generated kernel.
 Which one a GPU should run by default is for ``make gpu-ab`` to decide; until then the generated
-kernel is the default and ``HIERALOSS_TRITON_OBJECTIVE=table`` selects this one.
+kernel is the default and ``HIERALOSS_TRITON_OBJECTIVE=table`` selects this one. It reads the labels'
+channels (int32), not the packed codes, so it takes trees of any size (``CODE_NODE_LIMIT`` or more
+nodes too).
 
 Same parameters as the generated kernel (``_codegen.OBJECTIVE_PARAMS``, launched by keyword through
 the same ``objective._launch``), then the tables (:data:`TABLE_PARAMS`). Per program (``BLOCK_P``
@@ -31,8 +33,6 @@ tie rule and the NaN rule are the same, so the routing of every gradient is iden
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -40,16 +40,12 @@ import triton.language as tl
 from ...core.plan import plan_for
 from .._tables import cached_on
 from ._codegen import count_loop
+from ._common import OBJECTIVE_ENV, OBJECTIVES, table_driven
 from ._reduce import finalize_sums, padded_width, rows_per_step, shared_depth_scales
 from ._terms import exp, log, lse_update, term_grad, term_loss, term_loss_grad
 
 __all__ = ["OBJECTIVE_ENV", "OBJECTIVES", "table_driven", "TABLE_PARAMS", "table_arguments", "table_constants",
            "table_objective_kernel"]
-
-# HIERALOSS_TRITON_OBJECTIVE chooses the Triton objective kernel: "generated" (the default, one kernel
-# per tree, the tree unrolled) or "table" (this one). Read per call.
-OBJECTIVE_ENV = "HIERALOSS_TRITON_OBJECTIVE"
-OBJECTIVES = ("generated", "table")
 
 # The table kernel's parameters after the generated kernel's, in order: (name, AOT type).
 TABLE_PARAMS: tuple[tuple[str, str], ...] = (
@@ -68,14 +64,6 @@ TABLE_PARAMS: tuple[tuple[str, str], ...] = (
     ("a_ptr", "*i32"),           # scratch [B, N, P]: the node attaining zmax
     ("N", "i32"),                # nodes
 )
-
-
-def table_driven() -> bool:
-    """Whether the Triton objective runs this kernel (``HIERALOSS_TRITON_OBJECTIVE``, read per call)."""
-    choice = os.environ.get(OBJECTIVE_ENV, "generated")
-    if choice not in OBJECTIVES:
-        raise ValueError(f"{OBJECTIVE_ENV} must be one of {OBJECTIVES}, got {choice!r}")
-    return choice == "table"
 
 
 def _build_tables(tab) -> dict[str, torch.Tensor]:
