@@ -539,7 +539,7 @@ def test_backend_dispatch(monkeypatch):
         triton_available=lambda: True,
         fused_objective=fused_objective,
         fused_decode=lambda x, h, method: calls.append(("decode", method)) or ("leaf", "depth"),
-        unsupported_reason=lambda shape, hierarchy: None,
+        unsupported_reason=lambda shape, hierarchy, op="objective": None,
     )
     monkeypatch.setattr(HF, "_kernels", lambda: fake)
     import sys
