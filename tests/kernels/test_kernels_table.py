@@ -216,3 +216,15 @@ def test_the_table_kernel_takes_trees_past_the_label_codes(monkeypatch):
     np.testing.assert_allclose(grad, oracle.tree_min_grad(x, labels, h, reduction="hssn"), rtol=1e-10, atol=1e-14)
     with pytest.raises(ValueError, match="below 16 nodes"):
         _use_triton("triton", x_t, h, "decode")
+
+
+def test_the_table_kernel_takes_the_objective_parameters():
+    """The table kernel's def lists the generated kernel's run-time parameters
+    (``_codegen.OBJECTIVE_PARAMS``, in order) and then ``TABLE_PARAMS``: a parameter added to the one
+    table and the launch but not to this def fails here by name, not at a launch."""
+    from hieraloss.torch.kernels import _codegen
+    from hieraloss.torch.kernels.objective_table import TABLE_PARAMS, table_objective_kernel
+
+    names = _codegen.objective_param_names() + [name for name, _ in TABLE_PARAMS]
+    assert list(table_objective_kernel.arg_names[:len(names)]) == names
+    assert table_objective_kernel.arg_names[len(names)] == "BLOCK_P"  # then the constexprs
