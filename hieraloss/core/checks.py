@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,6 +62,14 @@ def check_hierarchy(hierarchy: Any) -> None:
 def check_choice(value: Any, choices: Sequence[str], name: str) -> None:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def env_choice(name: str, choices: Sequence[str]) -> str:
+    """The value of the environment switch ``name``, one of ``choices`` (unset: the first), read now;
+    any other value is :func:`check_choice`'s ``ValueError``."""
+    value = os.environ.get(name, choices[0])
+    check_choice(value, choices, name)
+    return value
 
 
 def check_reduction(reduction: Any) -> None:

@@ -28,7 +28,7 @@ def _objective_kernel(request, monkeypatch):
     """The adapter's objective kernel for the whole test."""
     adapter = request.node.callspec.params.get("adapter")
     if adapter is not None:
-        from hieraloss.torch.kernels.objective_table import OBJECTIVE_ENV
+        from hieraloss.torch.kernels._common import OBJECTIVE_ENV
 
         monkeypatch.setenv(OBJECTIVE_ENV, adapter.objective)
 

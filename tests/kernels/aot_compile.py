@@ -240,7 +240,8 @@ def _table(trees: list, arch: int) -> dict:
     launches it for each tree in turn, under a mocked ``sm_<arch>`` driver: how many specialisations
     it holds after each tree (a tree of a depth seen before should add none), and the registers and
     spills of each."""
-    from hieraloss.torch.kernels.objective_table import OBJECTIVE_ENV, table_objective_kernel
+    from hieraloss.torch.kernels._common import OBJECTIVE_ENV
+    from hieraloss.torch.kernels.objective_table import table_objective_kernel
 
     os.environ[OBJECTIVE_ENV] = "table"
     table_objective_kernel.device_caches.clear()

@@ -33,7 +33,7 @@ if not kernels.triton_available():
     pytest.skip(f"triton kernels unavailable: {kernels.import_error()!r}", allow_module_level=True)
 
 from hieraloss.torch.kernels import objective as objective_module  # noqa: E402
-from hieraloss.torch.kernels.objective_table import OBJECTIVE_ENV, table_driven  # noqa: E402
+from hieraloss.torch.kernels._common import OBJECTIVE_ENV, table_driven  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() and not _common.interpreting() else "cpu"
 DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import triton
 
+from ...core.checks import env_choice
 from ...core.plan import code_node_limit_reason
 from ...hierarchy import Hierarchy
 from .._tables import cached_on
@@ -105,10 +106,7 @@ OBJECTIVES = ("generated", "table")
 
 def table_driven() -> bool:
     """Whether the Triton objective runs the table-driven kernel (``HIERALOSS_TRITON_OBJECTIVE``)."""
-    choice = os.environ.get(OBJECTIVE_ENV, "generated")
-    if choice not in OBJECTIVES:
-        raise ValueError(f"{OBJECTIVE_ENV} must be one of {OBJECTIVES}, got {choice!r}")
-    return choice == "table"
+    return env_choice(OBJECTIVE_ENV, OBJECTIVES) == "table"
 
 
 def unsupported_reason(shape, hierarchy: Hierarchy | None = None, op: str = "objective") -> str | None:

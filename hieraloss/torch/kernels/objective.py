@@ -31,7 +31,6 @@ import functools
 import importlib.util
 import linecache
 import math
-import os
 import sys
 import threading
 
@@ -40,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ...core.checks import check_reduction
+from ...core.checks import check_reduction, env_choice
 from ...core.plan import code_node_limit_reason, plan_for
 from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
@@ -166,10 +165,7 @@ _COUNT_PROGRAMS = 1024
 
 def separate_label_count() -> bool:
     """Whether the label count runs as a launch of its own (``HIERALOSS_LABEL_COUNT``, read per call)."""
-    mode = os.environ.get(LABEL_COUNT_ENV, "separate")
-    if mode not in LABEL_COUNTS:
-        raise ValueError(f"{LABEL_COUNT_ENV} must be one of {LABEL_COUNTS}, got {mode!r}")
-    return mode == "separate"
+    return env_choice(LABEL_COUNT_ENV, LABEL_COUNTS) == "separate"
 
 
 @triton.jit(do_not_specialize=["slb", "slp", "shift", "ncode", "P", "chunks", "reduction"])

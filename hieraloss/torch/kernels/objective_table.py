@@ -6,9 +6,9 @@ new hierarchy costs no compile and the kernel's size does not grow with the tree
 in registers: zmax and the node attaining it live in a scratch buffer (two ``[B, N, P]`` arrays,
 the compute dtype's and int32), so a step reads and writes more memory than the generated kernel.
 Which one a GPU should run by default is for ``make gpu-ab`` to decide; until then the generated
-kernel is the default and ``HIERALOSS_TRITON_OBJECTIVE=table`` selects this one. It reads the labels'
-channels (int32), not the packed codes, so it takes trees of any size (``CODE_NODE_LIMIT`` or more
-nodes too).
+kernel is the default and ``HIERALOSS_TRITON_OBJECTIVE=table`` selects this one
+(``_common.table_driven``). It reads the labels' channels (int32), not the packed codes, so it
+takes trees of any size (``CODE_NODE_LIMIT`` or more nodes too).
 
 Same parameters as the generated kernel (``_codegen.OBJECTIVE_PARAMS``, launched by keyword through
 the same ``objective._launch``), then the tables (:data:`TABLE_PARAMS`). Per program (``BLOCK_P``
@@ -40,14 +40,13 @@ import triton.language as tl
 from ...core.plan import plan_for
 from .._tables import cached_on
 from ._codegen import count_loop
-from ._common import OBJECTIVE_ENV, OBJECTIVES, table_driven
 from ._reduce import finalize_sums, padded_width, rows_per_step, shared_depth_scales
 from ._terms import exp, log, lse_update, term_grad, term_loss, term_loss_grad
 
-__all__ = ["OBJECTIVE_ENV", "OBJECTIVES", "table_driven", "TABLE_PARAMS", "table_arguments", "table_constants",
-           "table_objective_kernel"]
+__all__ = ["TABLE_PARAMS", "table_arguments", "table_constants", "table_objective_kernel"]
 
-# The table kernel's parameters after the generated kernel's, in order: (name, AOT type).
+# The table kernel's parameters after the generated kernel's, in order: (name, Triton type), for the
+# reader and for the test of the def's order (the JIT specialises each launch itself).
 TABLE_PARAMS: tuple[tuple[str, str], ...] = (
     ("chan_ptr", "*i32"),        # label slot -> channel, -1 ignored (the label codes' slots)
     ("pre_ptr", "*i32"),         # [N] pre-order position

@@ -7,11 +7,10 @@ its depth-block layout (:mod:`hieraloss.core.blocks`); it computes no table itse
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ...core.blocks import depth_blocks
+from ...core.checks import env_choice
 from ...core.plan import plan_for as core_plan_for
 from ...hierarchy import Hierarchy
 from .._tables import DeviceTables, cached_on
@@ -86,8 +85,6 @@ SWEEPS = ("auto", "node", "depth")
 
 def sweep_by_depth(plan: DevicePlan) -> bool:
     """Whether the tree-min sweeps of this call go one depth at a time (``HIERALOSS_TORCH_SWEEP``)."""
-    sweep = os.environ.get(SWEEP_ENV, "auto")
-    if sweep not in SWEEPS:
-        raise ValueError(f"{SWEEP_ENV} must be one of {SWEEPS}, got {sweep!r}")
+    sweep = env_choice(SWEEP_ENV, SWEEPS)
     return plan.by_level if sweep == "auto" else sweep == "depth"
 
