@@ -46,10 +46,10 @@ from _sync_counter import CountSyncs  # noqa: E402 - the tests' host-sync counte
 
 import hieraloss  # noqa: E402
 import hieraloss.torch as ht  # noqa: E402
-from hieraloss.torch import functional as HF  # noqa: E402
 from hieraloss.torch import functional as torch_functional  # noqa: E402
 from hieraloss.torch._tables import tables_for  # noqa: E402
 from hieraloss.torch.ops.device import compute_dtype  # noqa: E402
+from hieraloss.torch.ops.labels import label_channels  # noqa: E402
 from hieraloss.torch.ops.triplet import key_order, resize_labels_nearest, triplet_op  # noqa: E402
 
 
@@ -157,7 +157,7 @@ def make_inputs(batch, channels, height, width, label_size, device, seed=0):
 
 
 def leaf_map(emb, labels, h):
-    lc, _ = HF._label_channels(labels, h, 255)
+    lc, _ = label_channels(labels, h, 255)
     small = resize_labels_nearest(lc, tuple(emb.shape[2:]))
     tab = tables_for(h, emb.device)
     leaf = torch.where(small >= 0, tab.node_ids[small.clamp(min=0)], torch.full_like(small, -1))

@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from .. import _native
 from ..core import checks as _checks
 from ..core import triplets as _triplets
 from ..core.checks import REDUCTIONS, check_max_per_class
@@ -27,17 +26,19 @@ from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
 from ..core.objective import HSSNTermsBase, compose_hssn
-from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, hssn_weights
+from ..core.rules import DECODE_METHODS, HSSN_SCALE, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
-from ._tables import cached_on
+from .ops.cross_entropy import depth_cross_entropy as _depth_cross_entropy
 from .ops.cross_entropy import depth_cross_entropy_op
-from .ops.decode import decode_op, path_scores_op
-from .ops.device import device_plan
-from .ops.native import hssn_objective_native, tree_min_native
-from .ops.tree_min import expand_targets_op, tree_min_op
-from .ops.triplet import key_order, resize_labels_nearest, triplet_op
+from .ops.decode import decode as _decode
+from .ops.decode import path_scores_op
+from .ops.labels import check_label_values, label_channels
+from .ops.objective import fused_step
+from .ops.route import BACKENDS
+from .ops.tree_min import expand_targets_op, tree_min, tree_min_op
+from .ops.triplet import leaf_labels, triplet_loss
 
 __all__ = [
     "tree_min_loss",
@@ -54,7 +55,6 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "torch", "native", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -103,102 +103,8 @@ def _label_tensor(labels: Any, device: torch.device) -> torch.Tensor:
     return labels
 
 
-LABEL_TABLE_MAX = 1 << 16  # label tables up to this many values; a larger ignore_index takes the compare path
-
-
-def _build_label_table(tab, ignore_index: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    table, shift, bad, partial = tab.hierarchy.label_table(ignore_index)
-    return torch.tensor(table, device=tab.device), shift, torch.tensor(bad, device=tab.device), \
-        torch.tensor(partial, device=tab.device)
-
-
-def _label_table(device: torch.device, hierarchy: Hierarchy, ignore_index: int
-                 ) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
-    """:meth:`Hierarchy.label_table` as tensors on ``device`` (cached)."""
-    return cached_on(hierarchy, device, ("label_table", ignore_index), _build_label_table, ignore_index)
-
-
 def _check_ignore_index(hierarchy: Hierarchy, ignore_index: Any) -> int:
     return _checks.check_ignore_index(hierarchy, ignore_index)
-
-
-def _label_slots(lab: torch.Tensor, hierarchy: Hierarchy, ignore_index: int):
-    """``(slot, table, bad, partial)``: each label's slot in :meth:`Hierarchy.label_table` and the
-    table as tensors, or None where ``ignore_index`` is too far out for a table."""
-    if max(hierarchy.num_nodes, abs(ignore_index) + 1) > LABEL_TABLE_MAX:
-        return None
-    table, shift, bad_slot, partial_slot = _label_table(lab.device, hierarchy, ignore_index)
-    return (lab + shift).clamp_(0, table.numel() - 1), table, bad_slot, partial_slot
-
-
-def _label_channels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int,
-                    check: bool = True) -> tuple[torch.Tensor, bool]:
-    """Map node-id labels to channels (-1 = ignored) and say whether partial labels occur.
-
-    ``check=True`` raises :class:`LabelError` for bad values, reading one value back from the
-    device (whether bad values or partial labels occur, together). ``check=False`` reads nothing
-    back (no sync: CUDA-graph capturable); bad values then count as ignored and partial labels are
-    assumed present. A lookup table indexed by the (clamped) label value does it in a few passes.
-    """
-    ignore_index = _check_ignore_index(hierarchy, ignore_index)
-    lab = labels.to(torch.int64)
-    slots = _label_slots(lab, hierarchy, ignore_index)
-    if slots is not None:
-        slot, table, bad_slot, partial_slot = slots
-        channels = table[slot].clamp_(min=-1)
-        if not check:
-            return channels, True
-        if torch.compiler.is_compiling():
-            _assert_labels_in_graph(bad_slot[slot].any(), hierarchy, ignore_index)
-            return channels, True
-        counts = torch.bincount(slot.reshape(-1), minlength=table.numel()) > 0
-        any_bad, any_partial = torch.stack([(counts & bad_slot).any(), (counts & partial_slot).any()]).tolist()
-        if any_bad:
-            raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
-        return channels, bool(any_partial)
-    ignored = lab == ignore_index
-    bad = ~ignored & ((lab < 0) | (lab >= hierarchy.num_nodes))
-    partial = ~ignored & (lab >= hierarchy.num_leaves)
-    if not check:
-        ignored = ignored | bad
-        any_partial = True
-    elif torch.compiler.is_compiling():
-        _assert_labels_in_graph(bad.any(), hierarchy, ignore_index)
-        any_partial = True
-    else:
-        any_bad, any_partial = torch.stack([bad.any(), partial.any()]).tolist()
-        if any_bad:
-            raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
-    safe = torch.where(ignored, torch.zeros_like(lab), lab)
-    channel_of = device_plan(hierarchy, labels.device).channel_of
-    return torch.where(ignored, torch.full_like(lab, -1), channel_of[safe]), bool(any_partial)
-
-
-def _assert_labels_in_graph(any_bad: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> None:
-    """The label check of a compiled graph: an assertion on the device (no host read, no graph
-    break), raised when the step runs; run the step eagerly to see which values."""
-    message = (f"hieraloss: labels hold values that are neither node ids 0..{hierarchy.num_nodes - 1} nor "
-               f"ignore_index={ignore_index} (run eagerly for the values, or pass check_labels=False to count "
-               f"them as ignored)")
-    torch._assert_async(~any_bad, message)
-
-
-def _check_label_values(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int) -> None:
-    """Raise :class:`LabelError` if a label is neither a node id nor ``ignore_index`` (one sync;
-    under ``torch.compile`` an assertion in the graph instead)."""
-    lab = labels.to(torch.int64)
-    slots = _label_slots(lab, hierarchy, ignore_index)
-    if slots is not None:
-        slot, _, bad_slot, _ = slots
-        bad = bad_slot[slot].any()
-    else:
-        bad = ((lab != ignore_index) & ((lab < 0) | (lab >= hierarchy.num_nodes))).any()
-    if torch.compiler.is_compiling():
-        _assert_labels_in_graph(bad, hierarchy, ignore_index)
-        return
-    any_bad = bool(bad)
-    if any_bad:
-        raise hierarchy.invalid_label_error(lab.cpu().numpy(), ignore_index)  # cold path: on the host
 
 
 def _labels_at_door(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy, ignore_index: Any
@@ -212,7 +118,7 @@ def _labels_at_door(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy, ign
 def _checked_labels(labels: Any, logits: torch.Tensor, hierarchy: Hierarchy,
                     ignore_index: int, check: bool = True) -> tuple[torch.Tensor, bool]:
     labels, ignore_index = _labels_at_door(labels, logits, hierarchy, ignore_index)
-    return _label_channels(labels, hierarchy, ignore_index, check)
+    return label_channels(labels, hierarchy, ignore_index, check)
 
 
 def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.device) -> torch.Tensor | None:
@@ -225,35 +131,6 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, device: torch.dev
     return w.detach().to(device)
 
 
-def _kernels():
-    try:
-        from . import kernels
-    except ImportError as exc:  # triton missing or the kernels failed to import
-        raise RuntimeError(f"backend='triton' needs the fused Triton kernels, which failed to import: {exc}") from exc
-    if not kernels.triton_available():
-        raise RuntimeError("backend='triton' was asked for, but Triton is not available here")
-    return kernels
-
-
-def _use_triton(backend: str, x: torch.Tensor, hierarchy: Hierarchy | None = None, op: str = "objective") -> bool:
-    """Whether ``x`` (logits of ``hierarchy``, or embeddings without it) goes to the fused kernels:
-    asked for, or ``"auto"`` on a CUDA device where they run and take its batch and tree, for trees
-    of at most ``AUTO_FUSED_MAX_NODES`` nodes (the compile time of larger ones)."""
-    _check_choice(backend, BACKENDS, "backend")
-    if backend == "triton":
-        reason = _kernels().unsupported_reason(x.shape, hierarchy, op)
-        if reason:
-            raise ValueError(f"backend='triton': {reason}")
-        return True
-    if backend == "auto" and x.is_cuda and (hierarchy is None or hierarchy.num_nodes <= AUTO_FUSED_MAX_NODES):
-        try:
-            from . import kernels
-        except ImportError:
-            return False
-        return bool(kernels.triton_available()) and kernels.unsupported_reason(x.shape, hierarchy, op) is None
-    return False
-
-
 # ---------------------------------------------------------------------------- losses
 def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_weight, check_finite, backend,
               check_labels, upsample_logits=False):
@@ -264,26 +141,8 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
     w = _check_node_weight(node_weight, hierarchy, x.device)
     if check_finite:
         _check_finite(x)
-    if _use_triton(backend, x, hierarchy):
-        if check_labels:
-            _check_label_values(labels, hierarchy, ignore_index)
-        total, _ = _kernels().fused_objective(x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma,
-                                              reduction=reduction, node_weight=w)
-        return total
-    lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    return _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend)
-
-
-def _use_native(backend: str, x: torch.Tensor) -> bool:
-    return _native.use_for(backend, on_cpu=x.device.type == "cpu", device=str(x.device))
-
-
-def _tree_min_checked(x, lc, has_partial, hierarchy, gamma, reduction, w, backend):
-    """Tree-min of label channels on the CPU paths (compiled kernel or vectorized ops)."""
-    if _use_native(backend, x):
-        return tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
-    return tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w,
-                            has_partial=has_partial)
+    return tree_min(x, labels, hierarchy, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                    node_weight=w, backend=backend, check_labels=check_labels)
 
 
 def tree_min_loss(logits: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, ignore_index: int = 255,
@@ -333,7 +192,7 @@ def expand_targets(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int
     _check_hierarchy(hierarchy)
     labels = _label_tensor(labels, labels.device if isinstance(labels, torch.Tensor) else torch.device("cpu"))
     _checks.check_label_batch(labels.dim())
-    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    lc, _ = label_channels(labels, hierarchy, ignore_index)
     return expand_targets_op(lc, hierarchy)
 
 
@@ -350,16 +209,8 @@ def depth_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, hierarchy: H
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     if check_finite:
         _check_finite(x)
-    if _use_triton(backend, x, hierarchy):
-        if check_labels:
-            _check_label_values(labels, hierarchy, ignore_index)
-        weights = [0.0] * hierarchy.max_depth
-        weights[int(depth) - 1] = 1.0
-        total, _ = _kernels().fused_objective(x, labels, hierarchy, ignore_index=ignore_index, tree_min=False,
-                                              ce_weights=weights)
-        return total
-    lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    return depth_cross_entropy_op(x, lc, hierarchy, int(depth))
+    return _depth_cross_entropy(x, labels, hierarchy, int(depth), ignore_index=ignore_index, backend=backend,
+                                check_labels=check_labels)
 
 
 # ---------------------------------------------------------------------------- triplet loss
@@ -437,51 +288,24 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     ignore_index = _check_ignore_index(hierarchy, ignore_index)
     _check_choice(backend, BACKENDS, "backend")
     if check_labels:
-        _check_label_values(labels, hierarchy, ignore_index)
+        check_label_values(labels, hierarchy, ignore_index)
     gathered = gather_across_ranks and _is_distributed(process_group)
-    if _fused_triplet(backend, embeddings, hierarchy, gathered):
-        kernels = _kernels()
-        codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index,
-                                      size=tuple(embeddings.shape[2:]))
-        order = key_order(codes, sampling, generator) if sampling == "random" else None
-        return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=int(max_per_class),
-                                          base_margin=float(base_margin), order=order, scale=scale), True
-    # Nearest resampling is a gather, so it commutes with the label mapping: map only the
-    # embedding-sized labels.
-    small, _ = _label_channels(resize_labels_nearest(labels, tuple(embeddings.shape[2:])), hierarchy,
-                               ignore_index, check=False)
-    node_ids = device_plan(hierarchy, embeddings.device).node_ids
-    leaf = torch.where(small >= 0, node_ids[small.clamp(min=0)], torch.full_like(small, -1))
-    leaf = torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
-    if gathered:
+    options = dict(max_per_class=int(max_per_class), base_margin=float(base_margin), sampling=sampling,
+                   generator=generator)
+    if gathered and backend != "triton":  # the cross-rank op; the fused kernels refuse to gather
         from . import distributed
 
-        return distributed.gathered_triplet_op(
-            embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
-            sampling=sampling, generator=generator, process_group=process_group), False
-    return triplet_op(embeddings, leaf, hierarchy, max_per_class=int(max_per_class),
-                           base_margin=float(base_margin), sampling=sampling, generator=generator), False
+        leaf = leaf_labels(labels, hierarchy, ignore_index, tuple(embeddings.shape[2:]))
+        return distributed.gathered_triplet_op(embeddings, leaf, hierarchy, process_group=process_group,
+                                               **options), False
+    return triplet_loss(embeddings, labels, hierarchy, ignore_index=ignore_index, gathered=gathered, backend=backend,
+                        scale=scale, **options)
 
 
 def _is_distributed(process_group: Any) -> bool:
     from . import distributed
 
     return distributed.is_distributed(process_group)
-
-
-def _fused_triplet(backend: str, embeddings: torch.Tensor, hierarchy: Hierarchy, gathered: bool) -> bool:
-    """Whether the triplet loss runs on the fused kernels (see :func:`hierarchy_triplet_loss`)."""
-    if backend == "triton":
-        if gathered:
-            raise ValueError("backend='triton' does not gather triplets across ranks; use backend='auto'")
-        if not _kernels().triplet_supported(hierarchy, embeddings):
-            from .kernels import triplet
-
-            raise ValueError(f"backend='triton': {triplet.unsupported_reason(hierarchy, tuple(embeddings.shape))}")
-        return True
-    if backend != "auto" or gathered or torch.are_deterministic_algorithms_enabled():
-        return False
-    return _use_triton(backend, embeddings) and _kernels().triplet_supported(hierarchy, embeddings)
 
 
 # The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
@@ -543,26 +367,13 @@ class _HSSNTerms(HSSNTermsBase):
     """:class:`hieraloss.core.objective.HSSNTerms` in torch: the Triton kernel on CUDA, the compiled
     kernel on the CPU, else the torch ops."""
 
-    label_channels = staticmethod(_label_channels)
+    label_channels = staticmethod(label_channels)
     tree_min_op = staticmethod(tree_min_op)
     depth_cross_entropy_op = staticmethod(depth_cross_entropy_op)
     triplet_loss = staticmethod(_triplet_loss)
     scale = HSSN_SCALE
 
-    def fused(self, tree_min_weight, ce_weights, return_parts):
-        x, h = self.x, self.h
-        if _use_triton(self.backend, x, h):
-            if self.check_labels:
-                _check_label_values(self.labels, h, self.ignore_index)
-            total, values = _kernels().fused_objective(
-                x, self.labels, h, ignore_index=self.ignore_index, gamma=self.gamma, reduction="hssn",
-                tm_weight=tree_min_weight / HSSN_SCALE, ce_weights=ce_weights, node_weight=self.w)
-            # the unweighted tree-min is a division, so a launch: only when asked for
-            return total, (values[0] / HSSN_SCALE if return_parts else None), values[1:]
-        if _use_native(self.backend, x):
-            return hssn_objective_native(x, self.channels()[0], h, gamma=self.gamma, node_weight=self.w,
-                                                    tree_min_weight=tree_min_weight, ce_weights=ce_weights)
-        return None
+    fused = fused_step
 
     @staticmethod
     def scalar(value, like):
@@ -574,13 +385,6 @@ class _HSSNTerms(HSSNTermsBase):
 
 
 # ---------------------------------------------------------------------------- decoding
-def _logic_refine(x, hierarchy):
-    from ..core.objective import LOGIC_STEP_SIZE, LOGIC_STEPS
-    from .ops.logicseg import refine
-
-    return refine(x, hierarchy, LOGIC_STEPS, LOGIC_STEP_SIZE, 5.0, "siblings")
-
-
 def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Hierarchy-consistent decoding (SPEC section 7) to node ids.
@@ -595,11 +399,8 @@ def decode(logits: torch.Tensor, hierarchy: Hierarchy, method: str = "path", bac
     """
     x = _check_logits(logits, hierarchy)
     _check_choice(method, DECODE_METHODS, "method")
-    if method == "logic":  # LogicSeg's logic-guided reasoning, then the exact path decoding
-        x, method = _logic_refine(x, hierarchy), "path"
-    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy, "decode"):
-        return _kernels().fused_decode(x.detach(), hierarchy, method)
-    return decode_op(x, hierarchy, method)
+    _check_choice(backend, BACKENDS, "backend")
+    return _decode(x, hierarchy, method, backend)
 
 
 def path_scores(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:

@@ -36,8 +36,9 @@ from ..core.plan import plan_for
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
 from ._tables import cached_on
-from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
+from .functional import _check_finite, _labels_at_door, upsample_to_labels
 from .ops.decode import decode_op
+from .ops.labels import label_channels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -254,7 +255,7 @@ def _prepare(leaf_logits, labels, hierarchy, ignore_index, reduction, value, nam
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     if check_finite:
         _check_finite(x, "leaf_logits")
-    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    lc, _ = label_channels(labels, hierarchy, ignore_index)
     xf, B, spatial = _flat(x)
     lc = lc.reshape(B, xf.shape[2])
     return xf, lc, B, spatial, v

@@ -198,7 +198,7 @@ def test_the_table_kernel_takes_trees_past_the_label_codes(monkeypatch):
     still refused."""
     import hieraloss.core.plan as core_plan
     from hieraloss import Hierarchy
-    from hieraloss.torch.functional import _use_triton
+    from hieraloss.torch.ops.route import use_triton as _use_triton
 
     h = Hierarchy([16] * 8 + [17] * 7 + [18] + [18, 18, -1])
     monkeypatch.setattr(core_plan, "CODE_NODE_LIMIT", 16)

@@ -21,7 +21,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 import hieraloss  # noqa: E402
 from hieraloss.testing import hierarchies, label_maps  # noqa: E402
-from hieraloss.torch import functional as F  # noqa: E402
 from hieraloss.torch import hierarchy_triplet_loss, hssn_loss, kernels  # noqa: E402
 from hieraloss.torch.kernels import _common  # noqa: E402
 from hieraloss.torch.ops.triplet import triplet_op  # noqa: E402
@@ -359,15 +358,17 @@ def test_torch_compile_fullgraph():
 def test_auto_picks_the_torch_ops_when_deterministic(monkeypatch):
     h = hieraloss.presets.cityscapes()
     e = torch.randn(1, 4, 3, 5, device=DEVICE)
-    monkeypatch.setattr(F, "_use_triton", lambda backend, x: True)
-    assert F._fused_triplet("auto", e, h, gathered=False)
-    assert not F._fused_triplet("auto", e, h, gathered=True)
-    assert not F._fused_triplet("torch", e, h, gathered=False)
+    from hieraloss.torch.ops import route, triplet
+
+    monkeypatch.setattr(route, "use_triton", lambda backend, x: True)
+    assert triplet.fused_triplet("auto", e, h, gathered=False)
+    assert not triplet.fused_triplet("auto", e, h, gathered=True)
+    assert not triplet.fused_triplet("torch", e, h, gathered=False)
     with pytest.raises(ValueError, match="across ranks"):
-        F._fused_triplet("triton", e, h, gathered=True)
+        triplet.fused_triplet("triton", e, h, gathered=True)
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert not F._fused_triplet("auto", e, h, gathered=False)
-    assert F._fused_triplet("triton", e, h, gathered=False)
+    assert not triplet.fused_triplet("auto", e, h, gathered=False)
+    assert triplet.fused_triplet("triton", e, h, gathered=False)
 
 
 @pytest.mark.parametrize("shape", [(0, 4, 3, 5), (2, 0, 3, 5), (1, 3, 1, 1)])

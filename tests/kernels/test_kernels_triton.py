@@ -578,7 +578,7 @@ def test_batches_beyond_the_kernels_limits_are_refused_by_name():
 
     from hieraloss import Hierarchy
     from hieraloss.torch import decode, tree_min_loss
-    from hieraloss.torch.functional import _use_triton
+    from hieraloss.torch.ops.route import use_triton as _use_triton
 
     h = presets.pascal_person_part()
     many = torch.zeros(_common.MAX_GRID_ROWS + 1, h.num_nodes, 2, device=DEVICE)
@@ -615,7 +615,7 @@ def test_trees_beyond_the_label_codes_are_refused_by_name():
     from types import SimpleNamespace
 
     from hieraloss.core import CODE_NODE_LIMIT, code_node_limit_reason
-    from hieraloss.torch.functional import _use_triton
+    from hieraloss.torch.ops.route import use_triton as _use_triton
 
     big, small = SimpleNamespace(num_nodes=CODE_NODE_LIMIT), SimpleNamespace(num_nodes=CODE_NODE_LIMIT - 1)
     words = f"the fused kernels take hierarchies below {CODE_NODE_LIMIT} nodes"
@@ -638,7 +638,7 @@ def test_auto_leaves_trees_too_slow_to_compile_to_the_torch_ops():
     from types import SimpleNamespace
 
     from hieraloss.core.rules import AUTO_FUSED_MAX_NODES
-    from hieraloss.torch.functional import _use_triton
+    from hieraloss.torch.ops.route import use_triton as _use_triton
 
     on_cuda = SimpleNamespace(is_cuda=True, shape=(1, 3, 2))
     at_limit = SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES)

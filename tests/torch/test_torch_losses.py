@@ -19,7 +19,8 @@ import hieraloss.numpy as hnp
 import hieraloss.torch as ht
 from hieraloss import LabelError, _native
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits
-from hieraloss.torch import functional as HF
+from hieraloss.torch.ops import route
+from hieraloss.torch.ops.labels import label_channels
 
 REDUCTIONS = ("mean", "sum", "none", "hssn")
 # The CPU loss runs on the compiled kernel (auto/native) or the vectorized torch ops (torch): test both.
@@ -541,7 +542,7 @@ def test_backend_dispatch(monkeypatch):
         fused_decode=lambda x, h, method: calls.append(("decode", method)) or ("leaf", "depth"),
         unsupported_reason=lambda shape, hierarchy, op="objective": None,
     )
-    monkeypatch.setattr(HF, "_kernels", lambda: fake)
+    monkeypatch.setattr(route, "kernels", lambda: fake)
     import sys
     monkeypatch.setitem(sys.modules, "hieraloss.torch.kernels", fake)
     h = hieraloss.presets.cityscapes()
@@ -550,10 +551,10 @@ def test_backend_dispatch(monkeypatch):
     ht.tree_min_loss(x, labels, h)  # auto on CPU: the compiled kernel or the torch op, never Triton
     ht.hssn_loss(x, labels, h)
     assert calls == []
-    assert HF._use_native("auto", x) == _native.available()
-    assert not HF._use_native("torch", x)
-    assert HF._use_triton("auto", types.SimpleNamespace(is_cuda=True, shape=x.shape), h)
-    assert not HF._use_triton("torch", types.SimpleNamespace(is_cuda=True, shape=x.shape), h)
+    assert route.use_native("auto", x) == _native.available()
+    assert not route.use_native("torch", x)
+    assert route.use_triton("auto", types.SimpleNamespace(is_cuda=True, shape=x.shape), h)
+    assert not route.use_triton("torch", types.SimpleNamespace(is_cuda=True, shape=x.shape), h)
     ht.focal_tree_min_loss(x, labels, h, backend="triton", gamma=2.0, reduction="sum")
     kind, lab, kw = calls.pop()
     # raw labels and ignore_index go to the kernel, which maps them itself
@@ -618,12 +619,12 @@ def test_label_channels_match_numpy_for_every_ignore_index(data, ignore_index):
         want = h.label_channels(labels, ignore_index=ignore_index)
     except LabelError:
         with pytest.raises(LabelError, match="neither node ids"):
-            HF._label_channels(t, h, ignore_index)
+            label_channels(t, h, ignore_index)
         return
-    got, partial = HF._label_channels(t, h, ignore_index)
+    got, partial = label_channels(t, h, ignore_index)
     assert got.tolist() == want.tolist()
     assert partial == bool(((labels >= h.num_leaves) & (labels < h.num_nodes)).any())
     assert torch.equal(t, torch.from_numpy(labels).to(dtype))  # not modified
     for v in range(h.num_nodes):  # every single node id: its channel, partial iff internal
-        got, partial = HF._label_channels(torch.tensor([[v, ignore_index]], dtype=dtype), h, ignore_index)
+        got, partial = label_channels(torch.tensor([[v, ignore_index]], dtype=dtype), h, ignore_index)
         assert got.tolist() == [[int(h.channel_of[v]), -1]] and partial == (v >= h.num_leaves)

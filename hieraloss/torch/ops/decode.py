@@ -6,8 +6,11 @@ import math
 
 import torch
 
+from ...core.objective import LOGIC_STEP_SIZE, LOGIC_STEPS
 from ...hierarchy import Hierarchy
+from . import route
 from .device import DevicePlan, compute_dtype, device_plan
+from .logicseg import refine
 
 
 def _path_sums(scores: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
@@ -67,3 +70,14 @@ def path_scores_op(logits: torch.Tensor, hierarchy: Hierarchy) -> torch.Tensor:
     x = logits.reshape(B, N, math.prod(spatial)).to(compute_dtype(logits.dtype))
     leaves = plan.leaf_channels  # [K]: channel of leaf id k
     return _path_sums(x, plan).index_select(1, leaves).reshape(B, leaves.numel(), *spatial)
+
+
+def decode(x: torch.Tensor, hierarchy: Hierarchy, method: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_op`, or the fused Triton decoder for ``"path"`` and ``"top_down"`` where
+    :mod:`.route` picks it; ``"logic"`` refines the logits by LogicSeg's rule descent (its defaults)
+    first and then decodes by ``"path"``. Decoding has no compiled CPU kernel."""
+    if method == "logic":
+        x, method = refine(x, hierarchy, LOGIC_STEPS, LOGIC_STEP_SIZE, 5.0, "siblings"), "path"
+    if method in ("path", "top_down") and route.use_triton(backend, x, hierarchy, "decode"):
+        return route.kernels().fused_decode(x.detach(), hierarchy, method)
+    return decode_op(x, hierarchy, method)

@@ -12,6 +12,7 @@ import torch
 from ...core.blocks import depth_blocks
 from ...core.checks import env_choice
 from ...core.plan import plan_for as core_plan_for
+from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
 from .._tables import DeviceTables, cached_on
 
@@ -73,6 +74,24 @@ def device_plan(hierarchy: Hierarchy, device: torch.device) -> DevicePlan:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the ops compute in: float64 for float64 logits, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def reduction_scales(lc: torch.Tensor, plan: DevicePlan, reduction: str, dtype) -> torch.Tensor:
+    """Per-channel factor turning a sum of entries into the reduction (``[N]``)."""
+    N = plan.num_nodes
+    if reduction == "sum":
+        return torch.ones(N, dtype=dtype, device=lc.device)
+    # Valid pixels per label channel; slot 0 of the shifted count holds the ignored ones. A scatter-add
+    # into N + 1 slots, not a bincount: its size does not depend on the values (torch.compile).
+    index = lc.reshape(-1) + 1
+    hist = torch.zeros(N + 1, dtype=torch.int64, device=lc.device).scatter_add_(0, index, torch.ones_like(index))
+    hist = hist[1:].to(torch.float64)
+    counts = hist @ plan.counted_per_depth  # [L] unmasked entries per depth
+    if reduction == "mean":
+        scale = 1.0 / counts.sum().clamp(min=1)
+        return scale.to(dtype).expand(N)
+    scale = HSSN_SCALE / counts.clamp(min=1)  # hssn
+    return scale[plan.depth - 1].to(dtype)
 
 
 # HIERALOSS_TORCH_SWEEP chooses how the torch ops sweep the tree in tree-min: "auto" (the default, by

@@ -28,8 +28,7 @@ import torch
 from ... import _native
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
-from .device import device_plan
-from .tree_min import _reduction_scales, tree_min_op
+from .device import device_plan, reduction_scales
 
 # Load the kernel (or learn why it cannot load) at import, outside any trace: torch.compile then reads
 # only the loaded state, never the loader's lock.
@@ -67,7 +66,7 @@ def _gradient_buffer(x: torch.Tensor) -> torch.Tensor:
 
 def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
     """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries)."""
-    scale = _reduction_scales(lc, device_plan(hierarchy, lc.device), reduction, torch.float64)
+    scale = reduction_scales(lc, device_plan(hierarchy, lc.device), reduction, torch.float64)
     if weight is not None:
         scale = scale * weight.to(torch.float64)
     return scale.contiguous()
@@ -192,13 +191,10 @@ native_tree_min_op.register_autograd(_tree_min_backward, setup_context=_tree_min
 def tree_min_native(logits: torch.Tensor, label_channels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float,
                     reduction: str, node_weight: torch.Tensor | None) -> torch.Tensor:
     """Same contract as :func:`.tree_min.tree_min_op` (validated inputs, label channels with -1 = ignored)
-    for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
+    for CPU logits with at least one pixel. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
     B, N = logits.shape[:2]
     spatial = logits.shape[2:]
-    P = math.prod(spatial)  # explicit: reshape cannot infer -1 when B = 0
-    if B * P == 0:  # no pixel: the eager op's exact 0 (or empty map), connected to the logits
-        return tree_min_op(logits, label_channels, hierarchy, gamma=gamma, reduction=reduction,
-                           node_weight=node_weight, has_partial=False)
+    P = math.prod(spatial)
     x, lc = _kernel_inputs(logits, label_channels, B, N, P)
     want_grad = torch.is_grad_enabled() and x.requires_grad  # Function.forward itself runs without grad mode
     if torch.compiler.is_compiling():

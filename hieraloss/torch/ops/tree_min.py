@@ -29,9 +29,11 @@ import math
 
 import torch
 
-from ...core.rules import HSSN_SCALE
 from ...hierarchy import Hierarchy
-from .device import DevicePlan, compute_dtype, device_plan, sweep_by_depth
+from . import route
+from .device import DevicePlan, compute_dtype, device_plan, reduction_scales, sweep_by_depth
+from .labels import check_label_values, label_channels
+from .native import tree_min_native
 
 
 def _softplus(z: torch.Tensor) -> torch.Tensor:
@@ -93,24 +95,6 @@ def _unknown_mask(lc: torch.Tensor, plan: DevicePlan) -> torch.Tensor:
         below = (par.view(1, -1, 1) == lab) | unknown.index_select(1, par)
         unknown.index_copy_(1, lv, below)
     return unknown
-
-
-def _reduction_scales(lc: torch.Tensor, plan: DevicePlan, reduction: str, dtype) -> torch.Tensor:
-    """Per-channel factor turning a sum of entries into the reduction (``[N]``)."""
-    N = plan.num_nodes
-    if reduction == "sum":
-        return torch.ones(N, dtype=dtype, device=lc.device)
-    # Valid pixels per label channel; slot 0 of the shifted count holds the ignored ones. A scatter-add
-    # into N + 1 slots, not a bincount: its size does not depend on the values (torch.compile).
-    index = lc.reshape(-1) + 1
-    hist = torch.zeros(N + 1, dtype=torch.int64, device=lc.device).scatter_add_(0, index, torch.ones_like(index))
-    hist = hist[1:].to(torch.float64)
-    counts = hist @ plan.counted_per_depth  # [L] unmasked entries per depth
-    if reduction == "mean":
-        scale = 1.0 / counts.sum().clamp(min=1)
-        return scale.to(dtype).expand(N)
-    scale = HSSN_SCALE / counts.clamp(min=1)  # hssn
-    return scale[plan.depth - 1].to(dtype)
 
 
 # ---------------------------------------------------------------------------- tree-min op
@@ -377,7 +361,7 @@ def _forward(x, lc, plan, gamma, reduction, weight, has_partial):
         for b, p in _tiles(B, P, step):
             per_channel += _forward_tile(x[b, :, p], lc[b, p], plan, gamma, has_partial,
                                          scratch.cut(p.stop - p.start), None, None)
-    scale = _reduction_scales(lc, plan, reduction, ct)
+    scale = reduction_scales(lc, plan, reduction, ct)
     if weight is not None:
         scale = scale * weight.to(ct)
     return (per_channel * scale).sum()
@@ -426,7 +410,7 @@ def _backward(x, lc, plan, gamma, reduction, weight, has_partial, grad_out):
     ct = compute_dtype(x.dtype)
     per_channel = None
     if reduction != "none":
-        per_channel = _reduction_scales(lc, plan, reduction, ct) * grad_out.to(ct)
+        per_channel = reduction_scales(lc, plan, reduction, ct) * grad_out.to(ct)
         if weight is not None:
             per_channel = per_channel * weight.to(ct)
     if _one_tile(x):
@@ -502,3 +486,21 @@ def expand_targets_op(label_channels: torch.Tensor, hierarchy: Hierarchy) -> tup
     positive &= lab.valid.unsqueeze(1)
     mask = ~_unknown_mask(lc, plan) & lab.valid.unsqueeze(1)
     return positive.to(torch.uint8).reshape(B, N, *spatial), mask.reshape(B, N, *spatial)
+
+
+def tree_min(x: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, gamma: float, ignore_index: int,
+             reduction: str, node_weight: torch.Tensor | None, backend: str, check_labels: bool) -> torch.Tensor:
+    """The tree-min loss of node-id ``labels`` (checked at the door but for their values), on the
+    implementation :mod:`.route` picks: the fused Triton kernel (which maps the labels itself), the
+    compiled CPU kernel or :func:`tree_min_op`."""
+    if route.use_triton(backend, x, hierarchy):
+        if check_labels:
+            check_label_values(labels, hierarchy, ignore_index)
+        total, _ = route.kernels().fused_objective(x, labels, hierarchy, ignore_index=ignore_index, gamma=gamma,
+                                                   reduction=reduction, node_weight=node_weight)
+        return total
+    lc, has_partial = label_channels(labels, hierarchy, ignore_index, check_labels)
+    if route.use_native(backend, x) and x.numel() > 0:  # no pixel: the op's exact 0 (or empty map)
+        return tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=node_weight)
+    return tree_min_op(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=node_weight,
+                       has_partial=has_partial)

@@ -9,7 +9,9 @@ import torch
 from ...core import triplets as core_triplets
 from ...hierarchy import Hierarchy
 from .._tables import DeviceTables, cached_on
-from .device import compute_dtype
+from . import route
+from .device import compute_dtype, device_plan
+from .labels import label_channels
 
 
 # The local op runs without reading anything back to the host (except "random" with an int seed,
@@ -316,3 +318,47 @@ def triplet_score(e_a: torch.Tensor, e_p: torch.Tensor, e_n: torch.Tensor, chose
     # them differently, so the value can differ from that in the last bit (the gradient cannot).
     class_mean = torch.where(has, per_class / T.clamp(min=1).to(ct), 0.0)
     return class_mean.sum() / has.sum().clamp(min=1).to(ct)
+
+
+def fused_triplet(backend: str, embeddings: torch.Tensor, hierarchy: Hierarchy, gathered: bool) -> bool:
+    """Whether the triplet loss runs on the fused kernels: asked for, or ``"auto"`` where
+    :mod:`.route` picks them, the triplets are not gathered across ranks and deterministic
+    algorithms are off (the kernels accumulate the gradient with atomic adds)."""
+    if backend == "triton":
+        if gathered:
+            raise ValueError("backend='triton' does not gather triplets across ranks; use backend='auto'")
+        kernels = route.kernels()
+        if not kernels.triplet_supported(hierarchy, embeddings):
+            reason = kernels.triplet.unsupported_reason(hierarchy, tuple(embeddings.shape))
+            raise ValueError(f"backend='triton': {reason}")
+        return True
+    if backend != "auto" or gathered or torch.are_deterministic_algorithms_enabled():
+        return False
+    return route.use_triton(backend, embeddings) and route.kernels().triplet_supported(hierarchy, embeddings)
+
+
+def leaf_labels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int, size: tuple[int, ...]) -> torch.Tensor:
+    """``[B, h, w]`` leaf ids of node-id ``labels`` resampled (nearest) to the embeddings' ``size``, -1
+    where the pixel takes no part (ignored, or a partial label). Nearest resampling is a gather, so it
+    commutes with the label mapping: only the embedding-sized labels are mapped."""
+    small, _ = label_channels(resize_labels_nearest(labels, size), hierarchy, ignore_index, check=False)
+    node_ids = device_plan(hierarchy, labels.device).node_ids
+    leaf = torch.where(small >= 0, node_ids[small.clamp(min=0)], torch.full_like(small, -1))
+    return torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
+
+
+def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int,
+                 base_margin: float, sampling: str, generator: Any, ignore_index: int, gathered: bool, backend: str,
+                 scale: float) -> tuple[torch.Tensor, bool]:
+    """``(loss, scaled)`` of checked inputs on one rank: the fused kernels (the loss times ``scale``,
+    ``scaled`` True) or :func:`triplet_op` (unscaled, ``scaled`` False). ``gathered`` (triplets drawn
+    across ranks, which :mod:`hieraloss.torch.distributed` does) only refuses ``backend="triton"``."""
+    if fused_triplet(backend, embeddings, hierarchy, gathered):
+        kernels = route.kernels()
+        codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index, size=tuple(embeddings.shape[2:]))
+        order = key_order(codes, sampling, generator) if sampling == "random" else None
+        return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=max_per_class,
+                                          base_margin=base_margin, order=order, scale=scale), True
+    leaf = leaf_labels(labels, hierarchy, ignore_index, tuple(embeddings.shape[2:]))
+    return triplet_op(embeddings, leaf, hierarchy, max_per_class=max_per_class, base_margin=base_margin,
+                      sampling=sampling, generator=generator), False
