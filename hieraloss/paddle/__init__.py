@@ -5,7 +5,7 @@ Functional API (:mod:`hieraloss.paddle.functional`) and ``paddle.nn.Layer`` clas
 routes the tree-min losses and the path/top-down decoders through the fused Triton kernels of
 ``hieraloss.torch.kernels`` with zero-copy DLPack views (:mod:`hieraloss.paddle._bridge`). On the
 CPU, ``backend="auto"`` runs the tree-min losses on the compiled kernel of ``hieraloss._native``
-when it was built (:mod:`hieraloss.paddle._native_layer`).
+when it was built (:mod:`hieraloss.paddle.ops.native`).
 
 Under ``paddle.jit.to_static(full_graph=True)`` the library's own code runs as Python while paddle
 builds the program (it is registered with ``paddle.jit.ignore_module``: its control flow depends on

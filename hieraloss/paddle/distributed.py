@@ -9,7 +9,7 @@ from other ranks are constants); the result is always connected to the local emb
 Communication: a few integers, the leaf maps, the triplets (``"random"`` only) and only the
 embedding rows that the triplets use. Tensors travel on the CPU (gloo) or the current GPU (nccl).
 
-The op itself, :func:`gathered_triplet_op`, lives in :mod:`hieraloss.paddle._collective` (below
+The op itself, :func:`gathered_triplet_op`, lives in :mod:`hieraloss.paddle.ops.collective` (below
 the functional API, which calls it); this module re-exports it with :func:`is_distributed` and
 adds :func:`hierarchy_triplet_loss`, the functional loss with ``gather_across_ranks=True``.
 """
@@ -22,7 +22,7 @@ import paddle
 
 from ..hierarchy import Hierarchy
 from . import functional as _pf
-from ._collective import gathered_triplet_op, is_distributed
+from .ops.collective import gathered_triplet_op, is_distributed
 
 __all__ = ["is_distributed", "gathered_triplet_op", "hierarchy_triplet_loss"]
 

@@ -6,20 +6,20 @@ Loss values are float64 for float64 logits and float32 otherwise (float16/bfloat
 float32); gradients come back in the logits' dtype. Inputs are never modified.
 
 Backends of the tree-min losses: ``"auto"`` picks the fused Triton kernels for GPU tensors (through
-DLPack, :mod:`._bridge`) and the compiled CPU kernel for CPU tensors (:mod:`._native_layer`) when
-they are available, else the vectorized paddle ops (``"paddle"``, :mod:`._ops`); ``"native"`` and
+DLPack, :mod:`._bridge`) and the compiled CPU kernel for CPU tensors (:mod:`.ops.native`) when
+they are available, else the vectorized paddle ops (``"paddle"``, :mod:`.ops`); ``"native"`` and
 ``"triton"`` force one and raise a ``RuntimeError`` saying why when it cannot run. The triplet loss
 has the same choice: ``"auto"`` runs the fused Triton triplet kernels (through the bridge) for GPU
 embeddings unless the triplets are gathered across ranks, the paddle ops otherwise; ``"triton"``
 forces the kernels; ``"paddle"`` and ``"native"`` run the paddle ops.
 
 Layout of the backend (a module imports only modules to its right, never a door to its left):
-doors :mod:`.layers`, :mod:`.leaf_losses`, :mod:`.distributed` (public faces built on this
-module) and this module (checks + dispatch) -> :mod:`._native_layer` (compiled CPU kernel glue),
-:mod:`._collective` (cross-rank triplet op), :mod:`._bridge` (Triton kernels through DLPack) ->
-:mod:`._ops` (eager sweeps and the tree-min ``PyLayer``, cross-entropy, decoders, path scores,
-triplet op) -> :mod:`._tables` (per-place table caches) -> the framework-free core
-(``hieraloss.hierarchy``, ``hieraloss.core`` (plan, checks, rules, triplets, leaf tables),
+doors :mod:`.layers`, :mod:`.leaf_losses`, :mod:`.logic`, :mod:`.distributed` (public faces built on
+this module) and this module (checks) -> :mod:`.ops` (one file per op, each with its routing:
+``tree_min``, ``cross_entropy``, ``decode``, ``triplet``, ``objective``, ``logicseg``; beside them
+``route``, ``labels``, ``native`` (the compiled kernel's glue), ``collective`` (the cross-rank
+triplet op), ``device``) -> :mod:`._bridge` (Triton kernels through DLPack) -> :mod:`._tables`
+(per-place table caches) -> the framework-free core (``hieraloss.hierarchy``, ``hieraloss.core``,
 ``hieraloss._native``; never ``hieraloss.numpy``, the reference backend).
 """
 
@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .. import _native
 from ..core import checks as _checks
 from ..core import triplets as _triplets
 from ..core.checks import REDUCTIONS, check_max_per_class
@@ -39,27 +38,21 @@ from ..core.checks import check_choice as _check_choice
 from ..core.checks import check_gamma as _check_gamma
 from ..core.checks import check_hierarchy as _check_hierarchy
 from ..core.objective import HSSNTermsBase, compose_hssn
-from ..core.rules import AUTO_FUSED_MAX_NODES, DECODE_METHODS, HSSN_SCALE, hssn_weights
+from ..core.rules import DECODE_METHODS, HSSN_SCALE, hssn_weights
 from ..core.rules import triplet_weight as _core_triplet_weight
 from ..core.triplets import SAMPLING
 from ..hierarchy import Hierarchy
-from . import _bridge, _collective, _native_layer
-from ._ops import (  # noqa: F401 - the ops and constants stay importable from here, as before the split
-    NORM_EPS,
-    compute_dtype,
-    decode_op,
-    depth_cross_entropy_op,
-    empty_loss,
-    expand_targets_op,
-    path_scores_op,
-    resize_labels_nearest,
-    tree_min_op,
-    triplet_op,
-    triplet_program_op,
-)
-from ._tables import TENSOR_TYPES, building_program, no_kernel_in_program, place_of
-from ._tables import tables_for as _tables
-from ._tables import vec as _vec
+from ._tables import TENSOR_TYPES, building_program, place_of
+from .ops import collective
+from .ops.cross_entropy import depth_cross_entropy as _depth_cross_entropy
+from .ops.cross_entropy import depth_cross_entropy_op
+from .ops.decode import decode as _decode
+from .ops.decode import path_scores_op
+from .ops.labels import assert_in_program, label_channels
+from .ops.objective import fused_step
+from .ops.route import BACKENDS
+from .ops.tree_min import expand_targets_op, tree_min, tree_min_op
+from .ops.triplet import triplet_loss
 
 __all__ = [
     "tree_min_loss",
@@ -76,8 +69,6 @@ __all__ = [
     "BACKENDS",
 ]
 
-BACKENDS = ("auto", "paddle", "native", "triton")
-LABEL_TABLE_MAX = 1 << 16  # label tables up to this many values; a larger ignore_index takes the compare path
 _FLOATS = (paddle.float16, paddle.bfloat16, paddle.float32, paddle.float64)
 _INTS = (paddle.uint8, paddle.int8, paddle.int16, paddle.int32, paddle.int64)
 
@@ -100,18 +91,9 @@ def _check_logits(logits: Any, hierarchy: Hierarchy, name: str = "logits") -> pa
 
 def _check_finite(x: paddle.Tensor, name: str = "logits") -> None:
     if building_program():
-        _assert_in_program(paddle.isfinite(x).all(), f"{name} hold a non-finite value")
+        assert_in_program(paddle.isfinite(x).all(), f"{name} hold a non-finite value")
         return
     _checks.check_finite_count(int(paddle.logical_not(paddle.isfinite(x)).astype("int64").sum()), name)
-
-
-def _assert_in_program(condition: paddle.Tensor, what: str) -> None:
-    """A check of a static program (``to_static(full_graph=True)``), which has nothing to read back:
-    an assertion op that fails the run when ``condition`` (that ``what`` holds) is false. Paddle's
-    error says only that an assertion failed; the same step run eagerly gives the library's message."""
-    from paddle.static.nn.control_flow import Assert
-
-    Assert(condition, name=what.replace(" ", "_"))
 
 
 def _label_tensor(labels: Any, place: Any) -> paddle.Tensor:
@@ -128,51 +110,6 @@ def _label_tensor(labels: Any, place: Any) -> paddle.Tensor:
     return labels
 
 
-def _label_channels(
-    labels: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int, check: bool = True
-) -> tuple[paddle.Tensor, bool]:
-    """Map node-id labels to channels (-1 = ignored), raising :class:`LabelError` for bad values.
-
-    One device sync: whether bad values or partial labels occur is read back together.
-    ``check=False`` reads nothing back: bad values count as ignored, partial labels are assumed.
-    """
-    ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
-    tab = _tables(hierarchy, place_of(labels))
-    lab = labels.astype("int64")
-    if max(hierarchy.num_nodes, abs(ignore_index) + 1) <= LABEL_TABLE_MAX:
-        # a lookup table indexed by the clamped label value: a few passes over the labels
-        table, shift, bad, partial = hierarchy.label_table(ignore_index)
-        slot = paddle.clip(lab + shift, 0, table.size - 1).reshape([-1])
-        table_t = tab.get(f"label_table:{ignore_index}", lambda: table)  # a str key: SOT traces tuple keys badly
-        if not check:  # bad slots hold -2: clip them to -1 (ignored)
-            return paddle.clip(paddle.gather(table_t, slot), min=-1).reshape(lab.shape), True
-        seen = paddle.bincount(slot, minlength=table.size) > 0
-        bad_t = tab.get(("label_bad", ignore_index), lambda: bad)
-        partial_t = tab.get(("label_partial", ignore_index), lambda: partial)
-        if building_program():
-            _assert_in_program(paddle.logical_not((seen & bad_t).any()), "labels are node ids or ignore_index")
-            return paddle.gather(table_t, slot).reshape(lab.shape), True
-        any_bad, any_partial = paddle.stack([(seen & bad_t).any(), (seen & partial_t).any()]).numpy().tolist()
-        if any_bad:
-            raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
-        return paddle.gather(table_t, slot).reshape(lab.shape), bool(any_partial)  # gather: 6x index_select here
-    ignored = lab == ignore_index
-    bad = paddle.logical_not(ignored) & ((lab < 0) | (lab >= hierarchy.num_nodes))
-    partial = paddle.logical_not(ignored) & (lab >= hierarchy.num_leaves)
-    if check and building_program():
-        _assert_in_program(paddle.logical_not(bad.any()), "labels are node ids or ignore_index")
-        any_partial = True
-    elif check:
-        any_bad, any_partial = paddle.stack([bad.any(), partial.any()]).numpy().tolist()
-        if any_bad:
-            raise hierarchy.invalid_label_error(lab.numpy(), ignore_index)  # cold path: on the host
-    else:
-        ignored, any_partial = ignored | bad, True
-    safe = paddle.where(ignored, paddle.zeros_like(lab), lab)
-    channels = paddle.index_select(_vec(tab, "channel_of"), safe.reshape([-1])).reshape(lab.shape)
-    return paddle.where(ignored, paddle.full_like(lab, -1), channels), bool(any_partial)
-
-
 def _labels_at_door(
     labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: Any
 ) -> tuple[paddle.Tensor, int]:
@@ -186,7 +123,7 @@ def _checked_labels(
     labels: Any, logits: paddle.Tensor, hierarchy: Hierarchy, ignore_index: int, check: bool = True
 ) -> tuple[paddle.Tensor, bool]:
     labels, ignore_index = _labels_at_door(labels, logits, hierarchy, ignore_index)
-    return _label_channels(labels, hierarchy, ignore_index, check)
+    return label_channels(labels, hierarchy, ignore_index, check)
 
 
 def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> paddle.Tensor | None:
@@ -205,35 +142,6 @@ def _check_node_weight(node_weight: Any, hierarchy: Hierarchy, place: Any) -> pa
         raise _checks.node_weight_dtype_error(_dtype_name(arr.dtype))
     _checks.check_node_weight_shape(arr.shape, hierarchy)
     return paddle.to_tensor(arr.astype(np.float64), place=place)
-
-
-def _use_native(backend: str, x: paddle.Tensor) -> bool:
-    if building_program():
-        return no_kernel_in_program(backend, "native")
-    return _native.use_for(backend, on_cpu=bool(x.place.is_cpu_place()), device=str(place_of(x)))
-
-
-def _is_gpu(x: paddle.Tensor) -> bool:
-    if building_program():
-        return paddle.device.get_device().startswith("gpu")
-    return bool(x.place.is_gpu_place())
-
-
-def _use_triton(backend: str, x: paddle.Tensor, hierarchy: Hierarchy, op: str = "objective") -> bool:
-    _check_choice(backend, BACKENDS, "backend")
-    if building_program():
-        return no_kernel_in_program(backend, "triton")
-    if backend == "triton":
-        reason = _bridge.unavailable_reason(x)
-        if reason:
-            raise RuntimeError(f"backend='triton' was asked for, but {reason}")
-        reason = _bridge.unsupported_reason(x, hierarchy, op)
-        if reason:
-            raise ValueError(f"backend='triton': {reason}")
-        return True
-    if backend == "auto" and _is_gpu(x) and hierarchy.num_nodes <= AUTO_FUSED_MAX_NODES:
-        return _bridge.unavailable_reason(x) is None and _bridge.unsupported_reason(x, hierarchy, op) is None
-    return False
 
 
 # ---------------------------------------------------------------------------- losses
@@ -258,16 +166,8 @@ def _tree_min(logits, labels, hierarchy, gamma, ignore_index, reduction, node_we
     w = _check_node_weight(node_weight, hierarchy, place_of(x))
     if check_finite:
         _check_finite(x)
-    lc, has_partial = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    if _use_triton(backend, x, hierarchy):
-        return _bridge.fused_tree_min_loss(
-            x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w
-        )
-    if _use_native(backend, x):
-        return _native_layer.tree_min_native(x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w)
-    return tree_min_op(
-        x, lc, hierarchy, gamma=gamma, reduction=reduction, node_weight=w, has_partial=has_partial
-    )
+    return tree_min(x, labels, hierarchy, gamma=gamma, ignore_index=ignore_index, reduction=reduction,
+                    node_weight=w, backend=backend, check_labels=check_labels)
 
 
 def tree_min_loss(
@@ -336,7 +236,7 @@ def expand_targets(
     place = place_of(labels) if isinstance(labels, TENSOR_TYPES) else paddle.CPUPlace()
     labels = _label_tensor(labels, place)
     _checks.check_label_batch(labels.ndim)
-    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    lc, _ = label_channels(labels, hierarchy, ignore_index)
     with paddle.no_grad():
         return expand_targets_op(lc, hierarchy)
 
@@ -357,14 +257,8 @@ def depth_cross_entropy(
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     if check_finite:
         _check_finite(x)
-    lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    if _use_triton(backend, x, hierarchy):
-        ce_w = [0.0] * hierarchy.max_depth
-        ce_w[depth - 1] = 1.0
-        total, _ = _bridge.fused_objective(x, lc, hierarchy, gamma=0.0, tm_weight=0.0, ce_weights=ce_w,
-                                           node_weight=None, tree_min=False)
-        return total
-    return depth_cross_entropy_op(x, lc, hierarchy, depth)
+    return _depth_cross_entropy(x, labels, hierarchy, depth, ignore_index=ignore_index, backend=backend,
+                                check_labels=check_labels)
 
 # ---------------------------------------------------------------------------- triplet loss
 def hierarchy_triplet_loss(
@@ -436,72 +330,15 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     check_max_per_class(max_per_class)
     if not _triplets.is_seed(generator):
         raise _triplets.generator_type_error(generator)
-    rng = _triplets.numpy_generator(generator) if sampling == "random" else None
     if not isinstance(gather_across_ranks, bool):
         raise TypeError(f"gather_across_ranks must be a bool, got {gather_across_ranks!r}")
-    gathered = gather_across_ranks and _collective.is_distributed(process_group)
-    if building_program():
-        if gathered or (sampling == "random" and generator is not None):
-            raise NotImplementedError(
-                "inside paddle.jit.to_static(full_graph=True) the triplet term draws its random order with "
-                "paddle's generator and does not gather across ranks: pass generator=None and "
-                "gather_across_ranks=False there, or use the default SOT mode (full_graph=False)")
-        lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
-        return triplet_program_op(embeddings, lc, hierarchy, max_per_class=int(max_per_class),
-                                  base_margin=float(base_margin), sampling=sampling), False
-    if _fused_triplet(backend, embeddings, hierarchy, gathered) and embeddings.size > 0:
-        ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
-        if check_labels:  # raises LabelError for a bad value (one read-back); the channels are not needed
-            _label_channels(labels, hierarchy, ignore_index, True)
-        return _bridge.fused_triplet_loss(
-            embeddings, labels, hierarchy, ignore_index=ignore_index, max_per_class=int(max_per_class),
-            base_margin=float(base_margin), sampling=sampling, generator=rng, scale=scale,
-        ), True
-    lc, _ = _label_channels(labels, hierarchy, ignore_index, check_labels)
-    small = resize_labels_nearest(lc, embeddings.shape[2:]).numpy()  # host copy at the embedding resolution
-    is_leaf = (small >= 0) & hierarchy.is_leaf[np.maximum(small, 0)]
-    leaf = np.where(is_leaf, hierarchy.node_ids[np.maximum(small, 0)], -1)
-    if gathered:
-        return _collective.gathered_triplet_op(
-            embeddings, leaf, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
-            sampling=sampling, generator=rng, process_group=process_group,
-        ), False
-    return triplet_op(
-        embeddings,
-        leaf,
-        hierarchy,
-        max_per_class=int(max_per_class),
-        base_margin=float(base_margin),
-        sampling=sampling,
-        generator=rng,
-    ), False
-
-
-def _fused_triplet(backend: str, x: paddle.Tensor, hierarchy: Hierarchy, gathered: bool) -> bool:
-    """Whether the triplet loss runs on the fused kernels (see :func:`hierarchy_triplet_loss`)."""
+    ignore_index = _checks.check_ignore_index(hierarchy, ignore_index)
     _check_choice(backend, BACKENDS, "backend")
-    if backend == "triton":
-        reason = _bridge.unavailable_reason(x)
-        if reason:
-            raise RuntimeError(f"backend='triton' was asked for, but {reason}")
-        if gathered:
-            raise ValueError("backend='triton' does not gather triplets across ranks; use backend='auto'")
-        reason = _bridge.triplet_unsupported_reason(x, hierarchy)
-        if reason:
-            raise ValueError(f"backend='triton': {reason}")
-        return True
-    if backend != "auto" or gathered or not _is_gpu(x) or _deterministic():
-        return False
-    return _bridge.unavailable_reason(x) is None and _bridge.triplet_unsupported_reason(x, hierarchy) is None
-
-
-def _deterministic() -> bool:
-    """Whether paddle was asked for deterministic GPU kernels (``FLAGS_cudnn_deterministic``; a CPU
-    build has no such flag): the fused triplet kernels add their gradient with atomic adds."""
-    try:
-        return bool(paddle.get_flags(["FLAGS_cudnn_deterministic"])["FLAGS_cudnn_deterministic"])
-    except (ValueError, KeyError):
-        return False
+    gathered = gather_across_ranks and collective.is_distributed(process_group)
+    return triplet_loss(embeddings, labels, hierarchy, max_per_class=int(max_per_class),
+                        base_margin=float(base_margin), sampling=sampling, generator=generator,
+                        ignore_index=ignore_index, gathered=gathered, process_group=process_group,
+                        check_labels=check_labels, backend=backend, scale=scale)
 
 
 # The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.
@@ -574,24 +411,13 @@ class _HSSNTerms(HSSNTermsBase):
     """:class:`hieraloss.core.objective.HSSNTerms` in paddle: the Triton kernel through the DLPack
     bridge on the GPU, the compiled kernel on the CPU, else the paddle ops."""
 
-    label_channels = staticmethod(_label_channels)
+    label_channels = staticmethod(label_channels)
     tree_min_op = staticmethod(tree_min_op)
     depth_cross_entropy_op = staticmethod(depth_cross_entropy_op)
     triplet_loss = staticmethod(_triplet_loss)
     scale = HSSN_SCALE
 
-    def fused(self, tree_min_weight, ce_weights, return_parts):
-        x, h = self.x, self.h
-        if _use_triton(self.backend, x, h):
-            total, values = _bridge.fused_objective(x, self.channels()[0], h, gamma=self.gamma,
-                                                    tm_weight=tree_min_weight / HSSN_SCALE, ce_weights=ce_weights,
-                                                    node_weight=self.w)
-            return total, values[0] / HSSN_SCALE, values[1:]
-        if _use_native(self.backend, x):
-            return _native_layer.hssn_objective_native(x, self.channels()[0], h, gamma=self.gamma,
-                                                       node_weight=self.w, tree_min_weight=tree_min_weight,
-                                                       ce_weights=ce_weights)
-        return None
+    fused = fused_step
 
     @staticmethod
     def scalar(value, like):
@@ -603,13 +429,6 @@ class _HSSNTerms(HSSNTermsBase):
 
 
 # ---------------------------------------------------------------------------- decoding
-def _logic_refine(x, hierarchy):
-    from ..core.objective import LOGIC_STEP_SIZE, LOGIC_STEPS
-    from ._logic_ops import refine
-
-    return refine(x, hierarchy, LOGIC_STEPS, LOGIC_STEP_SIZE, 5.0, "siblings")
-
-
 def decode(
     logits: paddle.Tensor, hierarchy: Hierarchy, method: str = "path", backend: str = "auto"
 ) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -623,11 +442,8 @@ def decode(
     """
     x = _check_logits(logits, hierarchy)
     _check_choice(method, DECODE_METHODS, "method")
-    if method == "logic":  # LogicSeg's logic-guided reasoning, then the exact path decoding
-        x, method = _logic_refine(x, hierarchy), "path"
-    if method in ("path", "top_down") and _use_triton(backend, x, hierarchy, "decode"):
-        return _bridge.fused_decode(x.detach(), hierarchy, method)
-    return decode_op(x, hierarchy, method)
+    _check_choice(backend, BACKENDS, "backend")
+    return _decode(x, hierarchy, method, backend)
 
 
 def path_scores(logits: paddle.Tensor, hierarchy: Hierarchy) -> paddle.Tensor:

@@ -32,9 +32,11 @@ from ..core.checks import (
 from ..core.leaf import check_hxe_weighting, hxe_coefficients, leaf_plan, soft_targets
 from ..core.rules import LEAF_DECODE_METHODS, LEAF_REDUCTIONS
 from ..hierarchy import Hierarchy
-from ._ops import argmax_nan_first, compute_dtype, decode_op
 from ._tables import TENSOR_TYPES, building_program, place_of, tables_for, vec
-from .functional import _check_finite, _label_channels, _labels_at_door, upsample_to_labels
+from .functional import _check_finite, _labels_at_door, upsample_to_labels
+from .ops.decode import decode_op
+from .ops.device import argmax_nan_first, compute_dtype
+from .ops.labels import label_channels
 
 __all__ = [
     "hierarchical_cross_entropy",
@@ -228,7 +230,7 @@ def _leaf_loss(op, table, leaf_logits, labels, hierarchy, ignore_index, reductio
     labels, ignore_index = _labels_at_door(labels, x, hierarchy, ignore_index)
     if check_finite:
         _check_finite(x, "leaf_logits")
-    lc, _ = _label_channels(labels, hierarchy, ignore_index)
+    lc, _ = label_channels(labels, hierarchy, ignore_index)
     B, spatial = x.shape[0], list(x.shape[2:])
     if is_empty(x.shape):
         return _empty_result(x, B, spatial, reduction)

@@ -26,10 +26,10 @@ from ..core.objective import (
     logicseg_rule_factor,
 )
 from ..hierarchy import Hierarchy
-from . import _logic_ops as _lo
 from . import functional as F
-from ._ops import compute_dtype
 from ._tables import TENSOR_TYPES, building_program, place_of
+from .ops import logicseg as _lo
+from .ops.device import compute_dtype
 
 __all__ = ["asymmetric_bce_loss", "child_implies_parent_loss", "parent_implies_child_loss", "exclusion_loss",
            "logicseg_loss", "LogicSegLoss", "logic_refine"]

@@ -301,6 +301,20 @@ def test_bool_labels_are_rejected_everywhere(adapter):
         metrics.update(direct.tensor(np.zeros((2, 3), dtype=np.int64)), direct.tensor(labels))
 
 
+# ---------------------------------------------------------------------------- decode's backend
+@pytest.mark.parametrize("framework", ["torch", "paddle"])
+@pytest.mark.parametrize("method", ["path", "hssn", "top_down", "independent", "logic"])
+def test_decode_refuses_an_unknown_backend_for_every_method(framework, method):
+    """``backend`` is checked whatever the method, not only where the fused decoder could run."""
+    import importlib
+
+    lib = importlib.import_module(f"hieraloss.{framework}")
+    x = np.zeros((1, H.num_nodes, 2, 2), dtype=np.float32)
+    x = importlib.import_module(framework).to_tensor(x) if framework == "paddle" else __import__("torch").from_numpy(x)
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'cuda'"):
+        lib.decode(x, H, method=method, backend="cuda")
+
+
 # ---------------------------------------------------------------------------- non-finite logits
 def _nonfinite_leaf_cases():
     K = H.num_leaves

@@ -31,7 +31,7 @@ try:
     import paddle
 
     import hieraloss.paddle as hp
-    from hieraloss.paddle import _ops as paddle_ops
+    from hieraloss.paddle.ops import triplet as paddle_ops
 except ImportError:  # paddle not installed: torch and numpy are still compared
     paddle = None
 

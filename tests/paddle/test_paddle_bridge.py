@@ -18,6 +18,7 @@ from _kernel_marks import needs_kernels  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
 from hieraloss import presets  # noqa: E402
 from hieraloss.paddle import _bridge  # noqa: E402
+from hieraloss.paddle.ops import route  # noqa: E402
 
 paddle.set_device("cpu")
 
@@ -44,8 +45,8 @@ def test_dlpack_of_a_tensor_that_requires_grad_is_a_view():
 def test_auto_stays_on_paddle_for_cpu_tensors():
     x = paddle.zeros([1, 26, 2])
     h = presets.cityscapes()
-    assert not hp.functional._use_triton("auto", x, h)
-    assert not hp.functional._use_triton("paddle", x, h)
+    assert not route.use_triton("auto", x, h)
+    assert not route.use_triton("paddle", x, h)
 
 
 def test_auto_leaves_trees_too_slow_to_compile_to_the_paddle_ops(monkeypatch):
@@ -55,13 +56,13 @@ def test_auto_leaves_trees_too_slow_to_compile_to_the_paddle_ops(monkeypatch):
 
     from hieraloss.core.rules import AUTO_FUSED_MAX_NODES
 
-    monkeypatch.setattr(hp.functional, "_is_gpu", lambda x: True)
+    monkeypatch.setattr(route, "is_gpu", lambda x: True)
     monkeypatch.setattr(_bridge, "unavailable_reason", lambda x: None)
     monkeypatch.setattr(_bridge, "unsupported_reason", lambda x, hierarchy, op="objective": None)
     x = paddle.zeros([1, 3, 2])
-    assert hp.functional._use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES))
-    assert not hp.functional._use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))
-    assert hp.functional._use_triton("triton", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))
+    assert route.use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES))
+    assert not route.use_triton("auto", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))
+    assert route.use_triton("triton", x, SimpleNamespace(num_nodes=AUTO_FUSED_MAX_NODES + 1))
 
 
 def test_triton_backend_without_kernels_says_why(monkeypatch):
@@ -219,11 +220,11 @@ def test_batch_limit_and_one_pixel_per_image_as_torch():
     from types import SimpleNamespace
 
     from hieraloss.core import CODE_NODE_LIMIT
-    from hieraloss.torch.functional import _use_triton as torch_use_triton
+    from hieraloss.torch.ops.route import use_triton as torch_use_triton
 
     big = SimpleNamespace(num_nodes=CODE_NODE_LIMIT)
     with pytest.raises(ValueError) as paddle_error:
-        hp.functional._use_triton("triton", paddle.zeros([1, 3, 2]), big)
+        route.use_triton("triton", paddle.zeros([1, 3, 2]), big)
     with pytest.raises(ValueError) as torch_error:
         torch_use_triton("triton", torch.zeros(1, 3, 2), big)
     assert str(paddle_error.value) == str(torch_error.value) and f"below {CODE_NODE_LIMIT} nodes" in str(

@@ -24,8 +24,9 @@ paddle = pytest.importorskip("paddle")
 import hieraloss.numpy as hnp  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
 from hieraloss import Hierarchy, LabelError, _native, presets  # noqa: E402
-from hieraloss.paddle import _ops as pops  # noqa: E402
-from hieraloss.paddle import functional as pf  # noqa: E402
+from hieraloss.paddle._tables import tables_for, vec  # noqa: E402
+from hieraloss.paddle.ops import tree_min as pops  # noqa: E402
+from hieraloss.paddle.ops.labels import label_channels  # noqa: E402
 from hieraloss.testing import assert_consistent, hierarchies, label_maps, logits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helpers in tests/
@@ -447,11 +448,11 @@ def test_errors_name_the_problem():
 
 def test_tables_are_cached_per_hierarchy_and_place():
     h = presets.lip()
-    a = pf._tables(h, paddle.CPUPlace())
-    assert pf._tables(presets.lip(), paddle.CPUPlace()) is a  # equal hierarchies share the cache
-    assert pf._tables(h.with_order("coarse_to_fine"), paddle.CPUPlace()) is not a
-    levels = pf._vec(a, "levels", 0)
-    assert pf._vec(a, "levels", 0) is levels
+    a = tables_for(h, paddle.CPUPlace())
+    assert tables_for(presets.lip(), paddle.CPUPlace()) is a  # equal hierarchies share the cache
+    assert tables_for(h.with_order("coarse_to_fine"), paddle.CPUPlace()) is not a
+    levels = vec(a, "levels", 0)
+    assert vec(a, "levels", 0) is levels
     assert str(levels.place) == str(paddle.CPUPlace())
 
 
@@ -489,7 +490,7 @@ def test_pixel_chunks_change_nothing(monkeypatch, dtype):
     upstream = np.random.default_rng(17).normal(size=x.shape)
     results = {}
     for chunk in (1 << 20, 2 * h.num_nodes * 3):
-        monkeypatch.setattr(pops, "_CHUNK_ELEMENTS", chunk)  # the sweeps live in hieraloss.paddle._ops
+        monkeypatch.setattr(pops, "_CHUNK_ELEMENTS", chunk)  # the sweeps live in hieraloss.paddle.ops.tree_min
         assert len(pops._spans(paddle.zeros([2, h.num_nodes, 35]))) == (1 if chunk > 1000 else 12)
         for reduction in REDUCTIONS:
             up = upstream if reduction == "none" else None
@@ -539,14 +540,14 @@ def test_label_channels_match_numpy_for_every_ignore_index(data, ignore_index):
         want = h.label_channels(labels, ignore_index=ignore_index)
     except LabelError:
         with pytest.raises(LabelError, match="neither node ids"):
-            pf._label_channels(t, h, ignore_index)
+            label_channels(t, h, ignore_index)
         return
-    got, partial = pf._label_channels(t, h, ignore_index)
+    got, partial = label_channels(t, h, ignore_index)
     assert got.numpy().tolist() == want.tolist()
     assert partial == bool(((labels >= h.num_leaves) & (labels < h.num_nodes)).any())
     np.testing.assert_array_equal(t.numpy(), labels)  # not modified
     for v in range(h.num_nodes):  # every single node id: its channel, partial iff internal
-        got, partial = pf._label_channels(paddle.to_tensor([[v, ignore_index]]).astype(dtype), h, ignore_index)
+        got, partial = label_channels(paddle.to_tensor([[v, ignore_index]]).astype(dtype), h, ignore_index)
         assert got.numpy().tolist() == [[int(h.channel_of[v]), -1]] and partial == (v >= h.num_leaves)
 
 

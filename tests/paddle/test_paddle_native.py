@@ -1,4 +1,4 @@
-"""The compiled CPU tree-min kernel behind hieraloss.paddle (hieraloss.paddle._native_layer).
+"""The compiled CPU tree-min kernel behind hieraloss.paddle (hieraloss.paddle.ops.native).
 
 Values and gradients against the loop oracle (float64 exact to rounding, float32 within a few ulp)
 over random hierarchies, tile-spanning shapes, ignore masks, partial labels, ties, reductions, node
@@ -24,8 +24,7 @@ paddle = pytest.importorskip("paddle")
 import hieraloss  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
 from hieraloss import _native  # noqa: E402
-from hieraloss.paddle import _native_layer  # noqa: E402
-from hieraloss.paddle import functional as pf  # noqa: E402
+from hieraloss.paddle.ops import native as paddle_native  # noqa: E402
 from hieraloss.testing import hierarchies, label_maps, logits  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the helpers in tests/
@@ -242,20 +241,20 @@ def test_non_contiguous_logits_and_spatial_ranks():
 # ---------------------------------------------------------------------------- dispatch and errors
 def test_auto_dispatches_to_the_kernel_on_cpu_and_paddle_does_not(monkeypatch):
     calls = []
-    real = _native_layer.tree_min_native
+    real = paddle_native.tree_min_native
 
     def spy(*args, **kw):
         calls.append(kw["reduction"])
         return real(*args, **kw)
 
-    real_objective = _native_layer.hssn_objective_native
+    real_objective = paddle_native.hssn_objective_native
 
     def spy_objective(*args, **kw):
         calls.append("objective")
         return real_objective(*args, **kw)
 
-    monkeypatch.setattr(_native_layer, "tree_min_native", spy)
-    monkeypatch.setattr(_native_layer, "hssn_objective_native", spy_objective)
+    monkeypatch.setattr(paddle_native, "tree_min_native", spy)
+    monkeypatch.setattr(paddle_native, "hssn_objective_native", spy_objective)
     h, x, labels = _setup(6, shape=(1, 3, 3))
     xt, lt = paddle.to_tensor(x), paddle.to_tensor(labels)
     hp.tree_min_loss(xt, lt, h, backend="paddle")
@@ -293,8 +292,8 @@ def test_disabled_kernel_falls_back_and_native_backend_errors():
 def test_native_backend_error_names_the_reason(monkeypatch):
     h, x, labels = _setup(7, shape=(1, 2, 2))
     xt = paddle.to_tensor(x)
-    monkeypatch.setattr(pf._native, "available", lambda: False)
-    monkeypatch.setattr(pf._native, "load_error", lambda: "not built (test)")
+    monkeypatch.setattr(hieraloss._native, "available", lambda: False)
+    monkeypatch.setattr(hieraloss._native, "load_error", lambda: "not built (test)")
     with pytest.raises(RuntimeError, match=r"backend='native'.*not built \(test\)"):
         hp.tree_min_loss(xt, paddle.to_tensor(labels), h, backend="native")
 
@@ -304,12 +303,12 @@ def test_thread_count_follows_omp_num_threads_and_changes_no_gradient(monkeypatc
     results = []
     for threads in ("1", "3"):
         monkeypatch.setenv("OMP_NUM_THREADS", threads)
-        assert _native_layer.num_threads() == int(threads)
+        assert paddle_native.num_threads() == int(threads)
         results.append(_value_and_grad(x, labels, h, gamma=None, reduction="hssn"))
     np.testing.assert_array_equal(results[0][1].numpy(), results[1][1].numpy())  # per entry: no cross-pixel sums
     np.testing.assert_allclose(results[0][0].numpy(), results[1][0].numpy(), rtol=1e-6)
     monkeypatch.delenv("OMP_NUM_THREADS")
-    assert _native_layer.num_threads() >= 1
+    assert paddle_native.num_threads() >= 1
 
 
 def test_gradient_buffers_are_pooled_and_never_shared_while_in_use():
@@ -344,7 +343,7 @@ def test_gradient_buffers_are_pooled_and_never_shared_while_in_use():
 
 
 # ---------------------------------------------------------------------------- the HSSN objective
-# (tree-min and every depth's cross-entropy in one kernel pass: _native_layer.hssn_objective_native,
+# (tree-min and every depth's cross-entropy in one kernel pass: paddle_native.hssn_objective_native,
 # behind hssn_loss; the kernel itself is covered by tests/native/test_native_objective.py)
 from _objective_cases import cases as objective_cases  # noqa: E402
 from oracle import objective_reference  # noqa: E402
@@ -356,7 +355,7 @@ def _objective(x, labels, h, *, gamma=0.0, node_weight=None, tree_min_weight=5.0
     lc = paddle.to_tensor(h.label_channels(np.asarray(labels), 255).astype(np.int64))
     w = None if node_weight is None else paddle.to_tensor(np.asarray(node_weight, dtype=np.float64))
     ce_weights = [1.0] * h.max_depth if ce_weights is None else ce_weights
-    total, tm, ce = _native_layer.hssn_objective_native(xt, lc, h, gamma=gamma, node_weight=w,
+    total, tm, ce = paddle_native.hssn_objective_native(xt, lc, h, gamma=gamma, node_weight=w,
                                                         tree_min_weight=tree_min_weight, ce_weights=ce_weights)
     assert tm.stop_gradient and ce.stop_gradient and not total.stop_gradient
     (grad,) = paddle.grad(total, xt)
@@ -414,21 +413,21 @@ def test_objective_upstream_scaling_retained_graph_and_no_grad():
     lc = paddle.to_tensor(h.label_channels(labels, 255).astype(np.int64))
     kw = dict(gamma=2.0, node_weight=None, tree_min_weight=5.0, ce_weights=[1.0, 0.5])
     xt = paddle.to_tensor(x, stop_gradient=False)
-    total, tm, ce = _native_layer.hssn_objective_native(xt, lc, h, **kw)
+    total, tm, ce = paddle_native.hssn_objective_native(xt, lc, h, **kw)
     (first,) = paddle.grad(3.0 * total, xt, retain_graph=True)  # the gradient the forward pass wrote
     (second,) = paddle.grad(0.5 * total, xt)  # recomputed (gradient-only kernel pass)
     want = objective_reference(x, labels, h, **kw)
     np.testing.assert_allclose(first.numpy(), 3.0 * want[3], rtol=1e-10, atol=1e-15)
     np.testing.assert_allclose(second.numpy(), 0.5 * want[3], rtol=1e-10, atol=1e-15)
     with paddle.no_grad():
-        again, tm2, ce2 = _native_layer.hssn_objective_native(xt, lc, h, **kw)
+        again, tm2, ce2 = paddle_native.hssn_objective_native(xt, lc, h, **kw)
     assert again.stop_gradient
     assert float(again) == float(total) and float(tm2) == float(tm)
     np.testing.assert_array_equal(ce2.numpy(), ce.numpy())
     for dtype in ("float16", "bfloat16"):
         xh = paddle.to_tensor(x).astype(dtype)
         xh.stop_gradient = False
-        total_h, _, _ = _native_layer.hssn_objective_native(xh, lc, h, **kw)
+        total_h, _, _ = paddle_native.hssn_objective_native(xh, lc, h, **kw)
         (gh,) = paddle.grad(total_h, xh)
         assert total_h.dtype == paddle.float32 and gh.dtype == getattr(paddle, dtype)
         rounded = xh.astype("float64").numpy()

@@ -22,7 +22,8 @@ import hieraloss  # noqa: E402
 import hieraloss.paddle as hp  # noqa: E402
 from hieraloss import presets  # noqa: E402
 from hieraloss.paddle import _bridge  # noqa: E402
-from hieraloss.paddle import functional as F  # noqa: E402
+from hieraloss.paddle.ops import collective, route  # noqa: E402
+from hieraloss.paddle.ops.triplet import fused_triplet  # noqa: E402
 from hieraloss.testing import hierarchies, label_maps  # noqa: E402
 
 paddle.set_device("cpu")
@@ -306,11 +307,12 @@ def test_hssn_loss_hands_the_triplet_weight_to_the_kernels(monkeypatch, weight):
 def test_hssn_loss_gathered_triplets_keep_the_multiply(monkeypatch):
     """Across ranks the triplet term runs on the paddle ops (which do not take the scale): hssn_loss
     multiplies it by the weight itself."""
-    from hieraloss.paddle import _collective
+    from hieraloss.paddle.ops import collective as _collective
+    from hieraloss.paddle.ops import triplet as _ops
 
     monkeypatch.setattr(_collective, "is_distributed", lambda group=None: True)
     monkeypatch.setattr(_collective, "gathered_triplet_op",
-                        lambda emb, leaf, hh, process_group=None, **k: F.triplet_op(emb, leaf, hh, **k))
+                        lambda emb, leaf, hh, process_group=None, **k: _ops.triplet_op(emb, leaf, hh, **k))
     h, x, emb, labels = _hssn_inputs("float64")
     kw = dict(triplet_weight=2.5, return_parts=True)
     want = _hssn_run(h, x, emb, labels, "paddle", **kw)
@@ -376,18 +378,18 @@ def test_auto_keeps_the_paddle_ops_on_the_cpu(monkeypatch):
 @needs_kernels
 def test_auto_takes_the_bridge_on_a_gpu_unless_gathered(monkeypatch):
     calls = _spy_bridge(monkeypatch)
-    monkeypatch.setattr(F, "_is_gpu", lambda x: True)  # CPU tensors stand in for GPU ones (interpreter)
+    monkeypatch.setattr(route, "is_gpu", lambda x: True)  # CPU tensors stand in for GPU ones (interpreter)
     x, y, h = _inputs()
     hp.hierarchy_triplet_loss(x, y, h, sampling="first")
     hp.hssn_loss(paddle.zeros([1, h.num_nodes, 2, 2]), y, h, embeddings=x, triplet_weight=1.0, backend="auto")
     assert calls == ["first", "random"]
     hp.hierarchy_triplet_loss(x, y, h, backend="paddle")
-    monkeypatch.setattr(F._bridge, "triplet_unsupported_reason", lambda x, h: "too many channels")
+    monkeypatch.setattr(_bridge, "triplet_unsupported_reason", lambda x, h: "too many channels")
     hp.hierarchy_triplet_loss(x, y, h)
     with pytest.raises(ValueError, match="backend='triton': too many channels"):
         hp.hierarchy_triplet_loss(x, y, h, backend="triton")
-    monkeypatch.setattr(F._collective, "is_distributed", lambda group: True)
-    monkeypatch.setattr(F._collective, "gathered_triplet_op", lambda *a, **kw: "gathered")
+    monkeypatch.setattr(collective, "is_distributed", lambda group: True)
+    monkeypatch.setattr(collective, "gathered_triplet_op", lambda *a, **kw: "gathered")
     assert hp.hierarchy_triplet_loss(x, y, h, gather_across_ranks=True) == "gathered"
     with pytest.raises(ValueError, match="does not gather triplets across ranks"):
         hp.hierarchy_triplet_loss(x, y, h, gather_across_ranks=True, backend="triton")
@@ -418,7 +420,7 @@ def test_unsupported_sizes_are_named():
 def test_hssn_loss_triton_backend_gathers_triplets_on_the_paddle_ops(monkeypatch):
     """hssn_loss(backend="triton", gather_across_ranks=True) across ranks: the triplet term on the
     paddle ops (the fused kernels do not gather), where the triplet loss alone raises."""
-    from hieraloss.paddle import _collective
+    from hieraloss.paddle.ops import collective as _collective
 
     h = presets.cityscapes()
     rng = np.random.default_rng(0)
@@ -441,11 +443,11 @@ def test_auto_keeps_the_paddle_ops_when_deterministic_kernels_are_asked_for(monk
     added with atomic adds); a CPU build has no such flag and reads as not deterministic."""
     h = presets.cityscapes()
     x = paddle.zeros([1, 3, 2, 2])
-    assert F._deterministic() in (False, True)  # never raises, whatever the build
-    monkeypatch.setattr(F, "_is_gpu", lambda t: True)
+    assert route.deterministic() in (False, True)  # never raises, whatever the build
+    monkeypatch.setattr(route, "is_gpu", lambda t: True)
     monkeypatch.setattr(_bridge, "unavailable_reason", lambda t: None)
-    monkeypatch.setattr(F, "_deterministic", lambda: False)
-    assert F._fused_triplet("auto", x, h, gathered=False)
-    monkeypatch.setattr(F, "_deterministic", lambda: True)
-    assert not F._fused_triplet("auto", x, h, gathered=False)
-    assert F._fused_triplet("triton", x, h, gathered=False)
+    monkeypatch.setattr(route, "deterministic", lambda: False)
+    assert fused_triplet("auto", x, h, gathered=False)
+    monkeypatch.setattr(route, "deterministic", lambda: True)
+    assert not fused_triplet("auto", x, h, gathered=False)
+    assert fused_triplet("triton", x, h, gathered=False)

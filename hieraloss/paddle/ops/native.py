@@ -18,11 +18,11 @@ import numpy as np
 import paddle
 from paddle.autograd import PyLayer
 
-from .. import _native
-from ..core.plan import plan_for
-from ..hierarchy import Hierarchy
-from ._ops import compute_dtype, depth_coefs, empty_loss, no_pixel
-from ._tables import tables_for
+from ... import _native
+from ...core.plan import plan_for
+from ...hierarchy import Hierarchy
+from .._tables import tables_for
+from .device import compute_dtype, depth_coefs, empty_loss, no_pixel
 
 _HALVES = (paddle.float16, paddle.bfloat16)
 
@@ -73,7 +73,7 @@ def _gradient_buffer(x: paddle.Tensor) -> paddle.Tensor:
 
 def _scales(lc, hierarchy, reduction, weight) -> np.ndarray:
     """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries), from the paddle op's
-    per-depth reduction factors (:func:`._ops.depth_coefs`)."""
+    per-depth reduction factors (:func:`.device.depth_coefs`)."""
     tab = tables_for(hierarchy, lc.place)
     coefs = depth_coefs(lc, tab, reduction, 1.0, paddle.float64)
     by_depth = np.array([float(c) for c in coefs], dtype=np.float64)
@@ -138,7 +138,7 @@ def _kernel_inputs(logits: paddle.Tensor, label_channels: paddle.Tensor) -> tupl
 
 def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *, gamma: float,
                     reduction: str, node_weight: paddle.Tensor | None) -> paddle.Tensor:
-    """Same contract as :func:`._ops.tree_min_op` (validated inputs, label channels with -1 =
+    """Same contract as :func:`.tree_min.tree_min_op` (validated inputs, label channels with -1 =
     ignored) for CPU logits. float16/bfloat16 logits compute in float32 (the gradient is cast back)."""
     if no_pixel(logits.shape):  # no pixel: an exact 0 (or the empty map) connected to the logits
         return empty_loss(logits, reduction)

@@ -10,13 +10,14 @@ from typing import Any
 import paddle
 from paddle.autograd import PyLayer
 
-from .. import _native
-from ..core import logic as _logic
-from ..core.plan import plan_for
-from ..hierarchy import Hierarchy
-from ._native_layer import _gradient_buffer, num_threads
-from ._ops import compute_dtype, expand_targets_op
-from ._tables import TENSOR_TYPES, building_program, no_kernel_in_program, place_of, tables_for
+from ... import _native
+from ...core import logic as _logic
+from ...core.plan import plan_for
+from ...hierarchy import Hierarchy
+from .._tables import TENSOR_TYPES, building_program, no_kernel_in_program, place_of, tables_for
+from .device import compute_dtype
+from .native import _gradient_buffer, num_threads
+from .tree_min import expand_targets_op
 
 
 class PaddleOps:

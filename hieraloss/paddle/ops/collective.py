@@ -15,9 +15,9 @@ import paddle
 import paddle.distributed as dist
 import paddle.nn.functional as F
 
-from ..core import triplets as _triplets
-from ..hierarchy import Hierarchy
-from ._ops import NORM_EPS, compute_dtype
+from ...core import triplets as _triplets
+from ...hierarchy import Hierarchy
+from .device import NORM_EPS, compute_dtype
 
 __all__ = ["is_distributed", "gathered_triplet_op"]
 
