@@ -12,7 +12,7 @@ from ...core import checks as _checks
 from ...core.rules import HSSN_SCALE
 from .._tables import vec
 
-NORM_EPS = 1e-12
+NORM_EPS = 1e-12  # the floor of an embedding's norm when the triplet ops L2-normalise it
 
 
 def argmax_nan_first(x: paddle.Tensor, axis: int, keepdim: bool = False) -> paddle.Tensor:

@@ -24,6 +24,7 @@ def use_native(backend: str, x: paddle.Tensor) -> bool:
 
 
 def is_gpu(x: paddle.Tensor) -> bool:
+    """Whether ``x`` lives on a GPU (inside a static program: whether the program is built for one)."""
     if building_program():
         return paddle.device.get_device().startswith("gpu")
     return bool(x.place.is_gpu_place())
