@@ -19,6 +19,9 @@ Rules:
 * inside each backend, the internals (ops, tables, kernel glue, collectives, kernels) never import
   a door (``DOORS``: the package, its functional module, its Module/Layer classes, its leaf losses,
   torch's heads for stock models, and paddle's ``distributed`` face);
+* the functional doors (``DISPATCHING_DOORS``) import no implementation (``IMPLEMENTATIONS``: the
+  compiled kernel, its glue, the Triton kernels, the DLPack bridge): which one runs is each op
+  file's choice, through its backend's ``ops.route``;
 * ``hieraloss/integrations/*`` use public names only: no import of a name or module starting with
   ``_`` from hieraloss, and no ``module._name`` attribute on an imported hieraloss module;
 * ``hieraloss/torch/*``, ``hieraloss/paddle/*`` and ``hieraloss/integrations/*`` never import
@@ -258,6 +261,21 @@ def test_the_graph_has_the_expected_edges(package):
 
 
 # ---------------------------------------------------------------------------- the rules
+DISPATCHING_DOORS = ("hieraloss.torch.functional", "hieraloss.paddle.functional")
+IMPLEMENTATIONS = ("hieraloss._native", "hieraloss.torch.kernels", "hieraloss.torch.ops.native",
+                   "hieraloss.paddle._bridge", "hieraloss.paddle.ops.native")
+
+
+def test_the_doors_leave_the_routing_to_the_op_files(package):
+    graph = _graph(package)
+    for door in DISPATCHING_DOORS:
+        reached = sorted(t for t in graph[door] if any(t == i or t.startswith(i + ".") for i in IMPLEMENTATIONS))
+        assert not reached, f"{door} imports {reached}: route through its ops/ files (ops.route) instead"
+    # the routes themselves do reach them
+    assert "hieraloss.torch.kernels" in graph["hieraloss.torch.ops.route"]
+    assert "hieraloss.paddle._bridge" in graph["hieraloss.paddle.ops.route"]
+
+
 def test_no_import_cycles(package):
     graph = _graph(package)
     unexplained = []
