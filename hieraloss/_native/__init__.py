@@ -25,11 +25,13 @@ import threading
 import numpy as np
 
 from ..core.plan import Plan, plan_for
+from ..core.rules import HSSN_SCALE
 from ..hierarchy import Hierarchy
 
 __all__ = ["available", "load_error", "use_for", "isa", "set_isa", "ISAS", "advise_hugepages", "BufferPool", "BUFFERS",
-           "release_cpu_buffers", "hssn_scales", "tile_width", "tree_min", "FLOAT32",
-           "FLOAT64", "LogicArrays", "logic_arrays", "logicseg"]
+           "release_cpu_buffers", "address", "label_histogram", "reduction_scale", "hssn_scales", "tile_width",
+           "tree_min", "tree_min_value", "hssn_objective", "FLOAT32", "FLOAT64", "LogicArrays", "logic_arrays",
+           "logicseg"]
 
 FLOAT32 = 0
 FLOAT64 = 1
@@ -209,6 +211,39 @@ def release_cpu_buffers() -> None:
     BUFFERS.release()
 
 
+def address(buf) -> int:
+    """The address the kernel reads: 0 for None, else a numpy array's data or a tensor's ``data_ptr()``
+    (the caller keeps ``buf`` alive, C-contiguous, until the kernel returns)."""
+    if buf is None:
+        return 0
+    return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
+
+
+def label_histogram(label_channels: np.ndarray, num_nodes: int) -> np.ndarray:
+    """float64 ``[N]``: the valid pixels of each label channel in ``label_channels`` (any shape,
+    -1 = ignored): what :func:`reduction_scale` and :func:`hssn_scales` read."""
+    counts = np.bincount(np.asarray(label_channels).reshape(-1) + 1, minlength=num_nodes + 1)
+    return counts[1:].astype(np.float64)
+
+
+def reduction_scale(plan: Plan, hist: np.ndarray, reduction: str, node_weight: np.ndarray | None = None
+                    ) -> np.ndarray:
+    """float64 ``[N]``: the factor of each channel's sum of entries in the scalar tree-min ``reduction``
+    (``"sum"``, ``"mean"`` over every unmasked entry, ``"hssn"``: 5 / the unmasked entries of the
+    channel's depth), times ``node_weight``; the counts come from ``hist`` (:func:`label_histogram`)."""
+    if reduction == "sum":
+        scale = np.ones(plan.num_nodes)
+    else:
+        counts = hist @ plan.tree_min_counted  # [L] unmasked (pixel, node) entries per depth
+        if reduction == "mean":
+            scale = np.full(plan.num_nodes, 1.0 / max(float(counts.sum()), 1.0))
+        else:
+            scale = (HSSN_SCALE / np.maximum(counts, 1.0))[plan.depth - 1]
+    if node_weight is not None:
+        scale = scale * node_weight
+    return np.ascontiguousarray(scale, dtype=np.float64)
+
+
 def hssn_scales(plan: Plan, hist: np.ndarray, node_weight: np.ndarray | None = None
                 ) -> tuple[np.ndarray, np.ndarray]:
     """The HSSN objective's normalisation from ``hist`` (float64 ``[N]``: valid pixels per label
@@ -263,6 +298,41 @@ def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
         status = lib.hieraloss_tree_min(*common, tile_width(N), threads)
     if status != 0:
         raise RuntimeError(f"hieraloss native tree_min failed: {_ERRORS.get(status, status)}")
+
+
+def tree_min_value(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, plan: Plan, gamma: float,
+                   scale: np.ndarray, *, grad: int = 0, num_threads: int = 1) -> float:
+    """The scalar tree-min loss ``sum_v scale[v] * (sum of channel v's entries)`` in one pass of
+    :func:`tree_min` (same buffers; ``scale`` from :func:`reduction_scale`); with ``grad`` (an
+    address), the pass also writes the loss's gradient there."""
+    sums = np.empty(shape[1], dtype=np.float64)
+    tree_min(dtype, x, shape, label_channels, plan, gamma, channel_sums=sums.ctypes.data, grad=grad,
+             grad_scale=scale.ctypes.data if grad else 0, num_threads=num_threads)
+    return float(np.dot(sums, scale))
+
+
+def hssn_objective(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, plan: Plan, gamma: float,
+                   scales: tuple[np.ndarray, np.ndarray], tree_min_weight: float, ce_weights: np.ndarray, *,
+                   grad: int = 0, factor: float = 1.0, values: bool = True, num_threads: int = 1
+                   ) -> tuple[float, float, np.ndarray] | None:
+    """The HSSN objective ``tree_min_weight * TM + sum_d ce_weights[d] * CE_d`` in one pass of
+    :func:`tree_min` (same buffers), with ``scales = (tm_scale, ce_scale)`` from :func:`hssn_scales`:
+    ``TM = sum_v tm_scale[v] * channel_sums[v]``, ``CE_d = ce_scale[d] * ce_sums[d]``. Returns
+    ``(total, TM, CE [L])``. With ``grad`` (an address) the pass writes ``factor`` times the total's
+    gradient there; ``values=False`` writes only that (a recomputation in backward) and returns None."""
+    tm_scale, ce_scale = scales
+    grad_scale = np.ascontiguousarray(tm_scale * tree_min_weight * factor)
+    ce_grad_scale = np.ascontiguousarray(ce_scale * ce_weights * factor)
+    sums = np.empty(shape[1], dtype=np.float64) if values else None
+    ce_sums = np.empty(ce_scale.size, dtype=np.float64) if values else None
+    tree_min(dtype, x, shape, label_channels, plan, gamma, channel_sums=address(sums), ce_sums=address(ce_sums),
+             grad=grad, grad_scale=grad_scale.ctypes.data if grad else 0,
+             ce_grad_scale=ce_grad_scale.ctypes.data if grad else 0, num_threads=num_threads)
+    if not values:
+        return None
+    tm = float(np.dot(sums, tm_scale))
+    ce = ce_sums * ce_scale
+    return tree_min_weight * tm + float(np.dot(ce_weights, ce)), tm, ce
 
 
 class LogicArrays:

@@ -1,5 +1,5 @@
 """What every paddle op shares: the compute dtype, numpy's NaN rule for ``argmax``, the answer for
-inputs without a pixel, and the reduction's per-depth factors (also read by the compiled kernel's glue)."""
+inputs without a pixel, and the reduction's per-depth factors."""
 
 from __future__ import annotations
 

@@ -21,8 +21,7 @@ from paddle.autograd import PyLayer
 from ... import _native
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
-from .._tables import tables_for
-from .device import compute_dtype, depth_coefs, empty_loss, no_pixel
+from .device import compute_dtype, empty_loss, no_pixel
 
 _HALVES = (paddle.float16, paddle.bfloat16)
 
@@ -39,19 +38,10 @@ def num_threads() -> int:
         return os.cpu_count() or 1
 
 
-def _ptr(buf) -> int:
-    if buf is None:
-        return 0
-    return buf.ctypes.data if isinstance(buf, np.ndarray) else buf.data_ptr()
-
-
-def _run(x, lc, hierarchy, gamma, *, channel_sums=None, loss_map=None, map_scale=None, grad=None,
-         grad_scale=None, grad_up=None) -> None:
+def _call(x: paddle.Tensor, lc: paddle.Tensor, hierarchy: Hierarchy) -> tuple:
+    """The leading arguments of the ``_native`` calls on contiguous kernel inputs."""
     dtype = _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32
-    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy), gamma,
-                     channel_sums=_ptr(channel_sums), loss_map=_ptr(loss_map), map_scale=_ptr(map_scale),
-                     grad=_ptr(grad), grad_scale=_ptr(grad_scale), grad_up=_ptr(grad_up),
-                     num_threads=num_threads())
+    return dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy)
 
 
 def _fresh_like(x: paddle.Tensor) -> paddle.Tensor:
@@ -71,16 +61,6 @@ def _gradient_buffer(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.utils.dlpack.from_dlpack(arr.__dlpack__())
 
 
-def _scales(lc, hierarchy, reduction, weight) -> np.ndarray:
-    """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries), from the paddle op's
-    per-depth reduction factors (:func:`.device.depth_coefs`)."""
-    tab = tables_for(hierarchy, lc.place)
-    coefs = depth_coefs(lc, tab, reduction, 1.0, paddle.float64)
-    by_depth = np.array([float(c) for c in coefs], dtype=np.float64)
-    scale = by_depth[tab.plan.depth - 1]
-    return np.ascontiguousarray(scale if weight is None else scale * weight)
-
-
 class _NativeTreeMin(PyLayer):
     @staticmethod
     def forward(ctx, x, lc, hierarchy, gamma, reduction, scale, weight, needs_grad):
@@ -90,14 +70,14 @@ class _NativeTreeMin(PyLayer):
         ctx.save_for_backward(x, lc)
         if reduction == "none":
             out = _fresh_like(x)
-            _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=weight)
+            _native.tree_min(*_call(x, lc, hierarchy), gamma, loss_map=out.data_ptr(),
+                             map_scale=_native.address(weight), num_threads=num_threads())
             return out
-        sums = np.empty(x.shape[1], dtype=np.float64)
         grad = _gradient_buffer(x) if needs_grad else None
-        _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
+        value = _native.tree_min_value(*_call(x, lc, hierarchy), gamma, scale, grad=_native.address(grad),
+                                       num_threads=num_threads())
         ctx.fused_grad = grad
-        value = np.asarray(np.dot(sums, scale), dtype=np.float64 if x.dtype == paddle.float64 else np.float32)
-        return paddle.to_tensor(value, place=x.place)
+        return paddle.to_tensor(np.asarray(value, dtype=_host_dtype(x)), place=x.place)
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -105,17 +85,28 @@ class _NativeTreeMin(PyLayer):
         hierarchy, gamma, reduction, scale, weight = ctx.config
         if reduction == "none":
             grad = _gradient_buffer(x)
-            up = grad_out.astype(x.dtype).contiguous()
-            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=weight, grad_up=up)
+            up = grad_out.astype(x.dtype).contiguous()  # bound: the kernel reads it by address
+            _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=_native.address(weight),
+                             grad_up=up.data_ptr(), num_threads=num_threads())
             return grad, None
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
             grad = _gradient_buffer(x)
-            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=np.ascontiguousarray(scale * factor))
+            scaled = np.ascontiguousarray(scale * factor)  # bound: the kernel reads it by address
+            _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=scaled.ctypes.data,
+                             num_threads=num_threads())
         elif factor != 1.0:
             grad.scale_(factor)
         return grad, None
+
+
+def _host_dtype(x: paddle.Tensor) -> type:
+    return np.float64 if x.dtype == paddle.float64 else np.float32
+
+
+def _histogram(lc: paddle.Tensor, hierarchy: Hierarchy) -> np.ndarray:
+    return _native.label_histogram(lc.numpy(), hierarchy.num_nodes)
 
 
 def _kernel_inputs(logits: paddle.Tensor, label_channels: paddle.Tensor) -> tuple[paddle.Tensor, paddle.Tensor]:
@@ -148,7 +139,7 @@ def tree_min_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierar
     weight = None if node_weight is None else np.ascontiguousarray(node_weight.astype(paddle.float64).numpy())
     scale = None
     if reduction != "none":
-        scale = _scales(lc, hierarchy, reduction, weight)
+        scale = _native.reduction_scale(plan_for(hierarchy), _histogram(lc, hierarchy), reduction, weight)
     needs_grad = not x.stop_gradient and paddle.is_grad_enabled()
     out = _NativeTreeMin.apply(x, lc, hierarchy, float(gamma), reduction, scale, weight, needs_grad)
     return out.reshape([B, N, *spatial]) if reduction == "none" else out
@@ -161,45 +152,29 @@ class _NativeObjective(PyLayer):
     only scales it, or recomputes it for a second backward through a retained graph)."""
 
     @staticmethod
-    def forward(ctx, x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight, ce_w, needs_grad, parts):
-        grad_scale = tm_scale * tree_min_weight  # float64 [N]
-        ce_grad_scale = np.ascontiguousarray(ce_scale * ce_w)  # float64 [L]
-        ctx.config = (hierarchy, gamma, grad_scale, ce_grad_scale)
+    def forward(ctx, x, lc, hierarchy, gamma, scales, tree_min_weight, ce_w, needs_grad, parts):
+        ctx.config = (hierarchy, gamma, scales, tree_min_weight, ce_w)
         ctx.save_for_backward(x, lc)
-        sums = np.empty(x.shape[1], dtype=np.float64)
-        ce_sums = np.empty(ce_scale.size, dtype=np.float64)
         grad = _gradient_buffer(x) if needs_grad else None
-        _run_objective(x, lc, hierarchy, gamma, channel_sums=sums, ce_sums=ce_sums, grad=grad,
-                       grad_scale=grad_scale if grad is not None else None,
-                       ce_grad_scale=ce_grad_scale if grad is not None else None)
+        total, parts["tree_min"], parts["ce"] = _native.hssn_objective(
+            *_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w, grad=_native.address(grad),
+            num_threads=num_threads())
         ctx.fused_grad = grad
-        parts["tree_min"] = float(np.dot(sums, tm_scale))
-        parts["ce"] = ce_sums * ce_scale
-        total = tree_min_weight * parts["tree_min"] + float(np.dot(ce_w, parts["ce"]))
-        value = np.asarray(total, dtype=np.float64 if x.dtype == paddle.float64 else np.float32)
-        return paddle.to_tensor(value, place=x.place)
+        return paddle.to_tensor(np.asarray(total, dtype=_host_dtype(x)), place=x.place)
 
     @staticmethod
     def backward(ctx, grad_out):
         x, lc = ctx.saved_tensor()
-        hierarchy, gamma, grad_scale, ce_grad_scale = ctx.config
+        hierarchy, gamma, scales, tree_min_weight, ce_w = ctx.config
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
             grad = _gradient_buffer(x)
-            _run_objective(x, lc, hierarchy, gamma, grad=grad, grad_scale=np.ascontiguousarray(grad_scale * factor),
-                           ce_grad_scale=np.ascontiguousarray(ce_grad_scale * factor))
+            _native.hssn_objective(*_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w, grad=grad.data_ptr(),
+                                   factor=factor, values=False, num_threads=num_threads())
         elif factor != 1.0:
             grad.scale_(factor)
         return grad, None
-
-
-def _run_objective(x, lc, hierarchy, gamma, *, channel_sums=None, ce_sums=None, grad=None, grad_scale=None,
-                   ce_grad_scale=None) -> None:
-    dtype = _native.FLOAT64 if x.dtype == paddle.float64 else _native.FLOAT32
-    _native.tree_min(dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy), gamma,
-                     channel_sums=_ptr(channel_sums), ce_sums=_ptr(ce_sums), grad=_ptr(grad),
-                     grad_scale=_ptr(grad_scale), ce_grad_scale=_ptr(ce_grad_scale), num_threads=num_threads())
 
 
 def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, hierarchy: Hierarchy, *,
@@ -219,13 +194,12 @@ def hssn_objective_native(logits: paddle.Tensor, label_channels: paddle.Tensor, 
         ct = compute_dtype(logits.dtype)
         return total, paddle.zeros([], dtype=ct), paddle.zeros([hierarchy.max_depth], dtype=ct)
     x, lc = _kernel_inputs(logits, label_channels)
-    hist = paddle.bincount(lc.reshape([-1]) + 1, minlength=N + 1)[1:].numpy().astype(np.float64)
     weight = None if node_weight is None else node_weight.astype(paddle.float64).numpy()
-    tm_scale, ce_scale = _native.hssn_scales(plan_for(hierarchy), hist, weight)
+    scales = _native.hssn_scales(plan_for(hierarchy), _histogram(lc, hierarchy), weight)
     needs_grad = not x.stop_gradient and paddle.is_grad_enabled()
     parts: dict = {}
-    total = _NativeObjective.apply(x, lc, hierarchy, float(gamma), tm_scale, ce_scale, float(tree_min_weight), ce_w,
-                                   needs_grad, parts)
+    total = _NativeObjective.apply(x, lc, hierarchy, float(gamma), scales, float(tree_min_weight), ce_w, needs_grad,
+                                   parts)
     dtype = paddle.float64 if x.dtype == paddle.float64 else paddle.float32
     tree_min = paddle.to_tensor(np.asarray(parts["tree_min"]), dtype=dtype, place=x.place)
     ce = paddle.to_tensor(parts["ce"], dtype=dtype, place=x.place)

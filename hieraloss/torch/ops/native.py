@@ -28,26 +28,16 @@ import torch
 from ... import _native
 from ...core.plan import plan_for
 from ...hierarchy import Hierarchy
-from .device import device_plan, reduction_scales
 
 # Load the kernel (or learn why it cannot load) at import, outside any trace: torch.compile then reads
 # only the loaded state, never the loader's lock.
 _native.available()
 
 
-def _dtype_code(t: torch.Tensor) -> int:
-    return _native.FLOAT64 if t.dtype == torch.float64 else _native.FLOAT32
-
-
-def _run(x, lc, hierarchy, gamma, *, channel_sums=None, loss_map=None, map_scale=None, grad=None,
-         grad_scale=None, grad_up=None) -> None:
-    def ptr(t):
-        return 0 if t is None else t.data_ptr()
-
-    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy),
-                     gamma, channel_sums=ptr(channel_sums), loss_map=ptr(loss_map), map_scale=ptr(map_scale),
-                     grad=ptr(grad), grad_scale=ptr(grad_scale), grad_up=ptr(grad_up),
-                     num_threads=torch.get_num_threads())
+def _call(x: torch.Tensor, lc: torch.Tensor, hierarchy: Hierarchy) -> tuple:
+    """The leading arguments of the ``_native`` calls on contiguous kernel inputs."""
+    dtype = _native.FLOAT64 if x.dtype == torch.float64 else _native.FLOAT32
+    return dtype, x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy)
 
 
 def _fresh_like(x: torch.Tensor) -> torch.Tensor:
@@ -64,35 +54,37 @@ def _gradient_buffer(x: torch.Tensor) -> torch.Tensor:
     return _fresh_like(x) if arr is None else torch.from_numpy(arr)
 
 
-def _scales(lc, hierarchy, reduction, weight) -> torch.Tensor:
-    """float64 ``[N]``: loss = sum_v scale_v * (sum of node v's entries)."""
-    scale = reduction_scales(lc, device_plan(hierarchy, lc.device), reduction, torch.float64)
-    if weight is not None:
-        scale = scale * weight.to(torch.float64)
-    return scale.contiguous()
+def _host(weight: torch.Tensor | None) -> np.ndarray | None:
+    """Node weights as a contiguous float64 host array (or None)."""
+    return None if weight is None else np.ascontiguousarray(weight.detach().to(torch.float64).cpu().numpy())
 
 
 def _tree_min_values(x, lc, weight, hierarchy, gamma, reduction, want_grad):
     """One kernel pass over contiguous inputs: ``(value, grad, scale)``. ``value`` is the loss (the map
     for ``reduction="none"``); for a scalar reduction, ``grad`` the gradient for an upstream gradient
     of 1 when ``want_grad`` (else None) and ``scale`` the per-channel factors (both None for a map)."""
+    threads = torch.get_num_threads()
     if reduction == "none":
         out = _fresh_like(x)
-        w = None if weight is None else weight.to(torch.float64).contiguous()
-        _run(x, lc, hierarchy, gamma, loss_map=out, map_scale=w)
+        w = _host(weight)
+        _native.tree_min(*_call(x, lc, hierarchy), gamma, loss_map=out.data_ptr(),
+                         map_scale=_native.address(w), num_threads=threads)
         return out, None, None
-    scale = _scales(lc, hierarchy, reduction, weight)
-    sums = torch.empty(x.shape[1], dtype=torch.float64)
+    hist = _native.label_histogram(lc.numpy(), x.shape[1])
+    scale = _native.reduction_scale(plan_for(hierarchy), hist, reduction, _host(weight))
     grad = _gradient_buffer(x) if want_grad else None
-    _run(x, lc, hierarchy, gamma, channel_sums=sums, grad=grad, grad_scale=scale if grad is not None else None)
-    return (sums * scale).sum().to(x.dtype), grad, scale
+    value = _native.tree_min_value(*_call(x, lc, hierarchy), gamma, scale, grad=_native.address(grad),
+                                   num_threads=threads)
+    return torch.tensor(value, dtype=x.dtype), grad, scale
 
 
 def _tree_min_map_grad(grad_map, x, lc, weight, hierarchy, gamma) -> torch.Tensor:
     """The gradient of ``sum(map * grad_map)`` (``reduction="none"``) with respect to ``x``."""
     grad = _gradient_buffer(x)
-    w = None if weight is None else weight.to(torch.float64).contiguous()
-    _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=w, grad_up=grad_map.to(x.dtype).contiguous())
+    w = _host(weight)
+    up = grad_map.to(x.dtype).contiguous()  # bound: the kernel reads it by address
+    _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=_native.address(w),
+                     grad_up=up.data_ptr(), num_threads=torch.get_num_threads())
     return grad
 
 
@@ -114,7 +106,9 @@ class _NativeTreeMin(torch.autograd.Function):
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
             grad = _gradient_buffer(x)
-            _run(x, lc, hierarchy, gamma, grad=grad, grad_scale=ctx.scale * factor)
+            scale = np.ascontiguousarray(ctx.scale * factor)  # bound: the kernel reads it by address
+            _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=scale.ctypes.data,
+                             num_threads=torch.get_num_threads())
         elif factor != 1.0:
             grad.mul_(factor)
         return grad, None, None, None, None, None, None
@@ -211,31 +205,28 @@ class _NativeObjective(torch.autograd.Function):
     last two not differentiable. With a gradient needed, forward writes it (backward only scales)."""
 
     @staticmethod
-    def forward(ctx, x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight, ce_w, want_grad):
-        ctx.config = (hierarchy, gamma)
+    def forward(ctx, x, lc, hierarchy, gamma, scales, tree_min_weight, ce_w, want_grad):
+        ctx.config = (hierarchy, gamma, scales, tree_min_weight, ce_w)
         ctx.save_for_backward(x, lc)
-        ctx.scales = (tm_scale * tree_min_weight, np.ascontiguousarray(ce_scale * ce_w))
-        total, tm_t, ce_t, ctx.fused_grad = _objective_pass(x, lc, hierarchy, gamma, tm_scale, ce_scale,
-                                                            tree_min_weight, ce_w, want_grad)
+        total, tm_t, ce_t, ctx.fused_grad = _objective_pass(x, lc, hierarchy, gamma, scales, tree_min_weight, ce_w,
+                                                            want_grad)
         ctx.mark_non_differentiable(tm_t, ce_t)
         return total, tm_t, ce_t
 
     @staticmethod
     def backward(ctx, grad_out, _grad_tm, _grad_ce):
         x, lc = ctx.saved_tensors
-        hierarchy, gamma = ctx.config
+        hierarchy, gamma, scales, tree_min_weight, ce_w = ctx.config
         factor = float(grad_out)
         grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
         if grad is None:
-            grad_scale, ce_grad_scale = (np.ascontiguousarray(s * factor) for s in ctx.scales)
             grad = _gradient_buffer(x)
-            _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(),
-                             plan_for(hierarchy), gamma, grad=grad.data_ptr(),
-                             grad_scale=grad_scale.ctypes.data, ce_grad_scale=ce_grad_scale.ctypes.data,
-                             num_threads=torch.get_num_threads())
+            _native.hssn_objective(*_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w,
+                                   grad=grad.data_ptr(), factor=factor, values=False,
+                                   num_threads=torch.get_num_threads())
         elif factor != 1.0:
             grad.mul_(factor)
-        return grad, None, None, None, None, None, None, None, None
+        return grad, None, None, None, None, None, None, None
 
 
 def _empty_objective(logits: torch.Tensor, hierarchy: Hierarchy
@@ -254,10 +245,9 @@ def native_hssn_objective_op(x: torch.Tensor, lc: torch.Tensor, weight: torch.Te
     """``(total, tree_min, ce [L], grad)`` of contiguous kernel inputs (see :func:`hssn_objective_native`);
     ``grad`` the gradient for an upstream gradient of 1 when ``want_grad``, else empty."""
     hierarchy = Hierarchy.by_fingerprint(key)
-    tm_scale, ce_scale = _objective_scales(x, lc, hierarchy, weight)
     ce_w = np.ascontiguousarray(ce_weights, dtype=np.float64)
-    total, tm, ce, grad = _objective_pass(x, lc, hierarchy, gamma, tm_scale, ce_scale, float(tree_min_weight), ce_w,
-                                          want_grad)
+    total, tm, ce, grad = _objective_pass(x, lc, hierarchy, gamma, _objective_scales(lc, hierarchy, weight),
+                                          float(tree_min_weight), ce_w, want_grad)
     return total, tm, ce, x.new_empty(_EMPTY) if grad is None else grad
 
 
@@ -283,31 +273,18 @@ def _objective_backward(ctx, grad_total, _grad_tm, _grad_ce, _grad_grad):
 native_hssn_objective_op.register_autograd(_objective_backward, setup_context=_objective_setup)
 
 
-def _objective_scales(x: torch.Tensor, lc: torch.Tensor, hierarchy: Hierarchy, node_weight: torch.Tensor | None
+def _objective_scales(lc: torch.Tensor, hierarchy: Hierarchy, node_weight: torch.Tensor | None
                       ) -> tuple[np.ndarray, np.ndarray]:
     """The per-channel tree-min and per-depth cross-entropy scales of one batch (host numpy)."""
-    N = x.shape[1]
-    hist = torch.bincount(lc.reshape(-1) + 1, minlength=N + 1)[1:].to(torch.float64).numpy()
-    weight = None if node_weight is None else node_weight.detach().to(torch.float64).cpu().numpy()
-    return _native.hssn_scales(plan_for(hierarchy), hist, weight)
+    hist = _native.label_histogram(lc.numpy(), hierarchy.num_nodes)
+    return _native.hssn_scales(plan_for(hierarchy), hist, _host(node_weight))
 
 
-def _objective_pass(x, lc, hierarchy, gamma, tm_scale, ce_scale, tree_min_weight, ce_w, want_grad):
+def _objective_pass(x, lc, hierarchy, gamma, scales, tree_min_weight, ce_w, want_grad):
     """One kernel pass: ``(total, tm, ce, grad or None)`` as tensors (the gradient for an upstream of 1)."""
-    grad_scale = tm_scale * tree_min_weight  # float64 numpy [N]
-    ce_grad_scale = np.ascontiguousarray(ce_scale * ce_w)  # [L]
-    sums = np.empty(x.shape[1], dtype=np.float64)
-    ce_sums = np.empty(ce_scale.size, dtype=np.float64)
     grad = _gradient_buffer(x) if want_grad else None
-    _native.tree_min(_dtype_code(x), x.data_ptr(), tuple(x.shape), lc.data_ptr(), plan_for(hierarchy),
-                     gamma, channel_sums=sums.ctypes.data, ce_sums=ce_sums.ctypes.data,
-                     grad=0 if grad is None else grad.data_ptr(),
-                     grad_scale=0 if grad is None else grad_scale.ctypes.data,
-                     ce_grad_scale=0 if grad is None else ce_grad_scale.ctypes.data,
-                     num_threads=torch.get_num_threads())
-    tm = float(np.dot(sums, tm_scale))
-    ce = ce_sums * ce_scale
-    total = tree_min_weight * tm + float(np.dot(ce_w, ce))
+    total, tm, ce = _native.hssn_objective(*_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w,
+                                           grad=_native.address(grad), num_threads=torch.get_num_threads())
     return (torch.tensor(total, dtype=x.dtype), torch.tensor(tm, dtype=x.dtype), torch.from_numpy(ce).to(x.dtype),
             grad)
 
@@ -340,6 +317,5 @@ def hssn_objective_native(logits: torch.Tensor, label_channels: torch.Tensor, hi
         total, tm, ce, _ = native_hssn_objective_op(x, lc, node_weight, hierarchy.fingerprint, float(gamma),
                                                     float(tree_min_weight), ce_list, want_grad)
         return total, tm.detach(), ce.detach()
-    tm_scale, ce_scale = _objective_scales(x, lc, hierarchy, node_weight)
-    return _NativeObjective.apply(x, lc, hierarchy, float(gamma), tm_scale, ce_scale, float(tree_min_weight),
-                                  np.ascontiguousarray(ce_list, dtype=np.float64), want_grad)
+    return _NativeObjective.apply(x, lc, hierarchy, float(gamma), _objective_scales(lc, hierarchy, node_weight),
+                                  float(tree_min_weight), np.ascontiguousarray(ce_list, dtype=np.float64), want_grad)
