@@ -151,6 +151,8 @@ class Hierarchy:
         self._set_order(order, depth_by_id, k)
         self._build_tables(depth_by_id, k)
         with _LIVE_LOCK:
+            for key in [key for key, alive in _LIVE.items() if not alive]:  # trees no hierarchy holds any more
+                del _LIVE[key]
             _LIVE.setdefault(self.fingerprint, weakref.WeakValueDictionary())[id(self)] = self
 
     @staticmethod

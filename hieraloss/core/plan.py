@@ -205,10 +205,12 @@ class Plan:
             channel = np.where(table >= 0, table, -1)
         valid = channel >= 0
         safe = np.where(valid, channel, 0)
-        code = self.pre[safe].astype(np.int64) | (self.end[safe].astype(np.int64) << 16)
-        packs = code_node_limit_reason(self.num_nodes) is None
+        codes = None
+        if code_node_limit_reason(self.num_nodes) is None:  # positions fit in 16 bits
+            code = self.pre[safe].astype(np.int64) | (self.end[safe].astype(np.int64) << 16)
+            codes = _ro(np.where(valid, code, -1), np.int32)
         return LabelCodes(
-            codes=_ro(np.where(valid, code, -1), np.int32) if packs else None,
+            codes=codes,
             shift=int(shift),
             tree_min_counts=_ro(np.where(valid[:, None], self.tree_min_counted[safe], 0.0), np.float64),
             ce_counts=_ro(np.where(valid[:, None], self.ce_counted[safe], 0.0), np.float64),

@@ -407,3 +407,21 @@ def test_by_fingerprint_finds_any_live_equal_hierarchy():
     gc.collect()
     with pytest.raises(KeyError, match="no live Hierarchy has fingerprint"):
         Hierarchy.by_fingerprint(key)
+
+
+def test_the_live_registry_forgets_trees_no_hierarchy_holds():
+    """The fingerprint registry keeps no entry for a tree once every hierarchy with it has died (a
+    training job that builds many trees, e.g. a sweep over taxonomies, must not grow it for ever)."""
+    import gc
+
+    from hieraloss import hierarchy as module
+
+    keys = []
+    for n in range(3, 40):
+        h = Hierarchy([n] * n + [-1])  # n leaves under one root: a distinct tree each time
+        keys.append(h.fingerprint)
+        del h
+    gc.collect()
+    Hierarchy([2, 2, -1])  # registering a hierarchy drops the entries nobody holds
+    stale = [key for key in keys if key in module._LIVE and not module._LIVE[key]]
+    assert stale == []
