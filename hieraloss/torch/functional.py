@@ -38,7 +38,7 @@ from .ops.labels import check_label_values, label_channels
 from .ops.objective import fused_step
 from .ops.route import BACKENDS
 from .ops.tree_min import expand_targets_op, tree_min, tree_min_op
-from .ops.triplet import leaf_labels, triplet_loss
+from .ops.triplet import triplet_loss
 
 __all__ = [
     "tree_min_loss",
@@ -289,23 +289,10 @@ def _triplet_loss(embeddings: Any, labels: Any, hierarchy: Hierarchy, *, max_per
     _check_choice(backend, BACKENDS, "backend")
     if check_labels:
         check_label_values(labels, hierarchy, ignore_index)
-    gathered = gather_across_ranks and _is_distributed(process_group)
-    options = dict(max_per_class=int(max_per_class), base_margin=float(base_margin), sampling=sampling,
-                   generator=generator)
-    if gathered and backend != "triton":  # the cross-rank op; the fused kernels refuse to gather
-        from . import distributed
-
-        leaf = leaf_labels(labels, hierarchy, ignore_index, tuple(embeddings.shape[2:]))
-        return distributed.gathered_triplet_op(embeddings, leaf, hierarchy, process_group=process_group,
-                                               **options), False
-    return triplet_loss(embeddings, labels, hierarchy, ignore_index=ignore_index, gathered=gathered, backend=backend,
-                        scale=scale, **options)
-
-
-def _is_distributed(process_group: Any) -> bool:
-    from . import distributed
-
-    return distributed.is_distributed(process_group)
+    return triplet_loss(embeddings, labels, hierarchy, max_per_class=int(max_per_class), base_margin=float(base_margin),
+                        sampling=sampling, generator=generator, ignore_index=ignore_index,
+                        gather_across_ranks=gather_across_ranks, process_group=process_group, backend=backend,
+                        scale=scale)
 
 
 # The published half-cosine ramp is framework-free: one implementation, in hieraloss.core.rules.

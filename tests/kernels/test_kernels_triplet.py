@@ -278,7 +278,7 @@ def test_hssn_loss_folds_the_triplet_weight_into_the_kernels(monkeypatch, weight
 def test_hssn_loss_gathered_triplets_keep_the_multiply(monkeypatch):
     """Across ranks the triplet term runs on the torch ops (which do not take the scale): hssn_loss
     multiplies it by the weight itself, as before."""
-    from hieraloss.torch import distributed
+    from hieraloss.torch.ops import triplet as distributed  # the op file routes to the cross-rank op
 
     monkeypatch.setattr(distributed, "is_distributed", lambda group=None: True)
     monkeypatch.setattr(distributed, "gathered_triplet_op",
@@ -422,7 +422,7 @@ def test_hssn_loss_triton_backend_gathers_triplets_on_the_torch_ops(monkeypatch)
     """hssn_loss(backend="triton", gather_across_ranks=True) across ranks: the objective on the
     kernels, the triplet term on the torch ops (the fused kernels do not gather); the triplet loss
     alone with backend="triton" says why it cannot."""
-    from hieraloss.torch import distributed
+    from hieraloss.torch.ops import triplet as distributed  # the op file routes to the cross-rank op
 
     h = hieraloss.presets.cityscapes()
     x = torch.randn(1, h.num_nodes, 4, 6, device=DEVICE, requires_grad=True)

@@ -1,5 +1,5 @@
-"""The cross-rank triplet op over ``paddle.distributed`` (the paddle twin of the op in
-:mod:`hieraloss.torch.distributed`); the rule it follows is written in :mod:`.distributed`.
+"""The cross-rank triplet op over ``paddle.distributed`` (the paddle twin of
+:func:`hieraloss.torch.distributed.gathered_triplet_op`); the rule it follows is written in :mod:`.distributed`.
 
 No validation: :func:`.functional.hierarchy_triplet_loss` checks the inputs and calls
 :func:`gathered_triplet_op` when ``gather_across_ranks=True`` and more than one rank takes part.

@@ -1,4 +1,6 @@
-"""The hierarchy triplet loss in torch ops: selection of the triplets on the device, and their score."""
+"""The hierarchy triplet loss in torch ops: selection of the triplets on the device, their score, the
+cross-rank op (:func:`gathered_triplet_op`, whose rule :mod:`hieraloss.torch.distributed` states), and
+the routing between them and the fused kernels."""
 
 from __future__ import annotations
 
@@ -346,13 +348,125 @@ def leaf_labels(labels: torch.Tensor, hierarchy: Hierarchy, ignore_index: int, s
     leaf = torch.where(small >= 0, node_ids[small.clamp(min=0)], torch.full_like(small, -1))
     return torch.where(leaf < hierarchy.num_leaves, leaf, torch.full_like(leaf, -1))
 
+# ---------------------------------------------------------------------------- across ranks
+# The rule (one global batch of all ranks' pixels in rank order) is written in hieraloss.torch.distributed,
+# the public face of these two functions.
+_DTYPE_CODES = {torch.float32: 1, torch.float64: 2}
+
+
+def is_distributed(process_group: Any = None) -> bool:
+    """True when ``torch.distributed`` is initialised and the group has more than one rank."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
+def _comm_device(dist, group) -> torch.device:
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_padded(dist, group, x: torch.Tensor, sizes: list[int], comm: torch.device) -> list[torch.Tensor]:
+    """All-gather tensors whose dim 0 differs per rank (``sizes``), padded to the largest."""
+    longest = max(sizes)
+    pad = torch.zeros((longest, *x.shape[1:]), dtype=x.dtype, device=comm)
+    pad[: x.shape[0]] = x.detach().to(comm)
+    out = [torch.empty_like(pad) for _ in sizes]
+    dist.all_gather(out, pad, group=group)
+    return [o[:n] for o, n in zip(out, sizes, strict=True)]
+
+
+def gathered_triplet_op(embeddings: torch.Tensor, leaf: torch.Tensor, hierarchy: Hierarchy, *,
+                        max_per_class: int, base_margin: float, sampling: str,
+                        generator: torch.Generator | None, process_group: Any = None) -> torch.Tensor:
+    """Triplet loss over the global batch of all ranks (module docstring); a collective: every rank
+    of ``process_group`` must call it. ``leaf`` ``[B, h, w]`` holds leaf ids, -1 where not taking part.
+
+    Raises ``RuntimeError`` on every rank when the ranks disagree on the hierarchy, the embedding
+    width C, the embedding dtype (after float16/bfloat16 -> float32), ``max_per_class``,
+    ``base_margin`` or ``sampling``.
+    """
+    import torch.distributed as dist
+
+    group = process_group
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    dev = embeddings.device
+    comm = _comm_device(dist, group)
+    C = embeddings.shape[1]
+    ct = compute_dtype(embeddings.dtype)
+    flat = leaf.reshape(-1)
+    n_local = flat.numel()
+
+    # Sizes and settings of every rank; any disagreement raises on all ranks alike (no hang later).
+    margin_bits = torch.tensor([float(base_margin)], dtype=torch.float64).view(torch.int64).item()
+    meta = torch.tensor([n_local, C, _DTYPE_CODES[ct], int(hierarchy.fingerprint[:15], 16),
+                         int(max_per_class), margin_bits, int(sampling == "random")],
+                        dtype=torch.int64, device=comm)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    metas = torch.stack(metas).cpu()
+    names = ("", "embedding width C", "embedding dtype", "hierarchy", "max_per_class", "base_margin", "sampling")
+    differ = [names[k] for k in range(1, len(names)) if bool((metas[:, k] != metas[0, k]).any())]
+    if differ:
+        raise RuntimeError(
+            f"gathered triplet loss: the ranks disagree on {', '.join(differ)} (rank {rank} of {world})")
+    sizes = metas[:, 0].tolist()
+    offsets = [sum(sizes[:r]) for r in range(world)]
+
+    zero = embeddings.reshape(-1)[:0].sum().to(ct)  # see the end of this function
+    if sum(sizes) == 0:
+        return zero
+    # The global leaf map, in rank order.
+    pieces = _all_gather_padded(dist, group, flat.to(torch.int64).unsqueeze(1), sizes, comm)
+    global_flat = torch.cat(pieces).squeeze(1).to(dev)
+    if sampling == "random":  # rank 0's key order, so every rank selects the same triplets
+        pixels = (key_order(global_flat, sampling, generator) if rank == 0
+                  else torch.empty(global_flat.numel(), dtype=torch.int64, device=dev))
+        pixels_comm = pixels.to(comm)
+        dist.broadcast(pixels_comm, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+        pixels = pixels_comm.to(dev)
+    else:
+        pixels = key_order(global_flat, sampling, generator)
+    chosen = triplet_select(global_flat, pixels, hierarchy, max_per_class=int(max_per_class))
+    total = int(chosen.T.sum())
+    if total == 0:
+        return zero
+    chosen = chosen.take(total)  # the triplets fill the first slots
+    anchor, positive, negative = chosen.anchor, chosen.positive, chosen.negative
+
+    # Only the rows the triplets use travel: sorted global positions, split by owning rank.
+    needed = torch.unique(torch.cat([anchor, positive, negative]))  # sorted
+    bounds = torch.tensor(offsets + [offsets[-1] + sizes[-1]], device=dev)
+    owner_counts = (torch.searchsorted(needed, bounds[1:]) - torch.searchsorted(needed, bounds[:-1])).tolist()
+    start = sum(owner_counts[:rank])
+    mine = needed[start:start + owner_counts[rank]] - offsets[rank]
+    own = unit_rows(embeddings, (mine,), ct)[0]  # normalised along C, only the rows needed
+    rows = _all_gather_padded(dist, group, own, owner_counts, comm)
+    rows = [own if r == rank else rows[r].to(dev) for r in range(world)]
+    table = torch.cat(rows)  # row k = unit embedding of global pixel needed[k]
+
+    def at(positions: torch.Tensor) -> torch.Tensor:
+        return table[torch.searchsorted(needed, positions)]
+
+    loss = triplet_score(at(anchor), at(positive), at(negative), chosen, hierarchy, base_margin)
+    # Plus an exact 0 connected to the local embeddings: DDP then sees every parameter of the
+    # embedding head used even where none of this rank's pixels is in a triplet.
+    return loss + zero
+
 
 def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hierarchy, *, max_per_class: int,
-                 base_margin: float, sampling: str, generator: Any, ignore_index: int, gathered: bool, backend: str,
-                 scale: float) -> tuple[torch.Tensor, bool]:
-    """``(loss, scaled)`` of checked inputs on one rank: the fused kernels (the loss times ``scale``,
-    ``scaled`` True) or :func:`triplet_op` (unscaled, ``scaled`` False). ``gathered`` (triplets drawn
-    across ranks, which :mod:`hieraloss.torch.distributed` does) only refuses ``backend="triton"``."""
+                 base_margin: float, sampling: str, generator: Any, ignore_index: int, gather_across_ranks: bool,
+                 process_group: Any, backend: str, scale: float) -> tuple[torch.Tensor, bool]:
+    """``(loss, scaled)`` of checked inputs: the fused kernels (the loss times ``scale``, ``scaled``
+    True), the cross-rank op where ``gather_across_ranks`` and more than one rank of ``process_group``
+    take part, or :func:`triplet_op` (both unscaled, ``scaled`` False). The fused kernels do not
+    gather: ``backend="triton"`` refuses to."""
+    gathered = gather_across_ranks and is_distributed(process_group)
+    options = dict(max_per_class=max_per_class, base_margin=base_margin, sampling=sampling, generator=generator)
+    if gathered and backend != "triton":
+        leaf = leaf_labels(labels, hierarchy, ignore_index, tuple(embeddings.shape[2:]))
+        return gathered_triplet_op(embeddings, leaf, hierarchy, process_group=process_group, **options), False
     if fused_triplet(backend, embeddings, hierarchy, gathered):
         kernels = route.kernels()
         codes = kernels.triplet_codes(labels, hierarchy, ignore_index=ignore_index, size=tuple(embeddings.shape[2:]))
@@ -360,5 +474,4 @@ def triplet_loss(embeddings: torch.Tensor, labels: torch.Tensor, hierarchy: Hier
         return kernels.fused_triplet_loss(embeddings, codes, hierarchy, max_per_class=max_per_class,
                                           base_margin=base_margin, order=order, scale=scale), True
     leaf = leaf_labels(labels, hierarchy, ignore_index, tuple(embeddings.shape[2:]))
-    return triplet_op(embeddings, leaf, hierarchy, max_per_class=max_per_class, base_margin=base_margin,
-                      sampling=sampling, generator=generator), False
+    return triplet_op(embeddings, leaf, hierarchy, **options), False
