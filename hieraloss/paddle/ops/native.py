@@ -6,7 +6,9 @@ backward only scales it by the upstream gradient: one pass over memory per train
 of two, at the cost of a logits-sized buffer held from forward to backward. ``reduction="none"``
 recomputes in backward (the upstream map is only known there), as does a second backward through a
 retained graph (``paddle.grad(..., retain_graph=True)``; paddle 3.3 crashes on a second
-``Tensor.backward()`` through any ``PyLayer``).
+``Tensor.backward()`` through any ``PyLayer``). The host arithmetic around the kernel (the
+reduction's factors, the objective's sums and total) is :mod:`hieraloss._native`'s, shared with torch;
+this module holds the ``PyLayer``s and the buffers.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ torch ops, by the rules of :mod:`.route`):
 * :mod:`.cross_entropy`: the cross-entropy over the classes of one depth;
 * :mod:`.objective`: the HSSN objective's fused step (Triton or the compiled CPU kernel);
 * :mod:`.decode`: the decoders and the path scores;
-* :mod:`.triplet`: the triplet loss's selection and score on the device, and its routing;
+* :mod:`.triplet`: the triplet loss's selection and score on the device, the cross-rank op, and its
+  routing;
 * :mod:`.native`: the compiled CPU kernel's glue (tree-min and the fused HSSN objective: autograd
   functions and the ``torch.ops.hieraloss.native_*`` custom ops);
 * :mod:`.logicseg`: LogicSeg's operations (the compiled CPU kernel or torch ops).

@@ -12,6 +12,10 @@ Eager calls run through :class:`torch.autograd.Function`s (the cheapest dispatch
 ``torch.ops.hieraloss.native_tree_min`` and ``native_hssn_objective`` (with fake implementations and
 autograd formulas), which compilers see as one opaque operator: no graph break, fullgraph works.
 
+The host arithmetic around the kernel (the reduction's factors, the objective's sums and total) is
+:mod:`hieraloss._native`'s, shared with paddle; this module holds what is torch's: the autograd
+functions, the custom ops and the buffers.
+
 Gradient buffers come from a small pool (:class:`hieraloss._native.BufferPool`): a fresh 100 MB
 tensor costs about as much in page faults as the kernel's whole pass, because the CPU allocator
 returns such blocks to the operating system on free. A pooled buffer is handed out again only once
