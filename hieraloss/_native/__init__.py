@@ -301,14 +301,17 @@ def tree_min(dtype: int, x: int, shape: tuple[int, int, int], label_channels: in
 
 
 def tree_min_value(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, plan: Plan, gamma: float,
-                   scale: np.ndarray, *, grad: int = 0, num_threads: int = 1) -> float:
+                   scale: np.ndarray, *, grad: int = 0, factor: float = 1.0, values: bool = True,
+                   num_threads: int = 1) -> float | None:
     """The scalar tree-min loss ``sum_v scale[v] * (sum of channel v's entries)`` in one pass of
-    :func:`tree_min` (same buffers; ``scale`` from :func:`reduction_scale`); with ``grad`` (an
-    address), the pass also writes the loss's gradient there."""
-    sums = np.empty(shape[1], dtype=np.float64)
-    tree_min(dtype, x, shape, label_channels, plan, gamma, channel_sums=sums.ctypes.data, grad=grad,
-             grad_scale=scale.ctypes.data if grad else 0, num_threads=num_threads)
-    return float(np.dot(sums, scale))
+    :func:`tree_min` (same buffers; ``scale`` from :func:`reduction_scale`). With ``grad`` (an
+    address) the pass writes ``factor`` times the loss's gradient there; ``values=False`` writes only
+    that (a recomputation in backward) and returns None."""
+    grad_scale = np.ascontiguousarray(scale * factor)
+    sums = np.empty(shape[1], dtype=np.float64) if values else None
+    tree_min(dtype, x, shape, label_channels, plan, gamma, channel_sums=address(sums), grad=grad,
+             grad_scale=grad_scale.ctypes.data if grad else 0, num_threads=num_threads)
+    return float(np.dot(sums, scale)) if values else None
 
 
 def hssn_objective(dtype: int, x: int, shape: tuple[int, int, int], label_channels: int, plan: Plan, gamma: float,

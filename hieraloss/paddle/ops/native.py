@@ -63,6 +63,20 @@ def _gradient_buffer(x: paddle.Tensor) -> paddle.Tensor:
     return paddle.utils.dlpack.from_dlpack(arr.__dlpack__())
 
 
+def _scaled_gradient(ctx, x: paddle.Tensor, grad_out: paddle.Tensor, recompute) -> paddle.Tensor:
+    """The gradient the forward pass wrote (``ctx.fused_grad``, for an upstream gradient of 1) times
+    ``grad_out``. It is handed out once: a second backward through a retained graph gets a fresh
+    buffer that ``recompute(buffer, factor)`` fills."""
+    factor = float(grad_out)
+    grad, ctx.fused_grad = ctx.fused_grad, None
+    if grad is None:
+        grad = _gradient_buffer(x)
+        recompute(grad, factor)
+    elif factor != 1.0:
+        grad.scale_(factor)
+    return grad
+
+
 class _NativeTreeMin(PyLayer):
     @staticmethod
     def forward(ctx, x, lc, hierarchy, gamma, reduction, scale, weight, needs_grad):
@@ -91,15 +105,9 @@ class _NativeTreeMin(PyLayer):
             _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=_native.address(weight),
                              grad_up=up.data_ptr(), num_threads=num_threads())
             return grad, None
-        factor = float(grad_out)
-        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
-        if grad is None:
-            grad = _gradient_buffer(x)
-            scaled = np.ascontiguousarray(scale * factor)  # bound: the kernel reads it by address
-            _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=scaled.ctypes.data,
-                             num_threads=num_threads())
-        elif factor != 1.0:
-            grad.scale_(factor)
+        grad = _scaled_gradient(ctx, x, grad_out, lambda buf, factor: _native.tree_min_value(
+            *_call(x, lc, hierarchy), gamma, scale, grad=buf.data_ptr(), factor=factor, values=False,
+            num_threads=num_threads()))
         return grad, None
 
 
@@ -168,14 +176,9 @@ class _NativeObjective(PyLayer):
     def backward(ctx, grad_out):
         x, lc = ctx.saved_tensor()
         hierarchy, gamma, scales, tree_min_weight, ce_w = ctx.config
-        factor = float(grad_out)
-        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
-        if grad is None:
-            grad = _gradient_buffer(x)
-            _native.hssn_objective(*_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w, grad=grad.data_ptr(),
-                                   factor=factor, values=False, num_threads=num_threads())
-        elif factor != 1.0:
-            grad.scale_(factor)
+        grad = _scaled_gradient(ctx, x, grad_out, lambda buf, factor: _native.hssn_objective(
+            *_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w, grad=buf.data_ptr(), factor=factor,
+            values=False, num_threads=num_threads()))
         return grad, None
 
 

@@ -92,6 +92,20 @@ def _tree_min_map_grad(grad_map, x, lc, weight, hierarchy, gamma) -> torch.Tenso
     return grad
 
 
+def _scaled_gradient(ctx, x: torch.Tensor, grad_out: torch.Tensor, recompute) -> torch.Tensor:
+    """The gradient the forward pass wrote (``ctx.fused_grad``, for an upstream gradient of 1) times
+    ``grad_out``. It is handed out once: a second backward through a retained graph gets a fresh
+    buffer that ``recompute(buffer, factor)`` fills."""
+    factor = float(grad_out)
+    grad, ctx.fused_grad = ctx.fused_grad, None
+    if grad is None:
+        grad = _gradient_buffer(x)
+        recompute(grad, factor)
+    elif factor != 1.0:
+        grad.mul_(factor)
+    return grad
+
+
 class _NativeTreeMin(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lc, weight, hierarchy, gamma, reduction, want_grad):
@@ -106,15 +120,9 @@ class _NativeTreeMin(torch.autograd.Function):
         hierarchy, gamma, reduction = ctx.config
         if reduction == "none":
             return _tree_min_map_grad(grad_out, x, lc, weight, hierarchy, gamma), None, None, None, None, None, None
-        factor = float(grad_out)
-        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
-        if grad is None:
-            grad = _gradient_buffer(x)
-            scale = np.ascontiguousarray(ctx.scale * factor)  # bound: the kernel reads it by address
-            _native.tree_min(*_call(x, lc, hierarchy), gamma, grad=grad.data_ptr(), grad_scale=scale.ctypes.data,
-                             num_threads=torch.get_num_threads())
-        elif factor != 1.0:
-            grad.mul_(factor)
+        grad = _scaled_gradient(ctx, x, grad_out, lambda buf, factor: _native.tree_min_value(
+            *_call(x, lc, hierarchy), gamma, ctx.scale, grad=buf.data_ptr(), factor=factor, values=False,
+            num_threads=torch.get_num_threads()))
         return grad, None, None, None, None, None, None
 
 
@@ -221,15 +229,9 @@ class _NativeObjective(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_tm, _grad_ce):
         x, lc = ctx.saved_tensors
         hierarchy, gamma, scales, tree_min_weight, ce_w = ctx.config
-        factor = float(grad_out)
-        grad, ctx.fused_grad = ctx.fused_grad, None  # a second backward (retained graph) recomputes
-        if grad is None:
-            grad = _gradient_buffer(x)
-            _native.hssn_objective(*_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w,
-                                   grad=grad.data_ptr(), factor=factor, values=False,
-                                   num_threads=torch.get_num_threads())
-        elif factor != 1.0:
-            grad.mul_(factor)
+        grad = _scaled_gradient(ctx, x, grad_out, lambda buf, factor: _native.hssn_objective(
+            *_call(x, lc, hierarchy), gamma, scales, tree_min_weight, ce_w, grad=buf.data_ptr(), factor=factor,
+            values=False, num_threads=torch.get_num_threads()))
         return grad, None, None, None, None, None, None, None
 
 
